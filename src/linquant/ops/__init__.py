@@ -1,0 +1,1 @@
+"""Pure functions on tensors: qparams, affine quantize/dequantize, grouping, packing, metrics."""

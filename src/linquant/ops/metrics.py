@@ -1,0 +1,58 @@
+"""Error metrics between a reference tensor and its reconstruction (computed in fp64).
+
+* ``mse = mean((x - y)^2)``
+* ``sqnr = 10 log10(sum(x^2) / sum((x - y)^2))`` in dB (``inf`` when ``y == x``)
+* ``max_abs_error = max |x - y|``
+* ``cosine_similarity = <x, y> / (|x| |y|)`` over the flattened tensors
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from linquant.errors import LinquantError
+
+__all__ = ["cosine_similarity", "max_abs_error", "mse", "sqnr"]
+
+
+def _pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise LinquantError("metrics need two tensors, got "
+                            f"{type(x).__name__} and {type(y).__name__}")
+    if x.shape != y.shape:
+        raise LinquantError(f"metrics need equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.numel() == 0:
+        raise LinquantError("metrics need non-empty tensors")
+    return x.detach().reshape(-1).double(), y.detach().reshape(-1).double()
+
+
+def mse(x: torch.Tensor, y: torch.Tensor) -> float:
+    a, b = _pair(x, y)
+    return float((a - b).pow(2).mean())
+
+
+def sqnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB; ``inf`` for an exact reconstruction."""
+    a, b = _pair(x, y)
+    noise = float((a - b).pow(2).sum())
+    signal = float(a.pow(2).sum())
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def max_abs_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    a, b = _pair(x, y)
+    return float((a - b).abs().max())
+
+
+def cosine_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
+    a, b = _pair(x, y)
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b) / (na * nb)

@@ -1,0 +1,185 @@
+"""Choose scales and zero points (the "choose" half; applying them is :mod:`.affine`).
+
+All functions work on the canonical ``[outer, C, inner]`` view (see :mod:`.grouping`) and return
+one value per granule as 1-D tensors of length ``C``.
+
+Formulas (``b`` = bits, ranges per granule, fp32 arithmetic, then cast to ``scale_dtype``):
+
+* symmetric: ``s = max|r| / q_max``, ``q_max = 2**(b-1) - 1``; no zero point.
+* asymmetric, integer zero point: ``lo = min(r_min, 0)``, ``hi = max(r_max, 0)``,
+  ``s = (hi - lo) / (2**b - 1)``, ``z = clamp(round(-lo / s_stored), 0, 2**b - 1)``.
+* asymmetric, float offset: ``s = (r_max - r_min) / (2**b - 1)``, ``m = r_min`` (stored in
+  ``scale_dtype``), ``r ≈ s q + m``.
+
+Example: symmetric int8 of ``[-1.0, 0.5]`` gives ``s = 1/127``; asymmetric int4 of
+``[-1.0, 0.5]`` gives ``s = 1.5/15 = 0.1`` and ``z = round(10.0) = 10``.
+
+A granule whose scale would be 0 (all zeros) gets the smallest positive value of the scale dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from linquant.errors import LinquantError
+from linquant.ops.grouping import Granules
+from linquant.scheme import QuantScheme
+
+__all__ = ["QParams", "choose_qparams", "granule_minmax", "qparams_from_range"]
+
+# Clipping ratios tried by clip="mse": 1.0 (no clipping) down to 0.30.
+MSE_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 4) for i in range(29))
+
+
+@dataclass
+class QParams:
+    """Per-granule parameters, each 1-D of length C (``zero_point``/``offset`` may be None)."""
+
+    scale: torch.Tensor  # scale_dtype
+    zero_point: torch.Tensor | None  # uint8 codes, integer-zero-point schemes
+    offset: torch.Tensor | None  # scale_dtype, float-offset schemes
+
+
+def smallest_scale(dtype: torch.dtype) -> float:
+    """Smallest positive scale we store for ``dtype`` (exactly representable, never 0)."""
+    if dtype == torch.float16:
+        return 2.0**-24  # smallest fp16 subnormal
+    return float(torch.finfo(dtype).tiny)
+
+
+def granule_minmax(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-granule min and max of ``x3 = [outer, C, inner]`` in fp32, without full-size temporaries."""
+    outer, _, inner = x3.shape
+    if outer == 1:
+        lo, hi = torch.aminmax(x3[0], dim=1)
+    elif inner == 1:
+        lo, hi = torch.aminmax(x3[:, :, 0], dim=0)
+    else:
+        lo, hi = x3.amin(dim=(0, 2)), x3.amax(dim=(0, 2))
+    return lo.float(), hi.float()
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme, name: str = "tensor"
+) -> QParams:
+    """Scales (and zero point / offset) for per-granule ranges ``[lo, hi]`` (fp32, 1-D)."""
+    eps = smallest_scale(scheme.scale_dtype)
+    if scheme.symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = (amax / scheme.qmax).clamp_min_(eps)
+        stored = _store_scale(scale, scheme, name)
+        return QParams(stored, None, None)
+    levels = float(scheme.qmax - scheme.qmin)
+    if scheme.zero_point == "int":
+        lo = lo.clamp_max(0.0)
+        hi = hi.clamp_min(0.0)
+    scale = ((hi - lo) / levels).clamp_min_(eps)
+    stored = _store_scale(scale, scheme, name)
+    if scheme.zero_point == "float":
+        offset = lo.to(scheme.scale_dtype)
+        return QParams(stored, None, offset)
+    zp = torch.round(scheme.qmin - lo / stored.float()).clamp_(scheme.qmin, scheme.qmax)
+    return QParams(stored, zp.to(torch.uint8), None)
+
+
+def _store_scale(scale: torch.Tensor, scheme: QuantScheme, name: str) -> torch.Tensor:
+    stored = scale.to(scheme.scale_dtype)
+    if scheme.scale_dtype != torch.float32 and not torch.isfinite(stored).all():
+        bad = int((~torch.isfinite(stored)).sum())
+        biggest = float(scale.max())
+        dname = str(scheme.scale_dtype).replace("torch.", "")
+        raise LinquantError(
+            f"{name}: {bad} scale(s) overflow {dname} storage (largest scale {biggest:.4g}); "
+            "use scale_dtype=torch.float32"
+        )
+    return stored
+
+
+def check_finite_range(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, name: str
+) -> None:
+    """Raise if the per-granule ranges show NaN/Inf; the message gives count and first index."""
+    if bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all()):
+        return
+    bad = ~torch.isfinite(x)
+    count = int(bad.sum())
+    first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    raise LinquantError(
+        f"{name}: input holds {count} NaN/Inf value(s), first at index {first}; "
+        "quantization needs finite values"
+    )
+
+
+def choose_qparams(
+    x3: torch.Tensor, g: Granules, scheme: QuantScheme, name: str = "tensor"
+) -> QParams:
+    """Choose per-granule parameters for ``x3 = [outer, C, inner]`` (the lowered tensor)."""
+    lo, hi = granule_minmax(x3)
+    check_finite_range(x3, lo, hi, name)
+    if scheme.clip == "minmax":
+        return qparams_from_range(lo, hi, scheme, name)
+    return _mse_search(x3, lo, hi, scheme, name)
+
+
+def fake_quantize_rows(rows: torch.Tensor, qp: QParams, scheme: QuantScheme) -> torch.Tensor:
+    """Quantize then dequantize ``rows = [C, n]`` (fp32) with per-row parameters."""
+    s = qp.scale.float().unsqueeze(1)
+    if qp.offset is not None:
+        m = qp.offset.float().unsqueeze(1)
+        q = torch.round((rows - m) / s).clamp_(scheme.qmin, scheme.qmax)
+        return q.mul_(s).add_(m)
+    q = torch.round(rows / s)
+    if qp.zero_point is not None:
+        z = qp.zero_point.float().unsqueeze(1)
+        return q.add_(z).clamp_(scheme.qmin, scheme.qmax).sub_(z).mul_(s)
+    return q.clamp_(scheme.qmin, scheme.qmax).mul_(s)
+
+
+def _shrink(
+    lo: torch.Tensor, hi: torch.Tensor, ratio: float, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip a range by ``ratio``: towards 0 when 0 must stay inside, else towards its middle."""
+    if scheme.has_offset:
+        mid, half = (lo + hi) * 0.5, (hi - lo) * (0.5 * ratio)
+        return mid - half, mid + half
+    return lo * ratio, hi * ratio
+
+
+def _mse_search(
+    x3: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: QuantScheme, name: str
+) -> QParams:
+    """Per granule, the clipping ratio in :data:`MSE_RATIOS` with the least reconstruction MSE.
+
+    Vectorised over granules (one pass over the tensor per ratio), processed in blocks of
+    granules so temporaries stay small. Ties keep the larger ratio (less clipping).
+    """
+    outer, count, inner = x3.shape
+    rows_all = x3.permute(1, 0, 2).reshape(count, outer * inner)  # [C, granule size]
+    block = max(1, (1 << 18) // max(1, outer * inner))
+    scales, zps, offsets = [], [], []
+    for c0 in range(0, count, block):
+        rows = rows_all[c0 : c0 + block].float()
+        blo, bhi = lo[c0 : c0 + block], hi[c0 : c0 + block]
+        best = qparams_from_range(blo, bhi, scheme, name)
+        best_err = (fake_quantize_rows(rows, best, scheme) - rows).pow_(2).sum(dim=1)
+        for ratio in MSE_RATIOS[1:]:
+            clo, chi = _shrink(blo, bhi, ratio, scheme)
+            cand = qparams_from_range(clo, chi, scheme, name)
+            err = (fake_quantize_rows(rows, cand, scheme) - rows).pow_(2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best.scale = torch.where(better, cand.scale, best.scale)
+            if best.zero_point is not None and cand.zero_point is not None:
+                best.zero_point = torch.where(better, cand.zero_point, best.zero_point)
+            if best.offset is not None and cand.offset is not None:
+                best.offset = torch.where(better, cand.offset, best.offset)
+        scales.append(best.scale)
+        zps.append(best.zero_point)
+        offsets.append(best.offset)
+    return QParams(
+        torch.cat(scales),
+        torch.cat(zps) if zps[0] is not None else None,  # type: ignore[arg-type]
+        torch.cat(offsets) if offsets[0] is not None else None,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,208 @@
+"""QuantizedTensor: packed codes + scales (+ zero points or offsets) + scheme + shape/dtype."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from linquant.errors import LinquantError
+from linquant.ops.affine import codes_unpacked, dequantize_packed, quantize_packed
+from linquant.ops.grouping import Granules, granules, scale_shape
+from linquant.ops.metrics import cosine_similarity, max_abs_error, mse, sqnr
+from linquant.ops.packing import pack, packed_nbytes, unpack
+from linquant.ops.qparams import QParams, choose_qparams
+from linquant.scheme import QuantScheme
+
+__all__ = ["FLOAT_DTYPES", "QuantizedTensor", "compare", "dequantize", "quantize"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class QuantizedTensor:
+    """A quantized tensor as stored in memory.
+
+    Attributes:
+        qdata: 1-D uint8, the packed code stream (row-major order of ``shape``; see
+            :mod:`linquant.ops.packing` for bit order, :mod:`linquant.ops.affine` for the code
+            convention).
+        scale: ``scale_dtype``, shape :func:`~linquant.ops.grouping.scale_shape`.
+        zero_point_packed: 1-D uint8, integer zero points packed at ``bits`` (asym, int), or None.
+        offset: ``scale_dtype`` offsets ``m`` in ``r ≈ s q + m`` (asym, float), or None.
+        scheme, shape, dtype: what it was quantized with and what it dequantizes to.
+    """
+
+    def __init__(
+        self,
+        qdata: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point_packed: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        scheme: QuantScheme,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> None:
+        self.qdata = qdata
+        self.scale = scale
+        self.zero_point_packed = zero_point_packed
+        self.offset = offset
+        self.scheme = scheme
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+
+    # ---- derived views ---------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def granules(self) -> Granules:
+        return granules(tuple(self.shape), self.scheme)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qdata.device
+
+    @property
+    def zero_point(self) -> torch.Tensor | None:
+        """Integer zero points (uint8, scale-shaped), or None for schemes without one."""
+        if self.zero_point_packed is None:
+            return None
+        n = self.scale.numel()
+        return unpack(self.zero_point_packed, self.scheme.bits, n).reshape(self.scale.shape)
+
+    def qparams(self) -> QParams:
+        """Parameters in the flat per-granule form the ops use."""
+        zp = self.zero_point
+        return QParams(
+            self.scale.reshape(-1),
+            None if zp is None else zp.reshape(-1),
+            None if self.offset is None else self.offset.reshape(-1),
+        )
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes in the tensor's shape: int8 (symmetric) or uint8 (asymmetric)."""
+        return codes_unpacked(self.qdata, self.scheme, self.numel).reshape(self.shape)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Float tensor of the original shape and dtype (or ``dtype``)."""
+        g = self.granules
+        out = dequantize_packed(self.qdata, self.qparams(), self.scheme, g.shape3,
+                                dtype or self.dtype)
+        return out.reshape(self.shape)
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per element: codes + scales + zero points/offsets (no padding)."""
+        n_params = self.scale.numel()
+        extra = n_params * self.scheme.scale_bits
+        if self.scheme.has_int_zero_point:
+            extra += n_params * self.scheme.bits
+        if self.scheme.has_offset:
+            extra += n_params * self.scheme.scale_bits
+        return self.scheme.bits + extra / self.numel
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes really held: packed codes + scales + zero points/offsets."""
+        total = self.qdata.nbytes + self.scale.nbytes
+        if self.zero_point_packed is not None:
+            total += self.zero_point_packed.nbytes
+        if self.offset is not None:
+            total += self.offset.nbytes
+        return total
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by role: ``qdata``, ``scale`` and ``zero_point`` or ``offset``."""
+        out = {"qdata": self.qdata, "scale": self.scale}
+        if self.zero_point_packed is not None:
+            out["zero_point"] = self.zero_point_packed
+        if self.offset is not None:
+            out["offset"] = self.offset
+        return out
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return QuantizedTensor(
+            self.qdata.to(device), self.scale.to(device), mv(self.zero_point_packed),
+            mv(self.offset), self.scheme, tuple(self.shape), self.dtype,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"scheme={self.scheme}, bits_per_weight={self.bits_per_weight:.4g}, "
+            f"nbytes={self.nbytes})"
+        )
+
+
+def _check_input(x: Any, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise LinquantError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise LinquantError(
+            f"{name}: expected a float32, float16 or bfloat16 tensor, got {x.dtype}"
+        )
+    if x.numel() == 0:
+        raise LinquantError(f"{name}: cannot quantize an empty tensor (shape {tuple(x.shape)})")
+    return x
+
+
+def quantize(
+    x: torch.Tensor, scheme: QuantScheme | str, *, name: str = "tensor"
+) -> QuantizedTensor:
+    """Quantize a float tensor of any rank.
+
+    Args:
+        x: fp32/fp16/bf16 tensor, contiguous or not; never modified.
+        scheme: a :class:`QuantScheme` or its text form (``"int4-sym-g32-fp16"``).
+        name: used in error messages (e.g. the parameter name).
+
+    Example::
+
+        >>> qt = quantize(torch.randn(64, 128), "int4-sym-g32-fp16")
+        >>> qt.bits_per_weight
+        4.5
+    """
+    if isinstance(scheme, str):
+        scheme = QuantScheme.parse(scheme)
+    if not isinstance(scheme, QuantScheme):
+        raise LinquantError(f"{name}: scheme must be a QuantScheme or str, got {scheme!r}")
+    x = _check_input(x, name)
+    shape = tuple(x.shape)
+    g = granules(shape, scheme, name)
+    x3 = x.detach().contiguous().view(g.shape3)  # [outer, C, inner]
+    qp = choose_qparams(x3, g, scheme, name)
+    qdata = quantize_packed(x3, qp, scheme)
+    sshape = scale_shape(shape, scheme)
+    zp = None if qp.zero_point is None else pack(qp.zero_point, scheme.bits)
+    offset = None if qp.offset is None else qp.offset.reshape(sshape)
+    return QuantizedTensor(qdata, qp.scale.reshape(sshape), zp, offset, scheme, shape, x.dtype)
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    """Same as ``qt.dequantize()``."""
+    return qt.dequantize()
+
+
+def compare(x: torch.Tensor, qt: QuantizedTensor) -> dict[str, float]:
+    """All error metrics of ``qt`` against ``x`` plus bits per weight."""
+    y = qt.dequantize()
+    if tuple(x.shape) != tuple(qt.shape):
+        raise LinquantError(f"compare: shapes differ, {tuple(x.shape)} vs {tuple(qt.shape)}")
+    return {
+        "sqnr_db": sqnr(x, y),
+        "mse": mse(x, y),
+        "max_abs_error": max_abs_error(x, y),
+        "cosine_similarity": cosine_similarity(x, y),
+        "bits_per_weight": qt.bits_per_weight,
+    }
+
+
+def expected_qdata_nbytes(shape: tuple[int, ...], bits: int) -> int:
+    return packed_nbytes(math.prod(shape), bits)
