@@ -1,0 +1,82 @@
+"""The ``linquant`` command line: argument parsing and printing only.
+
+``main(argv) -> int`` is what the console script calls and what the tests call in-process.
+Exit codes: 0 success, 2 usage error, 1 anything else (one clear line on stderr; ``--debug``
+shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from collections.abc import Sequence
+from types import ModuleType
+
+from linquant import __version__
+from linquant.errors import LinquantError
+
+__all__ = ["main"]
+
+# name -> (module implementing add_arguments/run, one-line help). Imported lazily.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sweep": ("linquant.commands.sweep",
+              "quantize every weight matrix of a model under a grid of schemes; print the trade-off"),
+    "demo": ("linquant.commands.demo",
+             "quantize the bundled all-MiniLM-L6-v2 with each preset and compare embeddings"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(COMMANDS[name][0])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="linquant", description="Linear quantization for PyTorch models.")
+    parser.add_argument("--version", action="version", version=f"linquant {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
+        _load(name).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(args_list)
+    except SystemExit as e:
+        return int(e.code or 0) if isinstance(e.code, int) else 2
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return int(_load(args.command).run(args))
+    except KeyboardInterrupt:
+        print("linquant: interrupted", file=sys.stderr)
+        return 130
+    except (LinquantError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"linquant {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        print(f"linquant {args.command}: internal error: {type(e).__name__}: {e} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""On-disk formats, checkpoint reading and atomic writes."""
