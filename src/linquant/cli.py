@@ -21,8 +21,10 @@ __all__ = ["main"]
 
 # name -> (module implementing add_arguments/run, one-line help). Imported lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "sweep": ("linquant.commands.sweep",
-              "quantize every weight matrix of a model under a grid of schemes; print the trade-off"),
+    "sweep": (
+        "linquant.commands.sweep",
+        "quantize every weight matrix of a model under a grid of schemes; print the trade-off",
+    ),
     "demo": ("linquant.commands.demo",
              "quantize the bundled all-MiniLM-L6-v2 with each preset and compare embeddings"),
 }

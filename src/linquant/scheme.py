@@ -52,7 +52,8 @@ class QuantScheme:
     Args:
         bits: code width, 2..8.
         symmetric: ``True``: codes in the restricted range ``[-q_max, q_max]``,
-            ``q_max = 2**(bits-1) - 1``, no zero point. ``False``: unsigned codes ``[0, 2**bits-1]``.
+            ``q_max = 2**(bits-1) - 1``, no zero point. ``False``: unsigned codes
+            ``[0, 2**bits-1]``.
         granularity: ``"tensor"`` (one scale), ``"channel"`` (one scale per index of ``axis``)
             or ``"group"`` (one scale per ``group_size`` consecutive elements of the last dim).
         axis: the kept dimension for ``"channel"`` (negative counts from the end).
@@ -158,7 +159,7 @@ class QuantScheme:
 
     @classmethod
     def parse(cls, text: str) -> QuantScheme:
-        """Parse the text form, e.g. ``int4-sym-g32-fp16``, ``int8-asym-ch0``, ``int3-asymf-g64-bf16-mse``."""
+        """Parse the text form: ``int4-sym-g32-fp16``, ``int8-asym-ch0``, ``int3-asymf-g64-mse``."""
         m = _TEXT.match(text.strip()) if isinstance(text, str) else None
         if m is None:
             raise LinquantError(

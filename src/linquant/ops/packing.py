@@ -11,14 +11,21 @@ Every 8 codes fill exactly ``bits`` bytes, so a run of codes whose length is a m
 packs independently of its neighbours (the blocked quantizer relies on this).
 
 Codes are ``uint8`` values already reduced to ``bits`` bits (signed codes are stored as
-``bits``-bit two's complement, see :mod:`linquant.ops.affine`).
+``bits``-bit two's complement, see :mod:`linquant.ops.affine`). The implementation reinterprets
+code bytes as wider integers and so assumes a little-endian host (x86-64, ARM64), checked at
+import; the stored format itself is byte-defined and does not depend on the host.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 __all__ = ["pack", "pack_into", "packed_nbytes", "unpack"]
+
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("linquant's bit packing needs a little-endian host")
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -34,28 +41,35 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def pack_into(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    """Pack 1-D uint8 ``codes`` into ``out`` (uint8, ``packed_nbytes(codes.numel(), bits)`` long)."""
+    """Pack 1-D uint8 ``codes`` into ``out`` (uint8, ``packed_nbytes(codes.numel(), bits)`` long).
+
+    Works on wide integer views of the code bytes (little-endian hosts: x86, ARM), which keeps
+    every op contiguous and vectorised; strided uint8 element ops are far slower.
+    """
     n = codes.numel()
     if bits == 8:
         out.copy_(codes)
         return
     if bits == 4:
-        c = _pad_to(codes, 2).view(-1, 2)  # [n/2, 2]: (low nibble, high nibble)
-        torch.bitwise_left_shift(c[:, 1], 4, out=out[: c.shape[0]])
-        out[: c.shape[0]].bitwise_or_(c[:, 0])
+        v = _pad_to(codes, 2).view(torch.int16)  # c0 | c1 << 8
+        t = torch.bitwise_right_shift(v, 4).bitwise_and_(0xF0).bitwise_or_(v)
+        out.copy_(t)  # int16 -> uint8 keeps the low byte: c0 | c1 << 4
         return
     if bits == 2:
-        c = _pad_to(codes, 4).view(-1, 4)  # [n/4, 4]
-        o = out[: c.shape[0]]
-        torch.bitwise_left_shift(c[:, 3], 6, out=o)
-        o.bitwise_or_(c[:, 2] << 4).bitwise_or_(c[:, 1] << 2).bitwise_or_(c[:, 0])
+        v = _pad_to(codes, 4).view(torch.int32)  # c0 | c1 << 8 | c2 << 16 | c3 << 24
+        t = v & 0x3
+        t.bitwise_or_(torch.bitwise_right_shift(v, 6).bitwise_and_(0xC))
+        t.bitwise_or_(torch.bitwise_right_shift(v, 12).bitwise_and_(0x30))
+        t.bitwise_or_(torch.bitwise_right_shift(v, 18).bitwise_and_(0xC0))
+        out.copy_(t)
         return
-    # 3, 5, 6, 7 bits: 8 codes -> one 64-bit word (bits*8 <= 56 bits used) -> `bits` bytes.
-    c = _pad_to(codes, 8).view(-1, 8).to(torch.int64)  # [n/8, 8]
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
-    word = (c << shifts).sum(dim=1, keepdim=True)  # fields do not overlap: sum == bitwise or
-    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
-    packed = ((word >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)  # [n/8 * bits]
+    # 3, 5, 6, 7 bits: 8 codes (one int64 of bytes) -> one word with code j at bit j*bits,
+    # whose low `bits` bytes are the packed bytes.
+    v = _pad_to(codes, 8).view(torch.int64)  # code j in byte j
+    word = v & 0xFF
+    for j in range(1, 8):
+        word.bitwise_or_(torch.bitwise_right_shift(v, 8 * j).bitwise_and_(0xFF) << (j * bits))
+    packed = word.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)  # [n/8 * bits]
     out.copy_(packed[: packed_nbytes(n, bits)])
 
 
@@ -75,15 +89,25 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return p[:n]
     if bits == 4:
-        return torch.stack((p & 0xF, p >> 4), dim=1).reshape(-1)[:n]
+        v = p.to(torch.int16)
+        t = (v << 4).bitwise_and_(0xF00).bitwise_or_(v & 0xF)  # lo | hi << 8
+        return t.view(torch.uint8)[:n]
     if bits == 2:
-        return torch.stack((p & 3, (p >> 2) & 3, (p >> 4) & 3, p >> 6), dim=1).reshape(-1)[:n]
+        v = p.to(torch.int32)
+        t = v & 0x3
+        t.bitwise_or_((v << 6).bitwise_and_(0x300))
+        t.bitwise_or_((v << 12).bitwise_and_(0x30000))
+        t.bitwise_or_((v << 18).bitwise_and_(0x3000000))
+        return t.view(torch.uint8)[:n]
     n8 = (n + 7) // 8
-    need = n8 * bits
-    if p.numel() < need:
-        p = torch.cat([p, p.new_zeros(need - p.numel())])
-    b = p[:need].view(-1, bits).to(torch.int64)  # [n/8, bits]
-    byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8
-    word = (b << byte_shifts).sum(dim=1, keepdim=True)
-    shifts = torch.arange(8, device=p.device, dtype=torch.int64) * bits
-    return ((word >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)[:n]
+    b = p[: n8 * bits]
+    if b.numel() < n8 * bits:
+        b = torch.cat([b, b.new_zeros(n8 * bits - b.numel())])
+    wide = torch.zeros(n8, 8, dtype=torch.uint8, device=p.device)
+    wide[:, :bits] = b.view(n8, bits)
+    word = wide.view(torch.int64)  # [n8, 1], packed bytes little-endian
+    mask = (1 << bits) - 1
+    out = word & mask
+    for j in range(1, 8):
+        out.bitwise_or_(torch.bitwise_right_shift(word, j * bits).bitwise_and_(mask) << (8 * j))
+    return out.view(torch.uint8).reshape(-1)[:n]

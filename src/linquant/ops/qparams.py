@@ -50,12 +50,13 @@ def smallest_scale(dtype: torch.dtype) -> float:
 
 
 def granule_minmax(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-granule min and max of ``x3 = [outer, C, inner]`` in fp32, without full-size temporaries."""
+    """Per-granule min and max of ``x3 = [outer, C, inner]`` in fp32, no full-size temporaries."""
     outer, _, inner = x3.shape
+    # amin + amax (two vectorised passes) beat one torch.aminmax pass by ~4x on CPU.
     if outer == 1:
-        lo, hi = torch.aminmax(x3[0], dim=1)
+        lo, hi = x3[0].amin(dim=1), x3[0].amax(dim=1)
     elif inner == 1:
-        lo, hi = torch.aminmax(x3[:, :, 0], dim=0)
+        lo, hi = x3[:, :, 0].amin(dim=0), x3[:, :, 0].amax(dim=0)
     else:
         lo, hi = x3.amin(dim=(0, 2)), x3.amax(dim=(0, 2))
     return lo.float(), hi.float()
