@@ -1,0 +1,183 @@
+"""Static activation ranges from sample batches.
+
+::
+
+    with linquant.calibrate(model):             # min/max
+        for batch in batches:
+            model(batch)
+    # every static W8A8Linear now has its activation scale (and zero point)
+
+    with linquant.calibrate(model, percentile=99.99):   # clip rare outliers
+        ...
+
+While the context is open, a forward pre-hook on every static :class:`~linquant.nn.W8A8Linear`
+records the layer's input, and the layers compute with float activations (their int8 weights
+dequantized), so each layer sees the inputs the float-activation model would give it, whether or
+not it had a range before. On a normal exit each layer gets
+:meth:`~linquant.nn.W8A8Linear.set_activation_range`; if any static layer saw no batch, a
+:class:`~linquant.errors.LinquantError` names them and no layer is changed. If the body raises,
+the hooks are removed and nothing is changed.
+
+How batches are combined:
+
+* ``percentile=None``: the running minimum and maximum over all batches (the exact range).
+* ``percentile=p`` (``0 < p <= 100``): each batch gives a percentile estimate, computed on at
+  most ``sample_size`` of its values drawn uniformly at random (with replacement, seeded, so
+  runs repeat) -- ``p``-th percentile of ``|x|`` for symmetric layers (range ``[-a, a]``), the
+  ``(100-p)``-th and ``p``-th percentiles of ``x`` for asymmetric ones. The layer's range is the
+  mean of the batch estimates weighted by each batch's number of values. Memory stays
+  ``O(sample_size)`` per layer whatever the number of batches; with equal-sized batches the
+  estimate is the plain mean of per-batch percentiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from linquant.errors import LinquantError
+from linquant.nn.w8a8 import W8A8Linear
+
+__all__ = ["RangeObserver", "calibrate"]
+
+DEFAULT_SAMPLE_SIZE = 1 << 16
+
+
+class RangeObserver:
+    """Accumulates one layer's activation range over batches (see the module docstring)."""
+
+    def __init__(
+        self, *, symmetric: bool, percentile: float | None = None,
+        sample_size: int = DEFAULT_SAMPLE_SIZE,
+    ) -> None:
+        self.symmetric = symmetric
+        self.percentile = percentile
+        self.sample_size = sample_size
+        self.batches = 0
+        self.values = 0
+        self._lo: torch.Tensor | None = None  # running min, or weighted sum of batch estimates
+        self._hi: torch.Tensor | None = None
+        self._gen: torch.Generator | None = None
+
+    def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.sample_size:
+            return x
+        if self._gen is None or self._gen.device != x.device:
+            self._gen = torch.Generator(device=x.device).manual_seed(0)
+        idx = torch.randint(0, x.numel(), (self.sample_size,), generator=self._gen,
+                            device=x.device)
+        return x[idx]
+
+    def update(self, x: torch.Tensor) -> None:
+        """Record one batch of inputs (any shape)."""
+        flat = x.detach().reshape(-1).float()
+        if flat.numel() == 0:
+            return
+        if self.percentile is None:
+            lo, hi = torch.aminmax(flat)
+            lo, hi = lo.double(), hi.double()
+            if self._lo is not None and self._hi is not None:
+                lo, hi = torch.minimum(self._lo, lo), torch.maximum(self._hi, hi)
+        else:
+            s = self._sample(flat)
+            q = self.percentile / 100.0
+            if self.symmetric:
+                hi_b = torch.quantile(s.abs(), q).double()
+                lo_b = -hi_b
+            else:
+                lo_b = torch.quantile(s, 1.0 - q).double()
+                hi_b = torch.quantile(s, q).double()
+            n = float(flat.numel())
+            lo, hi = lo_b * n, hi_b * n
+            if self._lo is not None and self._hi is not None:
+                lo, hi = self._lo + lo, self._hi + hi
+        self._lo, self._hi = lo, hi
+        self.batches += 1
+        self.values += flat.numel()
+
+    def range(self) -> tuple[float, float]:
+        """The combined ``(lo, hi)``; needs at least one batch."""
+        if self._lo is None or self._hi is None:
+            raise LinquantError("RangeObserver.range: no batch observed")
+        if self.percentile is None:
+            return float(self._lo), float(self._hi)
+        return float(self._lo) / self.values, float(self._hi) / self.values
+
+
+def _static_layers(model: nn.Module) -> dict[str, W8A8Linear]:
+    return {
+        (name or m.name or type(m).__name__): m
+        for name, m in model.named_modules()
+        if isinstance(m, W8A8Linear) and m.activation == "static"
+    }
+
+
+@contextmanager
+def calibrate(
+    model: nn.Module,
+    percentile: float | None = None,
+    *,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+) -> Iterator[dict[str, RangeObserver]]:
+    """Context manager that sets the activation range of every static W8A8Linear in ``model``.
+
+    Args:
+        model: the model holding static :class:`~linquant.nn.W8A8Linear` layers.
+        percentile: None for min/max, else ``0 < p <= 100`` (e.g. 99.99).
+        sample_size: values per batch and layer the percentile is estimated on.
+
+    Yields:
+        The observers by layer name (inspect ``.range()`` after the block).
+    """
+    if not isinstance(model, nn.Module):
+        raise LinquantError(f"calibrate: expected an nn.Module, got {type(model).__name__}")
+    if percentile is not None and not (
+        isinstance(percentile, (int, float)) and 0.0 < float(percentile) <= 100.0
+    ):
+        raise LinquantError(f"calibrate: percentile must be in (0, 100], got {percentile!r}")
+    if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+        raise LinquantError(f"calibrate: sample_size must be a positive int, got {sample_size!r}")
+    layers = _static_layers(model)
+    if not layers:
+        raise LinquantError(
+            "calibrate: the model has no static W8A8Linear layer (quantize it with a static "
+            "W8A8 config first)"
+        )
+    observers = {
+        name: RangeObserver(symmetric=layer.act_symmetric, percentile=percentile,
+                            sample_size=sample_size)
+        for name, layer in layers.items()
+    }
+    handles = []
+    was_observing = {name: layer.observing for name, layer in layers.items()}
+
+    def make_hook(obs: RangeObserver) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                obs.update(args[0])
+
+        return hook
+
+    try:
+        for name, layer in layers.items():
+            handles.append(layer.register_forward_pre_hook(make_hook(observers[name])))
+            layer.observing = True
+        yield observers
+    finally:
+        for h in handles:
+            h.remove()
+        for name, layer in layers.items():
+            layer.observing = was_observing[name]
+    unseen = [name for name, obs in observers.items() if obs.batches == 0]
+    if unseen:
+        raise LinquantError(
+            f"calibrate: {len(unseen)} static layer(s) saw no batch: {', '.join(unseen)}; run "
+            "batches that reach them, or quantize them with dynamic activations"
+        )
+    for name, layer in layers.items():
+        lo, hi = observers[name].range()
+        layer.set_activation_range(lo, hi)

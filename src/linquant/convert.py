@@ -1,0 +1,675 @@
+"""Quantize a whole model in place: one walk, swap the supported layers, report every layer.
+
+>>> report = quantize_model(model, "w4a16-g32", exclude=["lm_head"])   # doctest: +SKIP
+>>> print(report)                                                     # doctest: +SKIP
+
+Rules (each one shows up in the report, nothing is skipped silently):
+
+* **Layers** are the modules that own parameters directly (``Linear``, ``Embedding``,
+  ``LayerNorm``, ...). Supported types are swapped for their quantized module found with
+  :func:`linquant.nn.quant_module_for`; every other layer is listed as float with its reason.
+* **Selection** by shell-style patterns (:func:`fnmatch.fnmatchcase`, ``*`` also crosses dots)
+  on module names. A pattern matches a module when it matches its name or the name of one of
+  its ancestors, so ``exclude=["encoder.layer.0"]`` keeps that whole block float. ``exclude``
+  wins over ``include``. With a dict config the first pattern (in dict order) that matches picks
+  the config; ``None`` keeps the layer float.
+* **Group sizes** that do not divide a layer's row (``in_features`` of a linear layer, the
+  embedding dimension) fall back to the largest group size below that divides it (576 columns
+  with group 128 quantize with group 96); the report says so. ``strict=True`` raises instead,
+  before any layer is touched.
+* **Tied weights** (one ``Parameter`` in several modules, e.g. an input embedding shared with
+  an LM head, or one module object at several names) are quantized once and stay tied: every
+  module that shared the float weight holds the *same* quantized buffer objects. If the sharing
+  modules do not all get the same weight scheme (one excluded, different configs, a layout that
+  differs), all of them stay float and the report names the partner and the reason.
+  Caveat: ``model.to(device)`` moves every module's buffers separately (PyTorch re-ties
+  parameters, not buffers), so the moved model holds the tied table twice; quantize the model
+  on the device it will run on. ``model.to(dtype)`` keeps the tie (quantized buffers are never
+  cast).
+* **Memory**: the float module is dropped from the model as soon as its replacement is in, so
+  its weight is freed (unless the caller holds another reference). Peak memory is the float
+  model plus one layer.
+* **compute_dtype** (``w8a16``): after swapping, the model is cast with
+  ``model.to(compute_dtype)``; quantized layers keep their codes and scales and compute in that
+  dtype. Feed it inputs of that dtype (token ids need nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from linquant.config import QuantConfig, get_config
+from linquant.errors import LinquantError
+from linquant.ops.metrics import sqnr
+from linquant.report import Column, csv_text, format_table, json_text
+from linquant.scheme import QuantScheme
+from linquant.tensor import QuantizedTensor
+
+__all__ = ["LayerReport", "ModelReport", "model_nbytes", "quantize_model"]
+
+ConfigLike = str | QuantConfig
+ModelConfig = str | QuantConfig | Mapping[str, "ConfigLike | None"]
+
+
+# ---- report ---------------------------------------------------------------------------------
+_CSV_FIELDS = ("name", "type", "shape", "quantized", "scheme", "bits_per_weight", "bytes_before",
+               "bytes_after", "sqnr_db", "reason", "note", "tied_to")
+
+
+@dataclass
+class LayerReport:
+    """One layer of the model: what it became, or why it stayed float.
+
+    ``reason`` is None for a quantized layer. ``bytes_before``/``bytes_after`` count the
+    module's own tensors (weight, bias, scales, ...). ``tied_to`` names the layer whose
+    quantized buffers this one shares (stored once).
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    bytes_before: int
+    bytes_after: int
+    scheme: str | None = None
+    bits_per_weight: float | None = None
+    sqnr_db: float | None = None
+    reason: str | None = None
+    note: str = ""
+    tied_to: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.reason is None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "shape": list(self.shape),
+            "quantized": self.quantized,
+            "scheme": self.scheme,
+            "bits_per_weight": self.bits_per_weight,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "sqnr_db": self.sqnr_db,
+            "reason": self.reason,
+            "note": self.note,
+            "tied_to": self.tied_to,
+        }
+
+
+def _human(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024**2:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024**2:.2f} MiB"
+
+
+_COLUMNS: list[Column] = [
+    ("name", "layer", ""),
+    ("type", "type", ""),
+    ("shape", "shape", lambda s: "x".join(str(n) for n in s)),
+    ("scheme", "scheme", ""),
+    ("bits_per_weight", "bits/w", ".3f"),
+    ("bytes_before", "before", _human),
+    ("bytes_after", "after", _human),
+    ("sqnr_db", "SQNR dB", ".1f"),
+    ("note", "note / reason kept float", ""),
+]
+
+
+@dataclass
+class ModelReport:
+    """What :func:`quantize_model` did, layer by layer.
+
+    Attributes:
+        layers: every layer in module order, quantized or not (``.quantized`` and ``.skipped``
+            are the two halves; ``report["encoder.fc"]`` looks one up by name).
+        bytes_before, bytes_after: whole-model bytes (parameters + buffers, each tensor once).
+        compute_dtype: the dtype the model was cast to, or None.
+        unmatched_patterns: include/exclude/config patterns that matched no module (typos?).
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    compute_dtype: torch.dtype | None = None
+    unmatched_patterns: tuple[str, ...] = ()
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [r for r in self.layers if r.quantized]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        """The layers left float, each with its ``reason``."""
+        return [r for r in self.layers if not r.quantized]
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    @property
+    def ratio(self) -> float:
+        """``bytes_before / bytes_after`` for the whole model."""
+        return self.bytes_before / self.bytes_after if self.bytes_after else math.inf
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        """Stored bits per element over the quantized weights (tied weights counted once)."""
+        rows = [r for r in self.quantized if r.tied_to is None and r.bits_per_weight is not None]
+        n = sum(r.numel for r in rows)
+        if n == 0:
+            return None
+        return sum(r.numel * (r.bits_per_weight or 0.0) for r in rows) / n
+
+    # ---- output ----------------------------------------------------------------------------
+    def summary(self) -> str:
+        bpw = self.bits_per_weight
+        lines = [
+            f"quantized {len(self.quantized)} of {len(self.layers)} layers; "
+            f"model {_human(self.bytes_before)} -> {_human(self.bytes_after)} "
+            f"({self.ratio:.2f}x smaller)"
+            + ("" if bpw is None else f"; {bpw:.3f} bits per quantized weight"),
+        ]
+        if self.compute_dtype is not None:
+            lines.append(f"model cast to {str(self.compute_dtype).replace('torch.', '')}")
+        if self.unmatched_patterns:
+            lines.append("patterns that matched no module: " + ", ".join(
+                repr(p) for p in self.unmatched_patterns))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        rows = []
+        for r in self.layers:
+            d = r.to_dict()
+            d["scheme"] = r.scheme or "float"
+            d["note"] = r.note if r.quantized else _join(r.reason or "", r.note)
+            rows.append(d)
+        return format_table(rows, _COLUMNS) + "\n" + self.summary()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "ratio": self.ratio,
+            "bits_per_weight": self.bits_per_weight,
+            "compute_dtype": None if self.compute_dtype is None
+            else str(self.compute_dtype).replace("torch.", ""),
+            "unmatched_patterns": list(self.unmatched_patterns),
+            "layers": [r.to_dict() for r in self.layers],
+        }
+
+    def to_json(self) -> str:
+        """Strict JSON (an infinite SQNR is the string ``"inf"``)."""
+        return json_text(self.to_dict())
+
+    def to_csv(self) -> str:
+        """One row per layer with raw numbers (bytes, dB); the shape as ``768x3072``."""
+        rows = []
+        for r in self.layers:
+            d = r.to_dict()
+            d["shape"] = "x".join(str(n) for n in r.shape)
+            rows.append(d)
+        return csv_text(rows, _CSV_FIELDS)
+
+
+# ---- sizes ----------------------------------------------------------------------------------
+def _tensors(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out: list[torch.Tensor] = []
+    for t in [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def model_nbytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers, each tensor object counted once."""
+    return sum(t.numel() * t.element_size() for t in _tensors(module))
+
+
+# ---- planning ---------------------------------------------------------------------------------
+def _matches(name: str, pattern: str) -> bool:
+    """``pattern`` matches ``name`` or one of its dotted ancestors."""
+    if fnmatchcase(name, pattern):
+        return True
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts)))
+
+
+def _patterns(value: str | Iterable[str], what: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    out = tuple(value)
+    for p in out:
+        if not isinstance(p, str):
+            raise LinquantError(f"{what} patterns must be strings, got {p!r}")
+    return out
+
+
+def _normalize_config(config: ModelConfig) -> list[tuple[str, QuantConfig | None]]:
+    """``(pattern, config)`` pairs in priority order; a single config is ``[("*", config)]``."""
+    if isinstance(config, (str, QuantConfig)):
+        return [("*", get_config(config))]
+    if isinstance(config, Mapping):
+        pairs: list[tuple[str, QuantConfig | None]] = []
+        for pattern, value in config.items():
+            if not isinstance(pattern, str):
+                raise LinquantError(f"config dict keys must be name patterns, got {pattern!r}")
+            pairs.append((pattern, None if value is None else get_config(value)))
+        if not pairs:
+            raise LinquantError("config dict is empty: map name patterns to presets or configs")
+        return pairs
+    raise LinquantError(
+        "config must be a preset name, a QuantConfig, or a dict {name pattern: preset | "
+        f"QuantConfig | None}}, got {type(config).__name__}"
+    )
+
+
+def _is_quantized_module(module: nn.Module) -> bool:
+    from linquant.nn.base import QuantModule
+
+    return isinstance(module, QuantModule)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face GPT-2 ``Conv1D``: a linear layer whose weight is stored ``[in, out]``."""
+    from linquant.nn.base import is_hf_conv1d
+
+    return is_hf_conv1d(module)
+
+
+def _row_length(module: nn.Module) -> tuple[int, str]:
+    """Length of the rows the groups run along, and what to call it in messages."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, "in_features"
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim, "embedding_dim"
+    w = _weight(module)
+    if w is None or w.dim() == 0:
+        return 0, "row length"
+    if _is_conv1d(module):  # weight [in, out]
+        return int(w.shape[0]), "in_features"
+    if isinstance(module, nn.Conv2d):  # quantized as [out, in/groups * kh * kw]
+        return int(w[0].numel()), "in_channels/groups*kh*kw"
+    return int(w.shape[-1]), "row length"
+
+
+def _largest_divisor_below(n: int, limit: int) -> int:
+    for d in range(min(limit, n), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _weight(module: nn.Module) -> torch.Tensor | None:
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
+@dataclass
+class _Plan:
+    """The decision for one module object (possibly at several names)."""
+
+    names: list[str]
+    module: nn.Module | None
+    config: QuantConfig | None = None
+    scheme: QuantScheme | None = None
+    reason: str | None = None
+    note: str = ""
+
+
+def _decide(
+    name: str,
+    module: nn.Module,
+    pairs: list[tuple[str, QuantConfig | None]],
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    used: set[str],
+    refusals: list[str] | None,
+) -> tuple[QuantConfig | None, QuantScheme | None, str | None, str]:
+    """``(config, effective weight scheme, reason, note)``; reason None means quantize.
+
+    With ``refusals`` (strict mode) a group size fallback is also recorded there.
+    """
+    if _is_quantized_module(module):
+        return None, None, f"already quantized ({type(module).__name__})", ""
+    for pat in exclude:
+        if _matches(name, pat):
+            used.add(pat)
+            return None, None, f"excluded by pattern {pat!r}", ""
+    hits = [pat for pat in include if _matches(name, pat)]
+    used.update(hits)
+    if not hits:
+        return None, None, f"not matched by include {list(include)}", ""
+    config: QuantConfig | None = None
+    for pat, cfg in pairs:
+        if _matches(name, pat):
+            used.add(pat)
+            if cfg is None:
+                return None, None, f"config None for pattern {pat!r} (kept float)", ""
+            config = cfg
+            break
+    else:
+        return None, None, "not matched by any config pattern", ""
+    if name == "":
+        return None, None, "the root module cannot be replaced in place (wrap it)", ""
+    from linquant.nn import quant_module_for
+
+    if quant_module_for(module, "weight_only") is None and (
+        not config.is_w8a8 or quant_module_for(module, "w8a8") is None
+    ):
+        return None, None, f"unsupported type {type(module).__name__}", ""
+    w = _weight(module)
+    if w is None:
+        return None, None, f"{type(module).__name__} has no weight tensor", ""
+    if isinstance(w, nn.parameter.UninitializedParameter) or w.is_meta:
+        return None, None, "weight not materialized (lazy or meta)", ""
+    if not w.is_floating_point():
+        return None, None, f"weight dtype {w.dtype} is not float", ""
+    scheme = config.weight
+    note = ""
+    if config.is_w8a8 and not _uses_w8a8(module, config):
+        note = f"weight-only: no int8-activation layer for {type(module).__name__}"
+    if scheme.granularity == "group":
+        assert scheme.group_size is not None
+        g = scheme.group_size
+        n, what = _row_length(module)
+        if n % g != 0:
+            fallback = _largest_divisor_below(n, g)
+            if refusals is not None:
+                refusals.append(f"{name!r}: group size {g} does not divide {what} {n} "
+                                f"(fallback would be {fallback})")
+            scheme = scheme.with_(group_size=fallback)
+            note = f"group size {g} -> {fallback}: {g} does not divide {what} {n}"
+    return config, scheme, None, note
+
+
+def _uses_w8a8(module: nn.Module, config: QuantConfig) -> bool:
+    """Whether ``module`` becomes an int8-activation layer under ``config``."""
+    from linquant.nn import quant_module_for
+
+    return config.is_w8a8 and quant_module_for(module, "w8a8") is not None
+
+
+def _scheme_text(config: QuantConfig, scheme: QuantScheme, module: nn.Module) -> str:
+    if _uses_w8a8(module, config):
+        return str(config)
+    return str(QuantConfig(scheme, compute_dtype=config.compute_dtype))  # weight-only
+
+
+def _build(name: str, module: nn.Module, config: QuantConfig, scheme: QuantScheme) -> nn.Module:
+    from linquant.nn import quant_module_for
+
+    if _uses_w8a8(module, config):
+        assert config.activation is not None
+        w8a8: Any = quant_module_for(module, "w8a8")
+        new: nn.Module = w8a8.from_float(
+            module, activation=config.activation_mode,
+            act_symmetric=config.activation.symmetric, name=name,
+        )
+        return new
+    weight_only: Any = quant_module_for(module, "weight_only")
+    new = weight_only.from_float(module, scheme, name=name)
+    return new
+
+
+def _float_like(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The float weight in the layout of the quantized weight (Conv1D is stored transposed)."""
+    if weight.shape == shape:
+        return weight
+    if weight.dim() == 2 and weight.t().shape == shape:
+        return weight.t()
+    return weight.reshape(shape)
+
+
+def _qweight(module: nn.Module) -> QuantizedTensor | None:
+    q = getattr(module, "qweight", None)
+    return q if isinstance(q, QuantizedTensor) else None
+
+
+# ---- the walk -----------------------------------------------------------------------------------
+def quantize_model(
+    model: nn.Module,
+    config: ModelConfig,
+    *,
+    include: str | Iterable[str] = ("*",),
+    exclude: str | Iterable[str] = (),
+    strict: bool = False,
+) -> ModelReport:
+    """Quantize ``model`` in place and report every layer.
+
+    Args:
+        model: any ``nn.Module``; supported layers (see :func:`linquant.nn.quant_module_for`)
+            are replaced by quantized modules.
+        config: a preset name (``"w4a16-g32"``, see :mod:`linquant.config`), a
+            :class:`QuantConfig`, or a dict ``{name pattern: preset | QuantConfig | None}`` for
+            mixed precision (first matching pattern wins; ``None`` keeps float).
+        include, exclude: shell-style name patterns; a layer is quantized when it matches an
+            ``include`` pattern and no ``exclude`` pattern (a pattern also matches descendants).
+        strict: raise :class:`LinquantError` (before changing anything) when a group size does
+            not divide a layer's row, instead of using a smaller group size.
+
+    Returns:
+        A :class:`ModelReport`: every layer with its scheme, bits/weight, bytes before/after and
+        weight SQNR, or the reason it stayed float; whole-model bytes before and after.
+
+    For ``w8a8-static`` the linear layers need calibration before use::
+
+        quantize_model(model, "w8a8-static")
+        with linquant.calibrate.calibrate(model):
+            model(sample_batch)
+    """
+    if not isinstance(model, nn.Module):
+        raise LinquantError(f"quantize_model needs an nn.Module, got {type(model).__name__}")
+    pairs = _normalize_config(config)
+    inc = _patterns(include, "include")
+    exc = _patterns(exclude, "exclude")
+    used: set[str] = set()
+
+    # 1. Plan: one decision per module object, in module order; nothing is modified yet.
+    plans: dict[int, _Plan] = {}
+    parents: dict[str, nn.Module] = {}
+    refusals: list[str] | None = [] if strict else None
+    for name, module in model.named_modules(remove_duplicate=False):
+        for cname in module._modules:  # not named_children(): it hides repeated children
+            parents[f"{name}.{cname}" if name else cname] = module
+        if not any(True for _ in module.parameters(recurse=False)) and not (
+            _is_quantized_module(module) and name
+        ):
+            continue
+        decision = _decide(name, module, pairs, inc, exc, used, refusals)
+        plan = plans.get(id(module))
+        if plan is None:
+            cfg, scheme, reason, note = decision
+            plans[id(module)] = _Plan([name], module, cfg, scheme, reason, note)
+            continue
+        plan.names.append(name)
+        if (plan.config, plan.scheme, plan.reason) != decision[:3]:
+            plan.config, plan.scheme = None, None
+            plan.reason = (f"one module object at {plan.names[0]!r} and {name!r}, which are "
+                           "selected differently")
+    if refusals:
+        raise LinquantError(
+            f"strict=True: {len(refusals)} layer(s) need a group size fallback: "
+            + "; ".join(refusals)
+            + ". Exclude them, pick a group size that divides their rows, or pass strict=False"
+        )
+    tied = _resolve_ties(list(plans.values()))
+    dtypes = {p.config.compute_dtype for p in plans.values()
+              if p.reason is None and p.config is not None}
+    dtypes.discard(None)
+    if len(dtypes) > 1:
+        raise LinquantError(
+            "the configs ask for different compute dtypes "
+            f"({', '.join(sorted(str(d) for d in dtypes))}); one model runs in one dtype"
+        )
+    compute_dtype = next(iter(dtypes)) if dtypes else None
+
+    # 2. Apply, layer by layer, dropping each float module as soon as it is replaced.
+    report = ModelReport(bytes_before=model_nbytes(model), compute_dtype=compute_dtype)
+    shared: dict[int, tuple[str, nn.Module]] = {}  # id(tied float weight) -> first quantized
+    done: list[str] = []
+    for plan in plans.values():
+        module = plan.module
+        assert module is not None
+        name = plan.names[0]
+        before = model_nbytes(module)
+        w = _weight(module)
+        shape = () if w is None else tuple(w.shape)
+        row = LayerReport(name, type(module).__name__, shape, before, before,
+                          reason=plan.reason, note=plan.note)
+        if len(plan.names) > 1:
+            row.note = _join(row.note, "also at " + ", ".join(plan.names[1:]))
+        report.layers.append(row)
+        if plan.reason is not None:
+            plan.module = None
+            continue
+        assert plan.config is not None and plan.scheme is not None and w is not None
+        try:
+            new = _build(name, module, plan.config, plan.scheme)
+        except LinquantError as e:
+            if done:
+                raise LinquantError(
+                    f"{e} (model partly quantized: {len(done)} layer(s) before {name!r} were "
+                    "already replaced)"
+                ) from e
+            raise
+        qw = _qweight(new)
+        if qw is not None:
+            row.bits_per_weight = qw.bits_per_weight
+            row.sqnr_db = sqnr(_float_like(w, qw.shape), qw.dequantize(torch.float32))
+        partner = shared.get(id(w)) if id(w) in tied else None
+        if partner is not None:
+            if _share_buffers(partner[1], new):
+                row.tied_to = partner[0]
+                row.note = _join(row.note, f"tied to {partner[0]} (weight stored once)")
+            else:
+                row.note = _join(row.note, f"tied to {partner[0]} in float but stored twice: "
+                                 "the quantized buffers differ")
+        elif id(w) in tied:
+            shared[id(w)] = (name, new)
+        row.scheme = _scheme_text(plan.config, plan.scheme, module)
+        row.bytes_after = model_nbytes(new)
+        for n in plan.names:
+            _set_submodule(model, parents, n, new)
+        plan.module = None
+        done.append(name)
+        del module, w, new
+    plans.clear()
+    shared.clear()
+    if compute_dtype is not None:
+        model.to(compute_dtype)
+    report.bytes_after = model_nbytes(model)
+    report.unmatched_patterns = tuple(
+        p for p in (*inc, *exc, *(pat for pat, _ in pairs)) if p not in used and p != "*"
+    )
+    return report
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}; {b}" if a and b else a or b
+
+
+def _set_submodule(model: nn.Module, parents: Mapping[str, nn.Module], name: str,
+                   new: nn.Module) -> None:
+    parent = parents[name]
+    setattr(parent, name.rsplit(".", 1)[-1], new)
+
+
+def _resolve_ties(plans: list[_Plan]) -> set[int]:
+    """Keep tied float parameters tied: all their modules get the same weight scheme, or none
+    is quantized (repeated until nothing changes, since one module can be in several ties).
+
+    Returns the ids of the tied weights that will be quantized (their modules share buffers).
+    """
+    by_param: dict[int, list[_Plan]] = {}
+    for plan in plans:
+        assert plan.module is not None
+        for p in plan.module.parameters(recurse=False):
+            by_param.setdefault(id(p), []).append(plan)
+    groups = {pid: group for pid, group in by_param.items() if len(group) > 1}
+    changed = True
+    while changed:
+        changed = False
+        for pid, group in groups.items():
+            why = _tie_conflict(pid, group)
+            if why is None:
+                continue
+            names = [g.names[0] for g in group]
+            what = "weight" if all(
+                g.module is not None and id(_weight(g.module)) == pid for g in group
+            ) else "parameter"
+            for g in group:
+                if g.reason is None:
+                    g.config, g.scheme = None, None
+                    others = ", ".join(repr(n) for n in names if n != g.names[0])
+                    g.reason = f"tied {what} shared with {others}; {why}"
+                    changed = True
+    return {pid for pid, group in groups.items() if all(g.reason is None for g in group)}
+
+
+def _tie_conflict(pid: int, group: list[_Plan]) -> str | None:
+    """Why the modules sharing parameter ``pid`` cannot be quantized together, or None."""
+    floats = [g for g in group if g.reason is not None]
+    if len(floats) == len(group):
+        return None
+    if floats:
+        return f"{floats[0].names[0]!r} stays float ({floats[0].reason})"
+    weights = [_weight(g.module) if g.module is not None else None for g in group]
+    if any(w is None or id(w) != pid for w in weights):
+        return "the shared parameter is not the weight of each (kept float to stay tied)"
+    schemes = {str(g.scheme) for g in group}
+    if len(schemes) > 1:
+        return f"they get different weight schemes ({', '.join(sorted(schemes))})"
+    if len({_layout(g) for g in group}) > 1:
+        return "their quantized weights have different layouts"
+    return None
+
+
+def _layout(plan: _Plan) -> str:
+    """Modules whose quantized weights can share buffers: same stored shape and kernel type."""
+    assert plan.module is not None
+    w = _weight(plan.module)
+    shape = tuple(w.shape) if w is not None else ()
+    if _is_conv1d(plan.module):
+        shape = shape[::-1]
+    w8a8 = plan.config is not None and _uses_w8a8(plan.module, plan.config)
+    return f"{shape}{'-w8a8' if w8a8 else ''}"
+
+
+def _share_buffers(first: nn.Module, second: nn.Module) -> bool:
+    """Point ``second``'s weight buffers at ``first``'s; False (nothing changed) if they differ.
+
+    They hold the same values when both come from one float weight with one scheme and layout
+    (checked in planning); the comparison guards against a module type that stores differently.
+    """
+    src = dict(first.named_buffers(recurse=False))
+    mine = {k: v for k, v in second.named_buffers(recurse=False) if k.startswith("weight")}
+    if not mine:
+        return False
+    for bname, buf in mine.items():
+        other = src.get(bname)
+        if other is None or other.shape != buf.shape or other.dtype != buf.dtype or not (
+            torch.equal(other, buf)
+        ):
+            return False
+    for bname in mine:
+        second._buffers[bname] = src[bname]
+    return True

@@ -1,0 +1,34 @@
+"""Quantized modules: thin layers whose forward is one call into :mod:`linquant.kernels`.
+
+==================  ======================  =================================================
+float module        weight-only             W8A8 (int8 weights and activations)
+==================  ======================  =================================================
+``nn.Linear``       :class:`QuantLinear`    :class:`W8A8Linear`
+HF ``Conv1D``       :class:`QuantLinear`    :class:`W8A8Linear`
+``nn.Embedding``    :class:`QuantEmbedding` –
+``nn.Conv2d``       :class:`QuantConv2d`    –
+==================  ======================  =================================================
+
+Every class has ``from_float(module, ..., name=)`` (quantize a float module), ``skeleton(...)``
+(an empty module of the right shape, to ``load_state_dict`` into), a ``qweight`` property and
+a float ``bias`` when the float module has one. :func:`quant_module_for` looks the table up.
+"""
+
+from linquant.nn.base import QuantModule
+from linquant.nn.conv import QuantConv2d
+from linquant.nn.embedding import QuantEmbedding
+from linquant.nn.linear import QuantLinear
+from linquant.nn.registry import MODES, quant_module_for, register_qmodule, registered
+from linquant.nn.w8a8 import W8A8Linear
+
+__all__ = [
+    "MODES",
+    "QuantConv2d",
+    "QuantEmbedding",
+    "QuantLinear",
+    "QuantModule",
+    "W8A8Linear",
+    "quant_module_for",
+    "register_qmodule",
+    "registered",
+]

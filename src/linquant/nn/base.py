@@ -1,0 +1,264 @@
+"""What every quantized module shares: dtype-safe ``.to()``, error labels, weight buffers.
+
+Quantized weights live in **buffers** named after the :class:`~linquant.tensor.QuantizedTensor`
+roles: ``weight_qdata`` (packed uint8 codes), ``weight_scale``, and ``weight_zero_point``
+(packed uint8) or ``weight_offset`` when the scheme has one. So ``model.to(device)``,
+``state_dict()`` and ``load_state_dict()`` work as for any module.
+
+``model.to(dtype)`` / ``.half()`` / ``.bfloat16()`` never change a quantized buffer: codes were
+computed with the *stored* scales, so casting an fp32 scale to bf16 would silently change the
+weights (and the saved file). :meth:`QuantModule._apply` lets such calls move these buffers to a
+new device but keeps their dtype; the float parts (the bias) follow the model as usual, and
+``weight_dtype`` (what the weight dequantizes to by default) follows the requested float dtype.
+The layers compute in their input's dtype, so after ``model.to(torch.bfloat16)`` a layer runs
+W8A16 / W4A16 in bf16 with unchanged codes and scales.
+
+Hugging Face GPT-2 style ``transformers.pytorch_utils.Conv1D`` layers (weight stored transposed,
+``[in, out]``) are recognised by their class's module path and name, so transformers is never
+imported by linquant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from linquant.errors import LinquantError
+from linquant.kernels.reference import COMPUTE_DTYPES
+from linquant.ops.grouping import granules, scale_shape
+from linquant.ops.packing import pack, packed_nbytes, unpack
+from linquant.scheme import QuantScheme
+from linquant.tensor import QuantizedTensor, quantize
+
+__all__ = [
+    "COMPUTE_DTYPES",
+    "HF_CONV1D",
+    "QuantModule",
+    "as_scheme",
+    "is_hf_conv1d",
+    "linear_features",
+    "qualified_name",
+    "quantize_linear_weight",
+]
+
+HF_CONV1D = "transformers.pytorch_utils.Conv1D"
+_BLOCK_ELEMS = 1 << 18
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class, e.g. ``torch.nn.modules.linear.Linear``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def is_hf_conv1d(module: object) -> bool:
+    """True for ``transformers.pytorch_utils.Conv1D`` itself (checked without importing it)."""
+    return qualified_name(type(module)) == HF_CONV1D
+
+
+def linear_features(module: nn.Module, who: str) -> tuple[int, int, bool]:
+    """``(in_features, out_features, transposed)`` of an ``nn.Linear`` or HF ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if is_hf_conv1d(module):
+        w = module.weight
+        assert isinstance(w, torch.Tensor)
+        return int(w.shape[0]), int(w.shape[1]), True
+    raise LinquantError(
+        f"{who}: cannot convert a {type(module).__name__}; expected torch.nn.Linear or "
+        "transformers' Conv1D"
+    )
+
+
+def quantize_linear_weight(module: nn.Module, scheme: QuantScheme, name: str) -> QuantizedTensor:
+    """The weight of an ``nn.Linear`` or HF ``Conv1D`` quantized as ``[out, in]``.
+
+    A Conv1D stores its weight as ``[in, out]``; the result equals
+    ``quantize(weight.t().contiguous(), scheme)`` exactly but never makes that float copy:
+    tensor and channel granularities quantize the stored layout with the transposed axis and then
+    transpose the (uint8) codes; group granularity (groups run along ``in``, a column of the
+    stored layout) quantizes blocks of output rows and joins them. (With ``clip="mse"`` and a
+    per-tensor or per-input-channel scheme the MSE search sums errors in the stored order, so a
+    floating-point near-tie could in principle pick a neighbouring ratio; not seen in tests.)
+    """
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    wname = f"{name}.weight" if name else "weight"
+    if not is_hf_conv1d(module):
+        return quantize(w.detach(), scheme, name=wname)
+    return _quantize_transposed(w.detach(), scheme, wname)
+
+
+def _quantize_transposed(wt: torch.Tensor, scheme: QuantScheme, name: str) -> QuantizedTensor:
+    """``quantize(wt.t(), scheme)`` for ``wt [in, out]`` without a full float copy."""
+    n_in, n_out = (int(d) for d in wt.shape)
+    shape = (n_out, n_in)
+    granules(shape, scheme, name)  # validates the group size against in_features
+    bits = scheme.bits
+    if scheme.granularity != "group":
+        # tensor: the same granule; channel on axis a of [out, in] is axis 1-a of [in, out].
+        stored = scheme
+        if scheme.granularity == "channel":
+            stored = scheme.with_(axis=1 - scheme.axis % 2)
+        qt = quantize(wt, stored, name=name)
+        codes = unpack(qt.qdata, bits, wt.numel()).view(n_in, n_out).t().contiguous()
+        sshape = scale_shape(shape, scheme)
+        offset = None if qt.offset is None else qt.offset.reshape(sshape)
+        return QuantizedTensor(pack(codes, bits), qt.scale.reshape(sshape), qt.zero_point_packed,
+                               offset, scheme, shape, wt.dtype)
+    # group: rows of the [out, in] weight are independent; quantize blocks of them.
+    per_row = n_in // (scheme.group_size or 1)
+    codes = torch.empty(n_out, n_in, dtype=torch.uint8, device=wt.device)
+    scale = torch.empty(n_out, per_row, dtype=scheme.scale_dtype, device=wt.device)
+    zp = torch.empty(n_out, per_row, dtype=torch.uint8, device=wt.device)
+    offset_t = torch.empty(n_out, per_row, dtype=scheme.scale_dtype, device=wt.device)
+    step = max(1, _BLOCK_ELEMS // max(1, n_in))
+    for r0 in range(0, n_out, step):
+        r1 = min(n_out, r0 + step)
+        blk = wt[:, r0:r1].t().contiguous()  # [rows, in]: a block-sized float copy
+        qb = quantize(blk, scheme, name=f"{name} (output rows {r0}..{r1 - 1})")
+        codes[r0:r1] = unpack(qb.qdata, bits, blk.numel()).view(r1 - r0, n_in)
+        scale[r0:r1] = qb.scale
+        if qb.zero_point is not None:
+            zp[r0:r1] = qb.zero_point
+        if qb.offset is not None:
+            offset_t[r0:r1] = qb.offset
+    return QuantizedTensor(
+        pack(codes, bits),
+        scale,
+        pack(zp, bits) if scheme.has_int_zero_point else None,
+        offset_t if scheme.has_offset else None,
+        scheme,
+        shape,
+        wt.dtype,
+    )
+
+
+def as_scheme(scheme: QuantScheme | str, who: str) -> QuantScheme:
+    """A QuantScheme from a scheme or its text form (``"int4-sym-g32-fp16"``)."""
+    if isinstance(scheme, str):
+        return QuantScheme.parse(scheme)
+    if not isinstance(scheme, QuantScheme):
+        raise LinquantError(f"{who}: scheme must be a QuantScheme or str, got {scheme!r}")
+    return scheme
+
+
+class QuantModule(nn.Module):
+    """Base of the quantized modules: labels for errors, dtype-safe ``_apply``, weight buffers.
+
+    Attributes:
+        name: the layer's name in its model (used in error messages; may be empty).
+        weight_dtype: float dtype the weight dequantizes to by default; follows ``.to(dtype)``.
+    """
+
+    _quant_buffers: tuple[str, ...] = ("weight_qdata", "weight_scale", "weight_zero_point",
+                                       "weight_offset")
+    name: str
+    weight_dtype: torch.dtype
+    weight_qdata: torch.Tensor
+    weight_scale: torch.Tensor
+    scheme: QuantScheme
+    qweight_shape: tuple[int, ...]
+
+    def __init__(self, *, name: str = "", dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.name = name
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in COMPUTE_DTYPES:
+            raise LinquantError(f"{self._label()}: weight dtype must be a float dtype, got {dtype}")
+        self.weight_dtype = dtype
+
+    # ---- errors ------------------------------------------------------------------------------
+    def _label(self) -> str:
+        name = getattr(self, "name", "")
+        return f"{type(self).__name__} {name!r}" if name else type(self).__name__
+
+    def _check_float_input(self, x: object) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise LinquantError(f"{self._label()}: expected a tensor input, got {type(x).__name__}")
+        if x.dtype not in COMPUTE_DTYPES:
+            raise LinquantError(f"{self._label()}: expected a float input, got {x.dtype}")
+        return x
+
+    def _check_last_dim(self, x: object, features: int) -> torch.Tensor:
+        x = self._check_float_input(x)
+        if x.dim() == 0 or x.shape[-1] != features:
+            raise LinquantError(
+                f"{self._label()}: expected input of shape [..., {features}], "
+                f"got {tuple(x.shape)}"
+            )
+        return x
+
+    # ---- buffers -------------------------------------------------------------------------------
+    def _register_qweight(
+        self, shape: tuple[int, ...], scheme: QuantScheme, device: torch.device | str | None
+    ) -> None:
+        """Empty buffers for a weight of ``shape`` under ``scheme`` (validated, naming the
+        layer)."""
+        g = granules(shape, scheme, self._label())
+        self.scheme = scheme
+        self.qweight_shape = tuple(int(d) for d in shape)
+        numel, n_params = g.outer * g.count * g.inner, g.count
+        sshape = scale_shape(shape, scheme)
+        self.register_buffer(
+            "weight_qdata",
+            torch.empty(packed_nbytes(numel, scheme.bits), dtype=torch.uint8, device=device),
+        )
+        self.register_buffer(
+            "weight_scale", torch.empty(sshape, dtype=scheme.scale_dtype, device=device)
+        )
+        if scheme.has_int_zero_point:
+            self.register_buffer(
+                "weight_zero_point",
+                torch.empty(packed_nbytes(n_params, scheme.bits), dtype=torch.uint8,
+                            device=device),
+            )
+        if scheme.has_offset:
+            self.register_buffer(
+                "weight_offset", torch.empty(sshape, dtype=scheme.scale_dtype, device=device)
+            )
+
+    def _set_qweight(self, qt: QuantizedTensor) -> None:
+        """Fill the buffers with ``qt``'s tensors (no copy)."""
+        if tuple(qt.shape) != self.qweight_shape or qt.scheme != self.scheme:
+            raise LinquantError(
+                f"{self._label()}: quantized weight {tuple(qt.shape)} {qt.scheme} does not match "
+                f"the layer's {self.qweight_shape} {self.scheme}"
+            )
+        for role, t in qt.tensors().items():
+            setattr(self, f"weight_{role}", t)
+        self.weight_dtype = qt.dtype
+
+    @property
+    def qweight(self) -> QuantizedTensor:
+        """The weight as a :class:`~linquant.tensor.QuantizedTensor` (views of the buffers)."""
+        return QuantizedTensor(
+            self.weight_qdata,
+            self.weight_scale,
+            self._buffers.get("weight_zero_point"),
+            self._buffers.get("weight_offset"),
+            self.scheme,
+            self.qweight_shape,
+            self.weight_dtype,
+        )
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+
+    # ---- .to(), .half(), .cuda() ---------------------------------------------------------------
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        saved = {n: b for n in self._quant_buffers if (b := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        for n, old in saved.items():
+            new = self._buffers[n]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[n] = old.to(new.device)  # moved, never cast
+        probe = fn(torch.empty(0, dtype=self.weight_dtype))
+        if probe.dtype in COMPUTE_DTYPES:
+            self.weight_dtype = probe.dtype
+        return self

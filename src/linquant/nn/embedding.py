@@ -1,0 +1,128 @@
+"""QuantEmbedding: weight-only quantized embedding table.
+
+The table ``[num_embeddings, embedding_dim]`` is quantized with any scheme; the natural ones are
+per row (``channel`` on axis 0) or per group along the embedding dimension (``g32`` ...).
+A forward gathers the requested rows' codes and parameters and dequantizes only those rows
+(:func:`linquant.kernels.embedding_weight_only`); the table is never dequantized as a whole.
+The output dtype is ``weight_dtype`` (the float table's dtype; follows ``model.to(dtype)``).
+
+Example::
+
+    >>> emb = nn.Embedding(1000, 64, padding_idx=0)
+    >>> q = QuantEmbedding.from_float(emb, "int4-sym-g32-fp16", name="embed")
+    >>> q(torch.tensor([[1, 2, 0]])).shape
+    torch.Size([1, 3, 64])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from linquant import kernels
+from linquant.errors import LinquantError
+from linquant.nn.base import QuantModule, as_scheme
+from linquant.nn.registry import register_qmodule
+from linquant.scheme import QuantScheme
+from linquant.tensor import quantize
+
+__all__ = ["QuantEmbedding"]
+
+
+@register_qmodule(nn.Embedding)
+class QuantEmbedding(QuantModule):
+    """Embedding with a quantized table. ``padding_idx``, ``scale_grad_by_freq`` and ``sparse``
+    are kept as attributes (they only matter for training); ``max_norm`` is refused, since it
+    renormalises the table in place during the forward."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        scheme: QuantScheme | str,
+        *,
+        padding_idx: int | None = None,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += self.num_embeddings
+        if padding_idx is not None and not 0 <= padding_idx < self.num_embeddings:
+            raise LinquantError(
+                f"{self._label()}: padding_idx must be within num_embeddings "
+                f"({self.num_embeddings}), got {padding_idx}"
+            )
+        self.padding_idx = padding_idx
+        self.scale_grad_by_freq = scale_grad_by_freq
+        self.sparse = sparse
+        scheme = as_scheme(scheme, self._label())
+        self._register_qweight((self.num_embeddings, self.embedding_dim), scheme, device)
+
+    @classmethod
+    def skeleton(
+        cls,
+        embedding: nn.Module,
+        scheme: QuantScheme | str,
+        *,
+        name: str = "",
+        device: torch.device | str | None = None,
+    ) -> QuantEmbedding:
+        """An empty QuantEmbedding shaped for ``embedding``."""
+        label = f"{cls.__name__} {name!r}.from_float"
+        if not isinstance(embedding, nn.Embedding):
+            raise LinquantError(
+                f"{label}: cannot convert a {type(embedding).__name__}; expected nn.Embedding"
+            )
+        if embedding.max_norm is not None:
+            raise LinquantError(
+                f"{label}: max_norm={embedding.max_norm} renormalises the table in place at every "
+                "forward, which a quantized table cannot do"
+            )
+        return cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            scheme,
+            padding_idx=embedding.padding_idx,
+            scale_grad_by_freq=embedding.scale_grad_by_freq,
+            sparse=embedding.sparse,
+            dtype=embedding.weight.dtype,
+            device=device,
+            name=name,
+        )
+
+    @classmethod
+    def from_float(
+        cls, embedding: nn.Module, scheme: QuantScheme | str, *, name: str = ""
+    ) -> QuantEmbedding:
+        """Quantize an ``nn.Embedding`` (built on the meta device, then filled)."""
+        q = cls.skeleton(embedding, scheme, name=name, device="meta")
+        w = embedding.weight
+        assert isinstance(w, torch.Tensor)
+        q._set_qweight(quantize(w.detach(), q.scheme, name=f"{name}.weight" if name else "weight"))
+        return q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.is_complex() \
+                or ids.dtype == torch.bool:
+            got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise LinquantError(f"{self._label()}: expected an integer index tensor, got {got}")
+        if ids.numel():
+            lo, hi = torch.aminmax(ids)
+            if int(lo) < 0 or int(hi) >= self.num_embeddings:
+                raise LinquantError(
+                    f"{self._label()}: indices must be in [0, {self.num_embeddings}), "
+                    f"got values in [{int(lo)}, {int(hi)}]"
+                )
+        return kernels.embedding_weight_only(ids, self.qweight, self.weight_dtype)
+
+    def extra_repr(self) -> str:
+        text = f"{self.num_embeddings}, {self.embedding_dim}"
+        if self.padding_idx is not None:
+            text += f", padding_idx={self.padding_idx}"
+        return text + f", scheme={self.scheme}"

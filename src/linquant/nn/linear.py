@@ -1,0 +1,106 @@
+"""QuantLinear: weight-only quantized linear layer (W8A32, W8A16, W4A16, any scheme).
+
+``y = x · dequantize(W_q)^T + b`` computed in the input's dtype by
+:func:`linquant.kernels.linear_weight_only`. The weight ``[out, in]`` is quantized with any
+:class:`~linquant.scheme.QuantScheme` (groups run along ``in``).
+
+Example::
+
+    >>> lin = nn.Linear(64, 32)
+    >>> q = QuantLinear.from_float(lin, QuantScheme.parse("int4-sym-g32-fp16"), name="fc")
+    >>> q(torch.randn(2, 5, 64)).shape
+    torch.Size([2, 5, 32])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from linquant import kernels
+from linquant.nn.base import (
+    HF_CONV1D,
+    QuantModule,
+    as_scheme,
+    linear_features,
+    quantize_linear_weight,
+)
+from linquant.nn.registry import register_qmodule
+from linquant.scheme import QuantScheme
+
+__all__ = ["QuantLinear"]
+
+
+@register_qmodule(nn.Linear, HF_CONV1D)
+class QuantLinear(QuantModule):
+    """Linear layer with a quantized weight ``[out_features, in_features]`` and a float bias.
+
+    Buffers: ``weight_qdata``, ``weight_scale`` and ``weight_zero_point`` / ``weight_offset``
+    (see :mod:`linquant.nn.base`); ``bias`` is an ``nn.Parameter`` or None.
+    The constructor builds an empty layer (for ``load_state_dict``); use :meth:`from_float`
+    to quantize a float layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme | str,
+        *,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        scheme = as_scheme(scheme, self._label())
+        self._register_qweight((self.out_features, self.in_features), scheme, device)
+        if bias:
+            self.bias = nn.Parameter(
+                torch.empty(self.out_features, dtype=self.weight_dtype, device=device)
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def skeleton(
+        cls,
+        linear: nn.Module,
+        scheme: QuantScheme | str,
+        *,
+        name: str = "",
+        device: torch.device | str | None = None,
+    ) -> QuantLinear:
+        """An empty QuantLinear shaped for ``linear`` (``nn.Linear`` or HF ``Conv1D``)."""
+        in_f, out_f, _ = linear_features(linear, f"{cls.__name__} {name!r}.from_float")
+        w = linear.weight
+        assert isinstance(w, torch.Tensor)
+        return cls(in_f, out_f, scheme, bias=linear.bias is not None, dtype=w.dtype,
+                   device=device, name=name)
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Module, scheme: QuantScheme | str, *, name: str = ""
+    ) -> QuantLinear:
+        """Quantize an ``nn.Linear`` or transformers ``Conv1D`` (weight ``[in, out]``).
+
+        The layer is built on the meta device and its buffers filled with the quantized weight,
+        so no second float copy of the weight is ever made.
+        """
+        q = cls.skeleton(linear, scheme, name=name, device="meta")
+        q._set_qweight(quantize_linear_weight(linear, q.scheme, name))
+        bias = linear.bias
+        q._set_bias(bias if isinstance(bias, torch.Tensor) else None)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_last_dim(x, self.in_features)
+        return kernels.linear_weight_only(x, self.qweight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, scheme={self.scheme}"
+        )

@@ -1,0 +1,263 @@
+"""W8A8Linear: int8 weights x int8 activations, int32 accumulation, one fp32 rescale.
+
+Weights: ``int8-sym-ch0`` (symmetric, restricted range ``[-127, 127]``, one fp32 scale per output
+row). Activations, read on ``x`` flattened to ``[tokens, in_features]``:
+
+* ``activation="dynamic"`` (default): symmetric, one scale per token, computed every forward.
+* ``activation="static"``: one scale (and, with ``act_symmetric=False``, one integer zero point
+  in ``[0, 255]``) for the whole tensor, fixed by calibration (:func:`linquant.calibrate.calibrate`)
+  or :meth:`W8A8Linear.set_activation_range`. A static layer used before it has a range raises
+  :class:`~linquant.errors.LinquantError` naming the layer: it never falls back to a scale of 1.
+
+Formulas: :mod:`linquant.kernels.reference`. Activation parameters follow the library
+convention (:func:`linquant.ops.qparams.qparams_from_range` with ``int8-sym-tensor`` or
+``int8-asym-tensor``: the asymmetric range is widened to include 0, so 0.0 is exact).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from linquant import kernels
+from linquant.errors import LinquantError
+from linquant.nn.base import HF_CONV1D, QuantModule, linear_features, quantize_linear_weight
+from linquant.nn.registry import register_qmodule
+from linquant.ops.qparams import qparams_from_range
+from linquant.scheme import QuantScheme
+from linquant.tensor import QuantizedTensor
+
+__all__ = ["ACTIVATIONS", "W8A8_WEIGHT", "Activation", "W8A8Linear"]
+
+Activation = Literal["dynamic", "static"]
+ACTIVATIONS: tuple[str, ...] = ("dynamic", "static")
+W8A8_WEIGHT = QuantScheme(bits=8, symmetric=True, granularity="channel", axis=0)
+
+
+@register_qmodule(nn.Linear, HF_CONV1D, mode="w8a8")
+class W8A8Linear(QuantModule):
+    """Linear layer computing int8 x int8 -> int32.
+
+    Buffers: ``weight_qdata`` int8 ``[out, in]``, ``weight_scale`` fp32 ``[out, 1]``; static
+    layers add ``input_scale`` (fp32, 0-d; NaN until calibrated) and, when asymmetric,
+    ``input_zero_point`` (uint8, 0-d). ``bias`` is a float ``nn.Parameter`` or None.
+
+    Attributes:
+        observing: set by :func:`linquant.calibrate.calibrate`: while True, a static layer
+            computes with float activations (int8 weights dequantized), so calibration runs on
+            a layer whether or not it already has a range.
+    """
+
+    _quant_buffers = ("weight_qdata", "weight_scale", "input_scale", "input_zero_point")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        activation: Activation = "dynamic",
+        act_symmetric: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__(name=name, dtype=dtype)
+        if activation not in ACTIVATIONS:
+            raise LinquantError(
+                f"{self._label()}: activation must be one of {', '.join(ACTIVATIONS)}; "
+                f"got {activation!r}"
+            )
+        if not isinstance(act_symmetric, bool):
+            raise LinquantError(
+                f"{self._label()}: act_symmetric must be a bool, got {act_symmetric!r}"
+            )
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.activation: Activation = activation
+        self.act_symmetric = act_symmetric
+        self.scheme = W8A8_WEIGHT
+        self.qweight_shape = (self.out_features, self.in_features)
+        self.observing = False
+        self._calibrated = False
+        self.register_buffer(
+            "weight_qdata",
+            torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device),
+        )
+        self.register_buffer(
+            "weight_scale", torch.empty(self.out_features, 1, dtype=torch.float32, device=device)
+        )
+        if activation == "static":
+            self._reset_activation_params(device)
+        if bias:
+            self.bias = nn.Parameter(
+                torch.empty(self.out_features, dtype=self.weight_dtype, device=device)
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    def _reset_activation_params(self, device: torch.device | str | None) -> None:
+        self.register_buffer(
+            "input_scale", torch.full((), float("nan"), dtype=torch.float32, device=device)
+        )
+        if not self.act_symmetric:
+            self.register_buffer(
+                "input_zero_point", torch.zeros((), dtype=torch.uint8, device=device)
+            )
+        self._calibrated = False
+
+    @property
+    def act_scheme(self) -> QuantScheme:
+        """The activation scheme as a QuantScheme (granularity is per tensor for static layers;
+        dynamic layers use one such scale per token)."""
+        return QuantScheme(bits=8, symmetric=self.act_symmetric, granularity="tensor")
+
+    @property
+    def calibrated(self) -> bool:
+        """True for dynamic layers, and for static layers once they have an activation range."""
+        return self.activation == "dynamic" or self._calibrated
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def skeleton(
+        cls,
+        linear: nn.Module,
+        *,
+        activation: Activation = "dynamic",
+        act_symmetric: bool = True,
+        name: str = "",
+        device: torch.device | str | None = None,
+    ) -> W8A8Linear:
+        """An empty W8A8Linear shaped for ``linear`` (``nn.Linear`` or HF ``Conv1D``)."""
+        in_f, out_f, _ = linear_features(linear, f"{cls.__name__} {name!r}.from_float")
+        w = linear.weight
+        assert isinstance(w, torch.Tensor)
+        return cls(in_f, out_f, bias=linear.bias is not None, activation=activation,
+                   act_symmetric=act_symmetric, dtype=w.dtype, device=device, name=name)
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Module,
+        *,
+        activation: Activation = "dynamic",
+        act_symmetric: bool = True,
+        name: str = "",
+    ) -> W8A8Linear:
+        """Quantize an ``nn.Linear`` or transformers ``Conv1D`` weight to ``int8-sym-ch0``.
+
+        Built on the meta device, then filled: no second float copy of the weight.
+        """
+        q = cls.skeleton(linear, activation=activation, act_symmetric=act_symmetric, name=name,
+                         device="meta")
+        qt = quantize_linear_weight(linear, W8A8_WEIGHT, name)
+        q._set_qweight(qt)
+        bias = linear.bias
+        q._set_bias(bias if isinstance(bias, torch.Tensor) else None)
+        if activation == "static":
+            q._reset_activation_params(qt.qdata.device)
+        return q
+
+    def _set_qweight(self, qt: QuantizedTensor) -> None:
+        if tuple(qt.shape) != self.qweight_shape or qt.scheme != W8A8_WEIGHT:
+            raise LinquantError(
+                f"{self._label()}: quantized weight {tuple(qt.shape)} {qt.scheme} does not match "
+                f"the layer's {self.qweight_shape} {W8A8_WEIGHT}"
+            )
+        # 8-bit symmetric codes: the packed bytes are exactly the int8 codes, row-major.
+        self.weight_qdata = qt.qdata.view(torch.int8).view(self.qweight_shape)
+        self.weight_scale = qt.scale
+        self.weight_dtype = qt.dtype
+
+    @property
+    def qweight(self) -> QuantizedTensor:
+        """The weight as a :class:`~linquant.tensor.QuantizedTensor` (``int8-sym-ch0``, views)."""
+        return QuantizedTensor(
+            self.weight_qdata.view(torch.uint8).reshape(-1),
+            self.weight_scale,
+            None,
+            None,
+            W8A8_WEIGHT,
+            self.qweight_shape,
+            self.weight_dtype,
+        )
+
+    # ---- static activation range ----------------------------------------------------------------
+    def set_activation_range(self, lo: float | torch.Tensor, hi: float | torch.Tensor) -> None:
+        """Fix the static activation parameters from the range ``[lo, hi]`` of the inputs.
+
+        Symmetric: ``s = max(-lo, hi) / 127``. Asymmetric: the range is widened to include 0,
+        ``s = (hi - lo) / 255``, ``z = clamp(round(-lo / s), 0, 255)``.
+        """
+        if self.activation != "static":
+            raise LinquantError(
+                f"{self._label()}: set_activation_range needs activation='static', this layer "
+                "quantizes activations dynamically"
+            )
+        lo_t = torch.as_tensor(lo, dtype=torch.float64).float().reshape(-1)
+        hi_t = torch.as_tensor(hi, dtype=torch.float64).float().reshape(-1)
+        if lo_t.numel() != 1 or hi_t.numel() != 1:
+            raise LinquantError(f"{self._label()}: expected scalar lo and hi, got "
+                                f"{tuple(lo_t.shape)} and {tuple(hi_t.shape)}")
+        lo_f, hi_f = float(lo_t), float(hi_t)
+        if not (torch.isfinite(lo_t).all() and torch.isfinite(hi_t).all()) or lo_f > hi_f:
+            raise LinquantError(
+                f"{self._label()}: activation range must be finite with lo <= hi, "
+                f"got [{lo_f}, {hi_f}]"
+            )
+        qp = qparams_from_range(lo_t, hi_t, self.act_scheme, self._label())
+        scale = self._buffers["input_scale"]
+        assert scale is not None
+        scale.copy_(qp.scale.reshape(()))
+        if qp.zero_point is not None:
+            zp = self._buffers["input_zero_point"]
+            assert zp is not None
+            zp.copy_(qp.zero_point.reshape(()))
+        self._calibrated = True
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        scale = self._buffers.get("input_scale")
+        if scale is not None and scale.device.type != "meta":
+            self._calibrated = bool(torch.isfinite(scale).all() and (scale > 0).all())
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_last_dim(x, self.in_features)
+        if self.activation == "dynamic":
+            return kernels.linear_w8a8(x, self.weight_qdata, self.weight_scale, self.bias)
+        if self.observing:
+            return kernels.linear_weight_only(x, self.qweight, self.bias)
+        if not self._calibrated:
+            raise LinquantError(
+                f"{self._label()}: static activation quantization needs a range first; run "
+                "linquant.calibrate(model) over sample batches or call set_activation_range"
+            )
+        return kernels.linear_w8a8(
+            x,
+            self.weight_qdata,
+            self.weight_scale,
+            self.bias,
+            self._buffers["input_scale"],
+            self._buffers.get("input_zero_point"),
+        )
+
+    def extra_repr(self) -> str:
+        act = "dynamic" if self.activation == "dynamic" else (
+            "static-sym" if self.act_symmetric else "static-asym")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, weight={W8A8_WEIGHT}, activation={act}"
+        )

