@@ -6,6 +6,9 @@
 4.5
 """
 
+from linquant.calibrate import calibrate
+from linquant.config import PRESETS, QuantConfig, get_config
+from linquant.convert import LayerReport, ModelReport, quantize_model
 from linquant.errors import FormatError, LinquantError
 from linquant.ops.metrics import cosine_similarity, max_abs_error, mse, sqnr
 from linquant.scheme import QuantScheme
@@ -14,16 +17,23 @@ from linquant.tensor import QuantizedTensor, compare, dequantize, quantize
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "FormatError",
+    "LayerReport",
     "LinquantError",
+    "ModelReport",
+    "QuantConfig",
     "QuantScheme",
     "QuantizedTensor",
     "__version__",
+    "calibrate",
     "compare",
     "cosine_similarity",
     "dequantize",
+    "get_config",
     "max_abs_error",
     "mse",
     "quantize",
+    "quantize_model",
     "sqnr",
 ]

@@ -199,6 +199,13 @@ class QuantScheme:
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> QuantScheme:
+        if not isinstance(d, dict):
+            raise LinquantError(f"scheme dict must be a dict, got {type(d).__name__}")
+        if "scale_dtype" in d and str(d["scale_dtype"]) not in SCALE_DTYPES:
+            raise LinquantError(
+                f"scheme dict: scale_dtype {d['scale_dtype']!r} is not one of "
+                f"{', '.join(SCALE_DTYPES)}"
+            )
         try:
             dtype = SCALE_DTYPES[str(d["scale_dtype"])]
             return cls(

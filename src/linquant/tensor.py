@@ -176,7 +176,7 @@ def quantize(
     shape = tuple(x.shape)
     g = granules(shape, scheme, name)
     x3 = x.detach().contiguous().view(g.shape3)  # [outer, C, inner]
-    qp = choose_qparams(x3, g, scheme, name)
+    qp = choose_qparams(x3, g, scheme, name, shape)
     qdata = quantize_packed(x3, qp, scheme)
     sshape = scale_shape(shape, scheme)
     zp = None if qp.zero_point is None else pack(qp.zero_point, scheme.bits)
@@ -191,6 +191,11 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
 
 def compare(x: torch.Tensor, qt: QuantizedTensor) -> dict[str, float]:
     """All error metrics of ``qt`` against ``x`` plus bits per weight."""
+    if not isinstance(x, torch.Tensor) or not isinstance(qt, QuantizedTensor):
+        raise LinquantError(
+            f"compare: expected a tensor and a QuantizedTensor, got {type(x).__name__} and "
+            f"{type(qt).__name__}"
+        )
     y = qt.dequantize()
     if tuple(x.shape) != tuple(qt.shape):
         raise LinquantError(f"compare: shapes differ, {tuple(x.shape)} vs {tuple(qt.shape)}")

@@ -18,6 +18,15 @@ from linquant.errors import LinquantError
 __all__ = ["atomic_write", "write_text_atomic"]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temp file next to ``path`` for writing; on success fsync and rename onto ``path``."""
@@ -32,6 +41,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -
     except OSError as e:
         raise LinquantError(f"{dest}: cannot write in {folder}: {e.strerror}") from e
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a normal file follows the umask
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()

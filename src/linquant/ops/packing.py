@@ -47,6 +47,8 @@ def pack_into(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     every op contiguous and vectorised; strided uint8 element ops are far slower.
     """
     n = codes.numel()
+    if n == 0:
+        return
     if bits == 8:
         out.copy_(codes)
         return
@@ -86,7 +88,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``n`` codes as a 1-D uint8 tensor."""
     p = packed.reshape(-1)
-    if bits == 8:
+    if bits == 8 or n == 0:
         return p[:n]
     if bits == 4:
         v = p.to(torch.int16)

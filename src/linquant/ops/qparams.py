@@ -80,33 +80,56 @@ def qparams_from_range(
     stored = _store_scale(scale, scheme, name)
     if scheme.zero_point == "float":
         offset = lo.to(scheme.scale_dtype)
+        if not bool(torch.isfinite(offset).all()):
+            raise LinquantError(
+                f"{name}: offset {float(lo.min()):.4g} overflows {_dtype_text(scheme)} storage; "
+                "use scale_dtype=torch.float32"
+            )
         return QParams(stored, None, offset)
     zp = torch.round(scheme.qmin - lo / stored.float()).clamp_(scheme.qmin, scheme.qmax)
     return QParams(stored, zp.to(torch.uint8), None)
 
 
+def _dtype_text(scheme: QuantScheme) -> str:
+    return str(scheme.scale_dtype).replace("torch.", "")
+
+
 def _store_scale(scale: torch.Tensor, scheme: QuantScheme, name: str) -> torch.Tensor:
+    if not bool(torch.isfinite(scale).all()):
+        raise LinquantError(
+            f"{name}: the value range is too wide for a float32 scale (max - min overflows); "
+            "values this large cannot be quantized"
+        )
     stored = scale.to(scheme.scale_dtype)
-    if scheme.scale_dtype != torch.float32 and not torch.isfinite(stored).all():
+    if not bool(torch.isfinite(stored).all()):
         bad = int((~torch.isfinite(stored)).sum())
         biggest = float(scale.max())
-        dname = str(scheme.scale_dtype).replace("torch.", "")
         raise LinquantError(
-            f"{name}: {bad} scale(s) overflow {dname} storage (largest scale {biggest:.4g}); "
-            "use scale_dtype=torch.float32"
+            f"{name}: {bad} scale(s) overflow {_dtype_text(scheme)} storage (largest scale "
+            f"{biggest:.4g}); use scale_dtype=torch.float32"
         )
     return stored
 
 
 def check_finite_range(
-    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, name: str
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    name: str,
+    shape: tuple[int, ...] | None = None,
 ) -> None:
-    """Raise if the per-granule ranges show NaN/Inf; the message gives count and first index."""
+    """Raise if the per-granule ranges show NaN/Inf; the message gives count and first index.
+
+    ``x`` is the contiguous (possibly lowered) tensor; ``shape`` the user's shape, in which the
+    first bad index is reported.
+    """
     if bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all()):
         return
-    bad = ~torch.isfinite(x)
+    bad = ~torch.isfinite(x.reshape(-1))
     count = int(bad.sum())
-    first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    flat = int(bad.nonzero()[0, 0])
+    dims = shape if shape is not None else tuple(x.shape)
+    first = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), dims)) if dims else ()
     raise LinquantError(
         f"{name}: input holds {count} NaN/Inf value(s), first at index {first}; "
         "quantization needs finite values"
@@ -114,11 +137,18 @@ def check_finite_range(
 
 
 def choose_qparams(
-    x3: torch.Tensor, g: Granules, scheme: QuantScheme, name: str = "tensor"
+    x3: torch.Tensor,
+    g: Granules,
+    scheme: QuantScheme,
+    name: str = "tensor",
+    shape: tuple[int, ...] | None = None,
 ) -> QParams:
-    """Choose per-granule parameters for ``x3 = [outer, C, inner]`` (the lowered tensor)."""
+    """Choose per-granule parameters for ``x3 = [outer, C, inner]`` (the lowered tensor).
+
+    ``shape`` (the tensor's own shape) is only used to report where bad values are.
+    """
     lo, hi = granule_minmax(x3)
-    check_finite_range(x3, lo, hi, name)
+    check_finite_range(x3, lo, hi, name, shape)
     if scheme.clip == "minmax":
         return qparams_from_range(lo, hi, scheme, name)
     return _mse_search(x3, lo, hi, scheme, name)
