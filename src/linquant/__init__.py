@@ -10,6 +10,7 @@ from linquant.calibrate import calibrate
 from linquant.config import PRESETS, QuantConfig, get_config
 from linquant.convert import LayerReport, ModelReport, quantize_model
 from linquant.errors import FormatError, LinquantError
+from linquant.io.save import load, load_into, save
 from linquant.ops.metrics import cosine_similarity, max_abs_error, mse, sqnr
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor, compare, dequantize, quantize
@@ -31,9 +32,12 @@ __all__ = [
     "cosine_similarity",
     "dequantize",
     "get_config",
+    "load",
+    "load_into",
     "max_abs_error",
     "mse",
     "quantize",
     "quantize_model",
+    "save",
     "sqnr",
 ]

@@ -27,6 +27,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": ("linquant.commands.demo",
              "quantize the bundled all-MiniLM-L6-v2 with each preset and compare embeddings"),
+    "quantize": ("linquant.commands.quantize",
+                 "quantize a checkpoint on disk, streaming tensor by tensor; print the report"),
+    "inspect": ("linquant.commands.inspect",
+                "show what a linquant checkpoint holds and validate it (exit 1 if damaged)"),
+    "eval": ("linquant.commands.eval",
+             "compare a quantized model with its reference (cosine, perplexity or SQNR)"),
 }
 
 

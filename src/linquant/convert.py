@@ -52,7 +52,9 @@ from linquant.report import Column, csv_text, format_table, json_text
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor
 
-__all__ = ["LayerReport", "ModelReport", "model_nbytes", "quantize_model"]
+__all__ = [
+    "LayerReport", "ModelPlan", "ModelReport", "model_nbytes", "plan_model", "quantize_model",
+]
 
 ConfigLike = str | QuantConfig
 ModelConfig = str | QuantConfig | Mapping[str, "ConfigLike | None"]
@@ -343,6 +345,7 @@ def _decide(
     exclude: tuple[str, ...],
     used: set[str],
     refusals: list[str] | None,
+    allow_meta: bool = False,
 ) -> tuple[QuantConfig | None, QuantScheme | None, str | None, str]:
     """``(config, effective weight scheme, reason, note)``; reason None means quantize.
 
@@ -379,7 +382,7 @@ def _decide(
     w = _weight(module)
     if w is None:
         return None, None, f"{type(module).__name__} has no weight tensor", ""
-    if isinstance(w, nn.parameter.UninitializedParameter) or w.is_meta:
+    if isinstance(w, nn.parameter.UninitializedParameter) or (w.is_meta and not allow_meta):
         return None, None, "weight not materialized (lazy or meta)", ""
     if not w.is_floating_point():
         return None, None, f"weight dtype {w.dtype} is not float", ""
@@ -444,6 +447,79 @@ def _qweight(module: nn.Module) -> QuantizedTensor | None:
     return q if isinstance(q, QuantizedTensor) else None
 
 
+@dataclass
+class ModelPlan:
+    """The decisions of :func:`plan_model`: one :class:`_Plan` per module object, in order."""
+
+    plans: dict[int, _Plan]
+    parents: dict[str, nn.Module]
+    tied: set[int]
+    compute_dtype: torch.dtype | None
+    used: set[str]
+    patterns: tuple[str, ...]
+
+
+def plan_model(
+    model: nn.Module,
+    config: ModelConfig,
+    *,
+    include: str | Iterable[str] = ("*",),
+    exclude: str | Iterable[str] = (),
+    strict: bool = False,
+    allow_meta: bool = False,
+) -> ModelPlan:
+    """Decide, without changing anything, what :func:`quantize_model` does to each layer.
+
+    With ``allow_meta`` the model may live on the meta device (``linquant quantize`` plans a
+    checkpoint on disk this way, from the model built from its config).
+    """
+    pairs = _normalize_config(config)
+    inc = _patterns(include, "include")
+    exc = _patterns(exclude, "exclude")
+    used: set[str] = set()
+
+    plans: dict[int, _Plan] = {}
+    parents: dict[str, nn.Module] = {}
+    refusals: list[str] | None = [] if strict else None
+    for name, module in model.named_modules(remove_duplicate=False):
+        for cname in module._modules:  # not named_children(): it hides repeated children
+            parents[f"{name}.{cname}" if name else cname] = module
+        if not any(True for _ in module.parameters(recurse=False)) and not (
+            _is_quantized_module(module) and name
+        ):
+            continue
+        decision = _decide(name, module, pairs, inc, exc, used, refusals, allow_meta)
+        plan = plans.get(id(module))
+        if plan is None:
+            cfg, scheme, reason, note = decision
+            plans[id(module)] = _Plan([name], module, cfg, scheme, reason, note)
+            continue
+        plan.names.append(name)
+        if (plan.config, plan.scheme, plan.reason) != decision[:3]:
+            plan.config, plan.scheme = None, None
+            plan.reason = (f"one module object at {plan.names[0]!r} and {name!r}, which are "
+                           "selected differently")
+    if refusals:
+        raise LinquantError(
+            f"strict=True: {len(refusals)} layer(s) need a group size fallback: "
+            + "; ".join(refusals)
+            + ". Exclude them, pick a group size that divides their rows, or pass strict=False"
+        )
+    tied = _resolve_ties(list(plans.values()))
+    dtypes = {p.config.compute_dtype for p in plans.values()
+              if p.reason is None and p.config is not None}
+    dtypes.discard(None)
+    if len(dtypes) > 1:
+        raise LinquantError(
+            "the configs ask for different compute dtypes "
+            f"({', '.join(sorted(str(d) for d in dtypes))}); one model runs in one dtype"
+        )
+    compute_dtype = next(iter(dtypes)) if dtypes else None
+
+    return ModelPlan(plans, parents, tied, compute_dtype, used,
+                     (*inc, *exc, *(pat for pat, _ in pairs)))
+
+
 # ---- the walk -----------------------------------------------------------------------------------
 def quantize_model(
     model: nn.Module,
@@ -478,49 +554,9 @@ def quantize_model(
     """
     if not isinstance(model, nn.Module):
         raise LinquantError(f"quantize_model needs an nn.Module, got {type(model).__name__}")
-    pairs = _normalize_config(config)
-    inc = _patterns(include, "include")
-    exc = _patterns(exclude, "exclude")
-    used: set[str] = set()
-
-    # 1. Plan: one decision per module object, in module order; nothing is modified yet.
-    plans: dict[int, _Plan] = {}
-    parents: dict[str, nn.Module] = {}
-    refusals: list[str] | None = [] if strict else None
-    for name, module in model.named_modules(remove_duplicate=False):
-        for cname in module._modules:  # not named_children(): it hides repeated children
-            parents[f"{name}.{cname}" if name else cname] = module
-        if not any(True for _ in module.parameters(recurse=False)) and not (
-            _is_quantized_module(module) and name
-        ):
-            continue
-        decision = _decide(name, module, pairs, inc, exc, used, refusals)
-        plan = plans.get(id(module))
-        if plan is None:
-            cfg, scheme, reason, note = decision
-            plans[id(module)] = _Plan([name], module, cfg, scheme, reason, note)
-            continue
-        plan.names.append(name)
-        if (plan.config, plan.scheme, plan.reason) != decision[:3]:
-            plan.config, plan.scheme = None, None
-            plan.reason = (f"one module object at {plan.names[0]!r} and {name!r}, which are "
-                           "selected differently")
-    if refusals:
-        raise LinquantError(
-            f"strict=True: {len(refusals)} layer(s) need a group size fallback: "
-            + "; ".join(refusals)
-            + ". Exclude them, pick a group size that divides their rows, or pass strict=False"
-        )
-    tied = _resolve_ties(list(plans.values()))
-    dtypes = {p.config.compute_dtype for p in plans.values()
-              if p.reason is None and p.config is not None}
-    dtypes.discard(None)
-    if len(dtypes) > 1:
-        raise LinquantError(
-            "the configs ask for different compute dtypes "
-            f"({', '.join(sorted(str(d) for d in dtypes))}); one model runs in one dtype"
-        )
-    compute_dtype = next(iter(dtypes)) if dtypes else None
+    mplan = plan_model(model, config, include=include, exclude=exclude, strict=strict)
+    plans, parents, tied = mplan.plans, mplan.parents, mplan.tied
+    compute_dtype = mplan.compute_dtype
 
     # 2. Apply, layer by layer, dropping each float module as soon as it is replaced.
     report = ModelReport(bytes_before=model_nbytes(model), compute_dtype=compute_dtype)
@@ -578,7 +614,7 @@ def quantize_model(
         model.to(compute_dtype)
     report.bytes_after = model_nbytes(model)
     report.unmatched_patterns = tuple(
-        p for p in (*inc, *exc, *(pat for pat, _ in pairs)) if p not in used and p != "*"
+        p for p in mplan.patterns if p not in mplan.used and p != "*"
     )
     return report
 

@@ -1,0 +1,177 @@
+"""``linquant eval REFERENCE QUANTIZED``: run both models on the same inputs, compare outputs.
+
+* sentence-embedding models (a sentence-transformers folder): cosine similarity of embeddings;
+* causal language models (``*ForCausalLM`` / ``*LMHeadModel``): perplexity of both and the
+  difference;
+* any other transformers model: SQNR of the last hidden state.
+
+Inputs default to the bundled sentences (``linquant/data/sentences.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from linquant.errors import LinquantError
+
+__all__ = ["add_arguments", "evaluate", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", type=Path, metavar="REFERENCE",
+                   help="the float model folder (Hugging Face / sentence-transformers)")
+    p.add_argument("quantized", type=Path, metavar="QUANTIZED",
+                   help="the quantized folder (linquant quantize / lq.save)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--sentences", type=Path, metavar="FILE",
+                     help="sentences, one per line (default: the bundled ones)")
+    src.add_argument("--text", type=Path, metavar="FILE",
+                     help="text for perplexity, one sample per line (default: the bundled "
+                          "sentences)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _is_linquant(folder: Path) -> bool:
+    from linquant.io.checkpoint import tensor_infos
+    from linquant.io.save import _file_metadata
+
+    try:
+        infos = tensor_infos(folder)
+        if not infos:
+            return False
+        _file_metadata(infos[0].file)
+    except LinquantError:
+        return False
+    return True
+
+
+def _kind(folder: Path) -> str:
+    if (folder / "modules.json").is_file():
+        return "sentence-embedding"
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
+        except (OSError, ValueError) as e:
+            raise LinquantError(f"{cfg}: cannot read: {e}") from e
+        if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            return "causal-lm"
+        return "transformers"
+    raise LinquantError(f"{folder}: no modules.json or config.json; eval needs a model folder")
+
+
+def _load(folder: Path, kind: str) -> nn.Module:
+    if not folder.is_dir():
+        raise LinquantError(f"{folder}: not a folder")
+    if _is_linquant(folder):
+        from linquant.io.save import load
+
+        return load(folder)
+    if kind == "sentence-embedding":
+        from sentence_transformers import SentenceTransformer
+
+        model: nn.Module = SentenceTransformer(str(folder), device="cpu")
+    else:
+        import transformers
+
+        cls: Any = transformers.AutoModelForCausalLM if kind == "causal-lm" \
+            else transformers.AutoModel
+        model = cls.from_pretrained(str(folder))
+    return model.eval()
+
+
+def _token_ids(folder: Path, model: nn.Module, texts: list[str]) -> tuple[list[torch.Tensor],
+                                                                          str]:
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                 "tokenizer.model")
+    if any((folder / f).is_file() for f in tok_files):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError, TypeError) as e:
+            raise LinquantError(f"{folder}: cannot load the tokenizer: {e}") from e
+        return [torch.tensor([tok(t)["input_ids"]]) for t in texts], "tokenizer"
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 256))
+    return ([torch.tensor([[b % vocab for b in t.encode("utf-8")]]) for t in texts],
+            "UTF-8 bytes (no tokenizer in the folder)")
+
+
+def _perplexity(model: nn.Module, ids: list[torch.Tensor]) -> float:
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for x in ids:
+            if x.shape[1] < 2:
+                continue
+            out: Any = model(input_ids=x, labels=x)
+            k = x.shape[1] - 1
+            nll += float(out.loss) * k
+            n += k
+    if n == 0:
+        raise LinquantError("no input has two or more tokens; cannot compute perplexity")
+    return math.exp(nll / n)
+
+
+def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
+             text: Path | None = None) -> dict[str, Any]:
+    """The comparison as a dict (``kind`` says which metric applies)."""
+    from linquant import demo
+    from linquant.ops.metrics import sqnr
+
+    kind = _kind(reference)
+    if _kind(quantized) != kind:
+        raise LinquantError(f"{reference} is a {kind} model but {quantized} is a "
+                            f"{_kind(quantized)} model")
+    texts = demo.load_sentences(text or sentences)
+    ref, qm = _load(reference, kind), _load(quantized, kind)
+    out: dict[str, Any] = {"kind": kind, "inputs": len(texts)}
+    if kind == "sentence-embedding":
+        feats = demo.tokenize(ref, texts)
+        a, b = demo.encode(ref, feats), demo.encode(qm, feats)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
+                   sqnr_db=sqnr(a, b))
+    elif kind == "causal-lm":
+        ids, how = _token_ids(reference, ref, texts)
+        p_ref, p_q = _perplexity(ref, ids), _perplexity(qm, ids)
+        out.update(tokenized_with=how, perplexity_reference=p_ref, perplexity_quantized=p_q,
+                   perplexity_delta=p_q - p_ref)
+    else:
+        ids, how = _token_ids(reference, ref, texts)
+        num = den = 0.0
+        with torch.inference_mode():
+            for x in ids:
+                ya: Any = ref(input_ids=x)
+                yb: Any = qm(input_ids=x)
+                ra, rb = ya[0].float(), yb[0].float()
+                num += float((ra * ra).sum())
+                den += float(((ra - rb) ** 2).sum())
+        out.update(tokenized_with=how,
+                   sqnr_db=math.inf if den == 0 else 10 * math.log10(num / den))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    res = evaluate(args.reference, args.quantized, args.sentences, args.text)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    if res["kind"] == "sentence-embedding":
+        print(f"sentence embeddings of {res['inputs']} inputs: cosine similarity mean "
+              f"{res['cosine_mean']:.4f}, min {res['cosine_min']:.4f}; SQNR "
+              f"{res['sqnr_db']:.1f} dB")
+    elif res["kind"] == "causal-lm":
+        print(f"perplexity over {res['inputs']} inputs ({res['tokenized_with']}): reference "
+              f"{res['perplexity_reference']:.3f}, quantized {res['perplexity_quantized']:.3f}, "
+              f"difference {res['perplexity_delta']:+.3f}")
+    else:
+        print(f"last hidden state over {res['inputs']} inputs ({res['tokenized_with']}): SQNR "
+              f"{res['sqnr_db']:.1f} dB")
+    return 0

@@ -1,0 +1,76 @@
+"""``linquant inspect PATH``: what a linquant checkpoint holds; validates it (exit 1 if damaged)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from linquant.report import format_table
+
+__all__ = ["add_arguments", "inspect_checkpoint", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, metavar="PATH",
+                   help="a linquant folder, .safetensors file or index")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def inspect_checkpoint(path: Path) -> dict[str, Any]:
+    """Read and validate every tensor; a summary of the checkpoint."""
+    from linquant.io.checkpoint import checkpoint_files
+    from linquant.io.save import read_checkpoint
+
+    ck = read_checkpoint(path)
+    files = checkpoint_files(path)
+    rows: list[dict[str, Any]] = []
+    for name, qt in ck.quantized.items():
+        rows.append({"name": name, "shape": list(qt.shape), "dtype": str(qt.dtype)[6:],
+                     "scheme": str(qt.scheme), "bits_per_weight": qt.bits_per_weight,
+                     "bytes": qt.nbytes})
+    for name, t in ck.plain.items():
+        rows.append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype)[6:],
+                     "scheme": "plain", "bits_per_weight": t.element_size() * 8.0,
+                     "bytes": t.numel() * t.element_size()})
+    rows.sort(key=lambda r: str(r["name"]))
+    schemes = Counter(r["scheme"] for r in rows if r["scheme"] != "plain")
+    return {
+        "path": str(path),
+        "format_version": ck.format_version,
+        "files": [f.name for f in files],
+        "total_bytes": sum(f.stat().st_size for f in files),
+        "tensor_bytes": sum(int(r["bytes"]) for r in rows),
+        "model": ck.model,
+        "schemes": dict(schemes),
+        "quantized_tensors": len(ck.quantized),
+        "plain_tensors": len(ck.plain),
+        "aliases": ck.aliases,
+        "tensors": rows,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    table = format_table(info["tensors"], [
+        ("name", "tensor", ""),
+        ("shape", "shape", lambda s: "x".join(str(n) for n in s) or "scalar"),
+        ("dtype", "dtype", ""),
+        ("scheme", "scheme", ""),
+        ("bits_per_weight", "bits/w", ".3f"),
+        ("bytes", "bytes", ","),
+    ])
+    print(table)
+    schemes = ", ".join(f"{s} x{n}" for s, n in info["schemes"].items()) or "none"
+    print(f"linquant format_version {info['format_version']}; {len(info['files'])} file(s), "
+          f"{info['total_bytes']:,} bytes; model: {info['model'].get('kind', '?')} "
+          f"{info['model'].get('class') or ''}".rstrip())
+    print(f"{info['quantized_tensors']} quantized tensors ({schemes}); "
+          f"{info['plain_tensors']} plain tensors; {len(info['aliases'])} aliases; "
+          "all tensors valid")
+    return 0

@@ -1,0 +1,94 @@
+"""``linquant quantize SRC -o DST``: stream a checkpoint through quantization.
+
+Parsing and printing only; the work is :func:`linquant.io.stream.quantize_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from linquant.config import QuantConfig, get_config, preset_names
+from linquant.errors import LinquantError
+from linquant.io.atomic import write_text_atomic
+from linquant.scheme import Granularity, QuantScheme
+
+__all__ = ["add_arguments", "config_from_args", "run"]
+
+DEFAULT_PRESET = "w8a32"
+DEFAULT_MAX_SHARD = "2GB"
+_SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", type=Path, metavar="SRC",
+                   help="a .safetensors file or a model folder (single file or sharded)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DST",
+                   help="output folder (must not exist, unless --overwrite)")
+    p.add_argument("--preset", choices=preset_names(), default=None,
+                   help=f"a named config (default {DEFAULT_PRESET} when no scheme flag is given)")
+    p.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}",
+                   help="code width of a custom weight scheme")
+    p.add_argument("--mode", choices=("sym", "asym"), help="symmetric or asymmetric codes")
+    p.add_argument("--granularity", choices=("tensor", "channel", "group"))
+    p.add_argument("--group-size", type=int, metavar="N", help="elements per group")
+    p.add_argument("--scale-dtype", choices=tuple(_SCALE_DTYPES))
+    p.add_argument("--clip", choices=("minmax", "mse"))
+    p.add_argument("--include", action="append", default=None, metavar="PATTERN",
+                   help="quantize only layers matching this name pattern (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep layers matching this name pattern float (repeatable)")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD, metavar="SIZE",
+                   help=f"largest output shard, e.g. 500MB, 2GB (default {DEFAULT_MAX_SHARD})")
+    p.add_argument("--report", type=Path, metavar="FILE", help="write the report (.json or .csv)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read .bin/.pt checkpoints with torch.load(weights_only=True)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    """The preset, or a weight-only config from the scheme flags (defaults: int8 sym ch0)."""
+    custom = [args.bits, args.mode, args.granularity, args.group_size, args.scale_dtype,
+              args.clip]
+    if args.preset is not None and any(v is not None for v in custom):
+        raise LinquantError("give either --preset or scheme flags (--bits, --mode, ...), "
+                            "not both")
+    if all(v is None for v in custom):
+        return get_config(args.preset or DEFAULT_PRESET)
+    granularity: Granularity = args.granularity or ("group" if args.group_size else "channel")
+    scheme = QuantScheme(
+        bits=args.bits or 8,
+        symmetric=(args.mode or "sym") == "sym",
+        granularity=granularity,
+        group_size=args.group_size if granularity == "group" else None,
+        scale_dtype=_SCALE_DTYPES[args.scale_dtype or "fp32"],
+        clip=args.clip or "minmax",
+    )
+    return QuantConfig(scheme)
+
+
+def run(args: argparse.Namespace) -> int:
+    from linquant.io.stream import quantize_checkpoint
+
+    config = config_from_args(args)
+    if args.report is not None and args.report.suffix.lower() not in (".json", ".csv"):
+        raise LinquantError(f"--report {args.report}: the file must end in .json or .csv")
+    result = quantize_checkpoint(
+        args.src, args.output, config,
+        include=args.include or ("*",), exclude=args.exclude,
+        max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle, progress=not args.no_progress,
+    )
+    report = result.report
+    print(report)
+    print(f"rule: {result.rule}")
+    print(f"wrote {len(result.files)} shard(s) to {args.output}")
+    if args.report is not None:
+        text = report.to_csv() if args.report.suffix.lower() == ".csv" else report.to_json()
+        write_text_atomic(args.report, text)
+        print(f"report: {args.report}", file=sys.stderr)
+    return 0

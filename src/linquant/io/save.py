@@ -1,0 +1,684 @@
+"""Save a (quantized) model as linquant safetensors shards and load it back.
+
+Layout of a saved folder (the Hugging Face layout, plus linquant metadata in every shard)::
+
+    out/
+      config.json, tokenizer files, ...        copied from the model (HF / sentence-transformers)
+      model.safetensors                        one shard, or
+      model-00001-of-00003.safetensors ...     several, listed in
+      model.safetensors.index.json             {"metadata": {...}, "weight_map": {name: shard}}
+
+A quantized weight ``N`` (``encoder.layer.0.attention.self.query.weight``) is stored with
+:func:`linquant.io.format.encode_quantized` as ``N.qdata``/``N.scale``/...; every other tensor of
+the ``state_dict`` as itself. Each shard's ``linquant`` metadata has ``tensors`` (the quantized
+tensors *it* holds), and, repeated in every shard, ``modules`` (quantized module name -> type and
+settings), ``aliases`` (a tied tensor's second name -> the name it is stored under) and
+``model`` (what kind of model it was). The whole output is written in a temp folder next to
+the destination and renamed into place last.
+
+>>> lq.save(model, "out/")                        # doctest: +SKIP
+>>> model = lq.load("out/")                       # HF model / SentenceTransformer  # doctest: +SKIP
+>>> lq.load_into(skeleton, "out/")                # a model the caller built        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from linquant.errors import FormatError, LinquantError
+from linquant.io.checkpoint import INDEX_NAME, TensorInfo, read_tensors, tensor_infos
+from linquant.io.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    decode_quantized,
+    encode_quantized,
+    header_metadata,
+    read_header_metadata,
+    split_part,
+)
+from linquant.nn.base import QuantModule, qualified_name
+from linquant.tensor import QuantizedTensor
+
+__all__ = ["ShardWriter", "load", "load_into", "parse_size", "save", "staged_folder"]
+
+_QUANT_BUFFERS = ("weight_qdata", "weight_scale", "weight_zero_point", "weight_offset")
+_WEIGHT_FILE_RE = re.compile(r"(\.safetensors(\.index\.json)?|\.bin|\.pt|\.pth|\.ckpt)$")
+
+
+# ---- sizes ------------------------------------------------------------------------------------
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``"2GB"`` (10^9, as Hugging Face counts), ``"500MiB"`` (2^20) or an int."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
+        if m is None:
+            raise LinquantError(f"bad size {size!r}; expected e.g. 2GB, 500MB, 1GiB or bytes")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    else:
+        raise LinquantError(f"size must be an int or a string like '2GB', got {size!r}")
+    if n <= 0:
+        raise LinquantError(f"size must be positive, got {size!r}")
+    return n
+
+
+# ---- staging ----------------------------------------------------------------------------------
+def _fsync_path(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_folder(dest: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """A temp folder next to ``dest``; on success it is fsynced and renamed onto ``dest``.
+
+    On error (or Ctrl-C) the temp folder is removed and ``dest`` is untouched; a hard kill leaves
+    at most a hidden ``.{name}.tmp-*`` folder, never a partial ``dest``.
+    """
+    dst = Path(dest)
+    parent = dst.parent if str(dst.parent) else Path(".")
+    if dst.exists() and not overwrite:
+        raise LinquantError(f"{dst} already exists (pass overwrite=True / --overwrite to replace)")
+    if not parent.is_dir():
+        raise LinquantError(f"{dst}: folder {parent} does not exist")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise LinquantError(f"{dst}: cannot write in {parent}: {e.strerror}") from e
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_path(f)
+        _fsync_path(tmp)
+        if dst.exists() or dst.is_symlink():
+            trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=parent))
+            os.rename(dst, trash / "old")
+            os.rename(tmp, dst)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+        _fsync_path(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- writing shards ----------------------------------------------------------------------------
+class ShardWriter:
+    """Write groups of tensors into shards of at most ``max_shard_size`` bytes in ``folder``.
+
+    A group (a quantized tensor's parts) never straddles two shards; a single group larger than
+    the limit gets a shard of its own. Call :meth:`finish` to name the shards and write the index.
+    """
+
+    def __init__(self, folder: Path, max_shard_size: int | str, meta: Mapping[str, Any]) -> None:
+        self.folder = folder
+        self.limit = parse_size(max_shard_size)
+        self.meta = dict(meta)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._entries: dict[str, Any] = {}
+        self._size = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_size = 0
+
+    def add(self, tensors: Mapping[str, torch.Tensor], entries: Mapping[str, Any]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self._tensors and self._size + size > self.limit:
+            self.flush()
+        for k, t in tensors.items():
+            self._tensors[k] = t.detach().to("cpu").contiguous()
+        self._entries.update(entries)
+        self._size += size
+        self.total_size += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._tensors and self._shards:
+            return
+        path = self.folder / f".shard-{len(self._shards):05d}.tmp"
+        meta = dict(self.meta, tensors=self._entries)
+        try:
+            save_file(self._tensors, str(path), metadata=header_metadata(meta))
+        except OSError as e:
+            raise LinquantError(f"{path}: cannot write shard: {e.strerror or e}") from e
+        self._shards.append((path, list(self._tensors)))
+        self._tensors, self._entries, self._size = {}, {}, 0
+
+    def finish(self) -> list[Path]:
+        """Flush, rename shards to their final names and write the index (several shards)."""
+        self.flush()
+        n = len(self._shards)
+        out: list[Path] = []
+        weight_map: dict[str, str] = {}
+        for i, (path, names) in enumerate(self._shards):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(path, self.folder / name)
+            out.append(self.folder / name)
+            weight_map.update(dict.fromkeys(names, name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_size, "format": FORMAT_NAME,
+                                  "format_version": FORMAT_VERSION},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n",
+                                                  encoding="utf-8")
+        return out
+
+
+# ---- save --------------------------------------------------------------------------------------
+def module_entry(module: QuantModule) -> dict[str, Any]:
+    """What a loader needs to rebuild ``module`` from its float counterpart."""
+    entry: dict[str, Any] = {"type": type(module).__name__, "scheme": str(module.scheme)}
+    activation = getattr(module, "activation", None)
+    if activation is not None:
+        entry["activation"] = activation
+        entry["act_symmetric"] = bool(getattr(module, "act_symmetric", True))
+    return entry
+
+
+def _model_kind(model: nn.Module) -> dict[str, Any]:
+    cls = type(model)
+    if qualified_name(cls).startswith("sentence_transformers."):
+        return {"kind": "sentence-transformers", "class": cls.__name__}
+    if hasattr(model, "config") and hasattr(getattr(model, "config", None), "save_pretrained"):
+        return {"kind": "transformers", "class": cls.__name__}
+    return {"kind": "module", "class": qualified_name(cls)}
+
+
+def _write_side_files(model: nn.Module, kind: str, folder: Path) -> None:
+    """config.json, tokenizer and sentence-transformers module files (never weights)."""
+    if kind == "sentence-transformers":
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            _save_st_configs(model, Path(tmp))
+            for f in Path(tmp).rglob("*"):
+                rel = f.relative_to(tmp)
+                if f.is_dir():
+                    (folder / rel).mkdir(parents=True, exist_ok=True)
+                elif not _WEIGHT_FILE_RE.search(f.name):
+                    (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, folder / rel)
+    elif kind == "transformers":
+        config: Any = getattr(model, "config")  # noqa: B009
+        config.save_pretrained(str(folder))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "save_pretrained"):
+            with contextlib.suppress(Exception):
+                gen.save_pretrained(str(folder))
+
+
+def _save_st_configs(model: Any, folder: Path) -> None:
+    """Run SentenceTransformer.save with the HF weight writer stubbed out (configs only)."""
+    from unittest import mock
+
+    import transformers
+
+    def no_weights(self: Any, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        self.config.save_pretrained(save_directory)
+
+    with mock.patch.object(transformers.PreTrainedModel, "save_pretrained", no_weights):
+        model.save(str(folder))
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = "2GB",
+    overwrite: bool = False,
+) -> list[Path]:
+    """Save ``model`` (quantized or not) as linquant safetensors in the folder ``path``.
+
+    Returns the shard files written. Raises :class:`LinquantError` if ``path`` exists (unless
+    ``overwrite``) or cannot be written; nothing is left under ``path`` on failure.
+    """
+    if not isinstance(model, nn.Module):
+        raise LinquantError(f"save needs an nn.Module, got {type(model).__name__}")
+    limit = parse_size(max_shard_size)
+    kind = _model_kind(model)
+
+    qmods: dict[str, QuantModule] = {}
+    modules: dict[str, Any] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, QuantModule) and name:
+            qmods[name] = mod
+            modules[name] = module_entry(mod)
+
+    aliases: dict[str, str] = {}
+    groups: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
+    seen: dict[int, str] = {}
+    for name, mod in qmods.items():  # quantized weights, each buffer set once
+        key = id(mod.weight_qdata)
+        if key in seen:
+            aliases[f"{name}.weight"] = seen[key]
+            continue
+        seen[key] = f"{name}.weight"
+        tensors, entry = encode_quantized(f"{name}.weight", mod.qweight)
+        groups.append((tensors, {f"{name}.weight": entry}))
+    skip = {f"{n}.{b}" for n in qmods for b in _QUANT_BUFFERS}
+    for key_name, t in model.state_dict(keep_vars=True).items():
+        if key_name in skip:
+            continue
+        if id(t) in seen:
+            aliases[key_name] = seen[id(t)]
+            continue
+        seen[id(t)] = key_name
+        groups.append(({key_name: t.detach()}, {}))
+
+    meta = {"modules": modules, "aliases": aliases, "model": kind}
+    with staged_folder(path, overwrite=overwrite) as tmp:
+        _write_side_files(model, kind["kind"], tmp)
+        writer = ShardWriter(tmp, limit, meta)
+        for tensors, entries in groups:
+            writer.add(tensors, entries)
+        files = writer.finish()
+    return [Path(path) / f.name for f in files]
+
+
+# ---- reading -----------------------------------------------------------------------------------
+class LoadedCheckpoint:
+    """All tensors of a linquant folder/file, validated: quantized ones decoded."""
+
+    def __init__(self) -> None:
+        self.quantized: dict[str, QuantizedTensor] = {}
+        self.plain: dict[str, torch.Tensor] = {}
+        self.where: dict[str, str] = {}
+        self.modules: dict[str, Any] = {}
+        self.aliases: dict[str, str] = {}
+        self.model: dict[str, Any] = {}
+        self.format_version = FORMAT_VERSION
+
+
+def _group_infos(infos: list[TensorInfo]) -> dict[Path, list[TensorInfo]]:
+    out: dict[Path, list[TensorInfo]] = {}
+    for info in infos:
+        out.setdefault(info.file, []).append(info)
+    return out
+
+
+def _file_metadata(file: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle: Any = safe_open(str(file), framework="pt")
+        with handle:
+            raw = handle.metadata()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FormatError(f"{file}: cannot open as safetensors: {e}") from e
+    return read_header_metadata(raw, str(file))
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
+    """Read and validate every tensor of a linquant checkpoint (file, folder or index)."""
+    try:
+        infos = tensor_infos(path)
+    except FormatError:
+        raise
+    except LinquantError as e:
+        raise FormatError(str(e)) from e
+    ck = LoadedCheckpoint()
+    first: tuple[str, Any] | None = None
+    for file, file_infos in _group_infos(infos).items():
+        meta = _file_metadata(file)
+        shared = {k: meta.get(k, {}) for k in ("modules", "aliases", "model")}
+        for k, v in shared.items():
+            if not isinstance(v, dict):
+                raise FormatError(f"{file}: linquant metadata {k!r} must be an object")
+        if first is None:
+            first = (str(file), shared)
+            ck.modules, ck.aliases, ck.model = (shared["modules"], shared["aliases"],
+                                                shared["model"])
+        elif shared != first[1]:
+            raise FormatError(f"{file}: linquant metadata (modules/aliases/model) differs from "
+                              f"that of {first[0]}")
+        entries: dict[str, Any] = meta.get("tensors", {})
+        parts: dict[str, dict[str, torch.Tensor]] = {q: {} for q in entries}
+        for name, t in read_tensors(file_infos):
+            if t.numel() and t.data_ptr() % 64:  # safetensors data may sit at any offset;
+                t = t.clone()  # fast kernels (torch._weight_int8pack_mm) crash on that
+            sp = split_part(name)
+            if sp is not None and sp[0] in entries:
+                parts[sp[0]][sp[1]] = t
+            else:
+                if name in ck.plain or name in ck.quantized:
+                    raise FormatError(f"{file}: tensor {name!r} is stored twice")
+                ck.plain[name] = t
+                ck.where[name] = str(file)
+        for qname, entry in entries.items():
+            if qname in ck.quantized or qname in ck.plain:
+                raise FormatError(f"{file}: tensor {qname!r} is stored twice")
+            ck.quantized[qname] = decode_quantized(qname, parts[qname], entry, str(file))
+            ck.where[qname] = str(file)
+    for alias, target in ck.aliases.items():
+        if not isinstance(target, str) or (target not in ck.plain and target not in ck.quantized):
+            raise FormatError(f"{path}: tensor {alias!r} is an alias of {target!r}, which is "
+                              "not stored")
+    return ck
+
+
+# ---- loading into a model ------------------------------------------------------------------------
+def _skeleton(float_mod: nn.Module, entry: Any, name: str, where: str) -> QuantModule:
+    from linquant.nn import QuantConv2d, QuantEmbedding, QuantLinear, W8A8Linear
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+        raise FormatError(f"{where}: module {name!r}: metadata entry must have a 'type'")
+    kind = entry["type"]
+    if kind == "auto":  # written by `linquant quantize` for a bare file: the model's own type
+        from linquant.nn import quant_module_for
+
+        found = quant_module_for(float_mod, "weight_only")
+        if found is None:
+            raise FormatError(f"{where}: module {name!r}: no quantized type for "
+                              f"{type(float_mod).__name__}")
+        kind = found.__name__
+    try:
+        if kind == "W8A8Linear":
+            act = entry.get("activation", "dynamic")
+            sym = entry.get("act_symmetric", True)
+            if act not in ("dynamic", "static") or not isinstance(sym, bool):
+                raise FormatError(f"{where}: module {name!r}: bad activation settings "
+                                  f"{act!r}/{sym!r}")
+            return W8A8Linear.skeleton(float_mod, activation=act, act_symmetric=sym, name=name,
+                                       device="meta")
+        table: dict[str, Any] = {"QuantLinear": QuantLinear, "QuantEmbedding": QuantEmbedding,
+                                 "QuantConv2d": QuantConv2d}
+        cls = table.get(kind)
+        if cls is None:
+            raise FormatError(f"{where}: module {name!r}: unknown quantized module type {kind!r}")
+        scheme = entry.get("scheme")
+        if not isinstance(scheme, str):
+            raise FormatError(f"{where}: module {name!r}: metadata has no scheme")
+        q: QuantModule = cls.skeleton(float_mod, scheme, name=name, device="meta")
+        return q
+    except FormatError:
+        raise
+    except (LinquantError, TypeError, AttributeError, AssertionError) as e:
+        raise FormatError(f"{where}: module {name!r}: cannot rebuild {kind} from "
+                          f"{type(float_mod).__name__}: {e}") from None
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    prefix, _, attr = name.rpartition(".")
+    try:
+        mod = model.get_submodule(prefix) if prefix else model
+    except AttributeError:
+        return None
+    return mod, attr
+
+
+def _strip_prefix(model: nn.Module, ck: LoadedCheckpoint) -> None:
+    """Match names of a bare HF base-model checkpoint to a model with a head (or vice versa)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix:
+        return
+    state = set(model.state_dict())
+    names = set(ck.plain) | {f"{q}.qdata" for q in ck.quantized}
+    if any(n in state for n in ck.plain):
+        return
+    if not hasattr(model, prefix):
+        return
+
+    def fix(n: str) -> str:
+        return f"{prefix}.{n}"
+
+    if not any(fix(n) in state for n in names):
+        return
+    ck.plain = {fix(k): v for k, v in ck.plain.items()}
+    ck.quantized = {fix(k): v for k, v in ck.quantized.items()}
+    ck.where = {fix(k): v for k, v in ck.where.items()}
+    ck.modules = {fix(k): v for k, v in ck.modules.items()}
+    ck.aliases = {fix(k): fix(v) for k, v in ck.aliases.items()}
+
+
+def load_into(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Fill ``model`` (float layers, possibly on the meta device) from a linquant checkpoint.
+
+    Float layers named in the file's ``modules`` metadata are replaced by quantized skeletons,
+    then every tensor is assigned (no copy). Raises :class:`FormatError` naming the file and
+    tensor for anything that does not fit: unknown or missing tensors, shape mismatches.
+    """
+    ck = read_checkpoint(path)
+    _strip_prefix(model, ck)
+    where = str(path)
+
+    # 1. Swap float layers for quantized skeletons (one object per float module object).
+    built: dict[int, QuantModule] = {}
+    for name, entry in ck.modules.items():
+        found = _owner(model, name)
+        if found is None or not name:
+            raise FormatError(f"{where}: module {name!r} of the file is not in the model")
+        parent, attr = found
+        float_mod = parent._modules.get(attr)
+        if float_mod is None:
+            raise FormatError(f"{where}: module {name!r} of the file is not in the model")
+        q = built.get(id(float_mod))
+        if q is None:
+            q = float_mod if isinstance(float_mod, QuantModule) and \
+                type(float_mod).__name__ == entry.get("type") else \
+                _skeleton(float_mod, entry, name, where)
+            built[id(float_mod)] = q
+        setattr(parent, attr, q)
+
+    # 2. Quantized weights.
+    filled: set[str] = set()
+    for qname, qt in [*ck.quantized.items(),
+                      *((a, ck.quantized[t]) for a, t in ck.aliases.items()
+                        if t in ck.quantized)]:
+        mod_name = qname.removesuffix(".weight")
+        file = ck.where.get(qname, where)
+        mod = _module_at(model, mod_name)
+        if not qname.endswith(".weight") or not isinstance(mod, QuantModule):
+            raise FormatError(f"{file}: tensor {qname!r} is quantized but {mod_name!r} is not a "
+                              "quantized module of the model")
+        try:
+            mod._set_qweight(qt)
+        except LinquantError as e:
+            raise FormatError(f"{file}: tensor {qname!r}: {e}") from None
+        filled.update(f"{mod_name}.{b}" for b in _QUANT_BUFFERS)
+
+    # 3. Plain tensors (aliases get the very same tensor object).
+    assigned: dict[str, torch.Tensor | nn.Parameter] = {}
+    tied_names: dict[int, list[str]] = {}  # parameters tied in the model itself
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        tied_names.setdefault(id(p), []).append(pname)
+    plain_items = [*ck.plain.items(),
+                   *((a, ck.plain[t]) for a, t in ck.aliases.items() if t in ck.plain)]
+    for name, t in plain_items:
+        file = ck.where.get(name, where)
+        target = ck.aliases.get(name)
+        found = _owner(model, name)
+        if found is None:
+            raise FormatError(f"{file}: tensor {name!r} is not in the model")
+        mod, attr = found
+        old: torch.Tensor | None
+        if attr in mod._parameters:
+            old = mod._parameters[attr]
+            kind = "parameter"
+        elif attr in mod._buffers:
+            old = mod._buffers[attr]
+            kind = "buffer"
+        else:
+            raise FormatError(f"{file}: tensor {name!r} is not in the model")
+        if old is not None and tuple(old.shape) != tuple(t.shape):
+            raise FormatError(f"{file}: tensor {name!r}: shape {tuple(t.shape)}, the model "
+                              f"expects {tuple(old.shape)}")
+        if kind == "parameter":
+            new: torch.Tensor | nn.Parameter
+            if target is not None and target in assigned:
+                new = assigned[target]
+            else:
+                new = nn.Parameter(t, requires_grad=bool(old is None or old.requires_grad)
+                                   and t.is_floating_point())
+            mod._parameters[attr] = new  # type: ignore[assignment]
+            for other in tied_names.get(id(old), []) if old is not None else []:
+                spot = _owner(model, other)
+                if other not in ck.plain and other not in ck.aliases and spot is not None:
+                    spot[0]._parameters[spot[1]] = new  # type: ignore[assignment]
+                    filled.add(other)
+        else:
+            new = assigned.get(target, t) if target is not None else t
+            mod._buffers[attr] = new
+        assigned[name] = new
+        filled.add(name)
+
+    # 4. Nothing the model persists may be missing.
+    missing = [n for n in model.state_dict() if n not in filled]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FormatError(f"{where}: tensor {missing[0]!r}{more} is missing from the file")
+    for mname, mod in model.named_modules():
+        for bname, buf in mod.named_buffers(recurse=False):
+            if buf is not None and buf.is_meta:
+                raise FormatError(f"{where}: buffer {mname}.{bname} is not in the file and "
+                                  "the model has no value for it")
+    for n, p in model.named_parameters():
+        if p.is_meta:
+            raise FormatError(f"{where}: tensor {n!r} is missing from the file")
+    for mod in model.modules():
+        if type(mod).__name__ == "W8A8Linear" and getattr(mod, "activation", "") == "static":
+            scale = mod._buffers.get("input_scale")
+            if scale is not None:
+                setattr(mod, "_calibrated",  # noqa: B010
+                        bool(torch.isfinite(scale).all() and (scale > 0).all()))
+    return model
+
+
+def _module_at(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+# ---- load a whole model ------------------------------------------------------------------------
+@contextlib.contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (buffers stay real: non-persistent buffers such as
+    position ids are computed at construction and not stored)."""
+    old = nn.Module.register_parameter
+
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        old(self, name, param)
+        p = self._parameters.get(name)
+        if p is not None and not p.is_meta:
+            self._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    setattr(nn.Module, "register_parameter", register)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(nn.Module, "register_parameter", old)  # noqa: B010
+
+
+def _from_config(cls: Any, config: Any) -> Any:
+    with _params_on_meta():
+        if hasattr(cls, "_from_config"):
+            model = cls._from_config(config)
+        else:
+            model = cls.from_config(config)
+    return model
+
+
+def _hf_class(folder: Path, config: Any, class_name: str | None) -> Any:
+    import transformers
+
+    if class_name and isinstance(getattr(transformers, class_name, None), type):
+        return getattr(transformers, class_name)
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def load(path: str | os.PathLike[str]) -> nn.Module:
+    """Load a folder written by :func:`save` or ``linquant quantize``.
+
+    A sentence-transformers folder (``modules.json``) comes back as a ``SentenceTransformer``; a
+    folder with a ``config.json`` as the transformers model its metadata names (built from the
+    config with parameters on the meta device, then filled). Anything else needs
+    :func:`load_into` with a model the caller builds.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LinquantError(f"{folder}: load needs a folder written by linquant.save; use "
+                            "load_into(model, file) for a single file")
+    ck_meta = _first_metadata(folder)
+    kind = ck_meta.get("model", {}) if isinstance(ck_meta.get("model"), dict) else {}
+    if (folder / "modules.json").is_file():
+        model = _load_sentence_transformer(folder)
+    elif (folder / "config.json").is_file():
+        try:
+            import transformers
+        except ImportError as e:
+            raise LinquantError("loading a Hugging Face folder needs transformers") from e
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(folder))
+        except (OSError, ValueError, KeyError) as e:
+            raise FormatError(f"{folder}/config.json: cannot read the model config: {e}") from e
+        cls = _hf_class(folder, config, kind.get("class"))
+        model = _from_config(cls, config)
+    else:
+        raise LinquantError(f"{folder}: no config.json or modules.json; build the model and "
+                            "call linquant.load_into(model, path)")
+    target = model
+    if (folder / "modules.json").is_file():
+        stored = {i.name for i in tensor_infos(folder)}
+        if not stored & set(model.state_dict()):  # written by `linquant quantize` from the
+            first_module: Any = model[0]  # type: ignore[index]
+            inner = getattr(first_module, "auto_model", None)  # HF weights of module 0
+            if isinstance(inner, nn.Module):
+                target = inner
+    load_into(target, folder)
+    model.eval()
+    return model
+
+
+def _first_metadata(folder: Path) -> dict[str, Any]:
+    try:
+        infos = tensor_infos(folder)
+    except FormatError:
+        raise
+    except LinquantError as e:
+        raise FormatError(str(e)) from e
+    if not infos:
+        return {}
+    return _file_metadata(infos[0].file)
+
+
+def _load_sentence_transformer(folder: Path) -> nn.Module:
+    """Build the SentenceTransformer from its module files with HF weights not read."""
+    from unittest import mock
+
+    import transformers
+    from sentence_transformers import SentenceTransformer
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    def fake(cls: Any, name: str, /, *args: Any, config: Any = None, **kwargs: Any) -> Any:
+        if config is None:
+            config = transformers.AutoConfig.from_pretrained(name)
+        return _from_config(cls, config)
+
+    with mock.patch.object(transformers.PreTrainedModel, "from_pretrained", classmethod(fake)), \
+            mock.patch.object(_BaseAutoModelClass, "from_pretrained", classmethod(fake)), \
+            mock.patch.object(SentenceTransformer, "to", lambda self, *a, **k: self):
+        model: nn.Module = SentenceTransformer(str(folder), device="cpu")
+    return model

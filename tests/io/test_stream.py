@@ -1,0 +1,231 @@
+"""linquant quantize's library side: streaming gives what quantize_model + save gives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from linquant.convert import quantize_model
+from linquant.errors import LinquantError
+from linquant.io.save import load, load_into, save
+from linquant.io.stream import quantize_checkpoint
+
+
+class Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 64)
+        self.fc = nn.Linear(64, 96)
+        self.ln = nn.LayerNorm(96)
+        self.head = nn.Linear(96, 40, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.ln(self.fc(self.emb(ids))))
+        return out
+
+
+IDS = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(3))
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("preset", ["w8a32", "w4a16-g32", "w8a16"])
+def test_bare_file_equals_quantize_model(tmp_path: Path, preset: str) -> None:
+    m = Plain().eval()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "m.safetensors")
+    res = quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q", preset,
+                              max_shard_size="8KB")
+    assert "bare file" in res.rule and len(res.files) > 1
+    assert {r.name for r in res.report.quantized} == {"emb", "fc", "head"}
+    streamed = load_into(Plain(), tmp_path / "q")
+    quantize_model(m, preset)
+    _same_state(m, streamed)
+    assert torch.equal(m(IDS), streamed(IDS))
+
+
+def _gpt2_folder(path: Path) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    g = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128,
+                                   n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    g.save_pretrained(str(path), max_shard_size="100KB")
+    return g
+
+
+@pytest.mark.parametrize("preset", ["w4a16-g32", "w8a8"])
+def test_hf_folder_equals_quantize_model_and_save(tmp_path: Path, preset: str) -> None:
+    g = _gpt2_folder(tmp_path / "src")
+    assert (tmp_path / "src" / "model.safetensors.index.json").exists()
+    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", preset,
+                              exclude=["transformer.h.1.mlp"])
+    assert "model config" in res.rule
+    assert res.report["transformer.h.1.mlp.c_fc"].reason is not None
+    quantize_model(g, preset, exclude=["transformer.h.1.mlp"])
+    save(g, tmp_path / "saved")
+    a, b = load(tmp_path / "q"), load(tmp_path / "saved")
+    _same_state(a, b)
+    _same_state(g, a)
+    x = torch.randint(0, 128, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(g(x).logits, a(x).logits)
+    assert (tmp_path / "q" / "config.json").exists()
+
+
+def test_refusals(tmp_path: Path) -> None:
+    m = Plain()
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, src / "m.safetensors")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in src.iterdir())
+    (tmp_path / "link").symlink_to(src)
+    for dst, match in [(src, "the source"), (src / "out", "inside"),
+                       (tmp_path / "link", "the source"), (tmp_path / "link" / "o", "inside"),
+                       (tmp_path / "nope" / "o", "does not exist")]:
+        with pytest.raises(LinquantError, match=match):
+            quantize_checkpoint(src, dst, "w8a32")
+    with pytest.raises(LinquantError, match="folder holding the source"):
+        quantize_checkpoint(src / "m.safetensors", src, "w8a32")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(LinquantError, match="already exists"):
+        quantize_checkpoint(src, tmp_path / "exists", "w8a32")
+    quantize_checkpoint(src, tmp_path / "exists", "w8a32", overwrite=True)
+    assert (tmp_path / "exists" / "model.safetensors").exists()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in src.iterdir()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_pickle_needs_flag(tmp_path: Path) -> None:
+    m = Plain()
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    with pytest.raises(LinquantError, match="allow-pickle"):
+        quantize_checkpoint(tmp_path / "m.pt", tmp_path / "q", "w8a32")
+    assert not (tmp_path / "q").exists()
+    quantize_checkpoint(tmp_path / "m.pt", tmp_path / "q", "w8a32", allow_pickle=True)
+    quantize_model(m, "w8a32")
+    _same_state(m, load_into(Plain(), tmp_path / "q"))
+
+
+# ---- memory bound and crash safety -----------------------------------------------------------
+def _big_checkpoint(folder: Path, n: int, rows: int, cols: int, per_shard: int) -> int:
+    """``n`` float32 ``[rows, cols]`` weights, ``per_shard`` per file, with an index."""
+    import json
+
+    folder.mkdir()
+    weight_map = {}
+    g = torch.Generator().manual_seed(0)
+    for s in range(0, n, per_shard):
+        name = f"part-{s // per_shard}.safetensors"
+        tensors = {f"layer{i}.weight": torch.randn(rows, cols, generator=g)
+                   for i in range(s, min(n, s + per_shard))}
+        save_file(tensors, folder / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return n * rows * cols * 4
+
+
+_CHILD = textwrap.dedent("""
+    import resource, sys
+    import torch, safetensors.torch
+    from linquant.io.stream import quantize_checkpoint
+    from linquant.io.checkpoint import iter_safetensors
+    torch.set_num_threads(1)
+    def vm_data():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    src, dst, extra = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    limit = vm_data() + extra
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    quantize_checkpoint(src, dst, "w8a32", max_shard_size="40MB")
+    print("streamed-ok")
+    try:
+        everything = dict(iter_safetensors(src))  # the whole checkpoint: must not fit
+        print("loaded-all")
+    except (MemoryError, RuntimeError):
+        print("load-all-failed")
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA + /proc")
+def test_streaming_fits_under_a_limit_smaller_than_the_checkpoint(tmp_path: Path) -> None:
+    size = _big_checkpoint(tmp_path / "src", n=20, rows=1024, cols=8192, per_shard=2)
+    assert size > 600e6
+    extra = 300 * 2**20  # headroom above the interpreter + torch baseline: half the checkpoint
+    # big blocks straight from mmap, so freed tensors go back to the OS (no heap fragmentation)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(2**20))
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "src"),
+                          str(tmp_path / "q"), str(extra)],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert "streamed-ok" in out.stdout, out.stderr[-2000:]
+    assert "load-all-failed" in out.stdout  # the limit is meaningful
+    assert (tmp_path / "q" / "model.safetensors.index.json").exists()
+
+
+_KILL_CHILD = textwrap.dedent("""
+    import sys
+    from linquant.io.stream import quantize_checkpoint
+    quantize_checkpoint(sys.argv[1], sys.argv[2], "w4a16-g32-mse", max_shard_size="8MB")
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_no_output_under_the_final_name(tmp_path: Path) -> None:
+    _big_checkpoint(tmp_path / "src", n=12, rows=1024, cols=4096, per_shard=3)
+    dst = tmp_path / "q"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(tmp_path / "src"), str(dst)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until shards are being written
+            staging = [p for p in tmp_path.iterdir() if p.name.startswith(".q.tmp-")]
+            if staging and any(staging[0].glob(".shard-*")):
+                break
+            assert proc.poll() is None, "finished before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no shard written within 60 s")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     exc: BaseException) -> None:
+    import safetensors.torch
+
+    save_file({k: v.contiguous() for k, v in Plain().state_dict().items()},
+              tmp_path / "m.safetensors")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises((LinquantError, KeyboardInterrupt)) as e:
+        quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q", "w8a32")
+    if isinstance(exc, OSError):
+        assert "No space left" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
