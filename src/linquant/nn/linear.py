@@ -1,8 +1,10 @@
 """QuantLinear: weight-only quantized linear layer (W8A32, W8A16, W4A16, any scheme).
 
 ``y = x · dequantize(W_q)^T + b`` computed in the input's dtype by
-:func:`linquant.kernels.linear_weight_only`. The weight ``[out, in]`` is quantized with any
-:class:`~linquant.scheme.QuantScheme` (groups run along ``in``).
+:func:`linquant.kernels.linear_weight_only` (which picks a fast path by device, dtype and
+shape; a repacked layout, if the path needs one, is cached on the layer). The weight
+``[out, in]`` is quantized with any :class:`~linquant.scheme.QuantScheme` (groups run along
+``in``).
 
 Example::
 
@@ -13,6 +15,8 @@ Example::
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +57,9 @@ class QuantLinear(QuantModule):
         name: str = "",
     ) -> None:
         super().__init__(name=name, dtype=dtype)
+        # Repacked kernel layouts (see linquant.kernels): built on first forward, keyed by the
+        # buffers' storage and version, never part of state_dict.
+        self._kernel_cache: dict[str, Any] = {}
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         scheme = as_scheme(scheme, self._label())
@@ -97,7 +104,12 @@ class QuantLinear(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_last_dim(x, self.in_features)
-        return kernels.linear_weight_only(x, self.qweight, self.bias)
+        cache = self.__dict__.setdefault("_kernel_cache", {})  # also for unpickled old layers
+        return kernels.linear_weight_only(x, self.qweight, self.bias, cache)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.__dict__.setdefault("_kernel_cache", {}).clear()  # buffers changed in place
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,235 @@
+"""One 4096x4096 linear on the CPU: float layers vs linquant's quantized paths vs other libraries.
+
+Every row rotates through enough distinct layers to hold >= 256 MiB of weights (at least 2), so
+the weights are cold in the cache on every call, as in a real model. Prints the median ms per
+call for M = 1, 16, 256 tokens and the ratio to fp32 and bf16 ``nn.Linear`` (> 1 = faster), the
+path linquant's dispatcher picked, the one-time repack cost, and the machine.
+
+Rows: fp32 / bf16 ``nn.Linear``; linquant ``QuantLinear`` / ``W8A8Linear`` through the
+dispatcher ("auto"), and each CPU path forced, for W8A32 (int8 sym per-channel, fp32
+activations and math), W8A16 (same weight, bf16 activations), W4A16 (int4 groups, bf16
+activations), W8A8 (dynamic per-token; its only path is the reference, one ``_int_mm``);
+``torch.ao.quantization.quantize_dynamic`` (fbgemm);
+torchao ``Int8DynamicActivationInt8WeightConfig`` and optimum-quanto int8 weights when they
+import.
+
+    python benchmarks/bench_linear.py [--repeats 21] [--runs 1] [--min-mib 256] [--only GROUP]
+        [--ms 1,16,256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from _common import machine, median_ms
+from torch import nn
+
+import linquant as lq
+from linquant import kernels
+from linquant.kernels import cpu
+from linquant.nn import QuantLinear, W8A8Linear
+
+N = K = 4096
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rotate(layers: list[Fn]) -> Callable[[torch.Tensor], torch.Tensor]:
+    state = {"i": 0}
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        f = layers[state["i"] % len(layers)]
+        state["i"] += 1
+        return f(x)
+
+    return call
+
+
+def copies(make: Callable[[], nn.Module], nbytes: int, min_mib: int,
+           fresh: bool = False) -> list[nn.Module]:
+    n = max(2, math.ceil(min_mib * 2**20 / nbytes))
+    first = make()
+    return [first] + [make() if fresh else copy.deepcopy(first) for _ in range(n - 1)]
+
+
+def weight_bytes(m: nn.Module) -> int:
+    return sum(t.nbytes for t in list(m.buffers()) + list(m.parameters()))
+
+
+def forced(path: str, mods: list[nn.Module]) -> list[Fn]:
+    def one(q: nn.Module) -> Fn:
+        if isinstance(q, W8A8Linear):  # experiment: weight pre-transposed to [K, N]
+            wkn, ws = q.weight_qdata.t().contiguous(), q.weight_scale.reshape(1, -1)
+
+            def kn(x: torch.Tensor) -> torch.Tensor:
+                a_q, a_s = kernels.quantize_activation_per_token(x)
+                return torch._int_mm(a_q, wkn).to(torch.float32).mul_(a_s).mul_(ws)
+            return kn
+        assert isinstance(q, QuantLinear)
+        qw, cache = q.qweight, q._kernel_cache
+        table: dict[str, Fn] = {
+            "reference": lambda x: kernels.reference.linear_weight_only(x, qw, None),
+            "cpu_blocked": lambda x: cpu.linear_blocked(x, qw, None),
+            "cpu_scratch": lambda x: cpu.linear_scratch(x, qw, None),
+            "cpu_int8pack": lambda x: cpu.linear_int8pack(x, qw, None, cache),
+            "cpu_int4pack": lambda x: cpu.linear_int4pack(x, qw, None, cache),
+        }
+        return table[path]
+
+    return [one(q) for q in mods]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--min-mib", type=int, default=256)
+    ap.add_argument("--only", default="", help="run only rows whose label contains this")
+    ap.add_argument("--ms", default="1,16,256", help="token counts M, comma-separated")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="time every cell this many times in a row and keep the "
+                         "lowest median: filters bursts of load from other processes")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    ms = tuple(int(v) for v in args.ms.split(","))
+    torch.manual_seed(0)
+    base = nn.Linear(K, N, bias=False)
+    print(f"machine: {machine()}")
+    print(f"one {N}x{K} linear, no bias; each row rotates through >= {args.min_mib} MiB of "
+          f"distinct layers; median of {args.repeats} calls (after one warm-up pass), lowest of "
+          f"{args.runs} such medians")
+
+    rows: list[tuple[str, str, torch.dtype, list[nn.Module], str]] = []
+    # (label, path or "auto"/"float", activation dtype, modules, mode)
+    fp32 = copies(lambda: copy.deepcopy(base), N * K * 4, args.min_mib)
+    rows.append(("fp32 nn.Linear", "float", torch.float32, fp32, ""))
+    bf16 = copies(lambda: copy.deepcopy(base).bfloat16(), N * K * 2, args.min_mib)
+    rows.append(("bf16 nn.Linear", "float", torch.bfloat16, bf16, ""))
+
+    repack: dict[str, float] = {}
+
+    def ql(scheme: str, dtype: torch.dtype) -> list[nn.Module]:
+        def make() -> nn.Module:
+            q = QuantLinear.from_float(base, scheme)
+            return q.to(dtype)
+        mods = copies(make, N * K // 2 if "int4" in scheme else N * K, args.min_mib)
+        return mods
+
+    w8 = ql("int8-sym-ch0", torch.float32)
+    rows += [
+        ("W8A32 int8-sym-ch0 fp32 (auto)", "auto", torch.float32, w8, ""),
+        ("  naive dequantize + matmul", "reference", torch.float32, w8, ""),
+        ("  cpu_blocked", "cpu_blocked", torch.float32, w8, ""),
+        ("  cpu_scratch", "cpu_scratch", torch.float32, w8, ""),
+    ]
+    w8b = [copy.deepcopy(q).to(torch.bfloat16) for q in w8]
+    rows += [
+        ("W8A16 int8-sym-ch0 bf16 (auto)", "auto", torch.bfloat16, w8b, ""),
+        ("  cpu_int8pack", "cpu_int8pack", torch.bfloat16, w8b, ""),
+        ("  cpu_blocked", "cpu_blocked", torch.bfloat16, w8b, ""),
+        ("  cpu_scratch", "cpu_scratch", torch.bfloat16, w8b, ""),
+    ]
+    for scheme in ("int4-sym-g128-bf16", "int4-asym-g32-bf16"):
+        w4 = ql(scheme, torch.bfloat16)
+        rows += [
+            (f"W4A16 {scheme} (auto)", "auto", torch.bfloat16, w4, ""),
+            ("  cpu_int4pack", "cpu_int4pack", torch.bfloat16, w4, ""),
+            ("  cpu_blocked", "cpu_blocked", torch.bfloat16, w4, ""),
+            ("  cpu_scratch", "cpu_scratch", torch.bfloat16, w4, ""),
+        ]
+        t0 = time.perf_counter()
+        assert isinstance(w4[0], QuantLinear)
+        cpu.repack_int4(w4[0].qweight, torch.bfloat16)
+        repack[scheme] = (time.perf_counter() - t0) * 1e3
+    w8a8 = copies(lambda: W8A8Linear.from_float(base), N * K, args.min_mib)
+    rows += [
+        ("W8A8 dynamic fp32 (auto = reference)", "auto", torch.float32, w8a8, ""),
+        ("  experiment: weight cached as [K, N]", "int_mm_kn", torch.float32, w8a8, ""),
+    ]
+    # ---- other libraries ----
+    from torch.ao.quantization import quantize_dynamic
+
+    def make_qd() -> nn.Module:
+        m = nn.Sequential(copy.deepcopy(base))
+        out: nn.Module = quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)  # type: ignore[no-untyped-call]
+        return out
+
+    qd = copies(make_qd, N * K, args.min_mib)
+    rows.append(("torch.ao quantize_dynamic (fbgemm)", "float", torch.float32, qd, ""))
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+        from torchao.quantization import quantize_ as ao_quantize
+
+        def make_ao() -> nn.Module:
+            m = nn.Sequential(copy.deepcopy(base))
+            ao_quantize(m, Int8DynamicActivationInt8WeightConfig())
+            return m
+        ao = copies(make_ao, N * K, args.min_mib)
+        rows.append(("torchao Int8DynActInt8Weight, eager", "float", torch.float32, ao, ""))
+    except Exception as e:  # optional comparison
+        print(f"torchao: skipped ({type(e).__name__}: {str(e)[:80]})")
+    try:
+        from optimum.quanto import freeze, qint8
+        from optimum.quanto import quantize as quanto_quantize
+
+        def make_quanto() -> nn.Module:
+            m = nn.Sequential(copy.deepcopy(base))
+            quanto_quantize(m, weights=qint8)
+            freeze(m)
+            return m
+        qq = copies(make_quanto, N * K, args.min_mib, fresh=True)
+        rows.append(("optimum-quanto qint8 weights, fp32", "float", torch.float32, qq, ""))
+    except Exception as e:  # optional comparison
+        print(f"optimum-quanto: skipped ({type(e).__name__}: {str(e)[:80]})")
+
+    xs = {m: torch.randn(m, K) for m in ms}
+    results: dict[str, dict[int, float]] = {}
+    if args.only:
+        print(f"only rows of groups matching {args.only!r}")
+    chosen: dict[str, dict[int, str]] = {}
+    print(f"\n{'path':40} " + " ".join(f"{'M=' + str(m):>26}" for m in ms))
+    print(f"{'':40} " + " ".join(f"{'ms  (x fp32, x bf16)':>26}" for _ in ms))
+    group = ""
+    for label, path, dtype, mods, _ in rows:
+        group = group if label.startswith(" ") else label  # forced paths follow their group
+        if args.only and args.only not in group and "nn.Linear" not in label:
+            continue
+        fns: list[Fn] = list(mods) if path in ("float", "auto") else forced(path, mods)
+        call = rotate(fns)
+        results[label] = {}
+        chosen[label] = {}
+        cells = []
+        with torch.inference_mode():
+            for m in ms:
+                x = xs[m].to(dtype)
+                if path == "auto" and isinstance(mods[0], QuantLinear):
+                    chosen[label][m] = kernels.select_path(x, mods[0].qweight)
+                elif path == "auto" and isinstance(mods[0], W8A8Linear):
+                    chosen[label][m] = kernels.select_w8a8_path(x, mods[0].weight_qdata)
+                for f in fns:  # warm-up pass: repacks, scratch buffers, lazy init
+                    f(x)
+                reps = args.repeats if "naive" not in label else max(5, args.repeats // 3)
+                def once(x: torch.Tensor = x, c: Fn = call) -> torch.Tensor:
+                    return c(x)
+                t = min(median_ms(once, repeats=reps, warmup=0) for _ in range(args.runs))
+                results[label][m] = t
+                r32 = results["fp32 nn.Linear"][m] / t
+                b16 = results.get("bf16 nn.Linear", {}).get(m)
+                r16 = f"{b16 / t:5.2f}x" if b16 else "    -"
+                cells.append(f"{t:9.3f} ({r32:5.2f}x, {r16})")
+        print(f"{label:40} " + " ".join(f"{c:>26}" for c in cells), flush=True)
+    print()
+    for label, ch in chosen.items():
+        if ch:
+            print(f"dispatcher, {label}: " + ", ".join(f"M={m}: {p}" for m, p in ch.items()))
+    for scheme, t in repack.items():
+        print(f"one-time int4 repack, {scheme}: {t:.1f} ms per 4096x4096 layer")
+    print(f"lq version: {getattr(lq, '__version__', '?')}")
+
+
+if __name__ == "__main__":
+    main()

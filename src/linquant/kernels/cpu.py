@@ -1,0 +1,324 @@
+"""CPU fast paths for the quantized linear layers (tested against :mod:`.reference`).
+
+Every function here computes exactly the reference's formula; they differ only in how the
+work is laid out. Paths (names as returned by :func:`linquant.kernels.select_path`):
+
+``cpu_int4pack``   W4A16. ``torch._weight_int4pack_mm_for_cpu`` on a one-time repack of the
+                   codes into its layout (:func:`repack_int4`). Needs bf16/fp16 activations,
+                   4-bit group-wise weights with group 32/64/128/256 and ``out_features % 16``.
+                   The op computes ``w = scale * (q - 8) + zero`` with unsigned codes ``q``
+                   and per-group ``(scale, zero)`` in the activation dtype; from our
+                   parameters: symmetric ``q = c + 8, zero = 0``; asymmetric integer zero
+                   point ``q = u, zero = s * (8 - z)``; float offset ``q = u, zero = 8 s + m``.
+``cpu_int8pack``   W8A16. ``torch._weight_int8pack_mm`` (int8 symmetric per-output-channel
+                   weights, bf16/fp16 activations, ``K % 16 == 0``: torch 2.13 crashes on bf16
+                   input otherwise; scales cast once to the activation dtype).
+``cpu_blocked``    Any weight-only scheme, small ``M``: dequantize ``BLOCK_ROWS`` output rows at
+                   a time into a reused buffer and multiply block by block, so no full-size
+                   float copy of the weight is made (fp32 math for fp32 inputs). At ``M == 1``
+                   each block's product is a multiply + row sum, not a gemv (see the code).
+``cpu_scratch``    Any weight-only scheme, large ``M``: dequantize the whole weight (row block
+                   by row block) into a per-thread scratch buffer that is reused across calls
+                   and layers (its size is the largest weight seen, in the compute dtype), then
+                   one matmul. Avoids glibc mapping and zeroing a fresh >= 32 MiB tensor.
+
+Tolerances (what tests/kernels/test_cpu.py asserts): the int4/int8 pack paths round the
+scales (and int4's zeros) to the activation dtype and accumulate in a different order, so
+they match the reference within half-precision tolerance (max error <= 2e-2 of the output's
+max magnitude); the blocked / scratch paths match it to float rounding of the accumulation
+order (fp32: 1e-5 relative of the output's max magnitude).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from linquant.ops.affine import sign_extend
+from linquant.ops.packing import unpack
+from linquant.tensor import QuantizedTensor
+
+__all__ = [
+    "BLOCK_ROWS",
+    "INT4PACK_GROUPS",
+    "int4pack_supported",
+    "int8pack_supported",
+    "linear_blocked",
+    "linear_int4pack",
+    "linear_int8pack",
+    "linear_scratch",
+    "release_scratch",
+    "repack_int4",
+    "repack_int8",
+]
+
+INT4PACK_GROUPS = (32, 64, 128, 256)
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# ~1-4 MiB of fp32 per block: stays in L2 while it is multiplied. A multiple of 8 so a block
+# of sub-byte codes starts on a byte boundary.
+BLOCK_ROWS = 256
+
+Cache = dict[str, Any]
+
+
+# ---- support predicates ----------------------------------------------------------------------
+
+
+def int4pack_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
+    s = qt.scheme
+    return (
+        qt.device.type == "cpu"
+        and dtype in HALF_DTYPES
+        and len(qt.shape) == 2
+        and s.bits == 4
+        and s.granularity == "group"
+        and s.group_size in INT4PACK_GROUPS
+        and qt.shape[0] % 16 == 0
+        and qt.shape[1] % (s.group_size or 1) == 0
+    )
+
+
+def int8pack_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
+    s = qt.scheme
+    return (
+        qt.device.type == "cpu"
+        and dtype in HALF_DTYPES
+        and len(qt.shape) == 2
+        and s.bits == 8
+        and s.symmetric
+        and s.granularity == "channel"
+        and s.axis % 2 == 0
+        and qt.shape[1] % 16 == 0  # torch 2.13 segfaults on bf16 with K % 16 != 0 (measured)
+    )
+
+
+# ---- repacking (cached) ----------------------------------------------------------------------
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return None
+
+
+def _key(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[object, ...]:
+    """Identity of the stored weight: the tensor objects themselves (a device move or a new
+    buffer replaces them) and their version counters (an in-place load bumps them)."""
+    parts: list[object] = [dtype]
+    for t in (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset):
+        parts.append(None if t is None else (t, _version(t)))
+    return tuple(parts)
+
+
+def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    if len(a) != len(b) or a[0] != b[0]:
+        return False
+    for x, y in zip(a[1:], b[1:], strict=True):
+        if x is None or y is None:
+            if x is not y:
+                return False
+            continue
+        assert isinstance(x, tuple) and isinstance(y, tuple)
+        if x[0] is not y[0] or x[1] != y[1]:
+            return False
+    return True
+
+
+def _cached(cache: Cache | None, name: str, key: tuple[object, ...],
+            build: Any) -> Any:
+    """``build()``, kept in ``cache[name]`` while the weight tensors are the same objects and
+    unmodified (the entry holds references to them, so a freed address cannot be mistaken)."""
+    if cache is None:
+        return build()
+    hit = cache.get(name)
+    if hit is not None and _same(hit[0], key):
+        return hit[1]
+    cache.pop(name, None)  # free the stale layout before building the new one
+    value = build()
+    cache[name] = (key, value)
+    return value
+
+
+def repack_int4(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, scales_and_zeros)`` for ``torch._weight_int4pack_mm_for_cpu``."""
+    n, k = (int(d) for d in qt.shape)
+    s = qt.scheme
+    g = int(s.group_size or k)
+    u = unpack(qt.qdata, 4, n * k).view(n, k)
+    q = sign_extend(u, 4).to(torch.int32).add_(8) if s.symmetric else u.to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    scale = qt.scale.float().reshape(n, k // g)
+    if qt.zero_point_packed is not None:
+        z = qt.zero_point
+        assert z is not None
+        zero = scale * (8.0 - z.float().reshape(n, k // g))
+    elif qt.offset is not None:
+        zero = scale * 8.0 + qt.offset.float().reshape(n, k // g)
+    else:
+        zero = torch.zeros_like(scale)
+    sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # [K/g, N, 2]
+    return packed, sz
+
+
+def repack_int8(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int8 [N, K], scales [N] in dtype)`` for ``torch._weight_int8pack_mm``."""
+    n, k = (int(d) for d in qt.shape)
+    w = qt.qdata.view(torch.int8).view(n, k)
+    return w, qt.scale.reshape(n).to(dtype)
+
+
+def _bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None:
+        y.add_(bias.to(y.dtype))
+    return y
+
+
+def linear_int4pack(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+                    cache: Cache | None = None) -> torch.Tensor:
+    n, k = (int(d) for d in qt.shape)
+    packed, sz = _cached(cache, "int4pack", _key(qt, x.dtype),
+                         lambda: repack_int4(qt, x.dtype))
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch._weight_int4pack_mm_for_cpu(x2, packed, int(qt.scheme.group_size or k), sz)
+    return _bias(y, bias).reshape(*x.shape[:-1], n)
+
+
+def linear_int8pack(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+                    cache: Cache | None = None) -> torch.Tensor:
+    n, k = (int(d) for d in qt.shape)
+    w, sc = _cached(cache, "int8pack", _key(qt, x.dtype), lambda: repack_int8(qt, x.dtype))
+    y = torch._weight_int8pack_mm(x.reshape(-1, k).contiguous(), w, sc)
+    return _bias(y, bias).reshape(*x.shape[:-1], n)
+
+
+# ---- row-block dequantization ----------------------------------------------------------------
+
+
+class _RowDequant:
+    """Dequantize rows ``[r0, r1)`` of a 2-D weight into a given buffer (``r0 % 8 == 0``)."""
+
+    def __init__(self, qt: QuantizedTensor) -> None:
+        self.qt = qt
+        self.n, self.k = (int(d) for d in qt.shape)
+        s = qt.scheme
+        self.bits = s.bits
+        self.symmetric = s.symmetric
+        n, k = self.n, self.k
+        scale = qt.scale.float()
+        zp = qt.zero_point
+        zpf = None if zp is None else zp.float()
+        off = None if qt.offset is None else qt.offset.float()
+        self.group = 0
+        shape: tuple[int, ...]
+        self.per_row = s.granularity == "group" or (s.granularity == "channel"
+                                                    and s.axis % 2 == 0)
+        if s.granularity == "group":
+            self.group = int(s.group_size or k)
+            shape = (n, k // self.group, 1)
+        elif s.granularity == "channel" and s.axis % 2 == 0:
+            shape = (n, 1)
+        elif s.granularity == "channel":
+            shape = (1, k)
+        else:
+            shape = (1, 1)
+        self.scale = scale.reshape(shape)
+        self.zp = None if zpf is None else zpf.reshape(shape)
+        self.off = None if off is None else off.reshape(shape)
+        self.codes = torch.empty(0, dtype=torch.float32)
+
+    def _rows(self, p: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor | None:
+        if p is None:
+            return None
+        return p[r0:r1] if self.per_row else p
+
+    def into(self, out: torch.Tensor, r0: int, r1: int) -> None:
+        """Write the dequantized rows into ``out`` (``[r1 - r0, K]``, any float dtype)."""
+        k, bits = self.k, self.bits
+        nel = (r1 - r0) * k
+        lo = r0 * k * bits // 8
+        u = unpack(self.qt.qdata[lo : lo + (nel * bits + 7) // 8], bits, nel)
+        c = sign_extend(u, bits) if self.symmetric else u
+        t = out if out.dtype == torch.float32 else self._buf(nel).view(r1 - r0, k)
+        t.copy_(c.view(r1 - r0, k))
+        tv = t.view(r1 - r0, k // self.group, self.group) if self.group else t
+        z = self._rows(self.zp, r0, r1)
+        if z is not None:
+            tv.sub_(z)
+        s = self._rows(self.scale, r0, r1)
+        assert s is not None
+        tv.mul_(s)
+        m = self._rows(self.off, r0, r1)
+        if m is not None:
+            tv.add_(m)
+        if t is not out:
+            out.copy_(t)
+
+    def _buf(self, nel: int) -> torch.Tensor:
+        if self.codes.numel() < nel:
+            self.codes = torch.empty(nel, dtype=torch.float32)
+        return self.codes[:nel]
+
+
+_local = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread, reused float buffer of at least ``numel`` elements."""
+    bufs: dict[torch.dtype, torch.Tensor] = getattr(_local, "bufs", None) or {}
+    _local.bufs = bufs
+    b = bufs.get(dtype)
+    if b is None or b.numel() < numel:
+        bufs.pop(dtype, None)
+        # A normal tensor even under inference_mode: an inference tensor could not be written
+        # in place later, outside inference_mode.
+        with torch.inference_mode(False):
+            b = torch.empty(numel, dtype=dtype)
+        bufs[dtype] = b
+    return b[:numel]
+
+
+def release_scratch() -> None:
+    """Drop this thread's scratch buffers (they are otherwise kept for reuse)."""
+    _local.bufs = {}
+
+
+def linear_blocked(x: torch.Tensor, qt: QuantizedTensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """Dequantize ``BLOCK_ROWS`` rows at a time into a reused buffer; multiply per block."""
+    n, k = (int(d) for d in qt.shape)
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    deq = _RowDequant(qt)
+    rows = min(BLOCK_ROWS, n)
+    buf = _scratch(rows * k, x.dtype)
+    yt = torch.empty(n, m, dtype=x.dtype)  # y^T: each block's product is a contiguous slice
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        wb = buf[: (r1 - r0) * k].view(r1 - r0, k)
+        deq.into(wb, r0, r1)
+        if m == 1:
+            # A gemv per block hands the cores from OpenMP (dequantize) to MKL and back; with
+            # spinning worker threads that measured 14 ms instead of 2.4 on 2 cores. The
+            # product as multiply + row sum stays in one thread pool.
+            torch.sum(wb.mul_(x2), dim=1, out=yt[r0:r1, 0])
+        else:
+            torch.mm(wb, x2.t(), out=yt[r0:r1])
+    y = yt.t() if m > 1 else yt.view(1, n)
+    y = _bias(y.contiguous(), bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def linear_scratch(x: torch.Tensor, qt: QuantizedTensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """Dequantize the whole weight into the reused scratch buffer, then one ``F.linear``."""
+    n, k = (int(d) for d in qt.shape)
+    w = _scratch(n * k, x.dtype).view(n, k)
+    deq = _RowDequant(qt)
+    for r0 in range(0, n, BLOCK_ROWS):
+        r1 = min(n, r0 + BLOCK_ROWS)
+        deq.into(w[r0:r1], r0, r1)
+    return _bias(F.linear(x, w), bias)  # bias after: autograd never saves the scratch weight

@@ -1,0 +1,245 @@
+"""CPU fast paths (linquant.kernels.cpu) against the reference, and the dispatcher's choices.
+
+Tolerances (also in the linquant.kernels.cpu docstring):
+* cpu_int4pack / cpu_int8pack (half-precision activations, scales rounded to that dtype):
+  |y - ref| <= HALF_TOL * max|ref| elementwise.
+* cpu_blocked / cpu_scratch in fp32: |y - ref| <= 1e-5 * max|ref| (accumulation order only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import linquant as lq
+from linquant import kernels
+from linquant.kernels import cpu
+from linquant.kernels import reference as ref
+from linquant.nn import QuantLinear
+
+HALF_TOL = 2e-2
+MS = (1, 3, 17)
+
+
+def _close(y: torch.Tensor, r: torch.Tensor, rel: float) -> None:
+    assert y.shape == r.shape and y.dtype == r.dtype
+    err = (y.double() - r.double()).abs().max().item()
+    bound = rel * max(r.double().abs().max().item(), 1e-6)
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
+
+
+def _qt(n: int, k: int, scheme: str, seed: int = 0) -> lq.QuantizedTensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) + 0.3 * torch.rand(n, 1, generator=g)  # off-centre rows
+    return lq.quantize(w, scheme)
+
+
+# ---- int4pack -----------------------------------------------------------------------------
+
+INT4 = [  # (N, K, scheme): N % 16 == 0 but not % 64; several groups per row
+    (48, 96, "int4-sym-g32-fp16"),
+    (80, 320, "int4-asym-g64-bf16"),
+    (16, 384, "int4-asymf-g128-fp32"),
+    (112, 512, "int4-sym-g256-fp32"),
+    (48, 256, "int4-asym-g32-fp32"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("nks", INT4, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}")
+def test_int4pack_matches_reference(nks: tuple[int, int, str], dtype: torch.dtype) -> None:
+    n, k, scheme = nks
+    qt = _qt(n, k, scheme)
+    assert cpu.int4pack_supported(qt, dtype)
+    bias = torch.randn(n)
+    cache: dict[str, object] = {}
+    for m in MS:
+        x = torch.randn(m, k).to(dtype)
+        y = cpu.linear_int4pack(x, qt, bias, cache)
+        _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL)
+    x3 = torch.randn(2, 5, k).to(dtype)  # leading dims
+    _close(cpu.linear_int4pack(x3, qt, None, cache), ref.linear_weight_only(x3, qt, None),
+           HALF_TOL)
+    assert list(cache) == ["int4pack"]
+
+
+def test_int4pack_scales_and_zeros_reproduce_the_dequantized_weight() -> None:
+    """The (scale, zero) conversion is exact in fp32: scale * (q - 8) + zero == s (c - z)."""
+    for scheme in ("int4-sym-g32-fp32", "int4-asym-g32-fp32", "int4-asymf-g64-fp32"):
+        qt = _qt(32, 128, scheme)
+        packed, sz = cpu.repack_int4(qt, torch.float32)
+        eye = torch.eye(128)
+        w_t = torch._weight_int4pack_mm_for_cpu(eye, packed, int(qt.scheme.group_size or 0), sz)
+        torch.testing.assert_close(w_t.t(), qt.dequantize(torch.float32), rtol=1e-6, atol=1e-6)
+
+
+# ---- int8pack -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("nk", [(33, 64), (100, 96), (7, 304)], ids=lambda c: f"{c[0]}x{c[1]}")
+def test_int8pack_matches_reference(nk: tuple[int, int], dtype: torch.dtype) -> None:
+    n, k = nk
+    qt = _qt(n, k, "int8-sym-ch0")
+    assert cpu.int8pack_supported(qt, dtype)
+    bias = torch.randn(n)
+    for m in MS:
+        x = torch.randn(m, k).to(dtype)
+        _close(cpu.linear_int8pack(x, qt, bias, {}), ref.linear_weight_only(x, qt, bias),
+               HALF_TOL)
+
+
+# ---- blocked / scratch (every scheme) -------------------------------------------------------
+
+GENERIC = [  # N > BLOCK_ROWS with a ragged tail; odd K where the scheme allows
+    (300, 97, "int8-sym-ch0"),
+    (300, 97, "int8-asym-ch1-fp16"),
+    (261, 97, "int3-sym-tensor"),
+    (261, 96, "int3-asym-g16-bf16"),
+    (270, 64, "int4-asymf-g32-fp16"),
+    (257, 40, "int2-asym-g8"),
+    (300, 99, "int5-asym-ch0"),
+    (64, 128, "int4-sym-g32-fp16"),
+]
+
+
+@pytest.mark.parametrize("fn", [cpu.linear_blocked, cpu.linear_scratch],
+                         ids=["blocked", "scratch"])
+@pytest.mark.parametrize("nks", GENERIC, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}")
+def test_blocked_and_scratch_match_reference(nks: tuple[int, int, str], fn: object) -> None:
+    n, k, scheme = nks
+    qt = _qt(n, k, scheme)
+    bias = torch.randn(n)
+    assert callable(fn)
+    for m in MS:
+        x = torch.randn(m, k)
+        _close(fn(x, qt, bias), ref.linear_weight_only(x, qt, bias), 1e-5)
+    xb = torch.randn(2, 3, k).to(torch.bfloat16)
+    _close(fn(xb, qt, None), ref.linear_weight_only(xb, qt, None), HALF_TOL)
+
+
+# ---- dispatcher ------------------------------------------------------------------------------
+
+
+def test_select_path_documented_table() -> None:
+    bf, f32 = torch.bfloat16, torch.float32
+    n, k = 256, 512  # numel >= MIN_FAST_NUMEL
+    assert n * k >= kernels.MIN_FAST_NUMEL
+    small, big4, big8, bigb = 1, kernels.INT4PACK_MAX_M, kernels.INT8PACK_MAX_M, \
+        kernels.BLOCKED_MAX_M
+    assert (big4, big8, bigb) == (64, 32, 128)  # the documented crossovers
+
+    def x(m: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(m, k, dtype=dtype)
+
+    for scheme in ("int4-sym-g32-fp16", "int4-asym-g128-bf16", "int4-asymf-g256-fp32"):
+        qt = _qt(n, k, scheme)
+        assert kernels.select_path(x(small, bf), qt) == "cpu_int4pack"
+        assert kernels.select_path(x(big4 - 1, torch.float16), qt) == "cpu_int4pack"
+        assert kernels.select_path(x(big4, bf), qt) == "cpu_blocked"
+        assert kernels.select_path(x(bigb, bf), qt) == "cpu_scratch"
+        assert kernels.select_path(x(small, f32), qt) == "cpu_blocked"  # fp32: fp32 math
+        assert kernels.select_path(x(bigb * 2, f32), qt) == "cpu_blocked"
+    q8 = _qt(n, k, "int8-sym-ch0")
+    assert kernels.select_path(x(small, bf), q8) == "cpu_int8pack"
+    assert kernels.select_path(x(big8 - 1, bf), q8) == "cpu_int8pack"
+    assert kernels.select_path(x(big8, bf), q8) == "cpu_blocked"
+    assert kernels.select_path(x(bigb, bf), q8) == "cpu_scratch"
+    assert kernels.select_path(x(small, f32), q8) == "cpu_blocked"
+    assert kernels.select_path(x(bigb, f32), q8) == "cpu_blocked"
+    assert kernels.select_path(x(3, torch.float64), q8) == "cpu_blocked"
+    # int4 layouts the aten op cannot take fall back to the generic paths
+    assert kernels.select_path(x(small, bf), _qt(n, k, "int4-sym-g16")) == "cpu_blocked"
+    assert kernels.select_path(x(small, bf), _qt(n + 8, k, "int4-sym-g32")) == "cpu_blocked"
+    assert kernels.select_path(x(small, bf), _qt(n, k, "int8-asym-ch0")) == "cpu_blocked"
+    q8_odd = _qt(n, k + 1, "int8-sym-ch0")  # K % 16 != 0: the aten op would crash on bf16
+    assert kernels.select_path(torch.zeros(1, k + 1, dtype=bf), q8_odd) == "cpu_blocked"
+    # tiny weights and empty inputs: the reference
+    assert kernels.select_path(torch.zeros(1, 64, dtype=bf), _qt(48, 64, "int4-sym-g32")) \
+        == "reference"
+    assert kernels.select_path(x(0, bf), q8) == "reference"
+    # W8A8: the reference (one torch._int_mm) is kept; no faster variant was found
+    w = torch.zeros(n, k, dtype=torch.int8)
+    assert kernels.select_w8a8_path(x(3, f32), w) == "reference"
+    assert kernels.select_path(torch.zeros(1, k, device="meta"), q8) == "reference"
+
+
+def test_linear_weight_only_routes_through_the_selected_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    qt = _qt(256, 512, "int4-sym-g32-fp16")
+    calls: list[str] = []
+    for name in ("linear_int4pack", "linear_int8pack", "linear_blocked", "linear_scratch"):
+        orig = getattr(cpu, name)
+
+        def spy(*a: object, _n: str = name, _o: object = orig) -> torch.Tensor:
+            calls.append(_n)
+            assert callable(_o)
+            return _o(*a)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(cpu, name, spy)
+    kernels.linear_weight_only(torch.randn(2, 512).bfloat16(), qt)
+    kernels.linear_weight_only(torch.randn(2, 512), qt)
+    kernels.linear_weight_only(torch.randn(200, 512).bfloat16(), qt)
+    assert calls == ["linear_int4pack", "linear_blocked", "linear_scratch"]
+
+
+# ---- layers ----------------------------------------------------------------------------------
+
+
+def test_quant_linear_caches_repack_outside_state_dict_and_rebuilds_on_load() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 256)
+    q = QuantLinear.from_float(lin, "int4-asym-g64-bf16").to(torch.bfloat16)
+    x = torch.randn(3, 512).bfloat16()
+    y = q(x)
+    _close(y, ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
+    assert set(q._kernel_cache) == {"int4pack"}
+    assert all("cache" not in key for key in q.state_dict())
+    other = QuantLinear.from_float(nn.Linear(512, 256), "int4-asym-g64-bf16").to(torch.bfloat16)
+    q.load_state_dict(other.state_dict())  # in place: the cached layout must be rebuilt
+    _close(q(x), ref.linear_weight_only(x, other.qweight, other.bias), HALF_TOL)
+    assert not torch.equal(q(x), y)
+
+
+def test_cache_rebuilds_for_replaced_and_inference_mode_buffers() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 512).bfloat16()
+    a, b = nn.Linear(512, 256), nn.Linear(512, 256)
+    with torch.inference_mode():  # buffers without version counters
+        q = QuantLinear.from_float(a, "int4-sym-g32-bf16").to(torch.bfloat16)
+        q(x)
+        q.load_state_dict(QuantLinear.from_float(b, "int4-sym-g32-bf16").state_dict())
+        _close(q(x), ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
+    q2 = QuantLinear.from_float(a, "int4-sym-g32-bf16")
+    q2(x)
+    q2._set_qweight(lq.quantize(b.weight.detach(), "int4-sym-g32-bf16"))  # new buffer objects
+    _close(q2(x), ref.linear_weight_only(x, q2.qweight, q2.bias), HALF_TOL)
+
+
+def test_inputs_that_need_grad_take_the_reference_and_bias_grad_works() -> None:
+    qt = _qt(256, 512, "int4-sym-g32-fp16")
+    x = torch.randn(3, 512, dtype=torch.bfloat16, requires_grad=True)
+    assert kernels.select_path(x, qt) == "reference"
+    kernels.linear_weight_only(x, qt).float().sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        assert kernels.select_path(x, qt) == "cpu_int4pack"
+    q = QuantLinear.from_float(nn.Linear(512, 256), "int8-sym-ch0")  # bias requires grad
+    for m in (1, 200):
+        y = q(torch.randn(m, 512))
+        y.sum().backward()
+        assert q.bias.grad is not None and torch.allclose(q.bias.grad, torch.full((256,),
+                                                                                  float(m)))
+        q.bias.grad = None
+
+
+def test_scratch_made_under_inference_mode_is_usable_outside() -> None:
+    cpu.release_scratch()
+    qt = _qt(256, 512, "int8-sym-ch0")
+    x = torch.randn(300, 512)
+    with torch.inference_mode():
+        cpu.linear_scratch(x, qt, None)
+        cpu.linear_blocked(x[:1], qt, None)
+    _close(cpu.linear_scratch(x, qt, None), ref.linear_weight_only(x, qt, None), 1e-5)
+    _close(cpu.linear_blocked(x[:1], qt, None), ref.linear_weight_only(x[:1], qt, None), 1e-5)
