@@ -28,8 +28,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q torchao
+	$(BIN)/python -m pip install -q --no-deps torchao
 	$(BIN)/python benchmarks/bench_quantize.py
+	cd benchmarks && ../$(BIN)/python bench_linear.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
