@@ -243,3 +243,16 @@ def test_scratch_made_under_inference_mode_is_usable_outside() -> None:
         cpu.linear_blocked(x[:1], qt, None)
     _close(cpu.linear_scratch(x, qt, None), ref.linear_weight_only(x, qt, None), 1e-5)
     _close(cpu.linear_blocked(x[:1], qt, None), ref.linear_weight_only(x[:1], qt, None), 1e-5)
+
+
+def test_int8pack_copes_with_misaligned_codes() -> None:
+    """safetensors may return int8 weights at any offset; the aten kernel needs 64-byte ones."""
+    qt = lq.quantize(torch.randn(256, 512), "int8-sym-ch0")
+    buf = torch.empty(qt.qdata.numel() + 1, dtype=torch.uint8)
+    buf[1:] = qt.qdata
+    qt.qdata = buf[1:]
+    assert qt.qdata.data_ptr() % 64 != 0
+    x = torch.randn(3, 512, dtype=torch.bfloat16)
+    y = cpu.linear_int8pack(x, qt, None).float()
+    want = ref.linear_weight_only(x, qt, None).float()
+    assert (y - want).abs().max() <= 2e-2 * want.abs().max()

@@ -168,6 +168,8 @@ def repack_int8(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     """``(int8 [N, K], scales [N] in dtype)`` for ``torch._weight_int8pack_mm``."""
     n, k = (int(d) for d in qt.shape)
     w = qt.qdata.view(torch.int8).view(n, k)
+    if w.data_ptr() % 64:  # the aten kernel crashes on int8 weights not 64-byte aligned
+        w = w.clone()
     return w, qt.scale.reshape(n).to(dtype)
 
 
