@@ -11,7 +11,7 @@ from linquant.errors import LinquantError
 from linquant.ops.affine import codes_unpacked, dequantize_packed, quantize_packed
 from linquant.ops.grouping import Granules, granules, scale_shape
 from linquant.ops.metrics import cosine_similarity, max_abs_error, mse, sqnr
-from linquant.ops.packing import pack, packed_nbytes, unpack
+from linquant.ops.packing import pack, unpack
 from linquant.ops.qparams import QParams, choose_qparams
 from linquant.scheme import QuantScheme
 
@@ -206,7 +206,3 @@ def compare(x: torch.Tensor, qt: QuantizedTensor) -> dict[str, float]:
         "cosine_similarity": cosine_similarity(x, y),
         "bits_per_weight": qt.bits_per_weight,
     }
-
-
-def expected_qdata_nbytes(shape: tuple[int, ...], bits: int) -> int:
-    return packed_nbytes(math.prod(shape), bits)
