@@ -589,6 +589,19 @@ def _params_on_meta() -> Iterator[None]:
         setattr(nn.Module, "register_parameter", old)  # noqa: B010
 
 
+def read_hf_config(folder: Path) -> Any:
+    """``transformers.AutoConfig`` of ``folder``'s config.json (transformers imported lazily)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise LinquantError(f"{folder}: a Hugging Face folder needs transformers "
+                            "(pip install 'linquant[hf]')") from e
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as e:
+        raise FormatError(f"{folder}/config.json: cannot read the model config: {e}") from e
+
+
 def _from_config(cls: Any, config: Any) -> Any:
     with _params_on_meta():
         if hasattr(cls, "_from_config"):
@@ -626,14 +639,7 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     if (folder / "modules.json").is_file():
         model = _load_sentence_transformer(folder)
     elif (folder / "config.json").is_file():
-        try:
-            import transformers
-        except ImportError as e:
-            raise LinquantError("loading a Hugging Face folder needs transformers") from e
-        try:
-            config = transformers.AutoConfig.from_pretrained(str(folder))
-        except (OSError, ValueError, KeyError) as e:
-            raise FormatError(f"{folder}/config.json: cannot read the model config: {e}") from e
+        config = read_hf_config(folder)
         cls = _hf_class(folder, config, kind.get("class"))
         model = _from_config(cls, config)
     else:

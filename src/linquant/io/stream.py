@@ -53,6 +53,7 @@ from linquant.io.save import (
     _hf_class,
     module_entry,
     parse_size,
+    read_hf_config,
     staged_folder,
 )
 from linquant.nn.base import QuantModule
@@ -135,14 +136,7 @@ def _build_meta_model(folder: Path) -> nn.Module | None:
     """The transformers model of ``folder``'s config.json on the meta device, or None."""
     if not (folder / "config.json").is_file():
         return None
-    try:
-        import transformers
-    except ImportError as e:
-        raise LinquantError("a folder with config.json needs transformers to plan it") from e
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError, KeyError) as e:
-        raise LinquantError(f"{folder}/config.json: cannot read the model config: {e}") from e
+    config = read_hf_config(folder)
     archs = getattr(config, "architectures", None) or []
     cls = _hf_class(folder, config, archs[0] if archs else None)
     with torch.device("meta"):
