@@ -17,16 +17,6 @@ import torch
 import linquant as lq
 from linquant import QuantScheme
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors: one intra-op thread. On the 2-core CI box, two OpenMP threads competing
-    with other processes made this module 15x slower (28 s vs 2 s) without changing a result."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MSE_RATIOS = [1.0 - 0.025 * i for i in range(29)]  # 1.0 down to 0.30, as documented
 

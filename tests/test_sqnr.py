@@ -7,7 +7,6 @@ Floors were measured on ``W = randn(256, 512)`` (generator seed 1234, fp16 scale
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from functools import cache
 
 import pytest
@@ -15,16 +14,6 @@ import torch
 
 import linquant as lq
 from linquant.ops.packing import packed_nbytes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors: one intra-op thread. On the 2-core CI box, two OpenMP threads competing
-    with other processes made this module 15x slower (28 s vs 2 s) without changing a result."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 BITS = tuple(range(2, 9))
 
