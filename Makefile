@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps torchao
 	$(BIN)/python benchmarks/bench_quantize.py
 	cd benchmarks && ../$(BIN)/python bench_linear.py
+	$(BIN)/python benchmarks/bench_model.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,7 @@ path linquant's dispatcher picked, the one-time repack cost, and the machine.
 Rows: fp32 / bf16 ``nn.Linear``; linquant ``QuantLinear`` / ``W8A8Linear`` through the
 dispatcher ("auto"), and each CPU path forced, for W8A32 (int8 sym per-channel, fp32
 activations and math), W8A16 (same weight, bf16 activations), W4A16 (int4 groups, bf16
-activations), W8A8 (dynamic per-token; its only path is the reference, one ``_int_mm``);
+activations), W8A8 (dynamic per-token int8 activations: oneDNN or one ``torch._int_mm``);
 ``torch.ao.quantization.quantize_dynamic`` (fbgemm);
 torchao ``Int8DynamicActivationInt8WeightConfig`` and optimum-quanto int8 weights when they
 import.
@@ -63,15 +63,13 @@ def weight_bytes(m: nn.Module) -> int:
 
 def forced(path: str, mods: list[nn.Module]) -> list[Fn]:
     def one(q: nn.Module) -> Fn:
-        if isinstance(q, W8A8Linear):  # experiment: weight pre-transposed to [K, N]
-            wkn, ws = q.weight_qdata.t().contiguous(), q.weight_scale.reshape(1, -1)
-
-            def kn(x: torch.Tensor) -> torch.Tensor:
-                a_q, a_s = kernels.quantize_activation_per_token(x)
-                return torch._int_mm(a_q, wkn).to(torch.float32).mul_(a_s).mul_(ws)
-            return kn
+        if isinstance(q, W8A8Linear):
+            w, ws, wc = q.weight_qdata, q.weight_scale, q.kernel_cache()
+            if path == "cpu_onednn":
+                return lambda x: cpu.linear_w8a8_onednn(x, w, ws, None, None, None, wc)
+            return lambda x: kernels.reference.linear_w8a8(x, w, ws, None)
         assert isinstance(q, QuantLinear)
-        qw, cache = q.qweight, q._kernel_cache
+        qw, cache = q.qweight, q.kernel_cache()
         table: dict[str, Fn] = {
             "reference": lambda x: kernels.reference.linear_weight_only(x, qw, None),
             "cpu_blocked": lambda x: cpu.linear_blocked(x, qw, None),
@@ -88,7 +86,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--min-mib", type=int, default=256)
-    ap.add_argument("--only", default="", help="run only rows whose label contains this")
+    ap.add_argument("--only", default="",
+                    help="run only row groups whose label contains one of these "
+                         "comma-separated strings (fp32/bf16 nn.Linear always run)")
     ap.add_argument("--ms", default="1,16,256", help="token counts M, comma-separated")
     ap.add_argument("--runs", type=int, default=1,
                     help="time every cell this many times in a row and keep the "
@@ -147,9 +147,11 @@ def main() -> None:
         repack[scheme] = (time.perf_counter() - t0) * 1e3
     w8a8 = copies(lambda: W8A8Linear.from_float(base), N * K, args.min_mib)
     rows += [
-        ("W8A8 dynamic fp32 (auto = reference)", "auto", torch.float32, w8a8, ""),
-        ("  experiment: weight cached as [K, N]", "int_mm_kn", torch.float32, w8a8, ""),
+        ("W8A8 dynamic fp32 (auto)", "auto", torch.float32, w8a8, ""),
+        ("  reference (torch._int_mm)", "w8a8_reference", torch.float32, w8a8, ""),
     ]
+    if cpu.onednn_available():
+        rows.append(("  cpu_onednn", "cpu_onednn", torch.float32, w8a8, ""))
     # ---- other libraries ----
     from torch.ao.quantization import quantize_dynamic
 
@@ -196,7 +198,8 @@ def main() -> None:
     group = ""
     for label, path, dtype, mods, _ in rows:
         group = group if label.startswith(" ") else label  # forced paths follow their group
-        if args.only and args.only not in group and "nn.Linear" not in label:
+        if (args.only and not any(o in group for o in args.only.split(","))
+                and "nn.Linear" not in label):
             continue
         fns: list[Fn] = list(mods) if path in ("float", "auto") else forced(path, mods)
         call = rotate(fns)

@@ -20,10 +20,10 @@ PER_TENSOR = S("int8-sym-tensor")
 EXPECTED = {
     "w8a32": ("int8-sym-ch0-fp32", None, None),
     "w8a16": ("int8-sym-ch0-fp32", None, torch.bfloat16),
-    "w4a16-g32": ("int4-asym-g32-fp16", None, None),
-    "w4a16-g32-mse": ("int4-asym-g32-fp16-mse", None, None),
-    "w4a16-g128": ("int4-asym-g128-fp16", None, None),
-    "w4a16-sym-g32": ("int4-sym-g32-fp16", None, None),
+    "w4a16-g32": ("int4-asym-g32-fp16", None, torch.bfloat16),
+    "w4a16-g32-mse": ("int4-asym-g32-fp16-mse", None, torch.bfloat16),
+    "w4a16-g128": ("int4-asym-g128-fp16", None, torch.bfloat16),
+    "w4a16-sym-g32": ("int4-sym-g32-fp16", None, torch.bfloat16),
     "w8a8": ("int8-sym-ch0-fp32", "dynamic", None),
     "w8a8-static": ("int8-sym-ch0-fp32", "static", None),
 }
@@ -73,11 +73,11 @@ def test_config_is_frozen_and_hashable() -> None:
     cfg = PRESETS["w4a16-g32"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.weight = W8  # type: ignore[misc]
-    assert {cfg: 1}[QuantConfig(S("int4-asym-g32-fp16"))] == 1
+    assert {cfg: 1}[QuantConfig(S("int4-asym-g32-fp16"), compute_dtype=torch.bfloat16)] == 1
 
 
 def test_text_forms() -> None:
-    assert str(PRESETS["w4a16-g32"]) == "int4-asym-g32-fp16"
+    assert str(PRESETS["w4a16-g32"]) == "int4-asym-g32-fp16, compute bf16"
     assert str(PRESETS["w8a16"]) == "int8-sym-ch0-fp32, compute bf16"
     assert str(PRESETS["w8a8"]) == "int8-sym-ch0-fp32, act int8-sym-token dynamic"
     assert str(PRESETS["w8a8-static"]) == "int8-sym-ch0-fp32, act int8-sym-tensor static"

@@ -22,6 +22,11 @@ from linquant.errors import LinquantError
 from linquant.nn import QuantConv2d, QuantEmbedding, QuantLinear, W8A8Linear
 from linquant.scheme import QuantScheme
 
+# The w4a16 presets' weights, without their bf16 compute dtype: these tests compare fp32 outputs.
+W4 = QuantConfig(QuantScheme.parse("int4-asym-g32-fp16"))
+W4G128 = QuantConfig(QuantScheme.parse("int4-asym-g128-fp16"))
+W4SYM = QuantConfig(QuantScheme.parse("int4-sym-g32-fp16"))
+
 
 class Tiny(nn.Module):
     """Embedding, Conv2d, LayerNorm, an odd in_features (72) and parameter-free modules."""
@@ -79,7 +84,7 @@ def test_weight_only_swaps_every_supported_layer_and_reports_every_layer() -> No
     model = Tiny()
     reference = Tiny()
     reference.load_state_dict(model.state_dict())
-    report = quantize_model(model, "w4a16-g32")
+    report = quantize_model(model, W4)
     assert isinstance(model.emb, QuantEmbedding)
     assert isinstance(model.conv, QuantConv2d)
     assert isinstance(model.block[0], QuantLinear) and isinstance(model.block[2], QuantLinear)
@@ -105,7 +110,7 @@ def test_weight_only_swaps_every_supported_layer_and_reports_every_layer() -> No
 
 def test_group_size_falls_back_to_the_largest_divisor_and_says_so() -> None:
     model = Tiny()
-    report = quantize_model(model, "w4a16-g32")
+    report = quantize_model(model, W4)
     fc2 = report["block.2"]  # in_features 72: 32 does not divide it, 24 is the largest that does
     assert fc2.scheme == "int4-asym-g24-fp16"
     assert "group size 32 -> 24" in fc2.note and "in_features 72" in fc2.note
@@ -118,7 +123,7 @@ def test_group_size_falls_back_to_the_largest_divisor_and_says_so() -> None:
 
 def test_576_columns_with_group_128_use_group_96() -> None:
     model = nn.Sequential(nn.Linear(576, 8))
-    report = quantize_model(model, "w4a16-g128")
+    report = quantize_model(model, W4G128)
     assert report["0"].scheme == "int4-asym-g96-fp16"
     assert "group size 128 -> 96" in report["0"].note
 
@@ -128,10 +133,10 @@ def test_strict_refuses_the_fallback_and_changes_nothing() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(LinquantError, match=r"'block\.2'.*group size 32 does not divide "
                                             r"in_features 72.*24"):
-        quantize_model(model, "w4a16-g32", strict=True)
+        quantize_model(model, W4, strict=True)
     assert all(isinstance(m, nn.Linear) for m in (model.block[0], model.block[2], model.head))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    report = quantize_model(model, "w4a16-g32", strict=True, exclude=["block.2", "conv"])
+    report = quantize_model(model, W4, strict=True, exclude=["block.2", "conv"])
     assert report["block.0"].quantized
 
 
@@ -171,7 +176,7 @@ def test_patterns_that_match_nothing_are_reported() -> None:
 def test_dict_config_mixed_precision_first_match_wins() -> None:
     model = Tiny()
     w3 = QuantConfig(QuantScheme.parse("int3-sym-ch0"))
-    report = quantize_model(model, {"block.2": None, "block.*": "w4a16-sym-g32", "emb": w3,
+    report = quantize_model(model, {"block.2": None, "block.*": W4SYM, "emb": w3,
                                     "conv": "w8a32", "nothing": "w8a32"})
     assert report["block.0"].scheme == "int4-sym-g32-fp16"
     assert report["block.2"].reason == "config None for pattern 'block.2' (kept float)"
@@ -270,7 +275,7 @@ def test_hf_conv1d_is_quantized_in_its_transposed_layout() -> None:
     x = torch.randn(3, 72)
     with torch.no_grad():
         ref = model(x)
-    report = quantize_model(model, "w4a16-g32")
+    report = quantize_model(model, W4)
     row = report["0"]
     assert row.type == "Conv1D" and row.shape == (72, 16)
     assert row.scheme == "int4-asym-g24-fp16" and "in_features 72" in row.note
@@ -286,7 +291,7 @@ def test_tied_weight_is_quantized_once_and_stays_tied() -> None:
     reference = TiedLM()
     reference.load_state_dict(model.state_dict())
     before = _tensor_bytes(model)
-    report = quantize_model(model, "w4a16-g32")
+    report = quantize_model(model, W4)
     assert isinstance(model.embed, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
     for buf in ("weight_qdata", "weight_scale", "weight_zero_point"):
         assert getattr(model.lm_head, buf) is getattr(model.embed, buf)
@@ -372,14 +377,14 @@ def test_float_weights_are_freed() -> None:
 # ---- output ------------------------------------------------------------------------------------
 def test_repr_shows_the_scheme_of_each_layer() -> None:
     model = Tiny()
-    quantize_model(model, "w4a16-g32")
+    quantize_model(model, W4)
     text = repr(model)
     assert text.count("scheme=int4-asym-g32-fp16") == 3  # emb, block.0, head
     assert "scheme=int4-asym-g24-fp16" in text and "scheme=int4-asym-g18-fp16" in text
 
 
 def test_str_is_an_aligned_table_with_totals() -> None:
-    report = quantize_model(Tiny(), "w4a16-g32")
+    report = quantize_model(Tiny(), W4)
     text = str(report)
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["layer", "type", "shape", "scheme"]
@@ -394,7 +399,7 @@ def test_str_is_an_aligned_table_with_totals() -> None:
 
 
 def test_to_json_and_to_csv() -> None:
-    report = quantize_model(Tiny(), "w4a16-g32")
+    report = quantize_model(Tiny(), W4)
     data = json.loads(report.to_json())
     assert data["bytes_before"] == report.bytes_before
     assert data["bytes_after"] == report.bytes_after

@@ -5,8 +5,9 @@ A :class:`QuantConfig` says what every selected layer of a model becomes:
 * **weight-only** (``activation=None``): the weight is stored with ``weight`` (any
   :class:`~linquant.scheme.QuantScheme`); compute stays float. ``compute_dtype`` names the float
   dtype the model runs in (``None``: leave the model's dtype alone; ``torch.bfloat16`` for
-  ``w8a16``: :func:`~linquant.convert.quantize_model` casts the float parts of the model to bf16
-  and the quantized layers compute in bf16).
+  ``w8a16`` and the ``w4a16-*`` presets, whose names promise 16-bit activations:
+  :func:`~linquant.convert.quantize_model` casts the float parts of the model to bf16 and the
+  quantized layers compute in bf16, where the CPU int4/int8 kernels need it).
 * **W8A8** (``activation`` set): linear layers multiply int8 weights by int8 activations
   (``torch._int_mm``). Only one weight scheme is allowed, ``int8-sym-ch0-fp32`` (what
   :class:`~linquant.nn.W8A8Linear` computes with), and the activation scheme must be 8-bit with an
@@ -30,10 +31,10 @@ Presets (``get_config(name)``)::
     name           weight                  activations                     compute
     w8a32          int8-sym-ch0-fp32       float                           model dtype
     w8a16          int8-sym-ch0-fp32       float                           bfloat16
-    w4a16-g32      int4-asym-g32-fp16      float                           model dtype
-    w4a16-g32-mse  int4-asym-g32-fp16-mse  float                           model dtype
-    w4a16-g128     int4-asym-g128-fp16     float                           model dtype
-    w4a16-sym-g32  int4-sym-g32-fp16       float                           model dtype
+    w4a16-g32      int4-asym-g32-fp16      float                           bfloat16
+    w4a16-g32-mse  int4-asym-g32-fp16-mse  float                           bfloat16
+    w4a16-g128     int4-asym-g128-fp16     float                           bfloat16
+    w4a16-sym-g32  int4-sym-g32-fp16       float                           bfloat16
     w8a8           int8-sym-ch0-fp32       int8-sym per token, dynamic     int8 x int8
     w8a8-static    int8-sym-ch0-fp32       int8-sym per tensor, static     int8 x int8
                                            (calibrate first)
@@ -183,10 +184,10 @@ _PER_TENSOR = QuantScheme(bits=8, symmetric=True, granularity="tensor")
 PRESETS: Mapping[str, QuantConfig] = MappingProxyType({
     "w8a32": QuantConfig(W8A8_WEIGHT),
     "w8a16": QuantConfig(W8A8_WEIGHT, compute_dtype=torch.bfloat16),
-    "w4a16-g32": QuantConfig(_s("int4-asym-g32-fp16")),
-    "w4a16-g32-mse": QuantConfig(_s("int4-asym-g32-fp16-mse")),
-    "w4a16-g128": QuantConfig(_s("int4-asym-g128-fp16")),
-    "w4a16-sym-g32": QuantConfig(_s("int4-sym-g32-fp16")),
+    "w4a16-g32": QuantConfig(_s("int4-asym-g32-fp16"), compute_dtype=torch.bfloat16),
+    "w4a16-g32-mse": QuantConfig(_s("int4-asym-g32-fp16-mse"), compute_dtype=torch.bfloat16),
+    "w4a16-g128": QuantConfig(_s("int4-asym-g128-fp16"), compute_dtype=torch.bfloat16),
+    "w4a16-sym-g32": QuantConfig(_s("int4-sym-g32-fp16"), compute_dtype=torch.bfloat16),
     "w8a8": QuantConfig(W8A8_WEIGHT, _PER_TOKEN, "dynamic"),
     "w8a8-static": QuantConfig(W8A8_WEIGHT, _PER_TENSOR, "static"),
 })

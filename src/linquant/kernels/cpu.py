@@ -324,3 +324,100 @@ def linear_scratch(x: torch.Tensor, qt: QuantizedTensor,
         r1 = min(n, r0 + BLOCK_ROWS)
         deq.into(w[r0:r1], r0, r1)
     return _bias(F.linear(x, w), bias)  # bias after: autograd never saves the scratch weight
+
+
+# ---- W8A8 through oneDNN ---------------------------------------------------------------------
+
+# u8 x s8 products summed in int32: the raw sum before the zero-point correction reaches
+# 255 * 127 * K, so K is capped where that still fits.
+ONEDNN_MAX_K = (2**31 - 1) // (255 * 127)
+
+
+def onednn_available() -> bool:
+    """oneDNN's int8 linear (``torch.ops.onednn.qlinear_pointwise``) is present and exact here.
+
+    Needs a CPU with VNNI: without it oneDNN computes u8 x s8 with ``vpmaddubsw``, whose int16
+    pair sums saturate (its documented workaround halves the weights), so results would no
+    longer be the exact int32 products the reference computes."""
+    try:
+        op = torch.ops.onednn.qlinear_pointwise
+        prepack = torch.ops.onednn.qlinear_prepack
+    except (AttributeError, RuntimeError):
+        return False
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    mkldnn = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+    return op is not None and prepack is not None and mkldnn and vnni is not None and bool(vnni())
+
+
+_ONEDNN = onednn_available()
+
+
+def onednn_supported(x: torch.Tensor, w_int8: torch.Tensor) -> bool:
+    """Whether :func:`linear_w8a8_onednn` handles ``x`` and the int8 weight ``[N, K]``."""
+    return (
+        _ONEDNN
+        and x.device.type == "cpu"
+        and w_int8.device.type == "cpu"
+        and w_int8.dtype == torch.int8
+        and w_int8.dim() == 2
+        and 2 <= int(w_int8.shape[1]) <= ONEDNN_MAX_K
+        and int(w_int8.shape[0]) >= 1
+    )
+
+
+def _w8a8_key(w_int8: torch.Tensor) -> tuple[object, ...]:
+    return (torch.int8, (w_int8, _version(w_int8)))
+
+
+def repack_onednn(w_int8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(packed, ones [N], zeros [N] int32)``: oneDNN's blocked int8 weight plus unit weight
+    scales and zero weight zero points, so the op's fp32 output is the raw int32 product."""
+    n = int(w_int8.shape[0])
+    packed = torch.ops.onednn.qlinear_prepack(w_int8.contiguous(), None)
+    return packed, torch.ones(n, dtype=torch.float32), torch.zeros(n, dtype=torch.int32)
+
+
+def linear_w8a8_onednn(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    act_zero_point: torch.Tensor | None,
+    cache: Cache | None = None,
+) -> torch.Tensor:
+    """:func:`linquant.kernels.reference.linear_w8a8` with the int8 product done by oneDNN.
+
+    Activations are quantized by the reference functions (same codes), then shifted to the
+    unsigned codes oneDNN takes: a symmetric int8 code ``c`` becomes ``c + 128`` with zero point
+    128 (one XOR of the sign bit); static asymmetric codes are already uint8 with their own zero
+    point. oneDNN subtracts the zero point's contribution in int32, so with unit weight scales
+    its fp32 output is exactly ``acc.float()``; the rescale then runs in the reference's order,
+    and the result is bit-identical to the reference (tests assert it)."""
+    from linquant.kernels import reference
+
+    n, k = (int(d) for d in w_int8.shape)
+    packed, ones, zeros = _cached(cache, "onednn", _w8a8_key(w_int8),
+                                  lambda: repack_onednn(w_int8))
+    x2 = x.reshape(-1, k)
+    a_s: torch.Tensor
+    if act_scale is None:
+        a_q, a_s = reference.quantize_activation_per_token(x2)
+        a_u, zp = a_q.view(torch.uint8).bitwise_xor_(128), 128
+    elif act_zero_point is None:
+        a_u = reference.quantize_activation_per_tensor(x2, act_scale).view(torch.uint8)
+        a_u, zp = a_u.bitwise_xor_(128), 128
+        a_s = act_scale.reshape(1, 1).float()
+    else:
+        a_u = reference.quantize_activation_per_tensor(x2, act_scale, act_zero_point)
+        zp = int(act_zero_point.reshape(()).item())
+        a_s = act_scale.reshape(1, 1).float()
+    acc: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
+        a_u, 1.0, zp, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    ws = w_scale.reshape(1, n).float()
+    # the reference's order: dynamic (acc * a_s) * ws, static acc * (a_s * ws)
+    y = acc.mul_(a_s).mul_(ws) if act_scale is None else acc.mul_(a_s * ws)
+    if bias is not None:
+        y = y.add_(bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -36,6 +36,7 @@ from linquant.tensor import QuantizedTensor, quantize
 __all__ = [
     "COMPUTE_DTYPES",
     "HF_CONV1D",
+    "KernelCache",
     "QuantModule",
     "as_scheme",
     "is_hf_conv1d",
@@ -145,6 +146,21 @@ def as_scheme(scheme: QuantScheme | str, who: str) -> QuantScheme:
     return scheme
 
 
+class KernelCache(dict[str, Any]):
+    """A layer's repacked kernel layouts (see :mod:`linquant.kernels`).
+
+    Derived data only, rebuilt on first use: a copy or pickle of the layer (``copy.deepcopy``,
+    ``torch.save(model)``) gets an empty cache, so opaque layouts (oneDNN's packed weight cannot
+    be copied at all) never travel and a saved model never carries a second copy of its
+    weights."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KernelCache:
+        return KernelCache()
+
+    def __reduce__(self) -> tuple[type[KernelCache], tuple[()]]:
+        return (KernelCache, ())
+
+
 class QuantModule(nn.Module):
     """Base of the quantized modules: labels for errors, dtype-safe ``_apply``, weight buffers.
 
@@ -169,6 +185,14 @@ class QuantModule(nn.Module):
         if dtype not in COMPUTE_DTYPES:
             raise LinquantError(f"{self._label()}: weight dtype must be a float dtype, got {dtype}")
         self.weight_dtype = dtype
+
+    def kernel_cache(self) -> KernelCache:
+        """This layer's :class:`KernelCache` (created on first use; layers unpickled from older
+        versions have none yet)."""
+        cache = self.__dict__.get("_kernel_cache")
+        if not isinstance(cache, KernelCache):
+            cache = self.__dict__["_kernel_cache"] = KernelCache()
+        return cache
 
     # ---- errors ------------------------------------------------------------------------------
     def _label(self) -> str:

@@ -57,9 +57,6 @@ class QuantLinear(QuantModule):
         name: str = "",
     ) -> None:
         super().__init__(name=name, dtype=dtype)
-        # Repacked kernel layouts (see linquant.kernels): built on first forward, keyed by the
-        # buffers' storage and version, never part of state_dict.
-        self._kernel_cache: dict[str, Any] = {}
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         scheme = as_scheme(scheme, self._label())
@@ -104,12 +101,11 @@ class QuantLinear(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_last_dim(x, self.in_features)
-        cache = self.__dict__.setdefault("_kernel_cache", {})  # also for unpickled old layers
-        return kernels.linear_weight_only(x, self.qweight, self.bias, cache)
+        return kernels.linear_weight_only(x, self.qweight, self.bias, self.kernel_cache())
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self.__dict__.setdefault("_kernel_cache", {}).clear()  # buffers changed in place
+        self.kernel_cache().clear()  # buffers changed in place
 
     def extra_repr(self) -> str:
         return (

@@ -229,6 +229,7 @@ class W8A8Linear(QuantModule):
     ) -> None:
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self.kernel_cache().clear()  # buffers may have changed in place
         scale = self._buffers.get("input_scale")
         if scale is not None and scale.device.type != "meta":
             self._calibrated = bool(torch.isfinite(scale).all() and (scale > 0).all())
@@ -237,7 +238,8 @@ class W8A8Linear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_last_dim(x, self.in_features)
         if self.activation == "dynamic":
-            return kernels.linear_w8a8(x, self.weight_qdata, self.weight_scale, self.bias)
+            return kernels.linear_w8a8(x, self.weight_qdata, self.weight_scale, self.bias,
+                                       cache=self.kernel_cache())
         if self.observing:
             return kernels.linear_weight_only(x, self.qweight, self.bias)
         if not self._calibrated:
@@ -252,6 +254,7 @@ class W8A8Linear(QuantModule):
             self.bias,
             self._buffers["input_scale"],
             self._buffers.get("input_zero_point"),
+            self.kernel_cache(),
         )
 
     def extra_repr(self) -> str:
