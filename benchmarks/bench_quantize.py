@@ -8,12 +8,23 @@ Compares, in one process, on the same tensor:
 Prints GB/s of fp32 input and the ratio to torchao, and checks that linquant's codes equal the
 eager reference exactly.
 
-    python benchmarks/bench_quantize.py [--repeats 15]
+With ``--device cuda``: an 8192x8192 fp32 and bf16 weight on the GPU, where ``lq.quantize`` runs
+the one-kernel Triton path (linquant.kernels.triton_quant) when triton is installed. Prints, per
+case, the time (median of repeats, wall clock between ``torch.cuda.synchronize()`` calls, so
+launches and the path's one host sync are included), GB/s of input, GB/s of traffic (input read
++ codes and parameters written), that traffic as a percentage of a device-to-device copy's
+(``dst.copy_(src)`` of the same input, read + write) measured in the same run, the torch-ops path
+on the same GPU for comparison, and whether both paths give identical bytes.
+
+    python benchmarks/bench_quantize.py [--repeats 15] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 from _common import machine, median_ms
@@ -72,10 +83,88 @@ CASES = [
 ]
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_median_ms(fn: Callable[[], object], *, repeats: int = 15, warmup: int = 3,
+                   device: str = "cuda") -> float:
+    """Median wall time of ``fn`` with the GPU drained before and after each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _qt_nbytes(qt: lq.QuantizedTensor) -> int:
+    return sum(t.nbytes for t in qt.tensors().values())
+
+
+def _same_bytes(a: lq.QuantizedTensor, b: lq.QuantizedTensor) -> bool:
+    ta, tb = a.tensors(), b.tensors()
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def main_cuda(args: argparse.Namespace, device: str = "cuda") -> None:
+    """The GPU section (``device="cpu"`` under ``TRITON_INTERPRET=1`` only smoke-tests it)."""
+    from linquant.kernels import triton_quant
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    print(f"device: {name}, torch {torch.__version__}, "
+          f"triton path: {'yes' if triton_quant.triton_available() else 'no (not installed)'}")
+    n = args.size
+    print(f"input: {n}x{n}; median of {args.repeats} after warm-up")
+    print(f"{'case':34} {'ms':>8} {'in GB/s':>9} {'traffic':>9} {'% copy':>7} "
+          f"{'torch ms':>9} {'speedup':>8}  bytes")
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        w = torch.randn(n, n, device=device).to(dtype)
+        dst = torch.empty_like(w)
+        t_copy = cuda_median_ms(lambda w=w, dst=dst: dst.copy_(w), repeats=args.repeats,
+                                device=device)
+        copy_gbs = 2 * w.nbytes / t_copy / 1e6
+        dname = str(dtype).replace("torch.", "")
+        print(f"{'device-to-device copy ' + dname:34} {t_copy:8.3f} {w.nbytes / t_copy / 1e6:9.1f} "
+              f"{copy_gbs:9.1f} {100.0:6.0f}%")
+        for label, text, _, _, _ in CASES:
+            scheme = lq.QuantScheme.parse(text)
+            t_lq = cuda_median_ms(lambda s=scheme, w=w: lq.quantize(w, s), repeats=args.repeats,
+                                  device=device)
+            qt = lq.quantize(w, scheme)
+            triton_quant.ENABLED = False
+            try:
+                t_torch = cuda_median_ms(lambda s=scheme, w=w: lq.quantize(w, s),
+                                         repeats=args.repeats, device=device)
+                ref = lq.quantize(w, scheme)
+            finally:
+                triton_quant.ENABLED = True
+            traffic = (w.nbytes + _qt_nbytes(qt)) / t_lq / 1e6
+            print(f"{label + ' ' + dname:34} {t_lq:8.3f} {w.nbytes / t_lq / 1e6:9.1f} "
+                  f"{traffic:9.1f} {100 * traffic / copy_gbs:6.0f}% {t_torch:9.3f} "
+                  f"{t_torch / t_lq:7.1f}x  {'identical' if _same_bytes(qt, ref) else 'DIFFER'}")
+        del w, dst
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--size", type=int, default=8192, help="--device cuda: weight side")
     args = ap.parse_args()
+    if args.device == "cuda":
+        main_cuda(args)
+        return
     torch.manual_seed(0)
     w = torch.randn(4096, 4096)
     gb = w.nbytes / 1e9

@@ -175,6 +175,10 @@ def quantize(
     x = _check_input(x, name)
     shape = tuple(x.shape)
     g = granules(shape, scheme, name)
+    if x.device.type == "cuda":
+        fast = _quantize_triton(x, scheme, g)
+        if fast is not None:
+            return fast
     x3 = x.detach().contiguous().view(g.shape3)  # [outer, C, inner]
     qp = choose_qparams(x3, g, scheme, name, shape)
     qdata = quantize_packed(x3, qp, scheme)
@@ -182,6 +186,24 @@ def quantize(
     zp = None if qp.zero_point is None else pack(qp.zero_point, scheme.bits)
     offset = None if qp.offset is None else qp.offset.reshape(sshape)
     return QuantizedTensor(qdata, qp.scale.reshape(sshape), zp, offset, scheme, shape, x.dtype)
+
+
+def _quantize_triton(
+    x: torch.Tensor, scheme: QuantScheme, g: Granules
+) -> QuantizedTensor | None:
+    """The one-kernel CUDA path (:mod:`linquant.kernels.triton_quant`): the same bytes as the
+    torch ops below, or None where it does not apply (then they run, and raise on bad input)."""
+    from linquant.kernels import triton_quant
+
+    out = triton_quant.quantize(x, scheme, g)
+    if out is None:
+        return None
+    qdata, scale, zp, offset = out
+    shape = tuple(x.shape)
+    sshape = scale_shape(shape, scheme)
+    return QuantizedTensor(qdata, scale.reshape(sshape), zp,
+                           None if offset is None else offset.reshape(sshape),
+                           scheme, shape, x.dtype)
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:

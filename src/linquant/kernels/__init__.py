@@ -28,6 +28,16 @@ then matmul costs microseconds) and every other device use ``reference``, bit-id
 grad while grad is enabled (the fast paths use ``out=`` ops, aten ops without a backward and
 reused buffers; a float bias that requires grad is fine: it is added after the product).
 
+Weight-only linear on CUDA: ``cuda_triton`` whenever triton is importable and
+:func:`linquant.kernels.triton_linear.supported` holds (4- / 8-bit codes, group-wise with a
+group of whole 32-bit words, per-output-channel or per-tensor parameters, any mode: symmetric,
+integer zero point, float offset; bf16 / fp16 activations, fp32 only for one token; ``K`` a
+multiple of 8 / 4; no autograd through ``x``): Triton kernels that unpack and dequantize inside
+the matmul (a GEMV for one token, a split-K ``tl.dot`` kernel up to 64 tokens, a tiled
+autotuned ``tl.dot`` GEMM beyond), on a layout cached in the layer's ``cache``. Checked against
+the reference in Triton's interpreter (half-precision tolerance); not yet timed on a GPU (see
+benchmarks/bench_gpu.py). Otherwise ``reference``.
+
 W8A8 (:func:`linear_w8a8`, chosen by :func:`select_w8a8_path`) on CPU:
 
 1. ``cpu_onednn``: ``M >= ONEDNN_MIN_M`` (2), a CPU with VNNI and ``K <= cpu.ONEDNN_MAX_K``:
@@ -37,6 +47,13 @@ W8A8 (:func:`linear_w8a8`, chosen by :func:`select_w8a8_path`) on CPU:
    because ``_int_mm`` repacks the ``[N, K]`` weight on every call.
 2. ``reference``: one ``torch._int_mm`` plus a rescale. At ``M == 1`` it streams the weight at
    memory speed and beat oneDNN (0.61 vs 0.75 ms for 4096 x 4096), so it stays the M = 1 path.
+
+W8A8 on CUDA: ``cuda_triton_w8a8`` whenever triton is importable and
+:func:`linquant.kernels.triton_w8a8.supported` holds (fp32 / fp16 / bf16 activations, a row-major
+int8 weight on the same device, no autograd through ``x``): a Triton activation-quantization
+kernel and an int8 ``tl.dot`` GEMM with the rescale in its epilogue, bit-identical to the
+reference by construction (checked in Triton's interpreter; not yet timed on a GPU). Otherwise
+``reference``.
 
 Layers pass a ``cache`` dict they own: repacked kernel layouts are built on first use and kept
 there (never in ``state_dict``; the file format stays canonical). The cache key includes the
@@ -50,7 +67,7 @@ from typing import Any
 
 import torch
 
-from linquant.kernels import cpu, reference
+from linquant.kernels import cpu, reference, triton_linear, triton_w8a8
 from linquant.kernels.reference import (
     int8_matmul,
     int_mm_supported,
@@ -81,8 +98,8 @@ __all__ = [
     "select_w8a8_path",
 ]
 
-PATHS = ("reference", "cpu_int4pack", "cpu_int8pack", "cpu_blocked", "cpu_scratch")
-W8A8_PATHS = ("reference", "cpu_onednn")
+PATHS = ("reference", "cpu_int4pack", "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_triton")
+W8A8_PATHS = ("reference", "cpu_onednn", "cuda_triton_w8a8")
 INT4PACK_MAX_M = 64
 INT8PACK_MAX_M = 32
 BLOCKED_MAX_M = 128
@@ -93,6 +110,9 @@ ONEDNN_MIN_M = 2
 
 def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
     """Which implementation :func:`linear_weight_only` uses for ``x`` and ``qweight``."""
+    if x.device.type == "cuda":
+        ok = triton_linear.triton_available() and triton_linear.supported(qweight, x)
+        return "cuda_triton" if ok else "reference"
     if (x.device.type != "cpu" or qweight.device.type != "cpu" or len(qweight.shape) != 2
             or x.numel() == 0 or x.dtype not in reference.COMPUTE_DTYPES
             or qweight.numel < MIN_FAST_NUMEL
@@ -113,6 +133,8 @@ def select_w8a8_path(
     x: torch.Tensor, w_int8: torch.Tensor, act_scale: torch.Tensor | None = None
 ) -> str:
     """Which implementation :func:`linear_w8a8` uses for ``x`` and the int8 weight ``[N, K]``."""
+    if x.device.type == "cuda" and triton_w8a8.supported(x, w_int8):
+        return "cuda_triton_w8a8"
     if (x.device.type == "cpu" and x.numel() > 0 and w_int8.numel() >= MIN_FAST_NUMEL
             and cpu.onednn_supported(x, w_int8)
             and x.numel() // int(w_int8.shape[1]) >= ONEDNN_MIN_M):
@@ -131,6 +153,8 @@ def linear_weight_only(
 
     ``cache``: a dict owned by the caller (a layer) where repacked layouts are kept."""
     path = select_path(x, qweight) if isinstance(x, torch.Tensor) else "reference"
+    if path == "cuda_triton":
+        return triton_linear.linear(x, qweight, bias, cache)
     if path == "cpu_int4pack":
         return cpu.linear_int4pack(x, qweight, bias, cache)
     if path == "cpu_int8pack":
@@ -156,6 +180,8 @@ def linear_w8a8(
     path = select_w8a8_path(x, w_int8, act_scale) if isinstance(x, torch.Tensor) else "reference"
     if path == "cpu_onednn":
         return cpu.linear_w8a8_onednn(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
+    if path == "cuda_triton_w8a8":
+        return triton_w8a8.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
     return reference.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point)
 
 

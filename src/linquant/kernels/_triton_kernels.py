@@ -1,0 +1,351 @@
+# mypy: allow-untyped-defs, allow-incomplete-defs, allow-untyped-calls, allow-untyped-decorators
+"""Triton kernel sources for :mod:`linquant.kernels.triton_linear` (see its docstring).
+
+Imported only by that module, lazily, when a kernel is first needed: importing this module
+imports Triton, and ``@triton.jit`` reads ``TRITON_INTERPRET`` at decoration time (the
+interpreter runs the same kernels on CPU tensors). Kept apart from the launcher because the
+kernels and their helpers must be module globals (the interpreter does not see closures).
+
+Literals in the kernels: 0x4B000000 is the fp32 bit pattern of 2**23 (OR-ing a code u < 2**23
+into it gives 2**23 + u) and 8388608.0 is 2**23. -2004318072 and -2139062144 are the int32
+values of 0x88888888 and 0x80808080.
+"""
+
+# ruff: noqa: SIM108  (compile-time if/else blocks read better than ternaries in kernels)
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from linquant.kernels.triton_linear import _interpreting
+
+__all__ = ["INTERPRETED", "gemv_kernel", "mm_kernel"]
+
+# Whether these functions were decorated for Triton's CPU interpreter.
+INTERPRETED = _interpreting()
+
+
+@triton.jit
+def _piece(wq, i: tl.constexpr, BITS: tl.constexpr, c, s, m,
+           SCALE: tl.constexpr, OFFSET: tl.constexpr):
+    # code i of every word, exact, as fp32: ((u_i | 0x4B000000) as fp32) - c, then * s + m
+    u = (wq >> (BITS * i)) & ((1 << BITS) - 1)
+    f = (u | 0x4B000000).to(tl.float32, bitcast=True) - c
+    if SCALE:
+        f = f * s
+    if OFFSET:
+        f = f + m
+    return f
+
+
+@triton.jit
+def _tile(wq, c, s, m, BITS: tl.constexpr, SCALE: tl.constexpr,
+          OFFSET: tl.constexpr, DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # [BN, BK / codes_per_word] words -> [BN, BK] weights in DT, in K order (codes of a
+    # word are interleaved back with joins on a new last axis, then merged by reshape)
+    if BITS == 4:
+        p0 = _piece(wq, 0, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        p1 = _piece(wq, 1, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        p2 = _piece(wq, 2, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        p3 = _piece(wq, 3, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        p4 = _piece(wq, 4, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        p5 = _piece(wq, 5, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        p6 = _piece(wq, 6, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        p7 = _piece(wq, 7, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
+                    tl.join(tl.join(p1, p5), tl.join(p3, p7)))  # [.., x, y, z]: 4x+2y+z
+    else:
+        p0 = _piece(wq, 0, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        p1 = _piece(wq, 1, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        p2 = _piece(wq, 2, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        p3 = _piece(wq, 3, BITS, c, s, m, SCALE, OFFSET).to(DT)
+        w = tl.join(tl.join(p0, p2), tl.join(p1, p3))  # [.., x, z]: 2x+z
+    return tl.reshape(w, (BN, BK))
+
+
+@triton.jit
+def _dot(a, b, acc, INTERP: tl.constexpr):
+    if INTERP:  # the 3.9 interpreter mis-computes bf16 dots; fp32 copies are exact
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
+                N, K, KW, SPLIT_K,
+                BITS: tl.constexpr, SYM: tl.constexpr, HAS_Z: tl.constexpr, HAS_M: tl.constexpr,
+                HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP: tl.constexpr,
+                ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``y[0, n] = sum_k x[0, k] w[n, k] (+ bias)`` for one token (see the launcher's doc).
+
+    Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; each program reduces ``BLOCK_N`` rows over its share
+    of K tiles. ``ATOMIC``: ``y`` is a zeroed fp32 buffer and the splits add into it.
+    """
+    CPW: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BLOCK_K // CPW
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    XOR: tl.constexpr = -2004318072 if BITS == 4 else -2139062144  # 0x88888888 / 0x80808080
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, BKW)
+    n_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, n_tiles)
+    w_rows = w_ptr + offs_n[:, None] * KW
+
+    # per-row parameters, for per-channel weights (constant over K)
+    s_row = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        c_row = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+    elif SYM:
+        c_row = tl.zeros((BLOCK_N,), tl.float32) + (8388608.0 + HALF)
+    else:
+        c_row = tl.zeros((BLOCK_N,), tl.float32) + 8388608.0
+    if HAS_M:
+        m_row = tl.load(m_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        m_row = tl.zeros((BLOCK_N,), tl.float32)
+
+    acc = tl.zeros((BLOCK_N, BKW), tl.float32)
+    xs = tl.zeros((BKW,), tl.float32)  # running sum of x (per-channel float offset)
+    w_end = tl.minimum(KW, t1 * BKW)  # this split's words end here
+    wcol = t0 * BKW + offs_w
+    wq_next = tl.load(w_rows + wcol[None, :], mask=n_mask[:, None] & (wcol < w_end)[None, :],
+                      other=0)
+    for t in range(t0, t1):
+        wq = wq_next
+        wcol = t * BKW + offs_w
+        w_in = wcol < KW
+        ncol = wcol + BKW  # prefetch the next tile while this one is reduced
+        wq_next = tl.load(w_rows + ncol[None, :],
+                          mask=n_mask[:, None] & (ncol < w_end)[None, :], other=0)
+        if SYM:
+            wq = wq ^ XOR
+        # (c, s, m) of this tile: per row, per row and tile, or per row and word
+        if PER_CHANNEL:
+            c = c_row[:, None]
+            s = s_row[:, None]
+            m = m_row[:, None]
+        elif GROUP % BLOCK_K == 0:
+            g_off = (t * BLOCK_K // GROUP) * N + offs_n
+            s = tl.load(s_ptr + g_off, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            if HAS_Z:
+                c = (tl.load(z_ptr + g_off, mask=n_mask, other=0).to(tl.float32)
+                     + 8388608.0)[:, None]
+            else:
+                c = c_row[:, None]
+            if HAS_M:
+                m = tl.load(m_ptr + g_off, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            else:
+                m = m_row[:, None]
+        else:
+            g_off = ((wcol * CPW) // GROUP)[None, :] * N + offs_n[:, None]
+            p_mask = n_mask[:, None] & w_in[None, :]
+            s = tl.load(s_ptr + g_off, mask=p_mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                c = tl.load(z_ptr + g_off, mask=p_mask, other=0).to(tl.float32) + 8388608.0
+            else:
+                c = c_row[:, None]
+            if HAS_M:
+                m = tl.load(m_ptr + g_off, mask=p_mask, other=0.0).to(tl.float32)
+            else:
+                m = m_row[:, None]
+        part = tl.zeros((BLOCK_N, BKW), tl.float32)
+        xt = tl.zeros((BKW,), tl.float32)
+        for i in tl.static_range(CPW):
+            xi = tl.load(x_ptr + wcol * CPW + i, mask=w_in, other=0.0).to(tl.float32)
+            u = (wq >> (BITS * i)) & ((1 << BITS) - 1)
+            f = (u | 0x4B000000).to(tl.float32, bitcast=True)
+            part += xi[None, :] * (f - c)
+            if HAS_M:
+                xt += xi
+        if PER_CHANNEL:
+            acc += part
+            if HAS_M:
+                xs += xt
+        else:
+            acc += part * s
+            if HAS_M:
+                acc += m * xt[None, :]
+    y = tl.sum(acc, axis=1)
+    if PER_CHANNEL:
+        y = y * s_row
+        if HAS_M:
+            y += m_row * tl.sum(xs, axis=0)
+    if HAS_BIAS:  # added once: by the first K split
+        b_end = N - N * tl.minimum(pid_k, 1)  # N for the first split, else 0
+        y += tl.load(b_ptr + offs_n, mask=offs_n < b_end, other=0.0).to(tl.float32)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + offs_n, y, mask=n_mask)
+    else:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (fewer compiles)
+def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
+              M, N, K, KW, stride_xm, M_BUCKET,
+              BITS: tl.constexpr, SYM: tl.constexpr, HAS_Z: tl.constexpr, HAS_M: tl.constexpr,
+              HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP: tl.constexpr,
+              ATOMIC: tl.constexpr, INTERP: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              SPLIT_K: tl.constexpr, SWAP: tl.constexpr, GROUP_M: tl.constexpr):
+    """``y = x @ w.T (+ bias)`` with ``tl.dot``, tiles ``[BLOCK_M, BLOCK_N]`` (the split-K and
+    the tiled kernel; see the launcher's doc).
+
+    Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``, programs grouped by ``GROUP_M``
+    rows of tiles. ``SWAP``: compute ``y^T = w @ x^T`` (the weight tile is the left operand).
+    ``ATOMIC``: ``y`` is a zeroed fp32 buffer and the K splits add into it. ``M_BUCKET`` is
+    only an autotuning key (``M`` rounded up to a power of two).
+    """
+    CPW: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BLOCK_K // CPW
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    XOR: tl.constexpr = -2004318072 if BITS == 4 else -2139062144
+    # group-wise with one group per K tile and a small BLOCK_M: integer codes go into the
+    # dot and the tile's scale multiplies the [BLOCK_M, BLOCK_N] partial product instead
+    # of every weight; per-channel: the scale is applied once, after the loop
+    TILE_SCALE: tl.constexpr = (not PER_CHANNEL) and BLOCK_M <= 32 and GROUP % BLOCK_K == 0
+    DT = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsz
+    pid_n = (pid % width) // gsz
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, BKW)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, n_tiles)
+    w_rows = w_ptr + offs_n[:, None] * KW
+
+    s_row = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        c_row = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+    elif SYM:
+        c_row = tl.zeros((BLOCK_N,), tl.float32) + (8388608.0 + HALF)
+    else:
+        c_row = tl.zeros((BLOCK_N,), tl.float32) + 8388608.0
+    if HAS_M:
+        m_row = tl.load(m_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        m_row = tl.zeros((BLOCK_N,), tl.float32)
+
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    xs = tl.zeros((BLOCK_M,), tl.float32)  # sum of x over K (per-channel float offset)
+    for t in range(t0, t1):
+        wcol = t * BKW + offs_w
+        w_in = wcol < KW
+        wq = tl.load(w_rows + wcol[None, :], mask=n_mask[:, None] & w_in[None, :], other=0)
+        if SYM:
+            wq = wq ^ XOR
+        kk = t * BLOCK_K + offs_k
+        k_in = kk < K
+        if SWAP:
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+                         mask=k_in[:, None] & m_mask[None, :], other=0.0)  # [BK, BM]
+        else:
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                         mask=m_mask[:, None] & k_in[None, :], other=0.0)  # [BM, BK]
+        if PER_CHANNEL:
+            w = _tile(wq, c_row[:, None], 0.0, 0.0, BITS, False, False, DT, BLOCK_N, BLOCK_K)
+            if SWAP:
+                acc = _dot(w, xt, acc, INTERP)
+                if HAS_M:
+                    xs += tl.sum(xt.to(tl.float32), axis=0)
+            else:
+                acc = _dot(xt, tl.trans(w), acc, INTERP)
+                if HAS_M:
+                    xs += tl.sum(xt.to(tl.float32), axis=1)
+        elif GROUP % BLOCK_K == 0:  # the whole tile is in one group
+            g_off = (t * BLOCK_K // GROUP) * N + offs_n
+            s = tl.load(s_ptr + g_off, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                c = tl.load(z_ptr + g_off, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+            else:
+                c = c_row
+            if HAS_M:
+                m = tl.load(m_ptr + g_off, mask=n_mask, other=0.0).to(tl.float32)
+            else:
+                m = m_row
+            if TILE_SCALE:
+                w = _tile(wq, c[:, None], 0.0, 0.0, BITS, False, False, DT, BLOCK_N,
+                          BLOCK_K)
+                if SWAP:
+                    part = _dot(w, xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), INTERP)
+                    acc += part * s[:, None]
+                    if HAS_M:
+                        acc += m[:, None] * tl.sum(xt.to(tl.float32), axis=0)[None, :]
+                else:
+                    part = _dot(xt, tl.trans(w), tl.zeros((BLOCK_M, BLOCK_N), tl.float32),
+                                INTERP)
+                    acc += part * s[None, :]
+                    if HAS_M:
+                        acc += tl.sum(xt.to(tl.float32), axis=1)[:, None] * m[None, :]
+            else:
+                w = _tile(wq, c[:, None], s[:, None], m[:, None], BITS, True, HAS_M, DT,
+                          BLOCK_N, BLOCK_K)
+                if SWAP:
+                    acc = _dot(w, xt, acc, INTERP)
+                else:
+                    acc = _dot(xt, tl.trans(w), acc, INTERP)
+        else:  # groups smaller than (or straddling) the tile: parameters per word
+            g_off = ((wcol * CPW) // GROUP)[None, :] * N + offs_n[:, None]
+            p_mask = n_mask[:, None] & w_in[None, :]
+            s = tl.load(s_ptr + g_off, mask=p_mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                c = tl.load(z_ptr + g_off, mask=p_mask, other=0).to(tl.float32) + 8388608.0
+            else:
+                c = c_row[:, None] + tl.zeros((BLOCK_N, BKW), tl.float32)
+            if HAS_M:
+                m = tl.load(m_ptr + g_off, mask=p_mask, other=0.0).to(tl.float32)
+            else:
+                m = s
+            w = _tile(wq, c, s, m, BITS, True, HAS_M, DT, BLOCK_N, BLOCK_K)
+            if SWAP:
+                acc = _dot(w, xt, acc, INTERP)
+            else:
+                acc = _dot(xt, tl.trans(w), acc, INTERP)
+
+    b_end = N - N * tl.minimum(pid_k, 1)  # bias: added by the first K split only
+    if SWAP:  # acc is y^T: [BLOCK_N, BLOCK_M]
+        if PER_CHANNEL:
+            acc = acc * s_row[:, None]
+            if HAS_M:
+                acc += m_row[:, None] * xs[None, :]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=offs_n < b_end, other=0.0)
+            acc += bias.to(tl.float32)[:, None]
+        y_ptrs = y_ptr + offs_m[None, :] * N + offs_n[:, None]
+        y_mask = n_mask[:, None] & m_mask[None, :]
+    else:
+        if PER_CHANNEL:
+            acc = acc * s_row[None, :]
+            if HAS_M:
+                acc += xs[:, None] * m_row[None, :]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=offs_n < b_end, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
+        y_mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)

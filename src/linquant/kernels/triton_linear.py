@@ -1,0 +1,602 @@
+"""Triton kernels for weight-only quantized linear layers (W4A16, W8A16) on CUDA GPUs.
+
+``y = x @ dequantize(W).T + bias`` with the unpacking and dequantization fused into the
+product: the float weight is never materialized, not even one tile in global memory. Formula
+and oracle: :func:`linquant.kernels.reference.linear_weight_only`.
+
+Layout (built once per weight by :func:`repack`, kept in the layer's ``cache`` dict, never in
+``state_dict``):
+
+* codes: the canonical packed stream (:mod:`linquant.ops.packing`) read in place as int32 words
+  ``[N, K * bits / 32]``: row-major over ``[N, K]`` it already is a K-major layout, and word
+  ``j`` of row ``n`` holds codes ``k = 32/bits * j + i`` at bits ``[bits * i, bits * (i + 1))``
+  (little-endian). No copy is made unless the buffer is not 16-byte aligned.
+* scales, integer zero points (uint8), float offsets: transposed to ``[G, N]`` (``G = K / g``
+  groups; 1 for per-channel and per-tensor weights) so a tile's parameters are one contiguous
+  load along ``N``. Scales and offsets keep their storage dtype and are widened to fp32 in
+  the kernel (exact).
+
+Dequantization, per code (fp32, no int-to-float instruction): symmetric codes are two's
+complement, so ``word ^ 0x88888888`` (``0x80808080`` for 8 bits) turns every code ``c`` into
+the unsigned ``u = c + 2**(bits-1)``; ``u | 0x4B000000`` read as fp32 is exactly ``2**23 + u``,
+and subtracting ``C = 2**23 + 2**(bits-1)`` (symmetric), ``2**23 + z`` (integer zero point) or
+``2**23`` (float offset) gives the exact integer ``q``; then ``w = s * q (+ m)``. Where the
+scale is constant over a whole reduction (per-channel weights: the full ``K``; group-wise
+weights with ``g % BLOCK_K == 0`` in the small-M dot kernel: one K tile) the integers ``q``
+go into the product unscaled (they are exact in bf16 and fp16: ``|q| <= 255``) and the scale
+(and ``m * sum(x)``) is applied once to the partial sums.
+
+Kernels (:func:`kernel_for` picks one by the number of tokens ``M``):
+
+``gemv``    ``M <= GEMV_MAX_M`` (1). CUDA cores, no tensor cores: a program streams ``BLOCK_N``
+            weight rows (coalesced along K) and keeps ``[BLOCK_N, BLOCK_K / codes_per_word]``
+            fp32 partial sums; the 8 (4) codes of a word are reduced in registers. Split-K
+            (fp32 atomics into a zeroed buffer, then one cast) only when ``N`` is too small to
+            fill the GPU. fp32 activations are supported here (W8A32 / W4A32 decode).
+``splitk``  ``GEMV_MAX_M < M <= SKINNY_MAX_M`` (64). ``tl.dot`` with ``BLOCK_M = 16 / 32 / 64``
+            and split-K (fp32 atomics, then one cast); optionally "swap AB" (the weight tile is
+            the left operand, ``y^T = W x^T``, so it can feed the MMA from registers).
+``tiled``   ``M > SKINNY_MAX_M``. Classic tiled ``tl.dot`` GEMM (bf16/fp16 in, fp32
+            accumulate), grouped program order for L2 reuse, a few autotuned configs
+            (:data:`CONFIGS`), also with swap-AB variants (there the weight tile feeds
+            ``wgmma`` from registers, and the MMA overlaps the next tile's dequantization).
+
+Groups smaller than ``BLOCK_K`` (g32 with 64/128-wide K tiles) load one parameter set per
+32-bit word; unswapped ``tl.dot`` tiles are switched to the swapped form for them
+(:func:`fit_config`). ``M`` is not specialized on (one binary per M range); the autotuning
+keys are ``N``, ``K``, the scheme and ``M`` rounded up to a power of two (``BLOCK_M`` for
+``splitk``). Kernel sources: :mod:`linquant.kernels._triton_kernels`, imported on the first
+launch: ``TRITON_INTERPRET`` must be set before that.
+
+If a kernel raises on the automatic path (a Triton compile error on a Triton version other
+than the ones checked), :func:`linear` warns once, returns the reference result and
+:func:`supported` is False for those inputs from then on (:func:`failures` lists them), so a
+model keeps running; explicit ``kernel`` / ``config`` calls re-raise.
+
+Support (:func:`supported`): 4- and 8-bit codes; group-wise (any group size that divides ``K``
+and is a multiple of 8 / 4 codes, i.e. of a word), per-output-channel (axis 0) or per-tensor;
+symmetric, asymmetric with integer zero point, asymmetric with float offset; activations bf16
+/ fp16 at every ``M``, fp32 only at ``M <= GEMV_MAX_M`` (larger fp32 inputs use the
+reference: fp32 ``tl.dot`` would be TF32 or a slow exact emulation); ``K`` a multiple of 8
+(4-bit) / 4 (8-bit); any ``N``; CUDA tensors, or CPU tensors while Triton's interpreter is on
+(``TRITON_INTERPRET=1``, for tests). Everything else falls back to the reference in the
+dispatcher.
+
+What is verified where: correctness of every kernel and every config in :data:`CONFIGS` is
+tested in Triton's CPU interpreter (tests/kernels/test_triton_linear.py, small odd shapes, all
+schemes, bf16 / fp16 / fp32) against the reference within half-precision tolerance
+(``|y - ref| <= 2e-2 * max|ref|``; 1e-4 for fp32). In the interpreter ``tl.dot`` runs on fp32
+copies of the bf16/fp16 operands (exact, the same products) because Triton 3.9's interpreter
+mis-computes bf16 dots, and it rounds fp32 -> bf16 toward zero (the GPU rounds to nearest).
+Compilation for Hopper was checked without a GPU with Triton 3.9's NVIDIA backend (sm_90a PTX
+and cubin; every config for 4- and 8-bit, all modes, bf16 / fp16, with and without the
+divisibility hints of odd shapes: no register spills, ``wgmma`` in the tiled and swapped
+split-K kernels, ``cp.async`` pipelining of codes, scales and activations); one Triton bug
+found that way is avoided by :func:`fit_config`, and a test keeps compiling one config per
+kernel. Running on a GPU, results there, Triton 3.6 (the GPU machine's version) and any speed
+are NOT verified here: the ``cuda`` tests and benchmarks/bench_gpu.py do that on a machine
+with one. Block sizes, warp counts and the layout were chosen by reasoning about H100/H200
+(memory-bound small M, tensor-core-bound large M) and by reading the compiled PTX, not by
+measurement.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from linquant.errors import LinquantError
+from linquant.kernels import reference
+from linquant.kernels.cpu import _cached, _key
+from linquant.tensor import QuantizedTensor
+
+__all__ = [
+    "CONFIGS",
+    "GEMV_MAX_M",
+    "KERNELS",
+    "SKINNY_MAX_M",
+    "TritonPack",
+    "failures",
+    "fit_config",
+    "kernel_for",
+    "linear",
+    "repack",
+    "supported",
+    "triton_available",
+]
+
+GEMV_MAX_M = 1
+SKINNY_MAX_M = 64
+KERNELS = ("gemv", "splitk", "tiled")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+_INT32_LIMIT = 2**31 - 1
+
+# Autotune candidates, by kernel. ``num_warps`` / ``num_stages`` are launch options, the rest
+# are the kernels' compile-time block sizes. Reasoning (H100/H200, unmeasured):
+# * gemv: weights stream once; 8-16 KiB of int32 codes per program and iteration, 128-512
+#   programs for N = 8192 so several CTAs per SM keep loads in flight (the next tile is
+#   prefetched into registers by the kernel itself). Shapes where each thread holds 4 rows of
+#   16-byte word vectors: every x element it loads serves 4 rows. Compiled sm_90 PTX of the
+#   first config: about 6 instructions per 4-bit code in the loop (bit-field extract, OR,
+#   subtract, FMA, plus per-word scales and the x vector's trip through shared memory).
+# * splitk: memory-bound; BLOCK_N 64-128 rows x split-K 2-4 so N / BLOCK_N * SPLIT_K programs
+#   cover 132 SMs a few times (512 for 8192 x 8192); swap-AB makes the weight tile the MMA's
+#   A operand (wgmma M = 64 rows of W, N = the 16-64 tokens) instead of a 16-row A of x.
+# * tiled: tensor-core bound; 128x128 / 128x256 tiles (the shapes cuBLAS and Triton's own
+#   Hopper matmuls favour), BLOCK_K 64 so a 4-bit row of a tile is one 32-byte sector.
+# Few configs on purpose: each is one compile (about a second) per scheme on first use.
+CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
+    "gemv": (
+        {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_N": 32, "BLOCK_K": 1024, "num_warps": 8, "num_stages": 1},
+        {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1},
+    ),
+    "splitk": (
+        {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "SWAP": 1, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 2, "SWAP": 1, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4, "SWAP": 1, "num_warps": 4,
+         "num_stages": 3},
+        {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "SWAP": 0, "num_warps": 4, "num_stages": 4},
+    ),
+    "tiled": (
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 0, "num_warps": 4,
+         "num_stages": 4},
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "SWAP": 0, "num_warps": 8,
+         "num_stages": 3},
+        {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 0, "num_warps": 8,
+         "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 1, "num_warps": 4,
+         "num_stages": 4},
+        {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 1, "num_warps": 8,
+         "num_stages": 3},
+    ),
+}
+_LAUNCH_KEYS = ("num_warps", "num_stages")
+# Program-order grouping of the tiled kernel (tiles sharing a weight column block run together).
+_GROUP_M = 8
+
+
+# ---- availability ----------------------------------------------------------------------------
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton can be imported here (never raises)."""
+    try:
+        import triton
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET``, read as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
+def _device_ok(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+
+def _layout_ok(qt: QuantizedTensor) -> bool:
+    if len(qt.shape) != 2:
+        return False
+    s = qt.scheme
+    if s.bits not in (4, 8):
+        return False
+    cpw = 32 // s.bits
+    k = int(qt.shape[1])
+    if k % cpw:
+        return False
+    if s.granularity == "group":
+        return int(s.group_size or 0) % cpw == 0
+    return s.granularity == "tensor" or (s.granularity == "channel" and s.axis % 2 == 0)
+
+
+def supported(qt: QuantizedTensor, x: torch.Tensor) -> bool:
+    """Whether :func:`linear` handles ``x [..., K]`` times ``qt [N, K]`` (never raises).
+
+    Needs Triton; ``x`` and all of ``qt``'s tensors on one CUDA device (or on the CPU with
+    ``TRITON_INTERPRET=1``); 4- or 8-bit codes; group-wise (group size a multiple of 8 codes
+    for 4 bits, 4 for 8 bits), per-output-channel or per-tensor parameters; ``K`` a multiple of
+    8 (4-bit) or 4 (8-bit); bf16 / fp16 activations (fp32 only when ``M <= GEMV_MAX_M``); a
+    non-empty input that does not need a gradient; every index below 2**31; and the kernel
+    that :func:`kernel_for` picks has not failed before for this kind of input (see
+    :func:`failures`).
+    """
+    if not _supported(qt, x):
+        return False
+    return _failure_key(kernel_for(x.numel() // int(qt.shape[1])), qt, x) not in _FAILED
+
+
+def _supported(qt: QuantizedTensor, x: torch.Tensor) -> bool:
+    if not (isinstance(qt, QuantizedTensor) and isinstance(x, torch.Tensor)):
+        return False
+    if not triton_available() or not _device_ok(x.device) or not _layout_ok(qt):
+        return False
+    if any(t.device != x.device for t in qt.tensors().values()):
+        return False
+    n, k = (int(d) for d in qt.shape)
+    if x.dim() == 0 or x.shape[-1] != k or x.numel() == 0 or n == 0:
+        return False
+    m = x.numel() // k
+    if x.dtype not in HALF_DTYPES and not (x.dtype == torch.float32 and m <= GEMV_MAX_M):
+        return False
+    if x.requires_grad and torch.is_grad_enabled():
+        return False
+    return max(n * k, m * k, m * n) <= _INT32_LIMIT
+
+
+def kernel_for(m: int) -> str:
+    """Which kernel :func:`linear` runs for ``m`` tokens: ``gemv``, ``splitk`` or ``tiled``."""
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    return "splitk" if m <= SKINNY_MAX_M else "tiled"
+
+
+# Kernels that raised while compiling or launching on the automatic path, by the inputs that
+# select one binary: (kernel, bits, symmetric, zero point, offset, group (0: per channel or
+# tensor), dtype, device). Those inputs then use the reference (a RuntimeWarning the first time).
+_FAILED: dict[tuple[object, ...], str] = {}
+
+
+def _failure_key(kind: str, qt: QuantizedTensor, x: torch.Tensor) -> tuple[object, ...]:
+    s = qt.scheme
+    group = int(s.group_size or 0) if s.granularity == "group" else 0
+    return (kind, s.bits, s.symmetric, qt.zero_point_packed is not None, qt.offset is not None,
+            group, x.dtype, str(x.device))
+
+
+def failures() -> dict[tuple[object, ...], str]:
+    """Kernels that failed (to compile, most likely) on the automatic path in this process:
+    ``{(kernel, bits, symmetric, zero point, offset, group, dtype, device): error}``. Those
+    inputs fall back to the reference; the CUDA tests assert this stays empty."""
+    return dict(_FAILED)
+
+
+# ---- repacking -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TritonPack:
+    """The kernel layout of one weight (see the module docstring)."""
+
+    words: torch.Tensor  # int32 [N, K * bits / 32]
+    scale: torch.Tensor  # [G, N], storage dtype
+    zero: torch.Tensor | None  # uint8 [G, N] (asymmetric, integer zero point)
+    offset: torch.Tensor | None  # [G, N], storage dtype (asymmetric, float offset)
+    group: int  # group size along K (K for per-channel / per-tensor)
+    per_channel: bool  # one parameter set per output row (channel axis 0 or tensor)
+    bits: int
+    symmetric: bool
+
+
+def _params_gn(p: torch.Tensor, n: int, k: int, group: int, per_tensor: bool) -> torch.Tensor:
+    if per_tensor:
+        return p.reshape(1, 1).expand(1, n).contiguous()
+    return p.reshape(n, k // group).t().contiguous()
+
+
+def repack(qt: QuantizedTensor) -> TritonPack:
+    """Build the kernel layout of ``qt`` (a view of its codes plus transposed parameters)."""
+    if not _layout_ok(qt):
+        raise LinquantError(f"triton_linear.repack: unsupported weight {qt!r}")
+    n, k = (int(d) for d in qt.shape)
+    s = qt.scheme
+    codes = qt.qdata.reshape(-1)
+    if codes.storage_offset() % 16 or codes.data_ptr() % 16:
+        codes = codes.clone()  # 16-byte aligned rows let Triton vectorize the loads
+    words = codes.view(torch.int32).view(n, k * s.bits // 32)
+    per_tensor = s.granularity == "tensor"
+    per_channel = s.granularity != "group"
+    group = k if per_channel else int(s.group_size or k)
+    zp = qt.zero_point
+    return TritonPack(
+        words=words,
+        scale=_params_gn(qt.scale, n, k, group, per_tensor),
+        zero=None if zp is None else _params_gn(zp, n, k, group, per_tensor),
+        offset=None if qt.offset is None else _params_gn(qt.offset, n, k, group, per_tensor),
+        group=group,
+        per_channel=per_channel,
+        bits=s.bits,
+        symmetric=s.symmetric,
+    )
+
+
+# ---- kernels (built on first use, so TRITON_INTERPRET is read when they are needed) ---------
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    gemv: Any  # raw @triton.jit functions (explicit config) ...
+    mm: Any
+    gemv_tuned: Any  # ... and their autotuned wrappers (CUDA only)
+    splitk_tuned: Any
+    tiled_tuned: Any
+
+
+_BUILT: dict[bool, _Kernels] = {}
+
+
+def _kernels() -> _Kernels:
+    interp = _interpreting()
+    if interp not in _BUILT:
+        _BUILT[interp] = _build()
+    return _BUILT[interp]
+
+
+def _build() -> _Kernels:
+    import triton
+
+    from linquant.kernels import _triton_kernels as tk
+
+    if _interpreting() != tk.INTERPRETED:  # TRITON_INTERPRET changed since the first import
+        tk = importlib.reload(tk)
+
+    def configs(kind: str) -> list[Any]:
+        return [triton.Config({k: v for k, v in c.items() if k not in _LAUNCH_KEYS},
+                              num_warps=c["num_warps"], num_stages=c["num_stages"])
+                for c in CONFIGS[kind]]
+
+    scheme_keys = ["BITS", "SYM", "HAS_Z", "HAS_M", "PER_CHANNEL", "GROUP"]
+    gemv_tuned = splitk_tuned = tiled_tuned = None
+    if not tk.INTERPRETED:  # the interpreter runs the raw kernels with an explicit config
+        # atomic outputs are restored after every timed run, so the real run starts at zero
+        gemv_tuned = triton.autotune(configs("gemv"), key=["N", "K", "SPLIT_K", "ATOMIC",
+                                                            *scheme_keys],
+                                     restore_value=["y_ptr"])(tk.gemv_kernel)
+        splitk_tuned = triton.autotune(configs("splitk"), key=["N", "K", "BLOCK_M",
+                                                               *scheme_keys],
+                                       prune_configs_by={"early_config_prune": _pruner("splitk")},
+                                       restore_value=["y_ptr"])(tk.mm_kernel)
+        tiled_tuned = triton.autotune(configs("tiled"), key=["N", "K", "M_BUCKET", *scheme_keys],
+                                      prune_configs_by={"early_config_prune": _pruner("tiled")},
+                                      )(tk.mm_kernel)
+    return _Kernels(tk.gemv_kernel, tk.mm_kernel, gemv_tuned, splitk_tuned, tiled_tuned)
+
+
+# ---- launch ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a pretend GPU, so small tests exercise split-K
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, v - 1).bit_length()
+
+
+def _gemv_split(n: int, k: int, device: torch.device) -> int:
+    """Split K only when N alone gives fewer programs (at 32 rows each) than SMs."""
+    sms = _sms(device)
+    programs = _cdiv(n, 32)
+    if programs >= sms:
+        return 1
+    return max(1, min(_cdiv(2 * sms, programs), k // 512))
+
+
+def _split_meta(config: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    meta = {k: v for k, v in config.items() if k not in _LAUNCH_KEYS}
+    launch = {k: v for k, v in config.items() if k in _LAUNCH_KEYS}
+    return meta, launch
+
+
+def _check_config(kind: str, config: dict[str, int]) -> None:
+    needed = {"gemv": ("BLOCK_N", "BLOCK_K"), "splitk": ("BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP"),
+              "tiled": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP")}[kind]
+    missing = [k for k in needed if k not in config]
+    if missing:
+        raise LinquantError(f"triton_linear.linear: config for {kind!r} lacks {missing}")
+    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = config.get(k, 16)
+        if v < 1 or v & (v - 1):
+            raise LinquantError(f"triton_linear.linear: {k} must be a power of 2, got {v}")
+    if kind != "gemv" and (config["BLOCK_K"] < 16 or config["BLOCK_N"] < 16):
+        raise LinquantError("triton_linear.linear: tl.dot needs BLOCK_N and BLOCK_K >= 16")
+
+
+def fit_config(kind: str, config: dict[str, int], group: int,
+               per_channel: bool) -> dict[str, int]:
+    """``config`` adjusted to a weight: a non-swapped ``tl.dot`` tile never takes per-word
+    parameters (groups smaller than, or straddling, ``BLOCK_K``); it is swapped instead.
+
+    Triton 3.9's ``TritonGPUOptimizeDotOperands`` pass crashes on several such wgmma kernels
+    (the dequantized right operand mixing per-word parameter loads; found by compiling every
+    config for sm_90 without a GPU), while the swapped form, whose dequantized weight is the
+    left operand, compiled in every case tried. Other configs are returned unchanged.
+    """
+    if kind == "gemv" or per_channel or config.get("SWAP", 0) or group % config["BLOCK_K"] == 0:
+        return config
+    return {**config, "SWAP": 1}
+
+
+def _pruner(kind: str) -> Any:
+    """``early_config_prune`` for the autotuner: :func:`fit_config` on every candidate."""
+
+    def prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+        import triton
+
+        args = {**named_args, **kwargs}
+        out: list[Any] = []
+        seen: set[tuple[object, ...]] = set()
+        for c in configs:
+            kw = fit_config(kind, dict(c.kwargs), int(args["GROUP"]), bool(args["PER_CHANNEL"]))
+            key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+            if key not in seen:
+                seen.add(key)
+                out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+        return out
+
+    return prune
+
+
+def _scheme_args(pk: TritonPack, has_bias: bool) -> dict[str, Any]:
+    return {
+        "BITS": pk.bits,
+        "SYM": pk.symmetric,
+        "HAS_Z": pk.zero is not None,
+        "HAS_M": pk.offset is not None,
+        "HAS_BIAS": has_bias,
+        "PER_CHANNEL": pk.per_channel,
+        "GROUP": pk.group,
+    }
+
+
+def _tensors(pk: TritonPack, bias: torch.Tensor | None,
+             y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    zero = pk.zero if pk.zero is not None else pk.scale  # placeholders are never read
+    offset = pk.offset if pk.offset is not None else pk.scale
+    return pk.words, pk.scale, zero, offset, (bias if bias is not None else y)
+
+
+def _run_gemv(x2: torch.Tensor, pk: TritonPack, bias: torch.Tensor | None, n: int, k: int,
+              config: dict[str, int] | None) -> torch.Tensor:
+    kern = _kernels()
+    split = _gemv_split(n, k, x2.device)
+    if config is not None and "SPLIT_K" in config:
+        split = int(config["SPLIT_K"])
+        config = {kk: v for kk, v in config.items() if kk != "SPLIT_K"}
+    atomic = split > 1
+    y = (torch.zeros(1, n, dtype=torch.float32, device=x2.device) if atomic
+         else torch.empty(1, n, dtype=x2.dtype, device=x2.device))
+    words, scale, zero, offset, b = _tensors(pk, bias, y)
+    args = (x2, words, scale, zero, offset, b, y, n, k, words.shape[1], split)
+    kw = {**_scheme_args(pk, bias is not None), "ATOMIC": atomic}
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        return (_cdiv(n, meta["BLOCK_N"]), split)
+
+    if config is None and kern.gemv_tuned is not None:
+        kern.gemv_tuned[grid](*args, **kw)
+    else:
+        meta, launch = _split_meta(config or CONFIGS["gemv"][0])
+        kern.gemv[grid](*args, **kw, **meta, **launch)
+    return y if not atomic else y.to(x2.dtype)
+
+
+def _run_mm(kind: str, x2: torch.Tensor, pk: TritonPack, bias: torch.Tensor | None, n: int,
+            k: int, config: dict[str, int] | None) -> torch.Tensor:
+    kern = _kernels()
+    m = int(x2.shape[0])
+    atomic = kind == "splitk"
+    y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
+         else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
+    words, scale, zero, offset, b = _tensors(pk, bias, y)
+    args = (x2, words, scale, zero, offset, b, y, m, n, k, words.shape[1], x2.stride(0),
+            min(_next_pow2(m), 8192))
+    kw: dict[str, Any] = {**_scheme_args(pk, bias is not None), "ATOMIC": atomic,
+                          "INTERP": _interpreting(), "GROUP_M": _GROUP_M}
+    if kind == "splitk":
+        kw["BLOCK_M"] = max(16, _next_pow2(m))
+    else:
+        kw["SPLIT_K"] = 1
+
+    def grid(meta: dict[str, Any]) -> tuple[int, int]:
+        bm = meta["BLOCK_M"]
+        return (_cdiv(m, bm) * _cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    tuned = kern.splitk_tuned if kind == "splitk" else kern.tiled_tuned
+    if config is None and tuned is not None:
+        tuned[grid](*args, **kw)
+    else:
+        meta, launch = _split_meta(config or CONFIGS[kind][0])
+        meta = fit_config(kind, meta, pk.group, pk.per_channel)
+        if kind == "splitk":
+            meta.pop("BLOCK_M", None)
+        else:
+            meta.pop("SPLIT_K", None)
+        kern.mm[grid](*args, **kw, **meta, **launch)
+    return y if not atomic else y.to(x2.dtype)
+
+
+def linear(
+    x: torch.Tensor,
+    qt: QuantizedTensor,
+    bias: torch.Tensor | None = None,
+    cache: dict[str, Any] | None = None,
+    *,
+    kernel: str | None = None,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Weight-only linear ``x [..., K] -> [..., N]`` in ``x.dtype`` with fused dequantization.
+
+    Same formula as :func:`linquant.kernels.reference.linear_weight_only`; see
+    :func:`supported` for the inputs it takes (anything else raises :class:`LinquantError`).
+
+    ``cache``: a dict owned by the caller (a layer); the repacked layout (:func:`repack`) is
+    kept there under ``"triton"``. ``kernel`` (``"gemv"``, ``"splitk"``, ``"tiled"``) and
+    ``config`` (one entry shaped like those in :data:`CONFIGS`; ``gemv`` also takes
+    ``SPLIT_K``) override the automatic choice and the autotuner: for tests and benchmarks.
+    """
+    if not _supported(qt, x):
+        got = (f"x {tuple(x.shape)} {x.dtype} on {x.device}" if isinstance(x, torch.Tensor)
+               else type(x).__name__)
+        raise LinquantError(
+            f"triton_linear.linear: unsupported input ({got}, weight {qt!r}); check supported() "
+            "first (needs Triton, CUDA or TRITON_INTERPRET=1, 4/8-bit group/channel-0/tensor "
+            "weights, bf16/fp16 activations)"
+        )
+    n, k = (int(d) for d in qt.shape)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+        got_b = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise LinquantError(f"triton_linear.linear: bias must have shape ({n},), got {got_b}")
+    if bias is not None and bias.device != x.device:
+        raise LinquantError(f"triton_linear.linear: bias on {bias.device}, x on {x.device}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    m = int(x2.shape[0])
+    kind = kernel or kernel_for(m)
+    if kind not in KERNELS:
+        raise LinquantError(f"triton_linear.linear: kernel must be one of {KERNELS}, got {kind!r}")
+    if kind == "gemv" and m != 1:
+        raise LinquantError(f"triton_linear.linear: the gemv kernel takes one token, got {m}")
+    if kind != "gemv" and x.dtype not in HALF_DTYPES:
+        raise LinquantError(f"triton_linear.linear: {kind} needs bf16/fp16 input, got {x.dtype}")
+    if config is not None:
+        _check_config(kind, config)
+    pk = _cached(cache, "triton", _key(qt, torch.int32), lambda: repack(qt))
+    # A bias that needs a gradient is added outside the kernel, where autograd sees it.
+    bias_after = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+    b = None if bias is None or bias_after else bias.detach().to(x.dtype).contiguous()
+    auto = kernel is None and config is None
+    fkey = _failure_key(kind, qt, x)
+    if auto and fkey in _FAILED:
+        return reference.linear_weight_only(x, qt, bias)
+    try:
+        if kind == "gemv":
+            y = _run_gemv(x2, pk, b, n, k, config)
+        else:
+            y = _run_mm(kind, x2, pk, b, n, k, config)
+    except Exception as e:  # a Triton compile error must not take the model down
+        if not auto:
+            raise
+        _FAILED[fkey] = f"{type(e).__name__}: {e}"[:2000]
+        warnings.warn(
+            f"linquant: the Triton {kind} kernel failed for {qt.scheme} weights and {x.dtype} "
+            f"inputs ({type(e).__name__}); using the reference for them from now on (see "
+            "linquant.kernels.triton_linear.failures())", RuntimeWarning, stacklevel=2)
+        return reference.linear_weight_only(x, qt, bias)
+    if bias_after:
+        assert bias is not None
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], n)

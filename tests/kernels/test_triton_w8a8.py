@@ -1,0 +1,314 @@
+"""Triton W8A8 kernels (linquant.kernels.triton_w8a8) against the reference.
+
+Without a GPU the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by
+tests/kernels/conftest.py and again below) on CPU tensors, against the reference on CPU; with a
+GPU the same tests run on CUDA tensors against the reference on CUDA. Skipped without triton.
+
+Tolerance: none. Activation codes and scales must equal the reference's bit for bit, and so must
+the linear outputs (int32 accumulation is exact, the epilogue rounds each step as the reference's
+separate torch ops do): every comparison is ``torch.equal`` (NaN positions compared apart).
+
+Interpreter run time: a few seconds on one CPU thread (every autotuning config runs once). On a
+GPU every config is compiled (``test_every_config``); the tests marked ``cuda`` need one: real
+shapes through W8A8Linear, the dispatcher's choice, the autotuned launch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():  # must precede the first kernel launch (see conftest.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from linquant import kernels
+from linquant.errors import LinquantError
+from linquant.kernels import reference as ref
+from linquant.kernels import triton_w8a8 as tw
+from linquant.nn import W8A8Linear
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+MS = (1, 3, 17)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_IDS = ["fp32", "bf16", "fp16"]
+
+if not CUDA and not tw.interpreting():
+    pytest.skip("TRITON_INTERPRET is off and there is no GPU", allow_module_level=True)
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal shape, dtype and values; NaN where the other has NaN."""
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    if a.is_floating_point():
+        na, nb = torch.isnan(a), torch.isnan(b)
+        assert torch.equal(na, nb)
+        a, b = a.masked_fill(na, 0), b.masked_fill(nb, 0)
+    diff = (a != b).sum().item()
+    assert diff == 0, f"{diff} of {a.numel()} elements differ"
+
+
+def _x(m: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Activations with outlier tokens, exact ties of x / s and a zero token."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4
+    if m > 1 and k > 2:
+        x[1] = 0.0  # all-zero token: smallest normal scale
+        x[0, :3] = torch.tensor([2.0, -0.5 * 2.0 / 127, 1.5 * 2.0 / 127])  # ties of round()
+    return x.to(dtype).to(DEV)
+
+
+def _w(n: int, k: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    return w.to(DEV), (torch.rand(n, 1, generator=g) * 0.02 + 1e-3).to(DEV)
+
+
+# ---- activation quantization ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("k", [1, 40, 100, 300])
+def test_per_token_codes_and_scales_exact(k: int, dtype: torch.dtype) -> None:
+    for m in MS:
+        x = _x(m, k, dtype)
+        q, s = tw.quantize_activations(x)
+        rq, rs = ref.quantize_activation_per_token(x)
+        _same(q, rq)
+        _same(s, rs)
+
+
+def test_per_token_special_values() -> None:
+    x = torch.randn(6, 50)
+    x[0, 3] = float("nan")
+    x[1, 7] = float("inf")
+    x[2, 0] = -float("inf")
+    x[3] = 1e-40  # subnormal: the scale clamps to the smallest normal
+    x[4, :5] = torch.tensor([3e38, -3e38, 1e-45, -0.0, 0.0])
+    for dtype in DTYPES:
+        xd = x.to(dtype).to(DEV)
+        q, s = tw.quantize_activations(xd)
+        rq, rs = ref.quantize_activation_per_token(xd)
+        _same(q, rq)
+        _same(s, rs)
+    xb = torch.tensor([[1e-39, -2e-39, 5e-40, 0.0]]).bfloat16().to(DEV)  # bf16 subnormals
+    _same(tw.quantize_activations(xb)[1], ref.quantize_activation_per_token(xb)[1])
+
+
+def test_per_token_long_rows_two_passes() -> None:
+    k = tw.MAX_SINGLE_K + 70  # longer than one tile: amax pass, then the codes pass
+    x = _x(2, k, torch.bfloat16)
+    q, s = tw.quantize_activations(x)
+    rq, rs = ref.quantize_activation_per_token(x)
+    _same(q, rq)
+    _same(s, rs)
+    xs = x.float()
+    sa = torch.tensor(0.01, device=DEV)
+    _same(tw.quantize_activations(xs, sa)[0], ref.quantize_activation_per_tensor(xs, sa))
+
+
+def test_per_token_many_rows_per_program() -> None:
+    x = _x(70, 24, torch.float32)  # 64 rows per program, a partial last program
+    q, s = tw.quantize_activations(x)
+    rq, rs = ref.quantize_activation_per_token(x)
+    _same(q, rq)
+    _same(s, rs)
+
+
+def test_per_token_strided_rows() -> None:
+    x = _x(5, 96, torch.float32)[:, :64]  # row stride 96, last dim contiguous
+    q, s = tw.quantize_activations(x)
+    rq, rs = ref.quantize_activation_per_token(x)
+    _same(q, rq)
+    _same(s, rs)
+
+
+def test_reciprocal_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA rule (``amax * fp32(1/127)``), run here through the interpreter and compared with
+    a torch emulation of it."""
+    monkeypatch.setattr(tw, "divides_by_reciprocal", lambda device: True)
+    x = _x(17, 300, torch.float32, seed=3)
+    q, s = tw.quantize_activations(x)
+    inv = torch.ones((), dtype=torch.float32) / 127
+    tiny = torch.finfo(torch.float32).tiny
+    es = (x.abs().amax(dim=-1, keepdim=True) * inv.to(DEV)).clamp_min(tiny)
+    eq = torch.round(x / es).clamp(-127, 127).to(torch.int8)
+    _same(s, es)
+    _same(q, eq)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_static_codes_exact(dtype: torch.dtype) -> None:
+    x = _x(17, 100, dtype) * 3
+    x[2, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30], dtype=dtype)
+    sa = torch.tensor(0.02, device=DEV)
+    q, _ = tw.quantize_activations(x, sa)
+    _same(q, ref.quantize_activation_per_tensor(x, sa))
+    for z in (0, 3, 128, 200, 255):
+        za = torch.tensor(z, dtype=torch.uint8, device=DEV)
+        q, _ = tw.quantize_activations(x, sa, za)
+        u = ref.quantize_activation_per_tensor(x, sa, za)
+        _same(q, (u.to(torch.int16) - 128).to(torch.int8))
+
+
+# ---- linear ------------------------------------------------------------------------------------
+
+NK = [(40, 72), (24, 100), (48, 130)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("mode", ["dynamic", "static-sym", "static-asym"])
+def test_linear_matches_reference(mode: str, dtype: torch.dtype) -> None:
+    sa = torch.tensor(0.031, device=DEV)
+    za = torch.tensor(117, dtype=torch.uint8, device=DEV)
+    for i, (n, k) in enumerate(NK):
+        w, ws = _w(n, k, seed=i)
+        for m in MS:
+            x = _x(m, k, dtype, seed=m)
+            bias = None if m == 3 else torch.randn(n).to(dtype).to(DEV)
+            act = {"dynamic": (None, None), "static-sym": (sa, None),
+                   "static-asym": (sa, za)}[mode]
+            y = tw.linear_w8a8(x, w, ws, bias, *act, {}, config=tw.default_config(m))
+            _same(y, ref.linear_w8a8(x, w, ws, bias, *act))
+
+
+def test_linear_leading_dims_and_fp32_bias_with_bf16() -> None:
+    w, ws = _w(40, 72)
+    x = torch.randn(2, 3, 72).bfloat16().to(DEV)
+    bias = torch.randn(40, device=DEV)  # fp32 bias, bf16 activations
+    y = tw.linear_w8a8(x, w, ws, bias)
+    assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
+    _same(y, ref.linear_w8a8(x, w, ws, bias))
+
+
+def test_linear_nan_token_gives_nan_row() -> None:
+    w, ws = _w(40, 72)
+    x = _x(3, 72, torch.float32)
+    x[2, 5] = float("nan")
+    y = tw.linear_w8a8(x, w, ws)
+    assert torch.isnan(y[2]).all() and not torch.isnan(y[:2]).any()
+    _same(y, ref.linear_w8a8(x, w, ws))
+
+
+@pytest.mark.parametrize("config", tw.CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_every_config(config: tuple[int, int, int, int, int]) -> None:
+    """Each autotuning config (on a GPU: each compiled): dynamic, bf16, bias, K = 72 (masked K
+    tail); static asymmetric, fp32, K = 256 (EVEN_K, no mask)."""
+    w, ws = _w(40, 72)
+    x = _x(17, 72, torch.bfloat16)
+    bias = torch.randn(40).bfloat16().to(DEV)
+    _same(tw.linear_w8a8(x, w, ws, bias, config=config), ref.linear_w8a8(x, w, ws, bias))
+    sa = torch.tensor(0.05, device=DEV)
+    za = torch.tensor(90, dtype=torch.uint8, device=DEV)
+    w, ws = _w(300, 256)
+    x = _x(300, 256, torch.float32)
+    _same(tw.linear_w8a8(x, w, ws, None, sa, za, config=config),
+          ref.linear_w8a8(x, w, ws, None, sa, za))
+
+
+def test_autotuner_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The autotuned launch (prune, EVEN_K heuristic, config kwargs) with a stand-in timer that
+    runs each candidate once; the interpreter has no GPU timer."""
+    timed: list[int] = []
+
+    def fake_bench(kernel_call: object, quantiles: object) -> list[float]:
+        kernel_call()  # type: ignore[operator]
+        timed.append(1)
+        return [float(len(timed))] * 3  # the first candidate wins
+
+    tuned = tw.build_tuned_kernel(do_bench=fake_bench)
+    monkeypatch.setattr(tw, "_tuned_kernel", lambda: tuned)
+    monkeypatch.setattr(tw, "interpreting", lambda: False)
+    w, ws = _w(40, 72)
+    x = _x(3, 72, torch.bfloat16)
+    a_q, a_s = ref.quantize_activation_per_token(x)
+    bias = torch.randn(40).to(DEV)
+    y = tw.gemm(a_q, w, ws, a_s.reshape(-1), bias, x.dtype, 0)
+    _same(y, ref.linear_w8a8(x, w, ws, bias))
+    assert len(timed) == 2  # M = 3: only the two 16-row configs
+    assert tuned.best_config.kwargs["BLOCK_M"] == 16
+
+
+def test_prune_and_default_config() -> None:
+    assert tw.default_config(1)[0] == 16
+    assert tw.default_config(4096)[0] >= 64
+    for m in (1, 17, 64, 100, 128, 5000):
+        mk = tw._m_key(m)
+        chosen = tw.default_config(m)
+        assert chosen[0] <= max(16, mk) and (mk < 128 or chosen[0] >= 64)
+
+
+def test_rowsum_cached_and_rebuilt() -> None:
+    w, ws = _w(40, 72)
+    sa = torch.tensor(0.05, device=DEV)
+    za = torch.tensor(30, dtype=torch.uint8, device=DEV)
+    x = _x(3, 72, torch.float32)
+    cache: dict[str, object] = {}
+    tw.linear_w8a8(x, w, ws, None, sa, za, cache)
+    entry = cache["triton_w8a8_rowsum"]
+    tw.linear_w8a8(x, w, ws, None, sa, za, cache)
+    assert cache["triton_w8a8_rowsum"] is entry
+    w.neg_()  # in-place change: version bump rebuilds the row sums
+    y = tw.linear_w8a8(x, w, ws, None, sa, za, cache)
+    assert cache["triton_w8a8_rowsum"] is not entry
+    _same(y, ref.linear_w8a8(x, w, ws, None, sa, za))
+
+
+def test_zero_point_needs_scale() -> None:
+    w, ws = _w(8, 16)
+    with pytest.raises(LinquantError, match="act_zero_point needs act_scale"):
+        tw.linear_w8a8(_x(2, 16, torch.float32), w, ws, None, None,
+                       torch.tensor(3, dtype=torch.uint8, device=DEV))
+
+
+def test_supported() -> None:
+    w, _ = _w(8, 16)
+    x = _x(2, 16, torch.float32)
+    assert tw.supported(x, w)
+    assert not tw.supported(x.double(), w)
+    assert not tw.supported(x[:, :8], w)
+    assert not tw.supported(x[:0], w)
+    assert not tw.supported(x, w.float())
+    assert not tw.supported(x, w.t())  # not row-major
+    assert not tw.supported(x.requires_grad_(), w)
+    with torch.no_grad():
+        assert tw.supported(x, w)
+
+
+def test_cpu_dispatch_never_picks_triton() -> None:
+    w = torch.randint(-127, 128, (64, 64), dtype=torch.int8)
+    for m in (1, 3, 64):
+        assert kernels.select_w8a8_path(torch.randn(m, 64), w) != "cuda_triton_w8a8"
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("activation,sym", [("dynamic", True), ("static", True),
+                                            ("static", False)])
+def test_cuda_layer_uses_triton_and_matches_reference(activation: str, sym: bool) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(4096, 1024).to(torch.bfloat16)
+    layer = W8A8Linear.from_float(lin, activation=activation, act_symmetric=sym).to("cuda")  # type: ignore[arg-type]
+    if activation == "static":
+        layer.set_activation_range(-3.0, 2.5)
+    for m in (1, 16, 17, 1024):
+        x = torch.randn(m, 4096, device="cuda").bfloat16()
+        assert kernels.select_w8a8_path(x, layer.weight_qdata) == "cuda_triton_w8a8"
+        y = layer(x)
+        scale = layer._buffers.get("input_scale")
+        zp = layer._buffers.get("input_zero_point")
+        r = ref.linear_w8a8(x, layer.weight_qdata, layer.weight_scale, layer.bias, scale, zp)
+        _same(y, r)
