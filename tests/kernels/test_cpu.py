@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import linquant as lq
@@ -373,3 +375,19 @@ def test_quant_linear_copies_and_pickles_without_its_cache() -> None:
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert loaded.kernel_cache() == {} and torch.equal(loaded(x), y)
+
+
+@needs_onednn
+@given(m=st.integers(2, 20), k=st.integers(2, 200), n=st.integers(1, 70),
+       act=st.sampled_from(W8A8_ACTS), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_onednn_w8a8_equals_reference_property(
+    m: int, k: int, n: int, act: str, seed: int, dtype: torch.dtype
+) -> None:
+    w, ws = _w8(n, k, seed)
+    a_s, a_z = _act(act)
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).to(dtype)
+    bias = torch.randn(n, generator=g) if seed % 2 else None
+    y = cpu.linear_w8a8_onednn(x, w, ws, bias, a_s, a_z)
+    assert torch.equal(y, ref.linear_w8a8(x, w, ws, bias, a_s, a_z))
