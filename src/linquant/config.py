@@ -9,8 +9,9 @@ A :class:`QuantConfig` says what every selected layer of a model becomes:
   :func:`~linquant.convert.quantize_model` casts the float parts of the model to bf16 and the
   quantized layers compute in bf16, where the CPU int4/int8 kernels need it).
 * **W8A8** (``activation`` set): linear layers multiply int8 weights by int8 activations
-  (``torch._int_mm``). Only one weight scheme is allowed, ``int8-sym-ch0-fp32`` (what
-  :class:`~linquant.nn.W8A8Linear` computes with), and the activation scheme must be 8-bit with an
+  (oneDNN or ``torch._int_mm``, see :mod:`linquant.kernels`). Only one weight scheme is
+  allowed, ``int8-sym-ch0-fp32`` (what :class:`~linquant.nn.W8A8Linear` computes with), and
+  the activation scheme must be 8-bit with an
   integer zero point, fp32 scales and min/max ranges; it is read on the activations flattened
   to ``[tokens, in_features]``:
 

@@ -327,6 +327,10 @@ def test_select_w8a8_path_documented_table() -> None:
     assert kernels.select_w8a8_path(torch.randn(3, 256), big, torch.tensor(0.1)) == fast
     assert kernels.select_w8a8_path(torch.randn(16, 64), small) == "reference"
     assert kernels.select_w8a8_path(torch.randn(0, 256), big) == "reference"
+    needs_grad = torch.randn(4, 256, requires_grad=True)  # out= scratch ops have no backward
+    assert kernels.select_w8a8_path(needs_grad, big) == "reference"
+    with torch.no_grad():
+        assert kernels.select_w8a8_path(needs_grad, big) == fast
     too_long = torch.zeros(1, cpu.ONEDNN_MAX_K + 1, dtype=torch.int8)
     assert not cpu.onednn_supported(torch.randn(2, cpu.ONEDNN_MAX_K + 1), too_long)
     assert set(kernels.W8A8_PATHS) >= {"reference", "cpu_onednn"}

@@ -136,6 +136,7 @@ def select_w8a8_path(
     if x.device.type == "cuda" and triton_w8a8.supported(x, w_int8):
         return "cuda_triton_w8a8"
     if (x.device.type == "cpu" and x.numel() > 0 and w_int8.numel() >= MIN_FAST_NUMEL
+            and not (x.requires_grad and torch.is_grad_enabled())
             and cpu.onednn_supported(x, w_int8)
             and x.numel() // int(w_int8.shape[1]) >= ONEDNN_MIN_M):
         return "cpu_onednn"

@@ -17,6 +17,8 @@ work is laid out. Paths (names as returned by :func:`linquant.kernels.select_pat
                    a time into a reused buffer and multiply block by block, so no full-size
                    float copy of the weight is made (fp32 math for fp32 inputs). At ``M == 1``
                    each block's product is a multiply + row sum, not a gemv (see the code).
+``cpu_onednn``     W8A8, ``M >= 2``: oneDNN's int8 GEMM on a weight prepacked once
+                   (:func:`linear_w8a8_onednn`); bit-identical to the reference.
 ``cpu_scratch``    Any weight-only scheme, large ``M``: dequantize the whole weight (row block
                    by row block) into a per-thread scratch buffer that is reused across calls
                    and layers (its size is the largest weight seen, in the compute dtype), then
@@ -37,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from linquant.kernels.reference import ACT_QMAX
 from linquant.ops.affine import sign_extend
 from linquant.ops.packing import unpack
 from linquant.tensor import QuantizedTensor
@@ -331,6 +334,7 @@ def linear_scratch(x: torch.Tensor, qt: QuantizedTensor,
 # u8 x s8 products summed in int32: the raw sum before the zero-point correction reaches
 # 255 * 127 * K, so K is capped where that still fits.
 ONEDNN_MAX_K = (2**31 - 1) // (255 * 127)
+_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 def onednn_available() -> bool:
@@ -377,6 +381,37 @@ def repack_onednn(w_int8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return packed, torch.ones(n, dtype=torch.float32), torch.zeros(n, dtype=torch.int32)
 
 
+def _per_token_u8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linquant.kernels.reference.quantize_activation_per_token` (same ops, so the same
+    codes and scales) with each code shifted to ``c + 128`` as uint8, computed in this thread's
+    reused scratch buffers instead of four fresh ``[M, K]`` temporaries: glibc can hand such
+    blocks of a few MiB back to the OS and fault them in again on every call (measured here:
+    10x slower quantization in some processes)."""
+    m, k = x2.shape
+    xf = x2.float()
+    buf = _scratch(m * k, torch.float32).view(m, k)
+    scale = torch.abs(xf, out=buf).amax(dim=-1, keepdim=True).div_(ACT_QMAX).clamp_min_(_TINY)
+    torch.div(xf, scale, out=buf).round_().nan_to_num_(0.0).clamp_(-ACT_QMAX, ACT_QMAX)
+    codes = _scratch(m * k, torch.int8).view(m, k).copy_(buf)
+    return codes.view(torch.uint8).bitwise_xor_(128), scale
+
+
+def _per_tensor_u8(x2: torch.Tensor, scale: torch.Tensor,
+                   zero_point: torch.Tensor | None) -> torch.Tensor:
+    """:func:`linquant.kernels.reference.quantize_activation_per_tensor` in scratch buffers, as
+    uint8: symmetric codes shifted to ``c + 128``, asymmetric codes as they are (both go through
+    int8 as ``code - 128``, which converts faster than float -> uint8, then one XOR)."""
+    m, k = x2.shape
+    buf = _scratch(m * k, torch.float32).view(m, k)
+    t = torch.div(x2.float(), scale.float(), out=buf).round_().nan_to_num_(0.0)
+    if zero_point is None:
+        t.clamp_(-ACT_QMAX, ACT_QMAX)
+    else:
+        t.add_(zero_point.float()).clamp_(0, 255).sub_(128)
+    codes = _scratch(m * k, torch.int8).view(m, k).copy_(t)
+    return codes.view(torch.uint8).bitwise_xor_(128)
+
+
 def linear_w8a8_onednn(
     x: torch.Tensor,
     w_int8: torch.Tensor,
@@ -388,29 +423,24 @@ def linear_w8a8_onednn(
 ) -> torch.Tensor:
     """:func:`linquant.kernels.reference.linear_w8a8` with the int8 product done by oneDNN.
 
-    Activations are quantized by the reference functions (same codes), then shifted to the
+    Activations are quantized with the reference's formulas and operation order (same codes),
+    in reused per-thread buffers (:func:`_per_token_u8`, :func:`_per_tensor_u8`), as the
     unsigned codes oneDNN takes: a symmetric int8 code ``c`` becomes ``c + 128`` with zero point
     128 (one XOR of the sign bit); static asymmetric codes are already uint8 with their own zero
     point. oneDNN subtracts the zero point's contribution in int32, so with unit weight scales
     its fp32 output is exactly ``acc.float()``; the rescale then runs in the reference's order,
     and the result is bit-identical to the reference (tests assert it)."""
-    from linquant.kernels import reference
-
     n, k = (int(d) for d in w_int8.shape)
     packed, ones, zeros = _cached(cache, "onednn", _w8a8_key(w_int8),
                                   lambda: repack_onednn(w_int8))
     x2 = x.reshape(-1, k)
     a_s: torch.Tensor
     if act_scale is None:
-        a_q, a_s = reference.quantize_activation_per_token(x2)
-        a_u, zp = a_q.view(torch.uint8).bitwise_xor_(128), 128
-    elif act_zero_point is None:
-        a_u = reference.quantize_activation_per_tensor(x2, act_scale).view(torch.uint8)
-        a_u, zp = a_u.bitwise_xor_(128), 128
-        a_s = act_scale.reshape(1, 1).float()
+        a_u, a_s = _per_token_u8(x2)
+        zp = 128
     else:
-        a_u = reference.quantize_activation_per_tensor(x2, act_scale, act_zero_point)
-        zp = int(act_zero_point.reshape(()).item())
+        a_u = _per_tensor_u8(x2, act_scale, act_zero_point)
+        zp = 128 if act_zero_point is None else int(act_zero_point.reshape(()).item())
         a_s = act_scale.reshape(1, 1).float()
     acc: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
         a_u, 1.0, zp, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
