@@ -43,8 +43,10 @@ W8A8 (:func:`linear_w8a8`, chosen by :func:`select_w8a8_path`) on CPU:
 1. ``cpu_onednn``: ``M >= ONEDNN_MIN_M`` (2), a CPU with VNNI and ``K <= cpu.ONEDNN_MAX_K``:
    oneDNN's int8 GEMM (``torch.ops.onednn.qlinear_pointwise``) on a weight prepacked once into
    its blocked layout (kept in the layer's cache: a second copy of the int8 weight). Bit-identical
-   to the reference. 3.5x faster than ``torch._int_mm`` at M = 16 and 1.4x at M = 256 here,
-   because ``_int_mm`` repacks the ``[N, K]`` weight on every call.
+   to the reference; inputs that need grad take the reference. 3.5x faster than
+   ``torch._int_mm`` at M = 16 and 1.4x at M = 256 here; ``_int_mm`` appears to re-layout the
+   ``[N, K]`` weight on every call (the same weight stored as ``[K, N]`` made it 1.9x faster
+   at M = 16, and 3x slower at M = 1).
 2. ``reference``: one ``torch._int_mm`` plus a rescale. At ``M == 1`` it streams the weight at
    memory speed and beat oneDNN (0.61 vs 0.75 ms for 4096 x 4096), so it stays the M = 1 path.
 
@@ -55,8 +57,9 @@ kernel and an int8 ``tl.dot`` GEMM with the rescale in its epilogue, bit-identic
 reference by construction (checked in Triton's interpreter; not yet timed on a GPU). Otherwise
 ``reference``.
 
-Layers pass a ``cache`` dict they own: repacked kernel layouts are built on first use and kept
-there (never in ``state_dict``; the file format stays canonical). The cache key includes the
+Layers pass a ``cache`` dict they own (:class:`linquant.nn.base.KernelCache`, which
+``copy.deepcopy`` and pickling leave empty): repacked kernel layouts are built on first use and
+kept there (never in ``state_dict``; the file format stays canonical). The cache key includes the
 weight tensors' storage pointers and version counters, so a device move or an in-place load
 rebuilds it.
 """

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from linquant.kernels.reference import ACT_QMAX
+from linquant.kernels.reference import _TINY, ACT_QMAX
 from linquant.ops.affine import sign_extend
 from linquant.ops.packing import unpack
 from linquant.tensor import QuantizedTensor
@@ -334,7 +334,6 @@ def linear_scratch(x: torch.Tensor, qt: QuantizedTensor,
 # u8 x s8 products summed in int32: the raw sum before the zero-point correction reaches
 # 255 * 127 * K, so K is capped where that still fits.
 ONEDNN_MAX_K = (2**31 - 1) // (255 * 127)
-_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 def onednn_available() -> bool:
