@@ -74,6 +74,26 @@ def _dot(a, b, acc, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _row_params(s_ptr, z_ptr, m_ptr, offs_n, n_mask, BLOCK_N: tl.constexpr, HALF: tl.constexpr,
+                HAS_Z: tl.constexpr, SYM: tl.constexpr, HAS_M: tl.constexpr):
+    """Row ``offs_n``'s scale, code offset ``c`` (``2**23`` + zero point, ``+ HALF`` for
+    symmetric codes, see :func:`_piece`) and float offset ``m``, in fp32 (first parameter set
+    of each row: all of them for per-channel weights)."""
+    s_row = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        c_row = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+    elif SYM:
+        c_row = tl.zeros((BLOCK_N,), tl.float32) + (8388608.0 + HALF)
+    else:
+        c_row = tl.zeros((BLOCK_N,), tl.float32) + 8388608.0
+    if HAS_M:
+        m_row = tl.load(m_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        m_row = tl.zeros((BLOCK_N,), tl.float32)
+    return s_row, c_row, m_row
+
+
+@triton.jit
 def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
                 N, K, KW, SPLIT_K,
                 BITS: tl.constexpr, SYM: tl.constexpr, HAS_Z: tl.constexpr, HAS_M: tl.constexpr,
@@ -100,17 +120,8 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
     w_rows = w_ptr + offs_n[:, None] * KW
 
     # per-row parameters, for per-channel weights (constant over K)
-    s_row = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if HAS_Z:
-        c_row = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
-    elif SYM:
-        c_row = tl.zeros((BLOCK_N,), tl.float32) + (8388608.0 + HALF)
-    else:
-        c_row = tl.zeros((BLOCK_N,), tl.float32) + 8388608.0
-    if HAS_M:
-        m_row = tl.load(m_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    else:
-        m_row = tl.zeros((BLOCK_N,), tl.float32)
+    s_row, c_row, m_row = _row_params(s_ptr, z_ptr, m_ptr, offs_n, n_mask, BLOCK_N, HALF,
+                                      HAS_Z, SYM, HAS_M)
 
     acc = tl.zeros((BLOCK_N, BKW), tl.float32)
     xs = tl.zeros((BKW,), tl.float32)  # running sum of x (per-channel float offset)
@@ -233,17 +244,8 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
     t1 = tl.minimum(t0 + per_split, n_tiles)
     w_rows = w_ptr + offs_n[:, None] * KW
 
-    s_row = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if HAS_Z:
-        c_row = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.float32) + 8388608.0
-    elif SYM:
-        c_row = tl.zeros((BLOCK_N,), tl.float32) + (8388608.0 + HALF)
-    else:
-        c_row = tl.zeros((BLOCK_N,), tl.float32) + 8388608.0
-    if HAS_M:
-        m_row = tl.load(m_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    else:
-        m_row = tl.zeros((BLOCK_N,), tl.float32)
+    s_row, c_row, m_row = _row_params(s_ptr, z_ptr, m_ptr, offs_n, n_mask, BLOCK_N, HALF,
+                                      HAS_Z, SYM, HAS_M)
 
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
