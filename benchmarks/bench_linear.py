@@ -3,12 +3,14 @@
 Every row rotates through enough distinct layers to hold >= 256 MiB of weights (at least 2), so
 the weights are cold in the cache on every call, as in a real model. Prints the median ms per
 call for M = 1, 16, 256 tokens and the ratio to fp32 and bf16 ``nn.Linear`` (> 1 = faster), the
-path linquant's dispatcher picked, the one-time repack cost, and the machine.
+path linquant's dispatcher picked, the one-time repack cost, and the machine. Last, linquant's
+W8A8 layer and fbgemm's ``quantize_dynamic`` are timed head to head with their calls
+interleaved, which a drift in the shared machine's speed cannot bias.
 
 Rows: fp32 / bf16 ``nn.Linear``; linquant ``QuantLinear`` / ``W8A8Linear`` through the
 dispatcher ("auto"), and each CPU path forced, for W8A32 (int8 sym per-channel, fp32
 activations and math), W8A16 (same weight, bf16 activations), W4A16 (int4 groups, bf16
-activations), W8A8 (dynamic per-token int8 activations: oneDNN or one ``torch._int_mm``);
+activations), W8A8 (dynamic per-token int8 activations: fbgemm, oneDNN or one ``torch._int_mm``);
 ``torch.ao.quantization.quantize_dynamic`` (fbgemm);
 torchao ``Int8DynamicActivationInt8WeightConfig`` and optimum-quanto int8 weights when they
 import.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -67,6 +70,8 @@ def forced(path: str, mods: list[nn.Module]) -> list[Fn]:
             w, ws, wc = q.weight_qdata, q.weight_scale, q.kernel_cache()
             if path == "cpu_onednn":
                 return lambda x: cpu.linear_w8a8_onednn(x, w, ws, None, None, None, wc)
+            if path == "cpu_fbgemm":
+                return lambda x: cpu.linear_w8a8_fbgemm(x, w, ws, None, None, None, wc)
             return lambda x: kernels.reference.linear_w8a8(x, w, ws, None)
         assert isinstance(q, QuantLinear)
         qw, cache = q.qweight, q.kernel_cache()
@@ -150,6 +155,8 @@ def main() -> None:
         ("W8A8 dynamic fp32 (auto)", "auto", torch.float32, w8a8, ""),
         ("  reference (torch._int_mm)", "w8a8_reference", torch.float32, w8a8, ""),
     ]
+    if cpu.fbgemm_available():
+        rows.append(("  cpu_fbgemm", "cpu_fbgemm", torch.float32, w8a8, ""))
     if cpu.onednn_available():
         rows.append(("  cpu_onednn", "cpu_onednn", torch.float32, w8a8, ""))
     # ---- other libraries ----
@@ -231,7 +238,35 @@ def main() -> None:
             print(f"dispatcher, {label}: " + ", ".join(f"M={m}: {p}" for m, p in ch.items()))
     for scheme, t in repack.items():
         print(f"one-time int4 repack, {scheme}: {t:.1f} ms per 4096x4096 layer")
+    if not args.only or any(o in "W8A8 quantize_dynamic" for o in args.only.split(",")):
+        head_to_head(w8a8, qd, ms)
     print(f"lq version: {getattr(lq, '__version__', '?')}")
+
+
+def head_to_head(ours: list[nn.Module], theirs: list[nn.Module], ms: tuple[int, ...]) -> None:
+    """linquant's W8A8 layer against fbgemm's ``quantize_dynamic``, calls interleaved (one of
+    theirs, one of ours, on different cold weights) so a drift in the machine's speed hits both
+    alike; prints the median of each and their ratio."""
+    print("\nhead to head, interleaved calls: W8A8 dynamic fp32 (auto) vs quantize_dynamic")
+    with torch.inference_mode():
+        for m in ms:
+            x = torch.randn(m, K)
+            for a, b in zip(theirs, ours, strict=False):  # warm-up: repacks
+                a(x)
+                b(x)
+            ta: list[float] = []
+            tb: list[float] = []
+            for j in range(120 if m < 64 else 30):
+                a, b = theirs[j % len(theirs)], ours[(j + len(ours) // 2) % len(ours)]
+                t0 = time.perf_counter()
+                a(x)
+                t1 = time.perf_counter()
+                b(x)
+                ta.append(t1 - t0)
+                tb.append(time.perf_counter() - t1)
+            fa, fb = statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+            print(f"  M={m}: fbgemm {fa:.3f} ms, linquant {fb:.3f} ms: linquant runs at "
+                  f"{fa / fb:.2f}x fbgemm's speed")
 
 
 if __name__ == "__main__":

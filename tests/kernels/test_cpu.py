@@ -262,10 +262,14 @@ def test_int8pack_copes_with_misaligned_codes() -> None:
     assert (y - want).abs().max() <= 2e-2 * want.abs().max()
 
 
-# ---- W8A8 through oneDNN --------------------------------------------------------------------
+# ---- W8A8 through oneDNN and fbgemm ---------------------------------------------------------
 
 needs_onednn = pytest.mark.skipif(not cpu.onednn_available(),
                                   reason="oneDNN int8 linear needs a CPU with VNNI")
+needs_fbgemm = pytest.mark.skipif(not cpu.fbgemm_available(),
+                                  reason="fbgemm int8 linear needs a CPU with VNNI")
+W8A8_CPU = {"onednn": cpu.linear_w8a8_onednn, "fbgemm": cpu.linear_w8a8_fbgemm}
+BACKENDS = [pytest.param("onednn", marks=needs_onednn), pytest.param("fbgemm", marks=needs_fbgemm)]
 
 
 def _w8(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,13 +288,13 @@ def _act(kind: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return (scale, None) if kind == "static-sym" else (scale, torch.tensor(97, dtype=torch.uint8))
 
 
-@needs_onednn
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("act", W8A8_ACTS)
 @pytest.mark.parametrize("nk", [(75, 97), (64, 2), (130, 301)], ids=lambda c: f"{c[0]}x{c[1]}")
-def test_onednn_w8a8_is_bit_identical_to_reference(
-    nk: tuple[int, int], act: str, dtype: torch.dtype
+def test_cpu_w8a8_is_bit_identical_to_reference(
+    nk: tuple[int, int], act: str, dtype: torch.dtype, backend: str
 ) -> None:
     n, k = nk
     w, ws = _w8(n, k)
@@ -299,19 +303,68 @@ def test_onednn_w8a8_is_bit_identical_to_reference(
     for m in (1, 3, 17):
         for bias in (None, torch.randn(n)):
             x = (torch.randn(2, m, k) * 2).to(dtype)
-            y = cpu.linear_w8a8_onednn(x, w, ws, bias, a_s, a_z, cache)
+            y = W8A8_CPU[backend](x, w, ws, bias, a_s, a_z, cache)
             r = ref.linear_w8a8(x, w, ws, bias, a_s, a_z)
             assert y.dtype == dtype and y.shape == (2, m, n)
             assert torch.equal(y, r)
-    assert set(cache) == {"onednn"}
+    assert set(cache) == {backend}
 
 
-@needs_onednn
-def test_onednn_w8a8_nan_token_gives_nan_row_like_reference() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", W8A8_ACTS)
+def test_cpu_w8a8_extreme_codes_are_exact(act: str, backend: str) -> None:
+    """Every code at its extreme: u8 x s8 pair sums that would saturate int16 (255 * 127 * 2),
+    and sums past 2**24 where the int32 -> fp32 conversion itself rounds."""
+    k = 4096
+    w = torch.full((32, k), 127, dtype=torch.int8)
+    w[1::2] = -127
+    w[2, ::2] = -127
+    ws = torch.full((32, 1), 1e-3)
+    a_s, a_z = _act(act)
+    big = 1e4 if a_s is None else float(a_s) * 300  # saturates static codes at both ends
+    x = torch.full((5, k), big)
+    x[1] = -big
+    x[2, ::2] = -big
+    x[3] = 0.0
+    x[4, 7] = big
+    y = W8A8_CPU[backend](x, w, ws, None, a_s, a_z)
+    assert torch.equal(y, ref.linear_w8a8(x, w, ws, None, a_s, a_z))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cpu_w8a8_rounds_ties_to_even_like_reference(backend: str) -> None:
+    """Tokens whose max is 127 have scale 1, so x / s lands exactly on .5: the codes must be
+    rounded half to even, like the reference's."""
+    k = 64
+    w, ws = _w8(40, k)
+    ties = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5] * 8)
+    x = torch.stack([ties, ties.flip(0), -ties]).clone()
+    x[:, 0] = 127.0
+    q, s = ref.quantize_activation_per_token(x)
+    assert torch.equal(s, torch.ones(3, 1))
+    assert set(q[0, 1:9].tolist()) == {2, -2, 0, -126, 126}  # half to even
+    y = W8A8_CPU[backend](x, w, ws, None, None, None)
+    assert torch.equal(y, ref.linear_w8a8(x, w, ws))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cpu_w8a8_inf_token_matches_reference(backend: str) -> None:
+    w, ws = _w8(48, 64)
+    x = torch.randn(4, 64)
+    x[2, 3] = float("inf")
+    x[3, 0] = float("-inf")
+    y = W8A8_CPU[backend](x, w, ws, None, None, None)
+    r = ref.linear_w8a8(x, w, ws)
+    assert torch.allclose(y, r, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(y[:2], r[:2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cpu_w8a8_nan_token_gives_nan_row_like_reference(backend: str) -> None:
     w, ws = _w8(48, 64)
     x = torch.randn(3, 64)
     x[1, 5] = float("nan")
-    y = cpu.linear_w8a8_onednn(x, w, ws, None, None, None)
+    y = W8A8_CPU[backend](x, w, ws, None, None, None)
     assert torch.equal(y, ref.linear_w8a8(x, w, ws)) is False  # NaN != NaN
     assert torch.allclose(y, ref.linear_w8a8(x, w, ws), equal_nan=True, rtol=0, atol=0)
     assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
@@ -321,37 +374,65 @@ def test_select_w8a8_path_documented_table() -> None:
     big = torch.zeros(512, 256, dtype=torch.int8)  # 131072 >= MIN_FAST_NUMEL
     small = torch.zeros(64, 64, dtype=torch.int8)
     fast = "cpu_onednn" if cpu.onednn_available() else "reference"
+    few = "cpu_fbgemm" if cpu.fbgemm_available() else fast
+    m_max = kernels.FBGEMM_MAX_M
     assert kernels.select_w8a8_path(torch.randn(1, 256), big) == "reference"  # M = 1: _int_mm
-    assert kernels.select_w8a8_path(torch.randn(2, 256), big) == fast
-    assert kernels.select_w8a8_path(torch.randn(4, 8, 256).bfloat16(), big) == fast
-    assert kernels.select_w8a8_path(torch.randn(3, 256), big, torch.tensor(0.1)) == fast
+    assert kernels.select_w8a8_path(torch.randn(2, 256), big) == few
+    assert kernels.select_w8a8_path(torch.randn(m_max, 256), big) == few
+    assert kernels.select_w8a8_path(torch.randn(m_max + 1, 256), big) == few  # small weight
+    m_small = kernels.FBGEMM_MAX_M_SMALL
+    assert kernels.select_w8a8_path(torch.randn(m_small, 256), big) == few
+    assert kernels.select_w8a8_path(torch.randn(m_small + 1, 256), big) == fast
+    large = torch.zeros(kernels.SMALL_WEIGHT_NUMEL // 256, 256, dtype=torch.int8)
+    assert kernels.select_w8a8_path(torch.randn(m_max, 256), large) == few
+    assert kernels.select_w8a8_path(torch.randn(m_max + 1, 256), large) == fast
+    assert kernels.select_w8a8_path(torch.randn(4, 8, 256).bfloat16(), big) == fast  # M = 32
+    assert kernels.select_w8a8_path(torch.randn(3, 256), big, torch.tensor(0.1)) == few
     assert kernels.select_w8a8_path(torch.randn(16, 64), small) == "reference"
     assert kernels.select_w8a8_path(torch.randn(0, 256), big) == "reference"
     needs_grad = torch.randn(4, 256, requires_grad=True)  # out= scratch ops have no backward
     assert kernels.select_w8a8_path(needs_grad, big) == "reference"
     with torch.no_grad():
-        assert kernels.select_w8a8_path(needs_grad, big) == fast
+        assert kernels.select_w8a8_path(needs_grad, big) == few
     too_long = torch.zeros(1, cpu.ONEDNN_MAX_K + 1, dtype=torch.int8)
     assert not cpu.onednn_supported(torch.randn(2, cpu.ONEDNN_MAX_K + 1), too_long)
-    assert set(kernels.W8A8_PATHS) >= {"reference", "cpu_onednn"}
+    assert not cpu.fbgemm_supported(torch.randn(2, cpu.ONEDNN_MAX_K + 1), too_long)
+    assert set(kernels.W8A8_PATHS) >= {"reference", "cpu_fbgemm", "cpu_onednn"}
 
 
-@needs_onednn
-def test_w8a8_layer_caches_prepack_rebuilds_on_change_and_copies_without_it() -> None:
+@needs_fbgemm
+def test_fbgemm_path_steps_aside_when_the_quantized_engine_is_not_fbgemm() -> None:
+    big = torch.zeros(512, 256, dtype=torch.int8)
+    engine = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "onednn"
+        assert not cpu.fbgemm_available()
+        assert kernels.select_w8a8_path(torch.randn(2, 256), big) == "cpu_onednn"
+    finally:
+        torch.backends.quantized.engine = engine
+    assert kernels.select_w8a8_path(torch.randn(2, 256), big) == "cpu_fbgemm"
+
+
+@pytest.mark.parametrize(("backend", "m"), [pytest.param("onednn", 24, marks=needs_onednn),
+                                            pytest.param("fbgemm", 4, marks=needs_fbgemm)])
+def test_w8a8_layer_caches_prepack_rebuilds_on_change_and_copies_without_it(
+    backend: str, m: int
+) -> None:
     import copy
     import io
 
     from linquant.nn import W8A8Linear
 
     q = W8A8Linear.from_float(nn.Linear(256, 512))
-    x = torch.randn(4, 256)
+    x = torch.randn(m, 256)
+    assert kernels.select_w8a8_path(x, q.weight_qdata) == f"cpu_{backend}"
     y = q(x)
     cache = q.kernel_cache()
-    packed = cache["onednn"][1][0]
+    packed = cache[backend][1]
     q(x)
-    assert cache["onednn"][1][0] is packed  # reused
-    assert "onednn" not in q.state_dict() and not any("onednn" in k for k in q.state_dict())
-    dup = copy.deepcopy(q)  # oneDNN's packed tensor cannot be copied: the cache is not
+    assert cache[backend][1] is packed  # reused
+    assert not any(backend in k for k in q.state_dict())
+    dup = copy.deepcopy(q)  # packed weights cannot always be copied: the cache is not
     assert dup.kernel_cache() == {} and torch.equal(dup(x), y)
     buf = io.BytesIO()
     torch.save(q, buf)
@@ -361,7 +442,7 @@ def test_w8a8_layer_caches_prepack_rebuilds_on_change_and_copies_without_it() ->
     with torch.no_grad():
         q.weight_qdata.mul_(-1)  # in place: version bump -> repack
     y2 = q(x)
-    assert cache["onednn"][1][0] is not packed
+    assert cache[backend][1] is not packed
     assert torch.equal(y2, ref.linear_w8a8(x, q.weight_qdata, q.weight_scale, q.bias))
 
 
@@ -381,17 +462,17 @@ def test_quant_linear_copies_and_pickles_without_its_cache() -> None:
     assert loaded.kernel_cache() == {} and torch.equal(loaded(x), y)
 
 
-@needs_onednn
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(m=st.integers(2, 20), k=st.integers(2, 200), n=st.integers(1, 70),
        act=st.sampled_from(W8A8_ACTS), seed=st.integers(0, 2**16),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
-def test_onednn_w8a8_equals_reference_property(
-    m: int, k: int, n: int, act: str, seed: int, dtype: torch.dtype
+def test_cpu_w8a8_equals_reference_property(
+    backend: str, m: int, k: int, n: int, act: str, seed: int, dtype: torch.dtype
 ) -> None:
     w, ws = _w8(n, k, seed)
     a_s, a_z = _act(act)
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).to(dtype)
     bias = torch.randn(n, generator=g) if seed % 2 else None
-    y = cpu.linear_w8a8_onednn(x, w, ws, bias, a_s, a_z)
+    y = W8A8_CPU[backend](x, w, ws, bias, a_s, a_z)
     assert torch.equal(y, ref.linear_w8a8(x, w, ws, bias, a_s, a_z))

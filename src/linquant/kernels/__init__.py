@@ -38,17 +38,32 @@ autotuned ``tl.dot`` GEMM beyond), on a layout cached in the layer's ``cache``. 
 the reference in Triton's interpreter (half-precision tolerance); not yet timed on a GPU (see
 benchmarks/bench_gpu.py). Otherwise ``reference``.
 
-W8A8 (:func:`linear_w8a8`, chosen by :func:`select_w8a8_path`) on CPU:
+W8A8 (:func:`linear_w8a8`, chosen by :func:`select_w8a8_path`) on CPU, first match wins (the
+int8 paths need a CPU with VNNI and ``K <= cpu.ONEDNN_MAX_K``; inputs that need grad take the
+reference):
 
-1. ``cpu_onednn``: ``M >= ONEDNN_MIN_M`` (2), a CPU with VNNI and ``K <= cpu.ONEDNN_MAX_K``:
-   oneDNN's int8 GEMM (``torch.ops.onednn.qlinear_pointwise``) on a weight prepacked once into
-   its blocked layout (kept in the layer's cache: a second copy of the int8 weight). Bit-identical
-   to the reference; inputs that need grad take the reference. 3.5x faster than
-   ``torch._int_mm`` at M = 16 and 1.4x at M = 256 here; ``_int_mm`` appears to re-layout the
-   ``[N, K]`` weight on every call (the same weight stored as ``[K, N]`` made it 1.9x faster
-   at M = 16, and 3x slower at M = 1).
-2. ``reference``: one ``torch._int_mm`` plus a rescale. At ``M == 1`` it streams the weight at
-   memory speed and beat oneDNN (0.61 vs 0.75 ms for 4096 x 4096), so it stays the M = 1 path.
+1. ``reference`` at ``M < ONEDNN_MIN_M`` (one token): one ``torch._int_mm`` plus a rescale. It
+   streams the weight at memory speed and needs no second copy of it; fbgemm measured the same
+   (0.58-0.74 vs 0.61-0.70 ms on 4096 x 4096) and oneDNN slower (0.81-0.86).
+2. ``cpu_fbgemm``: ``M <= FBGEMM_MAX_M`` (8), or ``M <= FBGEMM_MAX_M_SMALL`` (16) for weights
+   under ``SMALL_WEIGHT_NUMEL`` (1M) elements, and PyTorch's quantized engine is ``x86`` or
+   ``fbgemm`` (the default): fbgemm's int8 GEMM, the one behind
+   ``torch.ao.quantization.quantize_dynamic``, on a weight prepacked once. Measured against
+   oneDNN, the crossover is M = 8-12 on 4096 x 4096 and 4096 x 11008 (fbgemm 1.1-1.5x faster
+   at M = 2-8, 0.9-0.95x at 12-16) and M = 16-24 on MiniLM's 1536 x 384 and 384 x 1536 (1.2-1.7x
+   at M = 2-16); ``torch._int_mm`` takes 3-5 ms at M = 2-16 on 4096 x 4096.
+3. ``cpu_onednn``: oneDNN's int8 GEMM (``torch.ops.onednn.qlinear_pointwise``) on a weight
+   prepacked once into its blocked layout. 3.5x faster than ``torch._int_mm`` at M = 16 and
+   1.4x at M = 256 here (``_int_mm`` appears to re-layout the ``[N, K]`` weight on every call:
+   the same weight stored as ``[K, N]`` made it 1.9x faster at M = 16, and 3x slower at
+   M = 1), and 5-15% faster than fbgemm from M = 64 up.
+
+The ``M`` thresholds come from ``python benchmarks/bench_linear.py`` and a sweep of both
+backends over M = 2..32 on four shapes (BENCHMARKS.md).
+
+All three are bit-identical to the reference. Each prepacked weight is kept in the layer's
+cache: a second copy of the int8 weight per backend, so a layer run both below and above the
+fbgemm threshold holds two (``layer.kernel_cache().clear()`` drops them).
 
 W8A8 on CUDA: ``cuda_triton_w8a8`` whenever triton is importable and
 :func:`linquant.kernels.triton_w8a8.supported` holds (fp32 / fp16 / bf16 activations, a row-major
@@ -81,6 +96,8 @@ from linquant.tensor import QuantizedTensor
 
 __all__ = [
     "BLOCKED_MAX_M",
+    "FBGEMM_MAX_M",
+    "FBGEMM_MAX_M_SMALL",
     "INT4PACK_MAX_M",
     "INT8PACK_MAX_M",
     "MIN_FAST_NUMEL",
@@ -102,13 +119,15 @@ __all__ = [
 ]
 
 PATHS = ("reference", "cpu_int4pack", "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_triton")
-W8A8_PATHS = ("reference", "cpu_onednn", "cuda_triton_w8a8")
+W8A8_PATHS = ("reference", "cpu_fbgemm", "cpu_onednn", "cuda_triton_w8a8")
 INT4PACK_MAX_M = 64
 INT8PACK_MAX_M = 32
 BLOCKED_MAX_M = 128
 SMALL_WEIGHT_NUMEL = 1 << 20
 MIN_FAST_NUMEL = 1 << 16
 ONEDNN_MIN_M = 2
+FBGEMM_MAX_M = 8
+FBGEMM_MAX_M_SMALL = 16
 
 
 def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
@@ -138,12 +157,17 @@ def select_w8a8_path(
     """Which implementation :func:`linear_w8a8` uses for ``x`` and the int8 weight ``[N, K]``."""
     if x.device.type == "cuda" and triton_w8a8.supported(x, w_int8):
         return "cuda_triton_w8a8"
-    if (x.device.type == "cpu" and x.numel() > 0 and w_int8.numel() >= MIN_FAST_NUMEL
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and cpu.onednn_supported(x, w_int8)
-            and x.numel() // int(w_int8.shape[1]) >= ONEDNN_MIN_M):
-        return "cpu_onednn"
-    return "reference"
+    if (x.device.type != "cpu" or x.numel() == 0 or w_int8.numel() < MIN_FAST_NUMEL
+            or (x.requires_grad and torch.is_grad_enabled())
+            or not cpu.onednn_supported(x, w_int8)):
+        return "reference"
+    m = x.numel() // int(w_int8.shape[1])
+    if m < ONEDNN_MIN_M:
+        return "reference"
+    small = w_int8.numel() < SMALL_WEIGHT_NUMEL
+    if m <= (FBGEMM_MAX_M_SMALL if small else FBGEMM_MAX_M) and cpu.fbgemm_available():
+        return "cpu_fbgemm"
+    return "cpu_onednn"
 
 
 def linear_weight_only(
@@ -182,6 +206,8 @@ def linear_w8a8(
     """int8 weights x int8 activations; see :func:`reference.linear_w8a8` (the formula) and
     :func:`select_w8a8_path` (the choice). ``cache``: as for :func:`linear_weight_only`."""
     path = select_w8a8_path(x, w_int8, act_scale) if isinstance(x, torch.Tensor) else "reference"
+    if path == "cpu_fbgemm":
+        return cpu.linear_w8a8_fbgemm(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
     if path == "cpu_onednn":
         return cpu.linear_w8a8_onednn(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
     if path == "cuda_triton_w8a8":

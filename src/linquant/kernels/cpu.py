@@ -17,7 +17,10 @@ work is laid out. Paths (names as returned by :func:`linquant.kernels.select_pat
                    a time into a reused buffer and multiply block by block, so no full-size
                    float copy of the weight is made (fp32 math for fp32 inputs). At ``M == 1``
                    each block's product is a multiply + row sum, not a gemv (see the code).
-``cpu_onednn``     W8A8, ``M >= 2``: oneDNN's int8 GEMM on a weight prepacked once
+``cpu_fbgemm``     W8A8, ``2 <= M <= 8`` (16 for small weights): fbgemm's int8 GEMM on a
+                   weight prepacked once (:func:`linear_w8a8_fbgemm`); bit-identical to the
+                   reference.
+``cpu_onednn``     W8A8, more tokens: oneDNN's int8 GEMM on a weight prepacked once
                    (:func:`linear_w8a8_onednn`); bit-identical to the reference.
 ``cpu_scratch``    Any weight-only scheme, large ``M``: dequantize the whole weight (row block
                    by row block) into a per-thread scratch buffer that is reused across calls
@@ -33,7 +36,10 @@ order (fp32: 1e-5 relative of the output's max magnitude).
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -47,15 +53,23 @@ from linquant.tensor import QuantizedTensor
 __all__ = [
     "BLOCK_ROWS",
     "INT4PACK_GROUPS",
+    "ONEDNN_MAX_K",
+    "fbgemm_available",
+    "fbgemm_supported",
     "int4pack_supported",
     "int8pack_supported",
     "linear_blocked",
     "linear_int4pack",
     "linear_int8pack",
     "linear_scratch",
+    "linear_w8a8_fbgemm",
+    "linear_w8a8_onednn",
+    "onednn_available",
+    "onednn_supported",
     "release_scratch",
     "repack_int4",
     "repack_int8",
+    "repack_onednn",
 ]
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
@@ -380,35 +394,76 @@ def repack_onednn(w_int8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return packed, torch.ones(n, dtype=torch.float32), torch.zeros(n, dtype=torch.int32)
 
 
-def _per_token_u8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`linquant.kernels.reference.quantize_activation_per_token` (same ops, so the same
-    codes and scales) with each code shifted to ``c + 128`` as uint8, computed in this thread's
-    reused scratch buffers instead of four fresh ``[M, K]`` temporaries: glibc can hand such
-    blocks of a few MiB back to the OS and fault them in again on every call (measured here:
-    10x slower quantization in some processes)."""
+def _float_codes(x2: torch.Tensor, scale: torch.Tensor | None,
+                 zero_point: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference's activation codes, as exact integers in an fp32 scratch buffer ``[M, K]``.
+
+    ``scale is None``: :func:`linquant.kernels.reference.quantize_activation_per_token` (codes
+    in ``[-127, 127]``; also returns the per-token scales). Else
+    :func:`~linquant.kernels.reference.quantize_activation_per_tensor`: symmetric codes in
+    ``[-127, 127]``, or asymmetric codes in ``[0, 255]`` when ``zero_point`` is given. Same ops
+    in the same order as the reference, so the same codes; computed in this thread's reused
+    buffer instead of fresh ``[M, K]`` temporaries: glibc can hand such blocks of a few MiB back
+    to the OS and fault them in again on every call (measured here: 10x slower quantization in
+    some processes).
+
+    Per token, when every scale is finite, ``nan_to_num`` and the clamp are skipped: they
+    cannot change a code (``|x| <= max|x|`` and ``s = max|x| / 127`` rounded, or the smallest
+    normal when that is smaller, give ``|x / s| <= 127.00002``, which rounds into range). Each
+    elementwise op saved matters at few tokens: after the GEMM has streamed the weight through
+    the caches, every small torch op costs tens of microseconds. (The rounding cannot be left to
+    fbgemm: it adds the zero point before rounding, so ``0.50000006 + 128`` ties to 128.)"""
     m, k = x2.shape
     xf = x2.float()
     buf = _scratch(m * k, torch.float32).view(m, k)
-    scale = torch.abs(xf, out=buf).amax(dim=-1, keepdim=True).div_(ACT_QMAX).clamp_min_(_TINY)
-    torch.div(xf, scale, out=buf).round_().nan_to_num_(0.0).clamp_(-ACT_QMAX, ACT_QMAX)
-    codes = _scratch(m * k, torch.int8).view(m, k).copy_(buf)
-    return codes.view(torch.uint8).bitwise_xor_(128), scale
-
-
-def _per_tensor_u8(x2: torch.Tensor, scale: torch.Tensor,
-                   zero_point: torch.Tensor | None) -> torch.Tensor:
-    """:func:`linquant.kernels.reference.quantize_activation_per_tensor` in scratch buffers, as
-    uint8: symmetric codes shifted to ``c + 128``, asymmetric codes as they are (both go through
-    int8 as ``code - 128``, which converts faster than float -> uint8, then one XOR)."""
-    m, k = x2.shape
-    buf = _scratch(m * k, torch.float32).view(m, k)
-    t = torch.div(x2.float(), scale.float(), out=buf).round_().nan_to_num_(0.0)
+    if scale is None:
+        tok = torch.abs(xf, out=buf).amax(dim=-1, keepdim=True).div_(ACT_QMAX).clamp_min_(_TINY)
+        torch.div(xf, tok, out=buf)
+        buf.round_()
+        if not math.isfinite(float(tok.max())):  # a NaN / Inf token: the reference's zeroed codes
+            buf.nan_to_num_(0.0).clamp_(-ACT_QMAX, ACT_QMAX)
+        return buf, tok
+    t = torch.div(xf, scale.float(), out=buf).round_().nan_to_num_(0.0)
     if zero_point is None:
         t.clamp_(-ACT_QMAX, ACT_QMAX)
     else:
-        t.add_(zero_point.float()).clamp_(0, 255).sub_(128)
-    codes = _scratch(m * k, torch.int8).view(m, k).copy_(t)
-    return codes.view(torch.uint8).bitwise_xor_(128)
+        t.add_(zero_point.float()).clamp_(0, 255)
+    return t, None
+
+
+def _u8_codes(codes: torch.Tensor, asymmetric: bool) -> torch.Tensor:
+    """Float codes from :func:`_float_codes` as the uint8 codes oneDNN takes: symmetric ``c``
+    as ``c + 128`` (zero point 128), asymmetric ``q`` as they are. Both go through int8 as
+    ``code - 128`` (float -> int8 converts faster than float -> uint8), then one XOR."""
+    if asymmetric:
+        codes = codes.sub_(128)
+    m, k = codes.shape
+    out = _scratch(m * k, torch.int8).view(m, k).copy_(codes)
+    return out.view(torch.uint8).bitwise_xor_(128)
+
+
+def _rescale(acc: torch.Tensor, a_s: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None, dynamic: bool, x: torch.Tensor) -> torch.Tensor:
+    """``acc`` (fp32 ``[M, N]`` holding ``int32 acc .float()``) rescaled in the reference's
+    order: dynamic ``(acc * a_s) * ws``, static ``acc * (a_s * ws)``; then bias and dtype."""
+    n = int(acc.shape[-1])
+    ws = w_scale.reshape(1, n).float()
+    y = acc.mul_(a_s).mul_(ws) if dynamic else acc.mul_(a_s * ws)
+    if bias is not None:
+        y = y.add_(bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _w8a8_inputs(x: torch.Tensor, k: int, act_scale: torch.Tensor | None,
+                 act_zero_point: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """``(float codes [M, K], the activation scale to rescale with, static zero point)``."""
+    codes, tok = _float_codes(x.reshape(-1, k), act_scale, act_zero_point)
+    if act_scale is None:
+        assert tok is not None
+        return codes, tok, None
+    zp = None if act_zero_point is None else int(act_zero_point.reshape(()).item())
+    return codes, act_scale.reshape(1, 1).float(), zp
 
 
 def linear_w8a8_onednn(
@@ -423,30 +478,98 @@ def linear_w8a8_onednn(
     """:func:`linquant.kernels.reference.linear_w8a8` with the int8 product done by oneDNN.
 
     Activations are quantized with the reference's formulas and operation order (same codes),
-    in reused per-thread buffers (:func:`_per_token_u8`, :func:`_per_tensor_u8`), as the
-    unsigned codes oneDNN takes: a symmetric int8 code ``c`` becomes ``c + 128`` with zero point
-    128 (one XOR of the sign bit); static asymmetric codes are already uint8 with their own zero
-    point. oneDNN subtracts the zero point's contribution in int32, so with unit weight scales
-    its fp32 output is exactly ``acc.float()``; the rescale then runs in the reference's order,
-    and the result is bit-identical to the reference (tests assert it)."""
-    n, k = (int(d) for d in w_int8.shape)
+    in reused per-thread buffers (:func:`_float_codes`), as the unsigned codes oneDNN takes: a
+    symmetric int8 code ``c`` becomes ``c + 128`` with zero point 128 (one XOR of the sign bit);
+    static asymmetric codes are already uint8 with their own zero point. oneDNN subtracts the
+    zero point's contribution in int32, so with unit weight scales its fp32 output is exactly
+    ``acc.float()``; the rescale then runs in the reference's order, and the result is
+    bit-identical to the reference (tests assert it)."""
+    k = int(w_int8.shape[1])
     packed, ones, zeros = _cached(cache, "onednn", _w8a8_key(w_int8),
                                   lambda: repack_onednn(w_int8))
-    x2 = x.reshape(-1, k)
-    a_s: torch.Tensor
-    if act_scale is None:
-        a_u, a_s = _per_token_u8(x2)
-        zp = 128
-    else:
-        a_u = _per_tensor_u8(x2, act_scale, act_zero_point)
-        zp = 128 if act_zero_point is None else int(act_zero_point.reshape(()).item())
-        a_s = act_scale.reshape(1, 1).float()
+    codes, a_s, zp = _w8a8_inputs(x, k, act_scale, act_zero_point)
+    a_u = _u8_codes(codes, zp is not None)
     acc: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
-        a_u, 1.0, zp, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+        a_u, 1.0, 128 if zp is None else zp, packed, ones, zeros, None, 1.0, 0, torch.float32,
+        "none", [], ""
     )
-    ws = w_scale.reshape(1, n).float()
-    # the reference's order: dynamic (acc * a_s) * ws, static acc * (a_s * ws)
-    y = acc.mul_(a_s).mul_(ws) if act_scale is None else acc.mul_(a_s * ws)
-    if bias is not None:
-        y = y.add_(bias.float())
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _rescale(acc, a_s, w_scale, bias, act_scale is None, x)
+
+
+# ---- W8A8 through fbgemm (few tokens) --------------------------------------------------------
+
+
+def _fbgemm_prepack(w_int8: torch.Tensor) -> Any:
+    """fbgemm's packed int8 weight with unit per-channel scales and zero zero points."""
+    n = int(w_int8.shape[0])
+    with warnings.catch_warnings():  # quantized tensor constructors are deprecated in torch 2.10+
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(
+            w_int8.contiguous(), torch.ones(n, dtype=torch.float64),
+            torch.zeros(n, dtype=torch.int64), 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def _fbgemm_matmul(codes: torch.Tensor, zp: int, packed: Any) -> torch.Tensor:
+    """``float(codes @ W^T)`` exactly: fbgemm quantizes the float codes with scale 1 and zero
+    point ``zp`` (``round(c) + zp``, exact for integers), multiplies u8 x s8 in int32, removes
+    the zero point's contribution and converts to fp32 with unit scales."""
+    out: torch.Tensor = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        codes, 1.0, zp, packed)
+    return out
+
+
+@functools.cache
+def _fbgemm_exact() -> bool:
+    """fbgemm's int8 linear is present and gives exact int32 products here (checked once on
+    the extreme codes: without VNNI, fbgemm's u8 x s8 pair sums saturate int16, as oneDNN's
+    do)."""
+    try:
+        a = torch.tensor([[127.0] * 64, [-127.0] * 64, [127.0, -127.0] * 32])
+        w = torch.tensor([[127] * 64, [-127] * 64, [127, -127] * 32], dtype=torch.int8)
+        got = _fbgemm_matmul(a, 128, _fbgemm_prepack(w))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    want = (a.double() @ w.double().T).float()
+    return bool(torch.equal(got, want))
+
+
+def fbgemm_available() -> bool:
+    """:func:`linear_w8a8_fbgemm` works here: a CPU with VNNI (as for oneDNN), PyTorch's
+    quantized engine is ``x86`` or ``fbgemm`` (the default on x86; ``linear_prepack`` packs for
+    the current engine) and fbgemm's product is exact (:func:`_fbgemm_exact`)."""
+    return (_ONEDNN and torch.backends.quantized.engine in ("x86", "fbgemm")
+            and _fbgemm_exact())
+
+
+def fbgemm_supported(x: torch.Tensor, w_int8: torch.Tensor) -> bool:
+    """Whether :func:`linear_w8a8_fbgemm` handles ``x`` and the int8 weight ``[N, K]``."""
+    return onednn_supported(x, w_int8) and fbgemm_available()
+
+
+def linear_w8a8_fbgemm(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    act_zero_point: torch.Tensor | None,
+    cache: Cache | None = None,
+) -> torch.Tensor:
+    """:func:`linquant.kernels.reference.linear_w8a8` with the int8 product done by fbgemm
+    (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``, the GEMM behind
+    ``torch.ao.quantization.quantize_dynamic``), on a weight prepacked once.
+
+    The reference's codes (:func:`_float_codes`) are handed over as floats with scale 1, so
+    fbgemm's own quantization (``round(c + zp)``, clamped to ``[0, 255]``) reproduces them
+    exactly, integers as they are; symmetric codes get zero point 128,
+    static asymmetric codes ``q`` are passed as ``q - z`` with zero point ``z``. With unit weight
+    scales the fp32 output is ``acc.float()``, rescaled in the reference's order: bit-identical
+    to the reference (tests assert it)."""
+    k = int(w_int8.shape[1])
+    packed = _cached(cache, "fbgemm", _w8a8_key(w_int8), lambda: _fbgemm_prepack(w_int8))
+    codes, a_s, zp = _w8a8_inputs(x, k, act_scale, act_zero_point)
+    if zp is not None:
+        codes = codes.sub_(zp)
+    acc = _fbgemm_matmul(codes, 128 if zp is None else zp, packed)
+    return _rescale(acc, a_s, w_scale, bias, act_scale is None, x)
