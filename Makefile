@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_quantize.py
 	cd benchmarks && ../$(BIN)/python bench_linear.py
 	$(BIN)/python benchmarks/bench_model.py
+	cd benchmarks && ../$(BIN)/python bench_w8a8_crossover.py
+	cd benchmarks && ../$(BIN)/python bench_peak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

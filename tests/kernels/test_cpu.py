@@ -386,7 +386,7 @@ def test_select_w8a8_path_documented_table() -> None:
     large = torch.zeros(kernels.SMALL_WEIGHT_NUMEL // 256, 256, dtype=torch.int8)
     assert kernels.select_w8a8_path(torch.randn(m_max, 256), large) == few
     assert kernels.select_w8a8_path(torch.randn(m_max + 1, 256), large) == fast
-    assert kernels.select_w8a8_path(torch.randn(4, 8, 256).bfloat16(), big) == fast  # M = 32
+    assert kernels.select_w8a8_path(torch.randn(4, 10, 256).bfloat16(), big) == fast  # M = 40
     assert kernels.select_w8a8_path(torch.randn(3, 256), big, torch.tensor(0.1)) == few
     assert kernels.select_w8a8_path(torch.randn(16, 64), small) == "reference"
     assert kernels.select_w8a8_path(torch.randn(0, 256), big) == "reference"
@@ -413,7 +413,7 @@ def test_fbgemm_path_steps_aside_when_the_quantized_engine_is_not_fbgemm() -> No
     assert kernels.select_w8a8_path(torch.randn(2, 256), big) == "cpu_fbgemm"
 
 
-@pytest.mark.parametrize(("backend", "m"), [pytest.param("onednn", 24, marks=needs_onednn),
+@pytest.mark.parametrize(("backend", "m"), [pytest.param("onednn", 40, marks=needs_onednn),
                                             pytest.param("fbgemm", 4, marks=needs_fbgemm)])
 def test_w8a8_layer_caches_prepack_rebuilds_on_change_and_copies_without_it(
     backend: str, m: int

@@ -43,15 +43,16 @@ int8 paths need a CPU with VNNI and ``K <= cpu.ONEDNN_MAX_K``; inputs that need 
 reference):
 
 1. ``reference`` at ``M < ONEDNN_MIN_M`` (one token): one ``torch._int_mm`` plus a rescale. It
-   streams the weight at memory speed and needs no second copy of it; fbgemm measured the same
-   (0.58-0.74 vs 0.61-0.70 ms on 4096 x 4096) and oneDNN slower (0.81-0.86).
-2. ``cpu_fbgemm``: ``M <= FBGEMM_MAX_M`` (8), or ``M <= FBGEMM_MAX_M_SMALL`` (16) for weights
+   streams the weight at memory speed and needs no second copy of it; fbgemm measured about the
+   same (4096 x 4096: 0.71-0.84 vs 0.68-0.85 ms over four runs) and oneDNN slower (1.0-1.15).
+2. ``cpu_fbgemm``: ``M <= FBGEMM_MAX_M`` (8), or ``M <= FBGEMM_MAX_M_SMALL`` (32) for weights
    under ``SMALL_WEIGHT_NUMEL`` (1M) elements, and PyTorch's quantized engine is ``x86`` or
    ``fbgemm`` (the default): fbgemm's int8 GEMM, the one behind
-   ``torch.ao.quantization.quantize_dynamic``, on a weight prepacked once. Measured against
-   oneDNN, the crossover is M = 8-12 on 4096 x 4096 and 4096 x 11008 (fbgemm 1.1-1.5x faster
-   at M = 2-8, 0.9-0.95x at 12-16) and M = 16-24 on MiniLM's 1536 x 384 and 384 x 1536 (1.2-1.7x
-   at M = 2-16); ``torch._int_mm`` takes 3-5 ms at M = 2-16 on 4096 x 4096.
+   ``torch.ao.quantization.quantize_dynamic``, on a weight prepacked once. Against oneDNN
+   (``benchmarks/bench_w8a8_crossover.py``, three runs): on 4096 x 4096 and 4096 x 11008
+   fbgemm is 1.1-1.6x faster at M = 2-8 and even to 0.9x from M = 12 to 32; on MiniLM's
+   1536 x 384 and 384 x 1536 it is 1.1-1.6x faster up to M = 32 in most runs (0.83-0.9x in
+   two of eighteen cells). ``torch._int_mm`` takes 3-5 ms at M = 2-16 on 4096 x 4096.
 3. ``cpu_onednn``: oneDNN's int8 GEMM (``torch.ops.onednn.qlinear_pointwise``) on a weight
    prepacked once into its blocked layout. 3.5x faster than ``torch._int_mm`` at M = 16 and
    1.4x at M = 256 here (``_int_mm`` appears to re-layout the ``[N, K]`` weight on every call:
@@ -127,7 +128,7 @@ SMALL_WEIGHT_NUMEL = 1 << 20
 MIN_FAST_NUMEL = 1 << 16
 ONEDNN_MIN_M = 2
 FBGEMM_MAX_M = 8
-FBGEMM_MAX_M_SMALL = 16
+FBGEMM_MAX_M_SMALL = 32
 
 
 def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:

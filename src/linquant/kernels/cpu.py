@@ -17,7 +17,7 @@ work is laid out. Paths (names as returned by :func:`linquant.kernels.select_pat
                    a time into a reused buffer and multiply block by block, so no full-size
                    float copy of the weight is made (fp32 math for fp32 inputs). At ``M == 1``
                    each block's product is a multiply + row sum, not a gemv (see the code).
-``cpu_fbgemm``     W8A8, ``2 <= M <= 8`` (16 for small weights): fbgemm's int8 GEMM on a
+``cpu_fbgemm``     W8A8, ``2 <= M <= 8`` (32 for small weights): fbgemm's int8 GEMM on a
                    weight prepacked once (:func:`linear_w8a8_fbgemm`); bit-identical to the
                    reference.
 ``cpu_onednn``     W8A8, more tokens: oneDNN's int8 GEMM on a weight prepacked once
