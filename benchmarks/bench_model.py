@@ -23,7 +23,7 @@ preset is followed by the same quantized weights run in fp32 ("fp32 act"), to sh
 is shown).
 
     python benchmarks/bench_model.py [--batch 1,32,128] [--repeats 9] [--presets A,B,...]
-        [--sentences FILE] [--threads N] [--json PATH]
+        [--sentences FILE] [--threads N] [--json PATH] [--fbgemm-max-m M]
 """
 
 from __future__ import annotations
@@ -199,7 +199,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
+    ap.add_argument("--fbgemm-max-m", type=int, default=None, metavar="M",
+                    help="A/B of the W8A8 CPU backends: set the dispatcher's fbgemm token "
+                         "thresholds (kernels.FBGEMM_MAX_M and FBGEMM_MAX_M_SMALL) to M; "
+                         "1 sends every W8A8 call of 2+ tokens to oneDNN")
     args = ap.parse_args()
+    if args.fbgemm_max_m is not None:
+        kernels.FBGEMM_MAX_M = kernels.FBGEMM_MAX_M_SMALL = args.fbgemm_max_m
     warnings.filterwarnings("ignore")
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     presets = [p.strip().lower() for p in args.presets.split(",") if p.strip()]

@@ -44,7 +44,7 @@ reference):
 
 1. ``reference`` at ``M < ONEDNN_MIN_M`` (one token): one ``torch._int_mm`` plus a rescale. It
    streams the weight at memory speed and needs no second copy of it; fbgemm measured about the
-   same (4096 x 4096: 0.71-0.84 vs 0.68-0.85 ms over four runs) and oneDNN slower (1.0-1.15).
+   same (4096 x 4096: 0.71-0.84 vs 0.68-0.85 ms over three runs) and oneDNN slower (1.0-1.15).
 2. ``cpu_fbgemm``: ``M <= FBGEMM_MAX_M`` (8), or ``M <= FBGEMM_MAX_M_SMALL`` (32) for weights
    under ``SMALL_WEIGHT_NUMEL`` (1M) elements, and PyTorch's quantized engine is ``x86`` or
    ``fbgemm`` (the default): fbgemm's int8 GEMM, the one behind

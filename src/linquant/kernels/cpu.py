@@ -410,9 +410,9 @@ def _float_codes(x2: torch.Tensor, scale: torch.Tensor | None,
     Per token, when every scale is finite, ``nan_to_num`` and the clamp are skipped: they
     cannot change a code (``|x| <= max|x|`` and ``s = max|x| / 127`` rounded, or the smallest
     normal when that is smaller, give ``|x / s| <= 127.00002``, which rounds into range). Each
-    elementwise op saved matters at few tokens: after the GEMM has streamed the weight through
-    the caches, every small torch op costs tens of microseconds. (The rounding cannot be left to
-    fbgemm: it adds the zero point before rounding, so ``0.50000006 + 128`` ties to 128.)"""
+    op saved matters at few tokens, where these small ops are a visible share of the layer's
+    time. (The rounding cannot be left to fbgemm: it adds the zero point before rounding, so
+    ``0.50000006 + 128`` ties to 128.)"""
     m, k = x2.shape
     xf = x2.float()
     buf = _scratch(m * k, torch.float32).view(m, k)
