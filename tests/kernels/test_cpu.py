@@ -446,6 +446,24 @@ def test_w8a8_layer_caches_prepack_rebuilds_on_change_and_copies_without_it(
     assert torch.equal(y2, ref.linear_w8a8(x, q.weight_qdata, q.weight_scale, q.bias))
 
 
+@needs_fbgemm
+@needs_onednn
+def test_clear_kernel_caches_drops_every_backend_layout_and_results_stay_exact() -> None:
+    from linquant.nn import W8A8Linear, clear_kernel_caches
+
+    model = nn.Sequential(W8A8Linear.from_float(nn.Linear(256, 512)), nn.ReLU(),
+                          QuantLinear.from_float(nn.Linear(512, 256), "int4-sym-g32").bfloat16())
+    w8 = model[0]
+    few, many = torch.randn(4, 256), torch.randn(40, 256)
+    y_few, y_many = w8(few), w8(many)
+    assert set(w8.kernel_cache()) == {"fbgemm", "onednn"}  # one int8 copy per backend
+    model[2](torch.randn(3, 512).bfloat16())
+    assert clear_kernel_caches(model) == 3
+    assert w8.kernel_cache() == {} and model[2].kernel_cache() == {}
+    assert clear_kernel_caches(model) == 0
+    assert torch.equal(w8(few), y_few) and torch.equal(w8(many), y_many)
+
+
 def test_quant_linear_copies_and_pickles_without_its_cache() -> None:
     import copy
     import io

@@ -14,7 +14,7 @@ Every class has ``from_float(module, ..., name=)`` (quantize a float module), ``
 a float ``bias`` when the float module has one. :func:`quant_module_for` looks the table up.
 """
 
-from linquant.nn.base import QuantModule
+from linquant.nn.base import QuantModule, clear_kernel_caches
 from linquant.nn.conv import QuantConv2d
 from linquant.nn.embedding import QuantEmbedding
 from linquant.nn.linear import QuantLinear
@@ -28,6 +28,7 @@ __all__ = [
     "QuantLinear",
     "QuantModule",
     "W8A8Linear",
+    "clear_kernel_caches",
     "quant_module_for",
     "register_qmodule",
     "registered",

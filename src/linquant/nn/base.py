@@ -161,6 +161,24 @@ class KernelCache(dict[str, Any]):
         return (KernelCache, ())
 
 
+def clear_kernel_caches(model: nn.Module) -> int:
+    """Drop the repacked kernel layouts of every quantized layer in ``model`` (the layer itself
+    when it is one); returns how many layouts were dropped. Each is rebuilt on the layer's next
+    forward that needs it.
+
+    The layouts cost memory: a W4A16 layer on the CPU keeps another copy of its int4 codes, and
+    a CPU W8A8 layer one copy of its int8 weight per int8 backend it ran on (fbgemm at few
+    tokens, oneDNN at more; see :mod:`linquant.kernels`). Useful after a calibration or warm-up
+    run at batch sizes the deployment will not see."""
+    dropped = 0
+    for m in model.modules():
+        if isinstance(m, QuantModule):
+            cache = m.kernel_cache()
+            dropped += len(cache)
+            cache.clear()
+    return dropped
+
+
 class QuantModule(nn.Module):
     """Base of the quantized modules: labels for errors, dtype-safe ``_apply``, weight buffers.
 
