@@ -528,7 +528,7 @@ def _fbgemm_exact() -> bool:
         a = torch.tensor([[127.0] * 64, [-127.0] * 64, [127.0, -127.0] * 32])
         w = torch.tensor([[127] * 64, [-127] * 64, [127, -127] * 32], dtype=torch.int8)
         got = _fbgemm_matmul(a, 128, _fbgemm_prepack(w))
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except Exception:  # a probe: a torch without these (deprecated) ops just lacks the path
         return False
     want = (a.double() @ w.double().T).float()
     return bool(torch.equal(got, want))
