@@ -6,9 +6,23 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+
+
+def rotate(fns: Sequence[Callable[[torch.Tensor], torch.Tensor]]
+           ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One callable that runs the next of ``fns`` on each call: with one function per distinct
+    weight (enough to hold >= 256 MiB), every call finds its weight cold in the cache."""
+    state = {"i": 0}
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        f = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return f(x)
+
+    return call
 
 
 def median_ms(fn: Callable[[], object], *, repeats: int = 15, warmup: int = 3) -> float:

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from _common import machine, median_ms
+from _common import machine, median_ms, rotate
 from torch import nn
 
 import linquant as lq
@@ -41,17 +41,6 @@ from linquant.nn import QuantLinear, W8A8Linear
 
 N = K = 4096
 Fn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def rotate(layers: list[Fn]) -> Callable[[torch.Tensor], torch.Tensor]:
-    state = {"i": 0}
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        f = layers[state["i"] % len(layers)]
-        state["i"] += 1
-        return f(x)
-
-    return call
 
 
 def copies(make: Callable[[], nn.Module], nbytes: int, min_mib: int,

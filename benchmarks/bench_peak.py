@@ -22,24 +22,12 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-from _common import machine, median_ms
+from _common import machine, median_ms, rotate
 
 N = K = 4096
 MIB = 2**20
 Fn = Callable[[], object]
 T = TypeVar("T")
-
-
-def rotate(weights: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Each call uses the next weight, as bench_linear.rotate does with its layers."""
-    state = {"i": 0}
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        w = weights[state["i"] % len(weights)]
-        state["i"] += 1
-        return F.linear(x, w)
-
-    return call
 
 
 def cpu_jiffies() -> tuple[int, int, int]:
@@ -163,7 +151,7 @@ def cold(repeats: int, runs: int, min_mib: int) -> dict[tuple[str, int], float]:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         w0 = base.to(dtype)
         ws = [w0] + [w0.clone() for _ in range(max(2, math.ceil(min_mib * MIB / w0.nbytes)) - 1)]
-        call = rotate(ws)
+        call = rotate([functools.partial(F.linear, weight=w) for w in ws])
         cells = []
         with torch.inference_mode():
             for m in (1, 16, 256):

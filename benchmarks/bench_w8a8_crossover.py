@@ -14,12 +14,13 @@ picks.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import machine, median_ms
+from _common import machine, median_ms, rotate
 
 from linquant import kernels
 from linquant.kernels import cpu, reference
@@ -31,15 +32,16 @@ Path = Callable[..., torch.Tensor]
 def time_path(fn: Path, x: torch.Tensor, ws: list[torch.Tensor], scale: torch.Tensor,
               caches: list[dict[str, Any]], repeats: int, runs: int) -> float:
     """Lowest of ``runs`` medians of ``fn`` on ``x``, each call on the next cold weight."""
-    state = {"i": 0}
+    if fn is reference.linear_w8a8:
+        calls = [functools.partial(fn, w_int8=w, w_scale=scale) for w in ws]
+    else:
+        calls = [functools.partial(fn, w_int8=w, w_scale=scale, bias=None, act_scale=None,
+                                   act_zero_point=None, cache=c)
+                 for w, c in zip(ws, caches, strict=True)]
+    call = rotate(calls)
 
     def one() -> None:
-        i = state["i"] % len(ws)
-        state["i"] += 1
-        if fn is reference.linear_w8a8:
-            fn(x, ws[i], scale)
-        else:
-            fn(x, ws[i], scale, None, None, None, caches[i])
+        call(x)
 
     for _ in ws:  # warm-up pass: prepacks
         one()

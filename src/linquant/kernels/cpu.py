@@ -561,11 +561,10 @@ def linear_w8a8_fbgemm(
     ``torch.ao.quantization.quantize_dynamic``), on a weight prepacked once.
 
     The reference's codes (:func:`_float_codes`) are handed over as floats with scale 1, so
-    fbgemm's own quantization (``round(c + zp)``, clamped to ``[0, 255]``) reproduces them
-    exactly, integers as they are; symmetric codes get zero point 128,
-    static asymmetric codes ``q`` are passed as ``q - z`` with zero point ``z``. With unit weight
-    scales the fp32 output is ``acc.float()``, rescaled in the reference's order: bit-identical
-    to the reference (tests assert it)."""
+    fbgemm's own quantization (``round(c + zp)``, clamped to ``[0, 255]``) keeps them exactly:
+    symmetric codes get zero point 128, static asymmetric codes ``q`` are passed as ``q - z``
+    with zero point ``z``. With unit weight scales the fp32 output is ``acc.float()``, rescaled
+    in the reference's order: bit-identical to the reference (tests assert it)."""
     k = int(w_int8.shape[1])
     packed = _cached(cache, "fbgemm", _w8a8_key(w_int8), lambda: _fbgemm_prepack(w_int8))
     codes, a_s, zp = _w8a8_inputs(x, k, act_scale, act_zero_point)
