@@ -33,6 +33,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_linear.py
 	$(BIN)/python benchmarks/bench_model.py
 	cd benchmarks && ../$(BIN)/python bench_w8a8_crossover.py
+	cd benchmarks && ../$(BIN)/python bench_w8a16_crossover.py
 	cd benchmarks && ../$(BIN)/python bench_peak.py
 
 clean:

@@ -70,6 +70,7 @@ def forced(path: str, mods: list[nn.Module]) -> list[Fn]:
             "cpu_blocked": lambda x: cpu.linear_blocked(x, qw, None),
             "cpu_scratch": lambda x: cpu.linear_scratch(x, qw, None),
             "cpu_int8pack": lambda x: cpu.linear_int8pack(x, qw, None, cache),
+            "cpu_int8split": lambda x: cpu.linear_int8split(x, qw, None, cache),
             "cpu_int4pack": lambda x: cpu.linear_int4pack(x, qw, None, cache),
         }
         return table[path]
@@ -126,6 +127,8 @@ def main() -> None:
     w8b = [copy.deepcopy(q).to(torch.bfloat16) for q in w8]
     rows += [
         ("W8A16 int8-sym-ch0 bf16 (auto)", "auto", torch.bfloat16, w8b, ""),
+        *([("  cpu_int8split", "cpu_int8split", torch.bfloat16, w8b, "")]
+          if cpu.fbgemm_available() else []),
         ("  cpu_int8pack", "cpu_int8pack", torch.bfloat16, w8b, ""),
         ("  cpu_blocked", "cpu_blocked", torch.bfloat16, w8b, ""),
         ("  cpu_scratch", "cpu_scratch", torch.bfloat16, w8b, ""),

@@ -154,7 +154,9 @@ def test_select_path_documented_table() -> None:
     large = _qt(1024, 1024, "int8-sym-ch0")  # SMALL_WEIGHT_NUMEL elements: fp32 stays blocked
     assert large.numel == kernels.SMALL_WEIGHT_NUMEL
     assert kernels.select_path(torch.zeros(bigb * 2, 1024), large) == "cpu_blocked"
-    assert kernels.select_path(torch.zeros(bigb, 1024, dtype=bf), large) == "cpu_scratch"
+    assert kernels.select_path(torch.zeros(bigb + 1, 1024, dtype=bf), large) == "cpu_scratch"
+    large_asym = _qt(1024, 1024, "int8-asym-ch0")  # not cpu_int8split's (see its own table)
+    assert kernels.select_path(torch.zeros(bigb, 1024, dtype=bf), large_asym) == "cpu_scratch"
     assert kernels.select_path(x(3, torch.float64), q8) == "cpu_blocked"
     # int4 layouts the aten op cannot take fall back to the generic paths
     assert kernels.select_path(x(small, bf), _qt(n, k, "int4-sym-g16")) == "cpu_blocked"
@@ -494,3 +496,181 @@ def test_cpu_w8a8_equals_reference_property(
     bias = torch.randn(n, generator=g) if seed % 2 else None
     y = W8A8_CPU[backend](x, w, ws, bias, a_s, a_z)
     assert torch.equal(y, ref.linear_w8a8(x, w, ws, bias, a_s, a_z))
+
+
+# ---- W8A16 through fbgemm: activations split into two int8 digits ----------------------------
+
+SPLIT_SCHEMES = ["int8-sym-ch0", "int8-sym-tensor", "int8-sym-ch0-fp16"]
+
+
+def _bf16_or_fp16_tokens(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Tokens with very different magnitudes, zeros and tiny elements among large ones."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-3, 3, m).reshape(m, 1)
+    x[:, ::7] *= 1e-4
+    x[:, 3::11] = 0
+    return x.to(dtype)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("scheme", SPLIT_SCHEMES)
+@pytest.mark.parametrize("nk", [(33, 64), (100, 97), (7, 304), (130, 2)],
+                         ids=lambda c: f"{c[0]}x{c[1]}")
+def test_int8split_matches_reference(nk: tuple[int, int], scheme: str,
+                                     dtype: torch.dtype) -> None:
+    n, k = nk
+    qt = _qt(n, k, scheme)
+    assert cpu.int8split_supported(qt, dtype)
+    bias = torch.randn(n)
+    cache: dict[str, object] = {}
+    for m in MS:
+        x = torch.randn(m, k).to(dtype)
+        _close(cpu.linear_int8split(x, qt, bias, cache), ref.linear_weight_only(x, qt, bias),
+               HALF_TOL)
+    x3 = torch.randn(2, 5, k).to(dtype)  # leading dims
+    _close(cpu.linear_int8split(x3, qt, None, cache), ref.linear_weight_only(x3, qt, None),
+           HALF_TOL)
+    assert list(cache) == ["fbgemm"]
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("scheme", SPLIT_SCHEMES)
+def test_int8split_error_against_exact_product_is_within_its_bound(
+        scheme: str, dtype: torch.dtype) -> None:
+    """Elementwise: |y - exact| <= one rounding to x.dtype + (max|x| / 16256) * sum|w| + fp32
+    rounding; and overall no worse than the reference, which rounds the weight to x.dtype."""
+    n, k = 96, 517
+    qt = _qt(n, k, scheme, seed=3)
+    x = _bf16_or_fp16_tokens(9, k, dtype, seed=4)
+    bias = torch.randn(n)
+    y = cpu.linear_int8split(x, qt, bias, {}).double()
+    w = qt.dequantize(torch.float64)
+    xd = x.double()
+    exact = xd @ w.T + bias.double()
+    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # half an ulp, relative: 2 ** -9 / -12
+    amax = xd.abs().amax(dim=1, keepdim=True)
+    bound = (eps * exact.abs() + amax / 16256 * w.abs().sum(dim=1)
+             + 1e-6 * (xd.abs() @ w.abs().T + bias.double().abs()))
+    assert bool(((y - exact).abs() <= bound).all())
+    r = ref.linear_weight_only(x, qt, bias).double()
+    assert (y - exact).abs().max() <= (r - exact).abs().max()
+
+
+@needs_fbgemm
+def test_int8split_is_exact_when_the_digits_hold_every_element() -> None:
+    """bf16 elements within a factor 127 of the token's max split exactly; with small codes
+    every sum stays exact in fp32, so the result is the exact product rounded once."""
+    g = torch.Generator().manual_seed(5)
+    n, k, m = 40, 64, 6
+    mag = torch.randint(128, 16257, (m, k), generator=g).float() / 128  # [1, 127]
+    sign = torch.randint(0, 2, (m, k), generator=g).float() * 2 - 1
+    x = (mag * sign).bfloat16()
+    x[:, 0] = 127.0  # every token's max: p = 0
+    small = torch.randint(-3, 4, (n, k), generator=g).float()
+    small[0, 0] = 127  # the tensor's max: codes stay small, sums exact in fp32
+    qt = lq.quantize(small * 0.37, "int8-sym-tensor")
+    codes = qt.qdata.view(torch.int8).view(n, k)
+    assert torch.equal(codes.float(), small)
+    y = cpu.linear_int8split(x, qt, None, {})
+    exact = (x.double() @ codes.double().T) * qt.scale.double()  # exact in fp64
+    assert torch.equal(y, exact.float().bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@given(m=st.integers(1, 6), k=st.integers(1, 80), seed=st.integers(0, 2**16),
+       scale_exp=st.integers(-140, 15))
+def test_split_digits_property(dtype: torch.dtype, m: int, k: int, seed: int,
+                               scale_exp: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 2.0**scale_exp
+         * torch.rand(m, k, generator=g) ** 4).to(dtype)
+    if seed % 3 == 0:
+        x[0] = 0
+    got = cpu.split_digits(x)
+    assert got is not None
+    digits, scale = got
+    d1, d2 = digits[:m].double(), digits[m:].double()
+    assert torch.equal(d1, d1.round()) and torch.equal(d2, d2.round())
+    assert d1.abs().max() <= 127 and d2.abs().max() <= 64
+    p = torch.log2(scale.double())
+    assert torch.equal(p, p.round()) and int(p.min()) >= cpu.SPLIT_MIN_EXP
+    xd = x.double()
+    amax = xd.abs().amax(dim=1, keepdim=True)
+    assert bool((amax <= 127 * scale.double()).all())
+    # p is the smallest such exponent (unless clamped, or the token is all zeros)
+    smallest = (amax > 127 * scale.double() / 2) | (p == cpu.SPLIT_MIN_EXP) | (amax == 0)
+    assert bool(smallest.all())
+    err = (xd - scale.double() * (d1 + d2 / 128)).abs()
+    assert bool((err <= scale.double() * 2.0**-8).all())
+    exact_from = scale.double() * (1 if dtype == torch.bfloat16 else 8)
+    assert bool((err[xd.abs() >= exact_from.expand_as(xd)] == 0).all())
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_int8split_nonfinite_token_follows_the_reference(bad: float) -> None:
+    qt = _qt(48, 64, "int8-sym-ch0")
+    x = torch.randn(3, 64).bfloat16()
+    x[1, 5] = bad
+    y = cpu.linear_int8split(x, qt, None, {})
+    r = ref.linear_weight_only(x, qt, None)
+    assert torch.equal(y.isnan(), r.isnan())
+    assert torch.equal(y.nan_to_num(), r.nan_to_num())
+
+
+def test_int8split_support_predicate() -> None:
+    ok = cpu.fbgemm_available()
+    bf = torch.bfloat16
+    assert cpu.int8split_supported(_qt(48, 97, "int8-sym-ch0"), bf) is ok
+    assert cpu.int8split_supported(_qt(48, 64, "int8-sym-tensor"), torch.float16) is ok
+    assert not cpu.int8split_supported(_qt(48, 64, "int8-sym-ch0"), torch.float32)  # fp32 math
+    assert not cpu.int8split_supported(_qt(48, 64, "int8-asym-ch0"), bf)
+    assert not cpu.int8split_supported(_qt(48, 64, "int8-sym-ch1"), bf)
+    assert not cpu.int8split_supported(_qt(48, 64, "int8-sym-g32"), bf)
+    assert not cpu.int8split_supported(_qt(48, 64, "int4-sym-ch0"), bf)
+
+
+@needs_fbgemm
+def test_select_path_int8split_table() -> None:
+    bf = torch.bfloat16
+    assert (kernels.INT8SPLIT_MIN_M, kernels.INT8SPLIT_MAX_M) == (2, 128)
+    big = _qt(1024, 1024, "int8-sym-ch0")  # SMALL_WEIGHT_NUMEL elements
+    assert big.numel == kernels.SMALL_WEIGHT_NUMEL
+
+    def path(m: int, qt: lq.QuantizedTensor, dtype: torch.dtype = bf) -> str:
+        return kernels.select_path(torch.zeros(m, int(qt.shape[1]), dtype=dtype), qt)
+
+    assert path(1, big) == "cpu_int8pack"  # a tie; int8pack needs no second copy
+    assert path(2, big) == "cpu_int8split"
+    assert path(128, big, torch.float16) == "cpu_int8split"
+    assert path(129, big) == "cpu_scratch"
+    assert path(16, big, torch.float32) == "cpu_blocked"  # W8A32 keeps fp32 math
+    odd = _qt(1024, 1025, "int8-sym-ch0")  # K % 16 != 0: int8pack cannot take it
+    assert path(1, odd) == "cpu_int8split"
+    assert path(16, _qt(1024, 1024, "int8-sym-tensor")) == "cpu_int8split"
+    assert path(16, _qt(1024, 1024, "int8-asym-ch0")) == "cpu_blocked"
+    small = _qt(256, 512, "int8-sym-ch0")  # below SMALL_WEIGHT_NUMEL: the digit ops would cost more
+    assert path(2, small) == "cpu_int8pack"
+    assert path(40, small) == "cpu_blocked"
+
+
+@needs_fbgemm
+def test_w8a16_layer_uses_int8split_caches_fbgemm_pack_and_clears() -> None:
+    from linquant.nn import clear_kernel_caches
+
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(1024, 1024), "int8-sym-ch0").to(torch.bfloat16)
+    x = torch.randn(2, 3, 1024).bfloat16()
+    assert kernels.select_path(x, q.qweight) == "cpu_int8split"
+    y = q(x)
+    _close(y, ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
+    assert list(q.kernel_cache()) == ["fbgemm"]
+    q(torch.randn(1, 1024).bfloat16())  # one token: int8pack, sharing the codes' storage
+    assert set(q.kernel_cache()) == {"fbgemm", "int8pack"}
+    assert clear_kernel_caches(q) == 2
+    assert torch.equal(q(x), y)
+    with torch.no_grad():
+        q.qweight.qdata.copy_(torch.flip(q.qweight.qdata, [0]))  # in place: repack
+    _close(q(x), ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)

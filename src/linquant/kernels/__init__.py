@@ -10,13 +10,23 @@ Weight-only linear (:func:`linear_weight_only`) on CPU, first match wins:
 
 1. ``cpu_int4pack``: 4-bit group-wise (group 32/64/128/256, ``N % 16 == 0``), bf16 / fp16
    activations, ``M < INT4PACK_MAX_M`` (64).
-2. ``cpu_int8pack``: 8-bit symmetric per-output-channel, ``K % 16 == 0``, bf16 / fp16
+2. ``cpu_int8split``: 8-bit symmetric per-output-channel or per-tensor, bf16 / fp16
+   activations, weights of ``SMALL_WEIGHT_NUMEL`` (1M) elements or more,
+   ``INT8SPLIT_MIN_M <= M <= INT8SPLIT_MAX_M`` (2..128; also ``M = 1`` when ``cpu_int8pack``
+   cannot take the weight), where fbgemm is available (as for W8A8 below): the activations are
+   split into two exact-enough int8 digits and multiplied by fbgemm's int8 GEMM
+   (:func:`linquant.kernels.cpu.linear_int8split`). On 4096 x 4096 and 4096 x 11008 it is
+   1.5-2.6x faster than bf16 ``nn.Linear`` at M = 2-16 and 0.9x at M = 64-128, where the
+   dequantizing paths reach 0.5-0.8x; at M = 1 it ties ``cpu_int8pack``, which needs no second
+   copy of the weight. On MiniLM's small weights its dozen small ops cost more than they save
+   (0.4-0.8x bf16), so those keep the paths below (``benchmarks/bench_w8a16_crossover.py``).
+3. ``cpu_int8pack``: 8-bit symmetric per-output-channel, ``K % 16 == 0``, bf16 / fp16
    activations, ``M < INT8PACK_MAX_M`` (32).
-3. ``cpu_blocked``: ``M < BLOCKED_MAX_M`` (128), and fp32 / fp64 activations at every ``M``
+4. ``cpu_blocked``: ``M < BLOCKED_MAX_M`` (128), and fp32 / fp64 activations at every ``M``
    for weights of ``SMALL_WEIGHT_NUMEL`` (1M) elements or more (W8A32 etc. keep fp32 math; on
    4096 x 4096, 2048 x 2048 and 4096 x 1024 weights this beat ``cpu_scratch`` and fp32
    ``nn.Linear`` at M = 128 and 256).
-4. ``cpu_scratch``: ``M >= BLOCKED_MAX_M`` otherwise: bf16 / fp16 activations, and fp32 / fp64
+5. ``cpu_scratch``: ``M >= BLOCKED_MAX_M`` otherwise: bf16 / fp16 activations, and fp32 / fp64
    on smaller weights, whose dequantized copy stays in cache (MiniLM's 1536 x 384 at M = 480:
    4.4 ms instead of 6.7 for ``cpu_blocked``).
 
@@ -101,6 +111,8 @@ __all__ = [
     "FBGEMM_MAX_M_SMALL",
     "INT4PACK_MAX_M",
     "INT8PACK_MAX_M",
+    "INT8SPLIT_MAX_M",
+    "INT8SPLIT_MIN_M",
     "MIN_FAST_NUMEL",
     "ONEDNN_MIN_M",
     "PATHS",
@@ -119,10 +131,13 @@ __all__ = [
     "select_w8a8_path",
 ]
 
-PATHS = ("reference", "cpu_int4pack", "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_triton")
+PATHS = ("reference", "cpu_int4pack", "cpu_int8split", "cpu_int8pack", "cpu_blocked", "cpu_scratch",
+         "cuda_triton")
 W8A8_PATHS = ("reference", "cpu_fbgemm", "cpu_onednn", "cuda_triton_w8a8")
 INT4PACK_MAX_M = 64
 INT8PACK_MAX_M = 32
+INT8SPLIT_MIN_M = 2
+INT8SPLIT_MAX_M = 128
 BLOCKED_MAX_M = 128
 SMALL_WEIGHT_NUMEL = 1 << 20
 MIN_FAST_NUMEL = 1 << 16
@@ -144,6 +159,10 @@ def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
     m = x.numel() // int(qweight.shape[1])
     if cpu.int4pack_supported(qweight, x.dtype) and m < INT4PACK_MAX_M:
         return "cpu_int4pack"
+    if (qweight.numel >= SMALL_WEIGHT_NUMEL and m <= INT8SPLIT_MAX_M
+            and cpu.int8split_supported(qweight, x.dtype)
+            and (m >= INT8SPLIT_MIN_M or not cpu.int8pack_supported(qweight, x.dtype))):
+        return "cpu_int8split"
     if cpu.int8pack_supported(qweight, x.dtype) and m < INT8PACK_MAX_M:
         return "cpu_int8pack"
     if m < BLOCKED_MAX_M or (x.dtype in (torch.float32, torch.float64)
@@ -186,6 +205,8 @@ def linear_weight_only(
         return triton_linear.linear(x, qweight, bias, cache)
     if path == "cpu_int4pack":
         return cpu.linear_int4pack(x, qweight, bias, cache)
+    if path == "cpu_int8split":
+        return cpu.linear_int8split(x, qweight, bias, cache)
     if path == "cpu_int8pack":
         return cpu.linear_int8pack(x, qweight, bias, cache)
     if path == "cpu_blocked":

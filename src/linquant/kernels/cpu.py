@@ -13,6 +13,12 @@ work is laid out. Paths (names as returned by :func:`linquant.kernels.select_pat
 ``cpu_int8pack``   W8A16. ``torch._weight_int8pack_mm`` (int8 symmetric per-output-channel
                    weights, bf16/fp16 activations, ``K % 16 == 0``: torch 2.13 crashes on bf16
                    input otherwise; scales cast once to the activation dtype).
+``cpu_int8split``  W8A16 on large weights. Each bf16/fp16 activation is split into two int8
+                   digits, ``x ~= 2**p (d1 + d2 / 128)`` per token (:func:`split_digits`), and
+                   both digit rows go through fbgemm's int8 GEMM with the int8 weight
+                   prepacked once (:func:`linear_int8split`): int8 products at twice bf16's
+                   rate, over half the bytes of a bf16 weight. 8-bit symmetric per-channel or
+                   per-tensor weights.
 ``cpu_blocked``    Any weight-only scheme, small ``M``: dequantize ``BLOCK_ROWS`` output rows at
                    a time into a reused buffer and multiply block by block, so no full-size
                    float copy of the weight is made (fp32 math for fp32 inputs). At ``M == 1``
@@ -31,7 +37,12 @@ Tolerances (what tests/kernels/test_cpu.py asserts): the int4/int8 pack paths ro
 scales (and int4's zeros) to the activation dtype and accumulate in a different order, so
 they match the reference within half-precision tolerance (max error <= 2e-2 of the output's
 max magnitude); the blocked / scratch paths match it to float rounding of the accumulation
-order (fp32: 1e-5 relative of the output's max magnitude).
+order (fp32: 1e-5 relative of the output's max magnitude). ``cpu_int8split`` is within the
+same half-precision tolerance of the reference, and closer than the reference to the exact
+product ``x @ dequantize(W)^T``: its activations are off by at most ``max|x| / 16256`` per
+element of a token (nothing for bf16 elements within a factor 127 of the token's max), the
+products are exact in int32, and it rounds once to ``x.dtype`` at the end; the reference rounds
+the dequantized weight to bf16 first (tests assert an elementwise bound and exact cases).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from linquant.kernels.reference import _TINY, ACT_QMAX
+from linquant.kernels.reference import linear_weight_only as _reference_linear
 from linquant.ops.affine import sign_extend
 from linquant.ops.packing import unpack
 from linquant.tensor import QuantizedTensor
@@ -58,9 +70,11 @@ __all__ = [
     "fbgemm_supported",
     "int4pack_supported",
     "int8pack_supported",
+    "int8split_supported",
     "linear_blocked",
     "linear_int4pack",
     "linear_int8pack",
+    "linear_int8split",
     "linear_scratch",
     "linear_w8a8_fbgemm",
     "linear_w8a8_onednn",
@@ -70,6 +84,7 @@ __all__ = [
     "repack_int4",
     "repack_int8",
     "repack_onednn",
+    "split_digits",
 ]
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
@@ -572,3 +587,92 @@ def linear_w8a8_fbgemm(
         codes = codes.sub_(zp)
     acc = _fbgemm_matmul(codes, 128 if zp is None else zp, packed)
     return _rescale(acc, a_s, w_scale, bias, act_scale is None, x)
+
+
+# ---- W8A16 through an int8 GEMM: each activation split into two int8 digits ------------------
+
+# Per-token exponents are clamped here (tokens whose max is below 127 * 2**SPLIT_MIN_EXP have
+# their digits rounded at 2**(SPLIT_MIN_EXP - 8), about 1e-33): it keeps 2**p and 2**-p normal.
+SPLIT_MIN_EXP = -100
+SPLIT_RADIX = 128  # the second digit's weight is 2**p / 128
+
+
+def int8split_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`linear_int8split` handles ``qt`` with ``dtype`` activations: 8-bit
+    symmetric weights, per output channel or per tensor, bf16 / fp16 activations, and fbgemm's
+    exact int8 GEMM here (:func:`fbgemm_available`)."""
+    s = qt.scheme
+    return (
+        qt.device.type == "cpu"
+        and dtype in HALF_DTYPES
+        and len(qt.shape) == 2
+        and s.bits == 8
+        and s.symmetric
+        and (s.granularity == "tensor" or (s.granularity == "channel" and s.axis % 2 == 0))
+        and 1 <= int(qt.shape[1]) <= ONEDNN_MAX_K
+        and fbgemm_available()
+    )
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** e`` in fp32, exactly, for int32 ``e`` in ``[-126, 127]`` (built from the bits)."""
+    return e.add(127).bitwise_left_shift_(23).view(torch.float32)
+
+
+def split_digits(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each token (row) of ``x2 [M, K]`` as two int8 digits: ``(digits [2M, K], 2**p [M, 1])``.
+
+    Per token, ``p`` is the smallest exponent with ``max|x| <= 127 * 2**p`` (clamped below at
+    :data:`SPLIT_MIN_EXP`); ``t = x * 2**-p`` is exact, ``d1 = round(t)`` lies in
+    ``[-127, 127]`` and ``d2 = round(128 * (t - d1))`` in ``[-64, 64]`` (rows ``[:M]`` and
+    ``[M:]``, as exact integers in fp32). So ``x = 2**p * (d1 + d2 / 128) + e`` with
+    ``|e| <= 2**(p - 8) < max|x| / 16256``, and ``e == 0`` for every bf16 element with
+    ``|x| >= 2**p`` (fp16: ``|x| >= 2**(p + 3)``): their significand fits in the two digits.
+    Returns None when a token holds Inf or NaN. The digits live in this thread's reused
+    buffer."""
+    m, k = x2.shape
+    xf = x2.float()
+    buf = _scratch(2 * m * k, torch.float32).view(2 * m, k)
+    hi, lo = buf[:m], buf[m:]
+    amax = torch.abs(xf, out=hi).amax(dim=-1, keepdim=True)
+    if not math.isfinite(float(amax.max())):
+        return None
+    # frexp: amax / 127 (rounded) = f * 2**p with f in [0.5, 1), so amax / 127 <= 2**p also
+    # before rounding (rounding is monotonic and 2**p is representable); frexp(0) gives p = 0.
+    p = torch.frexp(amax.div_(ACT_QMAX)).exponent.clamp_(min=SPLIT_MIN_EXP)
+    torch.mul(xf, _pow2(p.neg()), out=hi)
+    lo.copy_(hi)
+    hi.round_()
+    lo.sub_(hi).mul_(SPLIT_RADIX).round_()  # t - d1 is exact, |t - d1| <= 1/2
+    return buf, _pow2(p)
+
+
+def linear_int8split(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+                     cache: Cache | None = None) -> torch.Tensor:
+    """W8A16 (:func:`linquant.kernels.reference.linear_weight_only` with bf16 / fp16
+    activations) on fbgemm's int8 GEMM: the activations are split into two int8 digits per
+    element (:func:`split_digits`) and both digit rows go through one product with the int8
+    weight, prepacked once (the same layout as W8A8's ``cpu_fbgemm``):
+
+        ``y = s_w * 2**p * (d1 @ W^T + (d2 @ W^T) / 128)``
+
+    with exact int32 dot products, summed and rescaled in fp32, bias added in fp32, then cast
+    to ``x.dtype``. The activations' representation error is at most ``max|x| / 16256`` per
+    element of a token (zero for bf16 elements within a factor 127 of the token's max), far
+    below the reference's own rounding of the dequantized weight to bf16 (relative
+    ``2**-9``). A token holding Inf or NaN sends the call to the reference (IEEE semantics)."""
+    n, k = (int(d) for d in qt.shape)
+    x2 = x.reshape(-1, k)
+    m = int(x2.shape[0])
+    split = split_digits(x2)
+    if split is None:
+        return _reference_linear(x, qt, bias)
+    digits, scale = split
+    w = qt.qdata.view(torch.int8).view(n, k)
+    packed = _cached(cache, "fbgemm", _key(qt, torch.int8), lambda: _fbgemm_prepack(w))
+    acc = _fbgemm_matmul(digits, 128, packed)
+    y = acc[:m].add_(acc[m:], alpha=1.0 / SPLIT_RADIX).mul_(scale)
+    y = y.mul_(qt.scale.float().reshape(1, -1))
+    if bias is not None:
+        y = y.add_(bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
