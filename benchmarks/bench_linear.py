@@ -36,7 +36,7 @@ from torch import nn
 
 import linquant as lq
 from linquant import kernels
-from linquant.kernels import cpu
+from linquant.kernels import cpu, native
 from linquant.nn import QuantLinear, W8A8Linear
 
 N = K = 4096
@@ -72,6 +72,7 @@ def forced(path: str, mods: list[nn.Module]) -> list[Fn]:
             "cpu_int8pack": lambda x: cpu.linear_int8pack(x, qw, None, cache),
             "cpu_int8split": lambda x: cpu.linear_int8split(x, qw, None, cache),
             "cpu_int4pack": lambda x: cpu.linear_int4pack(x, qw, None, cache),
+            "cpu_native_int4": lambda x: native.linear_int4(x, qw, None, cache),
         }
         return table[path]
 
@@ -137,14 +138,20 @@ def main() -> None:
         w4 = ql(scheme, torch.bfloat16)
         rows += [
             (f"W4A16 {scheme} (auto)", "auto", torch.bfloat16, w4, ""),
+            *([("  cpu_native_int4", "cpu_native_int4", torch.bfloat16, w4, "")]
+              if native.available() else []),
             ("  cpu_int4pack", "cpu_int4pack", torch.bfloat16, w4, ""),
             ("  cpu_blocked", "cpu_blocked", torch.bfloat16, w4, ""),
             ("  cpu_scratch", "cpu_scratch", torch.bfloat16, w4, ""),
         ]
-        t0 = time.perf_counter()
         assert isinstance(w4[0], QuantLinear)
+        t0 = time.perf_counter()
         cpu.repack_int4(w4[0].qweight, torch.bfloat16)
-        repack[scheme] = (time.perf_counter() - t0) * 1e3
+        repack[f"int4pack layout, {scheme}"] = (time.perf_counter() - t0) * 1e3
+        if native.available():
+            t0 = time.perf_counter()
+            native.repack(w4[0].qweight)
+            repack[f"native layout, {scheme}"] = (time.perf_counter() - t0) * 1e3
     w8a8 = copies(lambda: W8A8Linear.from_float(base), N * K, args.min_mib)
     rows += [
         ("W8A8 dynamic fp32 (auto)", "auto", torch.float32, w8a8, ""),
@@ -231,8 +238,9 @@ def main() -> None:
     for label, ch in chosen.items():
         if ch:
             print(f"dispatcher, {label}: " + ", ".join(f"M={m}: {p}" for m, p in ch.items()))
-    for scheme, t in repack.items():
-        print(f"one-time int4 repack, {scheme}: {t:.1f} ms per 4096x4096 layer")
+    for what, t in repack.items():
+        print(f"one-time int4 repack, {what}: {t:.1f} ms per 4096x4096 layer")
+    print(f"native kernel: {native.status()}")
     if not args.no_targets:
         targets({label: (dtype, mods) for label, path, dtype, mods, _ in rows
                  if path in ("float", "auto") and label in results}, ms)

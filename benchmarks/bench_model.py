@@ -234,6 +234,7 @@ def main() -> None:
           f"{args.warmup} warm-up forward(s))")
     print(f"path: what linquant's dispatcher chose for {layer} "
           f"(the largest linear) on that batch, and its input dtype")
+    print(f"native W4A16 kernel: {kernels.native.status()}")
 
     results: dict[str, Any] = {
         "machine": machine(), "command": sys.argv, "model": MODEL_NAME,

@@ -16,12 +16,16 @@ from torch import nn
 
 import linquant as lq
 from linquant import kernels
-from linquant.kernels import cpu
+from linquant.kernels import cpu, native
 from linquant.kernels import reference as ref
 from linquant.nn import QuantLinear
 
 HALF_TOL = 2e-2
 MS = (1, 3, 17)
+# What 4-bit weights with bf16 activations run on: linquant's native kernel where it builds
+# (tests/kernels/test_native.py), else PyTorch's int4 op.
+INT4_BF16, INT4_CACHE = (("cpu_native_int4", "native_int4") if native.available()
+                         else ("cpu_int4pack", "int4pack"))
 
 
 def _close(y: torch.Tensor, r: torch.Tensor, rel: float) -> None:
@@ -124,7 +128,9 @@ def test_blocked_and_scratch_match_reference(nks: tuple[int, int, str], fn: obje
 # ---- dispatcher ------------------------------------------------------------------------------
 
 
-def test_select_path_documented_table() -> None:
+def test_select_path_documented_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table without the native kernel (its rows: tests/kernels/test_native.py)."""
+    monkeypatch.setattr(native, "available", lambda: False)
     bf, f32 = torch.bfloat16, torch.float32
     n, k = 256, 512  # numel >= MIN_FAST_NUMEL
     assert n * k >= kernels.MIN_FAST_NUMEL
@@ -173,6 +179,7 @@ def test_select_path_documented_table() -> None:
 
 def test_linear_weight_only_routes_through_the_selected_path(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "available", lambda: False)
     qt = _qt(256, 512, "int4-sym-g32-fp16")
     calls: list[str] = []
     for name in ("linear_int4pack", "linear_int8pack", "linear_blocked", "linear_scratch"):
@@ -200,7 +207,7 @@ def test_quant_linear_caches_repack_outside_state_dict_and_rebuilds_on_load() ->
     x = torch.randn(3, 512).bfloat16()
     y = q(x)
     _close(y, ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
-    assert set(q.kernel_cache()) == {"int4pack"}
+    assert set(q.kernel_cache()) == {INT4_CACHE}
     assert all("cache" not in key for key in q.state_dict())
     other = QuantLinear.from_float(nn.Linear(512, 256), "int4-asym-g64-bf16").to(torch.bfloat16)
     q.load_state_dict(other.state_dict())  # in place: the cached layout must be rebuilt
@@ -230,7 +237,7 @@ def test_inputs_that_need_grad_take_the_reference_and_bias_grad_works() -> None:
     kernels.linear_weight_only(x, qt).float().sum().backward()
     assert x.grad is not None
     with torch.no_grad():
-        assert kernels.select_path(x, qt) == "cpu_int4pack"
+        assert kernels.select_path(x, qt) == INT4_BF16
     q = QuantLinear.from_float(nn.Linear(512, 256), "int8-sym-ch0")  # bias requires grad
     for m in (1, 200):
         y = q(torch.randn(m, 512))
@@ -473,7 +480,7 @@ def test_quant_linear_copies_and_pickles_without_its_cache() -> None:
     q = QuantLinear.from_float(nn.Linear(256, 512), "int4-sym-g32")
     x = torch.randn(3, 256).bfloat16()
     y = q(x)
-    assert "int4pack" in q.kernel_cache()
+    assert INT4_CACHE in q.kernel_cache()
     assert copy.deepcopy(q).kernel_cache() == {}
     buf = io.BytesIO()
     torch.save(q, buf)

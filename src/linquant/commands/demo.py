@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
           f"sent/s: median of {args.repeats} forward passes over the tokenized batch, timed\n"
           "alternately with the float model (speed = ratio to it)")
     print(result.table())
+    from linquant.kernels import native
+
+    print(f"native W4A16 kernel (w4a16-* presets): {native.status()}")
     k = result.k
     print(f"top-{k} order: whether the float model's {k} most similar sentence pairs come out in "
           f"the same order;\ntop-{k} kept: how many of them stay in the top {k}. "

@@ -1,0 +1,152 @@
+/* linquant: W4A16 linear on x86 CPUs with AVX512-BF16 (compiled on first use; see native.py).
+ *
+ * y[m, n] = sum_k x[m, k] * w[n, k] with w[n, k] = s[n, g] * u[n, k] + b[n, g], where u is the
+ * unsigned 4-bit code (0..15), g = k / group and (s, b) are fp32 per (row, group).
+ *
+ * Weight layout (built by linquant.kernels.native.repack): row blocks of 16 output channels;
+ * within a block, chunks of 4 consecutive k; one chunk is 32 bytes, byte j holding the codes of
+ * row i = j / 2 at k + j % 2 (low nibble) and k + 2 + j % 2 (high nibble).
+ *
+ * Decoding: a code u becomes the bf16 number 128 + u by OR-ing it into the mantissa of 128.0
+ * (0x4300): one zero-extension and two ternary-logic ops give 64 weights as bf16 pairs, and
+ * vdpbf16ps multiplies them with a broadcast pair of activations, accumulating in fp32. Per
+ * group, dot = sum x (128 + u), so sum x w = s * dot + (b - 128 s) * sum x, which is what the
+ * epilogue applies with bo = b - 128 s and the group sums xs of the activations.
+ *
+ * The scale and offset come in one of two formats (group_params): fp32, or, when the scales are
+ * exact in fp16 and the offset is an integer zero point, fp16 scales and int16 128 + z (half
+ * the bytes, the same result).
+ *
+ * Rows of x are processed in tiles of up to 8 so that each decoded chunk serves 8 rows.
+ * Threads (OpenMP, PyTorch's own runtime) split the row blocks. Results do not depend on the
+ * number of threads: each output is summed in the same order by one thread. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+static inline int32_t load_pair(const uint16_t* p)
+{
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* The per-group scale and offset of 16 rows: full format, fp32 s and bo = b - 128 s; compact
+ * format (half the bytes), fp16 s and int16 c = 128 + z with bo = -(s * c), exact in fp32. */
+ALWAYS_INLINE void group_params(const void* sb, const void* ob, int64_t i, const int compact,
+                                __m512* s, __m512* o)
+{
+    if (compact) {
+        *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)sb + i)));
+        __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(
+            _mm256_loadu_si256((const __m256i*)((const int16_t*)ob + i))));
+        *o = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(*s, c));
+    } else {
+        *s = _mm512_loadu_ps((const float*)sb + i);
+        *o = _mm512_loadu_ps((const float*)ob + i);
+    }
+}
+
+ALWAYS_INLINE void tile(const uint8_t* pb, const void* sb, const void* ob, const int compact,
+                        const uint16_t* x, const float* xs, const float* bias, uint16_t* y,
+                        int64_t m0, const int MT, int64_t N, int64_t K, int64_t g, int64_t b)
+{
+    const int64_t G = K / g, cpg = g / 4;
+    const __m512i mask = _mm512_set1_epi16(0x000F);
+    const __m512i magic = _mm512_set1_epi16(0x4300);
+    __m512 yv[8];
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; m++) yv[m] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m512 acc[8];
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; m++) acc[m] = _mm512_setzero_ps();
+        const uint8_t* p = pb + gi * cpg * 32;
+        const uint16_t* xg = x + m0 * K + gi * g;
+        for (int64_t c = 0; c < cpg; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i*)(p + c * 32));
+            __m512i t = _mm512_cvtepu8_epi16(raw);
+            __m512i lo = _mm512_ternarylogic_epi32(t, mask, magic, 0xEA); /* (t & mask) | magic */
+            __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(t, 4), mask, magic, 0xEA);
+#pragma GCC unroll 8
+            for (int m = 0; m < MT; m++) {
+                const uint16_t* xr = xg + m * K + c * 4;
+                __m512i x0 = _mm512_set1_epi32(load_pair(xr));
+                __m512i x1 = _mm512_set1_epi32(load_pair(xr + 2));
+                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)lo, (__m512bh)x0);
+                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)hi, (__m512bh)x1);
+            }
+        }
+        __m512 s, o;
+        group_params(sb, ob, gi * 16, compact, &s, &o);
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; m++) {
+            yv[m] = _mm512_fmadd_ps(s, acc[m], yv[m]);
+            yv[m] = _mm512_fmadd_ps(o, _mm512_set1_ps(xs[(m0 + m) * G + gi]), yv[m]);
+        }
+    }
+    const int64_t n0 = b * 16;
+    const int64_t left = N - n0;
+    const __mmask16 keep = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+    __m512 bv = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; m++) {
+        __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(yv[m], bv)); /* round to nearest even */
+        _mm256_mask_storeu_epi16(y + (m0 + m) * N + n0, keep, (__m256i)out);
+    }
+}
+
+ALWAYS_INLINE void rows(const uint8_t* pb, const void* sbb, const void* obb, const int compact,
+                        const uint16_t* x, const float* xs, const float* bias, uint16_t* y,
+                        int64_t M, int64_t N, int64_t K, int64_t g, int64_t b)
+{
+    int64_t m0 = 0;
+    while (m0 < M) {
+        int64_t left = M - m0;
+        if (left >= 8) { tile(pb, sbb, obb, compact, x, xs, bias, y, m0, 8, N, K, g, b); m0 += 8; }
+        else if (left >= 4) { tile(pb, sbb, obb, compact, x, xs, bias, y, m0, 4, N, K, g, b); m0 += 4; }
+        else if (left >= 2) { tile(pb, sbb, obb, compact, x, xs, bias, y, m0, 2, N, K, g, b); m0 += 2; }
+        else { tile(pb, sbb, obb, compact, x, xs, bias, y, m0, 1, N, K, g, b); m0 += 1; }
+    }
+}
+
+/* xs [M, K / g]: fp32 sums of each row's groups of x (written here). y [M, N] bf16 (written
+ * here). bias: fp32 [N] or NULL. packed / sb / ob: the layout above, ceil(N / 16) blocks, in
+ * the compact format when compact != 0 (see group_params). Returns the number of group sums
+ * that are not finite; y is not computed when there are any. */
+int64_t lq_w4a16_bf16(const uint8_t* packed, const void* sb, const void* ob, int64_t compact,
+                      const uint16_t* x, float* xs, const float* bias, uint16_t* y,
+                      int64_t M, int64_t N, int64_t K, int64_t g)
+{
+    const int64_t nb = (N + 15) / 16, G = K / g;
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad)
+    for (int64_t r = 0; r < M * G; r++) {
+        const uint16_t* xr = x + (r / G) * K + (r % G) * g;
+        float sum = 0.0f;
+        for (int64_t k = 0; k < g; k++) {
+            uint32_t bits = (uint32_t)xr[k] << 16;
+            float v;
+            memcpy(&v, &bits, sizeof v);
+            sum += v;
+        }
+        xs[r] = sum;
+        bad += !(sum - sum == 0.0f); /* Inf or NaN (not folded away: no -ffast-math) */
+    }
+    if (bad)
+        return bad;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* pb = packed + b * (K / 4) * 32;
+        if (compact)
+            rows(pb, (const uint16_t*)sb + b * G * 16, (const int16_t*)ob + b * G * 16, 1,
+                 x, xs, bias, y, M, N, K, g, b);
+        else
+            rows(pb, (const float*)sb + b * G * 16, (const float*)ob + b * G * 16, 0,
+                 x, xs, bias, y, M, N, K, g, b);
+    }
+    return 0;
+}

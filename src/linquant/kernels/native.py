@@ -1,0 +1,283 @@
+"""linquant's own CPU kernel for W4A16, compiled on first use with the system's C compiler.
+
+``cpu_native_int4`` (see :mod:`linquant.kernels`): 4-bit group-wise or per-channel weights, bf16
+activations, on x86 CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake / Sapphire
+Rapids and later). The kernel (``csrc/w4a16_bf16.c``, documented there) decodes the 4-bit
+codes to bf16 inside the product and multiplies with ``vdpbf16ps``, reading the weight once per
+call at any number of tokens: PyTorch's ``_weight_int4pack_mm_for_cpu`` spends about five
+vector instructions per weight and repeats its decoding for every 4 tokens, this kernel about
+one per ten weights, once per 8 tokens.
+
+Numerics: ``y = sum_g s * dot_g + (b - 128 s) * sum_g x`` with ``dot_g = sum x * (128 + q)``
+accumulated in fp32 from exact bf16 products; the dequantized weight is never rounded to bf16
+(the reference rounds it), the bias is added in fp32 after rounding it to bf16 as the reference
+does, and the sum is rounded once to bf16. The ``128`` offset costs about 4 of fp32's 24 bits,
+far below bf16's 8. ``vdpbf16ps`` treats bf16 subnormals (below 1.2e-38) as zero. Tokens whose
+group sums are not finite (Inf / NaN, or overflow) send the call to the reference, for IEEE
+semantics.
+
+Building: the first call compiles the C source with ``$CC`` (default ``cc``) and
+``-O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -fopenmp`` into
+``$LINQUANT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/linquant`` or ``~/.cache/linquant``), under a
+name hashed from the source, flags and compiler, written to a temporary file and renamed into
+place; later processes load it (well under a second to build). The library then runs a probe
+product against plain PyTorch. ``LINQUANT_NATIVE=0`` turns the kernel off. Without a compiler,
+off Linux x86-64, without AVX512-BF16, or when the build or the probe fails, :func:`available`
+is False, :func:`status` says why, and the dispatcher uses PyTorch's kernels (a failed build
+also warns once). OpenMP threads come from the ``libgomp`` that PyTorch loaded, so
+``torch.set_num_threads`` applies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from linquant.errors import LinquantError
+from linquant.kernels import cpu, reference
+from linquant.tensor import QuantizedTensor
+
+__all__ = ["available", "cache_dir", "linear_int4", "repack", "status", "supported"]
+
+SOURCE = "w4a16_bf16.c"
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared",
+         "-fPIC")
+BLOCK_N = 16  # output channels per block (one fp32 vector)
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$LINQUANT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/linquant``, else ``~/.cache/linquant``."""
+    env = os.environ.get("LINQUANT_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "linquant"
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def _compile(compiler: str, src: Path, out: Path) -> None:
+    """Compile ``src`` into ``out`` atomically: a temporary file in the same folder, flushed to
+    disk, then renamed (a crash never leaves a half-written library under the final name)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(src)], capture_output=True,
+                              text=True, timeout=300, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed ({proc.returncode}): "
+                               f"{(proc.stderr or proc.stdout).strip()[-600:]}")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _probe(lib: ctypes.CDLL) -> str | None:
+    """A small product through the kernel against plain PyTorch; the problem, or None."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 64, generator=g)
+    qt = _quantize_probe(w)
+    x = torch.randn(9, 64, generator=g).bfloat16()
+    want = x.double() @ qt.dequantize(torch.float64).T
+    got = _run(lib, x, qt, repack(qt), None)
+    if got is None:
+        return "probe: the kernel reported non-finite sums on finite input"
+    err = float((got.double() - want).abs().max())
+    if not err <= 2e-2 * float(want.abs().max()):
+        return f"probe: max error {err:.3g} against plain PyTorch"
+    return None
+
+
+def _quantize_probe(w: torch.Tensor) -> QuantizedTensor:
+    from linquant.tensor import quantize
+
+    return quantize(w, "int4-asym-g32-fp16")
+
+
+def _load() -> ctypes.CDLL | None:
+    if "lib" in _state:
+        lib: ctypes.CDLL | None = _state["lib"]
+        return lib
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[no-any-return]
+        _state["lib"], _state["reason"] = None, ""
+        reason = _why_not()
+        if reason:
+            _state["reason"] = reason
+            return None
+        compiler = shutil.which(os.environ.get("CC") or "cc")
+        assert compiler is not None
+        try:
+            src = resources.files("linquant.kernels") / "csrc" / SOURCE
+            text = src.read_bytes()
+            version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                     timeout=60, check=False).stdout.splitlines()[:1]
+            tag = hashlib.sha256(text + repr((FLAGS, version, compiler)).encode()).hexdigest()
+            out = cache_dir() / f"linquant_{SOURCE[:-2]}_{tag[:16]}.so"
+            if not out.exists():
+                with resources.as_file(src) as path:
+                    _compile(compiler, Path(path), out)
+            lib = ctypes.CDLL(str(out))
+            fn = lib.lq_w4a16_bf16
+            p, i64 = ctypes.c_void_p, ctypes.c_int64
+            fn.argtypes = (p, p, p, i64, p, p, p, p, i64, i64, i64, i64)
+            fn.restype = ctypes.c_int64
+            problem = _probe(lib)
+        except Exception as e:  # a build problem must not break the library: fall back
+            problem = f"build failed: {type(e).__name__}: {e}"
+        if problem:
+            _state["reason"] = problem
+            warnings.warn(f"linquant: native W4A16 kernel disabled ({problem}); using "
+                          "PyTorch's kernels", RuntimeWarning, stacklevel=3)
+            return None
+        _state["lib"], _state["path"] = lib, str(out)
+        return lib
+
+
+def _why_not() -> str:
+    if os.environ.get("LINQUANT_NATIVE", "1").strip() in ("0", "false", "off", "no"):
+        return "turned off by LINQUANT_NATIVE"
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
+    if not _cpu_has_avx512_bf16():
+        return "this CPU lacks AVX512-BF16"
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        return f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH"
+    return ""
+
+
+def available() -> bool:
+    """The kernel is built (or was already), loaded and passed its probe (builds on first call)."""
+    return _load() is not None
+
+
+def status() -> str:
+    """``"available: <path>"`` or ``"unavailable: <reason>"`` (builds on first call)."""
+    if _load() is not None:
+        return f"available: {_state['path']}"
+    return f"unavailable: {_state['reason']}"
+
+
+def _reset() -> None:
+    """Forget the loaded library and the reason (tests)."""
+    with _lock:
+        _state.clear()
+
+
+def supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`linear_int4` handles ``qt`` with ``dtype`` activations (builds the kernel on
+    first call): 4-bit, group-wise (group a multiple of 4 dividing ``K``) or per output channel,
+    any mode (symmetric, integer zero point, float offset), ``K % 4 == 0``, bf16 activations."""
+    s = qt.scheme
+    if not (qt.device.type == "cpu" and dtype == torch.bfloat16 and len(qt.shape) == 2
+            and s.bits == 4
+            and (s.granularity == "group" or (s.granularity == "channel" and s.axis % 2 == 0))):
+        return False
+    k = int(qt.shape[1])
+    g = int(s.group_size or k)
+    return k % 4 == 0 and g % 4 == 0 and k % g == 0 and available()
+
+
+Layout = tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
+
+
+def repack(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
+    """``(codes, scales, offsets, compact)`` in the kernel's layout (see the C source): codes
+    uint8 ``[ceil(N / 16), K / 4, 32]``; per group and row, as ``[ceil(N / 16), K / g, 16]``:
+    fp32 scales ``s`` and fp32 offsets ``b - 128 s`` (with ``w = s q + b``), or, ``compact``,
+    when the scales are exact in fp16 and there is no float offset: fp16 scales and int16
+    ``128 + z`` (zero point ``z``; 8 for symmetric codes), half the bytes. Rows past ``N`` are
+    zero. ``compact=None`` picks it where possible; False forces the fp32 format."""
+    n, k = (int(d) for d in qt.shape)
+    g = int(qt.scheme.group_size or k)
+    nb = -(-n // BLOCK_N)
+    pad = nb * BLOCK_N - n
+    q = cpu.int4_codes(qt)
+    scale, zero = cpu.int4_scale_zero(qt)
+    half = scale.half()
+    possible = qt.offset is None and bool(torch.equal(half.float(), scale))
+    if compact and not possible:
+        raise LinquantError(f"native.repack: the compact layout needs scales exact in fp16 and no "
+                            f"float offset; this weight ({qt.scheme}) has neither or one")
+    compact = possible if compact is None else compact
+    if compact:
+        z = qt.zero_point
+        c = (torch.full_like(scale, 136.0) if z is None
+             else 128.0 + z.float().reshape(n, k // g))
+        scale, offset = half, c.to(torch.int16)
+    else:
+        offset = zero - 136.0 * scale  # b - 128 s, with b = zero - 8 s
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+        scale = torch.cat([scale, scale.new_zeros(pad, k // g)])
+        offset = torch.cat([offset, offset.new_zeros(pad, k // g)])
+    blocks = q.view(nb, BLOCK_N, k // 4, 4)
+    lo = blocks[..., 0:2].permute(0, 2, 1, 3).reshape(nb, k // 4, 2 * BLOCK_N)
+    hi = blocks[..., 2:4].permute(0, 2, 1, 3).reshape(nb, k // 4, 2 * BLOCK_N)
+    codes = lo.bitwise_or(hi.bitwise_left_shift(4)).contiguous()
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(nb, BLOCK_N, k // g).permute(0, 2, 1).contiguous()
+
+    return codes, per_block(scale), per_block(offset), compact
+
+
+def _run(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: Layout,
+         bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernel on bf16 ``x [..., K]``; None when some group sum is not finite."""
+    n, k = (int(d) for d in qt.shape)
+    g = int(qt.scheme.group_size or k)
+    codes, scales, offsets, compact = layout
+    x2 = x.reshape(-1, k).contiguous()
+    m = int(x2.shape[0])
+    sums = torch.empty(m, k // g, dtype=torch.float32)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    b = None if bias is None else bias.to(torch.bfloat16).float().contiguous()
+    bad = lib.lq_w4a16_bf16(codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(),
+                            int(compact), x2.data_ptr(), sums.data_ptr(),
+                            None if b is None else b.data_ptr(), y.data_ptr(), m, n, k, g)
+    if bad:
+        return None
+    return y.reshape(*x.shape[:-1], n)
+
+
+def linear_int4(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+                cache: dict[str, Any] | None = None) -> torch.Tensor:
+    """:func:`linquant.kernels.reference.linear_weight_only` for bf16 ``x`` and a 4-bit weight
+    (:func:`supported`), on the layout of :func:`repack`, built once and kept in ``cache``."""
+    lib = _load()
+    assert lib is not None, "linear_int4 needs available()"
+    layout = cpu._cached(cache, "native_int4", cpu._key(qt, torch.bfloat16),
+                         lambda: repack(qt))
+    y = _run(lib, x, qt, layout, bias)
+    if y is None:  # Inf / NaN activations (or sums past fp32's range): the reference's IEEE result
+        return reference.linear_weight_only(x, qt, bias)
+    return y
