@@ -26,6 +26,11 @@
 #include <string.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+/* Software prefetch distance in the codes: on 4096 x 4096 at 16 tokens it took 1.30 instead of
+ * 1.47 ms (g128; 4 KiB ahead gained nothing more), one token unchanged. */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 1024
+#endif
 
 static inline int32_t load_pair(const uint16_t* p)
 {
@@ -67,6 +72,7 @@ ALWAYS_INLINE void tile(const uint8_t* pb, const void* sb, const void* ob, const
         const uint8_t* p = pb + gi * cpg * 32;
         const uint16_t* xg = x + m0 * K + gi * g;
         for (int64_t c = 0; c < cpg; c++) {
+            _mm_prefetch((const char*)(p + c * 32 + PREFETCH_BYTES), _MM_HINT_T0);
             __m256i raw = _mm256_loadu_si256((const __m256i*)(p + c * 32));
             __m512i t = _mm512_cvtepu8_epi16(raw);
             __m512i lo = _mm512_ternarylogic_epi32(t, mask, magic, 0xEA); /* (t & mask) | magic */
