@@ -62,6 +62,8 @@ def forced(path: str, mods: list[nn.Module]) -> list[Fn]:
                 return lambda x: cpu.linear_w8a8_onednn(x, w, ws, None, None, None, wc)
             if path == "cpu_fbgemm":
                 return lambda x: cpu.linear_w8a8_fbgemm(x, w, ws, None, None, None, wc)
+            if path == "cpu_native_w8a8":
+                return lambda x: native.linear_w8a8(x, w, ws, None, None, None, wc)
             return lambda x: kernels.reference.linear_w8a8(x, w, ws, None)
         assert isinstance(q, QuantLinear)
         qw, cache = q.qweight, q.kernel_cache()
@@ -157,6 +159,8 @@ def main() -> None:
         ("W8A8 dynamic fp32 (auto)", "auto", torch.float32, w8a8, ""),
         ("  reference (torch._int_mm)", "w8a8_reference", torch.float32, w8a8, ""),
     ]
+    if native.available("w8a8"):
+        rows.append(("  cpu_native_w8a8", "cpu_native_w8a8", torch.float32, w8a8, ""))
     if cpu.fbgemm_available():
         rows.append(("  cpu_fbgemm", "cpu_fbgemm", torch.float32, w8a8, ""))
     if cpu.onednn_available():
@@ -240,7 +244,7 @@ def main() -> None:
             print(f"dispatcher, {label}: " + ", ".join(f"M={m}: {p}" for m, p in ch.items()))
     for what, t in repack.items():
         print(f"one-time int4 repack, {what}: {t:.1f} ms per 4096x4096 layer")
-    print(f"native kernel: {native.status()}")
+    print(f"native kernels: W4A16 {native.status('w4a16')}; W8A8 {native.status('w8a8')}")
     if not args.no_targets:
         targets({label: (dtype, mods) for label, path, dtype, mods, _ in rows
                  if path in ("float", "auto") and label in results}, ms)

@@ -1,7 +1,8 @@
 """Where fbgemm's and oneDNN's int8 GEMMs cross over: the W8A8 dispatcher's ``M`` thresholds.
 
-Times linquant's two CPU W8A8 paths (``cpu.linear_w8a8_fbgemm``, ``cpu.linear_w8a8_onednn``;
-both bit-identical to the reference, dynamic per-token activations) on the same cold int8
+Times linquant's CPU W8A8 paths (``cpu.linear_w8a8_fbgemm``, ``cpu.linear_w8a8_onednn`` and,
+where it builds, the native ``native.linear_w8a8``; all bit-identical to the reference, dynamic
+per-token activations) on the same cold int8
 weights for M = 1..32 tokens, on 4096x4096, MiniLM's 1536x384 and 384x1536, and an LLM-sized
 4096x11008; plus the reference (one ``torch._int_mm``) at M = 1. Each shape rotates through
 >= 256 MiB of distinct weights; each cell is the lowest of ``--runs`` medians. Prints the ratio
@@ -23,7 +24,7 @@ import torch
 from _common import machine, median_ms, rotate
 
 from linquant import kernels
-from linquant.kernels import cpu, reference
+from linquant.kernels import cpu, native, reference
 
 SHAPES = ((4096, 4096), (1536, 384), (384, 1536), (4096, 11008))
 Path = Callable[..., torch.Tensor]
@@ -73,9 +74,15 @@ def main() -> None:
                                       "onednn": cpu.linear_w8a8_onednn}
             if m == 1:
                 names["_int_mm"] = reference.linear_w8a8
+            if native.available("w8a8"):
+                names["native"] = native.linear_w8a8
             cells = {name: time_path(fn, x, ws, scale, caches, args.repeats, args.runs)
                      for name, fn in names.items()}
             extra = f"  _int_mm {cells['_int_mm']:.3f}" if "_int_mm" in cells else ""
+            if "native" in cells:
+                best = min(t for name, t in cells.items() if name != "native")
+                extra += (f"  native {cells['native']:.3f} "
+                          f"(best other / native {best / cells['native']:.2f})")
             print(f"  M={m:<3} fbgemm {cells['fbgemm']:.3f}  onednn {cells['onednn']:.3f}  "
                   f"onednn/fbgemm {cells['onednn'] / cells['fbgemm']:.2f}{extra}  "
                   f"dispatcher: {kernels.select_w8a8_path(x, ws[0])}", flush=True)

@@ -277,8 +277,18 @@ needs_onednn = pytest.mark.skipif(not cpu.onednn_available(),
                                   reason="oneDNN int8 linear needs a CPU with VNNI")
 needs_fbgemm = pytest.mark.skipif(not cpu.fbgemm_available(),
                                   reason="fbgemm int8 linear needs a CPU with VNNI")
-W8A8_CPU = {"onednn": cpu.linear_w8a8_onednn, "fbgemm": cpu.linear_w8a8_fbgemm}
-BACKENDS = [pytest.param("onednn", marks=needs_onednn), pytest.param("fbgemm", marks=needs_fbgemm)]
+needs_native_w8a8 = pytest.mark.skipif(not native.available("w8a8"),
+                                       reason=f"native W8A8 kernel {native.status('w8a8')}")
+W8A8_CPU = {"onednn": cpu.linear_w8a8_onednn, "fbgemm": cpu.linear_w8a8_fbgemm,
+            "native_w8a8": native.linear_w8a8}
+BACKENDS = [pytest.param("onednn", marks=needs_onednn), pytest.param("fbgemm", marks=needs_fbgemm),
+            pytest.param("native_w8a8", marks=needs_native_w8a8)]
+
+
+@pytest.fixture
+def no_native_w8a8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The W8A8 table below the native kernel (its rows: test_select_w8a8_path_native_rows)."""
+    monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
 
 
 def _w8(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,6 +389,7 @@ def test_cpu_w8a8_nan_token_gives_nan_row_like_reference(backend: str) -> None:
     assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
 
 
+@pytest.mark.usefixtures("no_native_w8a8")
 def test_select_w8a8_path_documented_table() -> None:
     big = torch.zeros(512, 256, dtype=torch.int8)  # 131072 >= MIN_FAST_NUMEL
     small = torch.zeros(64, 64, dtype=torch.int8)
@@ -410,6 +421,7 @@ def test_select_w8a8_path_documented_table() -> None:
 
 
 @needs_fbgemm
+@pytest.mark.usefixtures("no_native_w8a8")
 def test_fbgemm_path_steps_aside_when_the_quantized_engine_is_not_fbgemm() -> None:
     big = torch.zeros(512, 256, dtype=torch.int8)
     engine = torch.backends.quantized.engine
@@ -422,11 +434,14 @@ def test_fbgemm_path_steps_aside_when_the_quantized_engine_is_not_fbgemm() -> No
     assert kernels.select_w8a8_path(torch.randn(2, 256), big) == "cpu_fbgemm"
 
 
-@pytest.mark.parametrize(("backend", "m"), [pytest.param("onednn", 40, marks=needs_onednn),
-                                            pytest.param("fbgemm", 4, marks=needs_fbgemm)])
+@pytest.mark.parametrize(("backend", "m"), [
+    pytest.param("onednn", 40, marks=needs_onednn), pytest.param("fbgemm", 4, marks=needs_fbgemm),
+    pytest.param("native_w8a8", 3, marks=needs_native_w8a8)])
 def test_w8a8_layer_caches_prepack_rebuilds_on_change_and_copies_without_it(
-    backend: str, m: int
+    backend: str, m: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if backend != "native_w8a8":
+        monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
     import copy
     import io
 
@@ -457,6 +472,7 @@ def test_w8a8_layer_caches_prepack_rebuilds_on_change_and_copies_without_it(
 
 @needs_fbgemm
 @needs_onednn
+@pytest.mark.usefixtures("no_native_w8a8")
 def test_clear_kernel_caches_drops_every_backend_layout_and_results_stay_exact() -> None:
     from linquant.nn import W8A8Linear, clear_kernel_caches
 
@@ -681,3 +697,32 @@ def test_w8a16_layer_uses_int8split_caches_fbgemm_pack_and_clears() -> None:
     with torch.no_grad():
         q.qweight.qdata.copy_(torch.flip(q.qweight.qdata, [0]))  # in place: repack
     _close(q(x), ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
+
+
+@needs_native_w8a8
+def test_select_w8a8_path_native_rows() -> None:
+    big = torch.zeros(512, 256, dtype=torch.int8)
+    for m in (1, 2, 16, 300):  # every M
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert kernels.select_w8a8_path(torch.zeros(m, 256, dtype=dtype), big) \
+                == "cpu_native_w8a8"
+    assert kernels.select_w8a8_path(torch.zeros(3, 256), big, torch.tensor(0.1)) \
+        == "cpu_native_w8a8"  # static activations too
+    assert kernels.select_w8a8_path(torch.zeros(1, 64), torch.zeros(64, 64, dtype=torch.int8)) \
+        == "reference"  # tiny weight
+    x = torch.zeros(2, 256, requires_grad=True)
+    assert kernels.select_w8a8_path(x, big) == "reference"
+
+
+@needs_native_w8a8
+def test_native_w8a8_through_the_layer_and_clear_kernel_caches() -> None:
+    from linquant.nn import W8A8Linear, clear_kernel_caches
+
+    q = W8A8Linear.from_float(nn.Linear(256, 512))
+    few, many = torch.randn(1, 256), torch.randn(300, 256)
+    y_few, y_many = q(few), q(many)
+    assert list(q.kernel_cache()) == ["native_w8a8"]  # one layout for every M
+    assert torch.equal(y_few, ref.linear_w8a8(few, q.weight_qdata, q.weight_scale, q.bias))
+    assert torch.equal(y_many, ref.linear_w8a8(many, q.weight_qdata, q.weight_scale, q.bias))
+    assert clear_kernel_caches(q) == 1
+    assert torch.equal(q(few), y_few)

@@ -269,3 +269,16 @@ def test_build_goes_to_the_cache_folder_and_is_reused(fresh_native: Path) -> Non
     assert native.available()  # loaded from the cache, not rebuilt
     assert [p for p in fresh_native.iterdir()] == built and built[0].stat().st_mtime_ns == stamp
     assert os.access(built[0], os.R_OK)
+
+
+def test_each_kernel_checks_its_own_cpu_feature(monkeypatch: pytest.MonkeyPatch,
+                                               fresh_native: Path) -> None:
+    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
+        pytest.skip("the native kernels are built on Linux x86-64 only")
+    monkeypatch.setattr(native, "_cpu_has_avx512_bf16", lambda: False)
+    monkeypatch.setattr(native, "_cpu_has_avx512_vnni", lambda: False)
+    assert native.status("w4a16") == "unavailable: this CPU lacks AVX512-BF16"
+    assert native.status("w8a8") == "unavailable: this CPU lacks AVX512-VNNI"
+    w = torch.zeros(512, 256, dtype=torch.int8)
+    assert not native.w8a8_supported(torch.zeros(2, 256), w)
+    assert kernels.select_w8a8_path(torch.zeros(2, 256), w) != "cpu_native_w8a8"

@@ -31,6 +31,7 @@ also warns once). OpenMP threads come from the ``libgomp`` that PyTorch loaded, 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import platform
@@ -52,13 +53,13 @@ from linquant.tensor import QuantizedTensor
 
 __all__ = ["available", "cache_dir", "linear_int4", "repack", "status", "supported"]
 
-SOURCE = "w4a16_bf16.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared",
-         "-fPIC")
-BLOCK_N = 16  # output channels per block (one fp32 vector)
+BASE_FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp",
+              "-shared", "-fPIC")
+BLOCK_N = 16  # output channels per block (one fp32 / int32 vector)
+W4A16, W8A8 = "w4a16", "w8a8"
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {}
+_state: dict[str, dict[str, Any]] = {}
 
 
 def cache_dir() -> Path:
@@ -71,22 +72,30 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "linquant"
 
 
-def _cpu_has_avx512_bf16() -> bool:
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+def _cpu_has(feature: str) -> bool:
+    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
     try:
         return bool(probe()) if probe is not None else False
     except RuntimeError:
         return False
 
 
-def _compile(compiler: str, src: Path, out: Path) -> None:
+def _cpu_has_avx512_bf16() -> bool:
+    return _cpu_has("avx512_bf16")
+
+
+def _cpu_has_avx512_vnni() -> bool:
+    return _cpu_has("avx512") and _cpu_has("vnni")
+
+
+def _compile(compiler: str, flags: tuple[str, ...], src: Path, out: Path) -> None:
     """Compile ``src`` into ``out`` atomically: a temporary file in the same folder, flushed to
     disk, then renamed (a crash never leaves a half-written library under the final name)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, "-o", tmp, str(src)], capture_output=True,
+        proc = subprocess.run([compiler, *flags, "-o", tmp, str(src)], capture_output=True,
                               text=True, timeout=300, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({proc.returncode}): "
@@ -99,11 +108,12 @@ def _compile(compiler: str, src: Path, out: Path) -> None:
             os.unlink(tmp)
 
 
-def _probe(lib: ctypes.CDLL) -> str | None:
+def _probe_w4a16(lib: ctypes.CDLL) -> str | None:
     """A small product through the kernel against plain PyTorch; the problem, or None."""
+    from linquant.tensor import quantize
+
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(40, 64, generator=g)
-    qt = _quantize_probe(w)
+    qt = quantize(torch.randn(40, 64, generator=g), "int4-asym-g32-fp16")
     x = torch.randn(9, 64, generator=g).bfloat16()
     want = x.double() @ qt.dequantize(torch.float64).T
     got = _run(lib, x, qt, repack(qt), None)
@@ -115,79 +125,115 @@ def _probe(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-def _quantize_probe(w: torch.Tensor) -> QuantizedTensor:
-    from linquant.tensor import quantize
+def _probe_w8a8(lib: ctypes.CDLL) -> str | None:
+    """Extreme and random codes through the kernel; bit-identical to the reference or not."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-128, 128, (40, 70), generator=g, dtype=torch.int8)
+    w[0], w[1] = 127, -128
+    ws = torch.rand(40, 1, generator=g) + 0.5
+    x = torch.randn(9, 70, generator=g) * 3
+    x[0] = 5.0
+    x[1] = -5.0
+    got = _run_w8a8(lib, x, w, ws, None, None, None, repack_w8a8(w))
+    if got is None or not torch.equal(got, reference.linear_w8a8(x, w, ws)):
+        return "probe: result differs from the reference"
+    return None
 
-    return quantize(w, "int4-asym-g32-fp16")
+
+_PROBES = {W4A16: _probe_w4a16, W8A8: _probe_w8a8}
 
 
-def _load() -> ctypes.CDLL | None:
-    if "lib" in _state:
-        lib: ctypes.CDLL | None = _state["lib"]
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    source: str
+    flags: tuple[str, ...]
+    cpu_ok: Any  # () -> bool
+    cpu_need: str
+    symbol: str
+    argtypes: tuple[Any, ...]
+
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SPECS = {
+    W4A16: _Spec("w4a16_bf16.c", (*BASE_FLAGS, "-mavx512bf16"), lambda: _cpu_has_avx512_bf16(),
+                 "AVX512-BF16", "lq_w4a16_bf16",
+                 (_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I)),
+    W8A8: _Spec("w8a8.c", (*BASE_FLAGS, "-mavx512vnni"), lambda: _cpu_has_avx512_vnni(),
+                "AVX512-VNNI",
+                "lq_w8a8", (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _I)),
+}
+
+
+def _load(kernel: str = W4A16) -> ctypes.CDLL | None:
+    st = _state.get(kernel)
+    if st is not None:
+        lib: ctypes.CDLL | None = st["lib"]
         return lib
     with _lock:
-        if "lib" in _state:
-            return _state["lib"]  # type: ignore[no-any-return]
-        _state["lib"], _state["reason"] = None, ""
-        reason = _why_not()
+        if kernel in _state:
+            return _state[kernel]["lib"]  # type: ignore[no-any-return]
+        spec = _SPECS[kernel]
+        st = {"lib": None, "reason": "", "path": ""}
+        _state[kernel] = st
+        reason = _why_not(spec)
         if reason:
-            _state["reason"] = reason
+            st["reason"] = reason
             return None
         compiler = shutil.which(os.environ.get("CC") or "cc")
         assert compiler is not None
         try:
-            src = resources.files("linquant.kernels") / "csrc" / SOURCE
+            src = resources.files("linquant.kernels") / "csrc" / spec.source
             text = src.read_bytes()
             version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                                      timeout=60, check=False).stdout.splitlines()[:1]
-            tag = hashlib.sha256(text + repr((FLAGS, version, compiler)).encode()).hexdigest()
-            out = cache_dir() / f"linquant_{SOURCE[:-2]}_{tag[:16]}.so"
+            tag = hashlib.sha256(text + repr((spec.flags, version, compiler)).encode())
+            out = cache_dir() / f"linquant_{spec.source[:-2]}_{tag.hexdigest()[:16]}.so"
             if not out.exists():
                 with resources.as_file(src) as path:
-                    _compile(compiler, Path(path), out)
+                    _compile(compiler, spec.flags, Path(path), out)
             lib = ctypes.CDLL(str(out))
-            fn = lib.lq_w4a16_bf16
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            fn.argtypes = (p, p, p, i64, p, p, p, p, i64, i64, i64, i64)
+            fn = getattr(lib, spec.symbol)
+            fn.argtypes = spec.argtypes
             fn.restype = ctypes.c_int64
-            problem = _probe(lib)
+            problem = _PROBES[kernel](lib)
         except Exception as e:  # a build problem must not break the library: fall back
             problem = f"build failed: {type(e).__name__}: {e}"
         if problem:
-            _state["reason"] = problem
-            warnings.warn(f"linquant: native W4A16 kernel disabled ({problem}); using "
+            st["reason"] = problem
+            warnings.warn(f"linquant: native {kernel.upper()} kernel disabled ({problem}); using "
                           "PyTorch's kernels", RuntimeWarning, stacklevel=3)
             return None
-        _state["lib"], _state["path"] = lib, str(out)
+        st["lib"], st["path"] = lib, str(out)
         return lib
 
 
-def _why_not() -> str:
+def _why_not(spec: _Spec) -> str:
     if os.environ.get("LINQUANT_NATIVE", "1").strip() in ("0", "false", "off", "no"):
         return "turned off by LINQUANT_NATIVE"
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return f"needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
-    if not _cpu_has_avx512_bf16():
-        return "this CPU lacks AVX512-BF16"
+    if not spec.cpu_ok():
+        return f"this CPU lacks {spec.cpu_need}"
     if shutil.which(os.environ.get("CC") or "cc") is None:
         return f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH"
     return ""
 
 
-def available() -> bool:
-    """The kernel is built (or was already), loaded and passed its probe (builds on first call)."""
-    return _load() is not None
+def available(kernel: str = W4A16) -> bool:
+    """The kernel (``"w4a16"`` or ``"w8a8"``) is built (or was already), loaded and passed its
+    probe (builds on first call)."""
+    return _load(kernel) is not None
 
 
-def status() -> str:
+def status(kernel: str = W4A16) -> str:
     """``"available: <path>"`` or ``"unavailable: <reason>"`` (builds on first call)."""
-    if _load() is not None:
-        return f"available: {_state['path']}"
-    return f"unavailable: {_state['reason']}"
+    if _load(kernel) is not None:
+        return f"available: {_state[kernel]['path']}"
+    return f"unavailable: {_state[kernel]['reason']}"
 
 
 def _reset() -> None:
-    """Forget the loaded library and the reason (tests)."""
+    """Forget the loaded libraries and the reasons (tests)."""
     with _lock:
         _state.clear()
 
@@ -273,11 +319,93 @@ def linear_int4(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
                 cache: dict[str, Any] | None = None) -> torch.Tensor:
     """:func:`linquant.kernels.reference.linear_weight_only` for bf16 ``x`` and a 4-bit weight
     (:func:`supported`), on the layout of :func:`repack`, built once and kept in ``cache``."""
-    lib = _load()
+    lib = _load(W4A16)
     assert lib is not None, "linear_int4 needs available()"
     layout = cpu._cached(cache, "native_int4", cpu._key(qt, torch.bfloat16),
                          lambda: repack(qt))
     y = _run(lib, x, qt, layout, bias)
     if y is None:  # Inf / NaN activations (or sums past fp32's range): the reference's IEEE result
         return reference.linear_weight_only(x, qt, bias)
+    return y
+
+
+# ---- W8A8 ----------------------------------------------------------------------------------------
+
+# u8 x s8 products summed in int32: |sum a w| <= 255 * 128 * K must fit.
+W8A8_MAX_K = (2**31 - 1) // (255 * 128)
+
+LayoutW8 = tuple[torch.Tensor, torch.Tensor, int]
+
+
+def w8a8_supported(x: torch.Tensor, w_int8: torch.Tensor) -> bool:
+    """Whether :func:`linear_w8a8` handles ``x`` and the int8 weight ``[N, K]`` (builds the
+    kernel on first call): CPU tensors, a float ``x``, ``2 <= K <= W8A8_MAX_K``."""
+    return (x.device.type == "cpu" and w_int8.device.type == "cpu"
+            and x.dtype in reference.COMPUTE_DTYPES and w_int8.dtype == torch.int8
+            and w_int8.dim() == 2 and 2 <= int(w_int8.shape[1]) <= W8A8_MAX_K
+            and available(W8A8))
+
+
+def repack_w8a8(w_int8: torch.Tensor) -> LayoutW8:
+    """``(codes, column sums, padded K)``: int8 ``[ceil(N / 16), Kp / 4, 16, 4]`` with ``K``
+    padded by zeros to ``Kp``, a multiple of 4 (see the C source), and int32 ``sum_k w[n, k]``
+    over ``ceil(N / 16) * 16`` rows (zero past ``N``)."""
+    n, k = (int(d) for d in w_int8.shape)
+    nb, kp = -(-n // BLOCK_N), -(-k // 4) * 4
+    padded = torch.zeros(nb * BLOCK_N, kp, dtype=torch.int8)
+    padded[:n, :k] = w_int8
+    codes = padded.view(nb, BLOCK_N, kp // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return codes, padded.sum(dim=1, dtype=torch.int32), kp
+
+
+def _run_w8a8(lib: ctypes.CDLL, x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, act_scale: torch.Tensor | None,
+              act_zero_point: torch.Tensor | None, layout: LayoutW8) -> torch.Tensor | None:
+    n, k = (int(d) for d in w_int8.shape)
+    codes, colsum, kp = layout
+    x2 = x.reshape(-1, k).float().contiguous()
+    m = int(x2.shape[0])
+    ws = w_scale.reshape(n).float()
+    if act_scale is None:
+        scale_n, s, z = ws.contiguous(), 0.0, -1
+    else:  # the reference's act_scale * ws, in fp32
+        scale_n = (act_scale.reshape(1).float() * ws).contiguous()
+        s = float(act_scale.reshape(()).float())
+        z = -1 if act_zero_point is None else int(act_zero_point.reshape(()).item())
+        if not s > 0.0:
+            return None
+    b = None if bias is None else bias.float().contiguous()
+    a = torch.empty(m, kp, dtype=torch.uint8)
+    tok = torch.empty(m, dtype=torch.float32)
+    zsum = torch.empty(colsum.numel(), dtype=torch.int32)
+    y = torch.empty(m, n, dtype=torch.float32)
+    bad = lib.lq_w8a8(codes.data_ptr(), colsum.data_ptr(), scale_n.data_ptr(),
+                      None if b is None else b.data_ptr(), x2.data_ptr(), a.data_ptr(),
+                      tok.data_ptr(), zsum.data_ptr(), y.data_ptr(), m, n, k, kp, s, z)
+    if bad:
+        return None
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def linear_w8a8(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    act_zero_point: torch.Tensor | None,
+    cache: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """:func:`linquant.kernels.reference.linear_w8a8`, bit-identical, in one native call:
+    activation quantization (dynamic per token, or static with the given scale and zero point)
+    fused with an AVX512-VNNI int8 GEMM and the rescale, on the layout of :func:`repack_w8a8`
+    kept in ``cache``. Dynamic tokens holding Inf or NaN (and a non-positive static scale) send
+    the call to the reference."""
+    lib = _load(W8A8)
+    assert lib is not None, "linear_w8a8 needs available('w8a8')"
+    layout = cpu._cached(cache, "native_w8a8", cpu._w8a8_key(w_int8),
+                         lambda: repack_w8a8(w_int8))
+    y = _run_w8a8(lib, x, w_int8, w_scale, bias, act_scale, act_zero_point, layout)
+    if y is None:
+        return reference.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point)
     return y
