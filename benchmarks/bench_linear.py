@@ -75,6 +75,7 @@ def forced(path: str, mods: list[nn.Module]) -> list[Fn]:
             "cpu_int8split": lambda x: cpu.linear_int8split(x, qw, None, cache),
             "cpu_int4pack": lambda x: cpu.linear_int4pack(x, qw, None, cache),
             "cpu_native_int4": lambda x: native.linear_int4(x, qw, None, cache),
+            "cpu_native_w8a16": lambda x: native.linear_w8a16(x, qw, None, cache),
         }
         return table[path]
 
@@ -130,6 +131,8 @@ def main() -> None:
     w8b = [copy.deepcopy(q).to(torch.bfloat16) for q in w8]
     rows += [
         ("W8A16 int8-sym-ch0 bf16 (auto)", "auto", torch.bfloat16, w8b, ""),
+        *([("  cpu_native_w8a16", "cpu_native_w8a16", torch.bfloat16, w8b, "")]
+          if native.available("w8a8") else []),
         *([("  cpu_int8split", "cpu_int8split", torch.bfloat16, w8b, "")]
           if cpu.fbgemm_available() else []),
         ("  cpu_int8pack", "cpu_int8pack", torch.bfloat16, w8b, ""),

@@ -1,7 +1,8 @@
 """Where the W8A16 paths cross over: the weight-only dispatcher's ``INT8SPLIT_*`` thresholds.
 
 Times linquant's CPU paths for 8-bit symmetric per-channel weights with bf16 activations
-(``cpu_int8split``: fbgemm's int8 GEMM on activations split into two int8 digits;
+(``cpu_native_w8a16``: the same two-digit scheme in one native VNNI call, where it builds;
+``cpu_int8split``: fbgemm's int8 GEMM on activations split into two int8 digits;
 ``cpu_int8pack``: ``torch._weight_int8pack_mm``; ``cpu_blocked`` / ``cpu_scratch``: dequantize
 to bf16 and multiply) against bf16 ``nn.Linear``, on 4096x4096, MiniLM's 1536x384 and
 384x1536, and 4096x11008, for M = 1..128 tokens. Each shape rotates through >= 256 MiB of
@@ -24,11 +25,12 @@ from _common import machine, median_ms, rotate
 from torch import nn
 
 from linquant import kernels
-from linquant.kernels import cpu
+from linquant.kernels import cpu, native
 from linquant.nn import QuantLinear
 
 SHAPES = ((4096, 4096), (1536, 384), (384, 1536), (4096, 11008))
 PATHS: dict[str, Callable[..., torch.Tensor]] = {
+    "native": native.linear_w8a16,
     "int8split": cpu.linear_int8split,
     "int8pack": cpu.linear_int8pack,
     "blocked": lambda x, qw, bias, cache: cpu.linear_blocked(x, qw, bias),
@@ -67,6 +69,8 @@ def main() -> None:
             for name, fn in PATHS.items():
                 if name == "int8pack" and (m >= 64 or k % 16):
                     continue  # far slower there (and unsupported for K % 16 != 0)
+                if name == "native" and not native.available("w8a8"):
+                    continue
                 fns[name] = [lambda x, q=q, fn=fn: fn(x, q.qweight, None, q.kernel_cache())
                              for q in qls]
             with torch.inference_mode():

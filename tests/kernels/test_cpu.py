@@ -130,7 +130,7 @@ def test_blocked_and_scratch_match_reference(nks: tuple[int, int, str], fn: obje
 
 def test_select_path_documented_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """The table without the native kernel (its rows: tests/kernels/test_native.py)."""
-    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "available", lambda kernel="w4a16": False)
     bf, f32 = torch.bfloat16, torch.float32
     n, k = 256, 512  # numel >= MIN_FAST_NUMEL
     assert n * k >= kernels.MIN_FAST_NUMEL
@@ -179,7 +179,7 @@ def test_select_path_documented_table(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_linear_weight_only_routes_through_the_selected_path(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "available", lambda kernel="w4a16": False)
     qt = _qt(256, 512, "int4-sym-g32-fp16")
     calls: list[str] = []
     for name in ("linear_int4pack", "linear_int8pack", "linear_blocked", "linear_scratch"):
@@ -656,7 +656,9 @@ def test_int8split_support_predicate() -> None:
 
 
 @needs_fbgemm
-def test_select_path_int8split_table() -> None:
+def test_select_path_int8split_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The W8A16 rows without the native kernel (which takes them all where it builds)."""
+    monkeypatch.setattr(native, "w8a16_supported", lambda qt, dtype: False)
     bf = torch.bfloat16
     assert (kernels.INT8SPLIT_MIN_M, kernels.INT8SPLIT_MAX_M) == (2, 128)
     big = _qt(1024, 1024, "int8-sym-ch0")  # SMALL_WEIGHT_NUMEL elements
@@ -680,7 +682,9 @@ def test_select_path_int8split_table() -> None:
 
 
 @needs_fbgemm
-def test_w8a16_layer_uses_int8split_caches_fbgemm_pack_and_clears() -> None:
+def test_w8a16_layer_uses_int8split_caches_fbgemm_pack_and_clears(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "w8a16_supported", lambda qt, dtype: False)
     from linquant.nn import clear_kernel_caches
 
     torch.manual_seed(0)

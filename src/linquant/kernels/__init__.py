@@ -17,9 +17,15 @@ Weight-only linear (:func:`linear_weight_only`) on CPU, first match wins:
    than bf16 ``nn.Linear`` at M = 16 (0.9x at M = 128-256, where ``cpu_scratch`` reaches
    0.75x). From about 500 tokens ``cpu_scratch`` (dequantize once, one bf16 matmul) is level
    or up to 20% faster on 4096 x 4096 and MiniLM's shapes.
-2. ``cpu_int4pack``: 4-bit group-wise (group 32/64/128/256, ``N % 16 == 0``), bf16 / fp16
+2. ``cpu_native_w8a16``: 8-bit symmetric per-output-channel or per-tensor, bf16 / fp16
+   activations, every ``M`` (one token on weights under ``SMALL_WEIGHT_NUMEL`` elements stays
+   on ``cpu_int8pack``, 10-20% faster there), where the native W8A8 library builds (AVX512-VNNI,
+   a C compiler): ``cpu_int8split``'s two-digit scheme fused into one native call. On
+   4096 x 4096: 0.39 ms at M = 1 (``cpu_int8pack`` 0.67), 1.8x bf16 ``nn.Linear`` at M = 16,
+   1.0-1.2x at M = 64-256 (``cpu_scratch`` 0.8x); on MiniLM's shapes 1.1-1.6x bf16 at 13 tokens.
+3. ``cpu_int4pack``: 4-bit group-wise (group 32/64/128/256, ``N % 16 == 0``), bf16 / fp16
    activations, ``M < INT4PACK_MAX_M`` (64).
-3. ``cpu_int8split``: 8-bit symmetric per-output-channel or per-tensor, bf16 / fp16
+4. ``cpu_int8split``: 8-bit symmetric per-output-channel or per-tensor, bf16 / fp16
    activations, weights of ``SMALL_WEIGHT_NUMEL`` (1M) elements or more,
    ``INT8SPLIT_MIN_M <= M <= INT8SPLIT_MAX_M`` (2..128; also ``M = 1`` when ``cpu_int8pack``
    cannot take the weight), where fbgemm is available (as for W8A8 below): the activations are
@@ -29,13 +35,13 @@ Weight-only linear (:func:`linear_weight_only`) on CPU, first match wins:
    dequantizing paths reach 0.5-0.8x; at M = 1 it ties ``cpu_int8pack``, which needs no second
    copy of the weight. On MiniLM's small weights its dozen small ops cost more than they save
    (0.4-0.8x bf16), so those keep the paths below (``benchmarks/bench_w8a16_crossover.py``).
-4. ``cpu_int8pack``: 8-bit symmetric per-output-channel, ``K % 16 == 0``, bf16 / fp16
+5. ``cpu_int8pack``: 8-bit symmetric per-output-channel, ``K % 16 == 0``, bf16 / fp16
    activations, ``M < INT8PACK_MAX_M`` (32).
-5. ``cpu_blocked``: ``M < BLOCKED_MAX_M`` (128), and fp32 / fp64 activations at every ``M``
+6. ``cpu_blocked``: ``M < BLOCKED_MAX_M`` (128), and fp32 / fp64 activations at every ``M``
    for weights of ``SMALL_WEIGHT_NUMEL`` (1M) elements or more (W8A32 etc. keep fp32 math; on
    4096 x 4096, 2048 x 2048 and 4096 x 1024 weights this beat ``cpu_scratch`` and fp32
    ``nn.Linear`` at M = 128 and 256).
-6. ``cpu_scratch``: ``M >= BLOCKED_MAX_M`` otherwise: bf16 / fp16 activations, and fp32 / fp64
+7. ``cpu_scratch``: ``M >= BLOCKED_MAX_M`` otherwise: bf16 / fp16 activations, and fp32 / fp64
    on smaller weights, whose dequantized copy stays in cache (MiniLM's 1536 x 384 at M = 480:
    4.4 ms instead of 6.7 for ``cpu_blocked``).
 
@@ -148,8 +154,8 @@ __all__ = [
     "select_w8a8_path",
 ]
 
-PATHS = ("reference", "cpu_native_int4", "cpu_int4pack", "cpu_int8split", "cpu_int8pack",
-         "cpu_blocked", "cpu_scratch", "cuda_triton")
+PATHS = ("reference", "cpu_native_int4", "cpu_native_w8a16", "cpu_int4pack", "cpu_int8split",
+         "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_triton")
 W8A8_PATHS = ("reference", "cpu_native_w8a8", "cpu_fbgemm", "cpu_onednn", "cuda_triton_w8a8")
 INT4PACK_MAX_M = 64
 NATIVE_INT4_MAX_M = 256
@@ -177,6 +183,10 @@ def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
     m = x.numel() // int(qweight.shape[1])
     if m <= NATIVE_INT4_MAX_M and native.supported(qweight, x.dtype):
         return "cpu_native_int4"
+    if native.w8a16_supported(qweight, x.dtype) and (
+            m > 1 or qweight.numel >= SMALL_WEIGHT_NUMEL
+            or not cpu.int8pack_supported(qweight, x.dtype)):
+        return "cpu_native_w8a16"
     if cpu.int4pack_supported(qweight, x.dtype) and m < INT4PACK_MAX_M:
         return "cpu_int4pack"
     if (qweight.numel >= SMALL_WEIGHT_NUMEL and m <= INT8SPLIT_MAX_M
@@ -228,6 +238,8 @@ def linear_weight_only(
         return triton_linear.linear(x, qweight, bias, cache)
     if path == "cpu_native_int4":
         return native.linear_int4(x, qweight, bias, cache)
+    if path == "cpu_native_w8a16":
+        return native.linear_w8a16(x, qweight, bias, cache)
     if path == "cpu_int4pack":
         return cpu.linear_int4pack(x, qweight, bias, cache)
     if path == "cpu_int8split":

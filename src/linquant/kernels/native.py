@@ -1,31 +1,37 @@
-"""linquant's own CPU kernel for W4A16, compiled on first use with the system's C compiler.
+"""linquant's own CPU kernels, compiled on first use with the system's C compiler.
 
-``cpu_native_int4`` (see :mod:`linquant.kernels`): 4-bit group-wise or per-channel weights, bf16
-activations, on x86 CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake / Sapphire
-Rapids and later). The kernel (``csrc/w4a16_bf16.c``, documented there) decodes the 4-bit
-codes to bf16 inside the product and multiplies with ``vdpbf16ps``, reading the weight once per
-call at any number of tokens: PyTorch's ``_weight_int4pack_mm_for_cpu`` spends about five
-vector instructions per weight and repeats its decoding for every 4 tokens, this kernel about
-one per ten weights, once per 8 tokens.
+Two kernels, each in its own shared library with its own CPU requirement (Linux x86-64):
 
-Numerics: ``y = sum_g s * dot_g + (b - 128 s) * sum_g x`` with ``dot_g = sum x * (128 + q)``
-accumulated in fp32 from exact bf16 products; the dequantized weight is never rounded to bf16
-(the reference rounds it), the bias is added in fp32 after rounding it to bf16 as the reference
-does, and the sum is rounded once to bf16. The ``128`` offset costs about 4 of fp32's 24 bits,
-far below bf16's 8. ``vdpbf16ps`` treats bf16 subnormals (below 1.2e-38) as zero. Tokens whose
-group sums are not finite (Inf / NaN, or overflow) send the call to the reference, for IEEE
-semantics.
+* ``w4a16`` (``csrc/w4a16_bf16.c``, path ``cpu_native_int4``): 4-bit group-wise or per-channel
+  weights with bf16 activations, on CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
+  Lake / Sapphire Rapids and later). It decodes the codes to bf16 inside the product and
+  multiplies with ``vdpbf16ps``, reading the weight once per call: PyTorch's
+  ``_weight_int4pack_mm_for_cpu`` spends about five vector instructions per weight and repeats
+  its decoding for every 4 tokens, this kernel three per 64 weights, once per 8 tokens.
+  Numerics: ``y = sum_g s * dot_g + (b - 128 s) * sum_g x`` with ``dot_g = sum x * (128 + q)``
+  accumulated in fp32 from exact bf16 products; the dequantized weight is never rounded to bf16
+  (the reference rounds it), the bias is added in fp32 after rounding it to bf16 as the
+  reference does, and the sum is rounded once to bf16. The ``128`` offset costs about 4 of
+  fp32's 24 bits, far below bf16's 8. ``vdpbf16ps`` treats bf16 subnormals (below 1.2e-38) as
+  zero. Tokens whose group sums are not finite send the call to the reference.
+* ``w8a8`` (``csrc/w8a8.c``, path ``cpu_native_w8a8``): int8 activations (dynamic per token or
+  static) times int8 weights on CPUs with AVX512-VNNI: the activation quantization, the int8
+  GEMM (``vpdpbusd``) and the rescale in one call, **bit-identical** to
+  :func:`linquant.kernels.reference.linear_w8a8` (same float operations in the same order,
+  exact int32 sums; compiled with ``-ffp-contract=off``). Dynamic tokens holding Inf or NaN
+  send the call to the reference.
 
-Building: the first call compiles the C source with ``$CC`` (default ``cc``) and
-``-O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -fopenmp`` into
-``$LINQUANT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/linquant`` or ``~/.cache/linquant``), under a
-name hashed from the source, flags and compiler, written to a temporary file and renamed into
-place; later processes load it (well under a second to build). The library then runs a probe
-product against plain PyTorch. ``LINQUANT_NATIVE=0`` turns the kernel off. Without a compiler,
-off Linux x86-64, without AVX512-BF16, or when the build or the probe fails, :func:`available`
-is False, :func:`status` says why, and the dispatcher uses PyTorch's kernels (a failed build
-also warns once). OpenMP threads come from the ``libgomp`` that PyTorch loaded, so
-``torch.set_num_threads`` applies.
+Building: the first call that needs a kernel compiles its C source with ``$CC`` (default
+``cc``) and ``-O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512vl -fopenmp`` plus
+``-mavx512bf16`` / ``-mavx512vnni`` into ``$LINQUANT_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/linquant`` or ``~/.cache/linquant``), under a name hashed from the source,
+flags and compiler, written to a temporary file and renamed into place; later processes load
+it (each builds in well under a second). The library then runs a probe against plain PyTorch
+(the W8A8 probe demands bit-identity). ``LINQUANT_NATIVE=0`` turns both off. Without a
+compiler, off Linux x86-64, without the CPU feature, or when the build or the probe fails,
+:func:`available` is False, :func:`status` says why, and the dispatcher uses PyTorch's kernels
+(a failed build also warns once). OpenMP threads come from the ``libgomp`` that PyTorch
+loaded, so ``torch.set_num_threads`` applies.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ from linquant.errors import LinquantError
 from linquant.kernels import cpu, reference
 from linquant.tensor import QuantizedTensor
 
-__all__ = ["available", "cache_dir", "linear_int4", "repack", "status", "supported"]
+__all__ = ["W8A8_MAX_K", "available", "cache_dir", "linear_int4", "linear_w8a8", "linear_w8a16",
+           "repack", "repack_w8a8", "status", "supported", "w8a8_supported", "w8a16_supported"]
 
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp",
               "-shared", "-fPIC")
@@ -149,18 +156,18 @@ class _Spec:
     flags: tuple[str, ...]
     cpu_ok: Any  # () -> bool
     cpu_need: str
-    symbol: str
-    argtypes: tuple[Any, ...]
+    symbols: dict[str, tuple[Any, ...]]  # function name -> argtypes (all return int64)
 
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SPECS = {
     W4A16: _Spec("w4a16_bf16.c", (*BASE_FLAGS, "-mavx512bf16"), lambda: _cpu_has_avx512_bf16(),
-                 "AVX512-BF16", "lq_w4a16_bf16",
-                 (_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I)),
+                 "AVX512-BF16",
+                 {"lq_w4a16_bf16": (_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I)}),
     W8A8: _Spec("w8a8.c", (*BASE_FLAGS, "-mavx512vnni"), lambda: _cpu_has_avx512_vnni(),
                 "AVX512-VNNI",
-                "lq_w8a8", (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _I)),
+                {"lq_w8a8": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _I),
+                 "lq_w8a16": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I)}),
 }
 
 
@@ -192,9 +199,10 @@ def _load(kernel: str = W4A16) -> ctypes.CDLL | None:
                 with resources.as_file(src) as path:
                     _compile(compiler, spec.flags, Path(path), out)
             lib = ctypes.CDLL(str(out))
-            fn = getattr(lib, spec.symbol)
-            fn.argtypes = spec.argtypes
-            fn.restype = ctypes.c_int64
+            for symbol, argtypes in spec.symbols.items():
+                fn = getattr(lib, symbol)
+                fn.argtypes = argtypes
+                fn.restype = ctypes.c_int64
             problem = _PROBES[kernel](lib)
         except Exception as e:  # a build problem must not break the library: fall back
             problem = f"build failed: {type(e).__name__}: {e}"
@@ -409,3 +417,48 @@ def linear_w8a8(
     if y is None:
         return reference.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point)
     return y
+
+
+# ---- W8A16 (the W8A8 library: activations split into two int8 digits) ---------------------------
+
+
+def w8a16_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`linear_w8a16` handles ``qt`` with ``dtype`` activations (builds the W8A8
+    library on first call): 8-bit symmetric weights per output channel or per tensor, bf16 /
+    fp16 activations, ``2 <= K <= W8A8_MAX_K``."""
+    s = qt.scheme
+    return (qt.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+            and len(qt.shape) == 2 and s.bits == 8 and s.symmetric
+            and (s.granularity == "tensor" or (s.granularity == "channel" and s.axis % 2 == 0))
+            and 2 <= int(qt.shape[1]) <= W8A8_MAX_K and available(W8A8))
+
+
+def linear_w8a16(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+                 cache: dict[str, Any] | None = None) -> torch.Tensor:
+    """W8A16 (:func:`linquant.kernels.reference.linear_weight_only` with bf16 / fp16 ``x`` and
+    8-bit symmetric weights) as :func:`linquant.kernels.cpu.linear_int8split` computes it, in one
+    native call: each token split into two int8 digits (``x ~= 2**p (d1 + d2 / 128)``, exact for
+    bf16 elements within a factor 127 of the token's max, off by at most ``max|x| / 16256``
+    otherwise), both digit rows through the VNNI int8 GEMM on the W8A8 layout, combined and
+    rescaled in fp32, bias added in fp32, one rounding to ``x.dtype``. Tokens holding Inf or NaN
+    send the call to the reference."""
+    lib = _load(W8A8)
+    assert lib is not None, "linear_w8a16 needs available('w8a8')"
+    n, k = (int(d) for d in qt.shape)
+    w = qt.qdata.view(torch.int8).view(n, k)
+    codes, colsum, kp = cpu._cached(cache, "native_w8a8", cpu._key(qt, torch.int8),
+                                    lambda: repack_w8a8(w))
+    x2 = x.reshape(-1, k).float().contiguous()
+    m = int(x2.shape[0])
+    scale_n = qt.scale.float().reshape(-1).expand(n).contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    a = torch.empty(2 * m, kp, dtype=torch.uint8)
+    pw = torch.empty(m, dtype=torch.float32)
+    zsum = torch.empty(colsum.numel(), dtype=torch.int32)
+    y = torch.empty(m, n, dtype=torch.float32)
+    bad = lib.lq_w8a16(codes.data_ptr(), colsum.data_ptr(), scale_n.data_ptr(),
+                       None if b is None else b.data_ptr(), x2.data_ptr(), a.data_ptr(),
+                       pw.data_ptr(), zsum.data_ptr(), y.data_ptr(), m, n, k, kp)
+    if bad:
+        return reference.linear_weight_only(x, qt, bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -1,5 +1,6 @@
 /* linquant: W8A8 linear (int8 activations x int8 weights, int32 sums) on x86 CPUs with
- * AVX512-VNNI (compiled on first use; see native.py). Bit-identical to
+ * AVX512-VNNI (compiled on first use; see native.py); also W8A16 (lq_w8a16: each bf16 / fp16
+ * activation split into two int8 digits, both through the same GEMM). Bit-identical to
  * linquant.kernels.reference.linear_w8a8: the same activation codes (same float operations in
  * the same order), exact int32 products, the same fp32 rescale order. Compile with
  * -ffp-contract=off: a fused multiply-add would round differently from the reference.
@@ -98,7 +99,8 @@ static void quantize_static(const float* xr, int64_t K, int64_t Kp, uint8_t* ar,
 
 ALWAYS_INLINE void tile(const int8_t* pb, const int32_t* zsum, const float* scale_n,
                         const float* bias, const uint8_t* a, const float* as, float* y,
-                        int64_t m0, const int MT, int64_t N, int64_t Kp, int64_t b)
+                        int64_t m0, const int MT, int64_t N, int64_t Kp, int64_t b,
+                        const int pairs)
 {
     __m512i acc[8];
 #pragma GCC unroll 8
@@ -120,6 +122,21 @@ ALWAYS_INLINE void tile(const int8_t* pb, const int32_t* zsum, const float* scal
     const __m512i zs = _mm512_loadu_si512((const void*)(zsum + n0));
     const __m512 sn = _mm512_maskz_loadu_ps(keep, scale_n + n0);
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+    if (pairs) { /* W8A16: rows 2 j and 2 j + 1 hold the two digits of token m0 / 2 + j */
+        const __m512 r = _mm512_set1_ps(1.0f / 128.0f);
+#pragma GCC unroll 4
+        for (int j = 0; j < MT / 2; j++) {
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[2 * j], zs));
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[2 * j + 1], zs));
+            __m512 f = _mm512_add_ps(hi, _mm512_mul_ps(lo, r));
+            const int64_t t = m0 / 2 + j;
+            f = _mm512_mul_ps(_mm512_mul_ps(f, _mm512_set1_ps(as[t])), sn);
+            if (bias)
+                f = _mm512_add_ps(f, bv);
+            _mm512_mask_storeu_ps(y + t * N + n0, keep, f);
+        }
+        return;
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < MT; m++) {
         __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m], zs));
@@ -130,6 +147,26 @@ ALWAYS_INLINE void tile(const int8_t* pb, const int32_t* zsum, const float* scal
         if (bias)
             f = _mm512_add_ps(f, bv);
         _mm512_mask_storeu_ps(y + (m0 + m) * N + n0, keep, f);
+    }
+}
+
+/* The GEMM over M rows of codes a [M, Kp] (pairs: M even, rows paired as W8A16 digits). */
+static void gemm(const int8_t* packed, const int32_t* zsum, const float* scale_n,
+                 const float* bias, const uint8_t* a, const float* as, float* y, int64_t M,
+                 int64_t N, int64_t Kp, const int pairs)
+{
+    const int64_t nb = (N + 15) / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t* pb = packed + b * (Kp / 4) * 64;
+        int64_t m0 = 0;
+        while (m0 < M) {
+            int64_t left = M - m0;
+            if (left >= 8) { tile(pb, zsum, scale_n, bias, a, as, y, m0, 8, N, Kp, b, pairs); m0 += 8; }
+            else if (left >= 4) { tile(pb, zsum, scale_n, bias, a, as, y, m0, 4, N, Kp, b, pairs); m0 += 4; }
+            else if (left >= 2) { tile(pb, zsum, scale_n, bias, a, as, y, m0, 2, N, Kp, b, pairs); m0 += 2; }
+            else { tile(pb, zsum, scale_n, bias, a, as, y, m0, 1, N, Kp, b, pairs); m0 += 1; }
+        }
     }
 }
 
@@ -158,18 +195,79 @@ int64_t lq_w8a8(const int8_t* packed, const int32_t* colsum, const float* scale_
     const int32_t zp = dynamic || z < 0 ? 128 : (int32_t)z;
     for (int64_t n = 0; n < nb * 16; n++)
         zsum[n] = zp * colsum[n];
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nb; b++) {
-        const int8_t* pb = packed + b * (Kp / 4) * 64;
-        const float* asp = dynamic ? as : NULL;
-        int64_t m0 = 0;
-        while (m0 < M) {
-            int64_t left = M - m0;
-            if (left >= 8) { tile(pb, zsum, scale_n, bias, a, asp, y, m0, 8, N, Kp, b); m0 += 8; }
-            else if (left >= 4) { tile(pb, zsum, scale_n, bias, a, asp, y, m0, 4, N, Kp, b); m0 += 4; }
-            else if (left >= 2) { tile(pb, zsum, scale_n, bias, a, asp, y, m0, 2, N, Kp, b); m0 += 2; }
-            else { tile(pb, zsum, scale_n, bias, a, asp, y, m0, 1, N, Kp, b); m0 += 1; }
-        }
+    gemm(packed, zsum, scale_n, bias, a, dynamic ? as : NULL, y, M, N, Kp, 0);
+    return 0;
+}
+
+/* Digits of one token for W8A16: with 2^p the smallest power of two such that
+ * max|x| <= 127 * 2^p (p >= -100), t = x * 2^-p (exact), d1 = round_half_even(t) in [-127, 127]
+ * and d2 = round_half_even(128 * (t - d1)) in [-64, 64], stored as d + 128. Returns 1 when the
+ * token holds Inf or NaN. */
+static int digits_token(const float* xr, int64_t K, int64_t Kp, uint8_t* hi, uint8_t* lo,
+                        float* scale)
+{
+    __m512 mx = _mm512_setzero_ps();
+    __m512 fin = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 v = _mm512_loadu_ps(xr + k);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+        fin = _mm512_add_ps(fin, _mm512_sub_ps(v, v));
     }
+    float amax = _mm512_reduce_max_ps(mx);
+    float f = _mm512_reduce_add_ps(fin);
+    for (; k < K; k++) {
+        float v = fabsf(xr[k]);
+        amax = v > amax ? v : amax;
+        f += xr[k] - xr[k];
+    }
+    if (f != 0.0f || f != f)
+        return 1;
+    int p;
+    frexpf(amax / QMAX, &p); /* amax / 127 <= 2^p; frexp(0) gives p = 0 */
+    if (p < -100)
+        p = -100;
+    *scale = ldexpf(1.0f, p);
+    const __m512 inv = _mm512_set1_ps(ldexpf(1.0f, -p)), r = _mm512_set1_ps(128.0f);
+    const __m512i off = _mm512_set1_epi32(128);
+    for (k = 0; k + 16 <= K; k += 16) {
+        __m512 t = _mm512_mul_ps(_mm512_loadu_ps(xr + k), inv);
+        __m512 d1 = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 d2 = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(t, d1), r),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i*)(hi + k),
+                         _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(d1), off)));
+        _mm_storeu_si128((__m128i*)(lo + k),
+                         _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(d2), off)));
+    }
+    const float invs = ldexpf(1.0f, -p);
+    for (; k < K; k++) {
+        float t = xr[k] * invs, d1 = nearbyintf(t);
+        hi[k] = (uint8_t)((int)d1 + 128);
+        lo[k] = (uint8_t)((int)nearbyintf((t - d1) * 128.0f) + 128);
+    }
+    for (; k < Kp; k++)
+        hi[k] = lo[k] = 128;
+    return 0;
+}
+
+/* W8A16: bf16 / fp16 activations (passed as fp32 x [M, K]) times int8 weights with scales
+ * scale_n [N]: each token split into two int8 digits (digits_token), both digit rows through the
+ * int8 GEMM, y = scale_n * 2^p * (acc1 + acc2 / 128) (+ bias), fp32 [M, N]. a [2 M, Kp] and
+ * pw [M] are scratch. Returns the number of tokens holding Inf or NaN (y not computed then). */
+int64_t lq_w8a16(const int8_t* packed, const int32_t* colsum, const float* scale_n,
+                 const float* bias, const float* x, uint8_t* a, float* pw, int32_t* zsum,
+                 float* y, int64_t M, int64_t N, int64_t K, int64_t Kp)
+{
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (M * K >= 65536)
+    for (int64_t m = 0; m < M; m++)
+        bad += digits_token(x + m * K, K, Kp, a + 2 * m * Kp, a + (2 * m + 1) * Kp, pw + m);
+    if (bad)
+        return bad;
+    const int64_t nb = (N + 15) / 16;
+    for (int64_t n = 0; n < nb * 16; n++)
+        zsum[n] = 128 * colsum[n];
+    gemm(packed, zsum, scale_n, bias, a, pw, y, 2 * M, N, Kp, 1);
     return 0;
 }
