@@ -234,7 +234,8 @@ def main() -> None:
           f"{args.warmup} warm-up forward(s))")
     print(f"path: what linquant's dispatcher chose for {layer} "
           f"(the largest linear) on that batch, and its input dtype")
-    print(f"native W4A16 kernel: {kernels.native.status()}")
+    print(f"native kernels: W4A16 {kernels.native.status('w4a16')}; "
+          f"W8A8 / W8A16 {kernels.native.status('w8a8')}")
 
     results: dict[str, Any] = {
         "machine": machine(), "command": sys.argv, "model": MODEL_NAME,

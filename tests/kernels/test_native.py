@@ -373,9 +373,11 @@ def test_select_path_native_w8a16_rows() -> None:
 
     big = _qt(1024, 1024, "int8-sym-ch0")  # SMALL_WEIGHT_NUMEL elements
     small = _qt(256, 512, "int8-sym-ch0")
-    for m in (1, 2, 16, 128, 129, 1000):
+    assert kernels.NATIVE_W8A16_MAX_M == 256
+    for m in (1, 2, 16, 128, 129, 256):
         assert path(m, big) == "cpu_native_w8a16"
         assert path(m, big, torch.float16) == "cpu_native_w8a16"
+    assert path(257, big) == "cpu_scratch"
     assert path(1, small) == "cpu_int8pack"  # one token, small weight: PyTorch's op is faster
     assert path(2, small) == "cpu_native_w8a16"
     assert path(1, _qt(256, 520, "int8-sym-tensor")) == "cpu_native_w8a16"  # no int8pack

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     print(result.table())
     from linquant.kernels import native
 
-    print(f"native W4A16 kernel (w4a16-* presets): {native.status()}")
+    print(f"native kernels: W4A16 {native.status('w4a16')}; W8A8 / W8A16 {native.status('w8a8')}")
     k = result.k
     print(f"top-{k} order: whether the float model's {k} most similar sentence pairs come out in "
           f"the same order;\ntop-{k} kept: how many of them stay in the top {k}. "

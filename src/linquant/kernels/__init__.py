@@ -18,11 +18,15 @@ Weight-only linear (:func:`linear_weight_only`) on CPU, first match wins:
    0.75x). From about 500 tokens ``cpu_scratch`` (dequantize once, one bf16 matmul) is level
    or up to 20% faster on 4096 x 4096 and MiniLM's shapes.
 2. ``cpu_native_w8a16``: 8-bit symmetric per-output-channel or per-tensor, bf16 / fp16
-   activations, every ``M`` (one token on weights under ``SMALL_WEIGHT_NUMEL`` elements stays
-   on ``cpu_int8pack``, 10-20% faster there), where the native W8A8 library builds (AVX512-VNNI,
-   a C compiler): ``cpu_int8split``'s two-digit scheme fused into one native call. On
-   4096 x 4096: 0.39 ms at M = 1 (``cpu_int8pack`` 0.67), 1.8x bf16 ``nn.Linear`` at M = 16,
-   1.0-1.2x at M = 64-256 (``cpu_scratch`` 0.8x); on MiniLM's shapes 1.1-1.6x bf16 at 13 tokens.
+   activations, ``M <= NATIVE_W8A16_MAX_M`` (256; one token on weights under
+   ``SMALL_WEIGHT_NUMEL`` elements stays on ``cpu_int8pack``, 10-20% faster there), where the
+   native W8A8 library builds (AVX512-VNNI, a C compiler): ``cpu_int8split``'s two-digit scheme
+   fused into one native call. On 4096 x 4096: 0.36-0.52 ms at M = 1 (``cpu_int8pack``
+   0.63-0.69), 1.9x bf16 ``nn.Linear`` at M = 16, 1.0-1.2x at M = 64-256 (``cpu_scratch``
+   0.45-0.77x); on MiniLM's shapes 0.7-2.6x bf16 up to 64 tokens, ahead of every other
+   quantized path. From a few hundred tokens on MiniLM's small weights ``cpu_scratch`` wins
+   (the model at 480 and 1920 tokens per layer ran 1.5-1.9x fp32 on it, 1.26-1.28x on the
+   native kernel).
 3. ``cpu_int4pack``: 4-bit group-wise (group 32/64/128/256, ``N % 16 == 0``), bf16 / fp16
    activations, ``M < INT4PACK_MAX_M`` (64).
 4. ``cpu_int8split``: 8-bit symmetric per-output-channel or per-tensor, bf16 / fp16
@@ -137,6 +141,7 @@ __all__ = [
     "INT8SPLIT_MIN_M",
     "MIN_FAST_NUMEL",
     "NATIVE_INT4_MAX_M",
+    "NATIVE_W8A16_MAX_M",
     "ONEDNN_MIN_M",
     "PATHS",
     "SMALL_WEIGHT_NUMEL",
@@ -159,6 +164,7 @@ PATHS = ("reference", "cpu_native_int4", "cpu_native_w8a16", "cpu_int4pack", "cp
 W8A8_PATHS = ("reference", "cpu_native_w8a8", "cpu_fbgemm", "cpu_onednn", "cuda_triton_w8a8")
 INT4PACK_MAX_M = 64
 NATIVE_INT4_MAX_M = 256
+NATIVE_W8A16_MAX_M = 256
 INT8PACK_MAX_M = 32
 INT8SPLIT_MIN_M = 2
 INT8SPLIT_MAX_M = 128
@@ -183,7 +189,7 @@ def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
     m = x.numel() // int(qweight.shape[1])
     if m <= NATIVE_INT4_MAX_M and native.supported(qweight, x.dtype):
         return "cpu_native_int4"
-    if native.w8a16_supported(qweight, x.dtype) and (
+    if m <= NATIVE_W8A16_MAX_M and native.w8a16_supported(qweight, x.dtype) and (
             m > 1 or qweight.numel >= SMALL_WEIGHT_NUMEL
             or not cpu.int8pack_supported(qweight, x.dtype)):
         return "cpu_native_w8a16"
