@@ -8,6 +8,8 @@ Tolerances (also in the linquant.kernels.cpu docstring):
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given
@@ -524,6 +526,11 @@ def test_cpu_w8a8_equals_reference_property(
 # ---- W8A16 through fbgemm: activations split into two int8 digits ----------------------------
 
 SPLIT_SCHEMES = ["int8-sym-ch0", "int8-sym-tensor", "int8-sym-ch0-fp16"]
+# The two implementations of the two-digit W8A16 scheme, with the cache entry each keeps.
+SPLIT_IMPLS = [
+    pytest.param(cpu.linear_int8split, "fbgemm", marks=needs_fbgemm, id="int8split"),
+    pytest.param(native.linear_w8a16, "native_w8a8", marks=needs_native_w8a8, id="native"),
+]
 
 
 def _bf16_or_fp16_tokens(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -535,40 +542,38 @@ def _bf16_or_fp16_tokens(m: int, k: int, dtype: torch.dtype, seed: int) -> torch
     return x.to(dtype)
 
 
-@needs_fbgemm
+@pytest.mark.parametrize(("impl", "entry"), SPLIT_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("scheme", SPLIT_SCHEMES)
 @pytest.mark.parametrize("nk", [(33, 64), (100, 97), (7, 304), (130, 2)],
                          ids=lambda c: f"{c[0]}x{c[1]}")
-def test_int8split_matches_reference(nk: tuple[int, int], scheme: str,
-                                     dtype: torch.dtype) -> None:
+def test_int8split_matches_reference(nk: tuple[int, int], scheme: str, dtype: torch.dtype,
+                                     impl: Any, entry: str) -> None:
     n, k = nk
     qt = _qt(n, k, scheme)
-    assert cpu.int8split_supported(qt, dtype)
+    assert cpu.int8split_supported(qt, dtype) or entry != "fbgemm"
     bias = torch.randn(n)
     cache: dict[str, object] = {}
-    for m in MS:
+    for m in (*MS, 5, 9):  # the native kernel's tiles of 8, 4 and 2 digit rows
         x = torch.randn(m, k).to(dtype)
-        _close(cpu.linear_int8split(x, qt, bias, cache), ref.linear_weight_only(x, qt, bias),
-               HALF_TOL)
+        _close(impl(x, qt, bias, cache), ref.linear_weight_only(x, qt, bias), HALF_TOL)
     x3 = torch.randn(2, 5, k).to(dtype)  # leading dims
-    _close(cpu.linear_int8split(x3, qt, None, cache), ref.linear_weight_only(x3, qt, None),
-           HALF_TOL)
-    assert list(cache) == ["fbgemm"]
+    _close(impl(x3, qt, None, cache), ref.linear_weight_only(x3, qt, None), HALF_TOL)
+    assert list(cache) == [entry]
 
 
-@needs_fbgemm
+@pytest.mark.parametrize(("impl", "entry"), SPLIT_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("scheme", SPLIT_SCHEMES)
 def test_int8split_error_against_exact_product_is_within_its_bound(
-        scheme: str, dtype: torch.dtype) -> None:
+        scheme: str, dtype: torch.dtype, impl: Any, entry: str) -> None:
     """Elementwise: |y - exact| <= one rounding to x.dtype + (max|x| / 16256) * sum|w| + fp32
     rounding; and overall no worse than the reference, which rounds the weight to x.dtype."""
     n, k = 96, 517
     qt = _qt(n, k, scheme, seed=3)
     x = _bf16_or_fp16_tokens(9, k, dtype, seed=4)
     bias = torch.randn(n)
-    y = cpu.linear_int8split(x, qt, bias, {}).double()
+    y = impl(x, qt, bias, {}).double()
     w = qt.dequantize(torch.float64)
     xd = x.double()
     exact = xd @ w.T + bias.double()
@@ -581,8 +586,8 @@ def test_int8split_error_against_exact_product_is_within_its_bound(
     assert (y - exact).abs().max() <= (r - exact).abs().max()
 
 
-@needs_fbgemm
-def test_int8split_is_exact_when_the_digits_hold_every_element() -> None:
+@pytest.mark.parametrize(("impl", "entry"), SPLIT_IMPLS)
+def test_int8split_is_exact_when_the_digits_hold_every_element(impl: Any, entry: str) -> None:
     """bf16 elements within a factor 127 of the token's max split exactly; with small codes
     every sum stays exact in fp32, so the result is the exact product rounded once."""
     g = torch.Generator().manual_seed(5)
@@ -596,7 +601,7 @@ def test_int8split_is_exact_when_the_digits_hold_every_element() -> None:
     qt = lq.quantize(small * 0.37, "int8-sym-tensor")
     codes = qt.qdata.view(torch.int8).view(n, k)
     assert torch.equal(codes.float(), small)
-    y = cpu.linear_int8split(x, qt, None, {})
+    y = impl(x, qt, None, {})
     exact = (x.double() @ codes.double().T) * qt.scale.double()  # exact in fp64
     assert torch.equal(y, exact.float().bfloat16())
 
@@ -631,13 +636,14 @@ def test_split_digits_property(dtype: torch.dtype, m: int, k: int, seed: int,
     assert bool((err[xd.abs() >= exact_from.expand_as(xd)] == 0).all())
 
 
-@needs_fbgemm
+@pytest.mark.parametrize(("impl", "entry"), SPLIT_IMPLS)
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_int8split_nonfinite_token_follows_the_reference(bad: float) -> None:
+def test_int8split_nonfinite_token_follows_the_reference(bad: float, impl: Any,
+                                                         entry: str) -> None:
     qt = _qt(48, 64, "int8-sym-ch0")
     x = torch.randn(3, 64).bfloat16()
     x[1, 5] = bad
-    y = cpu.linear_int8split(x, qt, None, {})
+    y = impl(x, qt, None, {})
     r = ref.linear_weight_only(x, qt, None)
     assert torch.equal(y.isnan(), r.isnan())
     assert torch.equal(y.nan_to_num(), r.nan_to_num())

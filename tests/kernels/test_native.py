@@ -269,6 +269,11 @@ def test_build_goes_to_the_cache_folder_and_is_reused(fresh_native: Path) -> Non
     assert native.available()  # loaded from the cache, not rebuilt
     assert [p for p in fresh_native.iterdir()] == built and built[0].stat().st_mtime_ns == stamp
     assert os.access(built[0], os.R_OK)
+    if native.available("w8a8"):  # the other library builds next to it, on its own
+        names = sorted(p.name for p in fresh_native.iterdir())
+        assert len(names) == 2 and names[0].startswith("linquant_w4a16_bf16_")
+        assert names[1].startswith("linquant_w8a8_")
+        assert native.status("w8a8") == f"available: {fresh_native / names[1]}"
 
 
 def test_each_kernel_checks_its_own_cpu_feature(monkeypatch: pytest.MonkeyPatch,
@@ -288,80 +293,7 @@ def test_each_kernel_checks_its_own_cpu_feature(monkeypatch: pytest.MonkeyPatch,
 
 needs_native_w8a8 = pytest.mark.skipif(not native.available("w8a8"),
                                        reason=f"native W8A8 kernel {native.status('w8a8')}")
-W8_SCHEMES = ["int8-sym-ch0", "int8-sym-tensor", "int8-sym-ch0-fp16"]
-
-
-@needs_native_w8a8
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("scheme", W8_SCHEMES)
-@pytest.mark.parametrize("nk", [(33, 64), (100, 97), (7, 304), (130, 2)],
-                         ids=lambda c: f"{c[0]}x{c[1]}")
-def test_native_w8a16_matches_reference(nk: tuple[int, int], scheme: str,
-                                        dtype: torch.dtype) -> None:
-    n, k = nk
-    qt = _qt(n, k, scheme)
-    assert native.w8a16_supported(qt, dtype)
-    bias = torch.randn(n)
-    cache: dict[str, object] = {}
-    for m in (1, 3, 5, 9, 17):  # tiles of 8, 4 and 2 digit rows
-        x = torch.randn(m, k).to(dtype)
-        _close(native.linear_w8a16(x, qt, bias, cache), ref.linear_weight_only(x, qt, bias),
-               HALF_TOL)
-    x3 = torch.randn(2, 5, k).to(dtype)
-    _close(native.linear_w8a16(x3, qt, None, cache), ref.linear_weight_only(x3, qt, None),
-           HALF_TOL)
-    assert list(cache) == ["native_w8a8"]
-
-
-@needs_native_w8a8
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("scheme", W8_SCHEMES)
-def test_native_w8a16_error_against_exact_product_is_within_its_bound(
-        scheme: str, dtype: torch.dtype) -> None:
-    """As for cpu_int8split: one rounding to x.dtype + (max|x| / 16256) * sum|w| + fp32."""
-    n, k = 96, 517
-    qt = _qt(n, k, scheme, seed=3)
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(9, k, generator=g) * torch.logspace(-3, 3, 9).reshape(9, 1)
-    x[:, ::7] *= 1e-4
-    x = x.to(dtype)
-    bias = torch.randn(n)
-    y = native.linear_w8a16(x, qt, bias, {}).double()
-    w = qt.dequantize(torch.float64)
-    xd = x.double()
-    exact = xd @ w.T + bias.double()
-    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-    amax = xd.abs().amax(dim=1, keepdim=True)
-    bound = (eps * exact.abs() + amax / 16256 * w.abs().sum(dim=1)
-             + 1e-6 * (xd.abs() @ w.abs().T + bias.double().abs()))
-    assert bool(((y - exact).abs() <= bound).all())
-
-
-@needs_native_w8a8
-def test_native_w8a16_is_exact_when_the_digits_hold_every_element() -> None:
-    g = torch.Generator().manual_seed(5)
-    n, k, m = 40, 64, 6
-    mag = torch.randint(128, 16257, (m, k), generator=g).float() / 128  # [1, 127]
-    sign = torch.randint(0, 2, (m, k), generator=g).float() * 2 - 1
-    x = (mag * sign).bfloat16()
-    x[:, 0] = 127.0
-    small = torch.randint(-3, 4, (n, k), generator=g).float()
-    small[0, 0] = 127
-    qt = lq.quantize(small * 0.37, "int8-sym-tensor")
-    codes = qt.qdata.view(torch.int8).view(n, k)
-    exact = (x.double() @ codes.double().T) * qt.scale.double()
-    assert torch.equal(native.linear_w8a16(x, qt, None, {}), exact.float().bfloat16())
-
-
-@needs_native_w8a8
-@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_native_w8a16_nonfinite_token_follows_the_reference(bad: float) -> None:
-    qt = _qt(48, 64, "int8-sym-ch0")
-    x = torch.randn(3, 64).bfloat16()
-    x[1, 5] = bad
-    y = native.linear_w8a16(x, qt, None, {})
-    r = ref.linear_weight_only(x, qt, None)
-    assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.nan_to_num(), r.nan_to_num())
+# Numerics: the int8split tests in test_cpu.py run on linear_w8a16 too (SPLIT_IMPLS).
 
 
 @needs_native_w8a8

@@ -27,9 +27,8 @@
 
 static const float QMAX = 127.0f;
 
-/* Dynamic per-token codes: s = max(max|x| / 127, FLT_MIN), c = round_half_even(x / s), which lies
- * in [-127, 127] for finite x. Returns 1 when the token holds Inf or NaN (not quantized). */
-static int quantize_token(const float* xr, int64_t K, int64_t Kp, uint8_t* ar, float* s_out)
+/* max |x| over a token into *amax; returns 1 when the token holds Inf or NaN. */
+static int token_amax(const float* xr, int64_t K, float* amax_out)
 {
     __m512 mx = _mm512_setzero_ps();
     __m512 fin = _mm512_setzero_ps(); /* x - x: 0 for finite x, NaN otherwise */
@@ -46,8 +45,18 @@ static int quantize_token(const float* xr, int64_t K, int64_t Kp, uint8_t* ar, f
         amax = v > amax ? v : amax;
         f += xr[k] - xr[k];
     }
-    if (f != 0.0f || f != f)
+    *amax_out = amax;
+    return f != 0.0f || f != f;
+}
+
+/* Dynamic per-token codes: s = max(max|x| / 127, FLT_MIN), c = round_half_even(x / s), which lies
+ * in [-127, 127] for finite x. Returns 1 when the token holds Inf or NaN (not quantized). */
+static int quantize_token(const float* xr, int64_t K, int64_t Kp, uint8_t* ar, float* s_out)
+{
+    float amax;
+    if (token_amax(xr, K, &amax))
         return 1;
+    int64_t k;
     float s = amax / QMAX;
     if (s < FLT_MIN)
         s = FLT_MIN;
@@ -206,23 +215,10 @@ int64_t lq_w8a8(const int8_t* packed, const int32_t* colsum, const float* scale_
 static int digits_token(const float* xr, int64_t K, int64_t Kp, uint8_t* hi, uint8_t* lo,
                         float* scale)
 {
-    __m512 mx = _mm512_setzero_ps();
-    __m512 fin = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 v = _mm512_loadu_ps(xr + k);
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-        fin = _mm512_add_ps(fin, _mm512_sub_ps(v, v));
-    }
-    float amax = _mm512_reduce_max_ps(mx);
-    float f = _mm512_reduce_add_ps(fin);
-    for (; k < K; k++) {
-        float v = fabsf(xr[k]);
-        amax = v > amax ? v : amax;
-        f += xr[k] - xr[k];
-    }
-    if (f != 0.0f || f != f)
+    float amax;
+    if (token_amax(xr, K, &amax))
         return 1;
+    int64_t k;
     int p;
     frexpf(amax / QMAX, &p); /* amax / 127 <= 2^p; frexp(0) gives p = 0 */
     if (p < -100)
