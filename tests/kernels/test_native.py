@@ -260,7 +260,14 @@ def test_failed_build_warns_once_falls_back_and_leaves_no_file(
 
 @needs_native
 def test_build_goes_to_the_cache_folder_and_is_reused(fresh_native: Path) -> None:
+    fresh_native.mkdir(parents=True)
+    stale = fresh_native / "linquant_w4a16_bf16_0123456789abcdef.so"  # an older source's build
+    stale.write_bytes(b"old")
+    other = fresh_native / "unrelated.so"
+    other.write_bytes(b"keep")
     assert native.available()
+    assert not stale.exists() and other.read_bytes() == b"keep"
+    other.unlink()
     built = [p for p in fresh_native.iterdir()]
     assert len(built) == 1 and built[0].suffix == ".so" and built[0].name.startswith("linquant_")
     assert native.status() == f"available: {built[0]}"

@@ -25,17 +25,18 @@ Building: the first call that needs a kernel compiles its C source with ``$CC`` 
 ``cc``) and ``-O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512vl -fopenmp`` plus
 ``-mavx512bf16`` / ``-mavx512vnni`` into ``$LINQUANT_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/linquant`` or ``~/.cache/linquant``), under a name hashed from the source,
-flags and compiler, written to a temporary file and renamed into place; later processes load
-it (each builds in well under a second). The library then runs a probe against plain PyTorch
-(the W8A8 probe demands bit-identity). ``LINQUANT_NATIVE=0`` turns both off. Without a
-compiler, off Linux x86-64, without the CPU feature, or when the build or the probe fails,
-:func:`available` is False, :func:`status` says why, and the dispatcher uses PyTorch's kernels
-(a failed build also warns once). OpenMP threads come from the ``libgomp`` that PyTorch
-loaded, so ``torch.set_num_threads`` applies.
+flags and compiler, written to a temporary file and renamed into place (older builds of the
+same kernel there are removed); later processes load it (each builds in well under a second).
+The library then runs a probe against plain PyTorch (the W8A8 probe demands bit-identity).
+``LINQUANT_NATIVE=0`` turns both off. Without a compiler, off Linux x86-64, without the CPU
+feature, or when the build or the probe fails, :func:`available` is False, :func:`status` says
+why, and the dispatcher uses PyTorch's kernels (a failed build also warns once). OpenMP threads
+come from the ``libgomp`` that PyTorch loaded, so ``torch.set_num_threads`` applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -113,6 +114,16 @@ def _compile(compiler: str, flags: tuple[str, ...], src: Path, out: Path) -> Non
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _prune(out: Path) -> None:
+    """Remove builds of the same kernel from other sources, flags or compilers next to ``out``
+    (a process still using one keeps its mapping; another linquant version rebuilds its own)."""
+    stem = out.name.rsplit("_", 1)[0]
+    for old in out.parent.glob(f"{stem}_*.so"):
+        if old != out:
+            with contextlib.suppress(OSError):
+                old.unlink()
 
 
 def _probe_w4a16(lib: ctypes.CDLL) -> str | None:
@@ -198,6 +209,7 @@ def _load(kernel: str = W4A16) -> ctypes.CDLL | None:
             if not out.exists():
                 with resources.as_file(src) as path:
                     _compile(compiler, spec.flags, Path(path), out)
+                _prune(out)
             lib = ctypes.CDLL(str(out))
             for symbol, argtypes in spec.symbols.items():
                 fn = getattr(lib, symbol)
