@@ -1,6 +1,8 @@
 """This CPU's measured ceilings: streaming bandwidth, warm GEMM peaks, cold 4096x4096 linears.
 
-Measures, in one process, (1) streaming read / copy bandwidth over >= 256 MiB, (2) warm,
+Measures, in one process, (1) streaming read / copy bandwidth over >= 256 MiB (torch reductions,
+and linquant's native int8 GEMV over 16 rotating 16 MiB weights where it builds: it reads faster
+than the reductions), (2) warm,
 in-cache GEMM throughput for fp32 and bf16 ``torch.mm``, int8 ``torch._int_mm`` and oneDNN
 ``qlinear_pointwise`` (u8 x s8), at small compute-bound shapes and at M=256, N=K=4096 with a warm
 weight, (3) cold-weight fp32 / bf16 ``F.linear`` on 4096x4096 at M = 1, 16, 256, rotating through
@@ -71,6 +73,17 @@ def bandwidth(repeats: int, runs: int, title: str) -> tuple[float, str]:
         "x.amax()": (lambda: x.amax(), x.nbytes),
         "dst.copy_(x) [rd+wr]": (lambda: dst.copy_(x), 2 * x.nbytes),
     }
+    from linquant.kernels import native
+
+    if native.available("w8a8"):  # a kernel that streams: torch's reductions read slower
+        ws = [torch.randint(-127, 128, (N, K), dtype=torch.int8) for _ in range(16)]
+        one, x1 = torch.ones(N, 1), torch.randn(1, K)
+        call = rotate([functools.partial(native.linear_w8a8, w_int8=w, w_scale=one, bias=None,
+                                         act_scale=None, act_zero_point=None, cache={})
+                       for w in ws])
+        for _ in ws:  # lay the weights out once
+            call(x1)
+        ops["native int8 GEMV, 16 MiB"] = (lambda: call(x1), N * K)
     print(f"\n{title}, {x.nbytes // MIB} MiB fp32 tensor, lowest of {runs} medians of {repeats}")
     best, best_op = 0.0, ""
     for name, (fn, nbytes) in ops.items():
@@ -78,7 +91,7 @@ def bandwidth(repeats: int, runs: int, title: str) -> tuple[float, str]:
         print(f"  {name:24} {t:8.2f} ms {gbs(nbytes, t):7.1f} GB/s")
         if "copy" not in name and gbs(nbytes, t) > best:
             best, best_op = gbs(nbytes, t), name
-    print(f"  read bandwidth (best reduction): {best:.1f} GB/s via {best_op}  "
+    print(f"  read bandwidth (best reader): {best:.1f} GB/s via {best_op}  "
           "(copy counts src+dst bytes, not the write-allocate read)")
     return best, best_op
 
