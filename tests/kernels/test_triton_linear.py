@@ -21,6 +21,7 @@ compile about 100 kernels (a second or so each) in all.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -120,6 +121,47 @@ def test_matches_reference(case: tuple[int, int, str], dtype: torch.dtype) -> No
     assert list(cache) == ["triton"]
 
 
+@pytest.mark.skipif(CUDA, reason="the cuda tests run the real autotuner")
+def test_autotuned_launch_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The automatic path as a GPU runs it (autotuned wrappers: keys, the pruner, the atomic
+    outputs restored after each timed run), in the interpreter with a stand-in timer that runs
+    every candidate once and makes the last one fastest. A broken wrapper would make the
+    launcher warn and fall back to the reference: warnings are errors here."""
+    import warnings
+
+    timed: list[int] = []
+
+    def fake_bench(kernel_call: Any, quantiles: Any = None, **kw: Any) -> list[float]:
+        kernel_call()
+        timed.append(1)
+        return [1000.0 - len(timed)] * 3
+
+    monkeypatch.setattr(tlin, "_BUILT", {True: tlin._build(do_bench=fake_bench, tune=True)})
+    monkeypatch.setattr(tlin, "_FAILED", {})
+    kern = tlin._kernels()
+    qt = _qt(40, 1024, "int4-asym-g32-fp16")  # per-word parameters: the pruner swaps tiles
+    bias = _bias(40)
+    cache: dict[str, object] = {}
+    # M = 1: gemv split over K in 2 (the pretend GPU has 4 SMs), so its output is atomic
+    assert tlin._gemv_split(40, 1024, torch.device(DEV)) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for m, tuned, n_cfg in ((1, kern.gemv_tuned, 4), (3, kern.splitk_tuned, 3),
+                                (70, kern.tiled_tuned, 3)):
+            timed.clear()
+            x = _x(m, 1024, torch.bfloat16, seed=m)
+            y = tlin.linear(x, qt, bias, cache)
+            _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL)
+            assert len(timed) == n_cfg, (m, len(timed))  # pruned duplicates are not timed
+            best = dict(tuned.best_config.kwargs)
+            if m > 1:
+                assert best["SWAP"] == 1  # fit_config on every candidate
+            y2 = tlin.linear(x, qt, bias, cache)  # cached choice: no timing, same result
+            assert len(timed) == n_cfg
+            assert torch.equal(y, y2)
+    assert tlin.failures() == {}
+
+
 def test_fit_config_keeps_per_word_parameters_out_of_unswapped_tiles() -> None:
     cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 0}
     assert tlin.fit_config("tiled", cfg, 128, False) == cfg  # a group spans whole tiles
@@ -145,6 +187,47 @@ def test_fp32_single_token(scheme: str) -> None:
     _close(tlin.linear(x, qt, bias, None, config=_explicit("gemv")),
            ref.linear_weight_only(x, qt, bias), FP32_TOL)
     assert not tlin.supported(qt, _x(3, 128, torch.float32))  # larger M: reference
+
+
+@pytest.mark.parametrize("m", [1, 3, 70], ids=["gemv-fp32", "splitk-bf16", "tiled-fp16"])
+@pytest.mark.parametrize("scheme", ["int4-sym-g32", "int4-asym-g64-fp16", "int4-asymf-g32",
+                                    "int4-sym-ch0", "int8-sym-ch0", "int8-asym-g32",
+                                    "int8-asymf-tensor"])
+def test_decodes_every_code_at_every_position_exactly(scheme: str, m: int) -> None:
+    """The kernels' in-place decoding (4-bit codes masked where they sit in their word) against
+    the reference, bit for bit: every stored bit pattern at every position of a 32-bit word,
+    zero points from 0 to the largest code, power-of-two scales, offsets in halves, tokens of
+    small integers. Every weight is exact in the activation dtype and every product and partial
+    sum exact in fp32, so the results are equal whatever the summation order (half-precision
+    outputs round the same exact sums). The tiled kernel runs fp16: the interpreter rounds its
+    fp32 -> bf16 stores toward zero (the GPU rounds to nearest); 8-bit weights with offsets
+    need 9 significant bits, more than bf16 has."""
+    from linquant.ops.packing import pack
+
+    dtype = {1: torch.float32, 3: torch.bfloat16, 70: torch.float16}[m]
+    if dtype == torch.bfloat16 and scheme == "int8-asymf-tensor":
+        pytest.skip("s * q + m needs 9 significant bits: not exact in bf16")
+    n, k = 24, 256
+    qt = _qt(n, k, scheme, device="cpu")
+    bits = qt.scheme.bits
+    levels = 1 << bits
+    rows, cols = torch.arange(n)[:, None], torch.arange(k)[None, :]
+    u = (rows + cols + cols // (32 // bits)) % levels  # each pattern at each word position
+    qt.qdata = pack(u.reshape(-1).to(torch.uint8), bits)
+    idx = torch.arange(qt.scale.numel()).reshape(qt.scale.shape)
+    qt.scale = (2.0 ** -(idx % 4)).to(qt.scale.dtype)
+    if qt.zero_point_packed is not None:
+        qt.zero_point_packed = pack(((idx * 5) % levels).reshape(-1).to(torch.uint8), bits)
+    if qt.offset is not None:
+        qt.offset = ((idx % 7) - 3).to(qt.offset.dtype) * 0.5
+    qt = qt.to(DEV)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randint(-4, 5, (m, k), generator=g).to(dtype).to(DEV)
+    kind = tlin.kernel_for(m)
+    y = tlin.linear(x, qt, None, None, kernel=kind, config=_explicit(kind))
+    expected = ref.linear_weight_only(x, qt, None)
+    assert expected.abs().max() > 50  # not a trivially small result
+    assert torch.equal(y, expected), (y.float() - expected.float()).abs().max()
 
 
 # ---- every autotuning config --------------------------------------------------------------
@@ -398,6 +481,34 @@ def test_kernels_compile_for_sm90(tmp_path: pytest.TempPathFactory) -> None:
         pytest.skip(f"triton compiler internals differ: {out.stderr.strip().splitlines()[-1]}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["gemv", "ok", "splitk", "ok", "tiled", "ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="a GPU compiles the kernels for real in the other tests")
+def test_static_check_script(tmp_path: pytest.TempPathFactory) -> None:
+    """benchmarks/triton_static.py compiles the gemv for sm_90 and reads its SASS: every
+    scheme compiles, registers and spills are reported, and the 4-bit in-place decoding stays
+    under 6 loop instructions per code for int4-sym-g128 (6.5 before it)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "triton_static.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, str(script), "--kinds", "gemv"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    if out.returncode and "ImportError" in out.stderr:
+        pytest.skip(f"triton compiler internals differ: {out.stderr.strip().splitlines()[-1]}")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [r for r in out.stdout.splitlines() if r.startswith("gemv")]
+    assert len(rows) == 5 and not any("FAILED" in r for r in rows), out.stdout
+    sym = next(r for r in rows if "int4-sym-g128" in r)
+    m = re.search(r"regs +(\d+) spill +(\d+) .* ([\d.]+) instr/code", sym)
+    assert m is not None, sym
+    assert int(m.group(2)) == 0 and float(m.group(3)) < 6.0, sym
 
 
 # ---- CUDA only -------------------------------------------------------------------------------

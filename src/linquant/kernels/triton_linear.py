@@ -25,6 +25,10 @@ scale is constant over a whole reduction (per-channel weights: the full ``K``; g
 weights with ``g % BLOCK_K == 0`` in the small-M dot kernel: one K tile) the integers ``q``
 go into the product unscaled (they are exact in bf16 and fp16: ``|q| <= 255``) and the scale
 (and ``m * sum(x)``) is applied once to the partial sums.
+4-bit codes skip the shift: each is masked where it sits in the low or high half of its word,
+so the OR gives ``2**23 + u * 16**j`` (``j`` its position in that half), and the power of two
+``16**j`` is folded into the activation (``gemv``) or into one exact FFMA (the ``tl.dot``
+kernels); the oracle tests check this bit for bit.
 
 Kernels (:func:`kernel_for` picks one by the number of tokens ``M``):
 
@@ -73,11 +77,20 @@ and cubin; every config for 4- and 8-bit, all modes, bf16 / fp16, with and witho
 divisibility hints of odd shapes: no register spills, ``wgmma`` in the tiled and swapped
 split-K kernels, ``cp.async`` pipelining of codes, scales and activations); one Triton bug
 found that way is avoided by :func:`fit_config`, and a test keeps compiling one config per
-kernel. Running on a GPU, results there, Triton 3.6 (the GPU machine's version) and any speed
-are NOT verified here: the ``cuda`` tests and benchmarks/bench_gpu.py do that on a machine
-with one. Block sizes, warp counts and the layout were chosen by reasoning about H100/H200
-(memory-bound small M, tensor-core-bound large M) and by reading the compiled PTX, not by
-measurement.
+kernel. With Triton 3.6 (the GPU machine's version) every config compiles for sm_90 too (195
+compiles: 5 schemes, bf16 / fp16): no spills with the alignment hints aligned tensors get,
+except the 8-bit asymmetric group-wise gemv in two of its four configs (as before the 4-bit
+decoding below); without any hints (K not a multiple of 16) some gemv and tiled configs
+spill. The interpreter tests pass under Triton 3.6 with NumPy < 2.4 (its interpreter calls
+``int()`` on 1-element arrays, which NumPy 2.4 refuses). ``benchmarks/triton_static.py``
+repeats that compile and counts the main loop's SASS instructions per weight code: 4-bit
+codes are decoded in place (masked where they sit in their word, see
+:mod:`linquant.kernels._triton_kernels`), 5.1-6.6 instructions per code (2.0-2.5 on the
+integer pipe) for int4-sym-g128 against 6.3-7.8 (3.1-3.7) with shift-and-extract
+decoding. Running on a GPU, results there and any speed are NOT verified here: the ``cuda``
+tests and benchmarks/bench_gpu.py do that on a machine with one. Block sizes, warp counts
+and the layout were chosen by reasoning about H100/H200 (memory-bound small M,
+tensor-core-bound large M) and by reading the compiled PTX, not by measurement.
 """
 
 from __future__ import annotations
@@ -333,13 +346,22 @@ def _kernels() -> _Kernels:
     return _BUILT[interp]
 
 
-def _build() -> _Kernels:
+def _build(do_bench: Any = None, tune: bool | None = None) -> _Kernels:
+    """The kernels and (on a GPU) their autotuned wrappers.
+
+    ``do_bench`` / ``tune``: for tests, a stand-in for Triton's timer and ``True`` to wrap the
+    interpreted kernels too (the interpreter has no timer and runs the raw kernels with an
+    explicit config by default), so the autotuned launch (keys, pruning, the atomic outputs'
+    restore) runs on the CPU.
+    """
     import triton
 
     from linquant.kernels import _triton_kernels as tk
 
     if _interpreting() != tk.INTERPRETED:  # TRITON_INTERPRET changed since the first import
         tk = importlib.reload(tk)
+    if tune is None:
+        tune = not tk.INTERPRETED
 
     def configs(kind: str) -> list[Any]:
         return [triton.Config({k: v for k, v in c.items() if k not in _LAUNCH_KEYS},
@@ -348,18 +370,18 @@ def _build() -> _Kernels:
 
     scheme_keys = ["BITS", "SYM", "HAS_Z", "HAS_M", "PER_CHANNEL", "GROUP"]
     gemv_tuned = splitk_tuned = tiled_tuned = None
-    if not tk.INTERPRETED:  # the interpreter runs the raw kernels with an explicit config
+    if tune:
         # atomic outputs are restored after every timed run, so the real run starts at zero
         gemv_tuned = triton.autotune(configs("gemv"), key=["N", "K", "SPLIT_K", "ATOMIC",
                                                             *scheme_keys],
-                                     restore_value=["y_ptr"])(tk.gemv_kernel)
+                                     restore_value=["y_ptr"], do_bench=do_bench)(tk.gemv_kernel)
         splitk_tuned = triton.autotune(configs("splitk"), key=["N", "K", "BLOCK_M",
                                                                *scheme_keys],
                                        prune_configs_by={"early_config_prune": _pruner("splitk")},
-                                       restore_value=["y_ptr"])(tk.mm_kernel)
+                                       restore_value=["y_ptr"], do_bench=do_bench)(tk.mm_kernel)
         tiled_tuned = triton.autotune(configs("tiled"), key=["N", "K", "M_BUCKET", *scheme_keys],
                                       prune_configs_by={"early_config_prune": _pruner("tiled")},
-                                      )(tk.mm_kernel)
+                                      do_bench=do_bench)(tk.mm_kernel)
     return _Kernels(tk.gemv_kernel, tk.mm_kernel, gemv_tuned, splitk_tuned, tiled_tuned)
 
 
