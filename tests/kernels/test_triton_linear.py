@@ -11,8 +11,9 @@ Tolerances (also in the triton_linear docstring):
 * fp32 activations (one token, gemv): ``FP32_TOL = 1e-4``.
 
 Interpreter run time: about 15 s on one CPU thread (small shapes; every autotuning config of
-:data:`triton_linear.CONFIGS` runs once; one test compiles three kernels for sm_90 in a
-subprocess, no GPU needed). On a GPU the unmarked tests run on CUDA tensors (a subset of the
+:data:`triton_linear.CONFIGS` runs once), plus about 40 s for two tests that compile kernels
+for sm_90 through benchmarks/triton_static.py in a subprocess (no GPU needed). On a GPU the
+unmarked tests run on CUDA tensors (a subset of the
 cases: every case is a compile there), and the tests marked ``cuda`` add real shapes, the
 dispatcher's choice and autotuning, ``QuantLinear.to("cuda")`` and every config compiled; they
 compile about 100 kernels (a second or so each) in all.
@@ -431,69 +432,9 @@ def test_triton_available() -> None:
 
 # ---- compiles for Hopper without a GPU ----------------------------------------------------
 
-_AOT = """
-import sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
-from linquant.kernels import _triton_kernels as tk
-from linquant.kernels.triton_linear import CONFIGS, fit_config
-assert not tk.INTERPRETED
-ptr = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "m_ptr": "*fp16",
-       "b_ptr": "*bf16"}
-scheme = dict(BITS=4, SYM=False, HAS_Z=True, HAS_M=False, PER_CHANNEL=False, GROUP=32,
-              HAS_BIAS=True)
-for kind, cfgs in CONFIGS.items():
-    cfg = cfgs[0]
-    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    meta = fit_config(kind, meta, 32, False)  # as the launcher does
-    if kind == "gemv":
-        fn, sig = tk.gemv_kernel, dict(ptr, y_ptr="*bf16", N="i32", K="i32", KW="i32",
-                                       SPLIT_K="i32")
-        consts = dict(scheme, ATOMIC=False, **meta)
-    else:
-        fn, sig = tk.mm_kernel, dict(ptr, y_ptr="*fp32", M="i32", N="i32", K="i32", KW="i32",
-                                     stride_xm="i32", M_BUCKET="i32")
-        consts = dict(scheme, ATOMIC=kind == "splitk", INTERP=False, GROUP_M=8,
-                      **{"BLOCK_M": 16, "SPLIT_K": 1, **meta})
-    sig.update({k: "constexpr" for k in consts})
-    sig = {a: sig[a] for a in fn.arg_names}
-    k = compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                target=GPUTarget("cuda", 90, 32),
-                options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
-    ptx = k.asm["ptx"]
-    assert kind == "gemv" or "wgmma" in ptx or "mma.sync" in ptx, kind
-    print(kind, "ok")
-"""
 
-
-@pytest.mark.skipif(CUDA, reason="a GPU compiles the kernels for real in the other tests")
-def test_kernels_compile_for_sm90(tmp_path: pytest.TempPathFactory) -> None:
-    """Triton's NVIDIA backend compiles the first config of every kernel to sm_90 PTX and a
-    cubin (ptxas ships with triton) without a GPU, for int4 asym g32 (per-word parameters)
-    and no divisibility hints (as for odd N): a syntax or lowering error in a kernel is caught
-    here, not only on the GPU machine (it found the crash :func:`triton_linear.fit_config`
-    avoids). Uses Triton compiler internals (ASTSource, GPUTarget); skipped without them."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    out = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True,
-                         timeout=300)
-    if out.returncode and "ImportError" in out.stderr:
-        pytest.skip(f"triton compiler internals differ: {out.stderr.strip().splitlines()[-1]}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["gemv", "ok", "splitk", "ok", "tiled", "ok"]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(CUDA, reason="a GPU compiles the kernels for real in the other tests")
-def test_static_check_script(tmp_path: pytest.TempPathFactory) -> None:
-    """benchmarks/triton_static.py compiles the gemv for sm_90 and reads its SASS: every
-    scheme compiles, registers and spills are reported, and the 4-bit in-place decoding stays
-    under 6 loop instructions per code for int4-sym-g128 (6.5 before it)."""
-    import re
+def _static_check(tmp_path: object, *args: str) -> list[str]:
+    """Rows printed by benchmarks/triton_static.py (compiles for sm_90, no GPU needed)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -502,13 +443,38 @@ def test_static_check_script(tmp_path: pytest.TempPathFactory) -> None:
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "triton_static.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, str(script), "--kinds", "gemv"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
+                         text=True, timeout=300)
     if out.returncode and "ImportError" in out.stderr:
         pytest.skip(f"triton compiler internals differ: {out.stderr.strip().splitlines()[-1]}")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    rows = [r for r in out.stdout.splitlines() if r.startswith("gemv")]
-    assert len(rows) == 5 and not any("FAILED" in r for r in rows), out.stdout
+    return [r for r in out.stdout.splitlines() if r.startswith(tlin.KERNELS)]
+
+
+@pytest.mark.skipif(CUDA, reason="a GPU compiles the kernels for real in the other tests")
+def test_kernels_compile_for_sm90(tmp_path: pytest.TempPathFactory) -> None:
+    """Triton's NVIDIA backend compiles the first config of every kernel to sm_90 PTX and a
+    cubin (ptxas ships with triton) without a GPU, for every scheme of the static check
+    (int4 asym g32 among them: per-word parameters), with and without the divisibility hints
+    (as for odd N): a syntax or lowering error in a kernel is caught here, not only on the GPU
+    machine (it found the crash :func:`triton_linear.fit_config` avoids). Uses Triton
+    compiler internals (ASTSource, GPUTarget); skipped without them."""
+    rows = _static_check(tmp_path, "--odd")
+    assert len(rows) == 3 * 5 * 2 and not any("FAILED" in r for r in rows), rows
+    for r in rows:
+        assert r.startswith("gemv") or " wgmma " in r or " mma " in r, r
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="a GPU compiles the kernels for real in the other tests")
+def test_static_check_script(tmp_path: pytest.TempPathFactory) -> None:
+    """benchmarks/triton_static.py reads the gemv's SASS: registers and spills are reported,
+    and the 4-bit in-place decoding stays under 6 loop instructions per code for
+    int4-sym-g128 (6.5 before it)."""
+    import re
+
+    rows = _static_check(tmp_path, "--kinds", "gemv")
+    assert len(rows) == 5 and not any("FAILED" in r for r in rows), rows
     sym = next(r for r in rows if "int4-sym-g128" in r)
     m = re.search(r"regs +(\d+) spill +(\d+) .* ([\d.]+) instr/code", sym)
     assert m is not None, sym
