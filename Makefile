@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py
 	cd benchmarks && ../$(BIN)/python bench_w8a8_crossover.py
 	cd benchmarks && ../$(BIN)/python bench_w8a16_crossover.py
+	cd benchmarks && ../$(BIN)/python bench_avx2_crossover.py
 	cd benchmarks && ../$(BIN)/python bench_peak.py
 
 clean:

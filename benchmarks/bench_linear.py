@@ -76,6 +76,7 @@ def forced(path: str, mods: list[nn.Module]) -> list[Fn]:
             "cpu_int4pack": lambda x: cpu.linear_int4pack(x, qw, None, cache),
             "cpu_native_int4": lambda x: native.linear_int4(x, qw, None, cache),
             "cpu_native_w8a16": lambda x: native.linear_w8a16(x, qw, None, cache),
+            "cpu_native_avx2": lambda x: native.linear_avx2(x, qw, None, cache),
         }
         return table[path]
 
@@ -133,6 +134,8 @@ def main() -> None:
         ("W8A16 int8-sym-ch0 bf16 (auto)", "auto", torch.bfloat16, w8b, ""),
         *([("  cpu_native_w8a16", "cpu_native_w8a16", torch.bfloat16, w8b, "")]
           if native.available("w8a8") else []),
+        *([("  cpu_native_avx2", "cpu_native_avx2", torch.bfloat16, w8b, "")]
+          if native.available("avx2") else []),
         *([("  cpu_int8split", "cpu_int8split", torch.bfloat16, w8b, "")]
           if cpu.fbgemm_available() else []),
         ("  cpu_int8pack", "cpu_int8pack", torch.bfloat16, w8b, ""),
@@ -145,6 +148,8 @@ def main() -> None:
             (f"W4A16 {scheme} (auto)", "auto", torch.bfloat16, w4, ""),
             *([("  cpu_native_int4", "cpu_native_int4", torch.bfloat16, w4, "")]
               if native.available() else []),
+            *([("  cpu_native_avx2", "cpu_native_avx2", torch.bfloat16, w4, "")]
+              if native.available("avx2") else []),
             ("  cpu_int4pack", "cpu_int4pack", torch.bfloat16, w4, ""),
             ("  cpu_blocked", "cpu_blocked", torch.bfloat16, w4, ""),
             ("  cpu_scratch", "cpu_scratch", torch.bfloat16, w4, ""),
@@ -157,6 +162,10 @@ def main() -> None:
             t0 = time.perf_counter()
             native.repack(w4[0].qweight)
             repack[f"native layout, {scheme}"] = (time.perf_counter() - t0) * 1e3
+        if native.available("avx2"):
+            t0 = time.perf_counter()
+            native.repack_avx2(w4[0].qweight)
+            repack[f"native AVX2 layout, {scheme}"] = (time.perf_counter() - t0) * 1e3
     w8a8 = copies(lambda: W8A8Linear.from_float(base), N * K, args.min_mib)
     rows += [
         ("W8A8 dynamic fp32 (auto)", "auto", torch.float32, w8a8, ""),
@@ -247,7 +256,8 @@ def main() -> None:
             print(f"dispatcher, {label}: " + ", ".join(f"M={m}: {p}" for m, p in ch.items()))
     for what, t in repack.items():
         print(f"one-time int4 repack, {what}: {t:.1f} ms per 4096x4096 layer")
-    print(f"native kernels: W4A16 {native.status('w4a16')}; W8A8 {native.status('w8a8')}")
+    print(f"native kernels: W4A16 {native.status('w4a16')}; W8A8 {native.status('w8a8')}; "
+          f"AVX2 {native.status('avx2')}")
     if not args.no_targets:
         targets({label: (dtype, mods) for label, path, dtype, mods, _ in rows
                  if path in ("float", "auto") and label in results}, ms)

@@ -235,7 +235,7 @@ def main() -> None:
     print(f"path: what linquant's dispatcher chose for {layer} "
           f"(the largest linear) on that batch, and its input dtype")
     print(f"native kernels: W4A16 {kernels.native.status('w4a16')}; "
-          f"W8A8 / W8A16 {kernels.native.status('w8a8')}")
+          f"W8A8 / W8A16 {kernels.native.status('w8a8')}; AVX2 {kernels.native.status('avx2')}")
 
     results: dict[str, Any] = {
         "machine": machine(), "command": sys.argv, "model": MODEL_NAME,

@@ -163,6 +163,7 @@ def test_cli_demo_prints_the_table_and_writes_json(
     assert [line.split()[0] for line in lines[header + 2: header + 5]] == [
         "float32", "w8a32", "w4a16-g32"]
     assert any(line.startswith("native kernels: W4A16 ") and "; W8A8 / W8A16 " in line
+               and "; AVX2 " in line
                for line in lines)
     data = json.loads(out.read_text(encoding="utf-8"))
     assert data["n_sentences"] == 32 and data["k"] == 5

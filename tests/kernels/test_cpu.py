@@ -663,8 +663,9 @@ def test_int8split_support_predicate() -> None:
 
 @needs_fbgemm
 def test_select_path_int8split_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The W8A16 rows without the native kernel (which takes them all where it builds)."""
+    """The W8A16 rows without the native kernels (which take them all where they build)."""
     monkeypatch.setattr(native, "w8a16_supported", lambda qt, dtype: False)
+    monkeypatch.setattr(native, "avx2_supported", lambda qt, dtype: False)
     bf = torch.bfloat16
     assert (kernels.INT8SPLIT_MIN_M, kernels.INT8SPLIT_MAX_M) == (2, 128)
     big = _qt(1024, 1024, "int8-sym-ch0")  # SMALL_WEIGHT_NUMEL elements
@@ -691,6 +692,7 @@ def test_select_path_int8split_table(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_w8a16_layer_uses_int8split_caches_fbgemm_pack_and_clears(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "w8a16_supported", lambda qt, dtype: False)
+    monkeypatch.setattr(native, "avx2_supported", lambda qt, dtype: False)
     from linquant.nn import clear_kernel_caches
 
     torch.manual_seed(0)

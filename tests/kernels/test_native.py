@@ -198,7 +198,9 @@ def test_select_path_native_rows() -> None:
     assert path(257, q) == "cpu_scratch"  # dequantize once, one bf16 matmul
     assert path(3, _qt(256, 512, "int4-sym-ch0")) == "cpu_native_int4"
     assert path(3, _qt(250, 512, "int4-sym-g64")) == "cpu_native_int4"  # N % 16 != 0
-    assert path(3, q, torch.float16) == "cpu_int4pack"  # fp16 activations: PyTorch's op
+    # fp16 activations: the AVX2 kernel (tests/kernels/test_native_avx2.py), else PyTorch's op
+    assert path(3, q, torch.float16) == ("cpu_native_avx2" if native.available("avx2")
+                                         else "cpu_int4pack")
     assert path(3, q, torch.float32) == "cpu_blocked"  # fp32 math
     assert path(3, _qt(256, 518, "int4-sym-ch0")) == "cpu_blocked"  # K % 4 != 0
     assert path(3, _qt(256, 512, "int8-sym-ch0")) != "cpu_native_int4"
@@ -243,6 +245,7 @@ def test_missing_compiler_means_unavailable(monkeypatch: pytest.MonkeyPatch,
 def test_failed_build_warns_once_falls_back_and_leaves_no_file(
         monkeypatch: pytest.MonkeyPatch, fresh_native: Path, tmp_path: Path) -> None:
     monkeypatch.setattr(native, "_cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(native, "_cpu_has_avx2_fma", lambda: True)
     cc = tmp_path / "broken-cc"
     cc.write_text("#!/bin/sh\necho 'error: simulated' >&2\nexit 1\n")
     cc.chmod(cc.stat().st_mode | stat.S_IEXEC)
@@ -254,7 +257,8 @@ def test_failed_build_warns_once_falls_back_and_leaves_no_file(
     assert list(fresh_native.iterdir()) == []  # the temporary output was removed
     qt = _qt(256, 512, "int4-sym-g32")
     x = torch.randn(2, 512).bfloat16()
-    assert kernels.select_path(x, qt) == "cpu_int4pack"
+    with pytest.warns(RuntimeWarning, match="native AVX2 kernel disabled .*simulated"):
+        assert kernels.select_path(x, qt) == "cpu_int4pack"  # the AVX2 kernel fails alike
     _close(kernels.linear_weight_only(x, qt), ref.linear_weight_only(x, qt), HALF_TOL)
 
 
@@ -321,7 +325,9 @@ def test_select_path_native_w8a16_rows() -> None:
     assert path(2, small) == "cpu_native_w8a16"
     assert path(1, _qt(256, 520, "int8-sym-tensor")) == "cpu_native_w8a16"  # no int8pack
     assert path(3, small, torch.float32) == "cpu_blocked"  # W8A32: fp32 math
-    assert path(3, _qt(256, 512, "int8-asym-ch0")) == "cpu_blocked"
+    assert path(3, _qt(256, 512, "int8-asym-ch0")) == ("cpu_native_avx2"
+                                                      if native.available("avx2")
+                                                      else "cpu_blocked")
 
 
 @needs_native_w8a8

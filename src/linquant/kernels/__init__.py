@@ -27,9 +27,27 @@ Weight-only linear (:func:`linear_weight_only`) on CPU, first match wins:
    quantized path. From a few hundred tokens on MiniLM's small weights ``cpu_scratch`` wins
    (the model at 480 and 1920 tokens per layer ran 1.5-1.9x fp32 on it, 1.26-1.28x on the
    native kernel).
-3. ``cpu_int4pack``: 4-bit group-wise (group 32/64/128/256, ``N % 16 == 0``), bf16 / fp16
+3. ``cpu_native_avx2``: 4- or 8-bit, any mode, group-wise with a group of whole 32-bit words
+   (a multiple of 8 / 4 codes), per output channel or per tensor, ``K`` a multiple of 8 / 4,
+   bf16 / fp16 activations, where :func:`linquant.kernels.native.available` ``("avx2")`` (x86-64
+   with AVX2, FMA and F16C and a C compiler): at every ``M`` where the CPU has no hardware
+   matmul for ``x.dtype`` (:func:`linquant.kernels.native.fast_half_matmul`: AVX512-BF16 or AMX
+   for bf16, AMX-FP16 for fp16), else at ``M <= NATIVE_AVX2_MAX_M`` (32). linquant's AVX2 kernel:
+   it decodes each code with one AND and one conversion per 8 weights and multiplies in fp32,
+   reading the weight once per call. It takes what rows 1 and 2 leave: every 4- and 8-bit
+   layer on CPUs without AVX-512 (there it beat the previous paths at every ``M`` measured,
+   1-1024: on 4096 x 4096 4-bit 0.38 ms at one token against 1.14 for ``cpu_int4pack``, 3.2 ms
+   against 5.0 at 16 tokens, 55 ms against 184 for ``cpu_scratch`` at 256), and here fp16
+   activations (``cpu_int4pack`` runs fp16 at a thirtieth of its bf16 speed: 15.6 ms at one
+   token on 4096 x 4096, the AVX2 kernel 0.5) and 8-bit asymmetric or group-wise weights (0.49
+   ms at one token instead of 5.5 for ``cpu_blocked``). Where bf16 matmuls run in hardware,
+   ``cpu_blocked`` / ``cpu_scratch`` overtake it between 16 and 64 tokens
+   (``benchmarks/bench_avx2_crossover.py``, which also shows how to cap every library at AVX2).
+   One token on weights under ``SMALL_WEIGHT_NUMEL`` that ``cpu_int8pack`` takes stays there
+   (a tie or up to 15% faster on MiniLM's shapes).
+4. ``cpu_int4pack``: 4-bit group-wise (group 32/64/128/256, ``N % 16 == 0``), bf16 / fp16
    activations, ``M < INT4PACK_MAX_M`` (64).
-4. ``cpu_int8split``: 8-bit symmetric per-output-channel or per-tensor, bf16 / fp16
+5. ``cpu_int8split``: 8-bit symmetric per-output-channel or per-tensor, bf16 / fp16
    activations, weights of ``SMALL_WEIGHT_NUMEL`` (1M) elements or more,
    ``INT8SPLIT_MIN_M <= M <= INT8SPLIT_MAX_M`` (2..128; also ``M = 1`` when ``cpu_int8pack``
    cannot take the weight), where fbgemm is available (as for W8A8 below): the activations are
@@ -39,13 +57,13 @@ Weight-only linear (:func:`linear_weight_only`) on CPU, first match wins:
    dequantizing paths reach 0.5-0.8x; at M = 1 it ties ``cpu_int8pack``, which needs no second
    copy of the weight. On MiniLM's small weights its dozen small ops cost more than they save
    (0.4-0.8x bf16), so those keep the paths below (``benchmarks/bench_w8a16_crossover.py``).
-5. ``cpu_int8pack``: 8-bit symmetric per-output-channel, ``K % 16 == 0``, bf16 / fp16
+6. ``cpu_int8pack``: 8-bit symmetric per-output-channel, ``K % 16 == 0``, bf16 / fp16
    activations, ``M < INT8PACK_MAX_M`` (32).
-6. ``cpu_blocked``: ``M < BLOCKED_MAX_M`` (128), and fp32 / fp64 activations at every ``M``
+7. ``cpu_blocked``: ``M < BLOCKED_MAX_M`` (128), and fp32 / fp64 activations at every ``M``
    for weights of ``SMALL_WEIGHT_NUMEL`` (1M) elements or more (W8A32 etc. keep fp32 math; on
    4096 x 4096, 2048 x 2048 and 4096 x 1024 weights this beat ``cpu_scratch`` and fp32
    ``nn.Linear`` at M = 128 and 256).
-7. ``cpu_scratch``: ``M >= BLOCKED_MAX_M`` otherwise: bf16 / fp16 activations, and fp32 / fp64
+8. ``cpu_scratch``: ``M >= BLOCKED_MAX_M`` otherwise: bf16 / fp16 activations, and fp32 / fp64
    on smaller weights, whose dequantized copy stays in cache (MiniLM's 1536 x 384 at M = 480:
    4.4 ms instead of 6.7 for ``cpu_blocked``).
 
@@ -140,6 +158,7 @@ __all__ = [
     "INT8SPLIT_MAX_M",
     "INT8SPLIT_MIN_M",
     "MIN_FAST_NUMEL",
+    "NATIVE_AVX2_MAX_M",
     "NATIVE_INT4_MAX_M",
     "NATIVE_W8A16_MAX_M",
     "ONEDNN_MIN_M",
@@ -159,12 +178,13 @@ __all__ = [
     "select_w8a8_path",
 ]
 
-PATHS = ("reference", "cpu_native_int4", "cpu_native_w8a16", "cpu_int4pack", "cpu_int8split",
-         "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_triton")
+PATHS = ("reference", "cpu_native_int4", "cpu_native_w8a16", "cpu_native_avx2", "cpu_int4pack",
+         "cpu_int8split", "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_triton")
 W8A8_PATHS = ("reference", "cpu_native_w8a8", "cpu_fbgemm", "cpu_onednn", "cuda_triton_w8a8")
 INT4PACK_MAX_M = 64
 NATIVE_INT4_MAX_M = 256
 NATIVE_W8A16_MAX_M = 256
+NATIVE_AVX2_MAX_M = 32  # where the CPU multiplies x.dtype in hardware; no limit otherwise
 INT8PACK_MAX_M = 32
 INT8SPLIT_MIN_M = 2
 INT8SPLIT_MAX_M = 128
@@ -193,6 +213,11 @@ def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
             m > 1 or qweight.numel >= SMALL_WEIGHT_NUMEL
             or not cpu.int8pack_supported(qweight, x.dtype)):
         return "cpu_native_w8a16"
+    if ((m <= NATIVE_AVX2_MAX_M or not native.fast_half_matmul(x.dtype))
+            and native.avx2_supported(qweight, x.dtype)
+            and (m > 1 or qweight.numel >= SMALL_WEIGHT_NUMEL
+                 or not cpu.int8pack_supported(qweight, x.dtype))):
+        return "cpu_native_avx2"
     if cpu.int4pack_supported(qweight, x.dtype) and m < INT4PACK_MAX_M:
         return "cpu_int4pack"
     if (qweight.numel >= SMALL_WEIGHT_NUMEL and m <= INT8SPLIT_MAX_M
@@ -246,6 +271,8 @@ def linear_weight_only(
         return native.linear_int4(x, qweight, bias, cache)
     if path == "cpu_native_w8a16":
         return native.linear_w8a16(x, qweight, bias, cache)
+    if path == "cpu_native_avx2":
+        return native.linear_avx2(x, qweight, bias, cache)
     if path == "cpu_int4pack":
         return cpu.linear_int4pack(x, qweight, bias, cache)
     if path == "cpu_int8split":

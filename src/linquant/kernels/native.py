@@ -1,6 +1,6 @@
 """linquant's own CPU kernels, compiled on first use with the system's C compiler.
 
-Two kernels, each in its own shared library with its own CPU requirement (Linux x86-64):
+Three kernels, each in its own shared library with its own CPU requirement (Linux x86-64):
 
 * ``w4a16`` (``csrc/w4a16_bf16.c``, path ``cpu_native_int4``): 4-bit group-wise or per-channel
   weights with bf16 activations, on CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
@@ -20,17 +20,32 @@ Two kernels, each in its own shared library with its own CPU requirement (Linux 
   :func:`linquant.kernels.reference.linear_w8a8` (same float operations in the same order,
   exact int32 sums; compiled with ``-ffp-contract=off``). Dynamic tokens holding Inf or NaN
   send the call to the reference.
+* ``avx2`` (``csrc/wa16_avx2.c``, path ``cpu_native_avx2``): 4- or 8-bit weights, any mode, in
+  groups of whole 32-bit words of codes, per output channel or per tensor, with bf16 or fp16
+  activations, on any x86-64 CPU with AVX2, FMA and F16C (Intel Haswell and later, AMD Zen 1
+  and later): the weight-only kernel for CPUs without AVX-512, and for what the AVX-512 kernels
+  do not take (fp16 activations, 8-bit asymmetric or group-wise weights). Each 32-bit word holds
+  ``32 / bits`` codes of one output channel; ``(word & mask_j)`` is the code times
+  ``2^(bits j)``, converted to fp32 exactly, and the ``2^-(bits j)`` is folded into a prepared
+  copy of the activations, so each 8 weights cost one AND, one conversion and one FMA per token.
+  Numerics: each token is first scaled by a power of two into ``[1, 2)`` (exact), products
+  ``x u`` are exact, sums are fp32 per group, ``y = 2^p (sum_g s dot_g + o xs_g) + bias`` in
+  fp32, rounded once to ``x.dtype``; the dequantized weight is never rounded to 16 bits. Tokens
+  holding Inf or NaN send the call to the reference.
 
 Building: the first call that needs a kernel compiles its C source with ``$CC`` (default
-``cc``) and ``-O3 -ffp-contract=off -mavx512f -mavx512bw -mavx512vl -fopenmp`` plus
-``-mavx512bf16`` / ``-mavx512vnni`` into ``$LINQUANT_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/linquant`` or ``~/.cache/linquant``), under a name hashed from the source,
-flags and compiler, written to a temporary file and renamed into place (older builds of the
-same kernel there are removed); later processes load it (each builds in well under a second).
+``cc``) and ``-O3 -ffp-contract=off -fopenmp`` plus ``-mavx512f -mavx512bw -mavx512vl`` and
+``-mavx512bf16`` / ``-mavx512vnni``, or ``-mavx2 -mfma -mf16c``, into ``$LINQUANT_CACHE_DIR``
+(default ``$XDG_CACHE_HOME/linquant`` or ``~/.cache/linquant``), under a name hashed from the
+source, flags and compiler, written to a temporary file and renamed into place (older builds of
+the same kernel there are removed); later processes load it (each builds in well under a
+second).
 The library then runs a probe against plain PyTorch (the W8A8 probe demands bit-identity).
-``LINQUANT_NATIVE=0`` turns both off. Without a compiler, off Linux x86-64, without the CPU
-feature, or when the build or the probe fails, :func:`available` is False, :func:`status` says
-why, and the dispatcher uses PyTorch's kernels (a failed build also warns once). OpenMP threads
+``LINQUANT_NATIVE=0`` turns all three off; ``LINQUANT_MAX_CPU_ISA=avx2`` turns off the two that
+need AVX-512 (and makes :func:`fast_half_matmul` say no), to see what a CPU without AVX-512
+gets. Without a compiler, off Linux x86-64, without the CPU feature, or when the build or the
+probe fails, :func:`available` is False, :func:`status` says why, and the dispatcher uses
+PyTorch's kernels (a failed build also warns once). OpenMP threads
 come from the ``libgomp`` that PyTorch loaded, so ``torch.set_num_threads`` applies.
 """
 
@@ -58,13 +73,14 @@ from linquant.errors import LinquantError
 from linquant.kernels import cpu, reference
 from linquant.tensor import QuantizedTensor
 
-__all__ = ["W8A8_MAX_K", "available", "cache_dir", "linear_int4", "linear_w8a8", "linear_w8a16",
-           "repack", "repack_w8a8", "status", "supported", "w8a8_supported", "w8a16_supported"]
+__all__ = ["W8A8_MAX_K", "available", "avx2_supported", "cache_dir", "fast_half_matmul",
+           "linear_avx2", "linear_int4", "linear_w8a8", "linear_w8a16", "repack", "repack_avx2",
+           "repack_w8a8", "status", "supported", "w8a8_supported", "w8a16_supported"]
 
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp",
               "-shared", "-fPIC")
 BLOCK_N = 16  # output channels per block (one fp32 / int32 vector)
-W4A16, W8A8 = "w4a16", "w8a8"
+W4A16, W8A8, AVX2 = "w4a16", "w8a8", "avx2"
 
 _lock = threading.Lock()
 _state: dict[str, dict[str, Any]] = {}
@@ -94,6 +110,40 @@ def _cpu_has_avx512_bf16() -> bool:
 
 def _cpu_has_avx512_vnni() -> bool:
     return _cpu_has("avx512") and _cpu_has("vnni")
+
+
+def _isa_capped() -> bool:
+    """``LINQUANT_MAX_CPU_ISA=avx2``: behave as on a CPU without AVX-512 (benchmarks, tests)."""
+    return os.environ.get("LINQUANT_MAX_CPU_ISA", "").strip().lower() == "avx2"
+
+
+def fast_half_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bf16 / fp16) matrices in hardware: AVX512-BF16 or
+    AMX for bf16, AMX-FP16 for fp16 (False under ``LINQUANT_MAX_CPU_ISA=avx2``). Without it
+    PyTorch's half-precision matmul runs at a third of fp32's speed or less, and the AVX2
+    kernel stays ahead of the dequantizing paths at every token count."""
+    if _isa_capped():
+        return False
+    if dtype == torch.bfloat16:
+        return _cpu_has("avx512_bf16") or _cpu_has("amx_tile")
+    if dtype == torch.float16:
+        return _cpu_has("amx_fp16")
+    return False
+
+
+def _cpu_has_avx2_fma() -> bool:
+    """AVX2 with FMA and F16C (every x86-64 CPU since Intel Haswell and AMD Zen 1)."""
+    if not _cpu_has("avx2"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "fma" in flags and "f16c" in flags
+    except OSError:
+        pass
+    return False
 
 
 def _compile(compiler: str, flags: tuple[str, ...], src: Path, out: Path) -> None:
@@ -158,7 +208,25 @@ def _probe_w8a8(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-_PROBES = {W4A16: _probe_w4a16, W8A8: _probe_w8a8}
+def _probe_avx2(lib: ctypes.CDLL) -> str | None:
+    """4- and 8-bit products through the kernel against plain PyTorch; the problem, or None."""
+    from linquant.tensor import quantize
+
+    g = torch.Generator().manual_seed(0)
+    for scheme in ("int4-asym-g32-fp16", "int8-sym-ch0"):
+        qt = quantize(torch.randn(40, 64, generator=g), scheme)
+        x = torch.randn(9, 64, generator=g).bfloat16()
+        want = x.double() @ qt.dequantize(torch.float64).T
+        got = _run_avx2(lib, x, qt, repack_avx2(qt), None)
+        if got is None:
+            return "probe: the kernel reported non-finite input on finite input"
+        err = float((got.double() - want).abs().max())
+        if not err <= 2e-2 * float(want.abs().max()):
+            return f"probe ({scheme}): max error {err:.3g} against plain PyTorch"
+    return None
+
+
+_PROBES = {W4A16: _probe_w4a16, W8A8: _probe_w8a8, AVX2: _probe_avx2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +247,12 @@ _SPECS = {
                 "AVX512-VNNI",
                 {"lq_w8a8": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _I),
                  "lq_w8a16": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I)}),
+    AVX2: _Spec("wa16_avx2.c",
+                (*(f for f in BASE_FLAGS if not f.startswith("-mavx512")),
+                 "-mavx2", "-mfma", "-mf16c"),
+                lambda: _cpu_has_avx2_fma(), "AVX2, FMA and F16C",
+                {"lq_wa16_avx2": (_P, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I,
+                                  _I)}),
 }
 
 
@@ -232,6 +306,8 @@ def _why_not(spec: _Spec) -> str:
         return "turned off by LINQUANT_NATIVE"
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return f"needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
+    if _isa_capped() and any(f.startswith("-mavx512") for f in spec.flags):
+        return "capped at AVX2 by LINQUANT_MAX_CPU_ISA"
     if not spec.cpu_ok():
         return f"this CPU lacks {spec.cpu_need}"
     if shutil.which(os.environ.get("CC") or "cc") is None:
@@ -474,3 +550,117 @@ def linear_w8a16(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
     if bad:
         return reference.linear_weight_only(x, qt, bias)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+# ---- weight-only on AVX2 (CPUs without AVX-512) ------------------------------------------------
+
+BLOCK_N_AVX2 = 8  # output channels per block (one fp32 AVX2 vector)
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def avx2_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`linear_avx2` handles ``qt`` with ``dtype`` activations (builds the kernel
+    on first call): 4- or 8-bit codes, group-wise (a group of whole 32-bit words: a multiple of
+    8 / 4 codes) or per output channel or per tensor, any mode, ``K`` a multiple of 8 / 4, bf16
+    or fp16 activations."""
+    s = qt.scheme
+    if not (qt.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+            and len(qt.shape) == 2 and s.bits in (4, 8)
+            and (s.granularity in ("group", "tensor")
+                 or (s.granularity == "channel" and s.axis % 2 == 0))):
+        return False
+    k = int(qt.shape[1])
+    g = int(s.group_size or k)
+    per = 32 // s.bits
+    return k % per == 0 and g % per == 0 and k % g == 0 and available(AVX2)
+
+
+def repack_avx2(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
+    """``(codes, scales, offsets, compact)`` in the AVX2 kernel's layout (see its C source):
+    codes int32 ``[ceil(N / 8), K * bits / 32, 8]``, the codes of each row and 32-bit word
+    packed from the low bits up; per group and row, as ``[ceil(N / 8), K / g, 8]``: fp32 scales
+    ``s`` and fp32 offsets ``o`` (``w = s u + o`` for the unsigned codes ``u``: symmetric
+    codes ``c`` become ``u = c + 2**(bits - 1)``), or, ``compact`` (scales exact in fp16, no
+    float offset), fp16 scales and int16 zero points ``z`` (``o = -s z``), half the bytes.
+    Rows past ``N`` are zero. ``compact=None`` picks it where possible; False forces the fp32
+    format. The codes need no unpacking: see the comment below."""
+    n, k = (int(d) for d in qt.shape)
+    bits = qt.scheme.bits
+    per, g = 32 // bits, int(qt.scheme.group_size or k)
+    groups = k // g
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:  # per tensor / channel / group -> [N, K / g]
+        return t.float().reshape(-1, groups).expand(n, groups)
+
+    scale = per_row(qt.scale)
+    half = scale.half()
+    possible = qt.offset is None and bool(torch.equal(half.float(), scale))
+    if compact and not possible:
+        raise LinquantError(f"native.repack_avx2: the compact layout needs scales exact in fp16 "
+                            f"and no float offset; this weight ({qt.scheme}) has neither or one")
+    compact = possible if compact is None else compact
+    z = qt.zero_point
+    zf = per_row(z) if z is not None else torch.full_like(
+        scale, 0.0 if qt.offset is not None else float(1 << (bits - 1)))
+    if compact:
+        scale, offset = half, zf.to(torch.int16)
+    elif qt.offset is not None:
+        offset = per_row(qt.offset)
+    else:
+        offset = -(scale * zf)
+    # The stored codes are a little-endian bit stream (linquant.ops.packing), so with K a
+    # multiple of P each row is whole 32-bit words already in the kernel's order; symmetric
+    # (two's complement) codes c become c + 2^(bits - 1) by flipping each code's top bit.
+    data = qt.qdata.reshape(-1)
+    if data.data_ptr() % 4:
+        data = data.clone()
+    words = data.view(torch.int32).view(n, k // per)
+    if qt.scheme.symmetric:
+        flip = sum((1 << (bits - 1)) << (bits * j) for j in range(per))
+        words = words.bitwise_xor(flip - (1 << 32) if flip >= 1 << 31 else flip)
+    nb = -(-n // BLOCK_N_AVX2)
+    pad = nb * BLOCK_N_AVX2 - n
+
+    def blocked(t: torch.Tensor) -> torch.Tensor:
+        if pad:
+            t = torch.cat([t, t.new_zeros(pad, int(t.shape[1]))])
+        return t.reshape(nb, BLOCK_N_AVX2, -1).permute(0, 2, 1).contiguous()
+
+    return blocked(words), blocked(scale.contiguous()), blocked(offset.contiguous()), compact
+
+
+def _run_avx2(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: Layout,
+              bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The AVX2 kernel on ``x [..., K]``; None when some token holds Inf or NaN."""
+    n, k = (int(d) for d in qt.shape)
+    g = int(qt.scheme.group_size or k)
+    codes, scales, offsets, compact = layout
+    x2 = x.reshape(-1, k).contiguous()
+    m = int(x2.shape[0])
+    xp = torch.empty(m, k, dtype=torch.float32)
+    xs = torch.empty(m, k // g, dtype=torch.float32)
+    ts = torch.empty(m, dtype=torch.float32)
+    y = torch.empty(m, n, dtype=torch.float32)
+    b = None if bias is None else bias.to(x.dtype).float().contiguous()
+    bad = lib.lq_wa16_avx2(codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(),
+                           int(compact), x2.data_ptr(), _DTYPE_CODES[x2.dtype], xp.data_ptr(),
+                           xs.data_ptr(), ts.data_ptr(), None if b is None else b.data_ptr(),
+                           y.data_ptr(), m, n, k, g, qt.scheme.bits)
+    if bad:
+        return None
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def linear_avx2(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+                cache: dict[str, Any] | None = None) -> torch.Tensor:
+    """:func:`linquant.kernels.reference.linear_weight_only` for bf16 / fp16 ``x`` and a 4- or
+    8-bit weight (:func:`avx2_supported`), on the layout of :func:`repack_avx2`, built once and
+    kept in ``cache``."""
+    lib = _load(AVX2)
+    assert lib is not None, "linear_avx2 needs available('avx2')"
+    layout = cpu._cached(cache, "native_avx2", cpu._key(qt, torch.int32),
+                         lambda: repack_avx2(qt))
+    y = _run_avx2(lib, x, qt, layout, bias)
+    if y is None:  # Inf / NaN activations: the reference's IEEE result
+        return reference.linear_weight_only(x, qt, bias)
+    return y

@@ -1,0 +1,274 @@
+/* linquant: weight-only linear (4- or 8-bit codes, half-precision activations) on x86 CPUs with
+ * AVX2 and FMA (compiled on first use; see native.py). For CPUs without AVX-512: Intel Haswell
+ * to Raptor Lake client parts, AMD Zen 1-3.
+ *
+ * y[m, n] = sum_k x[m, k] * w[n, k] with w[n, k] = s[n, g] * u[n, k] + o[n, g], where u is the
+ * unsigned code (0 .. 2^bits - 1), g = k / group and (s, o) are fp32 per (row, group).
+ *
+ * Weight layout (built by linquant.kernels.native.repack_avx2): row blocks of 8 output channels;
+ * within a block, one 32-bit word per row and per P = 32 / bits consecutive k, the 8 words of a
+ * block side by side (one AVX2 vector); code j of a word (k = P * w + j) in bits
+ * [bits * j, bits * (j + 1)).
+ *
+ * Decoding: code j of 8 words is (W & mask_j) = u * 2^(bits j), converted to fp32 exactly by
+ * vcvtdq2ps (the last code, shifted down instead, so that the sign bit stays clear). The factor
+ * 2^(bits j) is folded into the activation: prepare_token writes x * 2^-(bits j) (times a
+ * per-token power of two that brings the token's largest element into [1, 2), so that nothing
+ * underflows; exact). One AND, one conversion and one FMA per token per 8 weights; the products
+ * x u are exact in fp32 (8 + 8 bits at most) and summed in fp32 per group, then
+ * y = 2^p (sum_g s dot_g + o xs_g) + bias with xs_g the group sums of the scaled activations.
+ *
+ * Rows of x are processed in tiles of 4, 2 or 1, each token's group sum split over 2, 4 or 8
+ * registers (8 independent FMA chains hide the FMA latency; with the 4 totals, the word, the
+ * decoded vector and a broadcast that is 15 of AVX2's 16 registers). Threads (OpenMP) split the row blocks; results do
+ * not depend on the number of threads. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048
+#endif
+
+/* The per-group scale and offset of 8 rows: full format, fp32 s and o; compact format, fp16 s
+ * and int16 z with o = -(s * z) (exact in fp32). */
+ALWAYS_INLINE void group_params(const void* sb, const void* ob, int64_t i, const int compact,
+                                __m256* s, __m256* o)
+{
+    if (compact) {
+        *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)sb + i)));
+        __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
+            _mm_loadu_si128((const __m128i*)((const int16_t*)ob + i))));
+        *o = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(*s, z));
+    } else {
+        *s = _mm256_loadu_ps((const float*)sb + i);
+        *o = _mm256_loadu_ps((const float*)ob + i);
+    }
+}
+
+ALWAYS_INLINE __m256 decode(__m256i w, const int bits, const int j)
+{
+    const int P = 32 / bits;
+    __m256i u;
+    if (j == P - 1)
+        u = _mm256_srli_epi32(w, 32 - bits);
+    else
+        u = _mm256_and_si256(w, _mm256_set1_epi32((int)(((1u << bits) - 1u) << (bits * j))));
+    return _mm256_cvtepi32_ps(u);
+}
+
+ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, const int compact,
+                        const float* xp, const float* xs, const float* ts, const float* bias,
+                        float* y, int64_t m0, const int MT, int64_t N, int64_t K, int64_t g,
+                        int64_t b, const int bits)
+{
+    const int P = 32 / bits, C = 8 / MT; /* C independent sums per token: 8 FMA chains */
+    const int64_t G = K / g, wpg = g / P;
+    __m256 yv[4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; m++) yv[m] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi++) {
+        __m256 acc[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        const uint32_t* p = pb + gi * wpg * 8;
+        const float* xg = xp + m0 * K + gi * g;
+        for (int64_t w = 0; w < wpg; w++) {
+            _mm_prefetch((const char*)(p + w * 8) + PREFETCH_BYTES, _MM_HINT_T0);
+            __m256i word = _mm256_loadu_si256((const __m256i*)(p + w * 8));
+#pragma GCC unroll 8
+            for (int j = 0; j < P; j++) {
+                __m256 f = decode(word, bits, j);
+#pragma GCC unroll 4
+                for (int m = 0; m < MT; m++)
+                    acc[m * C + j % C] = _mm256_fmadd_ps(
+                        f, _mm256_broadcast_ss(xg + m * K + w * P + j), acc[m * C + j % C]);
+            }
+        }
+        __m256 s, o;
+        group_params(sb, ob, gi * 8, compact, &s, &o);
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; m++) {
+            __m256* a = acc + m * C; /* a fixed tree: the same order for every call */
+            if (C == 8) {
+                a[0] = _mm256_add_ps(a[0], a[4]); a[1] = _mm256_add_ps(a[1], a[5]);
+                a[2] = _mm256_add_ps(a[2], a[6]); a[3] = _mm256_add_ps(a[3], a[7]);
+            }
+            if (C >= 4) {
+                a[0] = _mm256_add_ps(a[0], a[2]); a[1] = _mm256_add_ps(a[1], a[3]);
+            }
+            a[0] = _mm256_add_ps(a[0], a[1]);
+            yv[m] = _mm256_fmadd_ps(s, a[0], yv[m]);
+            yv[m] = _mm256_fmadd_ps(o, _mm256_broadcast_ss(xs + (m0 + m) * G + gi), yv[m]);
+        }
+    }
+    const int64_t n0 = b * 8, left = N - n0;
+    const __m256 bv = bias && left >= 8 ? _mm256_loadu_ps(bias + n0) : _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; m++) {
+        __m256 out = _mm256_mul_ps(yv[m], _mm256_broadcast_ss(ts + m0 + m));
+        float* yr = y + (m0 + m) * N + n0;
+        if (left >= 8) {
+            _mm256_storeu_ps(yr, _mm256_add_ps(out, bv));
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, out);
+            for (int64_t i = 0; i < left; i++)
+                yr[i] = bias ? tmp[i] + bias[n0 + i] : tmp[i];
+        }
+    }
+}
+
+ALWAYS_INLINE void rows(const uint32_t* pb, const void* sb, const void* ob, const int compact,
+                        const float* xp, const float* xs, const float* ts, const float* bias,
+                        float* y, int64_t M, int64_t N, int64_t K, int64_t g, int64_t b,
+                        const int bits)
+{
+    int64_t m0 = 0;
+    while (m0 < M) {
+        int64_t left = M - m0;
+        if (left >= 4) { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 4, N, K, g, b, bits); m0 += 4; }
+        else if (left >= 2) { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 2, N, K, g, b, bits); m0 += 2; }
+        else { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 1, N, K, g, b, bits); m0 += 1; }
+    }
+}
+
+static void gemm(const uint32_t* codes, const void* sb, const void* ob, const int compact,
+                 const float* xp, const float* xs, const float* ts, const float* bias, float* y,
+                 int64_t M, int64_t N, int64_t K, int64_t g, const int bits)
+{
+    const int64_t nb = (N + 7) / 8, G = K / g, words = K / (32 / bits);
+    const size_t pbytes = compact ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        const uint32_t* pb = codes + b * words * 8;
+        const char* sbb = (const char*)sb + b * G * 8 * pbytes;
+        const char* obb = (const char*)ob + b * G * 8 * pbytes;
+        if (bits == 4 && compact)
+            rows(pb, sbb, obb, 1, xp, xs, ts, bias, y, M, N, K, g, b, 4);
+        else if (bits == 4)
+            rows(pb, sbb, obb, 0, xp, xs, ts, bias, y, M, N, K, g, b, 4);
+        else if (compact)
+            rows(pb, sbb, obb, 1, xp, xs, ts, bias, y, M, N, K, g, b, 8);
+        else
+            rows(pb, sbb, obb, 0, xp, xs, ts, bias, y, M, N, K, g, b, 8);
+    }
+}
+
+static inline float load_x(const void* x, int64_t i, int dtype)
+{
+    if (dtype == 0) { /* bf16 */
+        uint32_t bits = (uint32_t)((const uint16_t*)x)[i] << 16;
+        float v;
+        memcpy(&v, &bits, sizeof v);
+        return v;
+    }
+    if (dtype == 1) /* fp16 */
+        return _cvtsh_ss(((const uint16_t*)x)[i]);
+    return ((const float*)x)[i];
+}
+
+/* 8 activations from element i as fp32 (exact for each dtype). */
+static inline __m256 load_x8(const void* x, int64_t i, int dtype)
+{
+    if (dtype == 2)
+        return _mm256_loadu_ps((const float*)x + i);
+    __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)x + i));
+    if (dtype == 1)
+        return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float hsum8(__m256 v) /* a fixed order */
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One token: xp = x * 2^-p * 2^-(bits (k % P)) (the last code of a word: x * 2^-p), xs = group
+ * sums of x * 2^-p, ts = 2^p, with 2^p the power of two that brings max|x| into [1, 2)
+ * (p >= -100). Returns 1 for a token holding Inf or NaN. */
+static int prepare_token(const void* xt, int dtype, int64_t K, int64_t g, int bits, float* xp,
+                         float* xs, float* ts)
+{
+    const int P = 32 / bits;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 big = _mm256_set1_ps(3.4028235e38f);
+    __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 a = _mm256_and_ps(load_x8(xt, k, dtype), absmask);
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ)); /* > max, or NaN */
+        vmax = _mm256_max_ps(vmax, a);
+    }
+    if (_mm256_movemask_ps(vbad))
+        return 1;
+    float tmp[8], amax = 0.0f;
+    _mm256_storeu_ps(tmp, vmax);
+    for (int i = 0; i < 8; i++)
+        amax = tmp[i] > amax ? tmp[i] : amax;
+    for (; k < K; k++) {
+        float v = fabsf(load_x(xt, k, dtype));
+        if (!(v <= 3.4028235e38f))
+            return 1;
+        amax = v > amax ? v : amax;
+    }
+    int e = 0;
+    frexpf(amax, &e); /* amax = f 2^e, f in [0.5, 1): amax 2^(1 - e) in [1, 2); 0 gives e = 0 */
+    int p = e - 1;
+    if (p < -100)
+        p = -100;
+    *ts = ldexpf(1.0f, p);
+    const float inv = ldexpf(1.0f, -p);
+    float pos[8];
+    for (int j = 0; j < 8; j++) /* the last code of a word is shifted down, not masked */
+        pos[j] = (j % P == P - 1) ? 1.0f : ldexpf(1.0f, -bits * (j % P));
+    const __m256 vinv = _mm256_set1_ps(inv), vpos = _mm256_loadu_ps(pos);
+    for (int64_t gi = 0; gi < K / g; gi++) {
+        const int64_t k0 = gi * g, k1 = k0 + g;
+        if (g % 8 == 0) {
+            __m256 sum = _mm256_setzero_ps();
+            for (k = k0; k < k1; k += 8) {
+                __m256 v = _mm256_mul_ps(load_x8(xt, k, dtype), vinv);
+                sum = _mm256_add_ps(sum, v);
+                _mm256_storeu_ps(xp + k, _mm256_mul_ps(v, vpos));
+            }
+            xs[gi] = hsum8(sum);
+        } else {
+            float sum = 0.0f;
+            for (k = k0; k < k1; k++) {
+                float v = load_x(xt, k, dtype) * inv;
+                sum += v;
+                xp[k] = v * pos[k % 8];
+            }
+            xs[gi] = sum;
+        }
+    }
+    return 0;
+}
+
+/* x [M, K] (dtype 0: bf16, 1: fp16, 2: fp32); xp [M, K], xs [M, K / g], ts [M], y [M, N] fp32
+ * (written here); bias fp32 [N] or NULL; codes / sb / ob: the layout above, ceil(N / 8) blocks,
+ * compact != 0 for fp16 scales and int16 zero points. Returns the number of tokens holding Inf
+ * or NaN; y is not computed when there are any. */
+int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int64_t compact,
+                     const void* x, int64_t dtype, float* xp, float* xs, float* ts,
+                     const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t g,
+                     int64_t bits)
+{
+    const int64_t G = K / g;
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (M * K >= 65536)
+    for (int64_t m = 0; m < M; m++)
+        bad += prepare_token((const char*)x + m * K * (dtype == 2 ? 4 : 2), (int)dtype, K, g,
+                             (int)bits, xp + m * K, xs + m * G, ts + m);
+    if (bad)
+        return bad;
+    gemm(codes, sb, ob, (int)compact, xp, xs, ts, bias, y, M, N, K, g, (int)bits);
+    return 0;
+}

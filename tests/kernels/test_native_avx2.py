@@ -1,0 +1,315 @@
+"""linquant's AVX2 weight-only kernel (linquant.kernels.native, ``cpu_native_avx2``) against the
+reference, its layout, its dispatcher rows, and the ISA cap.
+
+Tolerances: within half-precision tolerance of the reference (|y - ref| <= HALF_TOL * max|ref|);
+against the exact product, one rounding of the output to x.dtype plus fp32 accumulation error;
+bit-exact where every sum is exact in fp32, and under power-of-two scaling of a token.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import linquant as lq
+from linquant import kernels
+from linquant.kernels import native
+from linquant.kernels import reference as ref
+from linquant.nn import QuantLinear, clear_kernel_caches
+
+HALF_TOL = 2e-2
+needs_avx2 = pytest.mark.skipif(not native.available("avx2"),
+                                reason=f"AVX2 kernel {native.status('avx2')}")
+linux_x86 = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"),
+    reason="the native kernels are built on Linux x86-64 only")
+
+SCHEMES = ["int4-sym-g32-fp16", "int4-asym-g64-bf16", "int4-asymf-g128-fp32", "int4-sym-g8",
+           "int4-sym-ch0", "int4-asym-tensor", "int8-sym-ch0", "int8-asym-g32-fp16",
+           "int8-asymf-g64", "int8-sym-g4", "int8-sym-tensor"]
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _close(y: torch.Tensor, r: torch.Tensor, rel: float) -> None:
+    assert y.shape == r.shape and y.dtype == r.dtype
+    err = (y.double() - r.double()).abs().max().item()
+    bound = rel * max(r.double().abs().max().item(), 1e-6)
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
+
+
+def _qt(n: int, k: int, scheme: str, seed: int = 0) -> lq.QuantizedTensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) + 0.3 * torch.rand(n, 1, generator=g)
+    return lq.quantize(w, scheme)
+
+
+def _lib():  # type: ignore[no-untyped-def]
+    lib = native._load(native.AVX2)
+    assert lib is not None
+    return lib
+
+
+@pytest.fixture
+def fresh_native(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A forgotten native state with its own cache folder; forgotten again afterwards."""
+    monkeypatch.setenv("LINQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LINQUANT_NATIVE", raising=False)
+    monkeypatch.delenv("LINQUANT_MAX_CPU_ISA", raising=False)
+    native._reset()
+    yield tmp_path / "cache"
+    native._reset()
+
+
+# ---- layout ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["int4-sym-g32", "int4-asym-g64", "int8-sym-ch0",
+                                    "int8-asym-g32"])
+def test_layout_words_hold_the_unsigned_codes_from_the_low_bits_up(scheme: str) -> None:
+    n, k = 19, 64  # a ragged last block of 8 rows
+    qt = _qt(n, k, scheme)
+    bits = qt.scheme.bits
+    per = 32 // bits
+    codes, scales, offsets, compact = native.repack_avx2(qt, compact=False)
+    assert codes.dtype == torch.int32 and codes.shape == (3, k // per, 8) and not compact
+    words = codes.permute(0, 2, 1).reshape(24, k // per).long() & 0xFFFFFFFF
+    shifts = torch.arange(per) * bits
+    got = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [24, K / P, P]
+    from linquant.ops.affine import sign_extend
+    from linquant.ops.packing import unpack
+    u = unpack(qt.qdata, bits, n * k).view(n, k).long()
+    if qt.scheme.symmetric:
+        u = sign_extend(u.to(torch.uint8), bits).long() + (1 << (bits - 1))
+    assert torch.equal(got.reshape(24, k)[:n], u)
+    assert torch.equal(got.reshape(24, k)[n:], torch.zeros(24 - n, k, dtype=torch.long))
+    # w = s u + o per (row, group): the weight up to o's fp32 rounding (o = -s z)
+    g = int(qt.scheme.group_size or k)
+    s = scales.permute(0, 2, 1).reshape(24, k // g)[:n].double().repeat_interleave(g, 1)
+    o = offsets.permute(0, 2, 1).reshape(24, k // g)[:n].double().repeat_interleave(g, 1)
+    w = qt.dequantize(torch.float64)
+    torch.testing.assert_close(s * u.double() + o, w, rtol=0, atol=2e-7 * w.abs().max().item())
+
+
+def test_compact_layout_only_where_exact() -> None:
+    assert not native.repack_avx2(_qt(32, 64, "int4-asymf-g32-fp16"))[3]  # float offsets
+    assert not native.repack_avx2(_qt(32, 64, "int8-sym-g32-fp32"))[3]  # fp32 scales
+    c = native.repack_avx2(_qt(32, 64, "int8-asym-g32-bf16"))  # bf16 scales: exact in fp16
+    assert c[3] and c[1].dtype == torch.float16 and c[2].dtype == torch.int16
+    with pytest.raises(lq.LinquantError, match="compact layout"):
+        native.repack_avx2(_qt(32, 64, "int4-sym-g32-fp32"), compact=True)
+
+
+# ---- numerics ----------------------------------------------------------------------------------
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_avx2_matches_reference(scheme: str, dtype: torch.dtype) -> None:
+    for n, k in ((48, 256), (100, 512), (7, 128)):  # ragged last blocks of 8 rows
+        qt = _qt(n, k, scheme)
+        assert native.avx2_supported(qt, dtype)
+        bias = torch.randn(n)
+        cache: dict[str, object] = {}
+        for m in (1, 2, 3, 5, 9):  # every row tile: 4, 2, 1
+            x = torch.randn(m, k).to(dtype)
+            _close(native.linear_avx2(x, qt, bias, cache), ref.linear_weight_only(x, qt, bias),
+                   HALF_TOL)
+        x3 = torch.randn(2, 5, k).to(dtype)
+        _close(native.linear_avx2(x3, qt, None, cache), ref.linear_weight_only(x3, qt, None),
+               HALF_TOL)
+        assert list(cache) == ["native_avx2"]
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("scheme", ["int4-sym-g32", "int4-asym-ch0", "int4-asymf-g64",
+                                    "int8-sym-ch0", "int8-asym-g128"])
+def test_avx2_error_against_exact_product_is_within_its_bound(scheme: str,
+                                                              dtype: torch.dtype) -> None:
+    """|y - exact| <= one rounding to x.dtype + fp32 accumulation error of the offset sums."""
+    n, k = 96, 512
+    qt = _qt(n, k, scheme, seed=2)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(11, k, generator=g) * torch.logspace(-2, 2, 11).reshape(11, 1)).to(dtype)
+    bias = torch.randn(n)
+    y = native.linear_avx2(x, qt, bias, {}).double()
+    w = qt.dequantize(torch.float64)
+    exact = x.double() @ w.T + bias.to(dtype).double()
+    group = int(qt.scheme.group_size or k)
+    s = qt.scale.double().reshape(n, -1).repeat_interleave(group, dim=1).expand(n, k)
+    z = x.double().abs() @ (w.abs() + 2**qt.scheme.bits * s.abs()).T  # what the fp32 sums see
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    bound = rounding * exact.abs() + 2.0**-16 * z
+    assert bool(((y - exact).abs() <= bound).all())
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("scheme", ["int4-sym-ch0", "int4-asym-g32", "int8-sym-ch0",
+                                    "int8-asym-g64"])
+def test_avx2_is_exact_when_every_sum_is(scheme: str, dtype: torch.dtype) -> None:
+    """Small-integer activations, codes covering the whole range at every position of a word
+    and power-of-two scales: every fp32 sum is exact, so the output is the exact product
+    rounded once to x.dtype."""
+    g = torch.Generator().manual_seed(4)
+    bits = int(scheme[3])
+    n, k, m = 40, 256, 13
+    group = int(scheme.split("-g")[1]) if "-g" in scheme else k
+    sym = "-sym-" in scheme
+    lo, hi = (-(1 << (bits - 1)) + sym), (1 << (bits - 1)) - 1  # symmetric codes: +-(2^(b-1) - 1)
+    codes = torch.randint(lo, hi + 1, (n, k), generator=g).float()
+    codes[:, 0::group], codes[:, 1::group] = hi, lo  # each group's range: a power-of-two scale
+    per = 32 // bits
+    codes[:5, per - 1::per] = lo  # the extremes at the last position of a word (shifted down)
+    codes[5:10, per - 1::per] = hi
+    w = codes * 0.25 + (0.5 if not sym else 0.0)
+    qt = lq.quantize(w, scheme)
+    assert torch.equal(qt.dequantize(torch.float64), w.double())
+    x = torch.randint(-9, 10, (m, k), generator=g).to(dtype)
+    y = native.linear_avx2(x, qt, None, {})
+    exact = x.double() @ w.double().T
+    assert torch.equal(y, exact.to(dtype))
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_tokens_scaled_by_powers_of_two_give_exactly_scaled_outputs(dtype: torch.dtype) -> None:
+    """Each token is brought to [1, 2) by a power of two before the products: tokens far
+    outside that range (where the per-position factors down to 2^-28 would underflow without
+    it) give bit for bit the scaled result."""
+    qt = _qt(64, 256, "int4-asym-g32")
+    g = torch.Generator().manual_seed(5)
+    x = ((torch.rand(3, 256, generator=g) + 0.5) * torch.randn(3, 256, generator=g).sign())
+    x = x.to(dtype)  # no element near zero: every scaled input below is exact
+    y = native.linear_avx2(x, qt, None, {}).float()
+    tiny = 2.0**-126 if dtype == torch.bfloat16 else 2.0**-14  # smallest normal
+    exps = (-122, -110, -60, 60, 100) if dtype == torch.bfloat16 else (-10, -4, 4, 6)
+    for e in exps:
+        xe = x * 2.0**e
+        assert torch.equal(xe.float(), x.float() * 2.0**e)
+        ye = native.linear_avx2(xe, qt, None, {}).float()
+        want = y * 2.0**e
+        normal = want.abs() >= tiny  # rounding a subnormal result does not commute with 2^e
+        assert int(normal.sum()) > 120
+        assert torch.equal(ye[normal], want[normal]), e
+
+
+@needs_avx2
+@pytest.mark.parametrize("scheme", ["int4-sym-g32-fp16", "int8-asym-g64-fp16", "int4-sym-ch0-fp16"])
+def test_compact_scales_give_the_same_bits_as_fp32_scales(scheme: str) -> None:
+    qt = _qt(100, 256, scheme)
+    compact, full = native.repack_avx2(qt), native.repack_avx2(qt, compact=False)
+    assert compact[3] and not full[3]
+    assert compact[1].nbytes + compact[2].nbytes == (full[1].nbytes + full[2].nbytes) // 2
+    x = torch.randn(11, 256).bfloat16()
+    bias = torch.randn(100)
+    a = native._run_avx2(_lib(), x, qt, compact, bias)
+    b = native._run_avx2(_lib(), x, qt, full, bias)
+    assert a is not None and b is not None and torch.equal(a, b)
+
+
+@needs_avx2
+def test_avx2_result_does_not_depend_on_thread_count() -> None:
+    qt = _qt(200, 512, "int8-asym-g32-fp16")
+    x = torch.randn(19, 512).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.linear_avx2(x, qt, None, {})
+        torch.set_num_threads(max(2, before))
+        many = native.linear_avx2(x, qt, None, {})
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+@needs_avx2
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_avx2_nonfinite_token_follows_the_reference(bad: float) -> None:
+    qt = _qt(48, 256, "int4-sym-g32")
+    x = torch.randn(3, 256).bfloat16()
+    x[1, 7] = bad
+    y = native.linear_avx2(x, qt, None, {})
+    r = ref.linear_weight_only(x, qt, None)
+    assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.nan_to_num(), r.nan_to_num())
+
+
+@needs_avx2
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 12), nblocks=st.integers(1, 5), tail=st.integers(0, 7),
+       groups=st.integers(1, 4), gwords=st.sampled_from([1, 2, 4, 8]), bits=st.sampled_from([4, 8]),
+       mode=st.sampled_from(["sym", "asym", "asymf"]), half=st.sampled_from(HALF),
+       seed=st.integers(0, 2**16))
+def test_avx2_equals_reference_property(m: int, nblocks: int, tail: int, groups: int,
+                                        gwords: int, bits: int, mode: str, half: torch.dtype,
+                                        seed: int) -> None:
+    group = gwords * 32 // bits
+    n, k = 8 * nblocks - (8 - tail if tail else 0), groups * group
+    qt = _qt(n, k, f"int{bits}-{mode}-g{group}", seed)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * 3).to(half)
+    _close(native.linear_avx2(x, qt, None, None), ref.linear_weight_only(x, qt, None), HALF_TOL)
+
+
+@needs_avx2
+def test_avx2_support_matrix() -> None:
+    bf = torch.bfloat16
+    assert native.avx2_supported(_qt(16, 64, "int4-sym-g8"), bf)
+    assert native.avx2_supported(_qt(16, 64, "int8-sym-g4"), torch.float16)
+    assert not native.avx2_supported(_qt(16, 64, "int4-sym-g4"), bf)  # half a 32-bit word
+    assert not native.avx2_supported(_qt(16, 60, "int4-sym-ch0"), bf)  # K % 8 != 0
+    assert native.avx2_supported(_qt(16, 60, "int8-sym-ch0"), bf)  # K % 4 == 0
+    assert not native.avx2_supported(_qt(16, 64, "int2-sym-g32"), bf)
+    assert not native.avx2_supported(_qt(16, 64, "int4-sym-g32"), torch.float32)  # fp32 math
+    assert not native.avx2_supported(_qt(16, 64, "int4-sym-ch1"), bf)  # per input channel
+
+
+# ---- dispatcher and layers ---------------------------------------------------------------------
+
+
+@needs_avx2
+def test_fp16_int4_layer_runs_avx2_caches_layout_and_clears() -> None:
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(512, 256), "int4-asym-g32-fp16").to(torch.float16)
+    x = torch.randn(4, 512).half()
+    assert kernels.select_path(x, q.qweight) == "cpu_native_avx2"
+    y = q(x)
+    _close(y, ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
+    assert list(q.kernel_cache()) == ["native_avx2"]
+    assert clear_kernel_caches(q) == 1 and q.kernel_cache() == {}
+    assert torch.equal(q(x), y)
+
+
+# ---- the ISA cap and the CPU check --------------------------------------------------------------
+
+
+@linux_x86
+def test_isa_cap_leaves_only_the_avx2_kernel(monkeypatch: pytest.MonkeyPatch,
+                                            fresh_native: Path) -> None:
+    monkeypatch.setenv("LINQUANT_MAX_CPU_ISA", "avx2")
+    assert native.status("w4a16") == "unavailable: capped at AVX2 by LINQUANT_MAX_CPU_ISA"
+    assert native.status("w8a8") == "unavailable: capped at AVX2 by LINQUANT_MAX_CPU_ISA"
+    if not native.available("avx2"):
+        pytest.skip(f"AVX2 kernel {native.status('avx2')}")
+    bf = torch.bfloat16
+    q4, q8 = _qt(256, 512, "int4-sym-g32"), _qt(1024, 1024, "int8-sym-ch0")
+    for m in (1, 16, 256):
+        assert kernels.select_path(torch.zeros(m, 512, dtype=bf), q4) == "cpu_native_avx2"
+        assert kernels.select_path(torch.zeros(m, 1024, dtype=bf), q8) == "cpu_native_avx2"
+    assert kernels.select_path(torch.zeros(3, 512), q4) == "cpu_blocked"  # fp32 math
+
+
+@linux_x86
+def test_avx2_kernel_checks_its_cpu_features(monkeypatch: pytest.MonkeyPatch,
+                                             fresh_native: Path) -> None:
+    monkeypatch.setattr(native, "_cpu_has_avx2_fma", lambda: False)
+    assert native.status("avx2") == "unavailable: this CPU lacks AVX2, FMA and F16C"
+    assert not native.avx2_supported(_qt(16, 64, "int4-sym-g32"), torch.float16)
+    assert not fresh_native.exists()  # nothing was built
