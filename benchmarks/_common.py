@@ -36,6 +36,16 @@ def median_ms(fn: Callable[[], object], *, repeats: int = 15, warmup: int = 3) -
     return statistics.median(times)
 
 
+def cold_ms(fns: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor, *,
+            repeats: int, runs: int) -> float:
+    """One warm-up pass over ``fns`` (prepacks, scratch buffers), then the lowest of ``runs``
+    medians of ``repeats`` calls rotating through them (each call on its next cold weight)."""
+    call = rotate(fns)
+    for f in fns:
+        f(x)
+    return min(median_ms(lambda: call(x), repeats=repeats, warmup=0) for _ in range(runs))
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

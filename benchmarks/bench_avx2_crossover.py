@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from _common import machine, median_ms, rotate
+from _common import cold_ms, machine
 from torch import nn
 
 from linquant import kernels
@@ -97,20 +97,10 @@ def main() -> None:
                         continue
                     fns[name] = [lambda x, q=q, fn=fn: fn(x, q.qweight, None, q.kernel_cache())
                                  for q in qls]
-                cells: dict[str, float] = {}
                 with torch.inference_mode():
-                    for name, fs in fns.items():
-                        xx = x.float() if name == "fp32" else x
-                        call = rotate(fs)
-                        for f in fs:  # warm-up pass: prepacks, scratch buffers
-                            f(xx)
-
-                        def once(c: Callable[[torch.Tensor], torch.Tensor] = call,
-                                 x: torch.Tensor = xx) -> None:
-                            c(x)
-
-                        cells[name] = min(median_ms(once, repeats=args.repeats, warmup=0)
-                                          for _ in range(args.runs))
+                    cells = {name: cold_ms(fs, x.float() if name == "fp32" else x,
+                                           repeats=args.repeats, runs=args.runs)
+                             for name, fs in fns.items()}
                 half = cells["half"]
                 row = "  ".join(f"{name} {t:.3f} ({half / t:4.2f}x)" for name, t in cells.items()
                                 if name != "half")

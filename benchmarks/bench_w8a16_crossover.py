@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from _common import machine, median_ms, rotate
+from _common import cold_ms, machine
 from torch import nn
 
 from linquant import kernels
@@ -63,7 +63,6 @@ def main() -> None:
               f"lowest of {args.runs} medians of {args.repeats}")
         for m in ms:
             x = torch.randn(m, k).bfloat16()
-            cells: dict[str, float] = {}
             fns: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {
                 "bf16": list(floats)}
             for name, fn in PATHS.items():
@@ -74,17 +73,8 @@ def main() -> None:
                 fns[name] = [lambda x, q=q, fn=fn: fn(x, q.qweight, None, q.kernel_cache())
                              for q in qls]
             with torch.inference_mode():
-                for name, fs in fns.items():
-                    call = rotate(fs)
-                    for f in fs:  # warm-up pass: prepacks, scratch buffers
-                        f(x)
-
-                    def once(c: Callable[[torch.Tensor], torch.Tensor] = call,
-                             x: torch.Tensor = x) -> None:
-                        c(x)
-
-                    cells[name] = min(median_ms(once, repeats=args.repeats, warmup=0)
-                                      for _ in range(args.runs))
+                cells = {name: cold_ms(fs, x, repeats=args.repeats, runs=args.runs)
+                         for name, fs in fns.items()}
             bf = cells["bf16"]
             row = "  ".join(f"{name} {t:.3f} ({bf / t:4.2f}x)" for name, t in cells.items()
                             if name != "bf16")

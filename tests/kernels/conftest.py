@@ -8,8 +8,24 @@ it has no effect on the CPU dispatch: only CUDA inputs are routed to Triton kern
 """
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def fresh_native(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A forgotten native-kernel state (linquant.kernels.native) with its own cache folder and
+    no switches or ISA cap from the environment; forgotten again afterwards."""
+    from linquant.kernels import native
+
+    monkeypatch.setenv("LINQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("LINQUANT_NATIVE", raising=False)
+    monkeypatch.delenv("LINQUANT_MAX_CPU_ISA", raising=False)
+    native._reset()
+    yield tmp_path / "cache"
+    native._reset()

@@ -12,6 +12,7 @@ import os
 import platform
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,16 +49,6 @@ def _qt(n: int, k: int, scheme: str, seed: int = 0) -> lq.QuantizedTensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) + 0.3 * torch.rand(n, 1, generator=g)
     return lq.quantize(w, scheme)
-
-
-@pytest.fixture
-def fresh_native(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A forgotten native state with its own cache folder; forgotten again afterwards."""
-    monkeypatch.setenv("LINQUANT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("LINQUANT_NATIVE", raising=False)
-    native._reset()
-    yield tmp_path / "cache"
-    native._reset()
 
 
 # ---- numerics ----------------------------------------------------------------------------------
@@ -142,28 +133,36 @@ def test_compact_layout_only_where_exact() -> None:
         native.repack(_qt(32, 64, "int4-sym-g32-fp32"), compact=True)
 
 
-@needs_native
-def test_native_result_does_not_depend_on_thread_count() -> None:
+needs_avx2 = pytest.mark.skipif(not native.available("avx2"),
+                                reason=f"AVX2 kernel {native.status('avx2')}")
+KERNELS = [pytest.param(native.linear_int4, marks=needs_native, id="w4a16"),
+           pytest.param(native.linear_avx2, marks=needs_avx2, id="avx2")]
+
+
+@pytest.mark.parametrize("linear", KERNELS)
+def test_native_result_does_not_depend_on_thread_count(linear: Callable[..., torch.Tensor]
+                                                       ) -> None:
     qt = _qt(200, 512, "int4-asym-g32-fp16")
     x = torch.randn(19, 512).bfloat16()
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.linear_int4(x, qt, None, {})
+        one = linear(x, qt, None, {})
         torch.set_num_threads(max(2, before))
-        many = native.linear_int4(x, qt, None, {})
+        many = linear(x, qt, None, {})
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, many)
 
 
-@needs_native
+@pytest.mark.parametrize("linear", KERNELS)
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_native_nonfinite_token_follows_the_reference(bad: float) -> None:
+def test_native_nonfinite_token_follows_the_reference(bad: float,
+                                                      linear: Callable[..., torch.Tensor]) -> None:
     qt = _qt(48, 256, "int4-sym-g32")
     x = torch.randn(3, 256).bfloat16()
     x[1, 7] = bad
-    y = native.linear_int4(x, qt, None, {})
+    y = linear(x, qt, None, {})
     r = ref.linear_weight_only(x, qt, None)
     assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.nan_to_num(), r.nan_to_num())
 

@@ -3,7 +3,8 @@ reference, its layout, its dispatcher rows, and the ISA cap.
 
 Tolerances: within half-precision tolerance of the reference (|y - ref| <= HALF_TOL * max|ref|);
 against the exact product, one rounding of the output to x.dtype plus fp32 accumulation error;
-bit-exact where every sum is exact in fp32, and under power-of-two scaling of a token.
+bit-exact where every sum is exact in fp32, and under power-of-two scaling of a token. Thread-count
+independence and non-finite tokens: tests/kernels/test_native.py (parametrized over both kernels).
 """
 
 from __future__ import annotations
@@ -54,17 +55,6 @@ def _lib():  # type: ignore[no-untyped-def]
     lib = native._load(native.AVX2)
     assert lib is not None
     return lib
-
-
-@pytest.fixture
-def fresh_native(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A forgotten native state with its own cache folder; forgotten again afterwards."""
-    monkeypatch.setenv("LINQUANT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("LINQUANT_NATIVE", raising=False)
-    monkeypatch.delenv("LINQUANT_MAX_CPU_ISA", raising=False)
-    native._reset()
-    yield tmp_path / "cache"
-    native._reset()
 
 
 # ---- layout ------------------------------------------------------------------------------------
@@ -214,32 +204,6 @@ def test_compact_scales_give_the_same_bits_as_fp32_scales(scheme: str) -> None:
     a = native._run_avx2(_lib(), x, qt, compact, bias)
     b = native._run_avx2(_lib(), x, qt, full, bias)
     assert a is not None and b is not None and torch.equal(a, b)
-
-
-@needs_avx2
-def test_avx2_result_does_not_depend_on_thread_count() -> None:
-    qt = _qt(200, 512, "int8-asym-g32-fp16")
-    x = torch.randn(19, 512).bfloat16()
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = native.linear_avx2(x, qt, None, {})
-        torch.set_num_threads(max(2, before))
-        many = native.linear_avx2(x, qt, None, {})
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, many)
-
-
-@needs_avx2
-@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_avx2_nonfinite_token_follows_the_reference(bad: float) -> None:
-    qt = _qt(48, 256, "int4-sym-g32")
-    x = torch.randn(3, 256).bfloat16()
-    x[1, 7] = bad
-    y = native.linear_avx2(x, qt, None, {})
-    r = ref.linear_weight_only(x, qt, None)
-    assert torch.equal(y.isnan(), r.isnan()) and torch.equal(y.nan_to_num(), r.nan_to_num())
 
 
 @needs_avx2

@@ -63,6 +63,7 @@ import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -176,20 +177,24 @@ def _prune(out: Path) -> None:
                 old.unlink()
 
 
-def _probe_w4a16(lib: ctypes.CDLL) -> str | None:
-    """A small product through the kernel against plain PyTorch; the problem, or None."""
+def _probe_weight_only(lib: ctypes.CDLL, run: Callable[..., torch.Tensor | None],
+                       build: Callable[[QuantizedTensor], Layout],
+                       schemes: tuple[str, ...]) -> str | None:
+    """Small products through a weight-only kernel (``run(lib, x, qt, build(qt), None)``)
+    against plain PyTorch; the problem, or None."""
     from linquant.tensor import quantize
 
     g = torch.Generator().manual_seed(0)
-    qt = quantize(torch.randn(40, 64, generator=g), "int4-asym-g32-fp16")
-    x = torch.randn(9, 64, generator=g).bfloat16()
-    want = x.double() @ qt.dequantize(torch.float64).T
-    got = _run(lib, x, qt, repack(qt), None)
-    if got is None:
-        return "probe: the kernel reported non-finite sums on finite input"
-    err = float((got.double() - want).abs().max())
-    if not err <= 2e-2 * float(want.abs().max()):
-        return f"probe: max error {err:.3g} against plain PyTorch"
+    for scheme in schemes:
+        qt = quantize(torch.randn(40, 64, generator=g), scheme)
+        x = torch.randn(9, 64, generator=g).bfloat16()
+        want = x.double() @ qt.dequantize(torch.float64).T
+        got = run(lib, x, qt, build(qt), None)
+        if got is None:
+            return "probe: the kernel reported non-finite sums on finite input"
+        err = float((got.double() - want).abs().max())
+        if not err <= 2e-2 * float(want.abs().max()):
+            return f"probe ({scheme}): max error {err:.3g} against plain PyTorch"
     return None
 
 
@@ -208,25 +213,12 @@ def _probe_w8a8(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-def _probe_avx2(lib: ctypes.CDLL) -> str | None:
-    """4- and 8-bit products through the kernel against plain PyTorch; the problem, or None."""
-    from linquant.tensor import quantize
-
-    g = torch.Generator().manual_seed(0)
-    for scheme in ("int4-asym-g32-fp16", "int8-sym-ch0"):
-        qt = quantize(torch.randn(40, 64, generator=g), scheme)
-        x = torch.randn(9, 64, generator=g).bfloat16()
-        want = x.double() @ qt.dequantize(torch.float64).T
-        got = _run_avx2(lib, x, qt, repack_avx2(qt), None)
-        if got is None:
-            return "probe: the kernel reported non-finite input on finite input"
-        err = float((got.double() - want).abs().max())
-        if not err <= 2e-2 * float(want.abs().max()):
-            return f"probe ({scheme}): max error {err:.3g} against plain PyTorch"
-    return None
-
-
-_PROBES = {W4A16: _probe_w4a16, W8A8: _probe_w8a8, AVX2: _probe_avx2}
+_PROBES: dict[str, Callable[[ctypes.CDLL], str | None]] = {
+    W4A16: lambda lib: _probe_weight_only(lib, _run, repack, ("int4-asym-g32-fp16",)),
+    W8A8: _probe_w8a8,
+    AVX2: lambda lib: _probe_weight_only(lib, _run_avx2, repack_avx2,
+                                         ("int4-asym-g32-fp16", "int8-sym-ch0")),
+}
 
 
 @dataclasses.dataclass(frozen=True)
