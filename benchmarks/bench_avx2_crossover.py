@@ -4,7 +4,8 @@ the dispatcher's ``NATIVE_AVX2_MAX_M`` rules.
 Times, per weight scheme and activation dtype, ``cpu_native_avx2`` against the paths the
 dispatcher would take without it (``cpu_native_int4`` / ``cpu_native_w8a16`` where they apply
 and build, ``cpu_int4pack``, ``cpu_int8split``, ``cpu_int8pack``, ``cpu_blocked``,
-``cpu_scratch``) and against fp32 and half-precision ``nn.Linear``, on 4096x4096 and MiniLM's
+``cpu_scratch``) and against fp32 and half-precision ``nn.Linear`` (for fp32 activations both
+columns are fp32 ``nn.Linear``), on 4096x4096 and MiniLM's
 1536x384 and 384x1536. Each shape rotates through >= 256 MiB of distinct weights; each cell is
 the lowest of ``--runs`` medians. Prints ms per call, speed relative to the half-precision
 ``nn.Linear`` (> 1 = faster) and the path :func:`linquant.kernels.select_path` picks.
@@ -37,7 +38,8 @@ from linquant.nn import QuantLinear
 
 SHAPES = ((4096, 4096), (1536, 384), (384, 1536))
 CASES = (("int4-sym-g128-bf16", torch.bfloat16), ("int4-asym-g32-fp16", torch.float16),
-         ("int8-sym-ch0-bf16", torch.bfloat16), ("int8-asym-g128-bf16", torch.bfloat16))
+         ("int8-sym-ch0-bf16", torch.bfloat16), ("int8-asym-g128-bf16", torch.bfloat16),
+         ("int8-sym-ch0", torch.float32), ("int4-asym-g32", torch.float32))
 Fn = Callable[..., torch.Tensor]
 PATHS: dict[str, tuple[Fn, Callable[[object, torch.dtype], bool]]] = {
     "avx2": (native.linear_avx2, native.avx2_supported),
@@ -59,7 +61,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--ms", default="1,4,16,64,128,256,512")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x4096,1536x384 (default: three)")
-    ap.add_argument("--cases", default=None, help="scheme names, comma-separated (default: four)")
+    ap.add_argument("--cases", default=None, help="scheme names, comma-separated (default: all)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     print(f"machine: {machine()}")
@@ -91,8 +93,10 @@ def main() -> None:
                 for name, (fn, ok) in PATHS.items():
                     if not ok(first.qweight, dt):
                         continue
-                    if name in ("int4pack", "int8pack", "blocked") and m > 64:
+                    if name in ("int4pack", "int8pack") and m > 64:
                         continue  # far slower there
+                    if name == "blocked" and m > 64 and dt != torch.float32:
+                        continue
                     if name == "int8split" and m > kernels.INT8SPLIT_MAX_M:
                         continue
                     fns[name] = [lambda x, q=q, fn=fn: fn(x, q.qweight, None, q.kernel_cache())

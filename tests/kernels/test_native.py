@@ -200,7 +200,10 @@ def test_select_path_native_rows() -> None:
     # fp16 activations: the AVX2 kernel (tests/kernels/test_native_avx2.py), else PyTorch's op
     assert path(3, q, torch.float16) == ("cpu_native_avx2" if native.available("avx2")
                                          else "cpu_int4pack")
-    assert path(3, q, torch.float32) == "cpu_blocked"  # fp32 math
+    # fp32 activations: fp32 math, on the AVX2 kernel up to 64 tokens, else the blocked path
+    assert path(3, q, torch.float32) == ("cpu_native_avx2" if native.available("avx2")
+                                         else "cpu_blocked")
+    assert path(65, q, torch.float32) == "cpu_blocked"
     assert path(3, _qt(256, 518, "int4-sym-ch0")) == "cpu_blocked"  # K % 4 != 0
     assert path(3, _qt(256, 512, "int8-sym-ch0")) != "cpu_native_int4"
     assert path(3, _qt(48, 64, "int4-sym-g32")) == "reference"  # tiny weight
@@ -323,7 +326,7 @@ def test_select_path_native_w8a16_rows() -> None:
     assert path(1, small) == "cpu_int8pack"  # one token, small weight: PyTorch's op is faster
     assert path(2, small) == "cpu_native_w8a16"
     assert path(1, _qt(256, 520, "int8-sym-tensor")) == "cpu_native_w8a16"  # no int8pack
-    assert path(3, small, torch.float32) == "cpu_blocked"  # W8A32: fp32 math
+    assert path(200, small, torch.float32) == "cpu_scratch"  # W8A32: fp32 math
     assert path(3, _qt(256, 512, "int8-asym-ch0")) == ("cpu_native_avx2"
                                                       if native.available("avx2")
                                                       else "cpu_blocked")
@@ -339,3 +342,34 @@ def test_w8a16_layer_runs_native_with_one_layout_for_every_m() -> None:
     assert q(torch.randn(1, 1024).bfloat16()).shape == (1, 1024)  # one token: the same layout
     assert list(q.kernel_cache()) == ["native_w8a8"]
     assert clear_kernel_caches(q) == 1 and torch.equal(q(x), y)
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(("int4-asym-g32-fp16", torch.bfloat16, False), marks=needs_native, id="w4a16"),
+    pytest.param(("int8-sym-ch0", torch.bfloat16, False), marks=needs_native_w8a8, id="w8a16"),
+    pytest.param(("int8-asym-g64", torch.float32, False), marks=needs_avx2, id="avx2-fp32"),
+    pytest.param(("int4-sym-g32", torch.float16, False), marks=needs_avx2, id="avx2-fp16"),
+    pytest.param(("w8a8", torch.float32, True), marks=needs_native_w8a8, id="w8a8"),
+])
+def test_native_paths_pass_gradients_to_a_bias_that_needs_them(
+        case: tuple[str, torch.dtype, bool]) -> None:
+    """The native kernels add the bias inside; a bias that requires grad is added outside, by
+    torch, so that training the bias of a quantized model works on these paths too."""
+    from linquant.nn import W8A8Linear
+
+    scheme, dtype, w8a8 = case
+    torch.manual_seed(0)
+    base = nn.Linear(1024, 1024)
+    q: nn.Module = (W8A8Linear.from_float(base) if w8a8
+                    else QuantLinear.from_float(base, scheme).to(dtype))
+    x = torch.randn(3, 1024).to(dtype)
+    path = (kernels.select_w8a8_path(x, q.weight_qdata) if w8a8
+            else kernels.select_path(x, q.qweight))
+    assert path.startswith("cpu_native")
+    with torch.no_grad():
+        want = q(x)
+    y = q(x)
+    y.float().sum().backward()
+    assert q.bias.grad is not None and torch.equal(q.bias.grad, torch.full((1024,), 3.0))
+    _close(y.detach(), want, 1e-2 if dtype != torch.float32 else 1e-6)
+

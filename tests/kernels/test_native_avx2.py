@@ -36,6 +36,8 @@ SCHEMES = ["int4-sym-g32-fp16", "int4-asym-g64-bf16", "int4-asymf-g128-fp32", "i
            "int4-sym-ch0", "int4-asym-tensor", "int8-sym-ch0", "int8-asym-g32-fp16",
            "int8-asymf-g64", "int8-sym-g4", "int8-sym-tensor"]
 HALF = [torch.bfloat16, torch.float16]
+ALL = [*HALF, torch.float32]
+FP32_TOL = 1e-5  # cpu_blocked's fp32 tolerance (tests/kernels/test_cpu.py)
 
 
 def _close(y: torch.Tensor, r: torch.Tensor, rel: float) -> None:
@@ -79,12 +81,15 @@ def test_layout_words_hold_the_unsigned_codes_from_the_low_bits_up(scheme: str) 
         u = sign_extend(u.to(torch.uint8), bits).long() + (1 << (bits - 1))
     assert torch.equal(got.reshape(24, k)[:n], u)
     assert torch.equal(got.reshape(24, k)[n:], torch.zeros(24 - n, k, dtype=torch.long))
-    # w = s u + o per (row, group): the weight up to o's fp32 rounding (o = -s z)
+    # w = s (u - 2^(bits - 1)) + o_c per (row, group): the weight up to o_c's fp32 rounding
     g = int(qt.scheme.group_size or k)
     s = scales.permute(0, 2, 1).reshape(24, k // g)[:n].double().repeat_interleave(g, 1)
     o = offsets.permute(0, 2, 1).reshape(24, k // g)[:n].double().repeat_interleave(g, 1)
     w = qt.dequantize(torch.float64)
-    torch.testing.assert_close(s * u.double() + o, w, rtol=0, atol=2e-7 * w.abs().max().item())
+    torch.testing.assert_close(s * (u.double() - 2 ** (bits - 1)) + o, w, rtol=0,
+                               atol=2e-7 * w.abs().max().item())
+    if qt.scheme.symmetric:
+        assert not offsets.any()  # exactly zero: symmetric sums carry no offset term
 
 
 def test_compact_layout_only_where_exact() -> None:
@@ -100,9 +105,10 @@ def test_compact_layout_only_where_exact() -> None:
 
 
 @needs_avx2
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", ALL, ids=str)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_avx2_matches_reference(scheme: str, dtype: torch.dtype) -> None:
+    tol = FP32_TOL if dtype == torch.float32 else HALF_TOL
     for n, k in ((48, 256), (100, 512), (7, 128)):  # ragged last blocks of 8 rows
         qt = _qt(n, k, scheme)
         assert native.avx2_supported(qt, dtype)
@@ -111,10 +117,10 @@ def test_avx2_matches_reference(scheme: str, dtype: torch.dtype) -> None:
         for m in (1, 2, 3, 5, 9):  # every row tile: 4, 2, 1
             x = torch.randn(m, k).to(dtype)
             _close(native.linear_avx2(x, qt, bias, cache), ref.linear_weight_only(x, qt, bias),
-                   HALF_TOL)
+                   tol)
         x3 = torch.randn(2, 5, k).to(dtype)
         _close(native.linear_avx2(x3, qt, None, cache), ref.linear_weight_only(x3, qt, None),
-               HALF_TOL)
+               tol)
         assert list(cache) == ["native_avx2"]
 
 
@@ -142,7 +148,49 @@ def test_avx2_error_against_exact_product_is_within_its_bound(scheme: str,
 
 
 @needs_avx2
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("scheme", ["int4-sym-g32", "int4-asym-ch0", "int4-asymf-g64",
+                                    "int8-sym-ch0", "int8-asym-g128", "int8-asym-ch0"])
+def test_avx2_fp32_error_against_exact_product_is_within_its_bound(scheme: str) -> None:
+    """fp32 activations, centered codes: |y - exact| <= one fp32 rounding of the output plus
+    the fp32 rounding of every partial sum (each of the 8 chains per token sums K / 8 terms)
+    and of the per-group epilogue, over the magnitudes the sums see."""
+    n, k = 96, 1024
+    qt = _qt(n, k, scheme, seed=6)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(11, k, generator=g) * torch.logspace(-3, 3, 11).reshape(11, 1)
+    bias = torch.randn(n)
+    y = native.linear_avx2(x, qt, bias, {}).double()
+    w = qt.dequantize(torch.float64)
+    exact = x.double() @ w.T + bias.double()
+    bits = qt.scheme.bits
+    group = int(qt.scheme.group_size or k)
+    s = qt.scale.double().reshape(n, -1).repeat_interleave(group, dim=1).expand(n, k)
+    z = x.double().abs() @ (w.abs() + 2 ** (bits - 1) * s.abs()).T + bias.abs().double()
+    bound = 2.0**-24 * exact.abs() + (k / 8 + k / group + 8) * 2.0**-24 * z
+    assert bool(((y - exact).abs() <= bound).all())
+    # and far inside it in practice: as close to the exact product as the reference
+    r = ref.linear_weight_only(x, qt, bias).double()
+    assert (y - exact).abs().max() <= 8 * max((r - exact).abs().max().item(), 1e-30)
+
+
+@needs_avx2
+@pytest.mark.parametrize("scheme", ["int8-sym-ch0", "int8-asym-ch0", "int4-sym-ch0"])
+def test_avx2_fp32_sums_carry_no_code_offset(scheme: str) -> None:
+    """Tokens with a large mean, one group over K = 4096: with the codes' 2^(bits - 1) offset
+    in the sums (as for 16-bit activations) the fp32 error was 300x the reference's (1.2e-4 of
+    max|y|), with centered codes but one sum over K 8.6e-6 of max|y| for the asymmetric weight
+    (the offset s (2^(bits - 1) - z)); centered codes in parts of 256 keep it near the
+    reference's (1.2e-6 here; the reference's was 2.7e-7 to 1e-6, by thread count)."""
+    g = torch.Generator().manual_seed(8)
+    qt = lq.quantize(torch.randn(64, 4096, generator=g), scheme)
+    x = 4 + 0.5 * torch.randn(5, 4096, generator=g)
+    exact = x.double() @ qt.dequantize(torch.float64).T
+    y = native.linear_avx2(x, qt, None, {}).double()
+    assert (y - exact).abs().max() <= 3e-6 * exact.abs().max()
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", ALL, ids=str)
 @pytest.mark.parametrize("scheme", ["int4-sym-ch0", "int4-asym-g32", "int8-sym-ch0",
                                     "int8-asym-g64"])
 def test_avx2_is_exact_when_every_sum_is(scheme: str, dtype: torch.dtype) -> None:
@@ -170,7 +218,7 @@ def test_avx2_is_exact_when_every_sum_is(scheme: str, dtype: torch.dtype) -> Non
 
 
 @needs_avx2
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", ALL, ids=str)
 def test_tokens_scaled_by_powers_of_two_give_exactly_scaled_outputs(dtype: torch.dtype) -> None:
     """Each token is brought to [1, 2) by a power of two before the products: tokens far
     outside that range (where the per-position factors down to 2^-28 would underflow without
@@ -180,8 +228,8 @@ def test_tokens_scaled_by_powers_of_two_give_exactly_scaled_outputs(dtype: torch
     x = ((torch.rand(3, 256, generator=g) + 0.5) * torch.randn(3, 256, generator=g).sign())
     x = x.to(dtype)  # no element near zero: every scaled input below is exact
     y = native.linear_avx2(x, qt, None, {}).float()
-    tiny = 2.0**-126 if dtype == torch.bfloat16 else 2.0**-14  # smallest normal
-    exps = (-122, -110, -60, 60, 100) if dtype == torch.bfloat16 else (-10, -4, 4, 6)
+    tiny = 2.0**-14 if dtype == torch.float16 else 2.0**-126  # smallest normal
+    exps = (-10, -4, 4, 6) if dtype == torch.float16 else (-122, -110, -60, 60, 100)
     for e in exps:
         xe = x * 2.0**e
         assert torch.equal(xe.float(), x.float() * 2.0**e)
@@ -231,7 +279,8 @@ def test_avx2_support_matrix() -> None:
     assert not native.avx2_supported(_qt(16, 60, "int4-sym-ch0"), bf)  # K % 8 != 0
     assert native.avx2_supported(_qt(16, 60, "int8-sym-ch0"), bf)  # K % 4 == 0
     assert not native.avx2_supported(_qt(16, 64, "int2-sym-g32"), bf)
-    assert not native.avx2_supported(_qt(16, 64, "int4-sym-g32"), torch.float32)  # fp32 math
+    assert native.avx2_supported(_qt(16, 64, "int4-sym-g32"), torch.float32)
+    assert not native.avx2_supported(_qt(16, 64, "int4-sym-g32"), torch.float64)
     assert not native.avx2_supported(_qt(16, 64, "int4-sym-ch1"), bf)  # per input channel
 
 
@@ -267,7 +316,9 @@ def test_isa_cap_leaves_only_the_avx2_kernel(monkeypatch: pytest.MonkeyPatch,
     for m in (1, 16, 256):
         assert kernels.select_path(torch.zeros(m, 512, dtype=bf), q4) == "cpu_native_avx2"
         assert kernels.select_path(torch.zeros(m, 1024, dtype=bf), q8) == "cpu_native_avx2"
-    assert kernels.select_path(torch.zeros(3, 512), q4) == "cpu_blocked"  # fp32 math
+    assert kernels.select_path(torch.zeros(3, 512), q4) == "cpu_native_avx2"  # fp32 math
+    assert kernels.select_path(torch.zeros(65, 512), q4) == "cpu_blocked"
+    assert kernels.NATIVE_AVX2_MAX_M_FP32 == 64
 
 
 @linux_x86

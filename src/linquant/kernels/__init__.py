@@ -29,22 +29,26 @@ Weight-only linear (:func:`linear_weight_only`) on CPU, first match wins:
    native kernel).
 3. ``cpu_native_avx2``: 4- or 8-bit, any mode, group-wise with a group of whole 32-bit words
    (a multiple of 8 / 4 codes), per output channel or per tensor, ``K`` a multiple of 8 / 4,
-   bf16 / fp16 activations, where :func:`linquant.kernels.native.available` ``("avx2")`` (x86-64
-   with AVX2, FMA and F16C and a C compiler): at every ``M`` where the CPU has no hardware
-   matmul for ``x.dtype`` (:func:`linquant.kernels.native.fast_half_matmul`: AVX512-BF16 or AMX
-   for bf16, AMX-FP16 for fp16), else at ``M <= NATIVE_AVX2_MAX_M`` (32). linquant's AVX2 kernel:
-   it decodes each code with one AND and one conversion per 8 weights and multiplies in fp32,
-   reading the weight once per call. It takes what rows 1 and 2 leave: every 4- and 8-bit
-   layer on CPUs without AVX-512 (there it beat the previous paths at every ``M`` measured,
-   1-1024: on 4096 x 4096 4-bit 0.38 ms at one token against 1.14 for ``cpu_int4pack``, 3.2 ms
-   against 5.0 at 16 tokens, 55 ms against 184 for ``cpu_scratch`` at 256), and here fp16
-   activations (``cpu_int4pack`` runs fp16 at a thirtieth of its bf16 speed: 15.6 ms at one
-   token on 4096 x 4096, the AVX2 kernel 0.5) and 8-bit asymmetric or group-wise weights (0.49
-   ms at one token instead of 5.5 for ``cpu_blocked``). Where bf16 matmuls run in hardware,
-   ``cpu_blocked`` / ``cpu_scratch`` overtake it between 16 and 64 tokens
-   (``benchmarks/bench_avx2_crossover.py``, which also shows how to cap every library at AVX2).
-   One token on weights under ``SMALL_WEIGHT_NUMEL`` that ``cpu_int8pack`` takes stays there
-   (a tie or up to 15% faster on MiniLM's shapes).
+   where :func:`linquant.kernels.native.available` ``("avx2")`` (x86-64 with AVX2, FMA and F16C
+   and a C compiler): bf16 / fp16 activations at every ``M`` where the CPU has no hardware
+   matmul for ``x.dtype`` (:func:`linquant.kernels.native.fast_half_matmul`: AVX512-BF16 or
+   AMX for bf16, AMX-FP16 for fp16), else at ``M <= NATIVE_AVX2_MAX_M`` (32); **fp32**
+   activations at ``M <= NATIVE_AVX2_MAX_M_FP32`` (64), with fp32 math (exact products of the
+   centered codes, fp32 sums: within 1.5e-6 of the reference's max here, the blocked path's
+   tolerance is 1e-5). linquant's AVX2 kernel: it decodes each code with one AND and one
+   conversion per 8 weights and multiplies in fp32, reading the weight once per call. It takes
+   what rows 1 and 2 leave: every 4- and 8-bit layer on CPUs without AVX-512 (there it beat
+   the previous paths at every ``M`` measured, 1-1024: on 4096 x 4096 4-bit 0.38 ms at one
+   token against 1.14 for ``cpu_int4pack``, 3.2 ms against 5.0 at 16 tokens, 55 ms against 184
+   for ``cpu_scratch`` at 256), and on every CPU fp16 activations (``cpu_int4pack`` runs fp16
+   at a thirtieth of its bf16 speed: 15.6 ms at one token on 4096 x 4096, the AVX2 kernel 0.5),
+   8-bit asymmetric or group-wise weights (0.49 ms at one token instead of 5.5 for
+   ``cpu_blocked``) and fp32 activations (W8A32 on 4096 x 4096: 0.56 ms at one token, 6x fp32
+   ``nn.Linear``, where ``cpu_blocked`` takes 2.3; level with it at 64 tokens, behind from
+   128). Where bf16 matmuls run in hardware, ``cpu_blocked`` / ``cpu_scratch`` overtake it
+   between 16 and 64 tokens (``benchmarks/bench_avx2_crossover.py``, which also shows how to
+   cap every library at AVX2). One token on weights under ``SMALL_WEIGHT_NUMEL`` that
+   ``cpu_int8pack`` takes stays there (a tie or up to 15% faster on MiniLM's shapes).
 4. ``cpu_int4pack``: 4-bit group-wise (group 32/64/128/256, ``N % 16 == 0``), bf16 / fp16
    activations, ``M < INT4PACK_MAX_M`` (64).
 5. ``cpu_int8split``: 8-bit symmetric per-output-channel or per-tensor, bf16 / fp16
@@ -60,6 +64,7 @@ Weight-only linear (:func:`linear_weight_only`) on CPU, first match wins:
 6. ``cpu_int8pack``: 8-bit symmetric per-output-channel, ``K % 16 == 0``, bf16 / fp16
    activations, ``M < INT8PACK_MAX_M`` (32).
 7. ``cpu_blocked``: ``M < BLOCKED_MAX_M`` (128), and fp32 / fp64 activations at every ``M``
+   (fp32 from 65 tokens where row 3 applies)
    for weights of ``SMALL_WEIGHT_NUMEL`` (1M) elements or more (W8A32 etc. keep fp32 math; on
    4096 x 4096, 2048 x 2048 and 4096 x 1024 weights this beat ``cpu_scratch`` and fp32
    ``nn.Linear`` at M = 128 and 256).
@@ -73,7 +78,8 @@ activations. Weights with fewer than ``MIN_FAST_NUMEL`` elements (they fit in L2
 then matmul costs microseconds) and every other device use ``reference``, bit-identical to
 ``F.linear(x, qweight.dequantize(x.dtype))``; so do empty inputs and inputs that require
 grad while grad is enabled (the fast paths use ``out=`` ops, aten ops without a backward and
-reused buffers; a float bias that requires grad is fine: it is added after the product).
+reused buffers; a float bias that requires grad is fine: it is added after the product, by
+autograd-visible torch ops, on the native paths too, which otherwise add it inside the kernel).
 
 Weight-only linear on CUDA: ``cuda_triton`` whenever triton is importable and
 :func:`linquant.kernels.triton_linear.supported` holds (4- / 8-bit codes, group-wise with a
@@ -159,6 +165,7 @@ __all__ = [
     "INT8SPLIT_MIN_M",
     "MIN_FAST_NUMEL",
     "NATIVE_AVX2_MAX_M",
+    "NATIVE_AVX2_MAX_M_FP32",
     "NATIVE_INT4_MAX_M",
     "NATIVE_W8A16_MAX_M",
     "ONEDNN_MIN_M",
@@ -185,6 +192,7 @@ INT4PACK_MAX_M = 64
 NATIVE_INT4_MAX_M = 256
 NATIVE_W8A16_MAX_M = 256
 NATIVE_AVX2_MAX_M = 32  # where the CPU multiplies x.dtype in hardware; no limit otherwise
+NATIVE_AVX2_MAX_M_FP32 = 64
 INT8PACK_MAX_M = 32
 INT8SPLIT_MIN_M = 2
 INT8SPLIT_MAX_M = 128
@@ -194,6 +202,13 @@ MIN_FAST_NUMEL = 1 << 16
 ONEDNN_MIN_M = 2
 FBGEMM_MAX_M = 8
 FBGEMM_MAX_M_SMALL = 32
+
+
+def _avx2_max_m(dtype: torch.dtype) -> int | float:
+    """Up to how many tokens ``cpu_native_avx2`` runs ``dtype`` activations."""
+    if dtype == torch.float32:
+        return NATIVE_AVX2_MAX_M_FP32
+    return NATIVE_AVX2_MAX_M if native.fast_half_matmul(dtype) else float("inf")
 
 
 def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
@@ -213,8 +228,7 @@ def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
             m > 1 or qweight.numel >= SMALL_WEIGHT_NUMEL
             or not cpu.int8pack_supported(qweight, x.dtype)):
         return "cpu_native_w8a16"
-    if ((m <= NATIVE_AVX2_MAX_M or not native.fast_half_matmul(x.dtype))
-            and native.avx2_supported(qweight, x.dtype)
+    if (m <= _avx2_max_m(x.dtype) and native.avx2_supported(qweight, x.dtype)
             and (m > 1 or qweight.numel >= SMALL_WEIGHT_NUMEL
                  or not cpu.int8pack_supported(qweight, x.dtype))):
         return "cpu_native_avx2"
@@ -254,6 +268,10 @@ def select_w8a8_path(
     return "cpu_onednn"
 
 
+def _bias_needs_grad(bias: torch.Tensor | None) -> bool:
+    return bias is not None and bias.requires_grad and torch.is_grad_enabled()
+
+
 def linear_weight_only(
     x: torch.Tensor,
     qweight: QuantizedTensor,
@@ -265,6 +283,9 @@ def linear_weight_only(
 
     ``cache``: a dict owned by the caller (a layer) where repacked layouts are kept."""
     path = select_path(x, qweight) if isinstance(x, torch.Tensor) else "reference"
+    if path.startswith("cpu_native") and _bias_needs_grad(bias):
+        assert bias is not None  # the native kernels add the bias inside, out of autograd's view
+        return linear_weight_only(x, qweight, None, cache) + bias.to(x.dtype)
     if path == "cuda_triton":
         return triton_linear.linear(x, qweight, bias, cache)
     if path == "cpu_native_int4":
@@ -298,6 +319,10 @@ def linear_w8a8(
     """int8 weights x int8 activations; see :func:`reference.linear_w8a8` (the formula) and
     :func:`select_w8a8_path` (the choice). ``cache``: as for :func:`linear_weight_only`."""
     path = select_w8a8_path(x, w_int8, act_scale) if isinstance(x, torch.Tensor) else "reference"
+    if path == "cpu_native_w8a8" and _bias_needs_grad(bias):
+        assert bias is not None
+        return (linear_w8a8(x, w_int8, w_scale, None, act_scale, act_zero_point, cache)
+                + bias.to(x.dtype))
     if path == "cpu_native_w8a8":
         return native.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
     if path == "cpu_fbgemm":

@@ -21,17 +21,21 @@ Three kernels, each in its own shared library with its own CPU requirement (Linu
   exact int32 sums; compiled with ``-ffp-contract=off``). Dynamic tokens holding Inf or NaN
   send the call to the reference.
 * ``avx2`` (``csrc/wa16_avx2.c``, path ``cpu_native_avx2``): 4- or 8-bit weights, any mode, in
-  groups of whole 32-bit words of codes, per output channel or per tensor, with bf16 or fp16
-  activations, on any x86-64 CPU with AVX2, FMA and F16C (Intel Haswell and later, AMD Zen 1
-  and later): the weight-only kernel for CPUs without AVX-512, and for what the AVX-512 kernels
-  do not take (fp16 activations, 8-bit asymmetric or group-wise weights). Each 32-bit word holds
-  ``32 / bits`` codes of one output channel; ``(word & mask_j)`` is the code times
-  ``2^(bits j)``, converted to fp32 exactly, and the ``2^-(bits j)`` is folded into a prepared
-  copy of the activations, so each 8 weights cost one AND, one conversion and one FMA per token.
-  Numerics: each token is first scaled by a power of two into ``[1, 2)`` (exact), products
-  ``x u`` are exact, sums are fp32 per group, ``y = 2^p (sum_g s dot_g + o xs_g) + bias`` in
-  fp32, rounded once to ``x.dtype``; the dequantized weight is never rounded to 16 bits. Tokens
-  holding Inf or NaN send the call to the reference.
+  groups of whole 32-bit words of codes, per output channel or per tensor, with bf16, fp16 or
+  fp32 activations, on any x86-64 CPU with AVX2, FMA and F16C (Intel Haswell and later, AMD
+  Zen 1 and later): the weight-only kernel for CPUs without AVX-512, and for what the AVX-512
+  kernels do not take (fp16 and fp32 activations, 8-bit asymmetric or group-wise weights).
+  Each 32-bit word holds ``32 / bits`` codes of one output channel; ``(word & mask_j)`` is the
+  code times ``2^(bits j)``, converted to fp32 exactly, and the ``2^-(bits j)`` is folded into
+  a prepared copy of the activations, so each 8 weights cost one AND, one conversion and one
+  FMA per token. Numerics: each token is first scaled by a power of two into ``[1, 2)``
+  (exact); the products ``x u`` are exact for 16-bit activations (fp32 ones are rounded once,
+  into the sum, by the FMA); sums are fp32 per group, ``y = 2^p (sum_g s dot_g + o xs_g) +
+  bias`` in fp32, rounded once to ``x.dtype``; the dequantized weight is never rounded to 16
+  bits. For fp32 activations the codes are centered (``u - 2^(bits - 1)``, one more
+  subtraction per 8 weights), so that a symmetric weight's sums carry no offset times ``sum x``
+  whose rounding would cost fp32 results about 4 bits. Tokens holding Inf or NaN send the call
+  to the reference.
 
 Building: the first call that needs a kernel compiles its C source with ``$CC`` (default
 ``cc``) and ``-O3 -ffp-contract=off -fopenmp`` plus ``-mavx512f -mavx512bw -mavx512vl`` and
@@ -547,16 +551,17 @@ def linear_w8a16(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
 # ---- weight-only on AVX2 (CPUs without AVX-512) ------------------------------------------------
 
 BLOCK_N_AVX2 = 8  # output channels per block (one fp32 AVX2 vector)
+AVX2_MAX_GROUP = 256  # longer groups are split (repack_avx2)
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 def avx2_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
     """Whether :func:`linear_avx2` handles ``qt`` with ``dtype`` activations (builds the kernel
     on first call): 4- or 8-bit codes, group-wise (a group of whole 32-bit words: a multiple of
-    8 / 4 codes) or per output channel or per tensor, any mode, ``K`` a multiple of 8 / 4, bf16
-    or fp16 activations."""
+    8 / 4 codes) or per output channel or per tensor, any mode, ``K`` a multiple of 8 / 4, bf16,
+    fp16 or fp32 activations."""
     s = qt.scheme
-    if not (qt.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    if not (qt.device.type == "cpu" and dtype in _DTYPE_CODES
             and len(qt.shape) == 2 and s.bits in (4, 8)
             and (s.granularity in ("group", "tensor")
                  or (s.granularity == "channel" and s.axis % 2 == 0))):
@@ -570,19 +575,25 @@ def avx2_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
 def repack_avx2(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
     """``(codes, scales, offsets, compact)`` in the AVX2 kernel's layout (see its C source):
     codes int32 ``[ceil(N / 8), K * bits / 32, 8]``, the codes of each row and 32-bit word
-    packed from the low bits up; per group and row, as ``[ceil(N / 8), K / g, 8]``: fp32 scales
-    ``s`` and fp32 offsets ``o`` (``w = s u + o`` for the unsigned codes ``u``: symmetric
-    codes ``c`` become ``u = c + 2**(bits - 1)``), or, ``compact`` (scales exact in fp16, no
-    float offset), fp16 scales and int16 zero points ``z`` (``o = -s z``), half the bytes.
-    Rows past ``N`` are zero. ``compact=None`` picks it where possible; False forces the fp32
-    format. The codes need no unpacking: see the comment below."""
+    packed from the low bits up; per group and row, as ``[ceil(N / 8), K / g', 8]``: fp32
+    scales ``s`` and fp32 centered offsets ``o_c`` with ``w = s (u - 2**(bits - 1)) + o_c`` for
+    the unsigned codes ``u`` (symmetric codes ``c`` become ``u = c + 2**(bits - 1)``, and their
+    ``o_c`` is 0), or, ``compact`` (scales exact in fp16, no float offset), fp16 scales and
+    int16 zero points ``z`` (``w = s (u - z)``), half the bytes. ``g'`` is the group, or for
+    groups longer than ``AVX2_MAX_GROUP`` codes (per channel, per tensor) the largest divisor of
+    it up to that many, each part with the group's parameters. Rows past ``N`` are zero.
+    ``compact=None`` picks it where possible; False forces the fp32 format. The codes need no
+    unpacking: see the comment below."""
     n, k = (int(d) for d in qt.shape)
     bits = qt.scheme.bits
     per, g = 32 // bits, int(qt.scheme.group_size or k)
     groups = k // g
+    # Groups of more than AVX2_MAX_GROUP codes (per channel, per tensor) are split, each part
+    # with the group's parameters: shorter fp32 sums, which cancel their offset term per part.
+    sub = max(d for d in range(per, min(g, AVX2_MAX_GROUP) + 1, per) if g % d == 0)
 
-    def per_row(t: torch.Tensor) -> torch.Tensor:  # per tensor / channel / group -> [N, K / g]
-        return t.float().reshape(-1, groups).expand(n, groups)
+    def per_row(t: torch.Tensor) -> torch.Tensor:  # per tensor / channel / group -> [N, K / sub]
+        return t.float().reshape(-1, groups).expand(n, groups).repeat_interleave(g // sub, dim=1)
 
     scale = per_row(qt.scale)
     half = scale.half()
@@ -596,10 +607,9 @@ def repack_avx2(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
         scale, 0.0 if qt.offset is not None else float(1 << (bits - 1)))
     if compact:
         scale, offset = half, zf.to(torch.int16)
-    elif qt.offset is not None:
-        offset = per_row(qt.offset)
-    else:
-        offset = -(scale * zf)
+    else:  # centered: o + 2^(bits - 1) s, from fp64 (exactly 0 for symmetric codes)
+        o = per_row(qt.offset).double() if qt.offset is not None else -(scale.double() * zf)
+        offset = (o + float(1 << (bits - 1)) * scale.double()).float()
     # The stored codes are a little-endian bit stream (linquant.ops.packing), so with K a
     # multiple of P each row is whole 32-bit words already in the kernel's order; symmetric
     # (two's complement) codes c become c + 2^(bits - 1) by flipping each code's top bit.
@@ -625,8 +635,8 @@ def _run_avx2(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: La
               bias: torch.Tensor | None) -> torch.Tensor | None:
     """The AVX2 kernel on ``x [..., K]``; None when some token holds Inf or NaN."""
     n, k = (int(d) for d in qt.shape)
-    g = int(qt.scheme.group_size or k)
     codes, scales, offsets, compact = layout
+    g = k // int(scales.shape[1])  # the layout's (possibly split) group
     x2 = x.reshape(-1, k).contiguous()
     m = int(x2.shape[0])
     xp = torch.empty(m, k, dtype=torch.float32)
@@ -645,9 +655,10 @@ def _run_avx2(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: La
 
 def linear_avx2(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
                 cache: dict[str, Any] | None = None) -> torch.Tensor:
-    """:func:`linquant.kernels.reference.linear_weight_only` for bf16 / fp16 ``x`` and a 4- or
-    8-bit weight (:func:`avx2_supported`), on the layout of :func:`repack_avx2`, built once and
-    kept in ``cache``."""
+    """:func:`linquant.kernels.reference.linear_weight_only` for bf16 / fp16 / fp32 ``x`` and a
+    4- or 8-bit weight (:func:`avx2_supported`), on the layout of :func:`repack_avx2`, built
+    once and kept in ``cache``. fp32 activations get fp32 math on centered codes (no
+    ``2^(bits - 1)`` offset in the sums)."""
     lib = _load(AVX2)
     assert lib is not None, "linear_avx2 needs available('avx2')"
     layout = cpu._cached(cache, "native_avx2", cpu._key(qt, torch.int32),

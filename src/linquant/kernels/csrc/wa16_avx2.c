@@ -3,7 +3,8 @@
  * to Raptor Lake client parts, AMD Zen 1-3.
  *
  * y[m, n] = sum_k x[m, k] * w[n, k] with w[n, k] = s[n, g] * u[n, k] + o[n, g], where u is the
- * unsigned code (0 .. 2^bits - 1), g = k / group and (s, o) are fp32 per (row, group).
+ * unsigned code (0 .. 2^bits - 1), g = k / group and (s, o) are fp32 per (row, group) (stored
+ * as s and the centered offset o + 2^(bits - 1) s: see group_params).
  *
  * Weight layout (built by linquant.kernels.native.repack_avx2): row blocks of 8 output channels;
  * within a block, one 32-bit word per row and per P = 32 / bits consecutive k, the 8 words of a
@@ -33,37 +34,53 @@
 #define PREFETCH_BYTES 2048
 #endif
 
-/* The per-group scale and offset of 8 rows: full format, fp32 s and o; compact format, fp16 s
- * and int16 z with o = -(s * z) (exact in fp32). */
+/* The per-group scale and offset of 8 rows, with w = s u + o (center: w = s (u - 2^(bits - 1))
+ * + o, the offset for centered codes). Full format: fp32 s and the centered offset o_c (stored
+ * so, computed exactly or rounded once from fp64: 0 for symmetric codes; uncentered,
+ * o = o_c - 2^(bits - 1) s); compact format: fp16 s and int16 z, o = -(s z) and
+ * o_c = s (2^(bits - 1) - z), both exact in fp32. */
 ALWAYS_INLINE void group_params(const void* sb, const void* ob, int64_t i, const int compact,
-                                __m256* s, __m256* o)
+                                const int center, const int bits, __m256* s, __m256* o)
 {
+    const __m256 half = _mm256_set1_ps((float)(1 << (bits - 1)));
     if (compact) {
         *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)sb + i)));
         __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
             _mm_loadu_si128((const __m128i*)((const int16_t*)ob + i))));
-        *o = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(*s, z));
+        if (center)
+            *o = _mm256_mul_ps(*s, _mm256_sub_ps(half, z));
+        else
+            *o = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(*s, z));
     } else {
         *s = _mm256_loadu_ps((const float*)sb + i);
         *o = _mm256_loadu_ps((const float*)ob + i);
+        if (!center)
+            *o = _mm256_fnmadd_ps(half, *s, *o);
     }
 }
 
-ALWAYS_INLINE __m256 decode(__m256i w, const int bits, const int j)
+/* Code j of 8 words as fp32 times 2^(bits j) (the last code: times 1); center: minus
+ * 2^(bits - 1) (exact: at most 24 significant bits). */
+ALWAYS_INLINE __m256 decode(__m256i w, const int bits, const int j, const int center)
 {
     const int P = 32 / bits;
     __m256i u;
-    if (j == P - 1)
+    float c;
+    if (j == P - 1) {
         u = _mm256_srli_epi32(w, 32 - bits);
-    else
+        c = (float)(1 << (bits - 1));
+    } else {
         u = _mm256_and_si256(w, _mm256_set1_epi32((int)(((1u << bits) - 1u) << (bits * j))));
-    return _mm256_cvtepi32_ps(u);
+        c = (float)(1 << (bits - 1)) * (float)(1u << (bits * j));
+    }
+    __m256 f = _mm256_cvtepi32_ps(u);
+    return center ? _mm256_sub_ps(f, _mm256_set1_ps(c)) : f;
 }
 
 ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, const int compact,
                         const float* xp, const float* xs, const float* ts, const float* bias,
                         float* y, int64_t m0, const int MT, int64_t N, int64_t K, int64_t g,
-                        int64_t b, const int bits)
+                        int64_t b, const int bits, const int center)
 {
     const int P = 32 / bits, C = 8 / MT; /* C independent sums per token: 8 FMA chains */
     const int64_t G = K / g, wpg = g / P;
@@ -81,7 +98,7 @@ ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, cons
             __m256i word = _mm256_loadu_si256((const __m256i*)(p + w * 8));
 #pragma GCC unroll 8
             for (int j = 0; j < P; j++) {
-                __m256 f = decode(word, bits, j);
+                __m256 f = decode(word, bits, j, center);
 #pragma GCC unroll 4
                 for (int m = 0; m < MT; m++)
                     acc[m * C + j % C] = _mm256_fmadd_ps(
@@ -89,7 +106,7 @@ ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, cons
             }
         }
         __m256 s, o;
-        group_params(sb, ob, gi * 8, compact, &s, &o);
+        group_params(sb, ob, gi * 8, compact, center, bits, &s, &o);
 #pragma GCC unroll 4
         for (int m = 0; m < MT; m++) {
             __m256* a = acc + m * C; /* a fixed tree: the same order for every call */
@@ -125,20 +142,20 @@ ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, cons
 ALWAYS_INLINE void rows(const uint32_t* pb, const void* sb, const void* ob, const int compact,
                         const float* xp, const float* xs, const float* ts, const float* bias,
                         float* y, int64_t M, int64_t N, int64_t K, int64_t g, int64_t b,
-                        const int bits)
+                        const int bits, const int center)
 {
     int64_t m0 = 0;
     while (m0 < M) {
         int64_t left = M - m0;
-        if (left >= 4) { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 4, N, K, g, b, bits); m0 += 4; }
-        else if (left >= 2) { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 2, N, K, g, b, bits); m0 += 2; }
-        else { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 1, N, K, g, b, bits); m0 += 1; }
+        if (left >= 4) { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 4, N, K, g, b, bits, center); m0 += 4; }
+        else if (left >= 2) { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 2, N, K, g, b, bits, center); m0 += 2; }
+        else { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 1, N, K, g, b, bits, center); m0 += 1; }
     }
 }
 
 static void gemm(const uint32_t* codes, const void* sb, const void* ob, const int compact,
                  const float* xp, const float* xs, const float* ts, const float* bias, float* y,
-                 int64_t M, int64_t N, int64_t K, int64_t g, const int bits)
+                 int64_t M, int64_t N, int64_t K, int64_t g, const int bits, const int center)
 {
     const int64_t nb = (N + 7) / 8, G = K / g, words = K / (32 / bits);
     const size_t pbytes = compact ? 2 : 4;
@@ -147,14 +164,14 @@ static void gemm(const uint32_t* codes, const void* sb, const void* ob, const in
         const uint32_t* pb = codes + b * words * 8;
         const char* sbb = (const char*)sb + b * G * 8 * pbytes;
         const char* obb = (const char*)ob + b * G * 8 * pbytes;
-        if (bits == 4 && compact)
-            rows(pb, sbb, obb, 1, xp, xs, ts, bias, y, M, N, K, g, b, 4);
-        else if (bits == 4)
-            rows(pb, sbb, obb, 0, xp, xs, ts, bias, y, M, N, K, g, b, 4);
-        else if (compact)
-            rows(pb, sbb, obb, 1, xp, xs, ts, bias, y, M, N, K, g, b, 8);
+#define ROWS(C, B, Z) rows(pb, sbb, obb, C, xp, xs, ts, bias, y, M, N, K, g, b, B, Z)
+        if (bits == 4)
+            compact ? (center ? ROWS(1, 4, 1) : ROWS(1, 4, 0))
+                    : (center ? ROWS(0, 4, 1) : ROWS(0, 4, 0));
         else
-            rows(pb, sbb, obb, 0, xp, xs, ts, bias, y, M, N, K, g, b, 8);
+            compact ? (center ? ROWS(1, 8, 1) : ROWS(1, 8, 0))
+                    : (center ? ROWS(0, 8, 1) : ROWS(0, 8, 0));
+#undef ROWS
     }
 }
 
@@ -269,6 +286,8 @@ int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int6
                              (int)bits, xp + m * K, xs + m * G, ts + m);
     if (bad)
         return bad;
-    gemm(codes, sb, ob, (int)compact, xp, xs, ts, bias, y, M, N, K, g, (int)bits);
+    /* fp32 activations: centered codes, so that a symmetric weight's sums carry no
+     * 2^(bits - 1) x offset (whose rounding would cost fp32 results about 4 bits). */
+    gemm(codes, sb, ob, (int)compact, xp, xs, ts, bias, y, M, N, K, g, (int)bits, dtype == 2);
     return 0;
 }
