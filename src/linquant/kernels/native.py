@@ -58,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import os
 import platform
@@ -101,6 +102,7 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "linquant"
 
 
+@functools.cache  # the hardware does not change; fast_half_matmul is per call
 def _cpu_has(feature: str) -> bool:
     probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
     try:
