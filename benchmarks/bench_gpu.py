@@ -4,20 +4,29 @@ Weight-only rows (bf16 activations, bias, through ``QuantLinear`` and the dispat
 picks ``cuda_triton``): W4A16 ``int4-sym-g128``, ``int4-asym-g32`` (and ``int4-sym-g64`` with
 ``--schemes``), W8A16 ``int8-sym-ch0``; the same int4-sym-g128 codes through PyTorch's tinygemm
 ``torch._weight_int4pack_mm``; torchao's int4 (group 128) / int8 weight-only configs when
-torchao imports; and, for one token, linquant's split-K kernel forced instead of the GEMV (for
-16 tokens, the tiled kernel) so the crossover can be checked. W8A8 rows: ``W8A8Linear``
-(dynamic per-token int8 activations, whatever path the dispatcher picks) at M = 1024, 2048,
-4096.
+torchao imports. W8A8 rows: ``W8A8Linear`` (dynamic per-token int8 activations, whatever path
+the dispatcher picks) at M = 1024, 2048, 4096.
 
-Each row prints the median ms (``triton.testing.do_bench``: warm-up, L2 flushed before every
-run, so the weight comes from HBM as in a real model), the ratio to bf16 ``nn.Linear`` at the
-same M (> 1 = faster), the max error relative to the output's max magnitude against the
-reference (linquant's oracle on the same quantized weight; "vs float" for torchao, which
-quantizes on its own), and the kernel / path used. The first call of a shape autotunes (a few
+Two timings per row, each with the ratio to bf16 ``nn.Linear`` at the same M (> 1 = faster):
+
+* ``eager``: ``triton.testing.do_bench`` on one layer (median; L2 flushed before every call, so
+  the weight comes from HBM). It includes the Python work of each call (dispatcher, launch)
+  where that outlasts the flush, as a plain PyTorch model sees it.
+* ``graph``: the calls captured in one CUDA graph, one call per distinct copy of the weight
+  (enough copies for >= 256 MiB, so no call finds its weight in the 50-60 MB L2), replayed
+  back to back; median over replays of the time per call. GPU time only: what a server that
+  replays CUDA graphs (or ``torch.compile`` with CUDA graphs) sees.
+
+Then ``--sweep``: every config of linquant's kernels, forced, graph-timed the same way, for
+``gemv`` at M = 1, ``splitk`` at M = 16 and ``tiled`` at M = 2048, per scheme, so the
+autotuner's choice and the headroom can be read off. The max error is relative to the output's
+max magnitude against the reference (linquant's oracle on the same quantized weight; "vs
+float" for torchao, which quantizes on its own). The first call of a shape autotunes (a few
 seconds per scheme and M); that time is not in the medians.
 
     python benchmarks/bench_gpu.py [--ms 1,16,2048] [--w8a8-ms 1024,2048,4096] [--n 8192]
         [--k 8192] [--schemes int4-sym-g128,int4-asym-g32,int8-sym-ch0] [--no-extras]
+        [--sweep]
 """
 
 from __future__ import annotations
@@ -60,47 +69,103 @@ def bench_ms(fn: Fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
 
 
+def graph_ms(fns: list[Fn], replays: int = 30) -> float:
+    """Median ms per call of ``fns`` captured back to back in one CUDA graph (each on its own
+    weight copy, so the weights rotate through more memory than L2 holds)."""
+    for f in fns:  # compile, autotune and build layouts outside the capture
+        f()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / len(fns))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copies_for(nbytes: int) -> int:
+    """Distinct weight copies that together hold >= 256 MiB (2 to 8)."""
+    return max(2, min(8, -(-(256 << 20) // max(nbytes, 1))))
+
+
 def rel_err(y: torch.Tensor, r: torch.Tensor) -> float:
     return float((y.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-12))
 
 
-class Table:
-    def __init__(self) -> None:
-        self.base: dict[int, float] = {}
-        print(f"{'M':>5} {'row':<40} {'ms':>9} {'x bf16':>7} {'max err':>10}  path")
+def _short(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:90]
 
-    def row(self, m: int, name: str, fn: Fn | None, check: Fn | None = None,
-            path: str | Callable[[], str] = "", note: str = "") -> None:
-        if fn is None:
-            print(f"{m:>5} {name:<40} {'n/a':>9} {'':>7} {'':>10}  {note}", flush=True)
+
+class Table:
+    def __init__(self, title: str = "") -> None:
+        self.base: dict[int, tuple[float, float | None]] = {}
+        if title:
+            print(f"\n{title}")
+        print(f"{'M':>5} {'row':<40} {'eager ms':>9} {'x bf16':>7} {'graph ms':>9} "
+              f"{'x bf16':>7} {'max err':>10}  path")
+
+    def row(self, m: int, name: str, fns: list[Fn] | None, check: Fn | None = None,
+            path: str | Callable[[], str] = "", note: str = "", eager: bool = True) -> None:
+        if not fns:
+            print(f"{m:>5} {name:<40} {'n/a':>9} {'':>7} {'':>9} {'':>7} {'':>10}  {note}",
+                  flush=True)
             return
         try:
-            y = fn()  # first call: compile / autotune, outside the timing
+            y = fns[0]()  # first call: compile / autotune, outside the timing
             torch.cuda.synchronize()
-            ms = bench_ms(fn)
             err = "" if check is None else f"{rel_err(y, check()):.2e}"
+            ms = bench_ms(fns[0]) if eager else float("nan")
         except Exception as e:  # one failing library must not end the run
-            msg = f"{type(e).__name__}: {e}".splitlines()[0][:90]
-            print(f"{m:>5} {name:<40} {'error':>9} {'':>7} {'':>10}  {msg}", flush=True)
+            print(f"{m:>5} {name:<40} {'error':>9} {'':>7} {'':>9} {'':>7} {'':>10}  "
+                  f"{_short(e)}", flush=True)
             return
+        try:
+            gms: float | None = graph_ms(fns)
+            g_txt = f"{gms:>9.4f}"
+        except Exception as e:
+            gms, g_txt = None, f"{'n/a':>9}"
+            note = f"{note} graph: {_short(e)}".strip()
         if callable(path):
             path = path()  # after the runs: e.g. the config the autotuner settled on
         if name.startswith("bf16"):
-            self.base[m] = ms
-        ratio = f"{self.base[m] / ms:.2f}" if m in self.base else ""
-        print(f"{m:>5} {name:<40} {ms:>9.4f} {ratio:>7} {err:>10}  {path} {note}".rstrip(),
-              flush=True)
+            self.base[m] = (ms, gms)
+        r_e = r_g = ""
+        if m in self.base:
+            be, bg = self.base[m]
+            r_e = f"{be / ms:.2f}" if eager else ""
+            r_g = f"{bg / gms:.2f}" if (bg is not None and gms) else ""
+        e_txt = f"{ms:>9.4f}" if eager else f"{'-':>9}"
+        print(f"{m:>5} {name:<40} {e_txt} {r_e:>7} {g_txt} {r_g:>7} {err:>10}  {path} "
+              f"{note}".rstrip(), flush=True)
 
 
 def triton_config(kind: str) -> str:
     """The config linquant's autotuner last used for ``kind`` (empty if none)."""
     kern = tlin._kernels()
-    tuned = {"gemv": kern.gemv_tuned, "splitk": kern.splitk_tuned,
-             "tiled": kern.tiled_tuned}[kind]
+    tuned = {"gemv_t": kern.gemv_t_tuned, "gemv": kern.gemv_tuned,
+             "splitk": kern.splitk_tuned, "tiled": kern.tiled_tuned}[kind]
     cfg = getattr(tuned, "best_config", None)
     if cfg is None:
         return ""
-    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "SPLIT_K": "S", "SWAP": "swap"}
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_K": "K", "BLOCK_KW": "KW", "SPLIT_K": "S",
+             "SWAP": "swap"}
     kw = " ".join(f"{short.get(k, k)}{v}" for k, v in cfg.kwargs.items())
     return f"[{kw} w{cfg.num_warps} s{cfg.num_stages}]"
 
@@ -175,7 +240,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--schemes", default="int4-sym-g128,int4-asym-g32,int8-sym-ch0")
     ap.add_argument("--no-extras", action="store_true",
-                    help="skip tinygemm, torchao and the forced-kernel rows")
+                    help="skip tinygemm and torchao")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time every config of every kernel, forced")
+    ap.add_argument("--overhead", action="store_true",
+                    help="also measure the host time per eager call, layer by layer")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU; none is visible to torch (nothing measured)")
@@ -190,66 +259,198 @@ def main() -> None:
     print(f"linear {n}x{k} (out x in), bf16 activations, bias; triton available: "
           f"{tlin.triton_available()}")
 
-    lin = nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
-    layers = {s: QuantLinear.from_float(lin, s).to(dev) for s in schemes}
+    n_lin = copies_for(n * k * 2)
+    lins = [nn.Linear(k, n, device=dev, dtype=torch.bfloat16) for _ in range(n_lin)]
+    layers: dict[str, list[QuantLinear]] = {}
+    for s in schemes:
+        first = QuantLinear.from_float(lins[0], s).to(dev)
+        nbytes = sum(t.numel() * t.element_size() for t in first.qweight.tensors().values())
+        layers[s] = [first] + [QuantLinear.from_float(lins[i % n_lin], s).to(dev)
+                               for i in range(1, copies_for(nbytes))]
+    print("weight copies per row (>= 256 MiB): bf16 " + str(n_lin) + ", "
+          + ", ".join(f"{s} {len(v)}" for s, v in layers.items()))
     extras = not args.no_extras
-    ao = {kind: torchao_layer(lin, kind) for kind in ("int4", "int8")} if extras else {}
+    ao = {kind: torchao_layer(lins[0], kind) for kind in ("int4", "int8")} if extras else {}
 
     torch.set_grad_enabled(False)  # inference: no autograd bookkeeping in any row
     table = Table()
     for m in ms:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        table.row(m, "bf16 nn.Linear (cuBLAS)", lambda x=x: F.linear(x, lin.weight, lin.bias))
-        for s, q in layers.items():
-            path = kernels.select_path(x, q.qweight)
-            kind = tlin.kernel_for(m) if path == "cuda_triton" else ""
+        table.row(m, "bf16 nn.Linear (cuBLAS)",
+                  [lambda x=x, lin=lin: F.linear(x, lin.weight, lin.bias) for lin in lins])
+        for s, qs in layers.items():
+            q0 = qs[0]
+            path = kernels.select_path(x, q0.qweight)
+            kind = tlin.kernel_for(m, q0.qweight) if path == "cuda_triton" else ""
 
             def describe(path: str = path, kind: str = kind) -> str:
                 return f"{path} {kind} {triton_config(kind) if kind else ''}".strip()
 
-            table.row(m, f"linquant {s}", lambda q=q, x=x: q(x),
-                      lambda q=q, x=x: ref.linear_weight_only(x, q.qweight, q.bias),
+            table.row(m, f"linquant {s}", [lambda q=q, x=x: q(x) for q in qs],
+                      lambda q=q0, x=x: ref.linear_weight_only(x, q.qweight, q.bias),
                       path=describe)
         if not extras:
             continue
-        q4 = layers.get("int4-sym-g128")
-        if q4 is not None and m in (1, 16) and kernels.select_path(x, q4.qweight) == "cuda_triton":
-            alt = "splitk" if m == 1 else "tiled"
-            cache: dict[str, object] = {}
-            table.row(m, f"linquant int4-sym-g128 [{alt} forced]",
-                      lambda q4=q4, x=x, alt=alt, cache=cache: tlin.linear(
-                          x, q4.qweight, q4.bias, cache, kernel=alt),
-                      lambda q4=q4, x=x: ref.linear_weight_only(x, q4.qweight, q4.bias),
-                      path="cuda_triton")
-        if q4 is not None:
-            fn, note = tinygemm_setup(q4, x)
+        q4s = layers.get("int4-sym-g128")
+        if q4s is not None:
+            fns: list[Fn] = []
+            note = ""
+            for q in q4s:
+                fn, note = tinygemm_setup(q, x)
+                if fn is None:
+                    fns = []
+                    break
+                fns.append(fn)
 
-            def check(q4: QuantLinear = q4, x: torch.Tensor = x) -> torch.Tensor:
+            def check(q4: QuantLinear = q4s[0], x: torch.Tensor = x) -> torch.Tensor:
                 return ref.linear_weight_only(x, q4.qweight, None)
 
-            table.row(m, "tinygemm _weight_int4pack_mm g128", fn, check, note=note or "no bias")
+            table.row(m, "tinygemm _weight_int4pack_mm g128", fns, check,
+                      note=note or "no bias")
         for kind, (layer, note) in ao.items():
             label = f"torchao {kind} weight-only" + (" g128" if kind == "int4" else "")
             if layer is None:
                 table.row(m, label, None, note=note)
             else:
-                table.row(m, label, lambda layer=layer, x=x: layer(x),
-                          lambda x=x: F.linear(x, lin.weight, lin.bias), path="vs float")
+                table.row(m, label, [lambda layer=layer, x=x: layer(x)],
+                          lambda x=x: F.linear(x, lins[0].weight, lins[0].bias),
+                          path="vs float (one copy: L2-warm in the graph column)")
 
     if w8a8_ms:
-        w8 = W8A8Linear.from_float(lin).to(dev)
+        w8s = [W8A8Linear.from_float(lins[i % n_lin]).to(dev)
+               for i in range(copies_for(n * k))]
         for m in w8a8_ms:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            table.row(m, "bf16 nn.Linear (cuBLAS)", lambda x=x: F.linear(x, lin.weight, lin.bias))
-            path = kernels.select_w8a8_path(x, w8.weight_qdata)
-            table.row(m, "linquant W8A8Linear (dynamic)", lambda x=x: w8(x),
-                      lambda x=x: ref.linear_w8a8(x, w8.weight_qdata, w8.weight_scale, w8.bias),
+            table.row(m, "bf16 nn.Linear (cuBLAS)",
+                      [lambda x=x, lin=lin: F.linear(x, lin.weight, lin.bias) for lin in lins])
+            path = kernels.select_w8a8_path(x, w8s[0].weight_qdata)
+            table.row(m, "linquant W8A8Linear (dynamic)", [lambda x=x, w=w: w(x) for w in w8s],
+                      lambda x=x, w8=w8s[0]: ref.linear_w8a8(x, w8.weight_qdata,
+                                                             w8.weight_scale, w8.bias),
                       path=path)
+
+    if args.overhead:
+        overhead()
+    if args.sweep:
+        sweep(layers, lins, k)
+        if w8a8_ms:
+            sweep_w8a8(w8s, lins, k, w8a8_ms[:2])
     if tlin.failures():
         print("Triton kernels that failed (those rows used the reference):")
         for key, err in tlin.failures().items():
             print(f"  {key}: {err.splitlines()[0][:200]}")
     print(f"total {time.perf_counter() - t_start:.0f} s (compilation and autotuning included)")
+
+
+def sweep(layers: dict[str, list[QuantLinear]], lins: list[nn.Linear], k: int) -> None:
+    """Every config of each kernel, forced, graph-timed (see the module docstring)."""
+    dev = lins[0].weight.device
+    for kind, m in (("gemv_t", 1), ("gemv", 1), ("splitk", 16), ("tiled", 2048)):
+        table = Table(f"sweep: {kind} kernel at M = {m}, every config (graph-timed)")
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        table.row(m, "bf16 nn.Linear (cuBLAS)",
+                  [lambda x=x, lin=lin: F.linear(x, lin.weight, lin.bias) for lin in lins],
+                  eager=False)
+        for s, qs in layers.items():
+            for cfg in tlin.CONFIGS[kind]:
+                short = " ".join(f"{kk[6:] if kk.startswith('BLOCK') else kk[:2]}{v}"
+                                 for kk, v in cfg.items()
+                                 if kk.startswith(("BLOCK", "SPLIT", "SWAP")))
+                short += f" w{cfg['num_warps']} s{cfg['num_stages']}"
+                table.row(m, f"{s} [{short}]"[:40],
+                          [lambda q=q, x=x, cfg=cfg, kind=kind: tlin.linear(
+                              x, q.qweight, q.bias, q.kernel_cache(), kernel=kind,
+                              config=dict(cfg)) for q in qs],
+                          lambda q=qs[0], x=x: ref.linear_weight_only(x, q.qweight, q.bias),
+                          eager=False)
+
+
+
+def sweep_w8a8(w8s: list[W8A8Linear], lins: list[nn.Linear], k: int, ms: list[int]) -> None:
+    """Every W8A8 GEMM config (forced), and the activation quantization alone, graph-timed."""
+    from linquant.kernels import triton_w8a8 as tw
+
+    dev = lins[0].weight.device
+    for m in ms:
+        table = Table(f"sweep: W8A8 at M = {m}, every GEMM config (graph-timed; rows include "
+                      "the activation quantization)")
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        table.row(m, "bf16 nn.Linear (cuBLAS)",
+                  [lambda x=x, lin=lin: F.linear(x, lin.weight, lin.bias) for lin in lins],
+                  eager=False)
+        table.row(m, "activation quantization only",
+                  [lambda x=x: tw.quantize_activations(x)[0]] * len(w8s), eager=False)
+        for cfg in tw.CONFIGS:
+            if m >= 128 and cfg[0] < 64:
+                continue
+            table.row(m, f"w8a8 {'x'.join(map(str, cfg[:3]))} s{cfg[3]} w{cfg[4]}",
+                      [lambda x=x, w=w, cfg=cfg: tw.linear_w8a8(
+                          x, w.weight_qdata, w.weight_scale, w.bias, config=cfg) for w in w8s],
+                      lambda x=x, w8=w8s[0]: ref.linear_w8a8(x, w8.weight_qdata,
+                                                             w8.weight_scale, w8.bias),
+                      eager=False)
+
+
+
+def overhead() -> None:
+    """Host time per eager call, layer by layer of linquant's stack, on a 1024 x 1024 weight
+    (GPU work of a few microseconds, so back-to-back calls run at the host's pace), then the
+    Python functions that take it (cProfile)."""
+    import cProfile
+    import pstats
+
+    dev = torch.device("cuda")
+    lin = nn.Linear(1024, 1024, device=dev, dtype=torch.bfloat16)
+    q = QuantLinear.from_float(lin, "int4-sym-g128").to(dev)
+    w8 = W8A8Linear.from_float(lin).to(dev)
+    x = torch.randn(1, 1024, device=dev, dtype=torch.bfloat16)
+    x16 = torch.randn(16, 1024, device=dev, dtype=torch.bfloat16)
+    cache = q.kernel_cache()
+    q(x)
+    pk = cache["triton"][1]
+    kern = tlin._kernels()
+    y = torch.empty(1, 1024, device=dev, dtype=torch.bfloat16)
+    meta, launch = tlin._split_meta(tlin.CONFIGS["gemv"][0])
+    gargs = (x, pk.words, pk.scale, pk.scale, pk.scale, lin.bias, y, 1024, 1024,
+             pk.words.shape[1], 1)
+    gkw = {**tlin._scheme_args(pk, True), "ATOMIC": False}
+
+    def grid(meta: dict[str, int]) -> tuple[int, int]:
+        return (-(-1024 // meta["BLOCK_N"]), 1)
+
+    rows: list[tuple[str, Fn]] = [
+        ("torch.empty", lambda: torch.empty(1, 1024, device=dev)),
+        ("F.linear bf16, 1 token", lambda: F.linear(x, lin.weight, lin.bias)),
+        ("triton launch, explicit config", lambda: kern.gemv[grid](*gargs, **gkw, **meta,
+                                                                    **launch)),
+        ("triton launch, autotuned", lambda: kern.gemv_tuned[grid](*gargs, **gkw)),
+        ("tlin.linear, 1 token", lambda: tlin.linear(x, q.qweight, q.bias, cache)),
+        ("kernels.linear_weight_only, 1 token",
+         lambda: kernels.linear_weight_only(x, q.qweight, q.bias, cache)),
+        ("QuantLinear int4-sym-g128, 1 token", lambda: q(x)),
+        ("W8A8Linear dynamic, 16 tokens", lambda: w8(x16)),
+    ]
+    print("\nhost time per eager call (1024 x 1024 weight, 300 calls back to back):")
+    for name, fn in rows:
+        try:
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(300):
+                fn()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            print(f"  {name:40} {(t1 - t0) / 300 * 1e6:8.1f} us")
+        except Exception as e:
+            print(f"  {name:40} error {_short(e)}")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        q(x)
+    prof.disable()
+    torch.cuda.synchronize()
+    print("cProfile of 300 QuantLinear calls (1 token), by own time:")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
 if __name__ == "__main__":

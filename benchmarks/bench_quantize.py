@@ -112,6 +112,25 @@ def _same_bytes(a: lq.QuantizedTensor, b: lq.QuantizedTensor) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def kernel_ms(fn: Callable[[], object], name: str, reps: int = 10) -> float | None:
+    """GPU time per call of the kernels whose name contains ``name``, from PyTorch's profiler
+    (no Python, launch or host-sync time); None where the profiler records no such kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for e in prof.key_averages():
+        if name in e.key:
+            total += float(getattr(e, "device_time_total", 0.0)
+                           or getattr(e, "cuda_time_total", 0.0))
+    return total / reps / 1e3 if total else None
+
+
 def main_cuda(args: argparse.Namespace, device: str = "cuda") -> None:
     """The GPU section (``device="cpu"`` under ``TRITON_INTERPRET=1`` only smoke-tests it)."""
     from linquant.kernels import triton_quant
@@ -123,8 +142,10 @@ def main_cuda(args: argparse.Namespace, device: str = "cuda") -> None:
           f"triton path: {'yes' if triton_quant.triton_available() else 'no (not installed)'}")
     n = args.size
     print(f"input: {n}x{n}; median of {args.repeats} after warm-up")
+    print("ms: the whole lq.quantize call (wall clock, Python and the host sync included); "
+          "kernel ms: the Triton kernel alone (profiler)")
     print(f"{'case':34} {'ms':>8} {'in GB/s':>9} {'traffic':>9} {'% copy':>7} "
-          f"{'torch ms':>9} {'speedup':>8}  bytes")
+          f"{'kernel ms':>9} {'% copy':>7} {'torch ms':>9} {'speedup':>8}  bytes")
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         w = torch.randn(n, n, device=device).to(dtype)
@@ -148,9 +169,29 @@ def main_cuda(args: argparse.Namespace, device: str = "cuda") -> None:
             finally:
                 triton_quant.ENABLED = True
             traffic = (w.nbytes + _qt_nbytes(qt)) / t_lq / 1e6
+            t_k = (kernel_ms(lambda s=scheme, w=w: lq.quantize(w, s), "weight_quant_kernel")
+                   if device == "cuda" else None)
+            k_txt = (f"{t_k:9.3f} {100 * (w.nbytes + _qt_nbytes(qt)) / t_k / 1e6 / copy_gbs:6.0f}%"
+                     if t_k else f"{'n/a':>9} {'':>7}")
             print(f"{label + ' ' + dname:34} {t_lq:8.3f} {w.nbytes / t_lq / 1e6:9.1f} "
-                  f"{traffic:9.1f} {100 * traffic / copy_gbs:6.0f}% {t_torch:9.3f} "
+                  f"{traffic:9.1f} {100 * traffic / copy_gbs:6.0f}% {k_txt} {t_torch:9.3f} "
                   f"{t_torch / t_lq:7.1f}x  {'identical' if _same_bytes(qt, ref) else 'DIFFER'}")
+        if args.sweep and device == "cuda" and dtype == torch.float32:
+            print(f"  sweep ({dname}): kernel ms by elements per program x warps")
+            for label, text, _, _, _ in CASES:
+                scheme = lq.QuantScheme.parse(text)
+                cells = []
+                for tile in (4096, 8192, 16384):
+                    for warps in (4, 8):
+                        triton_quant._TILE, triton_quant._WARPS = tile, warps
+                        try:
+                            t = kernel_ms(lambda s=scheme, w=w: lq.quantize(w, s),
+                                          "weight_quant_kernel", reps=5)
+                            cells.append(f"{tile}x{warps}:{t:.3f}" if t else f"{tile}x{warps}:-")
+                        except Exception as e:
+                            cells.append(f"{tile}x{warps}:{type(e).__name__}")
+                triton_quant._TILE, triton_quant._WARPS = 8192, None
+                print(f"  {label:32} " + " ".join(cells))
         del w, dst
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -161,6 +202,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--size", type=int, default=8192, help="--device cuda: weight side")
+    ap.add_argument("--sweep", action="store_true",
+                    help="--device cuda: also time the kernel per launch shape")
     args = ap.parse_args()
     if args.device == "cuda":
         main_cuda(args)

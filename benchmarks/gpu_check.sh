@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
-# The one prepared GPU run: the CUDA tests, then the GPU benchmarks, logs under $OUT.
+# The one prepared GPU run: the GPU benchmarks, then the CUDA and Triton tests, logs under $OUT.
 #
 # Run from the repository root on a machine with an NVIDIA GPU, PyTorch and Triton installed
 # (nothing is installed or downloaded; linquant is used from src/ through PYTHONPATH):
 #
 #     OUT=/tmp/gpu-logs bash benchmarks/gpu_check.sh
 #
-# Steps, each with its own time limit so one hang cannot eat the others (at most 9 minutes in
+# Steps, each with its own time limit so one hang cannot eat the others (at most 8 minutes in
 # all; the order puts what matters most first):
 #   1. machine: GPU name, memory, driver, torch / triton versions;
-#   2. the tests marked `cuda`: real shapes, the dispatcher's choices, every autotune config;
-#   3. benchmarks/bench_gpu.py: weight-only and W8A8 linear against cuBLAS bf16, 8192 x 8192;
+#   2. benchmarks/bench_gpu.py --overhead: weight-only and W8A8 linear against cuBLAS bf16,
+#      8192 x 8192, eager and CUDA-graph timings, and the host time per eager call (first, on
+#      a quiet machine: the tests compile in parallel on every core);
+#   3. the tests marked `cuda` or `triton`: real shapes, the dispatcher's choices, every
+#      autotune config, and the Triton kernel tests (odd shapes, every scheme) compiled for the
+#      GPU; many small compiles, spread over the cores with pytest-xdist where it is installed;
 #   4. benchmarks/bench_quantize.py --device cuda: weight quantization throughput against a
-#      device-to-device copy;
-#   5. the other Triton kernel tests (odd shapes, every scheme), compiled for the GPU: many
-#      small compiles, so they come last.
-# Exit status: non-zero if either test step failed (the benchmarks only print).
+#      device-to-device copy, whole call and kernel alone.
+# With SWEEP=1, steps 2 and 4 also time every kernel config / launch shape, and step 5 runs
+# Nsight Compute on benchmarks/gpu_profile.py (one launch per kernel) where ncu exists (about
+# 3 minutes more).
+# Triton's compile cache goes to $TRITON_CACHE_DIR (default $out/../triton-cache); set it to a
+# kept folder to save the compiles on a later run. Exit status: non-zero if the tests failed
+# (the benchmarks only print).
 set -uo pipefail
 out=${OUT:-/tmp/linquant-gpu}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$(dirname "$out")/triton-cache}
 py=${PYTHON:-python3}
 
 {
@@ -28,14 +36,26 @@ py=${PYTHON:-python3}
 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$out/machine.txt"
 
-timeout 180 $py -m pytest -q -p no:cacheprovider --durations=5 -m cuda tests 2>&1 \
-  | tee "$out/tests_cuda.log"
+sweep=()
+[ "${SWEEP:-0}" = 1 ] && sweep=(--sweep)
+timeout 200 $py benchmarks/bench_gpu.py --overhead "${sweep[@]}" 2>&1 | tee "$out/bench_gpu.log"
+
+par=()
+if $py -c "import xdist" 2>/dev/null; then
+  par=(-n "$(( $(nproc) > 8 ? 8 : $(nproc) ))")
+fi
+timeout 150 $py -m pytest -q -p no:cacheprovider --durations=8 "${par[@]}" -m "cuda or triton" \
+  tests 2>&1 | tee "$out/tests_gpu.log"
 status=${PIPESTATUS[0]}
 
-timeout 150 $py benchmarks/bench_gpu.py 2>&1 | tee "$out/bench_gpu.log"
-timeout 60 $py benchmarks/bench_quantize.py --device cuda 2>&1 | tee "$out/bench_quantize.log"
+timeout 60 $py benchmarks/bench_quantize.py --device cuda "${sweep[@]}" 2>&1 \
+  | tee "$out/bench_quantize.log"
 
-timeout 150 $py -m pytest -q -p no:cacheprovider --durations=5 -m "triton and not cuda" tests \
-  2>&1 | tee "$out/tests_triton.log"
-status2=${PIPESTATUS[0]}
-[ "$status" -eq 0 ] && [ "$status2" -eq 0 ]
+ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$ncu_bin" ] && [ "${SWEEP:-0}" = 1 ]; then
+  timeout 60 "$ncu_bin" --clock-control none --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats -k regex:"gemv|mm_kernel|w8a8|quant" \
+    $py benchmarks/gpu_profile.py > "$out/ncu.log" 2>&1
+  tail -n 5 "$out/ncu.log"
+fi
+[ "$status" -eq 0 ]

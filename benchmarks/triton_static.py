@@ -50,20 +50,24 @@ INT_PIPE = ("LOP3", "SHF", "SGXT", "IADD3", "LEA", "PRMT", "BMSK", "ISETP", "SEL
 def build(kind: str, cfg: dict[str, int], scheme: tuple, hints: bool) -> tuple[object, dict]:
     bits, sym, hz, hm, pc, group, pdt = scheme
     meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    meta = fit_config(kind, meta, group, pc)
+    meta = fit_config(kind, meta, group, pc, bits)
     consts: dict[str, object] = dict(BITS=bits, SYM=sym, HAS_Z=hz, HAS_M=hm, PER_CHANNEL=pc,
                                      GROUP=group, HAS_BIAS=True)
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": f"*{pdt}", "z_ptr": "*u8",
            "m_ptr": f"*{pdt}", "b_ptr": "*bf16", "N": "i32", "K": "i32", "KW": "i32"}
     aligned = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "m_ptr", "b_ptr", "y_ptr", "N", "K", "KW"]
-    if kind == "gemv":
+    if kind == "gemv_t":
+        fn = tk.gemv_t_kernel
+        sig.update(y_ptr="*fp32")
+        consts.update(ATOMIC=True, **meta)
+    elif kind == "gemv":
         fn = tk.gemv_kernel
         sig.update(y_ptr="*bf16", SPLIT_K="i32")
         consts.update(ATOMIC=False, **meta)
     else:
         fn = tk.mm_kernel
         sig.update(y_ptr="*fp32" if kind == "splitk" else "*bf16", M="i32", stride_xm="i32",
-                   M_BUCKET="i32")
+                   M_BUCKET="i32", xs_ptr="*fp32")
         meta.setdefault("BLOCK_M", 16)
         meta.setdefault("SPLIT_K", 1)
         consts.update(ATOMIC=kind == "splitk", INTERP=False, GROUP_M=8, **meta)
@@ -115,7 +119,7 @@ def analyse(k: object, codes_per_thread: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kinds", default="gemv,splitk,tiled")
+    ap.add_argument("--kinds", default="gemv_t,gemv,splitk,tiled")
     ap.add_argument("--all-configs", action="store_true", help="default: the first of each")
     ap.add_argument("--odd", action="store_true", help="also compile without alignment hints")
     args = ap.parse_args()
@@ -136,7 +140,8 @@ def main() -> None:
                               f"{str(e).strip().splitlines()[-1][:200]}", flush=True)
                         continue
                     # codes of the weight tile per thread and loop iteration
-                    codes = meta["BLOCK_N"] * meta["BLOCK_K"] / (32 * cfg["num_warps"])
+                    bk = meta.get("BLOCK_K") or meta["BLOCK_KW"] * 32 // scheme[0]
+                    codes = meta["BLOCK_N"] * bk / (32 * cfg["num_warps"])
                     print(f"{label} {analyse(k, codes)}", flush=True)
     sys.exit(1 if failed else 0)
 

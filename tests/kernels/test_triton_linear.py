@@ -116,10 +116,10 @@ def test_matches_reference(case: tuple[int, int, str], dtype: torch.dtype) -> No
         x = _x(m, k, dtype, seed=m)
         bias = _bias(n) if i % 2 == 0 else None
         assert tlin.supported(qt, x)
-        kind = tlin.kernel_for(m)
-        y = tlin.linear(x, qt, bias, cache, config=_explicit(kind))
-        _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL)
-    assert list(cache) == ["triton"]
+        for kind in tlin.GEMV_KERNELS if m == 1 else (tlin.kernel_for(m),):
+            y = tlin.linear(x, qt, bias, cache, kernel=kind, config=_explicit(kind))
+            _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL)
+    assert sorted(cache) == ["triton", "triton_t"]  # gemv_t reads a transposed copy
 
 
 @pytest.mark.skipif(CUDA, reason="the cuda tests run the real autotuner")
@@ -143,21 +143,27 @@ def test_autotuned_launch_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
     qt = _qt(40, 1024, "int4-asym-g32-fp16")  # per-word parameters: the pruner swaps tiles
     bias = _bias(40)
     cache: dict[str, object] = {}
-    # M = 1: gemv split over K in 2 (the pretend GPU has 4 SMs), so its output is atomic
+    # M = 1: gemv split over K in 2 (the pretend GPU has 4 SMs), so its output is atomic;
+    # gemv_t splits K too (fp32 atomics), and its 3 distinct configs cap BLOCK_KW at one group
     assert tlin._gemv_split(40, 1024, torch.device(DEV)) == 2
+    assert tlin._gemv_t_atomic(40, torch.device(DEV))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        for m, tuned, n_cfg in ((1, kern.gemv_tuned, 4), (3, kern.splitk_tuned, 3),
-                                (70, kern.tiled_tuned, 3)):
+        for m, tuned, n_cfg, kind in ((1, kern.gemv_t_tuned, 3, None),
+                                      (1, kern.gemv_tuned, 4, "gemv"),
+                                      (3, kern.splitk_tuned, 3, None),
+                                      (70, kern.tiled_tuned, 3, None)):
             timed.clear()
             x = _x(m, 1024, torch.bfloat16, seed=m)
-            y = tlin.linear(x, qt, bias, cache)
+            y = tlin.linear(x, qt, bias, cache, kernel=kind)
             _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL)
             assert len(timed) == n_cfg, (m, len(timed))  # pruned duplicates are not timed
             best = dict(tuned.best_config.kwargs)
             if m > 1:
                 assert best["SWAP"] == 1  # fit_config on every candidate
-            y2 = tlin.linear(x, qt, bias, cache)  # cached choice: no timing, same result
+            if tuned is kern.gemv_t_tuned:
+                assert best["BLOCK_KW"] == 4  # 32 codes: one group
+            y2 = tlin.linear(x, qt, bias, cache, kernel=kind)  # cached choice: no timing
             assert len(timed) == n_cfg
             assert torch.equal(y, y2)
     assert tlin.failures() == {}
@@ -170,11 +176,22 @@ def test_fit_config_keeps_per_word_parameters_out_of_unswapped_tiles() -> None:
     assert tlin.fit_config("splitk", cfg, 96, False) == {**cfg, "SWAP": 1}
     assert tlin.fit_config("tiled", cfg, 40, True) == cfg  # per-channel: no groups
     assert tlin.fit_config("gemv", {"BLOCK_N": 16, "BLOCK_K": 512}, 32, False)["BLOCK_K"] == 512
+    t = {"BLOCK_N": 512, "BLOCK_KW": 8}
+    assert tlin.fit_config("gemv_t", t, 32, False, 4)["BLOCK_KW"] == 4  # one group per tile
+    assert tlin.fit_config("gemv_t", t, 32, False, 8)["BLOCK_KW"] == 8
+    assert tlin.fit_config("gemv_t", t, 96, False, 4) == t  # 12 words: per-word parameters
+    assert tlin.fit_config("gemv_t", t, 4096, True, 4) == t
 
 
 def test_kernel_choice_by_m() -> None:
     assert [tlin.kernel_for(m) for m in (1, 2, 64, 65, 4096)] == [
         "gemv", "splitk", "splitk", "tiled", "tiled"]
+    # one token: gemv_t for small groups (gemv would load parameters per word), else gemv
+    for scheme, kind in (("int4-asym-g32", "gemv_t"), ("int8-sym-g64", "gemv_t"),
+                         ("int4-sym-g128", "gemv"), ("int8-sym-ch0", "gemv"),
+                         ("int4-asym-tensor", "gemv")):
+        assert tlin.kernel_for(1, _qt(16, 256, scheme)) == kind, scheme
+        assert tlin.kernel_for(2, _qt(16, 256, scheme)) == "splitk"
 
 
 @pytest.mark.parametrize("scheme", ["int4-asym-g32", "int8-sym-ch0", "int4-asymf-g64",
@@ -185,8 +202,9 @@ def test_fp32_single_token(scheme: str) -> None:
     x = _x(1, 128, torch.float32)
     bias = _bias(28)
     assert tlin.supported(qt, x)
-    _close(tlin.linear(x, qt, bias, None, config=_explicit("gemv")),
-           ref.linear_weight_only(x, qt, bias), FP32_TOL)
+    for kind in tlin.GEMV_KERNELS:
+        _close(tlin.linear(x, qt, bias, None, kernel=kind, config=_explicit(kind)),
+               ref.linear_weight_only(x, qt, bias), FP32_TOL)
     assert not tlin.supported(qt, _x(3, 128, torch.float32))  # larger M: reference
 
 
@@ -228,11 +246,11 @@ def test_decodes_every_code_at_every_position_exactly(scheme: str, m: int) -> No
     qt = qt.to(DEV)
     g = torch.Generator().manual_seed(m)
     x = torch.randint(-4, 5, (m, k), generator=g).to(dtype).to(DEV)
-    kind = tlin.kernel_for(m)
-    y = tlin.linear(x, qt, None, None, kernel=kind, config=_explicit(kind))
     expected = ref.linear_weight_only(x, qt, None)
     assert expected.abs().max() > 50  # not a trivially small result
-    assert torch.equal(y, expected), (y.float() - expected.float()).abs().max()
+    for kind in tlin.GEMV_KERNELS if m == 1 else (tlin.kernel_for(m),):
+        y = tlin.linear(x, qt, None, None, kernel=kind, config=_explicit(kind))
+        assert torch.equal(y, expected), (kind, (y.float() - expected.float()).abs().max())
 
 
 # ---- every autotuning config --------------------------------------------------------------
@@ -242,7 +260,7 @@ CONFIG_CASES = [  # (N, K, scheme, M per kernel kind)
     (36, 160, "int4-sym-g32"),  # groups smaller than a tile
     (24, 96, "int8-asymf-ch0"),  # per-channel, float offset
 ]
-KIND_M = {"gemv": 1, "splitk": 17, "tiled": 70}
+KIND_M = {"gemv_t": 1, "gemv": 1, "splitk": 17, "tiled": 70}
 
 
 @pytest.mark.parametrize("case", CONFIG_CASES, ids=lambda c: c[2])
@@ -271,6 +289,10 @@ def test_split_k_paths(scheme: str) -> None:
     y = tlin.linear(x1, qt, bias, None, kernel="gemv",
                     config={"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 3})
     _close(y, ref.linear_weight_only(x1, qt, bias), HALF_TOL)
+    # gemv_t: 20 rows on the pretend 4-SM GPU: K in 8 splits (fp32 atomics, bias once)
+    y = tlin.linear(x1, qt, bias, None, kernel="gemv_t",
+                    config={"BLOCK_N": 512, "BLOCK_KW": 8, "num_warps": 4, "num_stages": 1})
+    _close(y, ref.linear_weight_only(x1, qt, bias), HALF_TOL)
     x40 = _x(40, 1024, torch.bfloat16)
     cfg = {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 5, "SWAP": 0}
     y = tlin.linear(x40, qt, bias, None, kernel="splitk", config=cfg)
@@ -282,6 +304,57 @@ def test_split_k_paths(scheme: str) -> None:
 # ---- inputs, layout, cache -----------------------------------------------------------------
 
 
+def _same_run(a: torch.Tensor | None, b: torch.Tensor) -> None:
+    """Two runs of one kernel: bit-equal in the interpreter; on a GPU, split-K sums with fp32
+    atomics in any order."""
+    assert a is not None
+    if CUDA:
+        _close(a, b, 1e-2)
+    else:
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scheme", ["int4-asym-g32", "int8-asymf-ch0"])
+def test_plans_replay_the_automatic_path_and_expire(scheme: str) -> None:
+    """An automatic call keeps a plan per input signature in the layer's cache; a repeat call
+    by :func:`triton_linear.planned` gives the same output, and any change (shape, bias object,
+    an in-place write to a weight tensor or the bias, a new weight, autograd) finds no plan."""
+    qt = _qt(24, 256, scheme)
+    bias = _bias(24)
+    cache: dict[str, Any] = {}
+    xs = {m: _x(m, 256, torch.bfloat16, seed=m) for m in (1, 3, 70)}
+    outs = {m: tlin.linear(x, qt, bias, cache) for m, x in xs.items()}
+    assert len(cache["triton_plans"]) == 3
+    for m, x in xs.items():
+        _same_run(tlin.planned(x, qt, bias, cache), outs[m])
+        _close(outs[m], ref.linear_weight_only(x, qt, bias), HALF_TOL)
+    x = xs[1]
+    assert tlin.planned(_x(2, 256, torch.bfloat16), qt, bias, cache) is None  # new shape
+    assert tlin.planned(x, qt, bias.clone(), cache) is None  # another bias object
+    assert tlin.planned(x, qt, None, cache) is None
+    x_req = x.clone().requires_grad_(True)
+    assert tlin.planned(x_req, qt, bias, cache) is None  # autograd: the checked path
+    with torch.no_grad():
+        _same_run(tlin.planned(x_req, qt, bias, cache), outs[1])
+    b2 = bias.clone()
+    tlin.linear(x, qt, b2, cache)
+    b2.add_(1.0)  # the bias written in place: its plan expires
+    assert tlin.planned(x, qt, b2, cache) is None
+    qt.scale.mul_(2.0)  # a weight tensor written in place: every plan expires
+    assert tlin.planned(x, qt, bias, cache) is None
+    y = tlin.linear(x, qt, bias, cache)  # rebuilt, and the stale plans are dropped
+    assert len(cache["triton_plans"]) == 1
+    _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL)
+    _same_run(tlin.planned(x, qt, bias, cache), y)
+    other = _qt(24, 256, scheme, seed=5)  # the same cache, another weight
+    assert tlin.planned(x, other, bias, cache) is None
+    # explicit kernels and configs (tests, benchmarks) keep no plan
+    cache2: dict[str, Any] = {}
+    tlin.linear(x, qt, bias, cache2, kernel=tlin.kernel_for(1, qt))
+    assert "triton_plans" not in cache2
+
+
+
 def test_leading_dims_and_strided_input() -> None:
     qt = _qt(24, 64, "int4-asym-g32")
     x3 = torch.randn(2, 5, 128).bfloat16().to(DEV)[..., ::2]  # non-contiguous last dim
@@ -289,8 +362,9 @@ def test_leading_dims_and_strided_input() -> None:
     assert y.shape == (2, 5, 24)
     _close(y, ref.linear_weight_only(x3.contiguous(), qt, None), HALF_TOL)
     x1 = torch.randn(64).half().to(DEV)  # a 1-D input: one token
-    _close(tlin.linear(x1, qt, None, {}, config=_explicit("gemv")),
-           ref.linear_weight_only(x1, qt, None), HALF_TOL)
+    for kind in tlin.GEMV_KERNELS:
+        _close(tlin.linear(x1, qt, None, {}, kernel=kind, config=_explicit(kind)),
+               ref.linear_weight_only(x1, qt, None), HALF_TOL)
 
 
 def test_bias_that_requires_grad_gets_its_gradient() -> None:
@@ -413,12 +487,13 @@ def test_kernel_failure_falls_back_to_reference(monkeypatch: pytest.MonkeyPatch)
     def boom(*args: object, **kwargs: object) -> torch.Tensor:
         raise RuntimeError("PassManager::run failed")
 
-    monkeypatch.setattr(tlin, "_run_mm", boom)
+    monkeypatch.setattr(tlin, "_make_run", boom)
     qt = _qt(24, 64, "int4-asym-g32")
     x = _x(3, 64, torch.bfloat16)
     assert tlin.supported(qt, x)
     with pytest.warns(RuntimeWarning, match="splitk kernel failed"):
         y = tlin.linear(x, qt, None, {})
+    assert torch.equal(tlin.linear(x, qt, None, None), y)  # no cache: the same fallback
     torch.testing.assert_close(y, ref.linear_weight_only(x, qt, None), rtol=0, atol=0)
     assert not tlin.supported(qt, x) and len(tlin.failures()) == 1
     assert tlin.supported(qt, _x(1, 64, torch.bfloat16))  # gemv is another kernel
@@ -460,7 +535,7 @@ def test_kernels_compile_for_sm90(tmp_path: pytest.TempPathFactory) -> None:
     machine (it found the crash :func:`triton_linear.fit_config` avoids). Uses Triton
     compiler internals (ASTSource, GPUTarget); skipped without them."""
     rows = _static_check(tmp_path, "--odd")
-    assert len(rows) == 3 * 5 * 2 and not any("FAILED" in r for r in rows), rows
+    assert len(rows) == 4 * 5 * 2 and not any("FAILED" in r for r in rows), rows
     for r in rows:
         assert r.startswith("gemv") or " wgmma " in r or " mma " in r, r
 
@@ -498,7 +573,12 @@ def test_cuda_dispatcher_autotuned_4096(scheme: str) -> None:
         assert kernels.select_path(x, qt) == "cuda_triton"
         y = kernels.linear_weight_only(x, qt, bias, cache)
         _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL)
-    assert list(cache) == ["triton"]
+        # the second call takes the layer's plan (no checks), the same kernel and config; split
+        # K sums with fp32 atomics, in any order, so not always to the same bits
+        _close(tlin.planned(x, qt, bias, cache), y, 1e-2)
+        _close(kernels.linear_weight_only(x, qt, bias, cache), y, 1e-2)
+    assert sorted(cache) == ["triton", "triton_plans"]
+    assert len(cache["triton_plans"]) == 3
     assert not tlin.failures()
 
 
@@ -510,8 +590,8 @@ def test_cuda_odd_shape(scheme: str) -> None:
     bias = _bias(1000)
     for m in (1, 16, 300):
         x = _x(m, 1536, torch.float16)
-        kind = tlin.kernel_for(m)
-        y = tlin.linear(x, qt, bias, {}, config=dict(tlin.CONFIGS[kind][0]))
+        kind = tlin.kernel_for(m, qt)
+        y = tlin.linear(x, qt, bias, {}, kernel=kind, config=dict(tlin.CONFIGS[kind][0]))
         _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL)
 
 
@@ -521,11 +601,19 @@ def test_cuda_odd_shape(scheme: str) -> None:
 def test_cuda_every_config_compiles_and_matches(scheme: str) -> None:
     qt = _qt(1024, 2048, scheme)
     bias = _bias(1024)
+    bad = []
     for kind, cfgs in tlin.CONFIGS.items():
-        x = _x({"gemv": 1, "splitk": 16, "tiled": 512}[kind], 2048, torch.bfloat16)
+        x = _x({"gemv_t": 1, "gemv": 1, "splitk": 16, "tiled": 512}[kind], 2048,
+               torch.bfloat16)
+        r = ref.linear_weight_only(x, qt, bias)
         for cfg in cfgs:
             y = tlin.linear(x, qt, bias, {}, kernel=kind, config=dict(cfg))
-            _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL)
+            err = (y.double() - r.double()).abs()
+            if err.max().item() > HALF_TOL * r.double().abs().max().item():
+                rows = (err.amax(1) > HALF_TOL * r.double().abs().max().item()).nonzero()
+                bad.append(f"{kind} {cfg}: max error {err.max().item():.3g}, wrong rows "
+                           f"{rows.flatten().tolist()[:8]} of {x.shape[0]}")
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.cuda

@@ -226,7 +226,7 @@ def test_autotuner_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
         timed.append(1)
         return [float(len(timed))] * 3  # the first candidate wins
 
-    tuned = tw.build_tuned_kernel(do_bench=fake_bench)
+    tuned = tw.build_tuned_kernel(do_bench=fake_bench, cache_results=False)
     monkeypatch.setattr(tw, "_tuned_kernel", lambda: tuned)
     monkeypatch.setattr(tw, "interpreting", lambda: False)
     w, ws = _w(40, 72)

@@ -282,6 +282,10 @@ def linear_weight_only(
     :func:`reference.linear_weight_only` (the formula) and :func:`select_path` (the choice).
 
     ``cache``: a dict owned by the caller (a layer) where repacked layouts are kept."""
+    if cache is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda":
+        y = triton_linear.planned(x, qweight, bias, cache)  # a repeat call: no checks again
+        if y is not None:
+            return y
     path = select_path(x, qweight) if isinstance(x, torch.Tensor) else "reference"
     if path.startswith("cpu_native") and _bias_needs_grad(bias):
         assert bias is not None  # the native kernels add the bias inside, out of autograd's view

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from linquant.kernels.triton_linear import _interpreting
 
-__all__ = ["INTERPRETED", "gemv_kernel", "mm_kernel"]
+__all__ = ["INTERPRETED", "gemv_kernel", "gemv_t_kernel", "mm_kernel"]
 
 # Whether these functions were decorated for Triton's CPU interpreter.
 INTERPRETED = _interpreting()
@@ -236,8 +236,123 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def gemv_t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
+                  N, K, KW,
+                  BITS: tl.constexpr, SYM: tl.constexpr, HAS_Z: tl.constexpr,
+                  HAS_M: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                  GROUP: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_KW: tl.constexpr):
+    """One token against the transposed words ``w [KW, N]`` (``N`` contiguous): the same
+    result as :func:`gemv_kernel`, with the rows of ``W`` spread over the threads (coalesced,
+    16-byte loads along ``N``) and ``K`` walked in ``BLOCK_KW`` words, so each ``x`` value is a
+    broadcast load shared by every thread and no data crosses threads until the final sum.
+
+    Grid ``(cdiv(N, BLOCK_N), splits)`` (the splits of K: the grid's second size, chosen per
+    config by the launcher); ``ATOMIC``: ``y`` is a zeroed fp32 buffer.
+    """
+    CPW: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    XOR: tl.constexpr = -2004318072 if BITS == 4 else -2139062144
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, BLOCK_KW)
+    n_tiles = tl.cdiv(KW, BLOCK_KW)
+    per_split = tl.cdiv(n_tiles, tl.num_programs(1))
+    t0 = pid_k * per_split
+    t1 = tl.minimum(t0 + per_split, n_tiles)
+    s_row, c_row, m_row = _row_params(s_ptr, z_ptr, m_ptr, offs_n, n_mask, BLOCK_N, HALF,
+                                      HAS_Z, SYM, HAS_M)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    xs = tl.zeros((BLOCK_KW,), tl.float32)
+    magic = 0x4B000000 + (KW >> 31)  # in a register (see gemv_kernel)
+    for t in range(t0, t1):
+        kw = t * BLOCK_KW + offs_w
+        w_in = kw < KW
+        wq = tl.load(w_ptr + kw[:, None] * N + offs_n[None, :],
+                     mask=w_in[:, None] & n_mask[None, :], other=0)
+        if SYM:
+            wq = wq ^ XOR
+        if PER_CHANNEL:
+            zc = c_row[None, :] - 8388608.0
+            s = s_row[None, :]
+            m = m_row[None, :]
+        elif GROUP % (BLOCK_KW * CPW) == 0:
+            g_off = (t * BLOCK_KW * CPW // GROUP) * N + offs_n
+            s = tl.load(s_ptr + g_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_Z:
+                zc = tl.load(z_ptr + g_off, mask=n_mask, other=0).to(tl.float32)[None, :]
+            else:
+                zc = c_row[None, :] - 8388608.0
+            if HAS_M:
+                m = tl.load(m_ptr + g_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            else:
+                m = m_row[None, :]
+        else:
+            g_off = ((kw * CPW) // GROUP)[:, None] * N + offs_n[None, :]
+            p_mask = w_in[:, None] & n_mask[None, :]
+            s = tl.load(s_ptr + g_off, mask=p_mask, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zc = tl.load(z_ptr + g_off, mask=p_mask, other=0).to(tl.float32)
+            else:
+                zc = c_row[None, :] - 8388608.0
+            if HAS_M:
+                m = tl.load(m_ptr + g_off, mask=p_mask, other=0.0).to(tl.float32)
+            else:
+                m = m_row[None, :]
+        if BITS == 4:
+            hi = wq >> 16
+        part = tl.zeros((BLOCK_KW, BLOCK_N), tl.float32)
+        xt = tl.zeros((BLOCK_KW,), tl.float32)
+        for i in tl.static_range(CPW):
+            xi = tl.load(x_ptr + kw * CPW + i, mask=w_in, other=0.0).to(tl.float32)
+            if HAS_M:
+                xt += xi
+            if BITS == 8:
+                v = ((wq >> (8 * i)) & 255) | 0x4B000000
+                part += xi[:, None] * (v.to(tl.float32, bitcast=True) - (zc + 8388608.0))
+            else:
+                if i < 4:
+                    v = (wq & (15 << (4 * (i % 4)))) | magic
+                else:
+                    v = (hi & (15 << (4 * (i % 4)))) | magic
+                f = v.to(tl.float32, bitcast=True)
+                if i % 4 == 0:
+                    part += xi[:, None] * (f - (zc + 8388608.0))
+                else:
+                    part += ((xi * (1.0 / (1 << (4 * (i % 4)))))[:, None]
+                             * (f - (zc * (1 << (4 * (i % 4))) + 8388608.0)))
+        # the BLOCK_KW words of a column sit in one thread: these sums stay in registers
+        if PER_CHANNEL:
+            acc += tl.sum(part, axis=0)
+            if HAS_M:
+                xs += xt
+        elif GROUP % (BLOCK_KW * CPW) == 0:
+            acc += tl.sum(part, axis=0) * tl.sum(s, axis=0)
+            if HAS_M:
+                acc += tl.sum(m, axis=0) * tl.sum(xt, axis=0)
+        else:
+            acc += tl.sum(part * s, axis=0)
+            if HAS_M:
+                acc += tl.sum(m * xt[:, None], axis=0)
+    y = acc
+    if PER_CHANNEL:
+        y = y * s_row
+        if HAS_M:
+            y += m_row * tl.sum(xs, axis=0)
+    if HAS_BIAS:  # added once: by the first K split
+        b_end = N - N * tl.minimum(pid_k, 1)
+        y += tl.load(b_ptr + offs_n, mask=offs_n < b_end, other=0.0).to(tl.float32)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + offs_n, y, mask=n_mask)
+    else:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (fewer compiles)
-def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
+def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
               M, N, K, KW, stride_xm, M_BUCKET,
               BITS: tl.constexpr, SYM: tl.constexpr, HAS_Z: tl.constexpr, HAS_M: tl.constexpr,
               HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP: tl.constexpr,
@@ -250,7 +365,9 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
     Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``, programs grouped by ``GROUP_M``
     rows of tiles. ``SWAP``: compute ``y^T = w @ x^T`` (the weight tile is the left operand).
     ``ATOMIC``: ``y`` is a zeroed fp32 buffer and the K splits add into it. ``M_BUCKET`` is
-    only an autotuning key (``M`` rounded up to a power of two).
+    only an autotuning key (``M`` rounded up to a power of two). ``xs_ptr``: fp32 ``sum_k x[m,
+    k]`` per token, read only for per-channel float offsets (``m * sum(x)`` in the epilogue;
+    summing the dot's pipelined operand in the loop gave wrong rows on an H200, Triton 3.6).
     """
     CPW: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // CPW
@@ -289,7 +406,6 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    xs = tl.zeros((BLOCK_M,), tl.float32)  # sum of x over K (per-channel float offset)
     # 0x4B000000 (KW >= 0) in a register: ptxas fuses each 4-bit code's AND and OR (gemv_kernel)
     magic = 0x4B000000 + (KW >> 31)
     for t in range(t0, t1):
@@ -310,12 +426,8 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
             w = _tile(wq, magic, c_row[:, None], 0.0, 0.0, BITS, False, False, DT, BLOCK_N, BLOCK_K)
             if SWAP:
                 acc = _dot(w, xt, acc, INTERP)
-                if HAS_M:
-                    xs += tl.sum(xt.to(tl.float32), axis=0)
             else:
                 acc = _dot(xt, tl.trans(w), acc, INTERP)
-                if HAS_M:
-                    xs += tl.sum(xt.to(tl.float32), axis=1)
         elif GROUP % BLOCK_K == 0:  # the whole tile is in one group
             g_off = (t * BLOCK_K // GROUP) * N + offs_n
             s = tl.load(s_ptr + g_off, mask=n_mask, other=0.0).to(tl.float32)
@@ -367,6 +479,8 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
                 acc = _dot(xt, tl.trans(w), acc, INTERP)
 
     b_end = N - N * tl.minimum(pid_k, 1)  # bias: added by the first K split only
+    if PER_CHANNEL and HAS_M:  # sum_k x, added once (by the first K split)
+        xs = tl.load(xs_ptr + offs_m, mask=offs_m < M - M * tl.minimum(pid_k, 1), other=0.0)
     if SWAP:  # acc is y^T: [BLOCK_N, BLOCK_M]
         if PER_CHANNEL:
             acc = acc * s_row[:, None]

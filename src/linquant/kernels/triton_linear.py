@@ -30,13 +30,21 @@ so the OR gives ``2**23 + u * 16**j`` (``j`` its position in that half), and the
 ``16**j`` is folded into the activation (``gemv``) or into one exact FFMA (the ``tl.dot``
 kernels); the oracle tests check this bit for bit.
 
-Kernels (:func:`kernel_for` picks one by the number of tokens ``M``):
+Kernels (:func:`kernel_for` picks one by the number of tokens ``M`` and the weight):
 
-``gemv``    ``M <= GEMV_MAX_M`` (1). CUDA cores, no tensor cores: a program streams ``BLOCK_N``
-            weight rows (coalesced along K) and keeps ``[BLOCK_N, BLOCK_K / codes_per_word]``
-            fp32 partial sums; the 8 (4) codes of a word are reduced in registers. Split-K
-            (fp32 atomics into a zeroed buffer, then one cast) only when ``N`` is too small to
-            fill the GPU. fp32 activations are supported here (W8A32 / W4A32 decode).
+``gemv_t``  ``M <= GEMV_MAX_M`` (1), group-wise weights with groups of at most
+            ``GEMV_T_MAX_GROUP`` (64) codes. CUDA cores on a transposed copy of the words
+            (``[K * bits / 32, N]``, built on the first one-token call and kept in the layer's
+            cache under ``"triton_t"``: one more copy of the codes): each thread holds 4
+            columns and ``BLOCK_KW`` words of K (one group) in registers, so a tile takes one
+            parameter set per row, the activations are broadcast loads and nothing crosses
+            threads until the end; K is split over the grid (fp32 atomics).
+``gemv``    ``M <= GEMV_MAX_M`` (1), other weights. CUDA cores, no tensor cores: a program
+            streams ``BLOCK_N`` weight rows (coalesced along K) and keeps
+            ``[BLOCK_N, BLOCK_K / codes_per_word]`` fp32 partial sums; the 8 (4) codes of a
+            word are reduced in registers. Split-K (fp32 atomics into a zeroed buffer, then
+            one cast) only when ``N`` is too small to fill the GPU. fp32 activations are
+            supported here and in ``gemv_t`` (W8A32 / W4A32 decode).
 ``splitk``  ``GEMV_MAX_M < M <= SKINNY_MAX_M`` (64). ``tl.dot`` with ``BLOCK_M = 16 / 32 / 64``
             and split-K (fp32 atomics, then one cast); optionally "swap AB" (the weight tile is
             the left operand, ``y^T = W x^T``, so it can feed the MMA from registers).
@@ -66,31 +74,26 @@ reference: fp32 ``tl.dot`` would be TF32 or a slow exact emulation); ``K`` a mul
 (``TRITON_INTERPRET=1``, for tests). Everything else falls back to the reference in the
 dispatcher.
 
-What is verified where: correctness of every kernel and every config in :data:`CONFIGS` is
-tested in Triton's CPU interpreter (tests/kernels/test_triton_linear.py, small odd shapes, all
-schemes, bf16 / fp16 / fp32) against the reference within half-precision tolerance
-(``|y - ref| <= 2e-2 * max|ref|``; 1e-4 for fp32). In the interpreter ``tl.dot`` runs on fp32
-copies of the bf16/fp16 operands (exact, the same products) because Triton 3.9's interpreter
-mis-computes bf16 dots, and it rounds fp32 -> bf16 toward zero (the GPU rounds to nearest).
-Compilation for Hopper was checked without a GPU with Triton 3.9's NVIDIA backend (sm_90a PTX
-and cubin; every config for 4- and 8-bit, all modes, bf16 / fp16, with and without the
-divisibility hints of odd shapes: no register spills, ``wgmma`` in the tiled and swapped
-split-K kernels, ``cp.async`` pipelining of codes, scales and activations); one Triton bug
-found that way is avoided by :func:`fit_config`, and a test keeps compiling one config per
-kernel. With Triton 3.6 (the GPU machine's version) every config compiles for sm_90 too (195
-compiles: 5 schemes, bf16 / fp16): no spills with the alignment hints aligned tensors get,
-except the 8-bit asymmetric group-wise gemv in two of its four configs (as before the 4-bit
-decoding below); without any hints (K not a multiple of 16) some gemv and tiled configs
-spill. The interpreter tests pass under Triton 3.6 with NumPy < 2.4 (its interpreter calls
-``int()`` on 1-element arrays, which NumPy 2.4 refuses). ``benchmarks/triton_static.py``
-repeats that compile and counts the main loop's SASS instructions per weight code: 4-bit
-codes are decoded in place (masked where they sit in their word, see
-:mod:`linquant.kernels._triton_kernels`), 5.1-6.6 instructions per code (2.0-2.5 on the
-integer pipe) for int4-sym-g128 against 6.3-7.8 (3.1-3.7) with shift-and-extract
-decoding. Running on a GPU, results there and any speed are NOT verified here: the ``cuda``
-tests and benchmarks/bench_gpu.py do that on a machine with one. Block sizes, warp counts
-and the layout were chosen by reasoning about H100/H200 (memory-bound small M,
-tensor-core-bound large M) and by reading the compiled PTX, not by measurement.
+What is verified where: every kernel and every config in :data:`CONFIGS` against the
+reference, in Triton's CPU interpreter (tests/kernels/test_triton_linear.py, small odd shapes,
+all schemes, bf16 / fp16 / fp32; ``|y - ref| <= 2e-2 * max|ref|``, 1e-4 for fp32; in the
+interpreter ``tl.dot`` runs on fp32 copies of the bf16/fp16 operands, exact, because Triton
+3.9's interpreter mis-computes bf16 dots, and it rounds fp32 -> bf16 toward zero where the GPU
+rounds to nearest). On an NVIDIA H200 with Triton 3.6 (BENCHMARKS.md, "GPU"): the tests marked
+``cuda`` (real shapes, every config, the dispatcher's choices) and the interpreter tests
+compiled for the GPU passed, and ``benchmarks/bench_gpu.py`` measured, for one 8192 x 8192
+layer in CUDA graphs, 0.021 ms for int4 g128 at one token (1.78x cuBLAS bf16), 0.031 ms at 16
+tokens (1.20x) and 0.61 ms at 2048 (0.59x). Found there and fixed: per-channel float offsets
+summed the activations in the loop (the dot's pipelined operand), which gave wrong rows in
+some configs; the sums are now computed per token before the launch (``xs_ptr``).
+``benchmarks/triton_static.py`` compiles every config for sm_90 without a GPU and counts the
+main loop's SASS instructions per weight code (4-bit codes are decoded in place, see
+:mod:`linquant.kernels._triton_kernels`: about 5 per code).
+
+Eager calls: a layer's first automatic call for an input signature keeps a plan in its cache
+(``"triton_plans"``: the prepared tensors and a launch closure); later calls with the same
+signature and unmodified weight tensors take :func:`planned`, which skips the checks (about 90
+-> 50 us of host time per call on the H200 machine; Triton's launch itself is 30 us there).
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ import functools
 import importlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,12 +110,14 @@ import torch
 
 from linquant.errors import LinquantError
 from linquant.kernels import reference
-from linquant.kernels.cpu import _cached, _key
+from linquant.kernels.cpu import _cached, _key, _version
 from linquant.tensor import QuantizedTensor
 
 __all__ = [
     "CONFIGS",
+    "GEMV_KERNELS",
     "GEMV_MAX_M",
+    "GEMV_T_MAX_GROUP",
     "KERNELS",
     "SKINNY_MAX_M",
     "TritonPack",
@@ -125,13 +131,16 @@ __all__ = [
 ]
 
 GEMV_MAX_M = 1
+GEMV_T_MAX_GROUP = 64
 SKINNY_MAX_M = 64
-KERNELS = ("gemv", "splitk", "tiled")
+KERNELS = ("gemv_t", "gemv", "splitk", "tiled")
+GEMV_KERNELS = ("gemv_t", "gemv")
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 _INT32_LIMIT = 2**31 - 1
 
 # Autotune candidates, by kernel. ``num_warps`` / ``num_stages`` are launch options, the rest
-# are the kernels' compile-time block sizes. Reasoning (H100/H200, unmeasured):
+# are the kernels' compile-time block sizes. Reasoning (H100/H200; each set timed on an H200 in
+# BENCHMARKS.md, "Every config, forced"):
 # * gemv: weights stream once; 8-16 KiB of int32 codes per program and iteration, 128-512
 #   programs for N = 8192 so several CTAs per SM keep loads in flight (the next tile is
 #   prefetched into registers by the kernel itself). Shapes where each thread holds 4 rows of
@@ -145,6 +154,16 @@ _INT32_LIMIT = 2**31 - 1
 #   Hopper matmuls favour), BLOCK_K 64 so a 4-bit row of a tile is one 32-byte sector.
 # Few configs on purpose: each is one compile (about a second) per scheme on first use.
 CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
+    # gemv_t: 4 columns (16-byte word vectors) per thread, BLOCK_KW words of K per tile held
+    # in registers (capped at one group for group-wise weights); K split over the grid's
+    # second axis so about 4 programs per SM run (fp32 atomics)
+    "gemv_t": (
+        {"BLOCK_N": 512, "BLOCK_KW": 8, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_N": 1024, "BLOCK_KW": 8, "num_warps": 8, "num_stages": 1},
+        {"BLOCK_N": 256, "BLOCK_KW": 8, "num_warps": 2, "num_stages": 1},
+        {"BLOCK_N": 512, "BLOCK_KW": 4, "num_warps": 4, "num_stages": 1},
+        {"BLOCK_N": 512, "BLOCK_KW": 16, "num_warps": 4, "num_stages": 1},
+    ),
     "gemv": (
         {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
         {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1},
@@ -172,6 +191,7 @@ CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
     ),
 }
 _LAUNCH_KEYS = ("num_warps", "num_stages")
+_MAX_PLANS = 64  # input signatures kept per layer (a new shape beyond that clears them)
 # Program-order grouping of the tiled kernel (tiles sharing a weight column block run together).
 _GROUP_M = 8
 
@@ -227,7 +247,7 @@ def supported(qt: QuantizedTensor, x: torch.Tensor) -> bool:
     """
     if not _supported(qt, x):
         return False
-    return _failure_key(kernel_for(x.numel() // int(qt.shape[1])), qt, x) not in _FAILED
+    return _failure_key(kernel_for(x.numel() // int(qt.shape[1]), qt), qt, x) not in _FAILED
 
 
 def _supported(qt: QuantizedTensor, x: torch.Tensor) -> bool:
@@ -248,9 +268,18 @@ def _supported(qt: QuantizedTensor, x: torch.Tensor) -> bool:
     return max(n * k, m * k, m * n) <= _INT32_LIMIT
 
 
-def kernel_for(m: int) -> str:
-    """Which kernel :func:`linear` runs for ``m`` tokens: ``gemv``, ``splitk`` or ``tiled``."""
+def kernel_for(m: int, qt: QuantizedTensor | None = None) -> str:
+    """Which kernel :func:`linear` runs for ``m`` tokens of ``qt``: ``gemv_t`` (one token,
+    group-wise weights with groups of at most :data:`GEMV_T_MAX_GROUP`), ``gemv`` (one token,
+    other weights), ``splitk`` or ``tiled``. On an H200 (graph-timed, 8192 x 8192, see
+    BENCHMARKS.md) ``gemv_t`` took 0.024 ms for int4 g32 where ``gemv`` took 0.034 (its
+    per-word parameter loads), and ``gemv`` 0.021 / 0.025 ms for int4 g128 / int8 per channel
+    where ``gemv_t`` took 0.022 / 0.027 plus its zeroed buffer and cast."""
     if m <= GEMV_MAX_M:
+        s = qt.scheme if qt is not None else None
+        if (s is not None and s.granularity == "group"
+                and int(s.group_size or 0) <= GEMV_T_MAX_GROUP):
+            return "gemv_t"
         return "gemv"
     return "splitk" if m <= SKINNY_MAX_M else "tiled"
 
@@ -334,6 +363,8 @@ class _Kernels:
     gemv_tuned: Any  # ... and their autotuned wrappers (CUDA only)
     splitk_tuned: Any
     tiled_tuned: Any
+    gemv_t: Any = None
+    gemv_t_tuned: Any = None
 
 
 _BUILT: dict[bool, _Kernels] = {}
@@ -369,8 +400,11 @@ def _build(do_bench: Any = None, tune: bool | None = None) -> _Kernels:
                 for c in CONFIGS[kind]]
 
     scheme_keys = ["BITS", "SYM", "HAS_Z", "HAS_M", "PER_CHANNEL", "GROUP"]
-    gemv_tuned = splitk_tuned = tiled_tuned = None
+    gemv_tuned = splitk_tuned = tiled_tuned = gemv_t_tuned = None
     if tune:
+        gemv_t_tuned = triton.autotune(configs("gemv_t"), key=["N", "K", "ATOMIC", *scheme_keys],
+                                       prune_configs_by={"early_config_prune": _pruner("gemv_t")},
+                                       restore_value=["y_ptr"], do_bench=do_bench)(tk.gemv_t_kernel)
         # atomic outputs are restored after every timed run, so the real run starts at zero
         gemv_tuned = triton.autotune(configs("gemv"), key=["N", "K", "SPLIT_K", "ATOMIC",
                                                             *scheme_keys],
@@ -382,7 +416,8 @@ def _build(do_bench: Any = None, tune: bool | None = None) -> _Kernels:
         tiled_tuned = triton.autotune(configs("tiled"), key=["N", "K", "M_BUCKET", *scheme_keys],
                                       prune_configs_by={"early_config_prune": _pruner("tiled")},
                                       do_bench=do_bench)(tk.mm_kernel)
-    return _Kernels(tk.gemv_kernel, tk.mm_kernel, gemv_tuned, splitk_tuned, tiled_tuned)
+    return _Kernels(tk.gemv_kernel, tk.mm_kernel, gemv_tuned, splitk_tuned, tiled_tuned,
+                    tk.gemv_t_kernel, gemv_t_tuned)
 
 
 # ---- launch ----------------------------------------------------------------------------------
@@ -423,29 +458,37 @@ def _split_meta(config: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]
 
 
 def _check_config(kind: str, config: dict[str, int]) -> None:
-    needed = {"gemv": ("BLOCK_N", "BLOCK_K"), "splitk": ("BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP"),
+    needed = {"gemv_t": ("BLOCK_N", "BLOCK_KW"), "gemv": ("BLOCK_N", "BLOCK_K"),
+              "splitk": ("BLOCK_N", "BLOCK_K", "SPLIT_K", "SWAP"),
               "tiled": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SWAP")}[kind]
     missing = [k for k in needed if k not in config]
     if missing:
         raise LinquantError(f"triton_linear.linear: config for {kind!r} lacks {missing}")
-    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+    for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_KW"):
         v = config.get(k, 16)
         if v < 1 or v & (v - 1):
             raise LinquantError(f"triton_linear.linear: {k} must be a power of 2, got {v}")
-    if kind != "gemv" and (config["BLOCK_K"] < 16 or config["BLOCK_N"] < 16):
+    if kind not in GEMV_KERNELS and (config["BLOCK_K"] < 16 or config["BLOCK_N"] < 16):
         raise LinquantError("triton_linear.linear: tl.dot needs BLOCK_N and BLOCK_K >= 16")
 
 
 def fit_config(kind: str, config: dict[str, int], group: int,
-               per_channel: bool) -> dict[str, int]:
+               per_channel: bool, bits: int = 4) -> dict[str, int]:
     """``config`` adjusted to a weight: a non-swapped ``tl.dot`` tile never takes per-word
     parameters (groups smaller than, or straddling, ``BLOCK_K``); it is swapped instead.
+    ``gemv_t``'s ``BLOCK_KW`` is capped at one group's words (``group * bits / 32``, when that is
+    a power of two), so each tile takes one parameter set per row.
 
     Triton 3.9's ``TritonGPUOptimizeDotOperands`` pass crashes on several such wgmma kernels
     (the dequantized right operand mixing per-word parameter loads; found by compiling every
     config for sm_90 without a GPU), while the swapped form, whose dequantized weight is the
     left operand, compiled in every case tried. Other configs are returned unchanged.
     """
+    if kind == "gemv_t":
+        words = group * bits // 32
+        if not per_channel and words & (words - 1) == 0 and config["BLOCK_KW"] > words:
+            return {**config, "BLOCK_KW": words}
+        return config
     if kind == "gemv" or per_channel or config.get("SWAP", 0) or group % config["BLOCK_K"] == 0:
         return config
     return {**config, "SWAP": 1}
@@ -461,7 +504,8 @@ def _pruner(kind: str) -> Any:
         out: list[Any] = []
         seen: set[tuple[object, ...]] = set()
         for c in configs:
-            kw = fit_config(kind, dict(c.kwargs), int(args["GROUP"]), bool(args["PER_CHANNEL"]))
+            kw = fit_config(kind, dict(c.kwargs), int(args["GROUP"]), bool(args["PER_CHANNEL"]),
+                            int(args["BITS"]))
             key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
             if key not in seen:
                 seen.add(key)
@@ -490,64 +534,166 @@ def _tensors(pk: TritonPack, bias: torch.Tensor | None,
     return pk.words, pk.scale, zero, offset, (bias if bias is not None else y)
 
 
-def _run_gemv(x2: torch.Tensor, pk: TritonPack, bias: torch.Tensor | None, n: int, k: int,
-              config: dict[str, int] | None) -> torch.Tensor:
+def _gemv_t_atomic(n: int, device: torch.device) -> bool:
+    """Whether ``gemv_t`` splits K (fp32 atomics): unless N alone gives every SM 2 programs of
+    512 rows."""
+    return _cdiv(n, 512) < 2 * _sms(device)
+
+
+def _gemv_t_splits(n: int, kw: int, meta: dict[str, Any], device: torch.device) -> int:
+    """K splits for ``gemv_t``: about 4 programs per SM, at least 2 tiles per split."""
+    cols = _cdiv(n, int(meta["BLOCK_N"]))
+    tiles = _cdiv(kw, int(meta["BLOCK_KW"]))
+    return max(1, min(_cdiv(4 * _sms(device), cols), tiles // 2))
+
+
+# ---- the eager fast path: one plan per layer and input signature -------------------------------
+#
+# Measured on the H200 machine's host (bench_gpu.py --overhead): a raw Triton launch took 30 us,
+# the checks, layout lookups and argument building around it another 60-90 us per call, so an
+# eager one-token call cost 4x its kernel. After the first automatic call for an input signature
+# (shape, dtype, device, strides, bias object), the layer's cache keeps a plan: the weight's
+# identity, the prepared tensors and a closure that allocates the output and launches. Later
+# calls check that the weight tensors are the same objects at the same versions and launch.
+
+
+@dataclass(frozen=True)
+class _Plan:
+    weights: tuple[tuple[torch.Tensor, int | None], ...]  # qt's tensors and their versions
+    bias: tuple[torch.Tensor, int | None] | None
+    n: int
+    k: int
+    run: Callable[[torch.Tensor], torch.Tensor]  # (x2 [M, K]) -> y [M, N]
+
+
+def _tensor_versions(qt: QuantizedTensor) -> tuple[tuple[torch.Tensor, int | None], ...]:
+    return tuple((t, _version(t)) for t in (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset)
+                 if t is not None)
+
+
+def _same_weights(a: tuple[tuple[torch.Tensor, int | None], ...],
+                  b: tuple[tuple[torch.Tensor, int | None], ...]) -> bool:
+    return len(a) == len(b) and all(
+        t is u and v == w for (t, v), (u, w) in zip(a, b, strict=True))
+
+
+def _plan_key(x: torch.Tensor, bias: torch.Tensor | None) -> tuple[object, ...]:
+    return (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.data_ptr() % 16 == 0,
+            None if bias is None else id(bias))
+
+
+def planned(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+            cache: dict[str, Any] | None) -> torch.Tensor | None:
+    """The result of :func:`linear` by a plan built on an earlier call with the same input
+    signature, the same weight tensors and bias (unmodified), or None: no such plan (the
+    caller then takes the checked path, which builds one). Inputs that need a gradient are
+    never planned."""
+    if cache is None or (torch.is_grad_enabled() and (
+            x.requires_grad or (bias is not None and bias.requires_grad))):
+        return None
+    plans = cache.get("triton_plans")
+    if not plans:
+        return None
+    p: _Plan | None = plans.get(_plan_key(x, bias))
+    if p is None:
+        return None
+    if bias is not None and (p.bias is None or p.bias[0] is not bias
+                             or p.bias[1] != _version(bias)):
+        return None
+    if not _same_weights(p.weights, _tensor_versions(qt)):
+        return None
+    x2 = x.reshape(-1, p.k)
+    if x2.stride(-1) != 1 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    return p.run(x2).reshape(*x.shape[:-1], p.n)
+
+
+def _make_run(kind: str, x2: torch.Tensor, pk: TritonPack, words_t: torch.Tensor | None,
+              b: torch.Tensor | None, n: int, k: int,
+              config: dict[str, int] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A closure ``run(x2) -> y`` that allocates the output and launches ``kind`` with
+    everything but ``x2 [M, K]`` bound: the autotuned kernel, or ``config`` (``gemv`` also
+    takes ``SPLIT_K``), or in the interpreter the kind's first config."""
     kern = _kernels()
-    split = _gemv_split(n, k, x2.device)
-    if config is not None and "SPLIT_K" in config:
-        split = int(config["SPLIT_K"])
-        config = {kk: v for kk, v in config.items() if kk != "SPLIT_K"}
-    atomic = split > 1
-    y = (torch.zeros(1, n, dtype=torch.float32, device=x2.device) if atomic
-         else torch.empty(1, n, dtype=x2.dtype, device=x2.device))
-    words, scale, zero, offset, b = _tensors(pk, bias, y)
-    args = (x2, words, scale, zero, offset, b, y, n, k, words.shape[1], split)
-    kw = {**_scheme_args(pk, bias is not None), "ATOMIC": atomic}
-
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return (_cdiv(n, meta["BLOCK_N"]), split)
-
-    if config is None and kern.gemv_tuned is not None:
-        kern.gemv_tuned[grid](*args, **kw)
-    else:
-        meta, launch = _split_meta(config or CONFIGS["gemv"][0])
-        kern.gemv[grid](*args, **kw, **meta, **launch)
-    return y if not atomic else y.to(x2.dtype)
-
-
-def _run_mm(kind: str, x2: torch.Tensor, pk: TritonPack, bias: torch.Tensor | None, n: int,
-            k: int, config: dict[str, int] | None) -> torch.Tensor:
-    kern = _kernels()
+    dev = x2.device
+    dtype = x2.dtype
     m = int(x2.shape[0])
+    words, scale, zero, offset, _ = _tensors(pk, b, pk.scale)
+    bb = b if b is not None else pk.scale  # placeholders are never read
+    kw = _scheme_args(pk, b is not None)
+    cfg = dict(config) if config is not None else None
+
+    def pick(raw: Any, tuned: Any, grid: Any) -> tuple[Any, dict[str, Any]]:
+        if cfg is None and tuned is not None:
+            return tuned[grid], {}
+        meta, lk = _split_meta(cfg or CONFIGS[kind][0])
+        meta = fit_config(kind, meta, pk.group, pk.per_channel, pk.bits)
+        if kind == "splitk":
+            meta.pop("BLOCK_M", None)
+        elif kind == "tiled":
+            meta.pop("SPLIT_K", None)
+        return raw[grid], {**meta, **lk}
+
+    if kind in GEMV_KERNELS:
+        if kind == "gemv_t":
+            assert words_t is not None
+            w, kwn = words_t, int(words_t.shape[0])
+            atomic = _gemv_t_atomic(n, dev)
+            split = 0
+        else:
+            w, kwn = words, int(words.shape[1])
+            split = _gemv_split(n, k, dev)
+            if cfg is not None and "SPLIT_K" in cfg:
+                split = int(cfg.pop("SPLIT_K"))
+            atomic = split > 1
+        kw["ATOMIC"] = atomic
+
+        def grid_g(meta: dict[str, Any]) -> tuple[int, int]:
+            if kind == "gemv_t":
+                return (_cdiv(n, meta["BLOCK_N"]),
+                        _gemv_t_splits(n, kwn, meta, dev) if atomic else 1)
+            return (_cdiv(n, meta["BLOCK_N"]), split)
+
+        if kind == "gemv_t":
+            launch, extra = pick(kern.gemv_t, kern.gemv_t_tuned, grid_g)
+            tail: tuple[int, ...] = ()
+        else:
+            launch, extra = pick(kern.gemv, kern.gemv_tuned, grid_g)
+            tail = (split,)
+
+        def run_g(x2: torch.Tensor) -> torch.Tensor:
+            y = (torch.zeros(1, n, dtype=torch.float32, device=dev) if atomic
+                 else torch.empty(1, n, dtype=dtype, device=dev))
+            launch(x2, w, scale, zero, offset, bb, y, n, k, kwn, *tail, **kw, **extra)
+            return y.to(dtype) if atomic else y
+
+        return run_g
     atomic = kind == "splitk"
-    y = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
-         else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
-    words, scale, zero, offset, b = _tensors(pk, bias, y)
-    args = (x2, words, scale, zero, offset, b, y, m, n, k, words.shape[1], x2.stride(0),
-            min(_next_pow2(m), 8192))
-    kw: dict[str, Any] = {**_scheme_args(pk, bias is not None), "ATOMIC": atomic,
-                          "INTERP": _interpreting(), "GROUP_M": _GROUP_M}
+    kw.update(ATOMIC=atomic, INTERP=_interpreting(), GROUP_M=_GROUP_M)
     if kind == "splitk":
         kw["BLOCK_M"] = max(16, _next_pow2(m))
     else:
         kw["SPLIT_K"] = 1
+    offset_sums = pk.per_channel and pk.offset is not None
+    bucket = min(_next_pow2(m), 8192)
+    kwn = int(words.shape[1])
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        bm = meta["BLOCK_M"]
-        return (_cdiv(m, bm) * _cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+    def grid_m(meta: dict[str, Any]) -> tuple[int, int]:
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    tuned = kern.splitk_tuned if kind == "splitk" else kern.tiled_tuned
-    if config is None and tuned is not None:
-        tuned[grid](*args, **kw)
-    else:
-        meta, launch = _split_meta(config or CONFIGS[kind][0])
-        meta = fit_config(kind, meta, pk.group, pk.per_channel)
-        if kind == "splitk":
-            meta.pop("BLOCK_M", None)
-        else:
-            meta.pop("SPLIT_K", None)
-        kern.mm[grid](*args, **kw, **meta, **launch)
-    return y if not atomic else y.to(x2.dtype)
+    launch, extra = pick(kern.mm, kern.splitk_tuned if kind == "splitk" else kern.tiled_tuned,
+                         grid_m)
+
+    def run_m(x2: torch.Tensor) -> torch.Tensor:
+        y = (torch.zeros(m, n, dtype=torch.float32, device=dev) if atomic
+             else torch.empty(m, n, dtype=dtype, device=dev))
+        # per-channel float offsets: m * sum_k x is added in the epilogue (fp32 sums per token)
+        xs = x2.float().sum(1) if offset_sums else y
+        launch(x2, words, scale, zero, offset, bb, xs, y, m, n, k, kwn, x2.stride(0), bucket,
+               **kw, **extra)
+        return y.to(dtype) if atomic else y
+
+    return run_m
 
 
 def linear(
@@ -587,12 +733,12 @@ def linear(
     if x2.stride(-1) != 1 or x2.data_ptr() % 16:
         x2 = x2.contiguous()
     m = int(x2.shape[0])
-    kind = kernel or kernel_for(m)
+    kind = kernel or kernel_for(m, qt)
     if kind not in KERNELS:
         raise LinquantError(f"triton_linear.linear: kernel must be one of {KERNELS}, got {kind!r}")
-    if kind == "gemv" and m != 1:
-        raise LinquantError(f"triton_linear.linear: the gemv kernel takes one token, got {m}")
-    if kind != "gemv" and x.dtype not in HALF_DTYPES:
+    if kind in GEMV_KERNELS and m != 1:
+        raise LinquantError(f"triton_linear.linear: the {kind} kernel takes one token, got {m}")
+    if kind not in GEMV_KERNELS and x.dtype not in HALF_DTYPES:
         raise LinquantError(f"triton_linear.linear: {kind} needs bf16/fp16 input, got {x.dtype}")
     if config is not None:
         _check_config(kind, config)
@@ -605,10 +751,22 @@ def linear(
     if auto and fkey in _FAILED:
         return reference.linear_weight_only(x, qt, bias)
     try:
-        if kind == "gemv":
-            y = _run_gemv(x2, pk, b, n, k, config)
-        else:
-            y = _run_mm(kind, x2, pk, b, n, k, config)
+        words_t = None
+        if kind == "gemv_t":
+            # the transposed words: a second copy of the codes, built on the first one-token call
+            words_t = _cached(cache, "triton_t", _key(qt, torch.int32),
+                              lambda: pk.words.t().contiguous())
+        run = _make_run(kind, x2, pk, words_t, b, n, k, config)
+        y = run(x2)
+        if auto and cache is not None and not bias_after and not (
+                x.requires_grad and torch.is_grad_enabled()):
+            plans = cache.setdefault("triton_plans", {})
+            weights = _tensor_versions(qt)
+            if len(plans) >= _MAX_PLANS or not all(_same_weights(p.weights, weights)
+                                                   for p in plans.values()):
+                plans.clear()  # full, or built for other (or modified) weight tensors
+            plans[_plan_key(x, bias)] = _Plan(
+                weights, None if bias is None else (bias, _version(bias)), n, k, run)
     except Exception as e:  # a Triton compile error must not take the model down
         if not auto:
             raise

@@ -21,10 +21,11 @@ reciprocal, CPU divides; see :mod:`linquant.kernels._triton_jit`). Input holding
 scale / offset overflowing its dtype, sets a flag; the call then returns None and the torch path
 raises the library's error, with its message.
 
-Verified only in Triton's interpreter (CPU, triton 3.9) against the torch path on CPU, and
-compiled for sm_90 with triton 3.6 (no GPU here): no speed is claimed; the work item's target
-is >= 50% of the card's copy bandwidth for an 8192 x 8192 weight
-(``benchmarks/bench_quantize.py --device cuda`` measures it).
+Verified in Triton's interpreter (CPU, triton 3.9) against the torch path on CPU, and on an
+NVIDIA H200 (triton 3.6) against the torch path on that GPU: identical bytes. There the kernel
+alone ran at 53-105% of a device-to-device copy's traffic rate for an 8192 x 8192 weight; the
+whole ``lq.quantize`` call adds its Python and one host sync, 0.1-0.4 ms
+(``benchmarks/bench_quantize.py --device cuda``, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = ["ENABLED", "MAX_SINGLE_L", "covers", "quantize"]
 ENABLED = True  # set False to force the torch-ops path on CUDA (benchmarks compare the two)
 MAX_SINGLE_L = 16384  # rows up to this long are held in registers (read once)
 _TILE = 8192  # elements per program
+_WARPS: int | None = None  # warps per program (None: 8 from 4096 elements, else 4)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -112,7 +114,7 @@ def quantize(
         rows, single = max(1, min(_TILE // block, next_pow2(r))), True
     else:
         rows, block, single = 1, 4096, False
-    warps = 8 if rows * block >= 4096 else 4
+    warps = _WARPS or (8 if rows * block >= 4096 else 4)
     qmax = scheme.qmax  # the divisor of the scale: q_max (sym) or 2**b - 1 (asym, q_min = 0)
     with on_device(xc):
         jit.weight_quant_kernel[(-(-r // rows),)](
