@@ -108,6 +108,37 @@ def _row_params(s_ptr, z_ptr, m_ptr, offs_n, n_mask, BLOCK_N: tl.constexpr, HALF
 
 
 @triton.jit
+def _code_term(wq, hi, magic, xi, zc, i: tl.constexpr, BITS: tl.constexpr,
+               X_AXIS: tl.constexpr):
+    """``x_i * (u_i - zc)`` for code ``i`` of every word of ``wq`` (the one-token kernels):
+    ``xi`` is the activation vector of code ``i``, broadcast along the words' axis ``X_AXIS``
+    (0 for ``[rows, words]`` tiles, 1 for ``[words, rows]``), ``zc`` the code offset. 4-bit
+    codes are masked in place in the low (``wq``) or high (``hi = wq >> 16``) half, OR-ed with
+    ``magic`` (0x4B000000 in a register), and the power of two ``16**j`` left in them is
+    folded into ``xi`` (exact); see :func:`gemv_kernel`."""
+    if BITS == 8:
+        v = ((wq >> (8 * i)) & 255) | 0x4B000000
+        xs = xi
+        f = v.to(tl.float32, bitcast=True) - (zc + 8388608.0)
+    else:
+        if i < 4:
+            v = (wq & (15 << (4 * (i % 4)))) | magic
+        else:
+            v = (hi & (15 << (4 * (i % 4)))) | magic
+        if i % 4 == 0:
+            xs = xi
+            f = v.to(tl.float32, bitcast=True) - (zc + 8388608.0)
+        else:
+            xs = xi * (1.0 / (1 << (4 * (i % 4))))
+            f = v.to(tl.float32, bitcast=True) - (zc * (1 << (4 * (i % 4))) + 8388608.0)
+    if X_AXIS == 0:
+        t = xs[None, :] * f
+    else:
+        t = xs[:, None] * f
+    return t
+
+
+@triton.jit
 def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
                 N, K, KW, SPLIT_K,
                 BITS: tl.constexpr, SYM: tl.constexpr, HAS_Z: tl.constexpr, HAS_M: tl.constexpr,
@@ -194,26 +225,16 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
         if BITS == 4:
             magic = 0x4B000000 + (KW >> 31)
             hi = wq >> 16
+        else:  # unused by 8-bit codes
+            magic = 0
+            hi = wq
         part = tl.zeros((BLOCK_N, BKW), tl.float32)
         xt = tl.zeros((BKW,), tl.float32)
         for i in tl.static_range(CPW):
             xi = tl.load(x_ptr + wcol * CPW + i, mask=w_in, other=0.0).to(tl.float32)
             if HAS_M:
                 xt += xi
-            if BITS == 8:
-                v = ((wq >> (8 * i)) & 255) | 0x4B000000
-                part += xi[None, :] * (v.to(tl.float32, bitcast=True) - (zc + 8388608.0))
-            else:
-                if i < 4:
-                    v = (wq & (15 << (4 * (i % 4)))) | magic
-                else:
-                    v = (hi & (15 << (4 * (i % 4)))) | magic
-                f = v.to(tl.float32, bitcast=True)
-                if i % 4 == 0:
-                    part += xi[None, :] * (f - (zc + 8388608.0))
-                else:
-                    part += ((xi * (1.0 / (1 << (4 * (i % 4)))))[None, :]
-                             * (f - (zc * (1 << (4 * (i % 4))) + 8388608.0)))
+            part += _code_term(wq, hi, magic, xi, zc, i, BITS, 0)
         if PER_CHANNEL:
             acc += part
             if HAS_M:
@@ -302,28 +323,14 @@ def gemv_t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
                 m = tl.load(m_ptr + g_off, mask=p_mask, other=0.0).to(tl.float32)
             else:
                 m = m_row[None, :]
-        if BITS == 4:
-            hi = wq >> 16
+        hi = wq >> 16 if BITS == 4 else wq
         part = tl.zeros((BLOCK_KW, BLOCK_N), tl.float32)
         xt = tl.zeros((BLOCK_KW,), tl.float32)
         for i in tl.static_range(CPW):
             xi = tl.load(x_ptr + kw * CPW + i, mask=w_in, other=0.0).to(tl.float32)
             if HAS_M:
                 xt += xi
-            if BITS == 8:
-                v = ((wq >> (8 * i)) & 255) | 0x4B000000
-                part += xi[:, None] * (v.to(tl.float32, bitcast=True) - (zc + 8388608.0))
-            else:
-                if i < 4:
-                    v = (wq & (15 << (4 * (i % 4)))) | magic
-                else:
-                    v = (hi & (15 << (4 * (i % 4)))) | magic
-                f = v.to(tl.float32, bitcast=True)
-                if i % 4 == 0:
-                    part += xi[:, None] * (f - (zc + 8388608.0))
-                else:
-                    part += ((xi * (1.0 / (1 << (4 * (i % 4)))))[:, None]
-                             * (f - (zc * (1 << (4 * (i % 4))) + 8388608.0)))
+            part += _code_term(wq, hi, magic, xi, zc, i, BITS, 1)
         # the BLOCK_KW words of a column sit in one thread: these sums stay in registers
         if PER_CHANNEL:
             acc += tl.sum(part, axis=0)
