@@ -618,8 +618,7 @@ def _make_run(kind: str, x2: torch.Tensor, pk: TritonPack, words_t: torch.Tensor
     dev = x2.device
     dtype = x2.dtype
     m = int(x2.shape[0])
-    words, scale, zero, offset, _ = _tensors(pk, b, pk.scale)
-    bb = b if b is not None else pk.scale  # placeholders are never read
+    words, scale, zero, offset, bb = _tensors(pk, b, pk.scale)  # pk.scale: a placeholder
     kw = _scheme_args(pk, b is not None)
     cfg = dict(config) if config is not None else None
 
