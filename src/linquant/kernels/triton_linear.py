@@ -527,13 +527,6 @@ def _scheme_args(pk: TritonPack, has_bias: bool) -> dict[str, Any]:
     }
 
 
-def _tensors(pk: TritonPack, bias: torch.Tensor | None,
-             y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    zero = pk.zero if pk.zero is not None else pk.scale  # placeholders are never read
-    offset = pk.offset if pk.offset is not None else pk.scale
-    return pk.words, pk.scale, zero, offset, (bias if bias is not None else y)
-
-
 def _gemv_t_atomic(n: int, device: torch.device) -> bool:
     """Whether ``gemv_t`` splits K (fp32 atomics): unless N alone gives every SM 2 programs of
     512 rows."""
@@ -618,7 +611,11 @@ def _make_run(kind: str, x2: torch.Tensor, pk: TritonPack, words_t: torch.Tensor
     dev = x2.device
     dtype = x2.dtype
     m = int(x2.shape[0])
-    words, scale, zero, offset, bb = _tensors(pk, b, pk.scale)  # pk.scale: a placeholder
+    # absent zero points, offsets and bias get pk.scale as a placeholder pointer (never read)
+    words, scale = pk.words, pk.scale
+    zero = pk.zero if pk.zero is not None else scale
+    offset = pk.offset if pk.offset is not None else scale
+    bb = b if b is not None else scale
     kw = _scheme_args(pk, b is not None)
     cfg = dict(config) if config is not None else None
 
