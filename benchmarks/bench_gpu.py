@@ -18,8 +18,10 @@ Two timings per row, each with the ratio to bf16 ``nn.Linear`` at the same M (> 
   replays CUDA graphs (or ``torch.compile`` with CUDA graphs) sees.
 
 Then ``--sweep``: every config of linquant's kernels, forced, graph-timed the same way, for
-``gemv`` at M = 1, ``splitk`` at M = 16 and ``tiled`` at M = 2048, per scheme, so the
-autotuner's choice and the headroom can be read off. The max error is relative to the output's
+``gemv_t`` / ``gemv`` at M = 1, ``splitk`` at M = 1 and 16 and ``tiled`` at M = 2048, per
+scheme, so the autotuner's choice and the headroom can be read off (configs with ``PA1``
+decode 4-bit codes in packed bf16 pairs; ``splitk`` at one token asks whether tensor cores
+beat the CUDA-core ``gemv`` there). The max error is relative to the output's
 max magnitude against the reference (linquant's oracle on the same quantized weight; "vs
 float" for torchao, which quantizes on its own). The first call of a shape autotunes (a few
 seconds per scheme and M); that time is not in the medians.
@@ -345,7 +347,8 @@ def main() -> None:
 def sweep(layers: dict[str, list[QuantLinear]], lins: list[nn.Linear], k: int) -> None:
     """Every config of each kernel, forced, graph-timed (see the module docstring)."""
     dev = lins[0].weight.device
-    for kind, m in (("gemv_t", 1), ("gemv", 1), ("splitk", 16), ("tiled", 2048)):
+    # splitk at one token too: tensor cores (15 of 16 rows padding) against the CUDA-core gemv
+    for kind, m in (("gemv_t", 1), ("gemv", 1), ("splitk", 1), ("splitk", 16), ("tiled", 2048)):
         table = Table(f"sweep: {kind} kernel at M = {m}, every config (graph-timed)")
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         table.row(m, "bf16 nn.Linear (cuBLAS)",
@@ -355,7 +358,7 @@ def sweep(layers: dict[str, list[QuantLinear]], lins: list[nn.Linear], k: int) -
             for cfg in tlin.CONFIGS[kind]:
                 short = " ".join(f"{kk[6:] if kk.startswith('BLOCK') else kk[:2]}{v}"
                                  for kk, v in cfg.items()
-                                 if kk.startswith(("BLOCK", "SPLIT", "SWAP")))
+                                 if kk.startswith(("BLOCK", "SPLIT", "SWAP", "PACKED")))
                 short += f" w{cfg['num_warps']} s{cfg['num_stages']}"
                 table.row(m, f"{s} [{short}]"[:40],
                           [lambda q=q, x=x, cfg=cfg, kind=kind: tlin.linear(

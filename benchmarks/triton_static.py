@@ -9,7 +9,8 @@ weight code and thread (all, and those on the integer pipe: LOP3, SHF, SGXT, IAD
 shows is how much work each code costs, which bounds the memory-bound small-M kernels when it
 exceeds the bandwidth's share. The GPU itself (benchmarks/gpu_check.sh) measures speed.
 
-    python benchmarks/triton_static.py [--kinds gemv,splitk,tiled] [--all-configs] [--odd]
+    python benchmarks/triton_static.py [--kinds gemv,splitk,tiled] [--all-configs]
+        [--configs 0,4] [--odd]
 
 ``--odd``: also compile without the divisibility-by-16 hints Triton adds for aligned pointers
 and sizes (as for K not a multiple of 16). Takes about a second per compile on one core.
@@ -70,6 +71,7 @@ def build(kind: str, cfg: dict[str, int], scheme: tuple, hints: bool) -> tuple[o
                    M_BUCKET="i32", xs_ptr="*fp32")
         meta.setdefault("BLOCK_M", 16)
         meta.setdefault("SPLIT_K", 1)
+        meta.setdefault("PACKED", 0)
         consts.update(ATOMIC=kind == "splitk", INTERP=False, GROUP_M=8, **meta)
         aligned.append("stride_xm")
     sig.update({k: "constexpr" for k in consts})
@@ -121,14 +123,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", default="gemv_t,gemv,splitk,tiled")
     ap.add_argument("--all-configs", action="store_true", help="default: the first of each")
+    ap.add_argument("--configs", default="",
+                    help="comma-separated config indices (of each kind) instead of the first")
     ap.add_argument("--odd", action="store_true", help="also compile without alignment hints")
     args = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90 (no GPU needed), "
           f"python {sys.version.split()[0]}")
     failed = 0
     for kind in args.kinds.split(","):
-        cfgs = CONFIGS[kind] if args.all_configs else CONFIGS[kind][:1]
-        for ci, cfg in enumerate(cfgs):
+        if args.configs:
+            picked = [int(i) for i in args.configs.split(",")]
+        else:
+            picked = list(range(len(CONFIGS[kind]) if args.all_configs else 1))
+        for ci in picked:
+            cfg = CONFIGS[kind][ci]
             for name, scheme in SCHEMES.items():
                 for hints in (True, False) if args.odd else (True,):
                     label = f"{kind:6} c{ci} {name:20} {'aligned' if hints else 'odd    '}"

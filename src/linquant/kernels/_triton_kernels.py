@@ -8,7 +8,8 @@ kernels and their helpers must be module globals (the interpreter does not see c
 
 Literals in the kernels: 0x4B000000 is the fp32 bit pattern of 2**23 (OR-ing a code u < 2**23
 into it gives 2**23 + u) and 8388608.0 is 2**23. -2004318072 and -2139062144 are the int32
-values of 0x88888888 and 0x80808080.
+values of 0x88888888 and 0x80808080. 0x43004300 / 0x64006400 (``_tile_packed``) are two 16-bit
+copies of bf16 128.0 / fp16 1024.0.
 """
 
 # ruff: noqa: SIM108  (compile-time if/else blocks read better than ternaries in kernels)
@@ -76,6 +77,78 @@ def _tile(wq, magic, c, s, m, BITS: tl.constexpr, SCALE: tl.constexpr,
         p3 = _piece(wq, hi, magic, 3, BITS, c, s, m, SCALE, OFFSET).to(DT)
         w = tl.join(tl.join(p0, p2), tl.join(p1, p3))  # [.., x, z]: 2x+z
     return tl.reshape(w, (BN, BK))
+
+
+@triton.jit
+def _pair(wq, magic, j: tl.constexpr, base, sd, md, SCALE: tl.constexpr,
+          OFFSET: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    # codes j and j + 4 of every word, as DT (see _tile_packed)
+    if j == 0:
+        t = (wq & 0x000F000F) | magic
+    else:
+        t = ((wq >> (4 * j)) & 0x000F000F) | magic
+    lo = t.to(tl.int16).to(DT, bitcast=True)
+    hi = (t >> 16).to(tl.int16).to(DT, bitcast=True)
+    if INTERP:  # the 3.9 interpreter's half arithmetic on bitcast values gives NaN: via fp32
+        lo = lo.to(tl.float32) - base.to(tl.float32)
+        hi = hi.to(tl.float32) - base.to(tl.float32)
+        if SCALE:
+            lo = lo * sd.to(tl.float32)
+            hi = hi * sd.to(tl.float32)
+            if OFFSET:
+                lo = lo + md.to(tl.float32)
+                hi = hi + md.to(tl.float32)
+        lo = lo.to(DT)
+        hi = hi.to(DT)
+    else:
+        lo = lo - base
+        hi = hi - base
+        if SCALE:
+            lo = lo * sd
+            hi = hi * sd
+            if OFFSET:
+                lo = lo + md
+                hi = hi + md
+    return lo, hi
+
+
+@triton.jit
+def _tile_packed(wq, magic, zc, s, m, SCALE: tl.constexpr, OFFSET: tl.constexpr,
+                 DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, INTERP: tl.constexpr):
+    # 4-bit codes only: [BN, BK / 8] words -> [BN, BK] weights computed in DT (bf16 / fp16),
+    # two codes per instruction. Code j of the low half and code j of the high half of a word
+    # (codes j and j + 4) are shifted down together, masked with 0x000F000F and OR-ed with
+    # magic (0x43004300 for bf16, 0x64006400 for fp16: two copies of 128.0 / 1024.0, whose
+    # last mantissa bit is worth 1), so each 16-bit half reads as BASE + u, exact.
+    # Subtracting BASE + zc (zc: the code offset, a small integer) leaves q exactly
+    # (|q| <= 15); with SCALE, q * s (+ m) is rounded to DT. ptxas pairs the two halves'
+    # arithmetic into one HADD2 / HMUL2 (sm_90).
+    if DT == tl.bfloat16:  # noqa: SIM300 (DT is a dtype, not a constant)
+        base = (zc + 128.0).to(DT)
+    else:
+        base = (zc + 1024.0).to(DT)
+    sd = s.to(DT) if SCALE else s
+    md = m.to(DT) if OFFSET else m
+    p0, p4 = _pair(wq, magic, 0, base, sd, md, SCALE, OFFSET, DT, INTERP)
+    p1, p5 = _pair(wq, magic, 1, base, sd, md, SCALE, OFFSET, DT, INTERP)
+    p2, p6 = _pair(wq, magic, 2, base, sd, md, SCALE, OFFSET, DT, INTERP)
+    p3, p7 = _pair(wq, magic, 3, base, sd, md, SCALE, OFFSET, DT, INTERP)
+    w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
+                tl.join(tl.join(p1, p5), tl.join(p3, p7)))  # K order, as in _tile
+    return tl.reshape(w, (BN, BK))
+
+
+@triton.jit
+def _wtile(wq, magic, c, s, m, BITS: tl.constexpr, SCALE: tl.constexpr, OFFSET: tl.constexpr,
+           DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PACKED: tl.constexpr,
+           INTERP: tl.constexpr):
+    # the dot kernels' weight tile: _tile_packed (PACKED, 4-bit codes; magic is its pair
+    # pattern) or _tile (fp32 arithmetic); c is 2**23 + the code offset, as _tile takes it
+    if PACKED and BITS == 4:
+        w = _tile_packed(wq, magic, c - 8388608.0, s, m, SCALE, OFFSET, DT, BN, BK, INTERP)
+    else:
+        w = _tile(wq, magic, c, s, m, BITS, SCALE, OFFSET, DT, BN, BK)
+    return w
 
 
 @triton.jit
@@ -365,7 +438,8 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
               HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP: tl.constexpr,
               ATOMIC: tl.constexpr, INTERP: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SPLIT_K: tl.constexpr, SWAP: tl.constexpr, GROUP_M: tl.constexpr):
+              SPLIT_K: tl.constexpr, SWAP: tl.constexpr, GROUP_M: tl.constexpr,
+              PACKED: tl.constexpr = 0):
     """``y = x @ w.T (+ bias)`` with ``tl.dot``, tiles ``[BLOCK_M, BLOCK_N]`` (the split-K and
     the tiled kernel; see the launcher's doc).
 
@@ -413,8 +487,15 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    # 0x4B000000 (KW >= 0) in a register: ptxas fuses each 4-bit code's AND and OR (gemv_kernel)
-    magic = 0x4B000000 + (KW >> 31)
+    # 0x4B000000 (KW >= 0) in a register: ptxas fuses each 4-bit code's AND and OR (gemv_kernel);
+    # PACKED: the pair pattern of _tile_packed (two 16-bit copies of 128.0 or 1024.0)
+    if PACKED and BITS == 4:
+        if DT == tl.bfloat16:  # noqa: SIM300
+            magic = 0x43004300 + (KW >> 31)
+        else:
+            magic = 0x64006400 + (KW >> 31)
+    else:
+        magic = 0x4B000000 + (KW >> 31)
     for t in range(t0, t1):
         wcol = t * BKW + offs_w
         w_in = wcol < KW
@@ -430,7 +511,8 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                          mask=m_mask[:, None] & k_in[None, :], other=0.0)  # [BM, BK]
         if PER_CHANNEL:
-            w = _tile(wq, magic, c_row[:, None], 0.0, 0.0, BITS, False, False, DT, BLOCK_N, BLOCK_K)
+            w = _wtile(wq, magic, c_row[:, None], 0.0, 0.0, BITS, False, False, DT, BLOCK_N,
+                       BLOCK_K, PACKED, INTERP)
             if SWAP:
                 acc = _dot(w, xt, acc, INTERP)
             else:
@@ -447,8 +529,8 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
             else:
                 m = m_row
             if TILE_SCALE:
-                w = _tile(wq, magic, c[:, None], 0.0, 0.0, BITS, False, False, DT, BLOCK_N,
-                          BLOCK_K)
+                w = _wtile(wq, magic, c[:, None], 0.0, 0.0, BITS, False, False, DT, BLOCK_N,
+                           BLOCK_K, PACKED, INTERP)
                 if SWAP:
                     part = _dot(w, xt, tl.zeros((BLOCK_N, BLOCK_M), tl.float32), INTERP)
                     acc += part * s[:, None]
@@ -461,8 +543,8 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
                     if HAS_M:
                         acc += tl.sum(xt.to(tl.float32), axis=1)[:, None] * m[None, :]
             else:
-                w = _tile(wq, magic, c[:, None], s[:, None], m[:, None], BITS, True, HAS_M, DT,
-                          BLOCK_N, BLOCK_K)
+                w = _wtile(wq, magic, c[:, None], s[:, None], m[:, None], BITS, True, HAS_M, DT,
+                           BLOCK_N, BLOCK_K, PACKED, INTERP)
                 if SWAP:
                     acc = _dot(w, xt, acc, INTERP)
                 else:
@@ -479,7 +561,8 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
                 m = tl.load(m_ptr + g_off, mask=p_mask, other=0.0).to(tl.float32)
             else:
                 m = s
-            w = _tile(wq, magic, c, s, m, BITS, True, HAS_M, DT, BLOCK_N, BLOCK_K)
+            w = _wtile(wq, magic, c, s, m, BITS, True, HAS_M, DT, BLOCK_N, BLOCK_K, PACKED,
+                       INTERP)
             if SWAP:
                 acc = _dot(w, xt, acc, INTERP)
             else:

@@ -28,7 +28,14 @@ go into the product unscaled (they are exact in bf16 and fp16: ``|q| <= 255``) a
 4-bit codes skip the shift: each is masked where it sits in the low or high half of its word,
 so the OR gives ``2**23 + u * 16**j`` (``j`` its position in that half), and the power of two
 ``16**j`` is folded into the activation (``gemv``) or into one exact FFMA (the ``tl.dot``
-kernels); the oracle tests check this bit for bit.
+kernels); the oracle tests check this bit for bit. Configs with ``PACKED`` (``splitk`` and
+``tiled``, 4-bit codes) decode two codes per instruction instead, in bf16 / fp16 pairs:
+``(word >> 4j) & 0x000F000F | 0x43004300`` holds codes ``j`` and ``j + 4`` as two bf16 values
+``128 + u`` (``0x64006400``: fp16, ``1024 + u``), and one paired subtraction (HADD2) leaves both
+``q`` exactly; a scale is then applied in the activation dtype (one more rounding of ``s`` and
+of ``q * s`` than the fp32 decode, far below the 4-bit quantization error). Compiled for
+sm_90 the split-K loop takes about 4.3 instructions per code instead of 5.3 (SASS counts,
+``benchmarks/triton_static.py``); the autotuner times both forms.
 
 Kernels (:func:`kernel_for` picks one by the number of tokens ``M`` and the weight):
 
@@ -152,6 +159,8 @@ _INT32_LIMIT = 2**31 - 1
 #   A operand (wgmma M = 64 rows of W, N = the 16-64 tokens) instead of a 16-row A of x.
 # * tiled: tensor-core bound; 128x128 / 128x256 tiles (the shapes cuBLAS and Triton's own
 #   Hopper matmuls favour), BLOCK_K 64 so a 4-bit row of a tile is one 32-byte sector.
+# * PACKED: the same tiles with 4-bit codes decoded in bf16 / fp16 pairs (module docstring);
+#   fewer instructions per code, not yet timed on a GPU: the autotuner decides.
 # Few configs on purpose: each is one compile (about a second) per scheme on first use.
 CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
     # gemv_t: 4 columns (16-byte word vectors) per thread, BLOCK_KW words of K per tile held
@@ -176,6 +185,10 @@ CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
         {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4, "SWAP": 1, "num_warps": 4,
          "num_stages": 3},
         {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "SWAP": 0, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "SWAP": 1, "PACKED": 1, "num_warps": 4,
+         "num_stages": 4},
+        {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4, "SWAP": 1, "PACKED": 1, "num_warps": 4,
+         "num_stages": 3},
     ),
     "tiled": (
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 0, "num_warps": 4,
@@ -187,6 +200,10 @@ CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 1, "num_warps": 4,
          "num_stages": 4},
         {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 1, "num_warps": 8,
+         "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 1, "PACKED": 1, "num_warps": 4,
+         "num_stages": 4},
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "SWAP": 0, "PACKED": 1, "num_warps": 8,
          "num_stages": 3},
     ),
 }
@@ -477,7 +494,8 @@ def fit_config(kind: str, config: dict[str, int], group: int,
     """``config`` adjusted to a weight: a non-swapped ``tl.dot`` tile never takes per-word
     parameters (groups smaller than, or straddling, ``BLOCK_K``); it is swapped instead.
     ``gemv_t``'s ``BLOCK_KW`` is capped at one group's words (``group * bits / 32``, when that is
-    a power of two), so each tile takes one parameter set per row.
+    a power of two), so each tile takes one parameter set per row. ``PACKED`` is dropped for
+    8-bit codes (the packed-pair decoding is 4-bit only).
 
     Triton 3.9's ``TritonGPUOptimizeDotOperands`` pass crashes on several such wgmma kernels
     (the dequantized right operand mixing per-word parameter loads; found by compiling every
@@ -489,7 +507,11 @@ def fit_config(kind: str, config: dict[str, int], group: int,
         if not per_channel and words & (words - 1) == 0 and config["BLOCK_KW"] > words:
             return {**config, "BLOCK_KW": words}
         return config
-    if kind == "gemv" or per_channel or config.get("SWAP", 0) or group % config["BLOCK_K"] == 0:
+    if kind == "gemv":
+        return config
+    if config.get("PACKED") and bits != 4:  # packed pairs decode 4-bit codes only
+        config = {k: v for k, v in config.items() if k != "PACKED"}
+    if per_channel or config.get("SWAP", 0) or group % config["BLOCK_K"] == 0:
         return config
     return {**config, "SWAP": 1}
 
