@@ -149,12 +149,12 @@ def test_autotuned_launch_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
     bias = _bias(40)
     cache: dict[str, object] = {}
     # M = 1: gemv split over K in 2 (the pretend GPU has 4 SMs), so its output is atomic;
-    # gemv_t splits K too (fp32 atomics), and its 3 distinct configs cap BLOCK_KW at one group
+    # gemv_t splits K too (fp32 atomics), and its 4 distinct configs cap BLOCK_KW at one group
     assert tlin._gemv_split(40, 1024, torch.device(DEV)) == 2
     assert tlin._gemv_t_atomic(40, torch.device(DEV))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        for m, tuned, n_cfg, kind in ((1, kern.gemv_t_tuned, 3, None),
+        for m, tuned, n_cfg, kind in ((1, kern.gemv_t_tuned, 4, None),
                                       (1, kern.gemv_tuned, 4, "gemv"),
                                       (3, kern.splitk_tuned, 5, None),
                                       (70, kern.tiled_tuned, 5, None)):
