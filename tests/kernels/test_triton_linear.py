@@ -368,6 +368,45 @@ def test_plans_replay_the_automatic_path_and_expire(scheme: str) -> None:
 
 
 
+def test_quantlinear_forward_replays_its_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``QuantLinear.forward`` first looks for a plan in its cache (the Triton path keeps them
+    on CUDA; here an automatic call in the interpreter makes one) and runs it without the
+    dispatcher, for any layout of the same input shape; a new shape, autograd, or a buffer or
+    bias written in place goes through the dispatcher again, with the right result."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 24).to(torch.bfloat16)
+    q = QuantLinear.from_float(lin, "int4-asym-g32").to(DEV)
+    x = _x(3, 256, torch.bfloat16)
+    calls: list[int] = []
+    real = kernels.linear_weight_only
+
+    def counted(*a: Any, **kw: Any) -> torch.Tensor:
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernels, "linear_weight_only", counted)
+    with torch.no_grad():
+        y = tlin.linear(x, q.qweight, q.bias, q.kernel_cache())  # keeps the plan
+        _same_run(q(x), y)
+        _same_run(q(x.t().contiguous().t()), y)  # another layout, same signature
+        x3 = x.reshape(1, 3, 256)
+        _close(q(x3), y.reshape(1, 3, 24), HALF_TOL)  # a new shape: the dispatcher
+        assert len(calls) == 1
+        q.weight_scale.mul_(2.0)
+        _close(q(x), ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
+        assert len(calls) == 2
+        y = tlin.linear(x, q.qweight, q.bias, q.kernel_cache())  # a fresh plan
+        assert q.bias is not None
+        q.bias.add_(1.0)
+        _close(q(x), ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
+        assert len(calls) == 3
+    q.bias.requires_grad_(True)
+    y = tlin.linear(x, q.qweight, q.bias, q.kernel_cache())  # bias added outside: no plan
+    out = q(x)
+    assert out.requires_grad and len(calls) == 4
+    _close(out.detach(), ref.linear_weight_only(x, q.qweight, q.bias.detach()), HALF_TOL)
+
+
 def test_leading_dims_and_strided_input() -> None:
     qt = _qt(24, 64, "int4-asym-g32")
     x3 = torch.randn(2, 5, 128).bfloat16().to(DEV)[..., ::2]  # non-contiguous last dim

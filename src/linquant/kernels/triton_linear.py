@@ -99,8 +99,11 @@ main loop's SASS instructions per weight code (4-bit codes are decoded in place,
 
 Eager calls: a layer's first automatic call for an input signature keeps a plan in its cache
 (``"triton_plans"``: the prepared tensors and a launch closure); later calls with the same
-signature and unmodified weight tensors take :func:`planned`, which skips the checks (about 90
--> 50 us of host time per call on the H200 machine; Triton's launch itself is 30 us there).
+signature (shape, dtype, device, bias object) and unmodified weight tensors take
+:func:`planned`, which skips the checks (about 90 -> 50 us of host time per call on the H200
+machine; Triton's launch itself is 30 us there). ``QuantLinear.forward`` calls :func:`replay`
+first, on its buffers, before building anything: linquant's Python per call, launch excluded,
+fell from about 11 to 3.6 us on a 2-core VM (``benchmarks/bench_host.py``).
 """
 
 from __future__ import annotations
@@ -577,27 +580,35 @@ def _gemv_t_splits(n: int, kw: int, meta: dict[str, Any], device: torch.device) 
 
 @dataclass(frozen=True)
 class _Plan:
-    weights: tuple[tuple[torch.Tensor, int | None], ...]  # qt's tensors and their versions
-    bias: tuple[torch.Tensor, int | None] | None
+    tensors: tuple[torch.Tensor | None, ...]  # the weight's qdata, scale, zero point, offset
+    versions: tuple[int | None, ...]  # ... and their version counters
+    bias: torch.Tensor | None
+    bias_version: int | None
     n: int
     k: int
     run: Callable[[torch.Tensor], torch.Tensor]  # (x2 [M, K]) -> y [M, N]
 
 
-def _tensor_versions(qt: QuantizedTensor) -> tuple[tuple[torch.Tensor, int | None], ...]:
-    return tuple((t, _version(t)) for t in (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset)
-                 if t is not None)
+def weight_tensors(qt: QuantizedTensor) -> tuple[torch.Tensor | None, ...]:
+    """``qt``'s stored tensors in the order :func:`replay` takes them."""
+    return (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset)
 
 
-def _same_weights(a: tuple[tuple[torch.Tensor, int | None], ...],
-                  b: tuple[tuple[torch.Tensor, int | None], ...]) -> bool:
-    return len(a) == len(b) and all(
-        t is u and v == w for (t, v), (u, w) in zip(a, b, strict=True))
+def _versions(tensors: tuple[torch.Tensor | None, ...]) -> tuple[int | None, ...]:
+    return tuple(None if t is None else _version(t) for t in tensors)
+
+
+def _unchanged(p: _Plan, tensors: tuple[torch.Tensor | None, ...]) -> bool:
+    """Whether ``tensors`` are the plan's weight tensors, unmodified."""
+    for t, u, v in zip(tensors, p.tensors, p.versions, strict=True):
+        if t is not u or (t is not None and _version(t) != v):
+            return False
+    return True
 
 
 def _plan_key(x: torch.Tensor, bias: torch.Tensor | None) -> tuple[object, ...]:
-    return (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.data_ptr() % 16 == 0,
-            None if bias is None else id(bias))
+    # strides and alignment are not in it: a plan's launch takes any x2 (see replay)
+    return (x.shape, x.dtype, x.device, None if bias is None else id(bias))
 
 
 def planned(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
@@ -606,24 +617,36 @@ def planned(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     signature, the same weight tensors and bias (unmodified), or None: no such plan (the
     caller then takes the checked path, which builds one). Inputs that need a gradient are
     never planned."""
-    if cache is None or (torch.is_grad_enabled() and (
-            x.requires_grad or (bias is not None and bias.requires_grad))):
+    if cache is None:
         return None
+    return replay(x, weight_tensors(qt), bias, cache)
+
+
+def replay(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...],
+           bias: torch.Tensor | None, cache: dict[str, Any]) -> torch.Tensor | None:
+    """:func:`planned` for a caller that holds the weight's tensors (:func:`weight_tensors`)
+    rather than a :class:`QuantizedTensor`: ``QuantLinear.forward`` calls it first on CUDA
+    inputs, before any check or object is built. The checks it keeps: an input signature seen
+    before (shape, dtype, device, bias object), no autograd, the same weight tensors and bias
+    at the same versions."""
     plans = cache.get("triton_plans")
     if not plans:
         return None
-    p: _Plan | None = plans.get(_plan_key(x, bias))
-    if p is None:
+    if torch.is_grad_enabled() and (
+            x.requires_grad or (bias is not None and bias.requires_grad)):
         return None
-    if bias is not None and (p.bias is None or p.bias[0] is not bias
-                             or p.bias[1] != _version(bias)):
+    p: _Plan | None = plans.get((x.shape, x.dtype, x.device,
+                                 None if bias is None else id(bias)))
+    if p is None or not _unchanged(p, tensors):
         return None
-    if not _same_weights(p.weights, _tensor_versions(qt)):
+    if bias is not None and (bias is not p.bias or _version(bias) != p.bias_version):
         return None
-    x2 = x.reshape(-1, p.k)
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, p.k)
     if x2.stride(-1) != 1 or x2.data_ptr() % 16:
         x2 = x2.contiguous()
-    return p.run(x2).reshape(*x.shape[:-1], p.n)
+    y = p.run(x2)
+    return y if flat else y.reshape(*x.shape[:-1], p.n)
 
 
 def _make_run(kind: str, x2: torch.Tensor, pk: TritonPack, words_t: torch.Tensor | None,
@@ -782,12 +805,13 @@ def linear(
         if auto and cache is not None and not bias_after and not (
                 x.requires_grad and torch.is_grad_enabled()):
             plans = cache.setdefault("triton_plans", {})
-            weights = _tensor_versions(qt)
-            if len(plans) >= _MAX_PLANS or not all(_same_weights(p.weights, weights)
+            tensors = weight_tensors(qt)
+            if len(plans) >= _MAX_PLANS or not all(_unchanged(p, tensors)
                                                    for p in plans.values()):
                 plans.clear()  # full, or built for other (or modified) weight tensors
             plans[_plan_key(x, bias)] = _Plan(
-                weights, None if bias is None else (bias, _version(bias)), n, k, run)
+                tensors, _versions(tensors), bias, None if bias is None else _version(bias),
+                n, k, run)
     except Exception as e:  # a Triton compile error must not take the model down
         if not auto:
             raise

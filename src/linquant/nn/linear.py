@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from linquant import kernels
+from linquant.kernels import triton_linear
 from linquant.nn.base import (
     HF_CONV1D,
     QuantModule,
@@ -100,6 +101,18 @@ class QuantLinear(QuantModule):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cache = self.__dict__.get("_kernel_cache")
+        if cache and "triton_plans" in cache and type(x) is torch.Tensor:
+            # an eager repeat call on CUDA (where the Triton path keeps plans): the plan kept by
+            # the first call, checked against the buffers themselves (no QuantizedTensor built,
+            # no checks again; see kernels.triton_linear.replay): the host's time per call is
+            # what limits one-token decoding
+            b = self._buffers
+            y = triton_linear.replay(
+                x, (b["weight_qdata"], b["weight_scale"], b.get("weight_zero_point"),
+                    b.get("weight_offset")), self._parameters.get("bias"), cache)
+            if y is not None:
+                return y
         x = self._check_last_dim(x, self.in_features)
         return kernels.linear_weight_only(x, self.qweight, self.bias, self.kernel_cache())
 
