@@ -127,6 +127,25 @@ def test_blocked_and_scratch_match_reference(nks: tuple[int, int, str], fn: obje
     _close(fn(xb, qt, None), ref.linear_weight_only(xb, qt, None), HALF_TOL)
 
 
+@pytest.mark.parametrize("native_deq", [True, False], ids=["native-dequant", "torch-dequant"])
+@pytest.mark.parametrize("nks", GENERIC, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}")
+def test_scratch_is_the_reference_bit_for_bit(nks: tuple[int, int, str], native_deq: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside autograd the scratch path is the reference's own computation: the same
+    dequantized weight (linquant's native dequantizer writes the same bits as the PyTorch ops)
+    into the same ``F.linear`` call, bias included."""
+    if not native_deq:
+        monkeypatch.setattr(native, "_dequantizer", lambda qt, lib=None: None)
+    n, k, scheme = nks
+    qt = _qt(n, k, scheme)
+    bias = torch.randn(n)
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(2, 35, k).to(dtype)
+            assert torch.equal(cpu.linear_scratch(x, qt, bias),
+                               ref.linear_weight_only(x, qt, bias)), dtype
+
+
 # ---- dispatcher ------------------------------------------------------------------------------
 
 

@@ -328,3 +328,76 @@ def test_avx2_kernel_checks_its_cpu_features(monkeypatch: pytest.MonkeyPatch,
     assert native.status("avx2") == "unavailable: this CPU lacks AVX2, FMA and F16C"
     assert not native.avx2_supported(_qt(16, 64, "int4-sym-g32"), torch.float16)
     assert not fresh_native.exists()  # nothing was built
+
+
+# ---- the dequantizer of the scratch paths (lq_dequant_rows) ---------------------------------
+
+DEQ_SCHEMES = ["int4-sym-g32-fp16", "int4-asym-g64-bf16", "int4-asymf-g128", "int4-sym-g4",
+               "int4-asym-ch0", "int4-sym-ch1", "int4-asymf-tensor", "int8-sym-ch0",
+               "int8-asym-g32-fp16", "int8-asymf-ch1-bf16", "int8-sym-g8", "int2-asym-g16",
+               "int3-sym-g8", "int5-asymf-ch0", "int6-sym-tensor", "int7-asym-g4"]
+
+
+@needs_avx2
+@pytest.mark.parametrize("scheme", DEQ_SCHEMES)
+@pytest.mark.parametrize("k", [256, 40])  # vectorized rows; K % 8 != 0 or small groups: scalar
+def test_dequantizer_is_bit_identical_to_pytorch(scheme: str, k: int) -> None:
+    """The native dequantizer writes the same bits as the PyTorch ops it replaces
+    (``(c - z) * s + m`` in fp32, rounded to nearest even) for every width, mode and
+    granularity, into bf16 / fp16 / fp32 buffers, for whole weights and row ranges; large
+    parameters round to Inf in fp16 as PyTorch's conversion does."""
+    from linquant.kernels import cpu
+
+    gran = scheme.split("-")[2]
+    if gran.startswith("g") and k % int(gran[1:]):
+        k = 2 * int(gran[1:])  # the group must divide K
+    n = 21
+    qt = _qt(n, k, scheme, seed=k)
+    if "fp16" not in scheme and "bf16" not in scheme:
+        qt.scale = qt.scale * 3e4  # fp16 overflow on some weights
+    slow = cpu._RowDequant(qt, native=False)
+    fast = cpu._RowDequant(qt)
+    assert fast.fast is not None
+    for dtype in ALL:
+        for r0, r1 in ((0, n), (8, 21), (3, 4)):
+            want = torch.full((r1 - r0, k), 7.0, dtype=dtype)
+            got = torch.full((r1 - r0, k), 7.0, dtype=dtype)
+            slow.into(want, r0, r1)
+            fast.into(got, r0, r1)
+            assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               want.view(torch.int16 if dtype != torch.float32 else torch.int32)
+                               ), (scheme, dtype, r0, r1)
+
+
+@needs_avx2
+def test_dequantizer_falls_back_for_buffers_it_does_not_take() -> None:
+    """A non-contiguous or float64 buffer goes to the PyTorch ops (same values)."""
+    from linquant.kernels import cpu
+
+    qt = _qt(16, 64, "int4-asym-g32")
+    deq = cpu._RowDequant(qt)
+    want = torch.empty(16, 64, dtype=torch.float64)
+    cpu._RowDequant(qt, native=False).into(want, 0, 16)
+    got = torch.empty(16, 64, dtype=torch.float64)
+    deq.into(got, 0, 16)
+    assert torch.equal(got, want)
+    strided = torch.empty(64, 16, dtype=torch.float32).t()
+    deq.into(strided, 0, 16)
+    assert torch.equal(strided, want.float())
+
+
+@needs_avx2
+@pytest.mark.parametrize("path", ["cpu_scratch", "cpu_blocked"])
+def test_scratch_paths_unchanged_by_the_native_dequantizer(path: str,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """The scratch and blocked paths give the same outputs with and without it (the same
+    dequantized weight into the same matmul)."""
+    from linquant.kernels import cpu
+
+    qt = _qt(300, 128, "int4-asym-g32-fp16")
+    x = torch.randn(70, 128).bfloat16()
+    run = getattr(cpu, path.replace("cpu_", "linear_"))
+    fast = run(x, qt, None)
+    monkeypatch.setattr(native, "_dequantizer", lambda qt, lib=None: None)
+    assert torch.equal(fast, run(x, qt, None))

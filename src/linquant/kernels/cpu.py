@@ -249,12 +249,26 @@ def linear_int8pack(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | N
 class _RowDequant:
     """Dequantize rows ``[r0, r1)`` of a 2-D weight into a given buffer (``r0 % 8 == 0``)."""
 
-    def __init__(self, qt: QuantizedTensor) -> None:
+    def __init__(self, qt: QuantizedTensor, native: bool = True) -> None:
         self.qt = qt
         self.n, self.k = (int(d) for d in qt.shape)
-        s = qt.scheme
-        self.bits = s.bits
-        self.symmetric = s.symmetric
+        self.bits = qt.scheme.bits
+        self.symmetric = qt.scheme.symmetric
+        # linquant's AVX2 dequantizer where it is built: the same bits, read from the stored
+        # tensors in place (native=False: always the PyTorch ops, which the native probe and
+        # tests compare it against); the PyTorch ops' fp32 parameters are then made only if a
+        # buffer needs them
+        self.fast = None
+        if native:
+            from linquant.kernels import native as nat  # (native imports this module)
+
+            self.fast = nat._dequantizer(qt) if nat.available(nat.AVX2) else None
+        self.prepared = False
+        if self.fast is None:
+            self._prepare()
+
+    def _prepare(self) -> None:
+        qt, s = self.qt, self.qt.scheme
         n, k = self.n, self.k
         scale = qt.scale.float()
         zp = qt.zero_point
@@ -277,6 +291,7 @@ class _RowDequant:
         self.zp = None if zpf is None else zpf.reshape(shape)
         self.off = None if off is None else off.reshape(shape)
         self.codes = torch.empty(0, dtype=torch.float32)
+        self.prepared = True
 
     def _rows(self, p: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor | None:
         if p is None:
@@ -285,6 +300,10 @@ class _RowDequant:
 
     def into(self, out: torch.Tensor, r0: int, r1: int) -> None:
         """Write the dequantized rows into ``out`` (``[r1 - r0, K]``, any float dtype)."""
+        if self.fast is not None and self.fast(out, r0, r1):
+            return
+        if not self.prepared:
+            self._prepare()
         k, bits = self.k, self.bits
         nel = (r1 - r0) * k
         lo = r0 * k * bits // 8
@@ -366,9 +385,15 @@ def linear_scratch(x: torch.Tensor, qt: QuantizedTensor,
     n, k = (int(d) for d in qt.shape)
     w = _scratch(n * k, x.dtype).view(n, k)
     deq = _RowDequant(qt)
-    for r0 in range(0, n, BLOCK_ROWS):
-        r1 = min(n, r0 + BLOCK_ROWS)
-        deq.into(w[r0:r1], r0, r1)
+    if deq.fast is not None:
+        deq.into(w, 0, n)  # the native dequantizer splits the rows over the threads itself
+    else:
+        for r0 in range(0, n, BLOCK_ROWS):
+            r1 = min(n, r0 + BLOCK_ROWS)
+            deq.into(w[r0:r1], r0, r1)
+    if bias is None or not (bias.requires_grad and torch.is_grad_enabled()):
+        # the reference's own call on the same dequantized weight: the same bits
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     return _bias(F.linear(x, w), bias)  # bias after: autograd never saves the scratch weight
 
 

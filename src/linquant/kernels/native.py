@@ -35,7 +35,10 @@ Three kernels, each in its own shared library with its own CPU requirement (Linu
   bits. For fp32 activations the codes are centered (``u - 2^(bits - 1)``, one more
   subtraction per 8 weights), so that a symmetric weight's sums carry no offset times ``sum x``
   whose rounding would cost fp32 results about 4 bits. Tokens holding Inf or NaN send the call
-  to the reference.
+  to the reference. The same library holds ``lq_dequant_rows``, the dequantizer of the
+  large-M paths (``cpu_scratch``, ``cpu_blocked``; see :func:`_dequantizer`): any width, mode
+  and granularity, read from the stored tensors in place, into bf16 / fp16 / fp32, **the same
+  bits** as the PyTorch ops it replaces, in one pass instead of several.
 
 Building: the first call that needs a kernel compiles its C source with ``$CC`` (default
 ``cc``) and ``-O3 -ffp-contract=off -fopenmp`` plus ``-mavx512f -mavx512bw -mavx512vl`` and
@@ -219,11 +222,34 @@ def _probe_w8a8(lib: ctypes.CDLL) -> str | None:
     return None
 
 
+def _probe_dequant(lib: ctypes.CDLL) -> str | None:
+    """The dequantizer against PyTorch's (``cpu._RowDequant``), bit for bit, vectorized and
+    one code at a time."""
+    from linquant.tensor import quantize
+
+    g = torch.Generator().manual_seed(0)
+    for scheme, k in (("int4-asym-g32-fp16", 64), ("int8-sym-ch0", 64), ("int3-sym-g8", 24)):
+        qt = quantize(torch.randn(12, k, generator=g), scheme)
+        torch_deq = cpu._RowDequant(qt, native=False)
+        fast = _dequantizer(qt, lib)
+        for dtype in (torch.bfloat16, torch.float32):
+            want = torch.empty(12, k, dtype=dtype)
+            got = torch.empty(12, k, dtype=dtype)
+            torch_deq.into(want, 0, 12)
+            if fast is None or not fast(got, 0, 12) or not torch.equal(got, want):
+                return f"probe: dequantized {scheme} differs from PyTorch's ({dtype})"
+    return None
+
+
+def _probe_avx2(lib: ctypes.CDLL) -> str | None:
+    return (_probe_weight_only(lib, _run_avx2, repack_avx2, ("int4-asym-g32-fp16", "int8-sym-ch0"))
+            or _probe_dequant(lib))
+
+
 _PROBES: dict[str, Callable[[ctypes.CDLL], str | None]] = {
     W4A16: lambda lib: _probe_weight_only(lib, _run, repack, ("int4-asym-g32-fp16",)),
     W8A8: _probe_w8a8,
-    AVX2: lambda lib: _probe_weight_only(lib, _run_avx2, repack_avx2,
-                                         ("int4-asym-g32-fp16", "int8-sym-ch0")),
+    AVX2: _probe_avx2,
 }
 
 
@@ -250,7 +276,9 @@ _SPECS = {
                  "-mavx2", "-mfma", "-mf16c"),
                 lambda: _cpu_has_avx2_fma(), "AVX2, FMA and F16C",
                 {"lq_wa16_avx2": (_P, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I,
-                                  _I)}),
+                                  _I),
+                 "lq_dequant_rows": (_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I,
+                                     _I)}),
 }
 
 
@@ -669,3 +697,55 @@ def linear_avx2(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     if y is None:  # Inf / NaN activations: the reference's IEEE result
         return reference.linear_weight_only(x, qt, bias)
     return y
+
+
+# ---- dequantization into a float buffer (cpu_scratch, cpu_blocked) ---------------------------
+
+_DEQ_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def _dequantizer(qt: QuantizedTensor, lib: ctypes.CDLL | None = None
+                 ) -> Callable[[torch.Tensor, int, int], bool] | None:
+    """A function ``(out, r0, r1) -> bool`` that writes rows ``[r0, r1)`` of ``qt``
+    dequantized into ``out`` (contiguous ``[r1 - r0, K]``, bf16 / fp16 / fp32) with the AVX2
+    library's ``lq_dequant_rows``, bit-identical to ``cpu._RowDequant`` (False: ``out`` not
+    taken, nothing written), or None: not for this weight (not a 2-D CPU weight with
+    contiguous tensors in the stored dtypes, or no AVX2 library). It reads the stored codes,
+    scales, packed zero points and offsets in place: nothing is converted or copied."""
+    if lib is None:
+        lib = _load(AVX2)
+    if lib is None or len(qt.shape) != 2 or qt.device.type != "cpu":
+        return None
+    s = qt.scheme
+    k = int(qt.shape[1])
+    tensors = (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset)
+    if any(t is not None and not t.is_contiguous() for t in tensors) or (
+            qt.qdata.dtype != torch.uint8 or qt.scale.dtype not in _DEQ_DTYPES
+            or (qt.offset is not None and qt.offset.dtype not in _DEQ_DTYPES)
+            or (qt.zero_point_packed is not None and qt.zero_point_packed.dtype != torch.uint8)):
+        return None
+    if s.granularity == "group":
+        gs = int(s.group_size or k)
+        sn, sg, g = k // gs, 1, gs
+    elif s.granularity == "channel" and s.axis % 2 == 0:
+        sn, sg, g = 1, 0, k
+    elif s.granularity == "channel":
+        sn, sg, g = 0, 1, 1
+    else:
+        sn, sg, g = 0, 0, k
+    codes, scale, zero, offset = tensors
+    head = (codes.data_ptr(), scale.data_ptr(), _DEQ_DTYPES[scale.dtype],
+            None if zero is None else zero.data_ptr(),
+            None if offset is None else offset.data_ptr(),
+            2 if offset is None else _DEQ_DTYPES[offset.dtype], sn, sg, g)
+    fn = lib.lq_dequant_rows
+
+    def run(out: torch.Tensor, r0: int, r1: int,
+            _keep: tuple[torch.Tensor | None, ...] = tensors) -> bool:  # alive while run is
+        code = _DEQ_DTYPES.get(out.dtype)
+        if code is None or not out.is_contiguous() or out.numel() != (r1 - r0) * k:
+            return False
+        fn(*head, out.data_ptr(), code, r0, r1, k, s.bits, int(s.symmetric))
+        return True
+
+    return run

@@ -291,3 +291,177 @@ int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int6
     gemm(codes, sb, ob, (int)compact, xp, xs, ts, bias, y, M, N, K, g, (int)bits, dtype == 2);
     return 0;
 }
+
+/* ---- dequantization into a float buffer (the scratch paths) ------------------------------
+ *
+ * Rows [r0, r1) of a weight in linquant's canonical storage (linquant.ops.packing: the codes of
+ * the row-major [N, K] weight as one little-endian bit stream, 2-8 bits each; two's complement
+ * for symmetric codes) into out [(r1 - r0), K] (dtype 0: bf16, 1: fp16, 2: fp32), computing
+ * w = ((c - z) * s) + m in fp32 in that order, as the PyTorch path (kernels/cpu.py,
+ * _RowDequant; ops/affine.py, dequantize_packed) does (z and m only where given), then rounded
+ * to nearest even: the same bits. The parameters are read as stored: scales and float offsets
+ * in bf16 / fp16 / fp32 (sdt, mdt as dtype), integer zero points as a packed stream of
+ * bits-wide unsigned codes; element (n, k) takes parameter n * sn + (k / g) * sg (a group:
+ * sn = K / g, sg = 1; a row: sn = 1, sg = 0, g = K; a column: sn = 0, sg = 1, g = 1; the
+ * tensor: 0, 0, K). Vectorized for 4- and 8-bit codes with K % 8 == 0 and parameters constant
+ * over each 8 codes (g % 8 == 0) or one per column (g == 1); any other case one code at a
+ * time. Threads split the rows. */
+
+static inline uint16_t bf16_rne(float f)
+{
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u) /* NaN: quiet, as PyTorch's conversion */
+        return (uint16_t)((b >> 16) | 0x40u);
+    return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+static inline float param_at(const void* p, int64_t i, int dt)
+{
+    if (dt == 2)
+        return ((const float*)p)[i];
+    if (dt == 1)
+        return _cvtsh_ss(((const uint16_t*)p)[i]);
+    const uint32_t b = (uint32_t)((const uint16_t*)p)[i] << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline __m256 param8(const void* p, int64_t i, int dt) /* 8 consecutive parameters */
+{
+    if (dt == 2)
+        return _mm256_loadu_ps((const float*)p + i);
+    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+    if (dt == 1)
+        return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline void store8(void* out, int64_t i, int dtype, __m256 v)
+{
+    if (dtype == 2) {
+        _mm256_storeu_ps((float*)out + i, v);
+    } else if (dtype == 1) {
+        _mm_storeu_si128((__m128i*)((uint16_t*)out + i),
+                         _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+        const __m256i b = _mm256_castps_si256(v);
+        const __m256i one = _mm256_set1_epi32(1);
+        __m256i r = _mm256_add_epi32(
+            b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                _mm256_and_si256(_mm256_srli_epi32(b, 16), one)));
+        r = _mm256_srli_epi32(r, 16);
+        /* NaN lanes (finite parameters give none, but keep PyTorch's quiet NaN) */
+        const __m256i absb = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF));
+        const __m256i nan = _mm256_cmpgt_epi32(absb, _mm256_set1_epi32(0x7F800000));
+        const __m256i q = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
+        r = _mm256_blendv_epi8(r, q, nan);
+        _mm_storeu_si128((__m128i*)((uint16_t*)out + i),
+                         _mm_packus_epi32(_mm256_castsi256_si128(r),
+                                          _mm256_extracti128_si256(r, 1)));
+    }
+}
+
+static inline void store1(void* out, int64_t i, int dtype, float v)
+{
+    if (dtype == 2)
+        ((float*)out)[i] = v;
+    else if (dtype == 1)
+        ((uint16_t*)out)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    else
+        ((uint16_t*)out)[i] = bf16_rne(v);
+}
+
+/* code idx of a packed stream, signed (symmetric) or not */
+static inline int32_t code_at(const uint8_t* q, int64_t idx, int bits, int symmetric)
+{
+    const int64_t bit = idx * bits;
+    const int64_t byte = bit >> 3;
+    const int sh = (int)(bit & 7);
+    uint32_t v = q[byte];
+    if (sh + bits > 8)
+        v |= (uint32_t)q[byte + 1] << 8;
+    int32_t u = (int32_t)((v >> sh) & ((1u << bits) - 1u));
+    if (symmetric) {
+        const int32_t half = 1 << (bits - 1);
+        u = (u ^ half) - half;
+    }
+    return u;
+}
+
+/* codes idx .. idx + 7 of a packed 4- or 8-bit stream (idx % 8 == 0), as fp32 */
+static inline __m256 codes8(const uint8_t* q, int64_t idx, int bits, int symmetric)
+{
+    __m256i c;
+    if (bits == 4) {
+        uint32_t w;
+        memcpy(&w, q + idx / 2, 4);
+        c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)w),
+                                               _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                             _mm256_set1_epi32(15));
+        if (symmetric) /* (u ^ 8) - 8 */
+            c = _mm256_sub_epi32(_mm256_xor_si256(c, _mm256_set1_epi32(8)),
+                                 _mm256_set1_epi32(8));
+    } else {
+        const __m128i b = _mm_loadl_epi64((const __m128i*)(q + idx));
+        c = symmetric ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+    }
+    return _mm256_cvtepi32_ps(c);
+}
+
+int64_t lq_dequant_rows(const uint8_t* q, const void* s, int64_t sdt, const uint8_t* zq,
+                        const void* m, int64_t mdt, int64_t sn, int64_t sg, int64_t g, void* out,
+                        int64_t dtype, int64_t r0, int64_t r1, int64_t K, int64_t bits,
+                        int64_t symmetric)
+{
+    const int b = (int)bits, sym = (int)symmetric, dt = (int)dtype;
+    const int vec = (b == 4 || b == 8) && K % 8 == 0 && (g % 8 == 0 || (g == 1 && sg == 1));
+#pragma omp parallel for schedule(static) if ((r1 - r0) * K >= 65536)
+    for (int64_t n = r0; n < r1; n++) {
+        const int64_t o0 = (n - r0) * K;
+        if (!vec) {
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t p = n * sn + (k / g) * sg;
+                float t = (float)code_at(q, n * K + k, b, sym);
+                if (zq)
+                    t = t - (float)code_at(zq, p, b, 0);
+                t = t * param_at(s, p, (int)sdt);
+                if (m)
+                    t = t + param_at(m, p, (int)mdt);
+                store1(out, o0 + k, dt, t);
+            }
+            continue;
+        }
+        const int64_t G = g == 1 ? K / 8 : K / g, step = g == 1 ? 8 : g;
+        for (int64_t gi = 0; gi < G; gi++) { /* a group, or 8 columns of per-column params */
+            const int64_t k0 = gi * step;
+            __m256 vs, vz = _mm256_setzero_ps(), vm = _mm256_setzero_ps();
+            if (g == 1) {
+                const int64_t p = n * sn + k0;
+                vs = param8(s, p, (int)sdt);
+                if (zq)
+                    vz = codes8(zq, p, b, 0);
+                if (m)
+                    vm = param8(m, p, (int)mdt);
+            } else {
+                const int64_t p = n * sn + gi * sg;
+                vs = _mm256_set1_ps(param_at(s, p, (int)sdt));
+                if (zq)
+                    vz = _mm256_set1_ps((float)code_at(zq, p, b, 0));
+                if (m)
+                    vm = _mm256_set1_ps(param_at(m, p, (int)mdt));
+            }
+            for (int64_t k = k0; k < k0 + step; k += 8) {
+                __m256 t = codes8(q, n * K + k, b, sym);
+                if (zq)
+                    t = _mm256_sub_ps(t, vz);
+                t = _mm256_mul_ps(t, vs);
+                if (m)
+                    t = _mm256_add_ps(t, vm);
+                store8(out, o0 + k, dt, t);
+            }
+        }
+    }
+    return 0;
+}

