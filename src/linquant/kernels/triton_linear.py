@@ -103,7 +103,7 @@ signature (shape, dtype, device, bias object) and unmodified weight tensors take
 :func:`planned`, which skips the checks (about 90 -> 50 us of host time per call on the H200
 machine; Triton's launch itself is 30 us there). ``QuantLinear.forward`` calls :func:`replay`
 first, on its buffers, before building anything: linquant's Python per call, launch excluded,
-fell from about 11 to 3.6 us on a 2-core VM (``benchmarks/bench_host.py``).
+fell from about 11 to 3.9 us on a 2-core VM (``benchmarks/bench_host.py``).
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@ imported by linquant.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -144,6 +146,35 @@ def as_scheme(scheme: QuantScheme | str, who: str) -> QuantScheme:
     if not isinstance(scheme, QuantScheme):
         raise LinquantError(f"{who}: scheme must be a QuantScheme or str, got {scheme!r}")
     return scheme
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def eager_only(fn: _Fn) -> _Fn:
+    """Run the decorated forward eagerly under ``torch.compile``, outside the traced graph:
+    for layers whose kernels (native via ctypes, Triton) and kernel caches need real tensors.
+    Traced, Dynamo split ``native._run_avx2`` at the ctypes call and the process aborted
+    (tests/nn/test_compile.py).
+
+    ``torch.compiler.disable`` does this, but it imports Dynamo (and with it Triton), which
+    took ``import linquant`` from 0.07 to 1.3 s. So the wrapper is built on the first call made
+    after Dynamo was imported (no model can be compiled before that); until then the call goes
+    straight to ``fn``. ``_torchdynamo_disable`` on the wrapper makes Dynamo run it rather than
+    inline it; it then calls the disabled ``fn`` (tracing off for everything below). About
+    0.4 us per call once Dynamo is loaded, nothing before."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))  # type: ignore[no-untyped-call]
+        return disabled[0](*args, **kwargs)
+
+    call._torchdynamo_disable = True  # type: ignore[attr-defined]
+    return cast(_Fn, call)
 
 
 class KernelCache(dict[str, Any]):

@@ -27,6 +27,7 @@ from linquant.nn.base import (
     HF_CONV1D,
     QuantModule,
     as_scheme,
+    eager_only,
     linear_features,
     quantize_linear_weight,
 )
@@ -100,6 +101,7 @@ class QuantLinear(QuantModule):
         q._set_bias(bias if isinstance(bias, torch.Tensor) else None)
         return q
 
+    @eager_only  # outside torch.compile's graphs (see eager_only)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = self.__dict__.get("_kernel_cache")
         if cache and "triton_plans" in cache and type(x) is torch.Tensor:

@@ -23,7 +23,13 @@ from torch import nn
 
 from linquant import kernels
 from linquant.errors import LinquantError
-from linquant.nn.base import HF_CONV1D, QuantModule, linear_features, quantize_linear_weight
+from linquant.nn.base import (
+    HF_CONV1D,
+    QuantModule,
+    eager_only,
+    linear_features,
+    quantize_linear_weight,
+)
 from linquant.nn.registry import register_qmodule
 from linquant.ops.qparams import qparams_from_range
 from linquant.scheme import QuantScheme
@@ -235,6 +241,7 @@ class W8A8Linear(QuantModule):
             self._calibrated = bool(torch.isfinite(scale).all() and (scale > 0).all())
 
     # ---- forward ---------------------------------------------------------------------------------
+    @eager_only  # outside torch.compile's graphs (see eager_only)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_last_dim(x, self.in_features)
         if self.activation == "dynamic":
