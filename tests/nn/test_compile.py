@@ -1,9 +1,9 @@
-"""Quantized models under ``torch.compile``: every quantized layer runs outside the traced
-graph (``torch.compiler.disable`` on its forward), so its kernels, native (ctypes) or Triton,
-and its kernel cache see real tensors only, and the compiled model returns what the eager one
-does. (Tracing into a native kernel's Python once crashed the process: Dynamo split
-``native._run_avx2`` at the ctypes call and the kernel then wrote through pointers into
-tensors of the traced half.)"""
+"""Quantized models under ``torch.compile``. ``QuantLinear`` is one opaque custom-operator node
+in the graph (``linquant::linear_weight_only``, whose implementation is the eager dispatcher);
+``W8A8Linear`` runs outside the graph (``eager_only``); ``QuantEmbedding`` and ``QuantConv2d``
+are traced like any PyTorch code. No kernel code, native (ctypes) or Triton, is ever traced:
+doing so once crashed the process (Dynamo split ``native._run_avx2`` at the ctypes call).
+The compiled model returns what the eager one does, bit for bit with the eager backend."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from linquant.nn import QuantConv2d, QuantEmbedding, QuantLinear, W8A8Linear
+from linquant.kernels import compiled
+from linquant.nn import QuantConv2d, QuantEmbedding, QuantLinear, W8A8Linear, clear_kernel_caches
 
 
 class Net(nn.Module):
@@ -97,3 +98,92 @@ def test_importing_linquant_loads_neither_dynamo_nor_triton() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
+class Dense(nn.Module):
+    """Quantized linear layers around float code, embedding and convolution: no W8A8, so the
+    whole model is one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb = QuantEmbedding.from_float(nn.Embedding(50, 64), "int4-sym-g32")
+        self.a = QuantLinear.from_float(nn.Linear(64, 96), "int8-sym-ch0")
+        self.b = QuantLinear.from_float(nn.Linear(96, 64), "int4-asym-g32-fp16")
+        self.c = QuantLinear.from_float(nn.Linear(64, 40, bias=False), "int4-sym-g16")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.c(self.b(torch.nn.functional.gelu(self.a(h))) + h)
+
+
+def _graphs(model: nn.Module, *args: torch.Tensor) -> tuple[list[torch.fx.GraphModule], object]:
+    """Compile with a backend that records each graph and runs it as is."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=record, fullgraph=True)(*args)
+    return graphs, out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantlinear_is_one_operator_node_in_a_full_graph(dtype: torch.dtype) -> None:
+    """fullgraph=True compiles; each QuantLinear is one ``linquant::linear_weight_only`` node;
+    the output is the eager one, bit for bit; the operator's caches are per weight and
+    ``clear_kernel_caches`` drops them."""
+    net = Dense().to(dtype)
+    ids = torch.randint(0, 50, (3, 5))
+    with torch.no_grad():
+        want = net(ids)
+        graphs, got = _graphs(net, ids)
+    assert len(graphs) == 1
+    ops = [n for n in graphs[0].graph.nodes
+           if n.op == "call_function" and "linquant.linear_weight_only" in str(n.target)]
+    assert len(ops) == 3
+    assert isinstance(got, torch.Tensor) and got.dtype == dtype and torch.equal(got, want)
+    assert clear_kernel_caches(net) >= 0
+    assert all(compiled.clear_cache(m.weight_qdata) == 0 for m in (net.a, net.b, net.c))
+
+
+def test_compiled_gradients_match_eager() -> None:
+    """With autograd on: an input that needs a gradient traces the reference's PyTorch ops
+    (the same gradients as eager mode); a bias that needs one is added after the node."""
+    net = Dense()
+
+    def run(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = layer(x)
+        y.square().sum().backward()
+        return (y.detach(), *(t.grad.clone() for t in (x, layer.bias)
+                               if t is not None and t.grad is not None))
+
+    for layer in (net.a, net.b):
+        for needs_x in (True, False):
+            for t in (layer.bias,):
+                assert t is not None
+                t.grad = None
+            h = torch.randn(2, 4, layer.in_features, generator=torch.Generator().manual_seed(3))
+            x1 = h.clone().requires_grad_(needs_x)
+            want = run(layer, x1)
+            assert layer.bias is not None
+            layer.bias.grad = None
+            torch._dynamo.reset()
+            x2 = h.clone().requires_grad_(needs_x)
+            got = run(torch.compile(layer, backend="eager", fullgraph=True), x2)  # type: ignore[arg-type]
+            assert len(got) == len(want) == (3 if needs_x else 2)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_inductor_full_graph_matches_eager() -> None:
+    net = Dense()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        want = net(ids)
+        torch._dynamo.reset()
+        got = torch.compile(net, fullgraph=True)(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -70,7 +70,13 @@ Weight-only linear (:func:`linear_weight_only`) on CPU, first match wins:
    ``nn.Linear`` at M = 128 and 256).
 8. ``cpu_scratch``: ``M >= BLOCKED_MAX_M`` otherwise: bf16 / fp16 activations, and fp32 / fp64
    on smaller weights, whose dequantized copy stays in cache (MiniLM's 1536 x 384 at M = 480:
-   4.4 ms instead of 6.7 for ``cpu_blocked``).
+   4.4 ms instead of 6.7 for ``cpu_blocked``). Outside autograd it is the reference's own
+   computation, bit for bit.
+
+Rows 7 and 8 dequantize with the AVX2 library's ``lq_dequant_rows`` where it builds (the same
+bits as the PyTorch ops, in one pass; ``benchmarks/bench_dequant.py``). Under
+``torch.compile``, ``QuantLinear`` calls :func:`linear_weight_only` through the custom operator
+of :mod:`linquant.kernels.compiled`.
 
 The thresholds are crossovers measured with benchmarks/bench_linear.py (BENCHMARKS.md).
 ``torch._weight_int4pack_mm_for_cpu`` and ``torch._weight_int8pack_mm`` need bf16 / fp16

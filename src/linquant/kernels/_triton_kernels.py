@@ -122,7 +122,9 @@ def _tile_packed(wq, magic, zc, s, m, SCALE: tl.constexpr, OFFSET: tl.constexpr,
     # last mantissa bit is worth 1), so each 16-bit half reads as BASE + u, exact.
     # Subtracting BASE + zc (zc: the code offset, a small integer) leaves q exactly
     # (|q| <= 15); with SCALE, q * s (+ m) is rounded to DT. ptxas pairs the two halves'
-    # arithmetic into one HADD2 / HMUL2 (sm_90).
+    # arithmetic into one HADD2 / HMUL2 (sm_90). (fp16 with a scale above 65504: s rounds to
+    # Inf and q = 0 gives NaN where the fp32 decode gives 0; that group's other weights are
+    # Inf in fp16 either way.)
     if DT == tl.bfloat16:  # noqa: SIM300 (DT is a dtype, not a constant)
         base = (zc + 128.0).to(DT)
     else:

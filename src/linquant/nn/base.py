@@ -153,7 +153,9 @@ _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 def eager_only(fn: _Fn) -> _Fn:
     """Run the decorated forward eagerly under ``torch.compile``, outside the traced graph:
-    for layers whose kernels (native via ctypes, Triton) and kernel caches need real tensors.
+    for layers whose kernels (native via ctypes, Triton) and kernel caches need real tensors
+    (``W8A8Linear``; ``QuantLinear`` enters graphs as a custom operator instead, see
+    :mod:`linquant.kernels.compiled`).
     Traced, Dynamo split ``native._run_avx2`` at the ctypes call and the process aborted
     (tests/nn/test_compile.py).
 
@@ -162,7 +164,7 @@ def eager_only(fn: _Fn) -> _Fn:
     after Dynamo was imported (no model can be compiled before that); until then the call goes
     straight to ``fn``. ``_torchdynamo_disable`` on the wrapper makes Dynamo run it rather than
     inline it; it then calls the disabled ``fn`` (tracing off for everything below). About
-    0.4 us per call once Dynamo is loaded, nothing before."""
+    0.2 us per call, 0.4 once Dynamo is loaded (benchmarks/bench_host.py)."""
     disabled: list[Callable[..., Any]] = []
 
     @functools.wraps(fn)
@@ -200,13 +202,19 @@ def clear_kernel_caches(model: nn.Module) -> int:
     The layouts cost memory: a W4A16 layer on the CPU keeps another copy of its int4 codes, and
     a CPU W8A8 layer one copy of its int8 weight per int8 backend it ran on (fbgemm at few
     tokens, oneDNN at more; see :mod:`linquant.kernels`). Useful after a calibration or warm-up
-    run at batch sizes the deployment will not see."""
+    run at batch sizes the deployment will not see. The caches that ``torch.compile``'d
+    models keep per weight (:mod:`linquant.kernels.compiled`) are dropped too."""
+    from linquant.kernels import compiled
+
     dropped = 0
     for m in model.modules():
         if isinstance(m, QuantModule):
             cache = m.kernel_cache()
             dropped += len(cache)
             cache.clear()
+            qdata = m._buffers.get("weight_qdata")
+            if qdata is not None:
+                dropped += compiled.clear_cache(qdata)
     return dropped
 
 

@@ -112,7 +112,10 @@ class QuantEmbedding(QuantModule):
                 or ids.dtype == torch.bool:
             got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise LinquantError(f"{self._label()}: expected an integer index tensor, got {got}")
-        if ids.numel():
+        # the range check reads the indices on the host: not under torch.compile, where it
+        # would split the graph (out-of-range indices then fail in the gather, as for
+        # nn.Embedding)
+        if ids.numel() and not torch.compiler.is_compiling():
             lo, hi = torch.aminmax(ids)
             if int(lo) < 0 or int(hi) >= self.num_embeddings:
                 raise LinquantError(

@@ -22,12 +22,11 @@ import torch
 from torch import nn
 
 from linquant import kernels
-from linquant.kernels import triton_linear
+from linquant.kernels import compiled, reference, triton_linear
 from linquant.nn.base import (
     HF_CONV1D,
     QuantModule,
     as_scheme,
-    eager_only,
     linear_features,
     quantize_linear_weight,
 )
@@ -101,8 +100,9 @@ class QuantLinear(QuantModule):
         q._set_bias(bias if isinstance(bias, torch.Tensor) else None)
         return q
 
-    @eager_only  # outside torch.compile's graphs (see eager_only)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
         cache = self.__dict__.get("_kernel_cache")
         if cache and "triton_plans" in cache and type(x) is torch.Tensor:
             # an eager repeat call on CUDA (where the Triton path keeps plans): the plan kept by
@@ -117,6 +117,28 @@ class QuantLinear(QuantModule):
                 return y
         x = self._check_last_dim(x, self.in_features)
         return kernels.linear_weight_only(x, self.qweight, self.bias, self.kernel_cache())
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward as ``torch.compile`` / ``torch.export`` trace it: one opaque
+        ``linquant::linear_weight_only`` node (:mod:`linquant.kernels.compiled`), whose
+        implementation is the eager dispatcher, so no kernel code is traced. Where autograd
+        needs the input's gradient, the reference's PyTorch ops are traced instead; a bias that
+        needs one is added after the node, where autograd sees it."""
+        x = self._check_last_dim(x, self.in_features)
+        bias = self.bias
+        grad = torch.is_grad_enabled()
+        if grad and x.requires_grad:
+            return reference.linear_weight_only(x, self.qweight, bias)
+        bias_after = bias is not None and grad and bias.requires_grad
+        b = self._buffers
+        y: torch.Tensor = compiled.linear_weight_only(
+            x, b["weight_qdata"], b["weight_scale"], b.get("weight_zero_point"),
+            b.get("weight_offset"), None if bias_after else bias, str(self.scheme),
+            list(self.qweight_shape), self.weight_dtype)
+        if bias_after:
+            assert bias is not None
+            y = y + bias.to(y.dtype)
+        return y
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
