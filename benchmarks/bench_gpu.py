@@ -17,6 +17,11 @@ Two timings per row, each with the ratio to bf16 ``nn.Linear`` at the same M (> 
   back to back; median over replays of the time per call. GPU time only: what a server that
   replays CUDA graphs (or ``torch.compile`` with CUDA graphs) sees.
 
+``--compiled``: the weight copies chained in one ``nn.Sequential`` under
+``torch.compile(mode="reduce-overhead", fullgraph=True)`` at one token, cuBLAS the same way:
+``QuantLinear`` is one custom-operator node there (``linquant.kernels.compiled``), so CUDA
+graphs should capture its launches and the eager call should run near the graph column.
+
 Then ``--sweep``: every config of linquant's kernels, forced, graph-timed the same way, for
 ``gemv_t`` / ``gemv`` at M = 1, ``splitk`` at M = 1 and 16 and ``tiled`` at M = 2048, per
 scheme, so the autotuner's choice and the headroom can be read off (configs with ``PA1``
@@ -28,7 +33,7 @@ seconds per scheme and M); that time is not in the medians.
 
     python benchmarks/bench_gpu.py [--ms 1,16,2048] [--w8a8-ms 1024,2048,4096] [--n 8192]
         [--k 8192] [--schemes int4-sym-g128,int4-asym-g32,int8-sym-ch0] [--no-extras]
-        [--sweep]
+        [--sweep] [--overhead] [--compiled]
 """
 
 from __future__ import annotations
@@ -247,6 +252,9 @@ def main() -> None:
                     help="also time every config of every kernel, forced")
     ap.add_argument("--overhead", action="store_true",
                     help="also measure the host time per eager call, layer by layer")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time the weight copies as one torch.compile'd nn.Sequential "
+                         "(mode='reduce-overhead', fullgraph=True) at one token")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU; none is visible to torch (nothing measured)")
@@ -331,6 +339,8 @@ def main() -> None:
                                                              w8.weight_scale, w8.bias),
                       path=path)
 
+    if args.compiled:
+        compiled_rows(layers, lins, k)
     if args.overhead:
         overhead()
     if args.sweep:
@@ -342,6 +352,42 @@ def main() -> None:
         for key, err in tlin.failures().items():
             print(f"  {key}: {err.splitlines()[0][:200]}")
     print(f"total {time.perf_counter() - t_start:.0f} s (compilation and autotuning included)")
+
+
+def compiled_ms(mods: list[nn.Module], x: torch.Tensor, timer: Callable[[Fn], float],
+                mode: str | None = "reduce-overhead") -> tuple[float, float]:
+    """``(ms per layer, max error against the eager Sequential)`` for ``mods`` chained in one
+    ``nn.Sequential`` (square layers), compiled with ``mode`` and ``fullgraph=True``; timed by
+    ``timer`` on the compiled callable (with CUDA graphs: replays, the host's launch work
+    gone). The first calls compile, autotune and record, outside the timing."""
+    seq = nn.Sequential(*mods)
+    torch._dynamo.reset()
+    compiled = torch.compile(seq, mode=mode, fullgraph=True)
+    for _ in range(3):
+        y = compiled(x)
+    err = rel_err(y, seq(x))
+    return timer(lambda: compiled(x)) / len(mods), err
+
+
+def compiled_rows(layers: dict[str, list[QuantLinear]], lins: list[nn.Linear], k: int) -> None:
+    """Each row's weight copies as one compiled Sequential at M = 1: whether torch.compile
+    with CUDA graphs turns linquant's one-token layers (one custom-operator node each, see
+    linquant.kernels.compiled) into graph-speed calls without a hand-made CUDA graph."""
+    print("\ntorch.compile(nn.Sequential(copies), mode='reduce-overhead', fullgraph=True), "
+          "M = 1, ms per layer (do_bench on the compiled call)")
+    x = torch.randn(1, k, device=lins[0].weight.device, dtype=torch.bfloat16)
+    try:
+        base, _ = compiled_ms(list(lins), x, bench_ms)
+        print(f"  {'bf16 nn.Linear (cuBLAS)':40} {base:9.4f}")
+    except Exception as e:
+        base = float("nan")
+        print(f"  {'bf16 nn.Linear (cuBLAS)':40} error {_short(e)}")
+    for s, qs in layers.items():
+        try:
+            ms, err = compiled_ms(list(qs), x, bench_ms)
+            print(f"  {'linquant ' + s:40} {ms:9.4f} {base / ms:7.2f}x bf16   max err {err:.2e}")
+        except Exception as e:
+            print(f"  {'linquant ' + s:40} error {_short(e)}")
 
 
 def sweep(layers: dict[str, list[QuantLinear]], lins: list[nn.Linear], k: int) -> None:

@@ -6,7 +6,7 @@
 #
 #     OUT=/tmp/gpu-logs bash benchmarks/gpu_check.sh
 #
-# Steps, each with its own time limit so one hang cannot eat the others (at most 8 minutes in
+# Steps, each with its own time limit so one hang cannot eat the others (at most 10 minutes in
 # all; the order puts what matters most first):
 #   1. machine: GPU name, memory, driver, torch / triton versions;
 #   2. benchmarks/bench_gpu.py --overhead: weight-only and W8A8 linear against cuBLAS bf16,
@@ -16,7 +16,9 @@
 #      autotune config, and the Triton kernel tests (odd shapes, every scheme) compiled for the
 #      GPU; many small compiles, spread over the cores with pytest-xdist where it is installed;
 #   4. benchmarks/bench_quantize.py --device cuda: weight quantization throughput against a
-#      device-to-device copy, whole call and kernel alone.
+#      device-to-device copy, whole call and kernel alone;
+#   5. bench_gpu.py --compiled (one token only): QuantLinear under torch.compile with CUDA
+#      graphs (mode="reduce-overhead"), against cuBLAS the same way.
 # With SWEEP=1, steps 2 and 4 also time every kernel config / launch shape, and step 5 runs
 # Nsight Compute on benchmarks/gpu_profile.py (one launch per kernel) where ncu exists (about
 # 3 minutes more).
@@ -50,6 +52,9 @@ status=${PIPESTATUS[0]}
 
 timeout 60 $py benchmarks/bench_quantize.py --device cuda "${sweep[@]}" 2>&1 \
   | tee "$out/bench_quantize.log"
+
+timeout 120 $py benchmarks/bench_gpu.py --compiled --ms "" --w8a8-ms "" --no-extras 2>&1 \
+  | tee "$out/bench_compiled.log"
 
 ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$ncu_bin" ] && [ "${SWEEP:-0}" = 1 ]; then
