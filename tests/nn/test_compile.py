@@ -1,9 +1,11 @@
-"""Quantized models under ``torch.compile``. ``QuantLinear`` is one opaque custom-operator node
-in the graph (``linquant::linear_weight_only``, whose implementation is the eager dispatcher);
-``W8A8Linear`` runs outside the graph (``eager_only``); ``QuantEmbedding`` and ``QuantConv2d``
-are traced like any PyTorch code. No kernel code, native (ctypes) or Triton, is ever traced:
-doing so once crashed the process (Dynamo split ``native._run_avx2`` at the ctypes call).
-The compiled model returns what the eager one does, bit for bit with the eager backend."""
+"""Quantized models under ``torch.compile``. ``QuantLinear`` and ``W8A8Linear`` are one opaque
+custom-operator node each in the graph (``linquant::linear_weight_only``,
+``linquant::linear_w8a8``, whose implementations are the eager dispatchers); where autograd is
+involved, and while calibrating, ``W8A8Linear`` runs between graphs (``eager_only``);
+``QuantEmbedding`` and ``QuantConv2d`` are traced like any PyTorch code. No kernel code,
+native (ctypes) or Triton, is ever traced: doing so once crashed the process (Dynamo split
+``native._run_avx2`` at the ctypes call). The compiled model returns what the eager one does,
+bit for bit with the eager backend."""
 
 from __future__ import annotations
 
@@ -187,3 +189,32 @@ def test_inductor_full_graph_matches_eager() -> None:
         torch._dynamo.reset()
         got = torch.compile(net, fullgraph=True)(ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_w8a8_layers_are_operator_nodes_and_calibration_runs_eagerly() -> None:
+    """Dynamic and calibrated static W8A8 layers compile into one graph, one
+    ``linquant::linear_w8a8`` node each, with the eager result; calibrating a compiled model
+    runs the observing forward eagerly (its ranges are recorded); an uncalibrated static layer
+    still raises LinquantError."""
+    import linquant as lq
+    from linquant.errors import LinquantError
+
+    torch.manual_seed(2)
+    dyn = W8A8Linear.from_float(nn.Linear(64, 96))
+    stat = W8A8Linear.from_float(nn.Linear(96, 32), activation="static")
+    model = nn.Sequential(dyn, nn.GELU(), stat)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        with pytest.raises(LinquantError, match="static activation quantization"):
+            torch.compile(model, backend="eager")(x)
+        torch._dynamo.reset()
+        with lq.calibrate(model):
+            torch.compile(model, backend="eager")(x)
+        want = model(x)
+        graphs, got = _graphs(model, x)
+    assert len(graphs) == 1
+    ops = [n for n in graphs[0].graph.nodes
+           if n.op == "call_function" and "linquant.linear_w8a8" in str(n.target)]
+    assert len(ops) == 2
+    assert isinstance(got, torch.Tensor) and torch.equal(got, want)

@@ -1,19 +1,21 @@
-"""``linquant::linear_weight_only``: the weight-only linear as a PyTorch custom operator, so a
-``torch.compile``'d model keeps ``QuantLinear`` inside its graph.
+"""``linquant::linear_weight_only`` and ``linquant::linear_w8a8``: the quantized linear layers
+as PyTorch custom operators, so a ``torch.compile``'d model keeps ``QuantLinear`` and
+``W8A8Linear`` inside its graph.
 
-Traced by Dynamo, ``QuantLinear.forward`` calls this operator instead of its eager code: the
+Traced by Dynamo, the layers' forwards call these operators instead of their eager code: the
 graph holds one opaque node per layer (a fake implementation gives the output's shape and
 dtype), the compiled code calls it with the layer's real tensors, and its implementation is
-:func:`linquant.kernels.linear_weight_only`, the dispatcher and kernels of eager mode, unchanged
-and never traced. With ``fullgraph=True`` a model compiles to one graph, and under
-``mode="reduce-overhead"`` (CUDA graphs) the layers' Triton launches are captured with the
-rest, which removes the host time that limits eager one-token decoding (README,
-"Performance").
+:func:`linquant.kernels.linear_weight_only` / :func:`linquant.kernels.linear_w8a8`, the
+dispatchers and kernels of eager mode, unchanged and never traced. With ``fullgraph=True`` a
+model compiles to one graph, and under ``mode="reduce-overhead"`` (CUDA graphs) the layers'
+Triton launches are captured with the rest, which removes the host time that limits eager
+one-token decoding (README, "Performance"; not yet measured on a GPU).
 
 An operator takes tensors, not a layer, so the kernel caches (repacked layouts, Triton plans)
-live in a registry keyed by the codes tensor (``id(qdata)``; the entry is dropped when that
-tensor is freed, and every cached layout is still checked against the weight's tensors and
-versions before use). :func:`linquant.nn.clear_kernel_caches` clears these entries too.
+live in a registry keyed by the codes tensor (``id(qdata)``, ``id(w_int8)``; the entry is
+dropped when that tensor is freed, and every cached layout is still checked against the
+weight's tensors and versions before use). :func:`linquant.nn.clear_kernel_caches` clears
+these entries too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor
 
-__all__ = ["clear_cache", "linear_weight_only"]
+__all__ = ["clear_cache", "linear_w8a8", "linear_weight_only"]
 
 _CACHES: dict[int, dict[str, Any]] = {}
 
@@ -72,14 +74,30 @@ def _fake(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
-def _register() -> Any:
-    name = "linquant::linear_weight_only"
+def _impl_w8a8(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, act_scale: torch.Tensor | None,
+               act_zero_point: torch.Tensor | None) -> torch.Tensor:
+    from linquant import kernels
+
+    y = kernels.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point,
+                            _cache_for(w_int8))
+    return y if y.data_ptr() != x.data_ptr() else y.clone()
+
+
+def _fake_w8a8(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, act_scale: torch.Tensor | None,
+               act_zero_point: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
+def _register(name: str, impl: Any, fake: Any) -> Any:
     try:
-        op = torch.library.custom_op(name, mutates_args=())(_impl)
-        op.register_fake(_fake)
+        op = torch.library.custom_op(f"linquant::{name}", mutates_args=())(impl)
+        op.register_fake(fake)
     except RuntimeError:  # registered already (the module was reloaded)
         pass
-    return torch.ops.linquant.linear_weight_only
+    return getattr(torch.ops.linquant, name)
 
 
-linear_weight_only = _register()
+linear_weight_only = _register("linear_weight_only", _impl, _fake)
+linear_w8a8 = _register("linear_w8a8", _impl_w8a8, _fake_w8a8)

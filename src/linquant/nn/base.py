@@ -154,7 +154,8 @@ _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 def eager_only(fn: _Fn) -> _Fn:
     """Run the decorated forward eagerly under ``torch.compile``, outside the traced graph:
     for layers whose kernels (native via ctypes, Triton) and kernel caches need real tensors
-    (``W8A8Linear``; ``QuantLinear`` enters graphs as a custom operator instead, see
+    (``W8A8Linear``'s eager forward, which compiled models call where autograd is involved and
+    while calibrating; otherwise both linear layers enter graphs as custom operators, see
     :mod:`linquant.kernels.compiled`).
     Traced, Dynamo split ``native._run_avx2`` at the ctypes call and the process aborted
     (tests/nn/test_compile.py).

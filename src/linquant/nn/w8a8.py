@@ -23,6 +23,7 @@ from torch import nn
 
 from linquant import kernels
 from linquant.errors import LinquantError
+from linquant.kernels import compiled
 from linquant.nn.base import (
     HF_CONV1D,
     QuantModule,
@@ -241,8 +242,37 @@ class W8A8Linear(QuantModule):
             self._calibrated = bool(torch.isfinite(scale).all() and (scale > 0).all())
 
     # ---- forward ---------------------------------------------------------------------------------
-    @eager_only  # outside torch.compile's graphs (see eager_only)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not self.observing:
+            return self._traced_forward(x)
+        return self._eager_forward(x)
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward as ``torch.compile`` / ``torch.export`` trace it: one opaque
+        ``linquant::linear_w8a8`` node (:mod:`linquant.kernels.compiled`), whose implementation
+        is the eager dispatcher. Where autograd is involved, and while observing for
+        calibration, the eager forward runs between graphs instead."""
+        x = self._check_last_dim(x, self.in_features)
+        bias = self.bias
+        if torch.is_grad_enabled() and (
+                x.requires_grad or (bias is not None and bias.requires_grad)):
+            return self._eager_forward(x)
+        if self.activation == "dynamic":
+            y: torch.Tensor = compiled.linear_w8a8(x, self.weight_qdata, self.weight_scale,
+                                                   bias, None, None)
+            return y
+        if not self._calibrated:
+            raise LinquantError(
+                f"{self._label()}: static activation quantization needs a range first; run "
+                "linquant.calibrate(model) over sample batches or call set_activation_range"
+            )
+        y = compiled.linear_w8a8(x, self.weight_qdata, self.weight_scale, bias,
+                                 self._buffers["input_scale"],
+                                 self._buffers.get("input_zero_point"))
+        return y
+
+    @eager_only  # between torch.compile's graphs (see eager_only)
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_last_dim(x, self.in_features)
         if self.activation == "dynamic":
             return kernels.linear_w8a8(x, self.weight_qdata, self.weight_scale, self.bias,
