@@ -635,8 +635,7 @@ def replay(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...],
     if torch.is_grad_enabled() and (
             x.requires_grad or (bias is not None and bias.requires_grad)):
         return None
-    p: _Plan | None = plans.get((x.shape, x.dtype, x.device,
-                                 None if bias is None else id(bias)))
+    p: _Plan | None = plans.get(_plan_key(x, bias))
     if p is None or not _unchanged(p, tensors):
         return None
     if bias is not None and (bias is not p.bias or _version(bias) != p.bias_version):
