@@ -119,8 +119,10 @@ class Dense(nn.Module):
         return self.c(self.b(torch.nn.functional.gelu(self.a(h))) + h)
 
 
-def _graphs(model: nn.Module, *args: torch.Tensor) -> tuple[list[torch.fx.GraphModule], object]:
-    """Compile with a backend that records each graph and runs it as is."""
+def _one_graph(model: nn.Module, *args: torch.Tensor) -> tuple[dict[str, int], torch.Tensor]:
+    """Compile with ``fullgraph=True`` and a backend that records the graph and runs it as
+    is; returns how many nodes of each linquant operator the one graph holds, and the
+    output."""
     graphs: list[torch.fx.GraphModule] = []
 
     def record(gm: torch.fx.GraphModule, example_inputs: object) -> object:
@@ -129,7 +131,13 @@ def _graphs(model: nn.Module, *args: torch.Tensor) -> tuple[list[torch.fx.GraphM
 
     torch._dynamo.reset()
     out = torch.compile(model, backend=record, fullgraph=True)(*args)
-    return graphs, out
+    assert len(graphs) == 1 and isinstance(out, torch.Tensor)
+    ops: dict[str, int] = {}
+    for node in graphs[0].graph.nodes:
+        name = str(node.target)
+        if node.op == "call_function" and name.startswith("linquant."):
+            ops[name.split(".")[1]] = ops.get(name.split(".")[1], 0) + 1
+    return ops, out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -139,16 +147,19 @@ def test_quantlinear_is_one_operator_node_in_a_full_graph(dtype: torch.dtype) ->
     ``clear_kernel_caches`` drops them."""
     net = Dense().to(dtype)
     ids = torch.randint(0, 50, (3, 5))
+    layers = (net.a, net.b, net.c)
     with torch.no_grad():
         want = net(ids)
-        graphs, got = _graphs(net, ids)
-    assert len(graphs) == 1
-    ops = [n for n in graphs[0].graph.nodes
-           if n.op == "call_function" and "linquant.linear_weight_only" in str(n.target)]
-    assert len(ops) == 3
-    assert isinstance(got, torch.Tensor) and got.dtype == dtype and torch.equal(got, want)
-    assert clear_kernel_caches(net) >= 0
-    assert all(compiled.clear_cache(m.weight_qdata) == 0 for m in (net.a, net.b, net.c))
+        for m in layers:
+            m.kernel_cache().clear()
+        ops, got = _one_graph(net, ids)
+    assert ops == {"linear_weight_only": 3}
+    assert got.dtype == dtype and torch.equal(got, want)
+    # the operator ran with its own per-weight caches, which clear_kernel_caches drops
+    assert all(id(m.weight_qdata) in compiled._CACHES for m in layers)
+    held = sum(len(compiled._CACHES[id(m.weight_qdata)]) for m in layers)
+    assert clear_kernel_caches(net) == held
+    assert all(id(m.weight_qdata) not in compiled._CACHES for m in layers)
 
 
 def test_compiled_gradients_match_eager() -> None:
@@ -212,9 +223,6 @@ def test_w8a8_layers_are_operator_nodes_and_calibration_runs_eagerly() -> None:
         with lq.calibrate(model):
             torch.compile(model, backend="eager")(x)
         want = model(x)
-        graphs, got = _graphs(model, x)
-    assert len(graphs) == 1
-    ops = [n for n in graphs[0].graph.nodes
-           if n.op == "call_function" and "linquant.linear_w8a8" in str(n.target)]
-    assert len(ops) == 2
-    assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+        ops, got = _one_graph(model, x)
+    assert ops == {"linear_w8a8": 2}
+    assert torch.equal(got, want)
