@@ -226,3 +226,19 @@ def test_w8a8_layers_are_operator_nodes_and_calibration_runs_eagerly() -> None:
         ops, got = _one_graph(model, x)
     assert ops == {"linear_w8a8": 2}
     assert torch.equal(got, want)
+
+
+def test_torch_export_keeps_the_operators() -> None:
+    """``torch.export`` gives a program with the linquant operators as nodes (the same ones
+    torch.compile sees) that runs to the eager result."""
+    net = Net()
+    ids = torch.randint(0, 50, (3, 5))
+    with torch.no_grad():
+        want = net(ids)
+        program = torch.export.export(net, (ids,))
+        got = program.module()(ids)
+    names = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("linquant.")]
+    assert sorted(names) == ["linquant.linear_w8a8.default",
+                             "linquant.linear_weight_only.default",
+                             "linquant.linear_weight_only.default"]
+    assert torch.equal(got, want)
