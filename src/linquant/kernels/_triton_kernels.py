@@ -89,7 +89,9 @@ def _pair(wq, magic, j: tl.constexpr, base, sd, md, SCALE: tl.constexpr,
         t = ((wq >> (4 * j)) & 0x000F000F) | magic
     lo = t.to(tl.int16).to(DT, bitcast=True)
     hi = (t >> 16).to(tl.int16).to(DT, bitcast=True)
-    if INTERP:  # the 3.9 interpreter's half arithmetic on bitcast values gives NaN: via fp32
+    if INTERP and DT == tl.bfloat16:  # noqa: SIM300
+        # the interpreter's (3.6, 3.9) bf16 arithmetic on bitcast values gives NaN: via fp32
+        # there; its fp16 arithmetic works, so fp16 tests run the GPU's code
         lo = lo.to(tl.float32) - base.to(tl.float32)
         hi = hi.to(tl.float32) - base.to(tl.float32)
         if SCALE:
