@@ -242,3 +242,25 @@ def test_torch_export_keeps_the_operators() -> None:
                              "linquant.linear_weight_only.default",
                              "linquant.linear_weight_only.default"]
     assert torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme", ["int4-sym-g128", "int4-asym-g32", "int8-sym-ch0"])
+def test_cuda_graphs_capture_quantlinear(scheme: str) -> None:
+    """On a GPU, ``mode="reduce-overhead"`` (CUDA graphs) runs a model of QuantLinear layers at
+    one and at 16 tokens, replaying the captured Triton launches, with the eager result (the
+    kernels' split-K sums use fp32 atomics: equal up to their rounding)."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = nn.Sequential(*(QuantLinear.from_float(nn.Linear(512, 512), scheme)
+                            for _ in range(3))).to(dev).to(torch.bfloat16)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for m in (1, 16):
+            x = torch.randn(m, 512, device=dev, dtype=torch.bfloat16)
+            want = model(x)
+            for _ in range(4):  # warm-up, record, then replays
+                got = compiled(x).clone()
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
