@@ -13,6 +13,8 @@ launch. Rows (best of 5 rounds of 20000 calls, in microseconds):
 * ``kernels.linear_weight_only``: the dispatcher's entry on CUDA, ``triton_linear.planned`` on
   a :class:`~linquant.tensor.QuantizedTensor` built by ``layer.qweight`` (the forward's path
   before ``replay``), plus the forward's own checks;
+* ``linquant::linear_weight_only`` (the operator ``torch.compile``'d graphs call): its
+  dispatch cost, the operator call minus its implementation called directly;
 * for scale: an empty ``nn.Module`` call and one ``torch.empty``.
 
     python benchmarks/bench_host.py
@@ -75,6 +77,20 @@ def main() -> None:
 
         print(f"  {scheme:16} QuantLinear(x) {best_us(lambda q=q, x=x: q(x)):6.2f} us   "
               f"dispatcher's planned() path {best_us(dispatcher):6.2f} us")
+    # the custom operator that torch.compile'd graphs call (linquant.kernels.compiled): its
+    # dispatch, on top of the same work called directly
+    from linquant.kernels import compiled
+
+    q = QuantLinear.from_float(nn.Linear(256, 128), "int8-sym-ch0")
+    x = torch.randn(1, 256)
+    b = q._buffers
+    args = (x, b["weight_qdata"], b["weight_scale"], b.get("weight_zero_point"),
+            b.get("weight_offset"), q.bias, str(q.scheme), list(q.qweight_shape),
+            q.weight_dtype)
+    t_op = best_us(lambda: compiled.linear_weight_only(*args), n=3000)
+    t_impl = best_us(lambda: compiled._impl(*args), n=3000)
+    print(f"  linquant::linear_weight_only, fp32 256 -> 128: operator call {t_op:6.2f} us, "
+          f"its implementation called directly {t_impl:6.2f} us: dispatch {t_op - t_impl:5.2f} us")
     ident = nn.Identity()
     x = torch.randn(1, 256, dtype=torch.bfloat16)
     print(f"  for scale: nn.Identity()(x) {best_us(lambda: ident(x)):.2f} us, torch.empty "

@@ -90,12 +90,29 @@ def _fake_w8a8(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
+_SCHEMAS = {
+    "linear_weight_only": "linear_weight_only(Tensor x, Tensor qdata, Tensor scale, "
+                          "Tensor? zero_point, Tensor? offset, Tensor? bias, str scheme, "
+                          "int[] shape, ScalarType weight_dtype) -> Tensor",
+    "linear_w8a8": "linear_w8a8(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, "
+                   "Tensor? act_scale, Tensor? act_zero_point) -> Tensor",
+}
+# Defined with torch.library.Library, not the custom_op decorator: with these arguments the
+# decorator's dispatch cost about 32 us per call on a 2-core VM, this about 17
+# (benchmarks/bench_host.py), and compiled graphs without CUDA graphs pay it on every call.
+# No autograd formula: the layers call these only where no gradient is needed (they trace
+# the reference, or run eagerly, otherwise).
+_LIB: Any = None
+
+
 def _register(name: str, impl: Any, fake: Any) -> Any:
-    try:
-        op = torch.library.custom_op(f"linquant::{name}", mutates_args=())(impl)
-        op.register_fake(fake)
-    except RuntimeError:  # registered already (the module was reloaded)
-        pass
+    global _LIB
+    if not hasattr(torch.ops.linquant, name):  # (a reload finds them registered)
+        if _LIB is None:
+            _LIB = torch.library.Library("linquant", "DEF")  # type: ignore[no-untyped-call]
+        _LIB.define(_SCHEMAS[name])
+        _LIB.impl(name, impl, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"linquant::{name}", fake, lib=_LIB)
     return getattr(torch.ops.linquant, name)
 
 
