@@ -49,6 +49,11 @@ def clear_cache(qdata: torch.Tensor) -> int:
     return len(_CACHES.pop(id(qdata), {}))
 
 
+def _unaliased(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # an operator's output may not alias its inputs (the kernels allocate theirs; a defence)
+    return y if y.data_ptr() != x.data_ptr() else y.clone()
+
+
 @functools.lru_cache(maxsize=256)
 def _scheme(text: str) -> QuantScheme:
     return QuantScheme.parse(text)
@@ -62,9 +67,7 @@ def _impl(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
 
     qt = QuantizedTensor(qdata, scale, zero_point, offset, _scheme(scheme), tuple(shape),
                          weight_dtype)
-    y = kernels.linear_weight_only(x, qt, bias, _cache_for(qdata))
-    # an operator's output may not alias its inputs (a reshape of x would, for N == K views)
-    return y if y.data_ptr() != x.data_ptr() else y.clone()
+    return _unaliased(kernels.linear_weight_only(x, qt, bias, _cache_for(qdata)), x)
 
 
 def _fake(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
@@ -79,9 +82,8 @@ def _impl_w8a8(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                act_zero_point: torch.Tensor | None) -> torch.Tensor:
     from linquant import kernels
 
-    y = kernels.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point,
-                            _cache_for(w_int8))
-    return y if y.data_ptr() != x.data_ptr() else y.clone()
+    return _unaliased(kernels.linear_w8a8(x, w_int8, w_scale, bias, act_scale,
+                                          act_zero_point, _cache_for(w_int8)), x)
 
 
 def _fake_w8a8(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,

@@ -262,7 +262,7 @@ class _RowDequant:
         if native:
             from linquant.kernels import native as nat  # (native imports this module)
 
-            self.fast = nat._dequantizer(qt) if nat.available(nat.AVX2) else None
+            self.fast = nat._dequantizer(qt)  # None without the AVX2 library
         self.prepared = False
         if self.fast is None:
             self._prepare()

@@ -313,6 +313,13 @@ class QuantModule(nn.Module):
             setattr(self, f"weight_{role}", t)
         self.weight_dtype = qt.dtype
 
+    def _stored_weight(self) -> tuple[torch.Tensor | None, ...]:
+        """The weight's buffers (codes, scale, packed zero point, offset), in the order of
+        :attr:`_quant_buffers` and ``QuantizedTensor``'s, without building one (hot paths)."""
+        b = self._buffers
+        return (b["weight_qdata"], b["weight_scale"], b.get("weight_zero_point"),
+                b.get("weight_offset"))
+
     @property
     def qweight(self) -> QuantizedTensor:
         """The weight as a :class:`~linquant.tensor.QuantizedTensor` (views of the buffers)."""

@@ -109,10 +109,8 @@ class QuantLinear(QuantModule):
             # the first call, checked against the buffers themselves (no QuantizedTensor built,
             # no checks again; see kernels.triton_linear.replay): the host's time per call is
             # what limits one-token decoding
-            b = self._buffers
-            y = triton_linear.replay(
-                x, (b["weight_qdata"], b["weight_scale"], b.get("weight_zero_point"),
-                    b.get("weight_offset")), self._parameters.get("bias"), cache)
+            y = triton_linear.replay(x, self._stored_weight(), self._parameters.get("bias"),
+                                     cache)
             if y is not None:
                 return y
         x = self._check_last_dim(x, self.in_features)
@@ -130,10 +128,8 @@ class QuantLinear(QuantModule):
         if grad and x.requires_grad:
             return reference.linear_weight_only(x, self.qweight, bias)
         bias_after = bias is not None and grad and bias.requires_grad
-        b = self._buffers
         y: torch.Tensor = compiled.linear_weight_only(
-            x, b["weight_qdata"], b["weight_scale"], b.get("weight_zero_point"),
-            b.get("weight_offset"), None if bias_after else bias, str(self.scheme),
+            x, *self._stored_weight(), None if bias_after else bias, str(self.scheme),
             list(self.qweight_shape), self.weight_dtype)
         if bias_after:
             assert bias is not None
