@@ -125,13 +125,13 @@ class Table:
         self.base: dict[int, tuple[float, float | None]] = {}
         if title:
             print(f"\n{title}")
-        print(f"{'M':>5} {'row':<40} {'eager ms':>9} {'x bf16':>7} {'graph ms':>9} "
+        print(f"{'M':>5} {'row':<56} {'eager ms':>9} {'x bf16':>7} {'graph ms':>9} "
               f"{'x bf16':>7} {'max err':>10}  path")
 
     def row(self, m: int, name: str, fns: list[Fn] | None, check: Fn | None = None,
             path: str | Callable[[], str] = "", note: str = "", eager: bool = True) -> None:
         if not fns:
-            print(f"{m:>5} {name:<40} {'n/a':>9} {'':>7} {'':>9} {'':>7} {'':>10}  {note}",
+            print(f"{m:>5} {name:<56} {'n/a':>9} {'':>7} {'':>9} {'':>7} {'':>10}  {note}",
                   flush=True)
             return
         try:
@@ -140,7 +140,7 @@ class Table:
             err = "" if check is None else f"{rel_err(y, check()):.2e}"
             ms = bench_ms(fns[0]) if eager else float("nan")
         except Exception as e:  # one failing library must not end the run
-            print(f"{m:>5} {name:<40} {'error':>9} {'':>7} {'':>9} {'':>7} {'':>10}  "
+            print(f"{m:>5} {name:<56} {'error':>9} {'':>7} {'':>9} {'':>7} {'':>10}  "
                   f"{_short(e)}", flush=True)
             return
         try:
@@ -159,7 +159,7 @@ class Table:
             r_e = f"{be / ms:.2f}" if eager else ""
             r_g = f"{bg / gms:.2f}" if (bg is not None and gms) else ""
         e_txt = f"{ms:>9.4f}" if eager else f"{'-':>9}"
-        print(f"{m:>5} {name:<40} {e_txt} {r_e:>7} {g_txt} {r_g:>7} {err:>10}  {path} "
+        print(f"{m:>5} {name:<56} {e_txt} {r_e:>7} {g_txt} {r_g:>7} {err:>10}  {path} "
               f"{note}".rstrip(), flush=True)
 
 
@@ -404,9 +404,10 @@ def sweep(layers: dict[str, list[QuantLinear]], lins: list[nn.Linear], k: int) -
             for cfg in tlin.CONFIGS[kind]:
                 short = " ".join(f"{kk[6:] if kk.startswith('BLOCK') else kk[:2]}{v}"
                                  for kk, v in cfg.items()
-                                 if kk.startswith(("BLOCK", "SPLIT", "SWAP", "PACKED")))
+                                 if kk.startswith(("BLOCK", "SPLIT", "SWAP", "PACKED",
+                                                   "PREFETCH")))
                 short += f" w{cfg['num_warps']} s{cfg['num_stages']}"
-                table.row(m, f"{s} [{short}]"[:40],
+                table.row(m, f"{s} [{short}]",
                           [lambda q=q, x=x, cfg=cfg, kind=kind: tlin.linear(
                               x, q.qweight, q.bias, q.kernel_cache(), kernel=kind,
                               config=dict(cfg)) for q in qs],

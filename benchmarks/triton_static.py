@@ -3,11 +3,13 @@
 Compiles every config of :data:`linquant.kernels.triton_linear.CONFIGS` for sm_90 (Triton's
 NVIDIA backend, with the ``ptxas`` and ``cuobjdump`` its wheel ships) and prints, per kernel,
 config and scheme: whether it compiled, registers, spilled bytes, shared memory, whether the
-tensor cores are used (``wgmma``), and the instructions of the main loop's compiled SASS per
-weight code and thread (all, and those on the integer pipe: LOP3, SHF, SGXT, IADD3, LEA, PRMT,
-...; on Hopper that pipe issues at half the rate of the fp32 one). Counts, not timings: what it
-shows is how much work each code costs, which bounds the memory-bound small-M kernels when it
-exceeds the bandwidth's share. The GPU itself (benchmarks/gpu_check.sh) measures speed.
+tensor cores are used (``wgmma``; ``wgmma SERIALIZED`` where ptxas reports C7515,
+"wgmma.mma_async instructions are serialized": it then waits for each MMA before issuing the
+next), and the instructions of the main loop's compiled SASS per weight code and thread (all,
+and those on the integer pipe: LOP3, SHF, SGXT, IADD3, LEA, PRMT, ...; on Hopper that pipe
+issues at half the rate of the fp32 one). Counts, not timings: what it shows is how much work
+each code costs, which bounds the memory-bound small-M kernels when it exceeds the bandwidth's
+share. The GPU itself (benchmarks/gpu_check.sh) measures speed.
 
     python benchmarks/triton_static.py [--kinds gemv,splitk,tiled] [--all-configs]
         [--configs 0,4] [--odd]
@@ -72,6 +74,7 @@ def build(kind: str, cfg: dict[str, int], scheme: tuple, hints: bool) -> tuple[o
         meta.setdefault("BLOCK_M", 16)
         meta.setdefault("SPLIT_K", 1)
         meta.setdefault("PACKED", 0)
+        meta.setdefault("PREFETCH", 0)
         consts.update(ATOMIC=kind == "splitk", INTERP=False, GROUP_M=8, **meta)
         aligned.append("stride_xm")
     sig.update({k: "constexpr" for k in consts})
@@ -115,8 +118,10 @@ def analyse(k: object, codes_per_thread: float) -> str:
         loop = (f"{total / codes_per_thread:5.2f} instr/code ({integer / codes_per_thread:4.2f} "
                 f"integer)")
     mma = "wgmma" if "wgmma" in asm["ptx"] else ("mma" if "mma.sync" in asm["ptx"] else "-")
+    if mma == "wgmma" and "C7515" in res:  # ptxas waits for each wgmma before the next
+        mma = "wgmma SERIALIZED"
     return (f"regs {regs.group(1) if regs else '?':>3} spill {spill.group(1) if spill else '?':>4}"
-            f" smem {k.metadata.shared:>6} {mma:5} {loop}")  # type: ignore[attr-defined]
+            f" smem {k.metadata.shared:>6} {mma:16} {loop}")  # type: ignore[attr-defined]
 
 
 def main() -> None:

@@ -435,6 +435,24 @@ def gemv_t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def _load_tiles(x_ptr, w_rows, offs_m, m_mask, n_mask, offs_w, offs_k, t, K, KW, stride_xm,
+                BKW: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr):
+    # mm_kernel's K tile t: the words [BN, BKW] and the activations ([BK, BM] when SWAP, else
+    # [BM, BK]); zeros past K (a prefetch past the last tile loads nothing)
+    wcol = t * BKW + offs_w
+    wq = tl.load(w_rows + wcol[None, :], mask=n_mask[:, None] & (wcol < KW)[None, :], other=0)
+    kk = t * BLOCK_K + offs_k
+    k_in = kk < K
+    if SWAP:
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
+                     mask=k_in[:, None] & m_mask[None, :], other=0.0)
+    else:
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                     mask=m_mask[:, None] & k_in[None, :], other=0.0)
+    return wq, xt
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one binary for every M (fewer compiles)
 def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
               M, N, K, KW, stride_xm, M_BUCKET,
@@ -443,7 +461,7 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
               ATOMIC: tl.constexpr, INTERP: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               SPLIT_K: tl.constexpr, SWAP: tl.constexpr, GROUP_M: tl.constexpr,
-              PACKED: tl.constexpr = 0):
+              PACKED: tl.constexpr = 0, PREFETCH: tl.constexpr = 0):
     """``y = x @ w.T (+ bias)`` with ``tl.dot``, tiles ``[BLOCK_M, BLOCK_N]`` (the split-K and
     the tiled kernel; see the launcher's doc).
 
@@ -453,6 +471,11 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
     only an autotuning key (``M`` rounded up to a power of two). ``xs_ptr``: fp32 ``sum_k x[m,
     k]`` per token, read only for per-channel float offsets (``m * sum(x)`` in the epilogue;
     summing the dot's pipelined operand in the loop gave wrong rows on an H200, Triton 3.6).
+    ``PREFETCH`` (with ``num_stages=1``): the loop loads tile ``t + 1``'s words and activations
+    into registers before it decodes tile ``t``, software pipelining without Triton's
+    pipeliner. With the weight as the MMA's register operand (``SWAP``) and ``num_stages >=
+    2``, ptxas serializes every wgmma (C7515: it waits for each before the next, Triton 3.6 and
+    3.9); without the pipeliner it does not.
     """
     CPW: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // CPW
@@ -500,20 +523,22 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
             magic = 0x64006400 + (KW >> 31)
     else:
         magic = 0x4B000000 + (KW >> 31)
+    if PREFETCH:
+        wq_next, xt_next = _load_tiles(x_ptr, w_rows, offs_m, m_mask, n_mask, offs_w, offs_k,
+                                       t0, K, KW, stride_xm, BKW, BLOCK_K, SWAP)
     for t in range(t0, t1):
         wcol = t * BKW + offs_w
         w_in = wcol < KW
-        wq = tl.load(w_rows + wcol[None, :], mask=n_mask[:, None] & w_in[None, :], other=0)
+        if PREFETCH:  # tile t + 1 is in flight while tile t is decoded and multiplied
+            wq = wq_next
+            xt = xt_next
+            wq_next, xt_next = _load_tiles(x_ptr, w_rows, offs_m, m_mask, n_mask, offs_w, offs_k,
+                                           t + 1, K, KW, stride_xm, BKW, BLOCK_K, SWAP)
+        else:
+            wq, xt = _load_tiles(x_ptr, w_rows, offs_m, m_mask, n_mask, offs_w, offs_k, t, K,
+                                 KW, stride_xm, BKW, BLOCK_K, SWAP)
         if SYM:
             wq = wq ^ XOR
-        kk = t * BLOCK_K + offs_k
-        k_in = kk < K
-        if SWAP:
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None],
-                         mask=k_in[:, None] & m_mask[None, :], other=0.0)  # [BK, BM]
-        else:
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                         mask=m_mask[:, None] & k_in[None, :], other=0.0)  # [BM, BK]
         if PER_CHANNEL:
             w = _wtile(wq, magic, c_row[:, None], 0.0, 0.0, BITS, False, False, DT, BLOCK_N,
                        BLOCK_K, PACKED, INTERP)

@@ -58,7 +58,16 @@ Kernels (:func:`kernel_for` picks one by the number of tokens ``M`` and the weig
 ``tiled``   ``M > SKINNY_MAX_M``. Classic tiled ``tl.dot`` GEMM (bf16/fp16 in, fp32
             accumulate), grouped program order for L2 reuse, a few autotuned configs
             (:data:`CONFIGS`), also with swap-AB variants (there the weight tile feeds
-            ``wgmma`` from registers, and the MMA overlaps the next tile's dequantization).
+            ``wgmma`` from registers instead of shared memory).
+
+Serialized wgmma: with the dequantized weight as the register operand and Triton's software
+pipeliner on (``num_stages >= 2``), ptxas often reports C7515 ("wgmma.mma_async instructions
+are serialized") and waits for each MMA before issuing the next: every swapped ``tiled``
+config, every ``tiled`` config for groups smaller than ``BLOCK_K``, and the 128-row
+``splitk`` configs for some schemes (Triton 3.6 and 3.9, sm_90; which ones depends on the
+version). ``PREFETCH`` configs avoid it: ``num_stages=1`` (no pipeliner) and the kernel loads
+the next K tile's words and activations into registers itself before decoding the current
+one. ``benchmarks/triton_static.py`` flags serialized configs.
 
 Groups smaller than ``BLOCK_K`` (g32 with 64/128-wide K tiles) load one parameter set per
 32-bit word; unswapped ``tl.dot`` tiles are switched to the swapped form for them
@@ -164,6 +173,10 @@ _INT32_LIMIT = 2**31 - 1
 #   Hopper matmuls favour), BLOCK_K 64 so a 4-bit row of a tile is one 32-byte sector.
 # * PACKED: the same tiles with 4-bit codes decoded in bf16 / fp16 pairs (module docstring);
 #   fewer instructions per code, not yet timed on a GPU: the autotuner decides.
+# * PREFETCH (num_stages 1): swapped tiles whose wgmma ptxas does not serialize (module
+#   docstring). Within a CTA the MMA still waits before the next tile's decoding (sm_90
+#   SASS), so the two overlap only across CTAs: 8 warps (150-250 registers, one CTA per SM)
+#   or 4 warps (about 255 registers, two CTAs per SM). Not yet timed on a GPU.
 # Few configs on purpose: each is one compile (about a second) per scheme on first use.
 CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
     # gemv_t: 4 columns (16-byte word vectors) per thread, BLOCK_KW words of K per tile held
@@ -195,6 +208,10 @@ CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
          "num_stages": 4},
         {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4, "SWAP": 1, "PACKED": 1, "num_warps": 4,
          "num_stages": 3},
+        {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4, "SWAP": 1, "PREFETCH": 1, "num_warps": 4,
+         "num_stages": 1},
+        {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 4, "SWAP": 1, "PACKED": 1, "PREFETCH": 1,
+         "num_warps": 4, "num_stages": 1},
     ),
     "tiled": (
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 0, "num_warps": 4,
@@ -211,6 +228,14 @@ CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
          "num_stages": 4},
         {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "SWAP": 0, "PACKED": 1, "num_warps": 8,
          "num_stages": 3},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 1, "PREFETCH": 1, "num_warps": 8,
+         "num_stages": 1},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 1, "PACKED": 1, "PREFETCH": 1,
+         "num_warps": 8, "num_stages": 1},
+        {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 1, "PACKED": 1, "PREFETCH": 1,
+         "num_warps": 8, "num_stages": 1},
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 1, "PACKED": 1, "PREFETCH": 1,
+         "num_warps": 4, "num_stages": 1},
     ),
 }
 _LAUNCH_KEYS = ("num_warps", "num_stages")
