@@ -27,6 +27,34 @@ __all__ = ["INTERPRETED", "gemv_kernel", "gemv_t_kernel", "mm_kernel"]
 INTERPRETED = _interpreting()
 
 
+# 8-bit codes through PTX's byte permute on a GPU; the interpreter cannot run inline PTX and
+# takes the shift-and-OR instead (the same bits). Not yet run on a GPU (module docstring of
+# triton_linear); the CUDA tests check it against the oracle.
+_PRMT = tl.constexpr(not INTERPRETED)
+
+
+@triton.jit
+def _byte_into_magic(wq, magic, i: tl.constexpr):
+    # byte i of every word into the low byte of magic (0x4B000000): 2**23 + u as fp32 bits in
+    # one PRMT instead of a shift and a LOP3. prmt.b32 d, a, b, c: the bytes of {b, a} are
+    # numbered 0-7 (a's 0-3); nibble j of c picks d's byte j: 0x765i = a's byte i, then b's
+    # bytes 1-3 (0x00, 0x00, 0x4B)
+    magic = tl.zeros_like(wq) + magic
+    if i == 0:
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7650;", "=r,r,r", [wq, magic],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    elif i == 1:
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7651;", "=r,r,r", [wq, magic],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    elif i == 2:
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7652;", "=r,r,r", [wq, magic],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7653;", "=r,r,r", [wq, magic],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    return v
+
+
 @triton.jit
 def _piece(wq, hi, magic, i: tl.constexpr, BITS: tl.constexpr, c, s, m,
            SCALE: tl.constexpr, OFFSET: tl.constexpr):
@@ -42,6 +70,8 @@ def _piece(wq, hi, magic, i: tl.constexpr, BITS: tl.constexpr, c, s, m,
             v = (hi & (15 << (4 * (i % 4)))) | magic
         f = (v.to(tl.float32, bitcast=True) * (1.0 / (1 << (4 * (i % 4))))
              - (c - (8388608.0 - 8388608.0 / (1 << (4 * (i % 4))))))
+    elif _PRMT:  # 8 bits, on a GPU: one byte permute into magic's bytes
+        f = _byte_into_magic(wq, magic, i).to(tl.float32, bitcast=True) - c
     else:
         u = (wq >> (BITS * i)) & ((1 << BITS) - 1)
         f = (u | 0x4B000000).to(tl.float32, bitcast=True) - c
@@ -194,7 +224,10 @@ def _code_term(wq, hi, magic, xi, zc, i: tl.constexpr, BITS: tl.constexpr,
     ``magic`` (0x4B000000 in a register), and the power of two ``16**j`` left in them is
     folded into ``xi`` (exact); see :func:`gemv_kernel`."""
     if BITS == 8:
-        v = ((wq >> (8 * i)) & 255) | 0x4B000000
+        if _PRMT:
+            v = _byte_into_magic(wq, magic, i)
+        else:
+            v = ((wq >> (8 * i)) & 255) | 0x4B000000
         xs = xi
         f = v.to(tl.float32, bitcast=True) - (zc + 8388608.0)
     else:
@@ -297,13 +330,13 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
         # (KW >= 0) but not a compile-time constant: in a register, ptxas fuses the AND and the
         # OR into one LOP3 (with two immediates it emits two). Compiled for sm_90 (triton 3.6,
         # SASS counted): 5.4 loop instructions per code, 2.0 of them on the integer pipe,
-        # against 6.5 and 3.1 for shift-and-extract. 8-bit codes keep the shift (one PRMT per
-        # byte, as before); the in-place form and the register magic made them spill.
+        # against 6.5 and 3.1 for shift-and-extract. 8-bit codes: one PRMT per code on a GPU
+        # (_byte_into_magic: 5.4 -> 4.6 per code), shift-and-OR in the interpreter.
         if BITS == 4:
             magic = 0x4B000000 + (KW >> 31)
             hi = wq >> 16
-        else:  # unused by 8-bit codes
-            magic = 0
+        else:  # 8-bit codes: magic only for the PRMT (the shift-and-OR takes an immediate)
+            magic = 0x4B000000 + (KW >> 31)
             hi = wq
         part = tl.zeros((BLOCK_N, BKW), tl.float32)
         xt = tl.zeros((BKW,), tl.float32)
