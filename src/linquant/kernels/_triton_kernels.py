@@ -472,7 +472,7 @@ def gemv_t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, y_ptr,
 def _load_tiles(x_ptr, w_rows, offs_m, m_mask, n_mask, offs_w, offs_k, t, K, KW, stride_xm,
                 BKW: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr):
     # mm_kernel's K tile t: the words [BN, BKW] and the activations ([BK, BM] when SWAP, else
-    # [BM, BK]); zeros past K (a prefetch past the last tile loads nothing)
+    # [BM, BK]); zeros from code K / word KW on (a prefetch past the last tile loads nothing)
     wcol = t * BKW + offs_w
     wq = tl.load(w_rows + wcol[None, :], mask=n_mask[:, None] & (wcol < KW)[None, :], other=0)
     kk = t * BLOCK_K + offs_k
@@ -556,9 +556,11 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
             magic = 0x64006400 + (KW >> 31)
     else:
         magic = 0x4B000000 + (KW >> 31)
-    if PREFETCH:
+    if PREFETCH:  # this split's K range ends here: the prefetch past its last tile is masked
+        k_end = tl.minimum(K, t1 * BLOCK_K)
+        w_end = tl.minimum(KW, t1 * BKW)
         wq_next, xt_next = _load_tiles(x_ptr, w_rows, offs_m, m_mask, n_mask, offs_w, offs_k,
-                                       t0, K, KW, stride_xm, BKW, BLOCK_K, SWAP)
+                                       t0, k_end, w_end, stride_xm, BKW, BLOCK_K, SWAP)
     for t in range(t0, t1):
         wcol = t * BKW + offs_w
         w_in = wcol < KW
@@ -566,7 +568,7 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
             wq = wq_next
             xt = xt_next
             wq_next, xt_next = _load_tiles(x_ptr, w_rows, offs_m, m_mask, n_mask, offs_w, offs_k,
-                                           t + 1, K, KW, stride_xm, BKW, BLOCK_K, SWAP)
+                                           t + 1, k_end, w_end, stride_xm, BKW, BLOCK_K, SWAP)
         else:
             wq, xt = _load_tiles(x_ptr, w_rows, offs_m, m_mask, n_mask, offs_w, offs_k, t, K,
                                  KW, stride_xm, BKW, BLOCK_K, SWAP)
