@@ -110,38 +110,24 @@ def _tile(wq, magic, c, s, m, BITS: tl.constexpr, SCALE: tl.constexpr,
 
 
 @triton.jit
-def _pair(wq, magic, j: tl.constexpr, base, sd, md, SCALE: tl.constexpr,
-          OFFSET: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
-    # codes j and j + 4 of every word, as DT (see _tile_packed)
+def _halves(wq, magic, j: tl.constexpr, DT: tl.constexpr):
+    # codes j and j + 4 of every word as two DT values BASE + u (see _tile_packed)
     if j == 0:
         t = (wq & 0x000F000F) | magic
     else:
         t = ((wq >> (4 * j)) & 0x000F000F) | magic
-    lo = t.to(tl.int16).to(DT, bitcast=True)
-    hi = (t >> 16).to(tl.int16).to(DT, bitcast=True)
-    if INTERP and DT == tl.bfloat16:  # noqa: SIM300
-        # the interpreter's (3.6, 3.9) bf16 arithmetic on bitcast values gives NaN: via fp32
-        # there; its fp16 arithmetic works, so fp16 tests run the GPU's code
-        lo = lo.to(tl.float32) - base.to(tl.float32)
-        hi = hi.to(tl.float32) - base.to(tl.float32)
-        if SCALE:
-            lo = lo * sd.to(tl.float32)
-            hi = hi * sd.to(tl.float32)
-            if OFFSET:
-                lo = lo + md.to(tl.float32)
-                hi = hi + md.to(tl.float32)
-        lo = lo.to(DT)
-        hi = hi.to(DT)
+    return (t.to(tl.int16).to(DT, bitcast=True), (t >> 16).to(tl.int16).to(DT, bitcast=True))
+
+
+@triton.jit
+def _per_code(p, BN: tl.constexpr, BK: tl.constexpr):
+    # a tile's parameters, [BN, 1] (one set per row) or [BN, BK / 8] (one per word), as a
+    # [BN, 1] / [BN, BK] operand of the [BN, BK] tile
+    if p.shape[1] == 1:
+        out = p
     else:
-        lo = lo - base
-        hi = hi - base
-        if SCALE:
-            lo = lo * sd
-            hi = hi * sd
-            if OFFSET:
-                lo = lo + md
-                hi = hi + md
-    return lo, hi
+        out = tl.reshape(tl.broadcast_to(p[:, :, None], (BN, BK // 8, 8)), (BN, BK))
+    return out
 
 
 @triton.jit
@@ -153,7 +139,7 @@ def _tile_packed(wq, magic, zc, s, m, SCALE: tl.constexpr, OFFSET: tl.constexpr,
     # magic (0x43004300 for bf16, 0x64006400 for fp16: two copies of 128.0 / 1024.0, whose
     # last mantissa bit is worth 1), so each 16-bit half reads as BASE + u, exact.
     # Subtracting BASE + zc (zc: the code offset, a small integer) leaves q exactly
-    # (|q| <= 15); with SCALE, q * s (+ m) is rounded to DT. ptxas pairs the two halves'
+    # (|q| <= 15); with SCALE, q * s (+ m) is rounded to DT. ptxas pairs K-adjacent codes'
     # arithmetic into one HADD2 / HMUL2 (sm_90). (fp16 with a scale above 65504: s rounds to
     # Inf and q = 0 gives NaN where the fp32 decode gives 0; that group's other weights are
     # Inf in fp16 either way.)
@@ -161,15 +147,33 @@ def _tile_packed(wq, magic, zc, s, m, SCALE: tl.constexpr, OFFSET: tl.constexpr,
         base = (zc + 128.0).to(DT)
     else:
         base = (zc + 1024.0).to(DT)
-    sd = s.to(DT) if SCALE else s
-    md = m.to(DT) if OFFSET else m
-    p0, p4 = _pair(wq, magic, 0, base, sd, md, SCALE, OFFSET, DT, INTERP)
-    p1, p5 = _pair(wq, magic, 1, base, sd, md, SCALE, OFFSET, DT, INTERP)
-    p2, p6 = _pair(wq, magic, 2, base, sd, md, SCALE, OFFSET, DT, INTERP)
-    p3, p7 = _pair(wq, magic, 3, base, sd, md, SCALE, OFFSET, DT, INTERP)
+    p0, p4 = _halves(wq, magic, 0, DT)
+    p1, p5 = _halves(wq, magic, 1, DT)
+    p2, p6 = _halves(wq, magic, 2, DT)
+    p3, p7 = _halves(wq, magic, 3, DT)
     w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
                 tl.join(tl.join(p1, p5), tl.join(p3, p7)))  # K order, as in _tile
-    return tl.reshape(w, (BN, BK))
+    w = tl.reshape(w, (BN, BK))
+    # the arithmetic on the K-ordered tile: pairs (k, k + 1) are what the MMA operand (and
+    # its trip through shared memory) packs into one register, so ptxas builds each pair with
+    # one PRMT before the HADD2 / HMUL2 (about 0.5 PRMT per code) instead of re-pairing the
+    # results (1.0 per code when the arithmetic ran on the (j, j + 4) halves; sm_90 SASS)
+    if INTERP and DT == tl.bfloat16:  # noqa: SIM300
+        # the interpreter's (3.6, 3.9) bf16 arithmetic on bitcast values gives NaN: via fp32
+        # there; its fp16 arithmetic works, so fp16 tests run the GPU's code
+        w = w.to(tl.float32) - _per_code(base, BN, BK).to(tl.float32)
+        if SCALE:
+            w = w * _per_code(s, BN, BK).to(DT).to(tl.float32)
+            if OFFSET:
+                w = w + _per_code(m, BN, BK).to(DT).to(tl.float32)
+        w = w.to(DT)
+    else:
+        w = w - _per_code(base, BN, BK)
+        if SCALE:
+            w = w * _per_code(s.to(DT), BN, BK)
+            if OFFSET:
+                w = w + _per_code(m.to(DT), BN, BK)
+    return w
 
 
 @triton.jit
