@@ -157,15 +157,18 @@ def test_autotuned_launch_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
         for m, tuned, n_cfg, kind in ((1, kern.gemv_t_tuned, 4, None),
                                       (1, kern.gemv_tuned, 4, "gemv"),
                                       (3, kern.splitk_tuned, 7, None),
-                                      (70, kern.tiled_tuned, 9, None)):
+                                      (70, kern.tiled_tuned, 10, None)):
             timed.clear()
             x = _x(m, 1024, torch.bfloat16, seed=m)
             y = tlin.linear(x, qt, bias, cache, kernel=kind)
             _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL)
             assert len(timed) == n_cfg, (m, len(timed))  # pruned duplicates are not timed
             best = dict(tuned.best_config.kwargs)
-            if m > 1:
-                assert best["SWAP"] == 1  # fit_config on every candidate
+            if m > 1:  # the last candidate won, as fit_config left it for 32-code groups
+                name = "splitk" if m <= tlin.SKINNY_MAX_M else "tiled"
+                last = {k: v for k, v in tlin.CONFIGS[name][-1].items()
+                        if k not in ("num_warps", "num_stages")}
+                assert best == tlin.fit_config(name, last, 32, False, 4), best
             if tuned is kern.gemv_t_tuned:
                 assert best["BLOCK_KW"] == 4  # 32 codes: one group
             y2 = tlin.linear(x, qt, bias, cache, kernel=kind)  # cached choice: no timing
@@ -189,6 +192,11 @@ def test_fit_config_keeps_per_word_parameters_out_of_unswapped_tiles() -> None:
     packed = {**cfg, "SWAP": 1, "PACKED": 1}
     assert tlin.fit_config("tiled", packed, 32, False, 4) == packed
     assert tlin.fit_config("tiled", packed, 32, False, 8) == {**cfg, "SWAP": 1}  # 4-bit only
+    # packed 4-bit tiles compile unswapped with per-word parameters, and stay so
+    unswapped = {**cfg, "PACKED": 1}
+    assert tlin.fit_config("tiled", unswapped, 32, False, 4) == unswapped
+    assert tlin.fit_config("splitk", unswapped, 96, False, 4) == unswapped
+    assert tlin.fit_config("tiled", unswapped, 32, False, 8) == {**cfg, "SWAP": 1}
 
 
 def test_kernel_choice_by_m() -> None:
@@ -628,7 +636,7 @@ def _per_code(rows: list[str], prefix: str) -> float:
 def test_static_packed_pairs_cost_fewer_instructions(tmp_path: pytest.TempPathFactory) -> None:
     """The split-K kernel's packed-pair decoding (two 4-bit codes per HADD2) takes at least
     10% fewer loop instructions per code than the fp32 decoding of the same tile shape
-    (compiled for sm_90: 4.3 against 5.3 with Triton 3.9 and 3.6)."""
+    (compiled for sm_90: 4.2-4.3 against 5.1-5.3 with Triton 3.6 and 3.9)."""
     plain = next(i for i, c in enumerate(tlin.CONFIGS["splitk"]) if not c.get("PACKED"))
     packed = next(i for i, c in enumerate(tlin.CONFIGS["splitk"])
                   if c.get("PACKED") and {**c, "PACKED": 0} == {**tlin.CONFIGS["splitk"][plain],

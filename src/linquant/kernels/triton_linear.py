@@ -38,8 +38,8 @@ instead, in bf16 / fp16 pairs: ``(word >> 4j) & 0x000F000F | 0x43004300`` holds 
 ``j + 4`` as two bf16 values ``128 + u`` (``0x64006400``: fp16, ``1024 + u``), and one paired
 subtraction (HADD2) leaves both ``q`` exactly; a scale is then applied in the activation dtype
 (one more rounding of ``s`` and of ``q * s`` than the fp32 decode, far below the 4-bit
-quantization error). Compiled for sm_90 the split-K loop takes about 4.3 instructions per code
-instead of 5.3 (SASS counts, ``benchmarks/triton_static.py``); the autotuner times both forms.
+quantization error). Compiled for sm_90 the split-K loop takes about 4.2 instructions per code
+instead of 5.1 (SASS counts, ``benchmarks/triton_static.py``); the autotuner times both forms.
 
 Kernels (:func:`kernel_for` picks one by the number of tokens ``M`` and the weight):
 
@@ -67,15 +67,16 @@ Kernels (:func:`kernel_for` picks one by the number of tokens ``M`` and the weig
 Serialized wgmma: with the dequantized weight as the register operand and Triton's software
 pipeliner on (``num_stages >= 2``), ptxas often reports C7515 ("wgmma.mma_async instructions
 are serialized") and waits for each MMA before issuing the next: every swapped ``tiled``
-config, every ``tiled`` config for groups smaller than ``BLOCK_K``, and the 128-row
+config (so, before ``PACKED`` tiles stayed unswapped, every ``tiled`` config for groups
+smaller than ``BLOCK_K``), and the 128-row
 ``splitk`` configs for some schemes (Triton 3.6 and 3.9, sm_90; which ones depends on the
 version). ``PREFETCH`` configs avoid it: ``num_stages=1`` (no pipeliner) and the kernel loads
 the next K tile's words and activations into registers itself before decoding the current
 one. ``benchmarks/triton_static.py`` flags serialized configs.
 
-Groups smaller than ``BLOCK_K`` (g32 with 64/128-wide K tiles) load one parameter set per
-32-bit word; unswapped ``tl.dot`` tiles are switched to the swapped form for them
-(:func:`fit_config`). ``M`` is not specialized on (one binary per M range); the autotuning
+Groups smaller than ``BLOCK_K`` (g32 with 64/128-wide K tiles) load one parameter set per 32-bit
+word; unswapped ``tl.dot`` tiles other than ``PACKED`` ones are switched to the swapped form for
+them (:func:`fit_config`). ``M`` is not specialized on (one binary per M range); the autotuning
 keys are ``N``, ``K``, the scheme and ``M`` rounded up to a power of two (``BLOCK_M`` for
 ``splitk``). Kernel sources: :mod:`linquant.kernels._triton_kernels`, imported on the first
 launch: ``TRITON_INTERPRET`` must be set before that.
@@ -240,6 +241,10 @@ CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
          "num_warps": 8, "num_stages": 1},
         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 1, "PACKED": 1, "PREFETCH": 1,
          "num_warps": 4, "num_stages": 1},
+        # packed, unswapped, 4 warps: about 230 registers and 96-104 KiB of shared memory, so
+        # two CTAs fit on an SM (one's MMA overlaps the other's decoding)
+        {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 0, "PACKED": 1, "num_warps": 4,
+         "num_stages": 4},
     ),
 }
 _LAUNCH_KEYS = ("num_warps", "num_stages")
@@ -532,10 +537,15 @@ def fit_config(kind: str, config: dict[str, int], group: int,
     a power of two), so each tile takes one parameter set per row. ``PACKED`` is dropped for
     8-bit codes (the packed-pair decoding is 4-bit only).
 
-    Triton 3.9's ``TritonGPUOptimizeDotOperands`` pass crashes on several such wgmma kernels
-    (the dequantized right operand mixing per-word parameter loads; found by compiling every
-    config for sm_90 without a GPU), while the swapped form, whose dequantized weight is the
-    left operand, compiled in every case tried. Other configs are returned unchanged.
+    Triton's ``TritonGPUOptimizeDotOperands`` pass (3.6 and 3.9) crashes on several such wgmma
+    kernels (the dequantized right operand mixing per-word parameter loads; found by compiling
+    every config for sm_90 without a GPU), while the swapped form, whose dequantized weight is
+    the left operand, compiled in every case tried. ``PACKED`` configs (4-bit codes, decoded
+    on the K-ordered tile) are the exception: unswapped they compiled for groups of 8, 16, 32,
+    48 and 96 codes, symmetric, zero point and float offset, fp16 / bf16 / fp32 parameters,
+    with and without alignment (Triton 3.6 and 3.9), and they are kept unswapped: swapped
+    tiles with Triton's pipeliner get their wgmma serialized (module docstring). Other configs
+    are returned unchanged.
     """
     if kind == "gemv_t":
         words = group * bits // 32
@@ -547,6 +557,8 @@ def fit_config(kind: str, config: dict[str, int], group: int,
     if config.get("PACKED") and bits != 4:  # packed pairs decode 4-bit codes only
         config = {k: v for k, v in config.items() if k != "PACKED"}
     if per_channel or config.get("SWAP", 0) or group % config["BLOCK_K"] == 0:
+        return config
+    if config.get("PACKED"):  # 4-bit packed decoding: compiles unswapped (see the docstring)
         return config
     return {**config, "SWAP": 1}
 
