@@ -23,10 +23,11 @@ Two timings per row, each with the ratio to bf16 ``nn.Linear`` at the same M (> 
 graphs should capture its launches and the eager call should run near the graph column.
 
 Then ``--sweep``: every config of linquant's kernels, forced, graph-timed the same way, for
-``gemv_t`` / ``gemv`` at M = 1, ``splitk`` at M = 1 and 16 and ``tiled`` at M = 2048, per
-scheme, so the autotuner's choice and the headroom can be read off (configs with ``PA1``
-decode 4-bit codes in packed bf16 pairs; ``splitk`` at one token asks whether tensor cores
-beat the CUDA-core ``gemv`` there). The max error is relative to the output's
+``tiled`` at M = 2048, ``splitk`` at M = 16, ``gemv_t`` / ``gemv`` at M = 1 and ``splitk`` at
+M = 1, per scheme, so the autotuner's choice and the headroom can be read off (configs with
+``PA1`` decode 4-bit codes in packed bf16 pairs, ``PR1`` load the next K tile themselves with
+Triton's pipeliner off; ``splitk`` at one token asks whether tensor cores beat the CUDA-core
+``gemv`` there). The max error is relative to the output's
 max magnitude against the reference (linquant's oracle on the same quantized weight; "vs
 float" for torchao, which quantizes on its own). The first call of a shape autotunes (a few
 seconds per scheme and M); that time is not in the medians.
