@@ -16,6 +16,7 @@ copies of bf16 128.0 / fp16 1024.0.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -27,10 +28,10 @@ __all__ = ["INTERPRETED", "gemv_kernel", "gemv_t_kernel", "mm_kernel"]
 INTERPRETED = _interpreting()
 
 
-# 8-bit codes through PTX's byte permute on a GPU; the interpreter cannot run inline PTX and
-# takes the shift-and-OR instead (the same bits). Not yet run on a GPU (module docstring of
-# triton_linear); the CUDA tests check it against the oracle.
-_PRMT = tl.constexpr(not INTERPRETED)
+# 8-bit codes through PTX's byte permute on an NVIDIA GPU; the interpreter cannot run inline
+# PTX and takes the shift-and-OR instead (the same bits), as does ROCm (no PTX there). Not yet
+# run on a GPU (module docstring of triton_linear); the CUDA tests check it against the oracle.
+_PRMT = tl.constexpr(not INTERPRETED and torch.version.hip is None)
 
 
 @triton.jit
