@@ -39,21 +39,12 @@ def _byte_into_magic(wq, magic, i: tl.constexpr):
     # byte i of every word into the low byte of magic (0x4B000000): 2**23 + u as fp32 bits in
     # one PRMT instead of a shift and a LOP3. prmt.b32 d, a, b, c: the bytes of {b, a} are
     # numbered 0-7 (a's 0-3); nibble j of c picks d's byte j: 0x765i = a's byte i, then b's
-    # bytes 1-3 (0x00, 0x00, 0x4B)
-    magic = tl.zeros_like(wq) + magic
-    if i == 0:
-        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7650;", "=r,r,r", [wq, magic],
-                                      dtype=tl.int32, is_pure=True, pack=1)
-    elif i == 1:
-        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7651;", "=r,r,r", [wq, magic],
-                                      dtype=tl.int32, is_pure=True, pack=1)
-    elif i == 2:
-        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7652;", "=r,r,r", [wq, magic],
-                                      dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        v = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7653;", "=r,r,r", [wq, magic],
-                                      dtype=tl.int32, is_pure=True, pack=1)
-    return v
+    # bytes 1-3 (0x00, 0x00, 0x4B). The selector is a compile-time constant in a register;
+    # ptxas folds it into the instruction.
+    return tl.inline_asm_elementwise(
+        "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+        [wq, tl.zeros_like(wq) + magic, tl.zeros_like(wq) + (0x7650 + i)],
+        dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -512,8 +503,8 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
     ``PREFETCH`` (with ``num_stages=1``): the loop loads tile ``t + 1``'s words and activations
     into registers before it decodes tile ``t``, software pipelining without Triton's
     pipeliner. With the weight as the MMA's register operand (``SWAP``) and ``num_stages >=
-    2``, ptxas serializes every wgmma (C7515: it waits for each before the next, Triton 3.6 and
-    3.9); without the pipeliner it does not.
+    2``, ptxas often serializes the wgmma (C7515: it waits for each before the next; Triton 3.6
+    and 3.9, depending on tile and scheme); without the pipeliner it never did.
     """
     CPW: tl.constexpr = 32 // BITS
     BKW: tl.constexpr = BLOCK_K // CPW
