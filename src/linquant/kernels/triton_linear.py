@@ -65,14 +65,13 @@ Kernels (:func:`kernel_for` picks one by the number of tokens ``M`` and the weig
             ``wgmma`` from registers instead of shared memory).
 
 Serialized wgmma: with the dequantized weight as the register operand and Triton's software
-pipeliner on (``num_stages >= 2``), ptxas often reports C7515 ("wgmma.mma_async instructions
-are serialized") and waits for each MMA before issuing the next: every swapped ``tiled``
-config (so, before ``PACKED`` tiles stayed unswapped, every ``tiled`` config for groups
-smaller than ``BLOCK_K``), and the 128-row
-``splitk`` configs for some schemes (Triton 3.6 and 3.9, sm_90; which ones depends on the
-version). ``PREFETCH`` configs avoid it: ``num_stages=1`` (no pipeliner) and the kernel loads
-the next K tile's words and activations into registers itself before decoding the current
-one. ``benchmarks/triton_static.py`` flags serialized configs.
+pipeliner on (``num_stages >= 2``), ptxas often reports C7515 ("wgmma.mma_async instructions are
+serialized") and waits for each MMA before issuing the next: every swapped ``tiled`` config (so,
+before ``PACKED`` tiles stayed unswapped, every ``tiled`` config for groups smaller than
+``BLOCK_K``), and the 128-row ``splitk`` configs for some schemes (Triton 3.6 and 3.9, sm_90;
+which ones depends on the version). ``PREFETCH`` configs avoid it: ``num_stages=1`` (no
+pipeliner) and the kernel loads the next K tile's words and activations into registers itself
+before decoding the current one. ``benchmarks/triton_static.py`` flags serialized configs.
 
 Groups smaller than ``BLOCK_K`` (g32 with 64/128-wide K tiles) load one parameter set per 32-bit
 word; unswapped ``tl.dot`` tiles other than ``PACKED`` ones are switched to the swapped form for
