@@ -177,6 +177,39 @@ def test_autotuned_launch_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tlin.failures() == {}
 
 
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX ``prmt.b32 d, a, b, c`` (default mode), as the PTX ISA defines it: the bytes of
+    ``{b, a}`` are numbered 0-7 (``a``'s are 0-3); nibble ``j`` of ``c`` selects ``d``'s byte
+    ``j`` (bits 0-2 the source byte, bit 3 replicates that byte's sign bit instead)."""
+    src = (b << 32) | a
+    d = 0
+    for j in range(4):
+        sel = (c >> (4 * j)) & 0xF
+        byte = (src >> (8 * (sel & 7))) & 0xFF
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        d |= byte << (8 * j)
+    return d
+
+
+def test_byte_permute_selectors_give_the_fp32_magic() -> None:
+    """The 8-bit decode on a GPU (_triton_kernels._byte_into_magic, inline PTX that the
+    interpreter cannot run): ``prmt(word, 0x4B000000, 0x7650 + i)`` must be the interpreter's
+    ``((word >> 8i) & 255) | 0x4B000000`` for every byte (checked here on PTX's definition of
+    prmt; the CUDA tests run the kernels)."""
+    import inspect
+    import random
+
+    tk = pytest.importorskip("linquant.kernels._triton_kernels")
+    src = inspect.getsource(tk._byte_into_magic.fn)
+    assert "prmt.b32 $0, $1, $2, $3;" in src and "0x7650 + i" in src
+    rng = random.Random(0)
+    for word in [0, 0xFFFFFFFF, 0x80808080, 0x7F7F7F7F] + [rng.getrandbits(32) for _ in range(200)]:
+        for i in range(4):
+            want = ((word >> (8 * i)) & 255) | 0x4B000000
+            assert _prmt(word, 0x4B000000, 0x7650 + i) == want, (hex(word), i)
+
+
 def test_fit_config_keeps_per_word_parameters_out_of_unswapped_tiles() -> None:
     cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SWAP": 0}
     assert tlin.fit_config("tiled", cfg, 128, False) == cfg  # a group spans whole tiles
