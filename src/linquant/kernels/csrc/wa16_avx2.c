@@ -410,58 +410,86 @@ static inline __m256 codes8(const uint8_t* q, int64_t idx, int bits, int symmetr
     return _mm256_cvtepi32_ps(c);
 }
 
+/* Row n of the weight, dequantized into out[o0 .. o0 + K) (any width, mode and granularity;
+ * vec: 4 / 8 bits with K and the group whole multiples of 8, the AVX2 path). */
+static void dequant_row(const uint8_t* q, const void* s, int sdt, const uint8_t* zq,
+                        const void* m, int mdt, int64_t sn, int64_t sg, int64_t g, void* out,
+                        int dt, int64_t n, int64_t o0, int64_t K, int b, int sym, int vec)
+{
+    if (!vec) {
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t p = n * sn + (k / g) * sg;
+            float t = (float)code_at(q, n * K + k, b, sym);
+            if (zq)
+                t = t - (float)code_at(zq, p, b, 0);
+            t = t * param_at(s, p, sdt);
+            if (m)
+                t = t + param_at(m, p, mdt);
+            store1(out, o0 + k, dt, t);
+        }
+        return;
+    }
+    const int64_t G = g == 1 ? K / 8 : K / g, step = g == 1 ? 8 : g;
+    for (int64_t gi = 0; gi < G; gi++) { /* a group, or 8 columns of per-column params */
+        const int64_t k0 = gi * step;
+        __m256 vs, vz = _mm256_setzero_ps(), vm = _mm256_setzero_ps();
+        if (g == 1) {
+            const int64_t p = n * sn + k0;
+            vs = param8(s, p, sdt);
+            if (zq)
+                vz = codes8(zq, p, b, 0);
+            if (m)
+                vm = param8(m, p, mdt);
+        } else {
+            const int64_t p = n * sn + gi * sg;
+            vs = _mm256_set1_ps(param_at(s, p, sdt));
+            if (zq)
+                vz = _mm256_set1_ps((float)code_at(zq, p, b, 0));
+            if (m)
+                vm = _mm256_set1_ps(param_at(m, p, mdt));
+        }
+        for (int64_t k = k0; k < k0 + step; k += 8) {
+            __m256 t = codes8(q, n * K + k, b, sym);
+            if (zq)
+                t = _mm256_sub_ps(t, vz);
+            t = _mm256_mul_ps(t, vs);
+            if (m)
+                t = _mm256_add_ps(t, vm);
+            store8(out, o0 + k, dt, t);
+        }
+    }
+}
+
+static int dequant_vec(int64_t b, int64_t K, int64_t g, int64_t sg)
+{
+    return (b == 4 || b == 8) && K % 8 == 0 && (g % 8 == 0 || (g == 1 && sg == 1));
+}
+
+/* Rows [r0, r1) of the weight, dequantized into out ([r1 - r0, K], row-major). */
 int64_t lq_dequant_rows(const uint8_t* q, const void* s, int64_t sdt, const uint8_t* zq,
                         const void* m, int64_t mdt, int64_t sn, int64_t sg, int64_t g, void* out,
                         int64_t dtype, int64_t r0, int64_t r1, int64_t K, int64_t bits,
                         int64_t symmetric)
 {
-    const int b = (int)bits, sym = (int)symmetric, dt = (int)dtype;
-    const int vec = (b == 4 || b == 8) && K % 8 == 0 && (g % 8 == 0 || (g == 1 && sg == 1));
+    const int vec = dequant_vec(bits, K, g, sg);
 #pragma omp parallel for schedule(static) if ((r1 - r0) * K >= 65536)
-    for (int64_t n = r0; n < r1; n++) {
-        const int64_t o0 = (n - r0) * K;
-        if (!vec) {
-            for (int64_t k = 0; k < K; k++) {
-                const int64_t p = n * sn + (k / g) * sg;
-                float t = (float)code_at(q, n * K + k, b, sym);
-                if (zq)
-                    t = t - (float)code_at(zq, p, b, 0);
-                t = t * param_at(s, p, (int)sdt);
-                if (m)
-                    t = t + param_at(m, p, (int)mdt);
-                store1(out, o0 + k, dt, t);
-            }
-            continue;
-        }
-        const int64_t G = g == 1 ? K / 8 : K / g, step = g == 1 ? 8 : g;
-        for (int64_t gi = 0; gi < G; gi++) { /* a group, or 8 columns of per-column params */
-            const int64_t k0 = gi * step;
-            __m256 vs, vz = _mm256_setzero_ps(), vm = _mm256_setzero_ps();
-            if (g == 1) {
-                const int64_t p = n * sn + k0;
-                vs = param8(s, p, (int)sdt);
-                if (zq)
-                    vz = codes8(zq, p, b, 0);
-                if (m)
-                    vm = param8(m, p, (int)mdt);
-            } else {
-                const int64_t p = n * sn + gi * sg;
-                vs = _mm256_set1_ps(param_at(s, p, (int)sdt));
-                if (zq)
-                    vz = _mm256_set1_ps((float)code_at(zq, p, b, 0));
-                if (m)
-                    vm = _mm256_set1_ps(param_at(m, p, (int)mdt));
-            }
-            for (int64_t k = k0; k < k0 + step; k += 8) {
-                __m256 t = codes8(q, n * K + k, b, sym);
-                if (zq)
-                    t = _mm256_sub_ps(t, vz);
-                t = _mm256_mul_ps(t, vs);
-                if (m)
-                    t = _mm256_add_ps(t, vm);
-                store8(out, o0 + k, dt, t);
-            }
-        }
-    }
+    for (int64_t n = r0; n < r1; n++)
+        dequant_row(q, s, (int)sdt, zq, m, (int)mdt, sn, sg, g, out, (int)dtype, n,
+                    (n - r0) * K, K, (int)bits, (int)symmetric, vec);
+    return 0;
+}
+
+/* Rows rows[0 .. count) of the weight (an embedding table), dequantized into out
+ * ([count, K], row-major). The caller checks every index is in [0, N). */
+int64_t lq_dequant_gather(const uint8_t* q, const void* s, int64_t sdt, const uint8_t* zq,
+                          const void* m, int64_t mdt, int64_t sn, int64_t sg, int64_t g,
+                          void* out, int64_t dtype, const int64_t* rows, int64_t count, int64_t K,
+                          int64_t bits, int64_t symmetric)
+{
+    const int vec = dequant_vec(bits, K, g, sg);
+#pragma omp parallel for schedule(static) if (count * K >= 65536)
+    for (int64_t i = 0; i < count; i++)
+        dequant_row(q, s, (int)sdt, zq, m, (int)mdt, sn, sg, g, out, (int)dtype, rows[i],
+                    i * K, K, (int)bits, (int)symmetric, vec);
     return 0;
 }
