@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import linquant as lq
@@ -160,6 +160,26 @@ def test_dequantize_rows_equals_full_dequantize(shape: tuple[int, int], scheme: 
     got = ref.dequantize_rows(qt, rows, torch.float32)
     assert torch.equal(got, qt.dequantize()[rows])
     assert ref.dequantize_rows(qt, rows[:0], torch.float32).shape == (0, shape[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 30), dim=st.integers(1, 40), bits=st.integers(2, 8),
+       mode=st.sampled_from(["sym", "asym", "asymf"]),
+       gran=st.sampled_from(["ch0", "ch1", "tensor", "g"]), group=st.sampled_from([1, 2, 4, 5]),
+       ids=st.lists(st.integers(0, 10**6), max_size=40),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**16))
+def test_dequantize_rows_property(n: int, dim: int, bits: int, mode: str, gran: str, group: int,
+                                  ids: list[int], dtype: torch.dtype, seed: int) -> None:
+    """Rows gathered from the packed stream equal rows of the whole dequantized table, byte-
+    aligned rows (``dim * bits % 8 == 0``) or not, for every width, mode and granularity."""
+    if gran == "g":
+        dim = group * max(1, dim // group)
+        gran = f"g{group}"
+    g = torch.Generator().manual_seed(seed)
+    qt = lq.quantize(torch.randn(n, dim, generator=g), f"int{bits}-{mode}-{gran}-fp16")
+    rows = torch.tensor([i % n for i in ids], dtype=torch.int64)
+    assert torch.equal(ref.dequantize_rows(qt, rows, dtype), qt.dequantize(dtype)[rows])
 
 
 # ---- W8A8 ----------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from linquant.errors import LinquantError
 from linquant.ops.affine import sign_extend
+from linquant.ops.packing import unpack
 from linquant.tensor import QuantizedTensor
 
 __all__ = [
@@ -121,38 +122,17 @@ def _gather_packed(stream: torch.Tensor, bits: int, index: torch.Tensor) -> torc
     return ((word >> (pos & 7)) & ((1 << bits) - 1)).to(torch.uint8)
 
 
-def _row_params_tensor(
-    p: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int], n_params: int
-) -> torch.Tensor:
-    return p.reshape(1, 1)
-
-
-def _row_params_channel0(
-    p: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int], n_params: int
-) -> torch.Tensor:
-    return p.reshape(-1)[rows].unsqueeze(1)  # [n, 1]
-
-
-def _row_params_channel1(
-    p: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int], n_params: int
-) -> torch.Tensor:
-    return p.reshape(1, -1)  # [1, dim]
-
-
-def _row_params_group(
-    p: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int], n_params: int
-) -> torch.Tensor:
-    per_row = n_params // shape[0]
-    return p.reshape(shape[0], per_row)[rows].repeat_interleave(shape[1] // per_row, dim=1)
-
-
-_ROW_PARAMS: dict[str, Callable[[torch.Tensor, torch.Tensor, tuple[int, int], int], torch.Tensor]]
-_ROW_PARAMS = {
-    "tensor": _row_params_tensor,
-    "channel0": _row_params_channel0,
-    "channel1": _row_params_channel1,
-    "group": _row_params_group,
-}
+def _row_params(p: torch.Tensor, rows: torch.Tensor, num: int, dim: int, key: str,
+                groups: int) -> torch.Tensor:
+    """The parameters (one per granule, in ``p``) of rows ``rows``, shaped to broadcast against
+    their codes viewed as ``[n, groups, dim // groups]`` (``groups`` is 1 unless group-wise)."""
+    if key == "tensor":
+        return p.reshape(1, 1, 1)
+    if key == "channel0":
+        return p.reshape(-1)[rows].view(-1, 1, 1)
+    if key == "channel1":
+        return p.reshape(1, 1, dim)
+    return p.reshape(num, groups)[rows].unsqueeze(2)  # group-wise: [n, groups, 1]
 
 
 def _param_key(qt: QuantizedTensor) -> str:
@@ -167,25 +147,31 @@ def dequantize_rows(qt: QuantizedTensor, rows: torch.Tensor, dtype: torch.dtype)
 
     Only the gathered rows' codes (and parameters) are unpacked and converted; the table is never
     dequantized as a whole. Works for every granularity and bit width (rows need not start on a
-    byte boundary). Equals ``qt.dequantize(dtype)[rows]`` exactly.
+    byte boundary). Equals ``qt.dequantize(dtype)[rows]`` exactly. Group parameters are applied
+    per group (codes viewed as ``[n, groups, group]``), never expanded to one per code.
     """
-    num, dim = qt.shape
+    num, dim = (int(d) for d in qt.shape)
     n_params = qt.scale.numel()
     rows = rows.reshape(-1).to(torch.int64)
-    index = rows.unsqueeze(1) * dim + torch.arange(dim, device=rows.device)  # [n, dim]
-    u = _gather_packed(qt.qdata, qt.scheme.bits, index)
-    codes = sign_extend(u, qt.scheme.bits) if qt.scheme.symmetric else u
-    t = codes.to(torch.float32)
-    params = _ROW_PARAMS[_param_key(qt)]
-    shape2 = (int(num), int(dim))
+    n = rows.numel()
+    bits = qt.scheme.bits
+    if dim * bits % 8 == 0:  # whole bytes per row: gather the rows' bytes, unpack those
+        u = unpack(qt.qdata.reshape(num, dim * bits // 8)[rows], bits, n * dim)
+    else:
+        index = rows.unsqueeze(1) * dim + torch.arange(dim, device=rows.device)  # [n, dim]
+        u = _gather_packed(qt.qdata, bits, index)
+    codes = sign_extend(u, bits) if qt.scheme.symmetric else u
+    key = _param_key(qt)
+    groups = n_params // num if key == "group" else 1
+    t = codes.to(torch.float32).view(n, groups, dim // groups)
     if qt.zero_point_packed is not None:
-        zp_all = torch.arange(n_params, device=rows.device)
-        zp_index = params(zp_all, rows, shape2, n_params)  # granule numbers, broadcastable
-        t = t - _gather_packed(qt.zero_point_packed, qt.scheme.bits, zp_index).to(torch.float32)
-    t = t * params(qt.scale, rows, shape2, n_params).float()
+        granule = _row_params(torch.arange(n_params, device=rows.device), rows, num, dim, key,
+                              groups)  # granule numbers of the zero points, broadcastable
+        t = t - _gather_packed(qt.zero_point_packed, bits, granule).to(torch.float32)
+    t = t * _row_params(qt.scale, rows, num, dim, key, groups).float()
     if qt.offset is not None:
-        t = t + params(qt.offset, rows, shape2, n_params).float()
-    return t.to(dtype)
+        t = t + _row_params(qt.offset, rows, num, dim, key, groups).float()
+    return t.view(n, dim).to(dtype)
 
 
 def embedding_weight_only(
