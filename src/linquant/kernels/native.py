@@ -38,7 +38,9 @@ Three kernels, each in its own shared library with its own CPU requirement (Linu
   to the reference. The same library holds ``lq_dequant_rows``, the dequantizer of the
   large-M paths (``cpu_scratch``, ``cpu_blocked``; see :func:`_dequantizer`): any width, mode
   and granularity, read from the stored tensors in place, into bf16 / fp16 / fp32, **the same
-  bits** as the PyTorch ops it replaces, in one pass instead of several; and
+  bits** as the PyTorch ops it replaces (NaN stays NaN), in one pass instead of several, with
+  AVX-512 code chosen at run time where the CPU has it (:func:`wide_dequant`: 16 codes per
+  vector, 4-bit groups by a 16-entry table per group; the library itself stays AVX2); and
   ``lq_dequant_gather``, the same per-row code for the rows an embedding lookup gathers
   (:func:`dequantize_rows`, the ``cpu_native_gather`` path of ``QuantEmbedding``).
 
@@ -87,7 +89,7 @@ from linquant.tensor import QuantizedTensor
 __all__ = ["W8A8_MAX_K", "available", "avx2_supported", "cache_dir", "dequantize_rows",
            "fast_half_matmul", "gather_supported", "linear_avx2", "linear_int4", "linear_w8a8",
            "linear_w8a16", "repack", "repack_avx2", "repack_w8a8", "status", "supported",
-           "w8a8_supported", "w8a16_supported"]
+           "w8a8_supported", "w8a16_supported", "wide_dequant"]
 
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp",
               "-shared", "-fPIC")
@@ -142,6 +144,14 @@ def fast_half_matmul(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return _cpu_has("amx_fp16")
     return False
+
+
+def wide_dequant() -> bool:
+    """Whether the dequantizers (``lq_dequant_rows``, ``lq_dequant_gather``) run their AVX-512
+    code (F, BW and VL: Intel Skylake-SP and later servers, AMD Zen 4 and later; not under
+    ``LINQUANT_MAX_CPU_ISA=avx2``). Same bits either way; the AVX-512 code is about twice as
+    fast (BENCHMARKS.md)."""
+    return not _isa_capped() and _cpu_has("avx512")
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -226,25 +236,28 @@ def _probe_w8a8(lib: ctypes.CDLL) -> str | None:
 
 
 def _probe_dequant(lib: ctypes.CDLL) -> str | None:
-    """The dequantizer against PyTorch's (``cpu._RowDequant``), bit for bit, vectorized and
-    one code at a time."""
+    """The dequantizer against PyTorch's (``cpu._RowDequant``), bit for bit: AVX2, one code at
+    a time, and the AVX-512 code (table and arithmetic) where the CPU has it."""
     from linquant.tensor import quantize
 
     g = torch.Generator().manual_seed(0)
-    for scheme, k in (("int4-asym-g32-fp16", 64), ("int8-sym-ch0", 64), ("int3-sym-g8", 24)):
-        qt = quantize(torch.randn(12, k, generator=g), scheme)
-        torch_deq = cpu._RowDequant(qt, native=False)
-        fast = _dequantizer(qt, lib)
-        for dtype in (torch.bfloat16, torch.float32):
-            want = torch.empty(12, k, dtype=dtype)
-            got = torch.empty(12, k, dtype=dtype)
-            torch_deq.into(want, 0, 12)
-            if fast is None or not fast(got, 0, 12) or not torch.equal(got, want):
-                return f"probe: dequantized {scheme} differs from PyTorch's ({dtype})"
-            rows = torch.tensor([11, 0, 5, 5, 3])
-            gathered = dequantize_rows(qt, rows, dtype, lib)
-            if gathered is None or not torch.equal(gathered, want[rows]):
-                return f"probe: gathered rows of {scheme} differ from PyTorch's ({dtype})"
+    for wide in sorted({False, wide_dequant()}):
+        for scheme, k in (("int4-asym-g32-fp16", 64), ("int8-sym-ch0", 64), ("int3-sym-g8", 24),
+                          ("int4-sym-g16", 64)):
+            qt = quantize(torch.randn(12, k, generator=g), scheme)
+            torch_deq = cpu._RowDequant(qt, native=False)
+            fast = _dequantizer(qt, lib, wide)
+            for dtype in (torch.bfloat16, torch.float32):
+                want = torch.empty(12, k, dtype=dtype)
+                got = torch.empty(12, k, dtype=dtype)
+                torch_deq.into(want, 0, 12)
+                how = f"{scheme}, {dtype}, {'AVX-512' if wide else 'AVX2'}"
+                if fast is None or not fast(got, 0, 12) or not torch.equal(got, want):
+                    return f"probe: dequantized {how} differs from PyTorch's"
+                rows = torch.tensor([11, 0, 5, 5, 3])
+                gathered = dequantize_rows(qt, rows, dtype, lib, wide)
+                if gathered is None or not torch.equal(gathered, want[rows]):
+                    return f"probe: gathered rows of {how} differ from PyTorch's"
     return None
 
 
@@ -285,9 +298,10 @@ _SPECS = {
                 {"lq_wa16_avx2": (_P, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I,
                                   _I),
                  "lq_dequant_rows": (_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I,
-                                     _I),
+                                     _I, _I),
                  "lq_dequant_gather": (_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I,
-                                       _I, _I)}),
+                                       _I, _I, _I),
+                 "lq_dequant_kind": (_I, _I, _I, _I, _I)}),
 }
 
 
@@ -742,16 +756,18 @@ def _deq_head(qt: QuantizedTensor) -> tuple[Any, ...] | None:
             2 if offset is None else _DEQ_DTYPES[offset.dtype], sn, sg, g)
 
 
-def _dequantizer(qt: QuantizedTensor, lib: ctypes.CDLL | None = None
+def _dequantizer(qt: QuantizedTensor, lib: ctypes.CDLL | None = None, wide: bool | None = None
                  ) -> Callable[[torch.Tensor, int, int], bool] | None:
     """A function ``(out, r0, r1) -> bool`` that writes rows ``[r0, r1)`` of ``qt``
     dequantized into ``out`` (contiguous ``[r1 - r0, K]``, bf16 / fp16 / fp32) with the AVX2
     library's ``lq_dequant_rows``, bit-identical to ``cpu._RowDequant`` (False: ``out`` not
     taken, nothing written), or None: not for this weight (not a 2-D CPU weight with
     contiguous tensors in the stored dtypes, or no AVX2 library). It reads the stored codes,
-    scales, packed zero points and offsets in place: nothing is converted or copied."""
+    scales, packed zero points and offsets in place: nothing is converted or copied. ``wide``:
+    run the AVX-512 code (default :func:`wide_dequant`; tests force either)."""
     if lib is None:
         lib = _load(AVX2)
+    wide_flag = int(wide_dequant() if wide is None else wide)
     head = None if lib is None else _deq_head(qt)
     if lib is None or head is None:
         return None
@@ -765,10 +781,23 @@ def _dequantizer(qt: QuantizedTensor, lib: ctypes.CDLL | None = None
         code = _DEQ_DTYPES.get(out.dtype)
         if code is None or not out.is_contiguous() or out.numel() != (r1 - r0) * k:
             return False
-        fn(*head, out.data_ptr(), code, r0, r1, k, s.bits, int(s.symmetric))
+        fn(*head, out.data_ptr(), code, r0, r1, k, s.bits, int(s.symmetric), wide_flag)
         return True
 
     return run
+
+
+def _dequant_code(qt: QuantizedTensor, wide: bool | None = None) -> str | None:
+    """Which code of the dequantizers takes ``qt``'s rows: ``"avx512"``, ``"avx2"`` (vectors
+    of 16 / 8 codes), ``"scalar"`` (one code at a time), or None (not taken at all)."""
+    lib = _load(AVX2)
+    head = None if lib is None else _deq_head(qt)
+    if lib is None or head is None:
+        return None
+    sg, g = head[7], head[8]
+    kind = lib.lq_dequant_kind(int(wide_dequant() if wide is None else wide), qt.scheme.bits,
+                               int(qt.shape[1]), g, sg)
+    return ("scalar", "avx2", "avx512")[kind]
 
 
 def gather_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
@@ -779,13 +808,15 @@ def gather_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
 
 
 def dequantize_rows(qt: QuantizedTensor, rows: torch.Tensor, dtype: torch.dtype,
-                    lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
+                    lib: ctypes.CDLL | None = None, wide: bool | None = None
+                    ) -> torch.Tensor | None:
     """Rows ``rows`` of the 2-D table ``qt`` dequantized to ``dtype`` (``[rows.numel(), K]``)
     by the AVX2 library's ``lq_dequant_gather``: the same bits as
     :func:`linquant.kernels.reference.dequantize_rows`, one pass over the gathered rows'
     codes, read in place. None: not taken (no AVX2 library, ``dtype`` not bf16 / fp16 / fp32,
     ``rows`` not on the CPU, or a table the dequantizer does not read in place). Indices out
-    of ``[0, N)`` raise :class:`LinquantError` (they are checked before any read)."""
+    of ``[0, N)`` raise :class:`LinquantError` (they are checked before any read). ``wide``:
+    as for :func:`_dequantizer`."""
     if lib is None:
         lib = _load(AVX2)
     code = _DEQ_DTYPES.get(dtype)
@@ -804,5 +835,6 @@ def dequantize_rows(qt: QuantizedTensor, rows: torch.Tensor, dtype: torch.dtype,
         raise LinquantError(f"dequantize_rows: row indices must be in [0, {num}) for a table of "
                             f"shape {tuple(qt.shape)}, got values in [{lo}, {hi}]")
     lib.lq_dequant_gather(*head, out.data_ptr(), code, idx.data_ptr(), idx.numel(), k,
-                          qt.scheme.bits, int(qt.scheme.symmetric))
+                          qt.scheme.bits, int(qt.scheme.symmetric),
+                          int(wide_dequant() if wide is None else wide))
     return out

@@ -305,13 +305,16 @@ int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int6
  * sn = K / g, sg = 1; a row: sn = 1, sg = 0, g = K; a column: sn = 0, sg = 1, g = 1; the
  * tensor: 0, 0, K). Vectorized for 4- and 8-bit codes with K % 8 == 0 and parameters constant
  * over each 8 codes (g % 8 == 0) or one per column (g == 1); any other case one code at a
- * time. Threads split the rows. */
+ * time. Threads split the rows. Non-finite parameters: Inf and NaN where the PyTorch ops
+ * give them, the other elements the same bits (a NaN's own bits may differ). */
 
 static inline uint16_t bf16_rne(float f)
 {
     uint32_t b;
     memcpy(&b, &f, 4);
-    if ((b & 0x7FFFFFFFu) > 0x7F800000u) /* NaN: quiet, as PyTorch's conversion */
+    /* NaN: quiet, sign and top payload kept (PyTorch's own conversions write 0x7FC0 or
+     * 0xFFFF, by code path); rounding it would carry a full payload into the exponent */
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u)
         return (uint16_t)((b >> 16) | 0x40u);
     return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
@@ -352,7 +355,7 @@ static inline void store8(void* out, int64_t i, int dtype, __m256 v)
             b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
                                 _mm256_and_si256(_mm256_srli_epi32(b, 16), one)));
         r = _mm256_srli_epi32(r, 16);
-        /* NaN lanes (finite parameters give none, but keep PyTorch's quiet NaN) */
+        /* NaN lanes (finite parameters give none): quiet NaN, as bf16_rne */
         const __m256i absb = _mm256_and_si256(b, _mm256_set1_epi32(0x7FFFFFFF));
         const __m256i nan = _mm256_cmpgt_epi32(absb, _mm256_set1_epi32(0x7F800000));
         const __m256i q = _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
@@ -465,31 +468,211 @@ static int dequant_vec(int64_t b, int64_t K, int64_t g, int64_t sg)
     return (b == 4 || b == 8) && K % 8 == 0 && (g % 8 == 0 || (g == 1 && sg == 1));
 }
 
-/* Rows [r0, r1) of the weight, dequantized into out ([r1 - r0, K], row-major). */
+/* ---- the same dequantization with AVX-512 (F, BW, VL), chosen at run time -----------------
+ *
+ * This library is built for AVX2 (any x86-64 CPU since Haswell / Zen 1); these functions alone
+ * are compiled for AVX-512 and called only when the caller says the CPU has it (wide = 1;
+ * native.py: torch.cpu's AVX-512 probe, not under LINQUANT_MAX_CPU_ISA=avx2). The same
+ * arithmetic in the same order, so the same bits: 16 lanes instead of 8, and for 4-bit codes
+ * whose parameters are constant over 32 codes a table instead of arithmetic: the 16 values
+ * ((c - z) * s) + m of a group, computed in fp32 and rounded once, then looked up per code
+ * (vpermw / vpermps): the formula the per-code path evaluates, evaluated per code value. */
+
+#define WIDE __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+WIDE static inline __m512 param16(const void* p, int64_t i, int dt) /* 16 consecutive params */
+{
+    if (dt == 2)
+        return _mm512_loadu_ps((const float*)p + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i));
+    if (dt == 1)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* 16 fp32 -> 16 bf16, rounded to nearest even; NaN as bf16_rne */
+WIDE static inline __m256i bf16x16(__m512 v)
+{
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i hi = _mm512_srli_epi32(b, 16);
+    __m512i r = _mm512_add_epi32(
+        b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(hi, _mm512_set1_epi32(1))));
+    r = _mm512_srli_epi32(r, 16);
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(
+        _mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+    r = _mm512_mask_or_epi32(r, nan, hi, _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+WIDE static inline __m256i half16(__m512 v, int dtype) /* 16 fp32 -> 16 bf16 or fp16 */
+{
+    if (dtype == 1)
+        return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return bf16x16(v);
+}
+
+WIDE static inline void store16(void* out, int64_t i, int dtype, __m512 v)
+{
+    if (dtype == 2)
+        _mm512_storeu_ps((float*)out + i, v);
+    else
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + i), half16(v, dtype));
+}
+
+/* the 4-bit codes of 8 bytes as 16 bytes, one code each, in stream order (low nibble first) */
+WIDE static inline __m128i nibbles16(const uint8_t* q)
+{
+    const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)q));
+    return _mm_or_si128(_mm_and_si128(w, _mm_set1_epi16(15)),
+                        _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0xF0)), 4));
+}
+
+/* codes idx .. idx + 15 of a packed 4- or 8-bit stream (idx % 16 == 0), as fp32 */
+WIDE static inline __m512 codes16(const uint8_t* q, int64_t idx, int bits, int symmetric)
+{
+    __m512i c;
+    if (bits == 4) {
+        c = _mm512_cvtepu8_epi32(nibbles16(q + idx / 2));
+        if (symmetric) /* (u ^ 8) - 8 */
+            c = _mm512_sub_epi32(_mm512_xor_si512(c, _mm512_set1_epi32(8)),
+                                 _mm512_set1_epi32(8));
+    } else {
+        const __m128i b = _mm_loadu_si128((const __m128i*)(q + idx));
+        c = symmetric ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+    }
+    return _mm512_cvtepi32_ps(c);
+}
+
+/* Row n as dequant_row, for 4- or 8-bit codes with K % 16 == 0 and parameters constant over
+ * each 16 codes (g % 16 == 0) or one per column (g == 1); 4-bit groups of g % 32 == 0 by
+ * table. */
+WIDE static void dequant_row_wide(const uint8_t* q, const void* s, int sdt, const uint8_t* zq,
+                                  const void* m, int mdt, int64_t sn, int64_t sg, int64_t g,
+                                  void* out, int dt, int64_t n, int64_t o0, int64_t K, int b,
+                                  int sym)
+{
+    const int64_t base = n * K;
+    if (b == 4 && g % 32 == 0) {
+        /* the codes' values as stored: unsigned 0 .. 15, or two's complement -8 .. 7 */
+        const __m512 cu = sym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3,
+                                               -2, -1)
+                              : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                               14, 15);
+        for (int64_t gi = 0; gi < K / g; gi++) {
+            const int64_t p = n * sn + gi * sg, k0 = gi * g;
+            __m512 t = cu;
+            if (zq)
+                t = _mm512_sub_ps(t, _mm512_set1_ps((float)code_at(zq, p, b, 0)));
+            t = _mm512_mul_ps(t, _mm512_set1_ps(param_at(s, p, sdt)));
+            if (m)
+                t = _mm512_add_ps(t, _mm512_set1_ps(param_at(m, p, mdt)));
+            if (dt == 2) {
+                for (int64_t k = k0; k < k0 + g; k += 16) {
+                    const __m512i c = _mm512_cvtepu8_epi32(nibbles16(q + (base + k) / 2));
+                    _mm512_storeu_ps((float*)out + o0 + k, _mm512_permutexvar_ps(c, t));
+                }
+            } else {
+                const __m512i table = _mm512_zextsi256_si512(half16(t, dt));
+                for (int64_t k = k0; k < k0 + g; k += 32) {
+                    /* 16 bytes -> 16 dwords; word pairs (low nibble, high nibble) */
+                    const __m512i d = _mm512_cvtepu8_epi32(
+                        _mm_loadu_si128((const __m128i*)(q + (base + k) / 2)));
+                    const __m512i c = _mm512_or_si512(
+                        _mm512_and_si512(d, _mm512_set1_epi32(15)),
+                        _mm512_slli_epi32(_mm512_and_si512(d, _mm512_set1_epi32(0xF0)), 12));
+                    _mm512_storeu_si512((uint16_t*)out + o0 + k,
+                                        _mm512_permutexvar_epi16(c, table));
+                }
+            }
+        }
+        return;
+    }
+    const int64_t G = g == 1 ? K / 16 : K / g, step = g == 1 ? 16 : g;
+    for (int64_t gi = 0; gi < G; gi++) { /* a group, or 16 columns of per-column params */
+        const int64_t k0 = gi * step;
+        __m512 vs, vz = _mm512_setzero_ps(), vm = _mm512_setzero_ps();
+        if (g == 1) {
+            const int64_t p = n * sn + k0;
+            vs = param16(s, p, sdt);
+            if (zq)
+                vz = codes16(zq, p, b, 0);
+            if (m)
+                vm = param16(m, p, mdt);
+        } else {
+            const int64_t p = n * sn + gi * sg;
+            vs = _mm512_set1_ps(param_at(s, p, sdt));
+            if (zq)
+                vz = _mm512_set1_ps((float)code_at(zq, p, b, 0));
+            if (m)
+                vm = _mm512_set1_ps(param_at(m, p, mdt));
+        }
+        for (int64_t k = k0; k < k0 + step; k += 16) {
+            __m512 t = codes16(q, base + k, b, sym);
+            if (zq)
+                t = _mm512_sub_ps(t, vz);
+            t = _mm512_mul_ps(t, vs);
+            if (m)
+                t = _mm512_add_ps(t, vm);
+            store16(out, o0 + k, dt, t);
+        }
+    }
+}
+
+static int dequant_wide(int64_t b, int64_t K, int64_t g, int64_t sg)
+{
+    return (b == 4 || b == 8) && K % 16 == 0 && (g % 16 == 0 || (g == 1 && sg == 1));
+}
+
+/* which row function: 2 (AVX-512, when wide), 1 (AVX2) or 0 (one code at a time) */
+static int dequant_kind(int64_t wide, int64_t b, int64_t K, int64_t g, int64_t sg)
+{
+    if (wide && dequant_wide(b, K, g, sg))
+        return 2;
+    return dequant_vec(b, K, g, sg);
+}
+
+/* the row function lq_dequant_rows / lq_dequant_gather would run (for tests) */
+int64_t lq_dequant_kind(int64_t wide, int64_t bits, int64_t K, int64_t g, int64_t sg)
+{
+    return dequant_kind(wide, bits, K, g, sg);
+}
+
+static void dequant_any(const uint8_t* q, const void* s, int sdt, const uint8_t* zq,
+                        const void* m, int mdt, int64_t sn, int64_t sg, int64_t g, void* out,
+                        int dt, int64_t n, int64_t o0, int64_t K, int b, int sym, int kind)
+{
+    if (kind == 2)
+        dequant_row_wide(q, s, sdt, zq, m, mdt, sn, sg, g, out, dt, n, o0, K, b, sym);
+    else
+        dequant_row(q, s, sdt, zq, m, mdt, sn, sg, g, out, dt, n, o0, K, b, sym, kind);
+}
+
+/* Rows [r0, r1) of the weight, dequantized into out ([r1 - r0, K], row-major); wide: the CPU
+ * has AVX-512 F, BW and VL (the caller checks). */
 int64_t lq_dequant_rows(const uint8_t* q, const void* s, int64_t sdt, const uint8_t* zq,
                         const void* m, int64_t mdt, int64_t sn, int64_t sg, int64_t g, void* out,
                         int64_t dtype, int64_t r0, int64_t r1, int64_t K, int64_t bits,
-                        int64_t symmetric)
+                        int64_t symmetric, int64_t wide)
 {
-    const int vec = dequant_vec(bits, K, g, sg);
+    const int kind = dequant_kind(wide, bits, K, g, sg);
 #pragma omp parallel for schedule(static) if ((r1 - r0) * K >= 65536)
     for (int64_t n = r0; n < r1; n++)
-        dequant_row(q, s, (int)sdt, zq, m, (int)mdt, sn, sg, g, out, (int)dtype, n,
-                    (n - r0) * K, K, (int)bits, (int)symmetric, vec);
+        dequant_any(q, s, (int)sdt, zq, m, (int)mdt, sn, sg, g, out, (int)dtype, n,
+                    (n - r0) * K, K, (int)bits, (int)symmetric, kind);
     return 0;
 }
 
 /* Rows rows[0 .. count) of the weight (an embedding table), dequantized into out
- * ([count, K], row-major). The caller checks every index is in [0, N). */
+ * ([count, K], row-major). The caller checks every index is in [0, N), and wide as above. */
 int64_t lq_dequant_gather(const uint8_t* q, const void* s, int64_t sdt, const uint8_t* zq,
                           const void* m, int64_t mdt, int64_t sn, int64_t sg, int64_t g,
                           void* out, int64_t dtype, const int64_t* rows, int64_t count, int64_t K,
-                          int64_t bits, int64_t symmetric)
+                          int64_t bits, int64_t symmetric, int64_t wide)
 {
-    const int vec = dequant_vec(bits, K, g, sg);
+    const int kind = dequant_kind(wide, bits, K, g, sg);
 #pragma omp parallel for schedule(static) if (count * K >= 65536)
     for (int64_t i = 0; i < count; i++)
-        dequant_row(q, s, (int)sdt, zq, m, (int)mdt, sn, sg, g, out, (int)dtype, rows[i],
-                    i * K, K, (int)bits, (int)symmetric, vec);
+        dequant_any(q, s, (int)sdt, zq, m, (int)mdt, sn, sg, g, out, (int)dtype, rows[i],
+                    i * K, K, (int)bits, (int)symmetric, kind);
     return 0;
 }
