@@ -36,6 +36,8 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python bench_w8a16_crossover.py
 	cd benchmarks && ../$(BIN)/python bench_avx2_crossover.py
 	cd benchmarks && ../$(BIN)/python bench_peak.py
+	$(BIN)/python benchmarks/bench_dequant.py
+	$(BIN)/python benchmarks/bench_plans.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

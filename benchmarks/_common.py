@@ -46,6 +46,20 @@ def cold_ms(fns: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tens
     return min(median_ms(lambda: call(x), repeats=repeats, warmup=0) for _ in range(runs))
 
 
+def alternate(*fns: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
+    """Median ms of each function, called in turn (the order reversed every other round), so
+    drift of a shared machine hits them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + repeats):
+        order = list(enumerate(fns))
+        for j, fn in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[j].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

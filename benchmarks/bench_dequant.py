@@ -32,33 +32,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import machine
+from _common import alternate, machine
 
 import linquant as lq
 from linquant import kernels
 from linquant.kernels import cpu, native
 
 Fn = Callable[[], object]
-
-
-def alternate(*fns: Fn, repeats: int, warmup: int = 3) -> list[float]:
-    """Median ms of each function, called in turn (the order reversed every other round)."""
-    times: list[list[float]] = [[] for _ in fns]
-    for i in range(warmup + repeats):
-        order = list(enumerate(fns))
-        for j, fn in order if i % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[j].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def ab(a: Fn, b: Fn, repeats: int, warmup: int = 3) -> tuple[float, float]:

@@ -228,7 +228,7 @@ def test_quant_linear_caches_repack_outside_state_dict_and_rebuilds_on_load() ->
     x = torch.randn(3, 512).bfloat16()
     y = q(x)
     _close(y, ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
-    assert set(q.kernel_cache()) == {INT4_CACHE}
+    assert set(q.kernel_cache()) == {INT4_CACHE, "cpu_plans"}
     assert all("cache" not in key for key in q.state_dict())
     other = QuantLinear.from_float(nn.Linear(512, 256), "int4-asym-g64-bf16").to(torch.bfloat16)
     q.load_state_dict(other.state_dict())  # in place: the cached layout must be rebuilt
@@ -752,7 +752,7 @@ def test_native_w8a8_through_the_layer_and_clear_kernel_caches() -> None:
     q = W8A8Linear.from_float(nn.Linear(256, 512))
     few, many = torch.randn(1, 256), torch.randn(300, 256)
     y_few, y_many = q(few), q(many)
-    assert list(q.kernel_cache()) == ["native_w8a8"]  # one layout for every M
+    assert list(q.kernel_cache()) == ["native_w8a8", "w8a8_plans"]  # one layout for every M
     assert torch.equal(y_few, ref.linear_w8a8(few, q.weight_qdata, q.weight_scale, q.bias))
     assert torch.equal(y_many, ref.linear_w8a8(many, q.weight_qdata, q.weight_scale, q.bias))
     assert clear_kernel_caches(q) == 1

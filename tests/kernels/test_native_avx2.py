@@ -295,7 +295,7 @@ def test_fp16_int4_layer_runs_avx2_caches_layout_and_clears() -> None:
     assert kernels.select_path(x, q.qweight) == "cpu_native_avx2"
     y = q(x)
     _close(y, ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
-    assert list(q.kernel_cache()) == ["native_avx2"]
+    assert list(q.kernel_cache()) == ["native_avx2", "cpu_plans"]
     assert clear_kernel_caches(q) == 1 and q.kernel_cache() == {}
     assert torch.equal(q(x), y)
 

@@ -151,7 +151,12 @@ Layers pass a ``cache`` dict they own (:class:`linquant.nn.base.KernelCache`, wh
 ``copy.deepcopy`` and pickling leave empty): repacked kernel layouts are built on first use and
 kept there (never in ``state_dict``; the file format stays canonical). The cache key includes the
 weight tensors' storage pointers and version counters, so a device move or an in-place load
-rebuilds it.
+rebuilds it. The same cache keeps plans (:mod:`linquant.kernels.plans`): the first eager call
+for an input signature (shape, dtype, device, bias object) on a CPU or CUDA input keeps the
+chosen path as a closure with the weight's layout and the bias bound, and repeat calls with
+the same, unmodified weight tensors and bias run it without the checks above
+(:func:`linear_weight_only` and :func:`linear_w8a8`; ``QuantLinear.forward`` looks its plan up
+before building anything). Inputs or a bias that need a gradient never use or make a plan.
 """
 
 from __future__ import annotations
@@ -160,7 +165,7 @@ from typing import Any
 
 import torch
 
-from linquant.kernels import cpu, native, reference, triton_linear, triton_w8a8
+from linquant.kernels import cpu, native, plans, reference, triton_linear, triton_w8a8
 from linquant.kernels.reference import (
     int8_matmul,
     int_mm_supported,
@@ -263,6 +268,29 @@ def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
     return "cpu_scratch"
 
 
+def _cpu_runner(path: str, x: torch.Tensor, qweight: QuantizedTensor,
+                bias: torch.Tensor | None, cache: dict[str, Any]) -> native.Runner:
+    """``path`` (a CPU path of :func:`select_path`) for ``qweight`` and ``bias`` as a function
+    of inputs of ``x``'s signature, everything weight-dependent bound: what a plan runs."""
+    if path == "cpu_native_int4":
+        return native.int4_runner(qweight, bias, cache)
+    if path == "cpu_native_w8a16":
+        return native.w8a16_runner(qweight, bias, cache)
+    if path == "cpu_native_avx2":
+        return native.avx2_runner(qweight, bias, x.dtype, cache)
+    if path == "cpu_scratch":
+        return cpu.scratch_runner(qweight, bias, x.dtype)
+    if path == "cpu_blocked":
+        return cpu.blocked_runner(qweight, bias)
+    if path == "cpu_int4pack":
+        return lambda x: cpu.linear_int4pack(x, qweight, bias, cache)
+    if path == "cpu_int8split":
+        return lambda x: cpu.linear_int8split(x, qweight, bias, cache)
+    if path == "cpu_int8pack":
+        return lambda x: cpu.linear_int8pack(x, qweight, bias, cache)
+    return lambda x: reference.linear_weight_only(x, qweight, bias)
+
+
 def select_w8a8_path(
     x: torch.Tensor, w_int8: torch.Tensor, act_scale: torch.Tensor | None = None
 ) -> str:
@@ -299,11 +327,22 @@ def linear_weight_only(
     :func:`reference.linear_weight_only` (the formula) and :func:`select_path` (the choice).
 
     ``cache``: a dict owned by the caller (a layer) where repacked layouts are kept."""
-    if cache is not None and isinstance(x, torch.Tensor) and x.device.type == "cuda":
-        y = triton_linear.planned(x, qweight, bias, cache)  # a repeat call: no checks again
-        if y is not None:
-            return y
+    if cache is not None and isinstance(x, torch.Tensor):
+        if x.device.type == "cuda":
+            y = triton_linear.planned(x, qweight, bias, cache)  # a repeat call: no checks again
+            if y is not None:
+                return y
+        elif x.device.type == "cpu":
+            p = plans.find(x, plans.weight_tensors(qweight), bias, cache, "cpu_plans")
+            if p is not None:
+                return p.run(x)
     path = select_path(x, qweight) if isinstance(x, torch.Tensor) else "reference"
+    if (cache is not None and path != "cuda_triton" and x.device.type == "cpu"
+            and not _bias_needs_grad(bias) and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling()):
+        run = _cpu_runner(path, x, qweight, bias, cache)
+        plans.keep(cache, "cpu_plans", x, qweight, bias, run, path)
+        return run(x)
     if path.startswith("cpu_native") and _bias_needs_grad(bias):
         assert bias is not None  # the native kernels add the bias inside, out of autograd's view
         return linear_weight_only(x, qweight, None, cache) + bias.to(x.dtype)
@@ -338,8 +377,23 @@ def linear_w8a8(
     cache: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """int8 weights x int8 activations; see :func:`reference.linear_w8a8` (the formula) and
-    :func:`select_w8a8_path` (the choice). ``cache``: as for :func:`linear_weight_only`."""
+    :func:`select_w8a8_path` (the choice). ``cache``: as for :func:`linear_weight_only`
+    (plans included, for CPU inputs)."""
+    cpu_x = isinstance(x, torch.Tensor) and x.device.type == "cpu"
+    if cache is not None and cpu_x:
+        p = plans.find(x, (w_int8, w_scale, act_scale, act_zero_point), bias, cache,
+                       "w8a8_plans")
+        if p is not None:
+            return p.run(x)
     path = select_w8a8_path(x, w_int8, act_scale) if isinstance(x, torch.Tensor) else "reference"
+    if (cache is not None and cpu_x and not _bias_needs_grad(bias)
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling()):
+        run = _w8a8_runner(path, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
+        n, k = (int(d) for d in w_int8.shape)
+        plans.keep(cache, "w8a8_plans", x, ((w_int8, w_scale, act_scale, act_zero_point), n, k),
+                   bias, run, path)
+        return run(x)
     if path == "cpu_native_w8a8" and _bias_needs_grad(bias):
         assert bias is not None
         return (linear_w8a8(x, w_int8, w_scale, None, act_scale, act_zero_point, cache)
@@ -353,6 +407,22 @@ def linear_w8a8(
     if path == "cuda_triton_w8a8":
         return triton_w8a8.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
     return reference.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point)
+
+
+def _w8a8_runner(path: str, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None, act_scale: torch.Tensor | None,
+                 act_zero_point: torch.Tensor | None, cache: dict[str, Any]) -> native.Runner:
+    """``path`` (a CPU path of :func:`select_w8a8_path`) as a function of ``x`` alone: what a
+    W8A8 plan runs."""
+    if path == "cpu_native_w8a8":
+        return native.w8a8_runner(w_int8, w_scale, bias, act_scale, act_zero_point, cache)
+    if path == "cpu_fbgemm":
+        return lambda x: cpu.linear_w8a8_fbgemm(x, w_int8, w_scale, bias, act_scale,
+                                                act_zero_point, cache)
+    if path == "cpu_onednn":
+        return lambda x: cpu.linear_w8a8_onednn(x, w_int8, w_scale, bias, act_scale,
+                                                act_zero_point, cache)
+    return lambda x: reference.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point)
 
 
 def select_embedding_path(ids: torch.Tensor, qweight: QuantizedTensor, dtype: torch.dtype) -> str:

@@ -51,6 +51,7 @@ import functools
 import math
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -356,10 +357,21 @@ def release_scratch() -> None:
 def linear_blocked(x: torch.Tensor, qt: QuantizedTensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """Dequantize ``BLOCK_ROWS`` rows at a time into a reused buffer; multiply per block."""
-    n, k = (int(d) for d in qt.shape)
+    return _blocked(x, _RowDequant(qt), bias)
+
+
+def blocked_runner(qt: QuantizedTensor, bias: torch.Tensor | None
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`linear_blocked` for ``qt`` and ``bias`` as a function of ``x`` alone (the
+    dequantizer bound; see :mod:`linquant.kernels.plans`)."""
+    deq = _RowDequant(qt)
+    return lambda x: _blocked(x, deq, bias)
+
+
+def _blocked(x: torch.Tensor, deq: _RowDequant, bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = deq.n, deq.k
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    deq = _RowDequant(qt)
     rows = min(BLOCK_ROWS, n)
     buf = _scratch(rows * k, x.dtype)
     yt = torch.empty(n, m, dtype=x.dtype)  # y^T: each block's product is a contiguous slice
@@ -382,19 +394,34 @@ def linear_blocked(x: torch.Tensor, qt: QuantizedTensor,
 def linear_scratch(x: torch.Tensor, qt: QuantizedTensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """Dequantize the whole weight into the reused scratch buffer, then one ``F.linear``."""
-    n, k = (int(d) for d in qt.shape)
-    w = _scratch(n * k, x.dtype).view(n, k)
+    w = _whole(_RowDequant(qt), x.dtype)
+    if bias is None or not (bias.requires_grad and torch.is_grad_enabled()):
+        # the reference's own call on the same dequantized weight: the same bits
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return _bias(F.linear(x, w), bias)  # bias after: autograd never saves the scratch weight
+
+
+def scratch_runner(qt: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`linear_scratch` for ``qt``, ``bias`` and ``dtype`` activations as a function of
+    ``x`` alone (the dequantizer and the bias in ``dtype`` bound), for calls where autograd
+    needs no gradient (plans)."""
     deq = _RowDequant(qt)
+    b = None if bias is None else bias.detach().to(dtype)
+    return lambda x: F.linear(x, _whole(deq, x.dtype), b)
+
+
+def _whole(deq: _RowDequant, dtype: torch.dtype) -> torch.Tensor:
+    """The whole weight dequantized into this thread's scratch buffer, ``[N, K]`` ``dtype``."""
+    n, k = deq.n, deq.k
+    w = _scratch(n * k, dtype).view(n, k)
     if deq.fast is not None:
         deq.into(w, 0, n)  # the native dequantizer splits the rows over the threads itself
     else:
         for r0 in range(0, n, BLOCK_ROWS):
             r1 = min(n, r0 + BLOCK_ROWS)
             deq.into(w[r0:r1], r0, r1)
-    if bias is None or not (bias.requires_grad and torch.is_grad_enabled()):
-        # the reference's own call on the same dequantized weight: the same bits
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-    return _bias(F.linear(x, w), bias)  # bias after: autograd never saves the scratch weight
+    return w
 
 
 # ---- W8A8 through oneDNN ---------------------------------------------------------------------

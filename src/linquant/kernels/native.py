@@ -86,10 +86,31 @@ from linquant.errors import LinquantError
 from linquant.kernels import cpu, reference
 from linquant.tensor import QuantizedTensor
 
-__all__ = ["W8A8_MAX_K", "available", "avx2_supported", "cache_dir", "dequantize_rows",
-           "fast_half_matmul", "gather_supported", "linear_avx2", "linear_int4", "linear_w8a8",
-           "linear_w8a16", "repack", "repack_avx2", "repack_w8a8", "status", "supported",
-           "w8a8_supported", "w8a16_supported", "wide_dequant"]
+__all__ = [
+    "W8A8_MAX_K",
+    "Runner",
+    "available",
+    "avx2_runner",
+    "avx2_supported",
+    "cache_dir",
+    "dequantize_rows",
+    "fast_half_matmul",
+    "gather_supported",
+    "int4_runner",
+    "linear_avx2",
+    "linear_int4",
+    "linear_w8a8",
+    "linear_w8a16",
+    "repack",
+    "repack_avx2",
+    "repack_w8a8",
+    "status",
+    "supported",
+    "w8a8_supported",
+    "w8a16_runner",
+    "w8a16_supported",
+    "wide_dequant",
+]
 
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp",
               "-shared", "-fPIC")
@@ -441,9 +462,15 @@ def repack(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
     return codes, per_block(scale), per_block(offset), compact
 
 
+def _bias_int4(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias as the W4A16 kernel takes it: rounded to bf16 as the reference does, in fp32."""
+    return None if bias is None else bias.detach().to(torch.bfloat16).float().contiguous()
+
+
 def _run(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: Layout,
-         bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The kernel on bf16 ``x [..., K]``; None when some group sum is not finite."""
+         bias: torch.Tensor | None, b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The kernel on bf16 ``x [..., K]``; None when some group sum is not finite. ``b``: the
+    bias already prepared (:func:`_bias_int4`), else it is prepared from ``bias``."""
     n, k = (int(d) for d in qt.shape)
     g = int(qt.scheme.group_size or k)
     codes, scales, offsets, compact = layout
@@ -451,7 +478,8 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: Layout,
     m = int(x2.shape[0])
     sums = torch.empty(m, k // g, dtype=torch.float32)
     y = torch.empty(m, n, dtype=torch.bfloat16)
-    b = None if bias is None else bias.to(torch.bfloat16).float().contiguous()
+    if b is None:
+        b = _bias_int4(bias)
     bad = lib.lq_w4a16_bf16(codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(),
                             int(compact), x2.data_ptr(), sums.data_ptr(),
                             None if b is None else b.data_ptr(), y.data_ptr(), m, n, k, g)
@@ -460,18 +488,33 @@ def _run(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: Layout,
     return y.reshape(*x.shape[:-1], n)
 
 
-def linear_int4(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
-                cache: dict[str, Any] | None = None) -> torch.Tensor:
-    """:func:`linquant.kernels.reference.linear_weight_only` for bf16 ``x`` and a 4-bit weight
-    (:func:`supported`), on the layout of :func:`repack`, built once and kept in ``cache``."""
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def int4_runner(qt: QuantizedTensor, bias: torch.Tensor | None,
+                cache: dict[str, Any] | None = None) -> Runner:
+    """:func:`linear_int4` for ``qt`` and ``bias`` as a function of ``x`` alone (the library,
+    the layout and the prepared bias bound; see :mod:`linquant.kernels.plans`)."""
     lib = _load(W4A16)
     assert lib is not None, "linear_int4 needs available()"
     layout = cpu._cached(cache, "native_int4", cpu._key(qt, torch.bfloat16),
                          lambda: repack(qt))
-    y = _run(lib, x, qt, layout, bias)
-    if y is None:  # Inf / NaN activations (or sums past fp32's range): the reference's IEEE result
-        return reference.linear_weight_only(x, qt, bias)
-    return y
+    b = _bias_int4(bias)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = _run(lib, x, qt, layout, bias, b)
+        if y is None:  # Inf / NaN activations (or sums past fp32's range): the reference's result
+            return reference.linear_weight_only(x, qt, bias)
+        return y
+
+    return run
+
+
+def linear_int4(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+                cache: dict[str, Any] | None = None) -> torch.Tensor:
+    """:func:`linquant.kernels.reference.linear_weight_only` for bf16 ``x`` and a 4-bit weight
+    (:func:`supported`), on the layout of :func:`repack`, built once and kept in ``cache``."""
+    return int4_runner(qt, bias, cache)(x)
 
 
 # ---- W8A8 ----------------------------------------------------------------------------------------
@@ -503,13 +546,15 @@ def repack_w8a8(w_int8: torch.Tensor) -> LayoutW8:
     return codes, padded.sum(dim=1, dtype=torch.int32), kp
 
 
-def _run_w8a8(lib: ctypes.CDLL, x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-              bias: torch.Tensor | None, act_scale: torch.Tensor | None,
-              act_zero_point: torch.Tensor | None, layout: LayoutW8) -> torch.Tensor | None:
-    n, k = (int(d) for d in w_int8.shape)
-    codes, colsum, kp = layout
-    x2 = x.reshape(-1, k).float().contiguous()
-    m = int(x2.shape[0])
+ParamsW8 = tuple[torch.Tensor, float, int, torch.Tensor | None]
+
+
+def _w8a8_params(w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                 act_scale: torch.Tensor | None, act_zero_point: torch.Tensor | None
+                 ) -> ParamsW8 | None:
+    """``(per-channel scales, static scale, static zero point, fp32 bias)`` as ``lq_w8a8``
+    takes them, or None: a static scale that is not positive (the reference handles it)."""
+    n = int(w_int8.shape[0])
     ws = w_scale.reshape(n).float()
     if act_scale is None:
         scale_n, s, z = ws.contiguous(), 0.0, -1
@@ -519,7 +564,26 @@ def _run_w8a8(lib: ctypes.CDLL, x: torch.Tensor, w_int8: torch.Tensor, w_scale: 
         z = -1 if act_zero_point is None else int(act_zero_point.reshape(()).item())
         if not s > 0.0:
             return None
-    b = None if bias is None else bias.float().contiguous()
+    b = None if bias is None else bias.detach().float().contiguous()
+    return scale_n, s, z, b
+
+
+def _run_w8a8(lib: ctypes.CDLL, x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, act_scale: torch.Tensor | None,
+              act_zero_point: torch.Tensor | None, layout: LayoutW8,
+              params: ParamsW8 | None = None) -> torch.Tensor | None:
+    """The kernel on ``x [..., K]``; None where the reference must answer (a dynamic token
+    holding Inf or NaN, a static scale that is not positive). ``params``: prepared by
+    :func:`_w8a8_params`, else prepared here."""
+    n, k = (int(d) for d in w_int8.shape)
+    codes, colsum, kp = layout
+    if params is None:
+        params = _w8a8_params(w_int8, w_scale, bias, act_scale, act_zero_point)
+        if params is None:
+            return None
+    scale_n, s, z, b = params
+    x2 = x.reshape(-1, k).float().contiguous()
+    m = int(x2.shape[0])
     a = torch.empty(m, kp, dtype=torch.uint8)
     tok = torch.empty(m, dtype=torch.float32)
     zsum = torch.empty(colsum.numel(), dtype=torch.int32)
@@ -546,14 +610,28 @@ def linear_w8a8(
     fused with an AVX512-VNNI int8 GEMM and the rescale, on the layout of :func:`repack_w8a8`
     kept in ``cache``. Dynamic tokens holding Inf or NaN (and a non-positive static scale) send
     the call to the reference."""
+    return w8a8_runner(w_int8, w_scale, bias, act_scale, act_zero_point, cache)(x)
+
+
+def w8a8_runner(w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                act_scale: torch.Tensor | None, act_zero_point: torch.Tensor | None,
+                cache: dict[str, Any] | None = None) -> Runner:
+    """:func:`linear_w8a8` for these weights, bias and activation parameters as a function of
+    ``x`` alone (the library, the layout and the prepared scales and bias bound)."""
     lib = _load(W8A8)
     assert lib is not None, "linear_w8a8 needs available('w8a8')"
     layout = cpu._cached(cache, "native_w8a8", cpu._w8a8_key(w_int8),
                          lambda: repack_w8a8(w_int8))
-    y = _run_w8a8(lib, x, w_int8, w_scale, bias, act_scale, act_zero_point, layout)
-    if y is None:
-        return reference.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point)
-    return y
+    params = _w8a8_params(w_int8, w_scale, bias, act_scale, act_zero_point)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = None if params is None else _run_w8a8(lib, x, w_int8, w_scale, bias, act_scale,
+                                                  act_zero_point, layout, params)
+        if y is None:
+            return reference.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point)
+        return y
+
+    return run
 
 
 # ---- W8A16 (the W8A8 library: activations split into two int8 digits) ---------------------------
@@ -579,26 +657,37 @@ def linear_w8a16(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None
     otherwise), both digit rows through the VNNI int8 GEMM on the W8A8 layout, combined and
     rescaled in fp32, bias added in fp32, one rounding to ``x.dtype``. Tokens holding Inf or NaN
     send the call to the reference."""
+    return w8a16_runner(qt, bias, cache)(x)
+
+
+def w8a16_runner(qt: QuantizedTensor, bias: torch.Tensor | None,
+                 cache: dict[str, Any] | None = None) -> Runner:
+    """:func:`linear_w8a16` for ``qt`` and ``bias`` as a function of ``x`` alone (the layout,
+    the per-channel scales and the fp32 bias bound)."""
     lib = _load(W8A8)
     assert lib is not None, "linear_w8a16 needs available('w8a8')"
     n, k = (int(d) for d in qt.shape)
     w = qt.qdata.view(torch.int8).view(n, k)
     codes, colsum, kp = cpu._cached(cache, "native_w8a8", cpu._key(qt, torch.int8),
                                     lambda: repack_w8a8(w))
-    x2 = x.reshape(-1, k).float().contiguous()
-    m = int(x2.shape[0])
     scale_n = qt.scale.float().reshape(-1).expand(n).contiguous()
-    b = None if bias is None else bias.float().contiguous()
-    a = torch.empty(2 * m, kp, dtype=torch.uint8)
-    pw = torch.empty(m, dtype=torch.float32)
-    zsum = torch.empty(colsum.numel(), dtype=torch.int32)
-    y = torch.empty(m, n, dtype=torch.float32)
-    bad = lib.lq_w8a16(codes.data_ptr(), colsum.data_ptr(), scale_n.data_ptr(),
-                       None if b is None else b.data_ptr(), x2.data_ptr(), a.data_ptr(),
-                       pw.data_ptr(), zsum.data_ptr(), y.data_ptr(), m, n, k, kp)
-    if bad:
-        return reference.linear_weight_only(x, qt, bias)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    b = None if bias is None else bias.detach().float().contiguous()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, k).float().contiguous()
+        m = int(x2.shape[0])
+        a = torch.empty(2 * m, kp, dtype=torch.uint8)
+        pw = torch.empty(m, dtype=torch.float32)
+        zsum = torch.empty(colsum.numel(), dtype=torch.int32)
+        y = torch.empty(m, n, dtype=torch.float32)
+        bad = lib.lq_w8a16(codes.data_ptr(), colsum.data_ptr(), scale_n.data_ptr(),
+                           None if b is None else b.data_ptr(), x2.data_ptr(), a.data_ptr(),
+                           pw.data_ptr(), zsum.data_ptr(), y.data_ptr(), m, n, k, kp)
+        if bad:
+            return reference.linear_weight_only(x, qt, bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+    return run
 
 
 # ---- weight-only on AVX2 (CPUs without AVX-512) ------------------------------------------------
@@ -685,8 +774,9 @@ def repack_avx2(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
 
 
 def _run_avx2(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: Layout,
-              bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The AVX2 kernel on ``x [..., K]``; None when some token holds Inf or NaN."""
+              bias: torch.Tensor | None, b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The AVX2 kernel on ``x [..., K]``; None when some token holds Inf or NaN. ``b``: the
+    bias already prepared (rounded to ``x.dtype``, in fp32), else prepared from ``bias``."""
     n, k = (int(d) for d in qt.shape)
     codes, scales, offsets, compact = layout
     g = k // int(scales.shape[1])  # the layout's (possibly split) group
@@ -696,7 +786,8 @@ def _run_avx2(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: La
     xs = torch.empty(m, k // g, dtype=torch.float32)
     ts = torch.empty(m, dtype=torch.float32)
     y = torch.empty(m, n, dtype=torch.float32)
-    b = None if bias is None else bias.to(x.dtype).float().contiguous()
+    if b is None and bias is not None:
+        b = bias.detach().to(x.dtype).float().contiguous()
     bad = lib.lq_wa16_avx2(codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(),
                            int(compact), x2.data_ptr(), _DTYPE_CODES[x2.dtype], xp.data_ptr(),
                            xs.data_ptr(), ts.data_ptr(), None if b is None else b.data_ptr(),
@@ -712,14 +803,26 @@ def linear_avx2(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     4- or 8-bit weight (:func:`avx2_supported`), on the layout of :func:`repack_avx2`, built
     once and kept in ``cache``. fp32 activations get fp32 math on centered codes (no
     ``2^(bits - 1)`` offset in the sums)."""
+    return avx2_runner(qt, bias, x.dtype, cache)(x)
+
+
+def avx2_runner(qt: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                cache: dict[str, Any] | None = None) -> Runner:
+    """:func:`linear_avx2` for ``qt``, ``bias`` and ``dtype`` activations as a function of
+    ``x`` alone (the library, the layout and the prepared bias bound)."""
     lib = _load(AVX2)
     assert lib is not None, "linear_avx2 needs available('avx2')"
     layout = cpu._cached(cache, "native_avx2", cpu._key(qt, torch.int32),
                          lambda: repack_avx2(qt))
-    y = _run_avx2(lib, x, qt, layout, bias)
-    if y is None:  # Inf / NaN activations: the reference's IEEE result
-        return reference.linear_weight_only(x, qt, bias)
-    return y
+    b = None if bias is None else bias.detach().to(dtype).float().contiguous()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = _run_avx2(lib, x, qt, layout, bias, b)
+        if y is None:  # Inf / NaN activations: the reference's IEEE result
+            return reference.linear_weight_only(x, qt, bias)
+        return y
+
+    return run
 
 
 # ---- dequantization into a float buffer (cpu_scratch, cpu_blocked) ---------------------------

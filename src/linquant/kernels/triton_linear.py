@@ -132,8 +132,8 @@ from typing import Any
 import torch
 
 from linquant.errors import LinquantError
-from linquant.kernels import reference
-from linquant.kernels.cpu import _cached, _key, _version
+from linquant.kernels import plans, reference
+from linquant.kernels.cpu import _cached, _key
 from linquant.tensor import QuantizedTensor
 
 __all__ = [
@@ -247,7 +247,6 @@ CONFIGS: dict[str, tuple[dict[str, int], ...]] = {
     ),
 }
 _LAUNCH_KEYS = ("num_warps", "num_stages")
-_MAX_PLANS = 64  # input signatures kept per layer (a new shape beyond that clears them)
 # Program-order grouping of the tiled kernel (tiles sharing a weight column block run together).
 _GROUP_M = 8
 
@@ -613,42 +612,15 @@ def _gemv_t_splits(n: int, kw: int, meta: dict[str, Any], device: torch.device) 
 # Measured on the H200 machine's host (bench_gpu.py --overhead): a raw Triton launch took 30 us,
 # the checks, layout lookups and argument building around it another 60-90 us per call, so an
 # eager one-token call cost 4x its kernel. After the first automatic call for an input signature
-# (shape, dtype, device, strides, bias object), the layer's cache keeps a plan: the weight's
-# identity, the prepared tensors and a closure that allocates the output and launches. Later
-# calls check that the weight tensors are the same objects at the same versions and launch.
-
-
-@dataclass(frozen=True)
-class _Plan:
-    tensors: tuple[torch.Tensor | None, ...]  # the weight's qdata, scale, zero point, offset
-    versions: tuple[int | None, ...]  # ... and their version counters
-    bias: torch.Tensor | None
-    bias_version: int | None
-    n: int
-    k: int
-    run: Callable[[torch.Tensor], torch.Tensor]  # (x2 [M, K]) -> y [M, N]
+# (shape, dtype, device, bias object), the layer's cache keeps a plan (linquant.kernels.plans):
+# the weight's identity, the prepared tensors and a closure that allocates the output and
+# launches. Later calls check that the weight tensors are the same objects at the same versions
+# and launch.
 
 
 def weight_tensors(qt: QuantizedTensor) -> tuple[torch.Tensor | None, ...]:
     """``qt``'s stored tensors in the order :func:`replay` takes them."""
-    return (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset)
-
-
-def _versions(tensors: tuple[torch.Tensor | None, ...]) -> tuple[int | None, ...]:
-    return tuple(None if t is None else _version(t) for t in tensors)
-
-
-def _unchanged(p: _Plan, tensors: tuple[torch.Tensor | None, ...]) -> bool:
-    """Whether ``tensors`` are the plan's weight tensors, unmodified."""
-    for t, u, v in zip(tensors, p.tensors, p.versions, strict=True):
-        if t is not u or (t is not None and _version(t) != v):
-            return False
-    return True
-
-
-def _plan_key(x: torch.Tensor, bias: torch.Tensor | None) -> tuple[object, ...]:
-    # strides and alignment are not in it: a plan's launch takes any x2 (see replay)
-    return (x.shape, x.dtype, x.device, None if bias is None else id(bias))
+    return plans.weight_tensors(qt)
 
 
 def planned(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
@@ -669,16 +641,8 @@ def replay(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...],
     inputs, before any check or object is built. The checks it keeps: an input signature seen
     before (shape, dtype, device, bias object), no autograd, the same weight tensors and bias
     at the same versions."""
-    plans = cache.get("triton_plans")
-    if not plans:
-        return None
-    if torch.is_grad_enabled() and (
-            x.requires_grad or (bias is not None and bias.requires_grad)):
-        return None
-    p: _Plan | None = plans.get(_plan_key(x, bias))
-    if p is None or not _unchanged(p, tensors):
-        return None
-    if bias is not None and (bias is not p.bias or _version(bias) != p.bias_version):
+    p = plans.find(x, tensors, bias, cache, "triton_plans")
+    if p is None:
         return None
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, p.k)
@@ -843,14 +807,7 @@ def linear(
         y = run(x2)
         if auto and cache is not None and not bias_after and not (
                 x.requires_grad and torch.is_grad_enabled()):
-            plans = cache.setdefault("triton_plans", {})
-            tensors = weight_tensors(qt)
-            if len(plans) >= _MAX_PLANS or not all(_unchanged(p, tensors)
-                                                   for p in plans.values()):
-                plans.clear()  # full, or built for other (or modified) weight tensors
-            plans[_plan_key(x, bias)] = _Plan(
-                tensors, _versions(tensors), bias, None if bias is None else _version(bias),
-                n, k, run)
+            plans.keep(cache, "triton_plans", x, qt, bias, run)
     except Exception as e:  # a Triton compile error must not take the model down
         if not auto:
             raise

@@ -204,14 +204,16 @@ def clear_kernel_caches(model: nn.Module) -> int:
     a CPU W8A8 layer one copy of its int8 weight per int8 backend it ran on (fbgemm at few
     tokens, oneDNN at more; see :mod:`linquant.kernels`). Useful after a calibration or warm-up
     run at batch sizes the deployment will not see. The caches that ``torch.compile``'d
-    models keep per weight (:mod:`linquant.kernels.compiled`) are dropped too."""
+    models keep per weight (:mod:`linquant.kernels.compiled`) are dropped too, and so are the
+    layers' plans (:mod:`linquant.kernels.plans`; not counted): the next call of each input
+    signature picks its path again."""
     from linquant.kernels import compiled
 
     dropped = 0
     for m in model.modules():
         if isinstance(m, QuantModule):
             cache = m.kernel_cache()
-            dropped += len(cache)
+            dropped += sum(1 for name in cache if not name.endswith("_plans"))
             cache.clear()
             qdata = m._buffers.get("weight_qdata")
             if qdata is not None:

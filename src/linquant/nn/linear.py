@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from linquant import kernels
-from linquant.kernels import compiled, reference, triton_linear
+from linquant.kernels import compiled, plans, reference, triton_linear
 from linquant.nn.base import (
     HF_CONV1D,
     QuantModule,
@@ -104,15 +104,21 @@ class QuantLinear(QuantModule):
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
         cache = self.__dict__.get("_kernel_cache")
-        if cache and "triton_plans" in cache and type(x) is torch.Tensor:
-            # an eager repeat call on CUDA (where the Triton path keeps plans): the plan kept by
-            # the first call, checked against the buffers themselves (no QuantizedTensor built,
-            # no checks again; see kernels.triton_linear.replay): the host's time per call is
-            # what limits one-token decoding
-            y = triton_linear.replay(x, self._stored_weight(), self._parameters.get("bias"),
-                                     cache)
-            if y is not None:
-                return y
+        if cache and type(x) is torch.Tensor:
+            # an eager repeat call: the plan kept by the first call for this input signature,
+            # checked against the buffers themselves (no QuantizedTensor built, no checks
+            # again; see kernels.plans): on CUDA the host's time per call is what limits
+            # one-token decoding, on the CPU the checks cost most right after a large matmul
+            if "cpu_plans" in cache:
+                p = plans.find(x, self._stored_weight(), self._parameters.get("bias"), cache,
+                               "cpu_plans")
+                if p is not None:
+                    return p.run(x)
+            if "triton_plans" in cache:
+                y = triton_linear.replay(x, self._stored_weight(), self._parameters.get("bias"),
+                                         cache)
+                if y is not None:
+                    return y
         x = self._check_last_dim(x, self.in_features)
         return kernels.linear_weight_only(x, self.qweight, self.bias, self.kernel_cache())
 

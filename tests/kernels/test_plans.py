@@ -1,0 +1,221 @@
+"""CPU plans (linquant.kernels.plans): a layer's repeat call with the same input signature runs
+what its first call chose, with the same output bits as an unplanned call, and the plan is
+dropped whenever it no longer applies (weight or bias replaced or modified, autograd, a new
+signature, too many signatures)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import linquant as lq
+from linquant import kernels
+from linquant.kernels import plans
+from linquant.nn import QuantLinear, W8A8Linear, clear_kernel_caches
+
+BF = torch.bfloat16
+# (scheme, activation dtype, tokens): every CPU path the dispatcher can pick, where this
+# machine has the kernels (the test asserts the plan ran the path select_path names)
+CASES = [
+    ("int4-asym-g32-fp16", BF, 1), ("int4-asym-g32-fp16", BF, 17), ("int4-asym-g32-fp16", BF, 300),
+    ("int4-sym-g64", torch.float32, 3), ("int4-sym-g64", torch.float32, 140),
+    ("int4-asym-g32-fp16", torch.float16, 5), ("int4-asym-g32-fp16", torch.float16, 200),
+    ("int8-sym-ch0", BF, 1), ("int8-sym-ch0", BF, 40), ("int8-sym-ch0", BF, 300),
+    ("int8-sym-ch0", torch.float32, 2), ("int8-asym-g32", torch.float64, 3),
+    ("int3-sym-g32", BF, 4), ("int2-asym-ch0", torch.float32, 70),
+]
+
+
+def _layer(scheme: str, dtype: torch.dtype, n: int = 384, k: int = 256,
+           seed: int = 0) -> QuantLinear:
+    torch.manual_seed(seed)
+    return QuantLinear.from_float(nn.Linear(k, n), scheme).to(dtype)
+
+
+def _plans(q: QuantLinear) -> dict[tuple[object, ...], plans.Plan]:
+    found: dict[tuple[object, ...], plans.Plan] = q.kernel_cache().get("cpu_plans", {})
+    return found
+
+
+@pytest.mark.parametrize(("scheme", "dtype", "m"), CASES)
+def test_plan_runs_the_chosen_path_with_the_same_bits(scheme: str, dtype: torch.dtype,
+                                                      m: int) -> None:
+    q = _layer(scheme, dtype)
+    x = torch.randn(2, m, 256).to(dtype)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # another layout, the same signature
+    with torch.no_grad():
+        want = kernels.linear_weight_only(x, q.qweight, q.bias)  # no cache: no plan
+        want_t = kernels.linear_weight_only(xt, q.qweight, q.bias)  # (BLAS may sum otherwise)
+        first = q(x)
+        (p,) = _plans(q).values()
+        assert p.path == kernels.select_path(x, q.qweight)
+        second = q(x)  # through the plan
+        third = q(xt)
+    assert len(_plans(q)) == 1
+    for y, w in ((first, want), (second, want), (third, want_t)):
+        assert y.dtype == dtype and torch.equal(y, w), p.path
+
+
+@pytest.mark.parametrize(("scheme", "m", "n", "k", "path"), [
+    ("int4-asym-g32-fp16", 3, 384, 256, "cpu_int4pack"),
+    ("int8-sym-ch0", 1, 384, 256, "cpu_int8pack"),
+    ("int8-sym-ch0", 5, 1024, 1024, "cpu_int8split"),
+    ("int8-sym-ch0", 40, 384, 256, "cpu_blocked"),
+    ("int4-sym-g32", 3, 128, 256, "reference"),  # a weight too small for the fast paths
+])
+@torch.no_grad()
+def test_plan_runs_pytorchs_paths_too(scheme: str, m: int, n: int, k: int, path: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without linquant's native kernels (as on CPUs they do not build for)."""
+    from linquant.kernels import native
+
+    monkeypatch.setattr(native, "available", lambda kernel="w4a16": False)
+    q = _layer(scheme, BF, n, k)
+    x = torch.randn(m, k).to(BF)
+    want = kernels.linear_weight_only(x, q.qweight, q.bias)
+    assert torch.equal(q(x), want)
+    (p,) = _plans(q).values()
+    assert p.path == path
+    assert torch.equal(q(x), want)
+
+
+@torch.no_grad()
+def test_plan_is_the_dispatchers_entry_too() -> None:
+    """``kernels.linear_weight_only`` with a cache keeps and uses plans like the layer does."""
+    q = _layer("int4-asym-g32-fp16", BF)
+    cache: dict[str, object] = {}
+    x = torch.randn(5, 256).to(BF)
+    y = kernels.linear_weight_only(x, q.qweight, q.bias, cache)
+    assert list(cache["cpu_plans"]) == [plans.key(x, q.bias)]  # type: ignore[call-overload]
+    assert torch.equal(kernels.linear_weight_only(x, q.qweight, q.bias, cache), y)
+
+
+@torch.no_grad()
+def test_repeat_call_skips_the_dispatcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    q = _layer("int8-sym-ch0", BF)
+    x = torch.randn(7, 256).to(BF)
+    y = q(x)
+
+    def no(*a: object) -> str:
+        raise AssertionError("the dispatcher ran again")
+
+    monkeypatch.setattr(kernels, "select_path", no)
+    assert torch.equal(q(x), y)
+    with pytest.raises(AssertionError, match="dispatcher ran again"):
+        q(torch.randn(8, 256).to(BF))  # a new signature is checked and planned afresh
+
+
+@torch.no_grad()
+def test_plan_is_dropped_when_weight_or_bias_change() -> None:
+    q = _layer("int4-asym-g32-fp16", BF)
+    x = torch.randn(3, 256).to(BF)
+    q(x)
+    q.bias.add_(1.0)  # in place: the plan's bias version is stale
+    assert torch.equal(q(x), kernels.linear_weight_only(x, q.qweight, q.bias))
+    q.bias = nn.Parameter(torch.zeros(384, dtype=BF))  # a new bias object
+    assert torch.equal(q(x), kernels.linear_weight_only(x, q.qweight, q.bias))
+    other = _layer("int4-asym-g32-fp16", BF, seed=1)
+    q.weight_qdata.copy_(other.weight_qdata)  # codes modified in place, scales kept
+    assert torch.equal(q(x), kernels.linear_weight_only(x, q.qweight, q.bias))
+    q._set_qweight(other.qweight)  # new buffer objects
+    assert torch.equal(q(x), kernels.linear_weight_only(x, q.qweight, q.bias))
+    (p,) = _plans(q).values()
+    assert p.tensors[0] is q.weight_qdata
+
+
+def test_autograd_never_runs_a_plan() -> None:
+    q = _layer("int4-asym-g32-fp16", BF)
+    x = torch.randn(3, 256).to(BF)
+    with torch.no_grad():
+        q(x)
+    assert len(_plans(q)) == 1
+    xg = x.clone().requires_grad_(True)
+    y = q(xg)  # the reference, differentiable
+    y.float().sum().backward()
+    assert xg.grad is not None and q.bias.grad is not None
+    assert len(_plans(q)) == 1  # nothing planned for it
+
+
+def test_plans_are_bounded_and_cleared() -> None:
+    q = _layer("int8-sym-ch0", torch.float32)
+    with torch.no_grad():
+        for m in range(1, plans.MAX_PLANS + 3):
+            q(torch.randn(m, 256))
+    assert 1 <= len(_plans(q)) <= plans.MAX_PLANS
+    assert clear_kernel_caches(q) >= 0 and "cpu_plans" not in q.kernel_cache()
+
+
+@torch.no_grad()
+def test_plan_keeps_the_fallback_for_non_finite_tokens() -> None:
+    """Per-call decisions stay inside the plan: a token holding NaN sends the native kernel's
+    call to the reference, planned or not."""
+    q = _layer("int4-asym-g32-fp16", BF)
+    x = torch.randn(4, 256).to(BF)
+    q(x)
+    x[1, 3] = float("nan")
+    want = kernels.linear_weight_only(x, q.qweight, q.bias)
+    got = q(x)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+def test_quantize_model_then_plans_give_the_same_model_outputs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+    lq.quantize_model(model, "w4a16-g32")
+    x = torch.randn(9, 256).to(BF)
+    with torch.no_grad():
+        outs = [model(x) for _ in range(3)]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert all("cpu_plans" in m.kernel_cache() for m in model if isinstance(m, QuantLinear))
+
+
+# ---- W8A8 layers ----------------------------------------------------------------------------
+
+W8A8_CASES = [("dynamic", True, 1), ("dynamic", True, 40), ("static-sym", True, 7),
+              ("static-asym", True, 300), ("dynamic", False, 3), ("dynamic", False, 100),
+              ("static-asym", False, 5), ("dynamic", False, 1)]
+
+
+def _w8(kind: str, seed: int = 0) -> W8A8Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(256, 384)
+    if kind == "dynamic":
+        return W8A8Linear.from_float(lin)
+    q = W8A8Linear.from_float(lin, activation="static", act_symmetric=kind == "static-sym")
+    q.set_activation_range(-3.0, 2.5)
+    return q
+
+
+@pytest.mark.parametrize(("kind", "native_ok", "m"), W8A8_CASES)
+@torch.no_grad()
+def test_w8a8_plan_runs_the_chosen_path_bit_identically(kind: str, native_ok: bool, m: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every CPU W8A8 path (linquant's native kernel; without it fbgemm, oneDNN, the
+    reference), planned, gives the unplanned call's bits."""
+    from linquant.kernels import native
+
+    if not native_ok:
+        monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
+    q = _w8(kind)
+    x = torch.randn(m, 256) * 2
+    static = kind != "dynamic"
+    args = (q.weight_qdata, q.weight_scale, q.bias,
+            q.input_scale if static else None, q._buffers.get("input_zero_point"))
+    want = kernels.linear_w8a8(x, *args)
+    assert torch.equal(q(x), want)
+    (p,) = q.kernel_cache()["w8a8_plans"].values()
+    assert p.path == kernels.select_w8a8_path(x, q.weight_qdata, args[3])
+    assert torch.equal(q(x), want)
+
+
+@torch.no_grad()
+def test_w8a8_plan_is_dropped_when_the_activation_range_changes() -> None:
+    q = _w8("static-asym")
+    x = torch.randn(6, 256) * 2
+    y = q(x)
+    q.set_activation_range(-1.0, 1.0)
+    want = kernels.linear_w8a8(x, q.weight_qdata, q.weight_scale, q.bias, q.input_scale,
+                               q._buffers.get("input_zero_point"))
+    assert torch.equal(q(x), want) and not torch.equal(want, y)
