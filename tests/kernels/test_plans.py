@@ -219,3 +219,24 @@ def test_w8a8_plan_is_dropped_when_the_activation_range_changes() -> None:
     want = kernels.linear_w8a8(x, q.weight_qdata, q.weight_scale, q.bias, q.input_scale,
                                q._buffers.get("input_zero_point"))
     assert torch.equal(q(x), want) and not torch.equal(want, y)
+
+
+@torch.no_grad()
+def test_casting_or_moving_the_layer_drops_its_plans() -> None:
+    """``model.half()`` replaces the bias's ``.data`` in place (same object, same version):
+    the layer clears its cache, so no plan keeps the old bias; a cast back gives the
+    reference's bits for the bias it now has."""
+    q = _layer("int4-asym-g32-fp16", BF)
+    x = torch.randn(3, 256).to(BF)
+    q(x)
+    assert "cpu_plans" in q.kernel_cache()
+    with torch.no_grad():
+        q.bias.copy_(torch.randn(384) * 1e4)  # values that fp16 rounds differently
+    q(x)
+    q.half()
+    assert q.kernel_cache() == {}
+    q.to(BF)
+    assert torch.equal(q(x), kernels.linear_weight_only(x, q.qweight, q.bias))
+    q(x)
+    q.to(BF)  # nothing moved or cast: the cache stays
+    assert "cpu_plans" in q.kernel_cache()

@@ -17,6 +17,11 @@ Triton launch (BENCHMARKS.md, "Host time per eager call"); on the CPU, ``select_
 took 10 us in a tight loop and 70-95 us right after a large matmul had evicted Python's objects
 from the caches, which is how a model calls it (BENCHMARKS.md, "Plans on the CPU").
 
+What a plan cannot see: a tensor whose ``.data`` is replaced keeps its object and its version
+counter. Layers clear their cache when ``model.to(...)`` / ``.half()`` and the like move or cast
+their tensors (``QuantModule._apply``); after assigning ``.data`` by hand, call
+``clear_kernel_caches``, as for the repacked layouts.
+
 A plan fixes the path chosen on its first call. What that choice read besides the input and the
 weight (``LINQUANT_MAX_CPU_ISA``, ``LINQUANT_NATIVE``, the dispatcher's thresholds) is read again
 only for new signatures: ``linquant.nn.clear_kernel_caches(model)`` drops the plans.
@@ -104,7 +109,7 @@ def keep(cache: dict[str, Any], entry: str, x: torch.Tensor, weight: QuantizedTe
     else:
         tensors, n, k = weight
     plans = cache.setdefault(entry, {})
-    if len(plans) >= MAX_PLANS or not all(unchanged(p, tensors) for p in plans.values()):
+    if len(plans) >= MAX_PLANS or not all(unchanged(p, tensors) for p in list(plans.values())):
         plans.clear()
     p = Plan(tensors, _versions(tensors), bias, None if bias is None else _version(bias), n, k,
              run, path)

@@ -344,11 +344,22 @@ class QuantModule(nn.Module):
     # ---- .to(), .half(), .cuda() ---------------------------------------------------------------
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         saved = {n: b for n in self._quant_buffers if (b := self._buffers.get(n)) is not None}
+        def state(t: torch.Tensor | None) -> tuple[object, ...] | None:
+            return None if t is None else (t, t.data_ptr(), t.dtype, t.device)
+
+        params = {n: state(p) for n, p in self._parameters.items()}
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         for n, old in saved.items():
             new = self._buffers[n]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[n] = old.to(new.device)  # moved, never cast
+        if any(self._buffers.get(n) is not b for n, b in saved.items()) or any(
+                state(self._parameters.get(n)) != p for n, p in params.items()):
+            # moved or cast: layouts and plans made for the old tensors would keep them alive
+            # (a model moved to the GPU would hold its CPU codes), and a parameter cast in
+            # place (``.data`` replaced: same object, same version) would leave a plan's
+            # prepared bias stale
+            self.__dict__.get("_kernel_cache", {}).clear()
         probe = fn(torch.empty(0, dtype=self.weight_dtype))
         if probe.dtype in COMPUTE_DTYPES:
             self.weight_dtype = probe.dtype
