@@ -240,3 +240,9 @@ def test_casting_or_moving_the_layer_drops_its_plans() -> None:
     q(x)
     q.to(BF)  # nothing moved or cast: the cache stays
     assert "cpu_plans" in q.kernel_cache()
+
+
+def test_not_a_tensor_is_still_a_clear_error_with_a_cache() -> None:
+    q = _layer("int4-asym-g32-fp16", BF)
+    with pytest.raises(lq.LinquantError):
+        kernels.linear_weight_only([1.0, 2.0], q.qweight, q.bias, {})  # type: ignore[arg-type]

@@ -327,17 +327,17 @@ def linear_weight_only(
     :func:`reference.linear_weight_only` (the formula) and :func:`select_path` (the choice).
 
     ``cache``: a dict owned by the caller (a layer) where repacked layouts are kept."""
-    if cache is not None and isinstance(x, torch.Tensor):
-        if x.device.type == "cuda":
-            y = triton_linear.planned(x, qweight, bias, cache)  # a repeat call: no checks again
-            if y is not None:
-                return y
-        elif x.device.type == "cpu":
-            p = plans.find(x, plans.weight_tensors(qweight), bias, cache, "cpu_plans")
-            if p is not None:
-                return p.run(x)
-    path = select_path(x, qweight) if isinstance(x, torch.Tensor) else "reference"
-    if (cache is not None and path != "cuda_triton" and x.device.type == "cpu"
+    device = x.device.type if isinstance(x, torch.Tensor) else None
+    if cache is not None and device == "cuda":
+        y = triton_linear.planned(x, qweight, bias, cache)  # a repeat call: no checks again
+        if y is not None:
+            return y
+    elif cache is not None and device == "cpu":
+        p = plans.find(x, plans.weight_tensors(qweight), bias, cache, "cpu_plans")
+        if p is not None:
+            return p.run(x)
+    path = select_path(x, qweight) if device is not None else "reference"
+    if (cache is not None and device == "cpu"
             and not _bias_needs_grad(bias) and not (x.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling()):
         run = _cpu_runner(path, x, qweight, bias, cache)
