@@ -246,3 +246,39 @@ def test_not_a_tensor_is_still_a_clear_error_with_a_cache() -> None:
     q = _layer("int4-asym-g32-fp16", BF)
     with pytest.raises(lq.LinquantError):
         kernels.linear_weight_only([1.0, 2.0], q.qweight, q.bias, {})  # type: ignore[arg-type]
+
+
+# ---- embeddings -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("native_ok", [True, False])
+@torch.no_grad()
+def test_embedding_plan_gathers_the_same_bits_and_still_checks_indices(
+        native_ok: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from linquant.kernels import native
+    from linquant.nn import QuantEmbedding
+
+    if not native_ok:
+        monkeypatch.setattr(native, "gather_supported", lambda qt, dtype: False)
+    torch.manual_seed(0)
+    q = QuantEmbedding.from_float(nn.Embedding(500, 64), "int4-asym-g32-bf16").to(BF)
+    ids = torch.randint(0, 500, (3, 7))
+    want = kernels.embedding_weight_only(ids, q.qweight, BF)
+    assert torch.equal(q(ids), want)
+    (p,) = q.kernel_cache()["gather_plans"].values()
+    assert p.path == ("cpu_native_gather" if native_ok and native.available("avx2")
+                      else "reference")
+
+    def no(*a: object) -> object:
+        raise AssertionError("planned afresh")
+
+    monkeypatch.setattr(kernels, "embedding_runner", no)
+    assert torch.equal(q(ids), want)  # the plan
+    bad = ids.clone()
+    bad[1, 2] = 500
+    with pytest.raises(lq.LinquantError, match=r"indices must be in \[0, 500\)"):
+        q(bad)  # checked before the plan's unchecked gather
+    monkeypatch.undo()
+    q.float()  # a new output dtype: the plans go
+    assert "gather_plans" not in q.kernel_cache()
+    assert torch.equal(q(ids), kernels.embedding_weight_only(ids, q.qweight, torch.float32))

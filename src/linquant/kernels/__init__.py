@@ -193,6 +193,7 @@ __all__ = [
     "SMALL_WEIGHT_NUMEL",
     "W8A8_PATHS",
     "conv2d_weight_only",
+    "embedding_runner",
     "embedding_weight_only",
     "int8_matmul",
     "int_mm_supported",
@@ -453,6 +454,20 @@ def embedding_weight_only(
         if out is not None:
             return out.reshape(*ids.shape, qweight.shape[1])
     return reference.embedding_weight_only(ids, qweight, dtype)
+
+
+def embedding_runner(ids: torch.Tensor, qweight: QuantizedTensor, dtype: torch.dtype
+                     ) -> tuple[str, native.Runner]:
+    """The path :func:`embedding_weight_only` takes for ``ids`` and a function ``ids ->
+    rows`` that runs it with the table bound: what ``QuantEmbedding``'s plans run. **The
+    native gather reads the indices unchecked**: the caller checks they are in ``[0, N)``
+    first (``QuantEmbedding.forward`` does, with the layer's name in the error)."""
+    path = select_embedding_path(ids, qweight, dtype)
+    if path == "cpu_native_gather":
+        run = native._gatherer(qweight, dtype)
+        if run is not None:
+            return path, run
+    return "reference", lambda ids: reference.embedding_weight_only(ids, qweight, dtype)
 
 
 def conv2d_weight_only(

@@ -920,24 +920,46 @@ def dequantize_rows(qt: QuantizedTensor, rows: torch.Tensor, dtype: torch.dtype,
     ``rows`` not on the CPU, or a table the dequantizer does not read in place). Indices out
     of ``[0, N)`` raise :class:`LinquantError` (they are checked before any read). ``wide``:
     as for :func:`_dequantizer`."""
+    if rows.device.type != "cpu":
+        return None
+    run = _gatherer(qt, dtype, lib, wide)
+    if run is None:
+        return None
+    num, k = (int(d) for d in qt.shape)
+    if rows.numel():
+        lo, hi = (int(v) for v in torch.aminmax(rows))
+        if lo < 0 or hi >= num:
+            raise LinquantError(f"dequantize_rows: row indices must be in [0, {num}) for a table "
+                                f"of shape {tuple(qt.shape)}, got values in [{lo}, {hi}]")
+    return run(rows).reshape(-1, k)
+
+
+def _gatherer(qt: QuantizedTensor, dtype: torch.dtype, lib: ctypes.CDLL | None = None,
+              wide: bool | None = None) -> Runner | None:
+    """``ids -> [*ids.shape, K]``: :func:`dequantize_rows` for ``qt`` and ``dtype`` with the
+    library, the table's pointers and the flags bound, **for CPU indices the caller has
+    checked** to be in ``[0, N)`` (``dequantize_rows`` does; ``QuantEmbedding`` does before
+    its plan runs this). None where ``dequantize_rows`` would not take ``qt``."""
     if lib is None:
         lib = _load(AVX2)
     code = _DEQ_DTYPES.get(dtype)
-    if lib is None or code is None or rows.device.type != "cpu":
+    head = None if lib is None or code is None else _deq_head(qt)
+    if lib is None or head is None:
         return None
-    head = _deq_head(qt)
-    if head is None:
-        return None
-    num, k = (int(d) for d in qt.shape)
-    idx = rows.reshape(-1).to(torch.int64).contiguous()
-    out = torch.empty(idx.numel(), k, dtype=dtype)
-    if idx.numel() == 0:
-        return out
-    lo, hi = (int(v) for v in torch.aminmax(idx))
-    if lo < 0 or hi >= num:
-        raise LinquantError(f"dequantize_rows: row indices must be in [0, {num}) for a table of "
-                            f"shape {tuple(qt.shape)}, got values in [{lo}, {hi}]")
-    lib.lq_dequant_gather(*head, out.data_ptr(), code, idx.data_ptr(), idx.numel(), k,
-                          qt.scheme.bits, int(qt.scheme.symmetric),
-                          int(wide_dequant() if wide is None else wide))
-    return out
+    k = int(qt.shape[1])
+    bits, sym = qt.scheme.bits, int(qt.scheme.symmetric)
+    flag = int(wide_dequant() if wide is None else wide)
+    fn = lib.lq_dequant_gather
+    tensors = (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset)
+
+    def run(ids: torch.Tensor, _keep: tuple[torch.Tensor | None, ...] = tensors
+            ) -> torch.Tensor:  # the table's tensors stay alive while run is
+        idx = ids.reshape(-1)
+        if idx.dtype != torch.int64 or not idx.is_contiguous():
+            idx = idx.to(torch.int64).contiguous()
+        out = torch.empty(idx.numel(), k, dtype=dtype)
+        if idx.numel():
+            fn(*head, out.data_ptr(), code, idx.data_ptr(), idx.numel(), k, bits, sym, flag)
+        return out.view(*ids.shape, k)
+
+    return run

@@ -344,8 +344,9 @@ class QuantModule(nn.Module):
     # ---- .to(), .half(), .cuda() ---------------------------------------------------------------
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         saved = {n: b for n in self._quant_buffers if (b := self._buffers.get(n)) is not None}
+
         def state(t: torch.Tensor | None) -> tuple[object, ...] | None:
-            return None if t is None else (t, t.data_ptr(), t.dtype, t.device)
+            return None if t is None else (id(t), t.data_ptr(), t.dtype, t.device)
 
         params = {n: state(p) for n, p in self._parameters.items()}
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
@@ -361,6 +362,7 @@ class QuantModule(nn.Module):
             # prepared bias stale
             self.__dict__.get("_kernel_cache", {}).clear()
         probe = fn(torch.empty(0, dtype=self.weight_dtype))
-        if probe.dtype in COMPUTE_DTYPES:
+        if probe.dtype in COMPUTE_DTYPES and probe.dtype != self.weight_dtype:
             self.weight_dtype = probe.dtype
+            self.__dict__.get("_kernel_cache", {}).clear()  # plans made for the old dtype
         return self

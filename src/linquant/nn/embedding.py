@@ -21,6 +21,7 @@ from torch import nn
 
 from linquant import kernels
 from linquant.errors import LinquantError
+from linquant.kernels import plans
 from linquant.nn.base import QuantModule, as_scheme
 from linquant.nn.registry import register_qmodule
 from linquant.scheme import QuantScheme
@@ -115,14 +116,25 @@ class QuantEmbedding(QuantModule):
         # the range check reads the indices on the host: not under torch.compile, where it
         # would split the graph (out-of-range indices then fail in the gather, as for
         # nn.Embedding)
-        if ids.numel() and not torch.compiler.is_compiling():
-            lo, hi = torch.aminmax(ids)
-            if int(lo) < 0 or int(hi) >= self.num_embeddings:
+        if torch.compiler.is_compiling():
+            return kernels.embedding_weight_only(ids, self.qweight, self.weight_dtype)
+        if ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(ids))
+            if lo < 0 or hi >= self.num_embeddings:
                 raise LinquantError(
                     f"{self._label()}: indices must be in [0, {self.num_embeddings}), "
-                    f"got values in [{int(lo)}, {int(hi)}]"
+                    f"got values in [{lo}, {hi}]"
                 )
-        return kernels.embedding_weight_only(ids, self.qweight, self.weight_dtype)
+        # eager: the plan for this index signature (kernels.plans), with the table bound; the
+        # indices were checked just above, so the native gather reads them as they are
+        cache = self.kernel_cache()
+        p = plans.find(ids, self._stored_weight(), None, cache, "gather_plans")
+        if p is not None:
+            return p.run(ids)
+        qt = self.qweight
+        path, run = kernels.embedding_runner(ids, qt, self.weight_dtype)
+        plans.keep(cache, "gather_plans", ids, qt, None, run, path)
+        return run(ids)
 
     def extra_repr(self) -> str:
         text = f"{self.num_embeddings}, {self.embedding_dim}"
