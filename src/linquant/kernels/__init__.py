@@ -143,9 +143,10 @@ Embedding lookups (:func:`embedding_weight_only`, chosen by :func:`select_embedd
 ``cpu_native_gather`` for CPU tables where the AVX2 library builds, in eager mode (the AVX2
 library's ``lq_dequant_gather``: the gathered rows only, in one pass, the reference's bits);
 otherwise, and while ``torch.compile`` traces, ``reference`` (PyTorch ops over the gathered
-rows' bytes, group parameters applied per group). On all-MiniLM-L6-v2's int4 g32 word table
-(30522 x 384), 480 / 1920 ids: native 0.13 / 0.48 ms, reference 0.9 / 1.9 ms (2.0 / 10.2 ms
-before it gathered whole rows' bytes; BENCHMARKS.md).
+rows' bytes, group parameters applied per group). An eager ``QuantEmbedding`` checks its
+indices once and then runs its plan for the index signature (:func:`embedding_runner`). On
+all-MiniLM-L6-v2's int4 g32 word table (30522 x 384), 480 / 1920 ids: native 0.13 / 0.48 ms,
+reference 0.9 / 1.9 ms (2.0 / 10.2 ms before it gathered whole rows' bytes; BENCHMARKS.md).
 
 Layers pass a ``cache`` dict they own (:class:`linquant.nn.base.KernelCache`, which
 ``copy.deepcopy`` and pickling leave empty): repacked kernel layouts are built on first use and
