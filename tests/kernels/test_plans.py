@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import linquant as lq
 from linquant import kernels
 from linquant.kernels import plans
+from linquant.kernels import reference as ref
 from linquant.nn import QuantLinear, W8A8Linear, clear_kernel_caches
 
 BF = torch.bfloat16
@@ -282,3 +285,51 @@ def test_embedding_plan_gathers_the_same_bits_and_still_checks_indices(
     q.float()  # a new output dtype: the plans go
     assert "gather_plans" not in q.kernel_cache()
     assert torch.equal(q(ids), kernels.embedding_weight_only(ids, q.qweight, torch.float32))
+
+
+# ---- property: any sequence of calls and changes -------------------------------------------
+
+_ACTIONS = st.lists(st.one_of(
+    # few signatures, so that a change often falls between two calls of the same one
+    st.tuples(st.just("call"), st.sampled_from([1, 300]), st.sampled_from([torch.float32, BF])),
+    st.tuples(st.sampled_from(["bias", "new_bias", "codes", "scale"]), st.floats(0.5, 2.0)),
+    st.tuples(st.just("grad"), st.just(1))), min_size=2, max_size=14)
+
+
+@settings(max_examples=100, deadline=None)
+@given(scheme=st.sampled_from(["int4-asym-g32-fp16", "int8-sym-ch0", "int4-sym-ch0"]),
+       actions=_ACTIONS, seed=st.integers(0, 2**16))
+def test_planned_calls_equal_unplanned_calls_property(
+        scheme: str, actions: list[tuple[object, ...]], seed: int) -> None:
+    """Whatever the sequence of calls (shapes, dtypes, with and without autograd) and of
+    in-place or wholesale changes to the weight and bias, every call of the layer gives the
+    bits of an unplanned call on the layer's current tensors."""
+    q = _layer(scheme, torch.float32, seed=seed)  # 384 x 256: large enough for the fast paths
+    g = torch.Generator().manual_seed(seed)
+    for act in actions:
+        kind = act[0]
+        with torch.no_grad():
+            if kind == "bias":
+                q.bias.add_(float(act[1]))  # type: ignore[arg-type]
+            elif kind == "new_bias":
+                q.bias = nn.Parameter(torch.full((384,), float(act[1])))  # type: ignore[arg-type]
+            elif kind == "codes":
+                q.weight_qdata[0] = int(100 * float(act[1]))  # type: ignore[arg-type]
+            elif kind == "scale":
+                q.weight_scale.mul_(float(act[1]))  # type: ignore[arg-type]
+        if kind == "call":
+            m, dtype = act[1], act[2]
+            x = torch.randn(int(m), 256, generator=g).to(dtype)  # type: ignore[call-overload]
+            with torch.no_grad():
+                want = kernels.linear_weight_only(x, q.qweight, q.bias)
+                got = q(x)
+            assert got.dtype == dtype and torch.equal(got, want), (act, got.dtype)
+        elif kind == "grad":
+            x = torch.randn(int(act[1]), 256, generator=g,  # type: ignore[call-overload]
+                            requires_grad=True)
+            y = q(x)  # autograd: the reference, never a plan
+            assert torch.equal(y.detach(), ref.linear_weight_only(x.detach(), q.qweight,
+                                                                  q.bias.detach()))
+            q.bias.grad = None
+            y.sum().backward()
+            assert x.grad is not None and q.bias.grad is not None  # the bias is trained too
