@@ -333,3 +333,21 @@ def test_planned_calls_equal_unplanned_calls_property(
             q.bias.grad = None
             y.sum().backward()
             assert x.grad is not None and q.bias.grad is not None  # the bias is trained too
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static-asym"])
+@torch.no_grad()
+def test_w8a8_layer_replays_its_plan_before_the_dispatcher(
+        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    q = _w8(kind)
+    x = torch.randn(5, 256)
+    y = q(x)
+
+    def no(*a: object, **k: object) -> object:
+        raise AssertionError("the dispatcher ran again")
+
+    monkeypatch.setattr(kernels, "linear_w8a8", no)
+    assert torch.equal(q(x), y)
+    if kind != "dynamic":
+        q.observing = True  # calibrating: the weight-only forward, never the W8A8 plan
+        assert q(x).shape == y.shape

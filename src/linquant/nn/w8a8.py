@@ -23,7 +23,7 @@ from torch import nn
 
 from linquant import kernels
 from linquant.errors import LinquantError
-from linquant.kernels import compiled
+from linquant.kernels import compiled, plans
 from linquant.nn.base import (
     HF_CONV1D,
     QuantModule,
@@ -243,8 +243,23 @@ class W8A8Linear(QuantModule):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and not self.observing:
-            return self._traced_forward(x)
+        if torch.compiler.is_compiling():
+            if not self.observing:
+                return self._traced_forward(x)
+        else:
+            cache = self.__dict__.get("_kernel_cache")
+            if cache and "w8a8_plans" in cache and type(x) is torch.Tensor and not self.observing:
+                # an eager repeat call: the plan kept by kernels.linear_w8a8 for this input
+                # signature, looked up on the buffers themselves, before the eager_only wrapper
+                # (Dynamo's disable wrapper once Dynamo is imported) and the checks
+                b = self._buffers
+                static = self.activation != "dynamic"
+                p = plans.find(x, (b["weight_qdata"], b["weight_scale"],
+                                   b.get("input_scale") if static else None,
+                                   b.get("input_zero_point") if static else None),
+                               self._parameters.get("bias"), cache, "w8a8_plans")
+                if p is not None:
+                    return p.run(x)
         return self._eager_forward(x)
 
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
