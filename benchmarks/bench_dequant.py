@@ -220,12 +220,15 @@ def section4(repeats: int) -> None:
     for preset in ("w4a16-g32", "w8a16", "w8a32"):
         q = copy.deepcopy(model)
         quantize_model(q, get_config(preset))
-        presets[preset] = q
+        # B runs its own copy: a layer's plan binds the dequantizer chosen when it was made
+        # (linquant.kernels.plans), so B's plans must be made under B's setting
+        presets[preset] = (q, copy.deepcopy(q))
     for batch in (32, 128):
         feats = tokenize(model, [sentences[i % len(sentences)] for i in range(batch)])
-        for preset, q in presets.items():
+        for preset, (q, qb) in presets.items():
             dtype = next(p.dtype for p in q.parameters() if p.is_floating_point())
-            fast, slow = both(lambda q=q, feats=feats: encode(q, feats))
+            fast = lambda q=q, feats=feats: encode(q, feats)  # noqa: E731
+            _, slow = both(lambda qb=qb, feats=feats: encode(qb, feats))
             ta, tb, tf = alternate(fast, slow, lambda dtype=dtype, feats=feats:
                                    encode(floats[dtype], feats), repeats=repeats)
             print(f"  batch {batch:3} {preset:10} A {batch / ta * 1e3:7.1f}  B "
