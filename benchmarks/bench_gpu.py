@@ -1,11 +1,12 @@
 """One 8192x8192 linear on a CUDA GPU: cuBLAS bf16 vs linquant's Triton kernels vs tinygemm.
 
 Weight-only rows (bf16 activations, bias, through ``QuantLinear`` and the dispatcher, which
-picks ``cuda_triton``): W4A16 ``int4-sym-g128``, ``int4-asym-g32`` (and ``int4-sym-g64`` with
-``--schemes``), W8A16 ``int8-sym-ch0``; the same int4-sym-g128 codes through PyTorch's tinygemm
-``torch._weight_int4pack_mm``; torchao's int4 (group 128) / int8 weight-only configs when
-torchao imports. W8A8 rows: ``W8A8Linear`` (dynamic per-token int8 activations, whatever path
-the dispatcher picks) at M = 1024, 2048, 4096.
+picks ``cuda_tinygemm`` for one-token int4 calls and ``cuda_triton`` otherwise; where it picks
+tinygemm, a second row runs the same layers on Triton): W4A16 ``int4-sym-g128``,
+``int4-asym-g32`` (and ``int4-sym-g64`` with ``--schemes``), W8A16 ``int8-sym-ch0``; the same
+int4-sym-g128 codes through PyTorch's tinygemm ``torch._weight_int4pack_mm``; torchao's int4
+(group 128) / int8 weight-only configs when torchao imports. W8A8 rows: ``W8A8Linear`` (dynamic
+per-token int8 activations, whatever path the dispatcher picks) at M = 1024, 2048, 4096.
 
 Two timings per row, each with the ratio to bf16 ``nn.Linear`` at the same M (> 1 = faster):
 
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linquant import kernels
+from linquant.kernels import cuda as lq_cuda
 from linquant.kernels import reference as ref
 from linquant.kernels import triton_linear as tlin
 from linquant.nn import QuantLinear, W8A8Linear
@@ -211,6 +213,26 @@ def tinygemm_setup(q: QuantLinear, x: torch.Tensor) -> tuple[Fn | None, str]:
         return None, f"tinygemm unavailable: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
 
 
+def triton_only(q: QuantLinear, x: torch.Tensor) -> QuantLinear:
+    """A copy of ``q`` whose plan for ``x``'s signature runs the Triton kernels: its first call
+    is made with ``LINQUANT_TINYGEMM=0`` (the dispatcher reads it when it makes a plan)."""
+    import copy
+    import os
+
+    qt = copy.deepcopy(q)
+    old = os.environ.get("LINQUANT_TINYGEMM")
+    os.environ["LINQUANT_TINYGEMM"] = "0"
+    try:
+        qt(x)
+    finally:
+        if old is None:
+            del os.environ["LINQUANT_TINYGEMM"]
+        else:
+            os.environ["LINQUANT_TINYGEMM"] = old
+    assert "triton_plans" in qt.kernel_cache() and "cuda_plans" not in qt.kernel_cache()
+    return qt
+
+
 # ---- torchao -----------------------------------------------------------------------------------
 
 
@@ -268,7 +290,7 @@ def main() -> None:
     schemes = [s for s in args.schemes.split(",") if s]
     print(f"machine: {machine()}")
     print(f"linear {n}x{k} (out x in), bf16 activations, bias; triton available: "
-          f"{tlin.triton_available()}")
+          f"{tlin.triton_available()}; tinygemm: {lq_cuda.status(dev)}")
 
     n_lin = copies_for(n * k * 2)
     lins = [nn.Linear(k, n, device=dev, dtype=torch.bfloat16) for _ in range(n_lin)]
@@ -300,6 +322,15 @@ def main() -> None:
             table.row(m, f"linquant {s}", [lambda q=q, x=x: q(x) for q in qs],
                       lambda q=q0, x=x: ref.linear_weight_only(x, q.qweight, q.bias),
                       path=describe)
+            if path == "cuda_tinygemm" and tlin.supported(q0.qweight, x):
+                # the same layers as the dispatcher would run them without tinygemm
+                qts = [triton_only(q, x) for q in qs]
+                kind = tlin.kernel_for(m, q0.qweight)
+                table.row(m, f"linquant {s} on Triton (LINQUANT_TINYGEMM=0)",
+                          [lambda q=q, x=x: q(x) for q in qts],
+                          lambda q=q0, x=x: ref.linear_weight_only(x, q.qweight, q.bias),
+                          path=lambda kind=kind: f"cuda_triton {kind} {triton_config(kind)}")
+                del qts
         if not extras:
             continue
         q4s = layers.get("int4-sym-g128")
@@ -445,6 +476,12 @@ def sweep_w8a8(w8s: list[W8A8Linear], lins: list[nn.Linear], k: int, ms: list[in
 
 
 
+def tinygemm_op(q: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The operator alone on the layer's tinygemm layout (built by its first call)."""
+    pk = q.kernel_cache()["tinygemm"][1]
+    return torch._weight_int4pack_mm(x, pk.packed, pk.group, pk.sz)
+
+
 def overhead() -> None:
     """Host time per eager call, layer by layer of linquant's stack, on a 1024 x 1024 weight
     (GPU work of a few microseconds, so back-to-back calls run at the host's pace), then the
@@ -458,9 +495,10 @@ def overhead() -> None:
     w8 = W8A8Linear.from_float(lin).to(dev)
     x = torch.randn(1, 1024, device=dev, dtype=torch.bfloat16)
     x16 = torch.randn(16, 1024, device=dev, dtype=torch.bfloat16)
-    cache = q.kernel_cache()
-    q(x)
-    pk = cache["triton"][1]
+    q(x)  # the dispatcher's plan: tinygemm where cuda.available(), else Triton
+    q_t = triton_only(q, x)
+    pk = q_t.kernel_cache()["triton"][1]
+    cache = q_t.kernel_cache()
     kern = tlin._kernels()
     y = torch.empty(1, 1024, device=dev, dtype=torch.bfloat16)
     meta, launch = tlin._split_meta(tlin.CONFIGS["gemv"][0])
@@ -473,14 +511,17 @@ def overhead() -> None:
 
     rows: list[tuple[str, Fn]] = [
         ("torch.empty", lambda: torch.empty(1, 1024, device=dev)),
+        ("torch._weight_int4pack_mm, 1 token", lambda: tinygemm_op(q, x)),
         ("F.linear bf16, 1 token", lambda: F.linear(x, lin.weight, lin.bias)),
         ("triton launch, explicit config", lambda: kern.gemv[grid](*gargs, **gkw, **meta,
                                                                     **launch)),
         ("triton launch, autotuned", lambda: kern.gemv_tuned[grid](*gargs, **gkw)),
-        ("tlin.linear, 1 token", lambda: tlin.linear(x, q.qweight, q.bias, cache)),
-        ("kernels.linear_weight_only, 1 token",
-         lambda: kernels.linear_weight_only(x, q.qweight, q.bias, cache)),
-        ("QuantLinear int4-sym-g128, 1 token", lambda: q(x)),
+        ("tlin.linear, 1 token", lambda: tlin.linear(x, q_t.qweight, q_t.bias, cache)),
+        ("kernels.linear_weight_only, 1 token, Triton",
+         lambda: kernels.linear_weight_only(x, q_t.qweight, q_t.bias, cache)),
+        ("QuantLinear int4-sym-g128, 1 token, Triton", lambda: q_t(x)),
+        (f"QuantLinear int4-sym-g128, 1 token, {kernels.select_path(x, q.qweight)}",
+         lambda: q(x)),
         ("W8A8Linear dynamic, 16 tokens", lambda: w8(x16)),
     ]
     print("\nhost time per eager call (1024 x 1024 weight, 300 calls back to back):")
@@ -496,6 +537,7 @@ def overhead() -> None:
             print(f"  {name:40} {(t1 - t0) / 300 * 1e6:8.1f} us")
         except Exception as e:
             print(f"  {name:40} error {_short(e)}")
+    print(f"tinygemm: {lq_cuda.status(dev)}")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(300):

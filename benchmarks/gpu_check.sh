@@ -10,9 +10,11 @@
 # all, with SWEEP=1; the order puts what matters most first):
 #   1. machine: GPU name, memory, driver, torch / triton versions;
 #   2. benchmarks/bench_gpu.py --overhead: weight-only and W8A8 linear against cuBLAS bf16,
-#      8192 x 8192, eager and CUDA-graph timings, and the host time per eager call (first, on
-#      a quiet machine: the tests compile in parallel on every core);
-#   3. the tests marked `cuda` or `triton`: real shapes, the dispatcher's choices, every
+#      8192 x 8192, eager and CUDA-graph timings (one-token int4: tinygemm, the dispatcher's
+#      choice, and Triton side by side), and the host time per eager call (first, on a quiet
+#      machine: the tests compile in parallel on every core);
+#   3. the tests marked `cuda` or `triton`: real shapes, the dispatcher's choices, tinygemm's
+#      probe and layout (tests/kernels/test_cuda_tinygemm.py), every
 #      autotune config, and the Triton kernel tests (odd shapes, every scheme) compiled for the
 #      GPU; many small compiles, spread over the cores with pytest-xdist where it is installed;
 #   4. benchmarks/bench_quantize.py --device cuda: weight quantization throughput against a

@@ -704,7 +704,8 @@ def test_static_prefetch_configs_are_not_serialized(tmp_path: pytest.TempPathFac
 @pytest.mark.cuda
 @cuda_only
 @pytest.mark.parametrize("scheme", ["int4-sym-g128", "int8-sym-ch0"])
-def test_cuda_dispatcher_autotuned_4096(scheme: str) -> None:
+def test_cuda_dispatcher_autotuned_4096(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LINQUANT_TINYGEMM", "0")  # one-token int4 calls: Triton, not tinygemm
     qt = _qt(4096, 4096, scheme)
     bias = _bias(4096).bfloat16()
     cache: dict[str, object] = {}
@@ -758,7 +759,8 @@ def test_cuda_every_config_compiles_and_matches(scheme: str) -> None:
 
 @pytest.mark.cuda
 @cuda_only
-def test_cuda_quantlinear_forward() -> None:
+def test_cuda_quantlinear_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LINQUANT_TINYGEMM", "0")  # one-token int4 calls: Triton, not tinygemm
     lin = nn.Linear(512, 384).to(torch.bfloat16)
     q = QuantLinear.from_float(lin, "int4-asym-g32-bf16").to("cuda")
     for lead in ((1, 1), (2, 8)):

@@ -249,8 +249,9 @@ def test_torch_export_keeps_the_operators() -> None:
 @pytest.mark.parametrize("scheme", ["int4-sym-g128", "int4-asym-g32", "int8-sym-ch0"])
 def test_cuda_graphs_capture_quantlinear(scheme: str) -> None:
     """On a GPU, ``mode="reduce-overhead"`` (CUDA graphs) runs a model of QuantLinear layers at
-    one and at 16 tokens, replaying the captured Triton launches, with the eager result (the
-    kernels' split-K sums use fp32 atomics: equal up to their rounding)."""
+    one and at 16 tokens, replaying the captured launches (tinygemm for one int4 token,
+    Triton otherwise), with the eager result (the Triton kernels' split-K sums use fp32
+    atomics: equal up to their rounding)."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     model = nn.Sequential(*(QuantLinear.from_float(nn.Linear(512, 512), scheme)

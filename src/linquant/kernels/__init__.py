@@ -87,15 +87,27 @@ grad while grad is enabled (the fast paths use ``out=`` ops, aten ops without a 
 reused buffers; a float bias that requires grad is fine: it is added after the product, by
 autograd-visible torch ops, on the native paths too, which otherwise add it inside the kernel).
 
-Weight-only linear on CUDA: ``cuda_triton`` whenever triton is importable and
-:func:`linquant.kernels.triton_linear.supported` holds (4- / 8-bit codes, group-wise with a
-group of whole 32-bit words, per-output-channel or per-tensor parameters, any mode: symmetric,
-integer zero point, float offset; bf16 / fp16 activations, fp32 only for one token; ``K`` a
-multiple of 8 / 4; no autograd through ``x``): Triton kernels that unpack and dequantize inside
-the matmul (a GEMV for one token, a split-K ``tl.dot`` kernel up to 64 tokens, a tiled
-autotuned ``tl.dot`` GEMM beyond), on a layout cached in the layer's ``cache``. Checked against
-the reference in Triton's interpreter (half-precision tolerance); not yet timed on a GPU (see
-benchmarks/bench_gpu.py). Otherwise ``reference``.
+Weight-only linear on CUDA, first match wins:
+
+1. ``cuda_tinygemm``: 4-bit group-wise weights (group 32 / 64 / 128 / 256, ``K % 128 == 0``,
+   ``N % 8 == 0``), **bf16** activations, one token (``M <= cuda.TINYGEMM_MAX_M``), or up to
+   ``cuda.TINYGEMM_MAX_M_NO_TRITON`` (16) tokens where ``cuda_triton`` cannot take the input,
+   where :func:`linquant.kernels.cuda.available` (compute capability 8.0+, PyTorch 2.5+, a
+   probe on the device passed; ``LINQUANT_TINYGEMM=0`` turns it off): PyTorch's tinygemm
+   (``torch._weight_int4pack_mm``) on a layout built once (:mod:`linquant.kernels.cuda`). In a
+   CUDA graph it matched the Triton GEMV at one token on the H200 (0.0211 against 0.0210 ms,
+   8192 x 8192 g128), and eagerly it took 0.024 ms where a Triton launch alone cost the host
+   30 us (``QuantLinear`` on Triton: 0.114 ms).
+2. ``cuda_triton`` whenever triton is importable and
+   :func:`linquant.kernels.triton_linear.supported` holds (4- / 8-bit codes, group-wise with a
+   group of whole 32-bit words, per-output-channel or per-tensor parameters, any mode:
+   symmetric, integer zero point, float offset; bf16 / fp16 activations, fp32 only for one
+   token; ``K`` a multiple of 8 / 4; no autograd through ``x``): Triton kernels that unpack and
+   dequantize inside the matmul (a GEMV for one token, a split-K ``tl.dot`` kernel up to 64
+   tokens, a tiled autotuned ``tl.dot`` GEMM beyond), on a layout cached in the layer's
+   ``cache``. Checked against the reference in Triton's interpreter (half-precision
+   tolerance) and on an H200 (BENCHMARKS.md, "GPU").
+3. Otherwise ``reference``.
 
 W8A8 (:func:`linear_w8a8`, chosen by :func:`select_w8a8_path`) on CPU, first match wins (the
 int8 paths need a CPU with VNNI and ``K <= cpu.ONEDNN_MAX_K``; inputs that need grad take the
@@ -156,8 +168,9 @@ rebuilds it. The same cache keeps plans (:mod:`linquant.kernels.plans`): the fir
 for an input signature (shape, dtype, device, bias object) on a CPU or CUDA input keeps the
 chosen path as a closure with the weight's layout and the bias bound, and repeat calls with
 the same, unmodified weight tensors and bias run it without the checks above
-(:func:`linear_weight_only` and :func:`linear_w8a8`; ``QuantLinear.forward`` looks its plan up
-before building anything). Inputs or a bias that need a gradient never use or make a plan.
+(:func:`linear_weight_only`, on CUDA for both paths, and :func:`linear_w8a8`;
+``QuantLinear.forward`` looks its plan up before building anything). Inputs or a bias that
+need a gradient never use or make a plan.
 """
 
 from __future__ import annotations
@@ -166,7 +179,7 @@ from typing import Any
 
 import torch
 
-from linquant.kernels import cpu, native, plans, reference, triton_linear, triton_w8a8
+from linquant.kernels import cpu, cuda, native, plans, reference, triton_linear, triton_w8a8
 from linquant.kernels.reference import (
     int8_matmul,
     int_mm_supported,
@@ -209,7 +222,8 @@ __all__ = [
 ]
 
 PATHS = ("reference", "cpu_native_int4", "cpu_native_w8a16", "cpu_native_avx2", "cpu_int4pack",
-         "cpu_int8split", "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_triton")
+         "cpu_int8split", "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_tinygemm",
+         "cuda_triton")
 EMBEDDING_PATHS = ("reference", "cpu_native_gather")
 W8A8_PATHS = ("reference", "cpu_native_w8a8", "cpu_fbgemm", "cpu_onednn", "cuda_triton_w8a8")
 INT4PACK_MAX_M = 64
@@ -239,6 +253,9 @@ def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
     """Which implementation :func:`linear_weight_only` uses for ``x`` and ``qweight``."""
     if x.device.type == "cuda":
         ok = triton_linear.triton_available() and triton_linear.supported(qweight, x)
+        if cuda.supported(qweight, x) and x.numel() // int(qweight.shape[1]) <= (
+                cuda.TINYGEMM_MAX_M if ok else cuda.TINYGEMM_MAX_M_NO_TRITON):
+            return "cuda_tinygemm"
         return "cuda_triton" if ok else "reference"
     if (x.device.type != "cpu" or qweight.device.type != "cpu" or len(qweight.shape) != 2
             or x.numel() == 0 or x.dtype not in reference.COMPUTE_DTYPES
@@ -331,6 +348,9 @@ def linear_weight_only(
     ``cache``: a dict owned by the caller (a layer) where repacked layouts are kept."""
     device = x.device.type if isinstance(x, torch.Tensor) else None
     if cache is not None and device == "cuda":
+        p = plans.find(x, plans.weight_tensors(qweight), bias, cache, "cuda_plans")
+        if p is not None:
+            return p.run(x)
         y = triton_linear.planned(x, qweight, bias, cache)  # a repeat call: no checks again
         if y is not None:
             return y
@@ -339,9 +359,23 @@ def linear_weight_only(
         if p is not None:
             return p.run(x)
     path = select_path(x, qweight) if device is not None else "reference"
-    if (cache is not None and device == "cpu"
-            and not _bias_needs_grad(bias) and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling()):
+    plan = (cache is not None and not _bias_needs_grad(bias)
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling())
+    if path == "cuda_tinygemm":
+        try:
+            if not plan:
+                return cuda.linear_tinygemm(x, qweight, bias, cache)
+            assert cache is not None
+            run = cuda.runner(qweight, bias, cache)
+            y = run(x)
+        except RuntimeError as e:  # not seen; a model keeps running on the other paths
+            cuda.note_failure(qweight, x, e)
+            return linear_weight_only(x, qweight, bias, cache)
+        plans.keep(cache, "cuda_plans", x, qweight, bias, run, path)
+        return y
+    if plan and device == "cpu":
+        assert cache is not None
         run = _cpu_runner(path, x, qweight, bias, cache)
         plans.keep(cache, "cpu_plans", x, qweight, bias, run, path)
         return run(x)

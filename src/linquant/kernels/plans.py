@@ -8,7 +8,8 @@ kernel cache: the weight tensors it was built for (the objects and their version
 bias, and a closure that runs the chosen path with everything weight-dependent bound. Later
 calls check the plan still applies (the same tensor objects, unmodified; no autograd) and run
 the closure. Both devices keep plans, in separate cache entries: ``"triton_plans"`` (CUDA,
-:mod:`linquant.kernels.triton_linear`), ``"cpu_plans"`` (weight-only layers on the CPU,
+:mod:`linquant.kernels.triton_linear`), ``"cuda_plans"`` (CUDA's tinygemm path,
+:mod:`linquant.kernels.cuda`), ``"cpu_plans"`` (weight-only layers on the CPU,
 :func:`linquant.kernels.linear_weight_only`), ``"w8a8_plans"`` (W8A8 layers on the CPU,
 :func:`linquant.kernels.linear_w8a8`) and ``"gather_plans"`` (``QuantEmbedding``, eager, any
 device: :func:`linquant.kernels.embedding_runner`).

@@ -109,11 +109,12 @@ class QuantLinear(QuantModule):
             # checked against the buffers themselves (no QuantizedTensor built, no checks
             # again; see kernels.plans): on CUDA the host's time per call is what limits
             # one-token decoding, on the CPU the checks cost most right after a large matmul
-            if "cpu_plans" in cache:
-                p = plans.find(x, self._stored_weight(), self._parameters.get("bias"), cache,
-                               "cpu_plans")
-                if p is not None:
-                    return p.run(x)
+            for entry in ("cpu_plans", "cuda_plans"):  # CPU paths; CUDA's tinygemm
+                if entry in cache:
+                    p = plans.find(x, self._stored_weight(), self._parameters.get("bias"),
+                                   cache, entry)
+                    if p is not None:
+                        return p.run(x)
             if "triton_plans" in cache:
                 y = triton_linear.replay(x, self._stored_weight(), self._parameters.get("bias"),
                                          cache)
