@@ -126,6 +126,8 @@ def _short(e: Exception) -> str:
 class Table:
     def __init__(self, title: str = "") -> None:
         self.base: dict[int, tuple[float, float | None]] = {}
+        # (M, row) -> (eager, graph) ratio to bf16 at that M, None where not timed
+        self.ratios: dict[tuple[int, str], tuple[float | None, float | None]] = {}
         if title:
             print(f"\n{title}")
         print(f"{'M':>5} {'row':<56} {'eager ms':>9} {'x bf16':>7} {'graph ms':>9} "
@@ -161,9 +163,34 @@ class Table:
             be, bg = self.base[m]
             r_e = f"{be / ms:.2f}" if eager else ""
             r_g = f"{bg / gms:.2f}" if (bg is not None and gms) else ""
+            self.ratios[(m, name)] = (be / ms if eager else None,
+                                      bg / gms if (bg is not None and gms) else None)
         e_txt = f"{ms:>9.4f}" if eager else f"{'-':>9}"
         print(f"{m:>5} {name:<56} {e_txt} {r_e:>7} {g_txt} {r_g:>7} {err:>10}  {path} "
               f"{note}".rstrip(), flush=True)
+
+
+# issue 5's GPU targets: (row, M, least ratio to cuBLAS bf16)
+TARGETS = [(f"linquant {s}", m, t) for s in ("int4-sym-g128", "int4-asym-g32")
+           for m, t in ((1, 2.5), (16, 1.5), (2048, 0.9))] + [
+    ("linquant int8-sym-ch0", 1, 1.6), ("linquant int8-sym-ch0", 16, 1.6)] + [
+    ("linquant W8A8Linear (dynamic)", m, 1.3) for m in (1024, 2048, 4096)]
+
+
+def target_lines(ratios: dict[tuple[int, str], tuple[float | None, float | None]]) -> list[str]:
+    """One line per target of :data:`TARGETS` that was timed: the eager and graph ratios and
+    whether each meets it."""
+    out = []
+    for row, m, least in TARGETS:
+        if (m, row) not in ratios:
+            continue
+        cells = []
+        for label, r in zip(("eager", "graph"), ratios[(m, row)], strict=True):
+            if r is not None:
+                cells.append(f"{label} {r:5.2f}x {'met' if r >= least else 'missed'}")
+        print_row = f"  {row:<32} M={m:<5} target >= {least:.1f}x: " + ", ".join(cells)
+        out.append(print_row)
+    return out
 
 
 def triton_config(kind: str) -> str:
@@ -379,6 +406,13 @@ def main() -> None:
         sweep(layers, lins, k)
         if w8a8_ms:
             sweep_w8a8(w8s, lins, k, w8a8_ms[:2])
+    lines = target_lines(table.ratios)
+    if lines:
+        print("\nissue 5's GPU targets (ratio = cuBLAS bf16 ms / row ms at the same M):")
+        print("\n".join(lines))
+    if lq_cuda.failures():
+        print(f"tinygemm calls that failed (those weights used the other paths): "
+              f"{lq_cuda.failures()}")
     if tlin.failures():
         print("Triton kernels that failed (those rows used the reference):")
         for key, err in tlin.failures().items():
