@@ -325,7 +325,7 @@ def test_cuda_matches_reference(fresh: None, scheme: str, shape: tuple[int, int]
         return
     assert cuda.available("cuda"), cuda.status("cuda")
     bias = torch.randn(n, device="cuda")
-    for m in (1, 3, 16):
+    for m in (1, 3, 16, 17):
         x = _x(m, k, device="cuda")
         for b in (None, bias):
             _close(cuda.linear_tinygemm(x, qt, b, {}), ref.linear_weight_only(x, qt, b))
