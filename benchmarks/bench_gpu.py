@@ -240,24 +240,38 @@ def tinygemm_setup(q: QuantLinear, x: torch.Tensor) -> tuple[Fn | None, str]:
         return None, f"tinygemm unavailable: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
 
 
-def triton_only(q: QuantLinear, x: torch.Tensor) -> QuantLinear:
-    """A copy of ``q`` whose plan for ``x``'s signature runs the Triton kernels: its first call
-    is made with ``LINQUANT_TINYGEMM=0`` (the dispatcher reads it when it makes a plan)."""
+def planned_with(q: QuantLinear, x: torch.Tensor, env: dict[str, str]) -> QuantLinear:
+    """A copy of ``q`` whose plan for ``x``'s signature was made under the environment
+    variables ``env`` (the dispatcher reads them when it makes a plan)."""
     import copy
     import os
 
     qt = copy.deepcopy(q)
-    old = os.environ.get("LINQUANT_TINYGEMM")
-    os.environ["LINQUANT_TINYGEMM"] = "0"
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         qt(x)
     finally:
-        if old is None:
-            del os.environ["LINQUANT_TINYGEMM"]
-        else:
-            os.environ["LINQUANT_TINYGEMM"] = old
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    return qt
+
+
+def triton_only(q: QuantLinear, x: torch.Tensor) -> QuantLinear:
+    """A copy of ``q`` whose plan for ``x`` runs the Triton kernels (``LINQUANT_TINYGEMM=0``)."""
+    qt = planned_with(q, x, {"LINQUANT_TINYGEMM": "0"})
     assert "triton_plans" in qt.kernel_cache() and "cuda_plans" not in qt.kernel_cache()
     return qt
+
+
+def dequant_traffic(q: QuantLinear) -> str:
+    """What one dequantization moves: the stored weight read, the bf16 weight written."""
+    stored = sum(t.numel() * t.element_size() for t in q.qweight.tensors().values())
+    n, k = (int(d) for d in q.qweight.shape)
+    return f"reads {stored / 2**20:.0f} MiB, writes {n * k * 2 / 2**20:.0f} MiB"
 
 
 # ---- torchao -----------------------------------------------------------------------------------
@@ -349,6 +363,20 @@ def main() -> None:
             table.row(m, f"linquant {s}", [lambda q=q, x=x: q(x) for q in qs],
                       lambda q=q0, x=x: ref.linear_weight_only(x, q.qweight, q.bias),
                       path=describe)
+            if m >= 256 and path == "cuda_triton":
+                # the opt-in strategy for many tokens: decode the weight, then cuBLAS
+                qds = [planned_with(q, x, {"LINQUANT_CUDA_DEQUANT_MIN_M": "1"}) for q in qs]
+                table.row(m, f"linquant {s} dequantize + cuBLAS (opt-in)",
+                          [lambda q=q, x=x: q(x) for q in qds],
+                          lambda q=q0, x=x: ref.linear_weight_only(x, q.qweight, q.bias),
+                          path=lambda q=qds[0]: ",".join(
+                              p.path for p in q.kernel_cache()["cuda_plans"].values()))
+                del qds
+                dq = [lambda q=q: tlin.dequantize(q.qweight, torch.bfloat16,
+                                                   q.kernel_cache()) for q in qs]
+                table.row(m, f"  {s}: the dequantize kernel alone", dq,
+                          lambda q=q0: q.qweight.dequantize(torch.bfloat16),
+                          path=dequant_traffic(q0))
             if path == "cuda_tinygemm" and tlin.supported(q0.qweight, x):
                 # the same layers as the dispatcher would run them without tinygemm
                 qts = [triton_only(q, x) for q in qs]

@@ -502,6 +502,110 @@ def test_cache_reused_and_rebuilt_after_in_place_change() -> None:
     _close(y, ref.linear_weight_only(x, qt, None), HALF_TOL)
 
 
+# ---- dequantize, then matmul (cuda_dequant, opt-in) -------------------------------------------
+
+
+def _bf16_ulps(y: torch.Tensor, r: torch.Tensor) -> int:
+    """Largest distance in bf16 steps (same-sign values: their bit patterns' difference)."""
+    a = y.contiguous().view(torch.int16).int()
+    b = r.contiguous().view(torch.int16).int()
+    return int((a - b).abs().max().item()) if y.numel() else 0
+
+
+@pytest.mark.parametrize("case", CASES if not CUDA else [c for c in CASES if c[2] in GPU_CASES],
+                         ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}")
+def test_dequantize_kernel_is_the_reference(case: tuple[int, int, str]) -> None:
+    """The same bits as ``QuantizedTensor.dequantize`` (fp32 and fp16 everywhere, bf16 on a
+    GPU; Triton's interpreter rounds fp32 -> bf16 toward zero, so there within one step)."""
+    n, k, scheme = case
+    qt = _qt(n, k, scheme)
+    cache: dict[str, object] = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = tlin.dequantize(qt, dtype, cache)
+        want = qt.dequantize(dtype)
+        assert got.shape == (n, k) and got.dtype == dtype
+        if dtype == torch.bfloat16 and not CUDA:
+            assert _bf16_ulps(got, want) <= 1
+            assert (got.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
+        else:
+            assert torch.equal(got, want), (dtype, (got.float() - want.float()).abs().max())
+    assert list(cache) == ["triton"]
+
+
+def test_dequantize_more_rows_and_words_than_one_tile() -> None:
+    # 4-bit: 64 words = 512 codes per tile row, 16 rows per tile; K, N not multiples of either
+    qt = _qt(37, 520, "int4-asym-g8-fp16")
+    assert torch.equal(tlin.dequantize(qt, torch.float32), qt.dequantize(torch.float32))
+    q8 = _qt(35, 300, "int8-sym-g4")
+    assert torch.equal(tlin.dequantize(q8, torch.float16), q8.dequantize(torch.float16))
+
+
+def test_dequantize_rejects_what_it_cannot_do() -> None:
+    with pytest.raises(LinquantError, match="dequantize: unsupported"):
+        tlin.dequantize(_qt(8, 64, "int3-sym-g32"), torch.float32)
+    with pytest.raises(LinquantError, match="dequantize: unsupported"):
+        tlin.dequantize(_qt(8, 64, "int4-sym-g32"), torch.float64)
+
+
+def test_dequant_min_m_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LINQUANT_CUDA_DEQUANT_MIN_M", raising=False)
+    assert tlin.dequant_min_m() is None
+    for raw, want in (("", None), ("0", None), (" 1024 ", 1024), ("-3", None)):
+        monkeypatch.setenv("LINQUANT_CUDA_DEQUANT_MIN_M", raw)
+        assert tlin.dequant_min_m() == want
+    monkeypatch.setenv("LINQUANT_CUDA_DEQUANT_MIN_M", "lots")
+    with pytest.raises(LinquantError, match="whole number of tokens, got 'lots'"):
+        tlin.dequant_min_m()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_linear_dequant_matches_reference_and_plans(dtype: torch.dtype,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    n, k = 33, 128
+    qt = _qt(n, k, "int4-asymf-g64-bf16")
+    bias = _bias(n)
+    monkeypatch.setenv("LINQUANT_CUDA_DEQUANT_MIN_M", "17")
+    x = _x(17, k, dtype)
+    assert tlin.dequant_chosen(qt, x)
+    assert not tlin.dequant_chosen(qt, _x(16, k, dtype))  # below the threshold
+    assert not tlin.dequant_chosen(qt, _x(17, k, torch.float32))  # fp32: never
+    cache: dict[str, Any] = {}
+    with torch.no_grad():
+        y = tlin.linear_dequant(x, qt, bias, cache)
+    want = ref.linear_weight_only(x, qt, bias)
+    if dtype == torch.float16 or CUDA:
+        assert torch.equal(y, want)  # the reference's own F.linear on the same weight bits
+    else:
+        _close(y, want, HALF_TOL)
+    p = next(iter(cache["cuda_plans"].values()))
+    assert p.path == "cuda_dequant" and torch.equal(p.run(x), y)
+    # a bias that needs a gradient gets it, and no plan is kept for such calls
+    b = bias.clone().requires_grad_()
+    cache2: dict[str, Any] = {}
+    tlin.linear_dequant(x, qt, b, cache2).float().sum().backward()
+    assert b.grad is not None and torch.equal(b.grad, torch.full((n,), 17.0, device=b.device))
+    assert "cuda_plans" not in cache2
+
+
+def test_linear_dequant_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tlin, "_FAILED", {})
+    monkeypatch.setenv("LINQUANT_CUDA_DEQUANT_MIN_M", "1")
+
+    def broken(*args: Any) -> torch.Tensor:
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(tlin, "_dequantize_pk", broken)
+    qt = _qt(24, 64, "int8-sym-ch0")
+    x = _x(3, 64, torch.float16)
+    cache: dict[str, Any] = {}
+    with pytest.warns(RuntimeWarning, match="dequant kernel failed"):
+        y = tlin.linear_dequant(x, qt, None, cache)
+    assert torch.equal(y, ref.linear_weight_only(x, qt, None))
+    assert "cuda_plans" not in cache and not tlin.dequant_chosen(qt, x)
+    # the failure is kept per kind of input (bits, mode, group, dtype): 4-bit weights still go
+    assert tlin.dequant_chosen(_qt(24, 64, "int4-sym-g32"), x)
+
+
 # ---- what is not supported -----------------------------------------------------------------
 
 
@@ -771,3 +875,25 @@ def test_cuda_quantlinear_forward(monkeypatch: pytest.MonkeyPatch) -> None:
         _close(y, ref.linear_weight_only(x, q.qweight, q.bias), HALF_TOL)
     assert "triton" in q._kernel_cache
     assert not tlin.failures()
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_dequant_path_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    qt = _qt(4096, 4096, "int4-asym-g32")
+    bias = _bias(4096).bfloat16()
+    x = _x(2048, 4096, torch.bfloat16)
+    monkeypatch.delenv("LINQUANT_CUDA_DEQUANT_MIN_M", raising=False)
+    assert kernels.select_path(x, qt) == "cuda_triton"
+    monkeypatch.setenv("LINQUANT_CUDA_DEQUANT_MIN_M", "1024")
+    assert kernels.select_path(x, qt) == "cuda_dequant"
+    assert kernels.select_path(x[:1000], qt) == "cuda_triton"
+    assert kernels.select_path(x.float(), qt) == "reference"  # fp32 at 2048 tokens: as before
+    cache: dict[str, Any] = {}
+    with torch.no_grad():
+        y = kernels.linear_weight_only(x, qt, bias, cache)
+        assert torch.equal(y, ref.linear_weight_only(x, qt, bias))  # the same bits
+        assert torch.equal(kernels.linear_weight_only(x, qt, bias, cache), y)  # its plan
+    assert [p.path for p in cache["cuda_plans"].values()] == ["cuda_dequant"]
+    assert not tlin.failures()
+

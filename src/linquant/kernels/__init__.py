@@ -98,7 +98,14 @@ Weight-only linear on CUDA, first match wins:
    CUDA graph it matched the Triton GEMV at one token on the H200 (0.0211 against 0.0210 ms,
    8192 x 8192 g128), and eagerly it took 0.024 ms where a Triton launch alone cost the host
    30 us (``QuantLinear`` on Triton: 0.114 ms).
-2. ``cuda_triton`` whenever triton is importable and
+2. ``cuda_dequant``, opt-in: where ``LINQUANT_CUDA_DEQUANT_MIN_M`` is set and ``x`` has at
+   least that many tokens (bf16 / fp16, inputs ``cuda_triton`` takes): one Triton kernel
+   decodes the whole weight into a bf16 / fp16 buffer (the reference's bits), then cuBLAS
+   (``F.linear``): the output is the reference's, bit for bit. This materializes the float
+   weight per call, which the fused kernels avoid; estimated at about 0.87x cuBLAS bf16 at
+   2048 tokens on 8192 x 8192 against the tiled kernel's measured 0.59x, not yet timed
+   (:func:`linquant.kernels.triton_linear.linear_dequant`).
+3. ``cuda_triton`` whenever triton is importable and
    :func:`linquant.kernels.triton_linear.supported` holds (4- / 8-bit codes, group-wise with a
    group of whole 32-bit words, per-output-channel or per-tensor parameters, any mode:
    symmetric, integer zero point, float offset; bf16 / fp16 activations, fp32 only for one
@@ -107,7 +114,7 @@ Weight-only linear on CUDA, first match wins:
    tokens, a tiled autotuned ``tl.dot`` GEMM beyond), on a layout cached in the layer's
    ``cache``. Checked against the reference in Triton's interpreter (half-precision
    tolerance) and on an H200 (BENCHMARKS.md, "GPU").
-3. Otherwise ``reference``.
+4. Otherwise ``reference``.
 
 W8A8 (:func:`linear_w8a8`, chosen by :func:`select_w8a8_path`) on CPU, first match wins (the
 int8 paths need a CPU with VNNI and ``K <= cpu.ONEDNN_MAX_K``; inputs that need grad take the
@@ -223,7 +230,7 @@ __all__ = [
 
 PATHS = ("reference", "cpu_native_int4", "cpu_native_w8a16", "cpu_native_avx2", "cpu_int4pack",
          "cpu_int8split", "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_tinygemm",
-         "cuda_triton")
+         "cuda_dequant", "cuda_triton")
 EMBEDDING_PATHS = ("reference", "cpu_native_gather")
 W8A8_PATHS = ("reference", "cpu_native_w8a8", "cpu_fbgemm", "cpu_onednn", "cuda_triton_w8a8")
 INT4PACK_MAX_M = 64
@@ -256,6 +263,8 @@ def select_path(x: torch.Tensor, qweight: QuantizedTensor) -> str:
         if cuda.supported(qweight, x) and x.numel() // int(qweight.shape[1]) <= (
                 cuda.TINYGEMM_MAX_M if ok else cuda.TINYGEMM_MAX_M_NO_TRITON):
             return "cuda_tinygemm"
+        if ok and triton_linear.dequant_chosen(qweight, x):
+            return "cuda_dequant"
         return "cuda_triton" if ok else "reference"
     if (x.device.type != "cpu" or qweight.device.type != "cpu" or len(qweight.shape) != 2
             or x.numel() == 0 or x.dtype not in reference.COMPUTE_DTYPES
@@ -384,6 +393,8 @@ def linear_weight_only(
         return linear_weight_only(x, qweight, None, cache) + bias.to(x.dtype)
     if path == "cuda_triton":
         return triton_linear.linear(x, qweight, bias, cache)
+    if path == "cuda_dequant":
+        return triton_linear.linear_dequant(x, qweight, bias, cache)
     if path == "cpu_native_int4":
         return native.linear_int4(x, qweight, bias, cache)
     if path == "cpu_native_w8a16":

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from linquant.kernels.triton_linear import _interpreting
 
-__all__ = ["INTERPRETED", "gemv_kernel", "gemv_t_kernel", "mm_kernel"]
+__all__ = ["INTERPRETED", "dequant_kernel", "gemv_kernel", "gemv_t_kernel", "mm_kernel"]
 
 # Whether these functions were decorated for Triton's CPU interpreter.
 INTERPRETED = _interpreting()
@@ -655,3 +655,50 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
         tl.atomic_add(y_ptrs, acc, mask=y_mask)
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def dequant_kernel(w_ptr, s_ptr, z_ptr, m_ptr, out_ptr, N, K, KW,
+                   BITS: tl.constexpr, SYM: tl.constexpr, HAS_Z: tl.constexpr,
+                   HAS_M: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[n, k]`` = the dequantized weight in ``out``'s dtype, ``[N, K]`` row-major: the
+    integer ``q`` exactly (:func:`_piece`), then ``q * s`` and ``+ m`` in fp32, rounded once to
+    the output dtype: the reference's operations in its order, so with FMA fusion off the same
+    bits as ``QuantizedTensor.dequantize``. Grid ``(cdiv(N, BLOCK_N), cdiv(KW, BLOCK_K / CPW))``.
+    """
+    CPW: tl.constexpr = 32 // BITS
+    BKW: tl.constexpr = BLOCK_K // CPW
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    XOR: tl.constexpr = -2004318072 if BITS == 4 else -2139062144  # 0x88888888 / 0x80808080
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    wcol = pid_k * BKW + tl.arange(0, BKW)
+    mask = n_mask[:, None] & (wcol < KW)[None, :]
+    wq = tl.load(w_ptr + offs_n[:, None] * KW + wcol[None, :], mask=mask, other=0)
+    if SYM:
+        wq = wq ^ XOR
+    s_row, c_row, m_row = _row_params(s_ptr, z_ptr, m_ptr, offs_n, n_mask, BLOCK_N, HALF,
+                                      HAS_Z, SYM, HAS_M)
+    if PER_CHANNEL:
+        s = s_row[:, None]
+        c = c_row[:, None]
+        m = m_row[:, None]
+    else:  # one parameter set per word (a group is whole words)
+        g_off = ((wcol * CPW) // GROUP)[None, :] * N + offs_n[:, None]
+        s = tl.load(s_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            c = tl.load(z_ptr + g_off, mask=mask, other=0).to(tl.float32) + 8388608.0
+        else:
+            c = c_row[:, None]
+        if HAS_M:
+            m = tl.load(m_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+        else:
+            m = m_row[:, None]
+    magic = 0x4B000000 + (KW >> 31)
+    w = _tile(wq, magic, c, s, m, BITS, True, HAS_M, out_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w,
+             mask=n_mask[:, None] & (offs_k < K)[None, :])

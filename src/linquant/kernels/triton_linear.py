@@ -63,6 +63,10 @@ Kernels (:func:`kernel_for` picks one by the number of tokens ``M`` and the weig
             accumulate), grouped program order for L2 reuse, a few autotuned configs
             (:data:`CONFIGS`), also with swap-AB variants (there the weight tile feeds
             ``wgmma`` from registers instead of shared memory).
+``dequant``  Not a GEMM: :func:`dequantize` decodes the whole weight into a bf16 / fp16 / fp32
+            buffer (the reference's bits), for the opt-in ``cuda_dequant`` path of the
+            dispatcher (:func:`linear_dequant`: then cuBLAS), chosen from
+            ``LINQUANT_CUDA_DEQUANT_MIN_M`` tokens (:func:`dequant_chosen`).
 
 Serialized wgmma: with the dequantized weight as the register operand and Triton's software
 pipeliner on (``num_stages >= 2``), ptxas often reports C7515 ("wgmma.mma_async instructions are
@@ -130,6 +134,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from linquant.errors import LinquantError
 from linquant.kernels import plans, reference
@@ -144,10 +149,15 @@ __all__ = [
     "KERNELS",
     "SKINNY_MAX_M",
     "TritonPack",
+    "dequant_chosen",
+    "dequant_min_m",
+    "dequantize",
+    "dequantize_runner",
     "failures",
     "fit_config",
     "kernel_for",
     "linear",
+    "linear_dequant",
     "repack",
     "supported",
     "triton_available",
@@ -420,6 +430,7 @@ class _Kernels:
     tiled_tuned: Any
     gemv_t: Any = None
     gemv_t_tuned: Any = None
+    dequant: Any = None
 
 
 _BUILT: dict[bool, _Kernels] = {}
@@ -472,7 +483,7 @@ def _build(do_bench: Any = None, tune: bool | None = None) -> _Kernels:
                                       prune_configs_by={"early_config_prune": _pruner("tiled")},
                                       do_bench=do_bench)(tk.mm_kernel)
     return _Kernels(tk.gemv_kernel, tk.mm_kernel, gemv_tuned, splitk_tuned, tiled_tuned,
-                    tk.gemv_t_kernel, gemv_t_tuned)
+                    tk.gemv_t_kernel, gemv_t_tuned, tk.dequant_kernel)
 
 
 # ---- launch ----------------------------------------------------------------------------------
@@ -741,6 +752,113 @@ def _make_run(kind: str, x2: torch.Tensor, pk: TritonPack, words_t: torch.Tensor
         return y.to(dtype) if atomic else y
 
     return run_m
+
+
+# ---- dequantize, then cuBLAS: opt-in for many tokens --------------------------------------------
+#
+# At 2048 tokens the tiled kernel ran at 0.59x cuBLAS bf16 on the H200 (int4 g128; 0.41x g32):
+# it reaches about 450 TFLOP/s where cuBLAS reaches 760-810. Decoding the whole weight into a
+# bf16 buffer first costs one pass over it (8192 x 8192 int4: 32 MiB read, 128 MiB written, an
+# estimated 0.04-0.05 ms at H200 bandwidth) before cuBLAS's 0.36 ms. That materializes the
+# float weight, which the fused kernels exist to avoid, and it has not been timed on a GPU, so
+# it is off unless LINQUANT_CUDA_DEQUANT_MIN_M sets the number of tokens from which to use it.
+
+DEQUANT_BLOCK_N = 16
+DEQUANT_WORDS = 64  # words of codes per row of a program's tile
+
+
+def dequant_min_m() -> int | None:
+    """``LINQUANT_CUDA_DEQUANT_MIN_M`` as a number of tokens (unset, empty or 0: off)."""
+    raw = os.environ.get("LINQUANT_CUDA_DEQUANT_MIN_M", "").strip()
+    if not raw:
+        return None
+    try:
+        v = int(raw)
+    except ValueError as e:
+        raise LinquantError(
+            f"LINQUANT_CUDA_DEQUANT_MIN_M must be a whole number of tokens, got {raw!r}"
+        ) from e
+    return v if v > 0 else None
+
+
+def _dequantize_pk(pk: TritonPack, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(n, k, dtype=dtype, device=pk.words.device)
+    kw = int(pk.words.shape[1])
+    block_k = DEQUANT_WORDS * 32 // pk.bits
+    grid = (_cdiv(n, DEQUANT_BLOCK_N), _cdiv(kw, DEQUANT_WORDS))
+    scale = pk.scale
+    args = {k_: v for k_, v in _scheme_args(pk, False).items() if k_ != "HAS_BIAS"}
+    _kernels().dequant[grid](
+        pk.words, scale, pk.zero if pk.zero is not None else scale,
+        pk.offset if pk.offset is not None else scale, out, n, k, kw, **args,
+        BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype,
+               cache: dict[str, Any] | None = None) -> torch.Tensor:
+    """``qt.dequantize(dtype)`` (fp32 / fp16 / bf16) in one Triton kernel, the same bits: for
+    the 2-D weights :func:`supported` takes, on a CUDA device (or the CPU in the interpreter).
+    ``cache``: as for :func:`linear` (the same layout)."""
+    if not (isinstance(qt, QuantizedTensor) and _layout_ok(qt) and _device_ok(qt.device)
+            and dtype in (torch.float32, *HALF_DTYPES) and triton_available()):
+        raise LinquantError(f"triton_linear.dequantize: unsupported weight {qt!r} or dtype "
+                            f"{dtype} (4/8-bit group/channel-0/tensor weights, fp32/fp16/bf16)")
+    n, k = (int(d) for d in qt.shape)
+    pk = _cached(cache, "triton", _key(qt, torch.int32), lambda: repack(qt))
+    return _dequantize_pk(pk, n, k, dtype)
+
+
+def dequantize_runner(qt: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                      cache: dict[str, Any] | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> F.linear(x, dequantize(qt, dtype), bias)`` with the layout and the bias (in
+    ``dtype``) bound: the ``cuda_dequant`` path, bit-identical to the reference (the weight is
+    decoded into a fresh buffer from PyTorch's caching allocator on every call). A bias that
+    needs a gradient keeps it (``F.linear`` is differentiable in the bias)."""
+    n, k = (int(d) for d in qt.shape)
+    pk = _cached(cache, "triton", _key(qt, torch.int32), lambda: repack(qt))
+    b = None if bias is None else bias.to(dtype)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _dequantize_pk(pk, n, k, dtype), b)
+
+    return run
+
+
+def dequant_chosen(qt: QuantizedTensor, x: torch.Tensor) -> bool:
+    """Whether the ``cuda_dequant`` path takes ``x``: ``LINQUANT_CUDA_DEQUANT_MIN_M`` is set and
+    ``x`` has at least that many tokens, bf16 / fp16, :func:`supported` inputs, and the dequant
+    kernel has not failed before for this kind of input."""
+    least = dequant_min_m()
+    if least is None or not isinstance(x, torch.Tensor) or x.dtype not in HALF_DTYPES:
+        return False
+    if not _supported(qt, x) or x.numel() // int(qt.shape[1]) < least:
+        return False
+    return _failure_key("dequant", qt, x) not in _FAILED
+
+
+def linear_dequant(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                   cache: dict[str, Any] | None = None) -> torch.Tensor:
+    """``F.linear(x, dequantize(qt, x.dtype), bias)``: the ``cuda_dequant`` path, bit-identical
+    to the reference. Without autograd, a plan is kept in ``cache["cuda_plans"]``. If the
+    kernel raises (a compile error on an untested Triton), it warns once and the reference
+    runs, for these inputs from then on."""
+    fkey = _failure_key("dequant", qt, x)
+    try:
+        run = dequantize_runner(qt, bias, x.dtype, cache)
+        y = run(x)
+    except Exception as e:
+        _FAILED[fkey] = f"{type(e).__name__}: {e}"[:2000]
+        warnings.warn(
+            f"linquant: the Triton dequant kernel failed for {qt.scheme} weights and {x.dtype} "
+            f"inputs ({type(e).__name__}); using the reference for them from now on",
+            RuntimeWarning, stacklevel=2)
+        return reference.linear_weight_only(x, qt, bias)
+    grad = torch.is_grad_enabled()
+    if cache is not None and not (x.requires_grad and grad) and not (
+            bias is not None and bias.requires_grad and grad):
+        plans.keep(cache, "cuda_plans", x, qt, bias, run, "cuda_dequant")
+    return y
 
 
 def linear(
