@@ -14,6 +14,9 @@ share. The GPU itself (benchmarks/gpu_check.sh) measures speed.
     python benchmarks/triton_static.py [--kinds gemv,splitk,tiled] [--all-configs]
         [--configs 0,4] [--odd]
 
+``--kinds dequant`` compiles the whole-weight dequantize kernel of the opt-in ``cuda_dequant``
+path instead (one launch shape, into bf16; it has no loop to count).
+
 ``--odd``: also compile without the divisibility-by-16 hints Triton adds for aligned pointers
 and sizes (as for K not a multiple of 16). Takes about a second per compile on one core.
 """
@@ -36,7 +39,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
 from linquant.kernels import _triton_kernels as tk
-from linquant.kernels.triton_linear import CONFIGS, fit_config
+from linquant.kernels.triton_linear import CONFIGS, DEQUANT_BLOCK_N, DEQUANT_WORDS, fit_config
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # name: (BITS, SYM, HAS_Z, HAS_M, PER_CHANNEL, GROUP, parameter dtype)
@@ -53,6 +56,8 @@ INT_PIPE = ("LOP3", "SHF", "SGXT", "IADD3", "LEA", "PRMT", "BMSK", "ISETP", "SEL
 def build(kind: str, cfg: dict[str, int], scheme: tuple, hints: bool) -> tuple[object, dict]:
     bits, sym, hz, hm, pc, group, pdt = scheme
     meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    if kind == "dequant":
+        return build_dequant(cfg, scheme, hints)
     meta = fit_config(kind, meta, group, pc, bits)
     consts: dict[str, object] = dict(BITS=bits, SYM=sym, HAS_Z=hz, HAS_M=hm, PER_CHANNEL=pc,
                                      GROUP=group, HAS_BIAS=True)
@@ -83,6 +88,29 @@ def build(kind: str, cfg: dict[str, int], scheme: tuple, hints: bool) -> tuple[o
     k = compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                 target=GPUTarget("cuda", 90, 32),
                 options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    return k, meta
+
+
+# the dequantize kernel (the opt-in cuda_dequant path) has one launch shape, no autotuning
+DEQUANT_CONFIG = {"num_warps": 4, "num_stages": 1, "BLOCK_N": DEQUANT_BLOCK_N}
+
+
+def build_dequant(cfg: dict[str, int], scheme: tuple, hints: bool) -> tuple[object, dict]:
+    bits, sym, hz, hm, pc, group, pdt = scheme
+    meta = {"BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": DEQUANT_WORDS * 32 // bits}
+    consts = dict(BITS=bits, SYM=sym, HAS_Z=hz, HAS_M=hm, PER_CHANNEL=pc, GROUP=group, **meta)
+    fn = tk.dequant_kernel
+    sig: dict[str, str] = {"w_ptr": "*i32", "s_ptr": f"*{pdt}", "z_ptr": "*u8",
+                           "m_ptr": f"*{pdt}", "out_ptr": "*bf16", "N": "i32", "K": "i32",
+                           "KW": "i32"}
+    aligned = list(sig)
+    sig.update({k: "constexpr" for k in consts})
+    sig = {a: sig[a] for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned} if hints else {}
+    k = compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                target=GPUTarget("cuda", 90, 32),
+                options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                         "enable_fp_fusion": False})  # as launched: the reference's roundings
     return k, meta
 
 
@@ -126,7 +154,8 @@ def analyse(k: object, codes_per_thread: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kinds", default="gemv_t,gemv,splitk,tiled")
+    ap.add_argument("--kinds", default="gemv_t,gemv,splitk,tiled",
+                    help="comma-separated, of gemv_t, gemv, splitk, tiled and dequant")
     ap.add_argument("--all-configs", action="store_true", help="default: the first of each")
     ap.add_argument("--configs", default="",
                     help="comma-separated config indices (of each kind) instead of the first")
@@ -141,7 +170,7 @@ def main() -> None:
         else:
             picked = list(range(len(CONFIGS[kind]) if args.all_configs else 1))
         for ci in picked:
-            cfg = CONFIGS[kind][ci]
+            cfg = DEQUANT_CONFIG if kind == "dequant" else CONFIGS[kind][ci]
             for name, scheme in SCHEMES.items():
                 for hints in (True, False) if args.odd else (True,):
                     label = f"{kind:6} c{ci} {name:20} {'aligned' if hints else 'odd    '}"
