@@ -270,6 +270,37 @@ def test_failure_warns_once_and_falls_back(emulated: Emulated,
     assert "no kernel image" in cuda.failures()[("cpu", 16, 256, 128)]
 
 
+def test_layout_size_and_room() -> None:
+    qt = _qt(4096, 4096, "int4-sym-g128")
+    assert cuda.layout_nbytes(qt) == 4096 * 4096 // 2 + 32 * 4096 * 4
+    gib = 1 << 30
+    assert cuda.fits(gib, 3 * gib, 16 * gib)  # 1 GiB + the 1 GiB margin in 3 GiB
+    assert not cuda.fits(gib, 2 * gib - 1, 16 * gib)
+    assert not cuda.fits(gib, 10 * gib, 200 * gib)  # margin: 5% of 200 GiB = 10 GiB
+    assert cuda.room_for(qt)  # CPU weights: nothing to check
+
+
+def test_no_room_keeps_the_call_off_tinygemm(emulated: Emulated,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without room for another copy of the codes, the call takes the path it would take
+    without tinygemm (here, CPU tensors: Triton's interpreter where installed, else the
+    reference) and builds no layout; a layout already built is used regardless."""
+    monkeypatch.setattr(kernels, "select_path", lambda x, qt: "cuda_tinygemm")
+    monkeypatch.setattr(cuda, "room_for", lambda qt: False)
+    qt = _qt(16, 256, "int4-sym-g128")
+    x = _x(1, 256)
+    cache: dict[str, Any] = {}
+    with torch.no_grad():
+        y = kernels.linear_weight_only(x, qt, None, cache)
+    _close(y, ref.linear_weight_only(x, qt))
+    assert "tinygemm" not in cache and "cuda_plans" not in cache and emulated.converts == 0
+    cuda.runner(qt, None, cache)  # built while there was room
+    cache.pop("cpu_plans", None)  # (the CPU input made a CPU plan of the fallback)
+    with torch.no_grad():
+        kernels.linear_weight_only(x, qt, None, cache)
+    assert [p.path for p in cache["cuda_plans"].values()] == ["cuda_tinygemm"]
+
+
 def test_what_it_supports(emulated: Emulated, monkeypatch: pytest.MonkeyPatch) -> None:
     ok = _qt(16, 256, "int4-sym-g32")
     assert cuda._layout_ok(ok)

@@ -371,6 +371,11 @@ def linear_weight_only(
     plan = (cache is not None and not _bias_needs_grad(bias)
             and not (x.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling())
+    if (path == "cuda_tinygemm" and not cuda.has_layout(qweight, cache)
+            and not cuda.room_for(qweight)):
+        # no room for another copy of the codes: what the dispatcher would pick without it
+        ok = triton_linear.triton_available() and triton_linear.supported(qweight, x)
+        path = "cuda_triton" if ok else "reference"
     if path == "cuda_tinygemm":
         try:
             if not plan:

@@ -32,8 +32,11 @@ fp32 accumulation, so results differ from the reference's by bf16 rounding (test
 product.
 
 Memory: the tinygemm layout is a second copy of the codes (half a byte per weight, plus 4 bytes
-per group), next to the stored codes that the Triton kernels read for more tokens.
-``LINQUANT_TINYGEMM=0`` turns the path off (read when a path is chosen; plans keep theirs until
+per group), next to the stored codes that the Triton kernels read for more tokens. A layout is
+only built while the device has room for it and a margin (:func:`room_for`); a layer whose
+layout does not fit runs its one-token calls on the Triton GEMV, which needs no copy, so a
+large model fills the memory it has rather than running out. ``LINQUANT_TINYGEMM=0`` turns
+the path off (read when a path is chosen; plans keep theirs until
 ``linquant.nn.clear_kernel_caches``).
 
 Support (:func:`supported`): CUDA compute capability 8.0 or newer (not ROCm), PyTorch whose
@@ -52,7 +55,7 @@ from typing import Any
 
 import torch
 
-from linquant.kernels.cpu import _cached, _key, int4_scale_zero
+from linquant.kernels.cpu import _cached, _key, _same, int4_scale_zero
 from linquant.tensor import QuantizedTensor
 
 __all__ = [
@@ -63,10 +66,14 @@ __all__ = [
     "TinyPack",
     "available",
     "failures",
+    "fits",
+    "has_layout",
+    "layout_nbytes",
     "linear_tinygemm",
     "note_failure",
     "pack_codes",
     "repack",
+    "room_for",
     "runner",
     "scales_and_zeros",
     "status",
@@ -78,6 +85,7 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 TINYGEMM_MAX_M = 1  # where Triton takes the input too: one-token calls
 TINYGEMM_MAX_M_NO_TRITON = 16  # where it does not (no Triton, or an input Triton cannot take)
 INNER_K_TILES = 8  # torchao's choice: 16-byte loads; needs K % 128 == 0
+ROOM_MARGIN = 1 << 30  # bytes a device keeps free beyond a new layout (see room_for)
 _INT32_LIMIT = 2**31 - 1
 
 
@@ -268,6 +276,36 @@ def repack(qt: QuantizedTensor) -> TinyPack:
     order = _order(qt.device) or "hi"
     packed = _convert(weight_bytes(qt, order), INNER_K_TILES)
     return TinyPack(packed, scales_and_zeros(qt), int(qt.scheme.group_size or 0))
+
+
+def layout_nbytes(qt: QuantizedTensor) -> int:
+    """Bytes of the tinygemm layout of ``qt``: the codes again, plus 4 per group."""
+    n, k = (int(d) for d in qt.shape)
+    return n * k // 2 + (k // int(qt.scheme.group_size or k)) * n * 4
+
+
+def has_layout(qt: QuantizedTensor, cache: dict[str, Any] | None) -> bool:
+    """Whether ``cache`` already holds the layout of ``qt`` (the same, unmodified tensors)."""
+    hit = None if cache is None else cache.get("tinygemm")
+    return hit is not None and _same(hit[0], _key(qt, torch.bfloat16))
+
+
+def room_for(qt: QuantizedTensor) -> bool:
+    """Whether ``qt``'s device has room for its layout and a margin: free memory (the
+    driver's, plus what PyTorch's allocator holds unused) at least the layout's size plus
+    ``max(ROOM_MARGIN, 5%)`` of the device. Otherwise the dispatcher keeps the one-token call on
+    the Triton GEMV, which reads the stored codes and needs no copy."""
+    device = qt.device
+    if device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return fits(layout_nbytes(qt), free + unused, total)
+
+
+def fits(need: int, free: int, total: int) -> bool:
+    """``need`` bytes fit in ``free`` with ``max(ROOM_MARGIN, total / 20)`` left over."""
+    return free >= need + max(ROOM_MARGIN, total // 20)
 
 
 def _pack(qt: QuantizedTensor, cache: dict[str, Any] | None) -> TinyPack:
