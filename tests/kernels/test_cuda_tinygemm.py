@@ -270,6 +270,15 @@ def test_failure_warns_once_and_falls_back(emulated: Emulated,
     assert "no kernel image" in cuda.failures()[("cpu", 16, 256, 128)]
 
 
+def test_out_of_memory_is_not_a_failure(emulated: Emulated,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "select_path", lambda x, qt: "cuda_tinygemm")
+    emulated.fail = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        kernels.linear_weight_only(_x(1, 256), _qt(16, 256, "int4-sym-g128"), None, {})
+    assert not cuda.failures()
+
+
 def test_layout_size_and_room() -> None:
     qt = _qt(4096, 4096, "int4-sym-g128")
     assert cuda.layout_nbytes(qt) == 4096 * 4096 // 2 + 32 * 4096 * 4

@@ -605,6 +605,15 @@ def test_linear_dequant_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> N
     # the failure is kept per kind of input (bits, mode, group, dtype): 4-bit weights still go
     assert tlin.dequant_chosen(_qt(24, 64, "int4-sym-g32"), x)
 
+    def oom(*args: Any) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 128 MiB")
+
+    monkeypatch.setattr(tlin, "_dequantize_pk", oom)
+    q4 = _qt(24, 64, "int4-sym-g32")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        tlin.linear_dequant(x, q4, None, {})
+    assert tlin.dequant_chosen(q4, x)  # not noted as a kernel failure
+
 
 # ---- what is not supported -----------------------------------------------------------------
 
@@ -700,6 +709,15 @@ def test_kernel_failure_falls_back_to_reference(monkeypatch: pytest.MonkeyPatch)
     assert tlin.supported(qt, _x(1, 64, torch.bfloat16))  # gemv is another kernel
     with pytest.raises(RuntimeError, match="PassManager"):
         tlin.linear(x, qt, None, {}, kernel="splitk")
+
+    def oom(*args: object, **kwargs: object) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tlin, "_make_run", oom)  # running out of memory is not the kernel's
+    x1 = _x(1, 64, torch.bfloat16)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        tlin.linear(x1, qt, None, {})
+    assert tlin.supported(qt, x1) and len(tlin.failures()) == 1
 
 
 def test_triton_available() -> None:

@@ -383,6 +383,8 @@ def linear_weight_only(
             assert cache is not None
             run = cuda.runner(qweight, bias, cache)
             y = run(x)
+        except torch.cuda.OutOfMemoryError:
+            raise  # not the operator's fault: no note against it
         except RuntimeError as e:  # not seen; a model keeps running on the other paths
             cuda.note_failure(qweight, x, e)
             return linear_weight_only(x, qweight, bias, cache)

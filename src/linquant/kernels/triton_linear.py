@@ -847,6 +847,8 @@ def linear_dequant(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | No
     try:
         run = dequantize_runner(qt, bias, x.dtype, cache)
         y = run(x)
+    except torch.cuda.OutOfMemoryError:
+        raise  # the reference would need the same buffer
     except Exception as e:
         _FAILED[fkey] = f"{type(e).__name__}: {e}"[:2000]
         warnings.warn(
@@ -926,6 +928,8 @@ def linear(
         if auto and cache is not None and not bias_after and not (
                 x.requires_grad and torch.is_grad_enabled()):
             plans.keep(cache, "triton_plans", x, qt, bias, run)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not the kernel's fault: no fallback, no note against the kernel
     except Exception as e:  # a Triton compile error must not take the model down
         if not auto:
             raise
