@@ -64,6 +64,9 @@ def forced(path: str, mods: list[nn.Module]) -> list[Fn]:
                 return lambda x: cpu.linear_w8a8_fbgemm(x, w, ws, None, None, None, wc)
             if path == "cpu_native_w8a8":
                 return lambda x: native.linear_w8a8(x, w, ws, None, None, None, wc)
+            if path == "cpu_native_w8a8_avx2":
+                return lambda x: native.linear_w8a8(x, w, ws, None, None, None, wc,
+                                                    native.W8A8_AVX2)
             return lambda x: kernels.reference.linear_w8a8(x, w, ws, None)
         assert isinstance(q, QuantLinear)
         qw, cache = q.qweight, q.kernel_cache()
@@ -173,6 +176,9 @@ def main() -> None:
     ]
     if native.available("w8a8"):
         rows.append(("  cpu_native_w8a8", "cpu_native_w8a8", torch.float32, w8a8, ""))
+    if native.available("w8a8_avx2"):
+        rows.append(("  cpu_native_w8a8_avx2", "cpu_native_w8a8_avx2", torch.float32, w8a8,
+                     ""))
     if cpu.fbgemm_available():
         rows.append(("  cpu_fbgemm", "cpu_fbgemm", torch.float32, w8a8, ""))
     if cpu.onednn_available():

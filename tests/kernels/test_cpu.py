@@ -300,16 +300,28 @@ needs_fbgemm = pytest.mark.skipif(not cpu.fbgemm_available(),
                                   reason="fbgemm int8 linear needs a CPU with VNNI")
 needs_native_w8a8 = pytest.mark.skipif(not native.available("w8a8"),
                                        reason=f"native W8A8 kernel {native.status('w8a8')}")
+needs_native_w8a8_avx2 = pytest.mark.skipif(
+    not native.available("w8a8_avx2"), reason=f"AVX2 W8A8 kernel {native.status('w8a8_avx2')}")
+
+
+def _native_avx2(*args: Any) -> torch.Tensor:
+    return native.linear_w8a8(*args, kernel=native.W8A8_AVX2)
+
+
 W8A8_CPU = {"onednn": cpu.linear_w8a8_onednn, "fbgemm": cpu.linear_w8a8_fbgemm,
-            "native_w8a8": native.linear_w8a8}
+            "native_w8a8": native.linear_w8a8, "native_w8a8_avx2": _native_avx2}
+W8A8_CACHE = {"native_w8a8_avx2": "native_w8a8"}  # the AVX2 kernel reads the same layout
 BACKENDS = [pytest.param("onednn", marks=needs_onednn), pytest.param("fbgemm", marks=needs_fbgemm),
-            pytest.param("native_w8a8", marks=needs_native_w8a8)]
+            pytest.param("native_w8a8", marks=needs_native_w8a8),
+            pytest.param("native_w8a8_avx2", marks=needs_native_w8a8_avx2)]
 
 
 @pytest.fixture
 def no_native_w8a8(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The W8A8 table below the native kernel (its rows: test_select_w8a8_path_native_rows)."""
+    """The W8A8 table below the native kernels (their rows: test_select_w8a8_path_native_rows
+    and test_select_w8a8_path_avx2_rows)."""
     monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
+    monkeypatch.setattr(native, "w8a8_avx2_supported", lambda x, w, z=None: False)
 
 
 def _w8(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,7 +359,7 @@ def test_cpu_w8a8_is_bit_identical_to_reference(
             r = ref.linear_w8a8(x, w, ws, bias, a_s, a_z)
             assert y.dtype == dtype and y.shape == (2, m, n)
             assert torch.equal(y, r)
-    assert set(cache) == {backend}
+    assert set(cache) == {W8A8_CACHE.get(backend, backend)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -463,6 +475,7 @@ def test_w8a8_layer_caches_prepack_rebuilds_on_change_and_copies_without_it(
 ) -> None:
     if backend != "native_w8a8":
         monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
+        monkeypatch.setattr(native, "w8a8_avx2_supported", lambda x, w, z=None: False)
     import copy
     import io
 
@@ -757,3 +770,148 @@ def test_native_w8a8_through_the_layer_and_clear_kernel_caches() -> None:
     assert torch.equal(y_many, ref.linear_w8a8(many, q.weight_qdata, q.weight_scale, q.bias))
     assert clear_kernel_caches(q) == 1
     assert torch.equal(q(few), y_few)
+
+
+# ---- W8A8 on AVX2 only (linquant's AVX2 W8A8 kernel) and oneDNN's int8 GEMM without VNNI -------
+
+
+@needs_native_w8a8_avx2
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-sym"])
+def test_avx2_w8a8_exact_with_minus_128_weights(static: bool) -> None:
+    """The sign goes onto the activation code (|code| <= 127), so -128 weights are exact too:
+    pair sums up to 2 * 128 * 127 fit int16 (the weight's sign on a -128 weight would wrap)."""
+    k = 1024
+    w = torch.full((24, k), -128, dtype=torch.int8)
+    w[1::2] = 127
+    w[2, ::2] = 127
+    ws = torch.full((24, 1), 1e-3)
+    a_s = torch.tensor(0.01) if static else None
+    big = 1e4
+    x = torch.full((6, k), big)
+    x[1] = -big
+    x[2, ::2] = -big
+    x[3] = 0.0
+    x[4, 7] = -big
+    y = _native_avx2(x, w, ws, None, a_s, None, {})
+    assert torch.equal(y, ref.linear_w8a8(x, w, ws, None, a_s, None))
+    exact = (ref.quantize_activation_per_token(x)[0].double() @ w.double().T)
+    if not static:  # the int32 sums themselves, from an independent fp64 product
+        got = (y.double() / ref.quantize_activation_per_token(x)[1].double() / ws.double().T)
+        assert torch.allclose(got[[0, 1, 2, 4]], exact[[0, 1, 2, 4]], rtol=1e-6, atol=0)
+
+
+@needs_native_w8a8_avx2
+def test_avx2_w8a8_tiles_odd_shapes_threads() -> None:
+    lib = native._load(native.W8A8_AVX2)
+    assert lib is not None
+    for m in (1, 2, 3, 4, 5, 7, 9):
+        for n, k in ((1, 2), (15, 3), (17, 5), (33, 255), (16, 64)):
+            w, ws = _w8(n, k, seed=m + n + k)
+            x = torch.randn(m, k) * 3
+            bias = torch.randn(n)
+            for a_s in (None, torch.tensor(0.02)):
+                y = native._run_w8a8(lib, x, w, ws, bias, a_s, None, native.repack_w8a8(w))
+                assert y is not None and torch.equal(y, ref.linear_w8a8(x, w, ws, bias, a_s))
+    w, ws = _w8(300, 700)
+    x = torch.randn(37, 700)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _native_avx2(x, w, ws, None, None, None, {})
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(_native_avx2(x, w, ws, None, None, None, {}), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native_w8a8_avx2
+def test_avx2_w8a8_leaves_static_asymmetric_codes_to_others() -> None:
+    """Static asymmetric codes reach -128 after the shift: a pair sum could be 2 * 128 * 128.
+    The kernel refuses them (returns -1), the runner answers with the reference, and the
+    dispatcher never picks it for them."""
+    lib = native._load(native.W8A8_AVX2)
+    assert lib is not None
+    w, ws = _w8(32, 64)
+    x = torch.randn(3, 64)
+    a_s, a_z = torch.tensor(0.02), torch.tensor(200, dtype=torch.uint8)
+    assert native._run_w8a8(lib, x, w, ws, None, a_s, a_z, native.repack_w8a8(w)) is None
+    assert torch.equal(_native_avx2(x, w, ws, None, a_s, a_z, {}),
+                       ref.linear_w8a8(x, w, ws, None, a_s, a_z))
+    assert not native.w8a8_avx2_supported(x, w, a_z)
+    assert native.w8a8_avx2_supported(x, w, None)
+
+
+@needs_native_w8a8_avx2
+def test_select_w8a8_path_avx2_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the VNNI kernel does not run (a CPU without AVX512-VNNI), the AVX2 kernel takes
+    dynamic and static symmetric activations at every M; static asymmetric ones go on."""
+    monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
+    big = torch.zeros(512, 256, dtype=torch.int8)
+    for m in (1, 2, 16, 300):
+        assert kernels.select_w8a8_path(torch.zeros(m, 256), big) == "cpu_native_w8a8_avx2"
+    s = torch.tensor(0.1)
+    assert kernels.select_w8a8_path(torch.zeros(3, 256), big, s) == "cpu_native_w8a8_avx2"
+    z = torch.tensor(5, dtype=torch.uint8)
+    assert kernels.select_w8a8_path(torch.zeros(3, 256), big, s, z) != "cpu_native_w8a8_avx2"
+    from linquant.nn import W8A8Linear
+
+    q = W8A8Linear.from_float(nn.Linear(256, 512))
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        y = q(x)
+    assert [p.path for p in q.kernel_cache()["w8a8_plans"].values()] == ["cpu_native_w8a8_avx2"]
+    assert torch.equal(y, ref.linear_w8a8(x, q.weight_qdata, q.weight_scale, q.bias))
+
+
+def test_int8_matmul_stays_exact_when_int_mm_is_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``torch._int_mm`` saturates (CPUs without VNNI), the reference's product takes the
+    exact int32 fallback."""
+    a = torch.full((3, 64), 127, dtype=torch.int8)
+    w = torch.full((5, 64), 127, dtype=torch.int8)
+    w[1] = -128
+    assert ref.int_mm_supported(a, w) == ref.cpu_int_mm_exact()
+    monkeypatch.setattr(ref, "cpu_int_mm_exact", lambda: False)
+    assert not ref.int_mm_supported(a, w)
+    assert torch.equal(ref.int8_matmul(a, w), (a.long() @ w.long().T).int())
+
+
+@pytest.mark.slow
+def test_without_vnni_in_onednn_w8a8_stays_exact() -> None:
+    """``ONEDNN_MAX_CPU_ISA=AVX2`` gives oneDNN's int8 GEMM the saturating AVX2 path (as on a
+    CPU without VNNI): ``torch._int_mm`` and ``qlinear_pointwise`` are then inexact. In a
+    process under that cap (and linquant's own, ``LINQUANT_MAX_CPU_ISA=avx2``) both are
+    detected and left alone, and a W8A8 layer's output is the exact formula's."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from torch import nn
+from linquant.kernels import cpu, native, reference as ref
+from linquant import kernels
+from linquant.nn import W8A8Linear
+a = torch.full((4, 64), 127, dtype=torch.int8)
+print("int_mm exact", torch.equal(torch._int_mm(a, a.t().contiguous()), (a.int() @ a.int().T)))
+print("probe", ref.cpu_int_mm_exact(), cpu.onednn_available(), cpu.fbgemm_available())
+torch.manual_seed(0)
+q = W8A8Linear.from_float(nn.Linear(512, 384))
+x = torch.randn(9, 512) * 3
+with torch.no_grad():
+    y = q(x)
+print("path", kernels.select_w8a8_path(x, q.weight_qdata))
+c, s = ref.quantize_activation_per_token(x)
+acc = (c.double() @ q.weight_qdata.double().T).float()  # exact int32 sums, then the rescale
+want = acc.mul_(s).mul_(q.weight_scale.reshape(1, -1).float()).add_(q.bias.float())
+print("exact", torch.equal(y, want))
+"""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "LINQUANT_MAX_CPU_ISA": "avx2",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert "int_mm exact False" in lines  # oneDNN's AVX2 int8 GEMM saturates...
+    assert "probe False False False" in lines  # ... and linquant sees it
+    want_path = "cpu_native_w8a8_avx2" if native.available("w8a8_avx2") else "reference"
+    assert f"path {want_path}" in lines and "exact True" in lines, out.stdout

@@ -320,6 +320,11 @@ def test_isa_cap_leaves_only_the_avx2_kernel(monkeypatch: pytest.MonkeyPatch,
     assert kernels.select_path(torch.zeros(3, 512), q4) == "cpu_native_avx2"  # fp32 math
     assert kernels.select_path(torch.zeros(65, 512), q4) == "cpu_blocked"
     assert kernels.NATIVE_AVX2_MAX_M_FP32 == 64
+    # W8A8: the AVX2 W8A8 library (not capped) instead of the VNNI one
+    assert native.available("w8a8_avx2"), native.status("w8a8_avx2")
+    w8 = torch.zeros(512, 256, dtype=torch.int8)
+    for m in (1, 16, 256):
+        assert kernels.select_w8a8_path(torch.zeros(m, 256), w8) == "cpu_native_w8a8_avx2"
 
 
 @linux_x86

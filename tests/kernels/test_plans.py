@@ -176,9 +176,11 @@ def test_quantize_model_then_plans_give_the_same_model_outputs() -> None:
 
 # ---- W8A8 layers ----------------------------------------------------------------------------
 
-W8A8_CASES = [("dynamic", True, 1), ("dynamic", True, 40), ("static-sym", True, 7),
-              ("static-asym", True, 300), ("dynamic", False, 3), ("dynamic", False, 100),
-              ("static-asym", False, 5), ("dynamic", False, 1)]
+# native: "vnni" (linquant's VNNI kernel), "avx2" (its AVX2 kernel only), "" (neither)
+W8A8_CASES = [("dynamic", "vnni", 1), ("dynamic", "vnni", 40), ("static-sym", "vnni", 7),
+              ("static-asym", "vnni", 300), ("dynamic", "", 3), ("dynamic", "", 100),
+              ("static-asym", "", 5), ("dynamic", "", 1), ("dynamic", "avx2", 6),
+              ("static-sym", "avx2", 1), ("static-asym", "avx2", 3)]
 
 
 def _w8(kind: str, seed: int = 0) -> W8A8Linear:
@@ -193,14 +195,16 @@ def _w8(kind: str, seed: int = 0) -> W8A8Linear:
 
 @pytest.mark.parametrize(("kind", "native_ok", "m"), W8A8_CASES)
 @torch.no_grad()
-def test_w8a8_plan_runs_the_chosen_path_bit_identically(kind: str, native_ok: bool, m: int,
+def test_w8a8_plan_runs_the_chosen_path_bit_identically(kind: str, native_ok: str, m: int,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every CPU W8A8 path (linquant's native kernel; without it fbgemm, oneDNN, the
+    """Every CPU W8A8 path (linquant's native kernels; without them fbgemm, oneDNN, the
     reference), planned, gives the unplanned call's bits."""
     from linquant.kernels import native
 
-    if not native_ok:
+    if native_ok != "vnni":
         monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
+    if native_ok != "avx2":
+        monkeypatch.setattr(native, "w8a8_avx2_supported", lambda x, w, z=None: False)
     q = _w8(kind)
     x = torch.randn(m, 256) * 2
     static = kind != "dynamic"
@@ -209,7 +213,7 @@ def test_w8a8_plan_runs_the_chosen_path_bit_identically(kind: str, native_ok: bo
     want = kernels.linear_w8a8(x, *args)
     assert torch.equal(q(x), want)
     (p,) = q.kernel_cache()["w8a8_plans"].values()
-    assert p.path == kernels.select_w8a8_path(x, q.weight_qdata, args[3])
+    assert p.path == kernels.select_w8a8_path(x, q.weight_qdata, args[3], args[4])
     assert torch.equal(q(x), want)
 
 

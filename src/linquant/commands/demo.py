@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from linquant.kernels import native
 
     print(f"native kernels: W4A16 {native.status('w4a16')}; W8A8 / W8A16 {native.status('w8a8')}"
-          f"; AVX2 {native.status('avx2')}")
+          f"; AVX2 {native.status('avx2')}; W8A8 on AVX2 {native.status('w8a8_avx2')}")
     k = result.k
     print(f"top-{k} order: whether the float model's {k} most similar sentence pairs come out in "
           f"the same order;\ntop-{k} kept: how many of them stay in the top {k}. "

@@ -127,6 +127,17 @@ reference):
    around the GEMMs below: on 4096 x 4096 1.1-1.3x faster than the dispatcher's choice among
    them at M = 1-256 (and 1.0-1.1x ``quantize_dynamic``), on MiniLM's 1536 x 384 and
    384 x 1536 1.5-3x faster at M = 13-1920 (``benchmarks/bench_w8a8_crossover.py``).
+0b. ``cpu_native_w8a8_avx2``, every ``M`` (``NATIVE_W8A8_AVX2_MAX_M``), where the VNNI kernel
+   does not run and :func:`linquant.kernels.native.w8a8_avx2_supported` holds (any x86-64 CPU
+   with AVX2 and a C compiler; dynamic or static symmetric activations): the same call, layout
+   and bits with ``vpmaddubsw`` / ``vpmaddwd``, exact because the weight's sign is moved onto
+   the activation code. On CPUs without VNNI the paths below are unavailable or slow:
+   oneDNN's int8 GEMM (behind ``torch._int_mm`` and ``cpu_onednn``) saturates int16 pair sums
+   there, so ``reference`` falls back to an exact int32 product
+   (:func:`linquant.kernels.reference.cpu_int_mm_exact`), 20-50x slower. With every library
+   capped at AVX2 on this machine it ran 0.99x / 0.72x / 0.72x the speed of fbgemm's
+   ``quantize_dynamic`` at M = 1 / 16 / 256 (head to head; fbgemm there quantizes activations
+   to 7 bits so its own AVX2 sums cannot saturate).
 1. ``reference`` at ``M < ONEDNN_MIN_M`` (one token): one ``torch._int_mm`` plus a rescale. It
    streams the weight at memory speed and needs no second copy of it; fbgemm measured about the
    same (4096 x 4096: 0.71-0.84 vs 0.68-0.85 ms over three runs) and oneDNN slower (1.0-1.15).
@@ -208,6 +219,7 @@ __all__ = [
     "NATIVE_AVX2_MAX_M",
     "NATIVE_AVX2_MAX_M_FP32",
     "NATIVE_INT4_MAX_M",
+    "NATIVE_W8A8_AVX2_MAX_M",
     "NATIVE_W8A16_MAX_M",
     "ONEDNN_MIN_M",
     "PATHS",
@@ -232,7 +244,8 @@ PATHS = ("reference", "cpu_native_int4", "cpu_native_w8a16", "cpu_native_avx2", 
          "cpu_int8split", "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_tinygemm",
          "cuda_dequant", "cuda_triton")
 EMBEDDING_PATHS = ("reference", "cpu_native_gather")
-W8A8_PATHS = ("reference", "cpu_native_w8a8", "cpu_fbgemm", "cpu_onednn", "cuda_triton_w8a8")
+W8A8_PATHS = ("reference", "cpu_native_w8a8", "cpu_native_w8a8_avx2", "cpu_fbgemm", "cpu_onednn",
+              "cuda_triton_w8a8")
 INT4PACK_MAX_M = 64
 NATIVE_INT4_MAX_M = 256
 NATIVE_W8A16_MAX_M = 256
@@ -247,6 +260,7 @@ MIN_FAST_NUMEL = 1 << 16
 ONEDNN_MIN_M = 2
 FBGEMM_MAX_M = 8
 FBGEMM_MAX_M_SMALL = 32
+NATIVE_W8A8_AVX2_MAX_M = 1 << 30  # every M (see select_w8a8_path's table)
 
 
 def _avx2_max_m(dtype: torch.dtype) -> int | float:
@@ -320,9 +334,11 @@ def _cpu_runner(path: str, x: torch.Tensor, qweight: QuantizedTensor,
 
 
 def select_w8a8_path(
-    x: torch.Tensor, w_int8: torch.Tensor, act_scale: torch.Tensor | None = None
+    x: torch.Tensor, w_int8: torch.Tensor, act_scale: torch.Tensor | None = None,
+    act_zero_point: torch.Tensor | None = None,
 ) -> str:
-    """Which implementation :func:`linear_w8a8` uses for ``x`` and the int8 weight ``[N, K]``."""
+    """Which implementation :func:`linear_w8a8` uses for ``x`` and the int8 weight ``[N, K]``
+    (with static activations: their scale and, if asymmetric, zero point)."""
     if x.device.type == "cuda" and triton_w8a8.supported(x, w_int8):
         return "cuda_triton_w8a8"
     if (x.device.type != "cpu" or x.numel() == 0 or w_int8.numel() < MIN_FAST_NUMEL
@@ -330,9 +346,11 @@ def select_w8a8_path(
         return "reference"
     if native.w8a8_supported(x, w_int8):
         return "cpu_native_w8a8"
+    m = x.numel() // int(w_int8.shape[1])
+    if m <= NATIVE_W8A8_AVX2_MAX_M and native.w8a8_avx2_supported(x, w_int8, act_zero_point):
+        return "cpu_native_w8a8_avx2"
     if not cpu.onednn_supported(x, w_int8):
         return "reference"
-    m = x.numel() // int(w_int8.shape[1])
     if m < ONEDNN_MIN_M:
         return "reference"
     small = w_int8.numel() < SMALL_WEIGHT_NUMEL
@@ -439,7 +457,8 @@ def linear_w8a8(
                        "w8a8_plans")
         if p is not None:
             return p.run(x)
-    path = select_w8a8_path(x, w_int8, act_scale) if isinstance(x, torch.Tensor) else "reference"
+    path = (select_w8a8_path(x, w_int8, act_scale, act_zero_point)
+            if isinstance(x, torch.Tensor) else "reference")
     if (cache is not None and cpu_x and not _bias_needs_grad(bias)
             and not (x.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling()):
@@ -448,12 +467,15 @@ def linear_w8a8(
         plans.keep(cache, "w8a8_plans", x, ((w_int8, w_scale, act_scale, act_zero_point), n, k),
                    bias, run, path)
         return run(x)
-    if path == "cpu_native_w8a8" and _bias_needs_grad(bias):
+    if path.startswith("cpu_native_w8a8") and _bias_needs_grad(bias):
         assert bias is not None
         return (linear_w8a8(x, w_int8, w_scale, None, act_scale, act_zero_point, cache)
                 + bias.to(x.dtype))
     if path == "cpu_native_w8a8":
         return native.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
+    if path == "cpu_native_w8a8_avx2":
+        return native.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache,
+                                  native.W8A8_AVX2)
     if path == "cpu_fbgemm":
         return cpu.linear_w8a8_fbgemm(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
     if path == "cpu_onednn":
@@ -470,6 +492,9 @@ def _w8a8_runner(path: str, w_int8: torch.Tensor, w_scale: torch.Tensor,
     W8A8 plan runs."""
     if path == "cpu_native_w8a8":
         return native.w8a8_runner(w_int8, w_scale, bias, act_scale, act_zero_point, cache)
+    if path == "cpu_native_w8a8_avx2":
+        return native.w8a8_runner(w_int8, w_scale, bias, act_scale, act_zero_point, cache,
+                                  native.W8A8_AVX2)
     if path == "cpu_fbgemm":
         return lambda x: cpu.linear_w8a8_fbgemm(x, w_int8, w_scale, bias, act_scale,
                                                 act_zero_point, cache)

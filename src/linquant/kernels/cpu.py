@@ -431,12 +431,15 @@ def _whole(deq: _RowDequant, dtype: torch.dtype) -> torch.Tensor:
 ONEDNN_MAX_K = (2**31 - 1) // (255 * 127)
 
 
+@functools.cache
 def onednn_available() -> bool:
     """oneDNN's int8 linear (``torch.ops.onednn.qlinear_pointwise``) is present and exact here.
 
     Needs a CPU with VNNI: without it oneDNN computes u8 x s8 with ``vpmaddubsw``, whose int16
     pair sums saturate (its documented workaround halves the weights), so results would no
-    longer be the exact int32 products the reference computes."""
+    longer be the exact int32 products the reference computes. Checked once on extreme codes
+    as well (:func:`_onednn_exact`): ``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN take that path
+    on a CPU that has VNNI."""
     try:
         op = torch.ops.onednn.qlinear_pointwise
         prepack = torch.ops.onednn.qlinear_prepack
@@ -444,16 +447,28 @@ def onednn_available() -> bool:
         return False
     vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     mkldnn = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
-    return op is not None and prepack is not None and mkldnn and vnni is not None and bool(vnni())
+    return (op is not None and prepack is not None and mkldnn and vnni is not None
+            and bool(vnni()) and _onednn_exact())
 
 
-_ONEDNN = onednn_available()
+def _onednn_exact() -> bool:
+    """oneDNN's u8 x s8 product is exact here, on the codes that saturate int16 pair sums."""
+    a = torch.tensor([[127.0] * 64, [-127.0] * 64, [127.0, -127.0] * 32])
+    w = torch.tensor([[127] * 64, [-127] * 64, [127, -127] * 32], dtype=torch.int8)
+    try:
+        packed, ones, zeros = repack_onednn(w)
+        acc = torch.ops.onednn.qlinear_pointwise(
+            (a + 128).to(torch.uint8), 1.0, 128, packed, ones, zeros, None, 1.0, 0,
+            torch.float32, "none", [], "")
+    except Exception:  # a probe: a build without the op just lacks the path
+        return False
+    return bool(torch.equal(acc, (a.double() @ w.double().T).float()))
 
 
 def onednn_supported(x: torch.Tensor, w_int8: torch.Tensor) -> bool:
     """Whether :func:`linear_w8a8_onednn` handles ``x`` and the int8 weight ``[N, K]``."""
     return (
-        _ONEDNN
+        onednn_available()
         and x.device.type == "cpu"
         and w_int8.device.type == "cpu"
         and w_int8.dtype == torch.int8
@@ -618,7 +633,7 @@ def fbgemm_available() -> bool:
     """:func:`linear_w8a8_fbgemm` works here: a CPU with VNNI (as for oneDNN), PyTorch's
     quantized engine is ``x86`` or ``fbgemm`` (the default on x86; ``linear_prepack`` packs for
     the current engine) and fbgemm's product is exact (:func:`_fbgemm_exact`)."""
-    return (_ONEDNN and torch.backends.quantized.engine in ("x86", "fbgemm")
+    return (onednn_available() and torch.backends.quantized.engine in ("x86", "fbgemm")
             and _fbgemm_exact())
 
 

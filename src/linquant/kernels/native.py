@@ -1,6 +1,6 @@
 """linquant's own CPU kernels, compiled on first use with the system's C compiler.
 
-Three kernels, each in its own shared library with its own CPU requirement (Linux x86-64):
+Four kernels, each in its own shared library with its own CPU requirement (Linux x86-64):
 
 * ``w4a16`` (``csrc/w4a16_bf16.c``, path ``cpu_native_int4``): 4-bit group-wise or per-channel
   weights with bf16 activations, on CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper
@@ -20,6 +20,12 @@ Three kernels, each in its own shared library with its own CPU requirement (Linu
   :func:`linquant.kernels.reference.linear_w8a8` (same float operations in the same order,
   exact int32 sums; compiled with ``-ffp-contract=off``). Dynamic tokens holding Inf or NaN
   send the call to the reference.
+* ``w8a8_avx2`` (``csrc/w8a8_avx2.c``, path ``cpu_native_w8a8_avx2``): the same entry point,
+  layout and bits as ``w8a8``, on any x86-64 CPU with AVX2, for dynamic and static symmetric
+  activations: the int8 product by ``vpmaddubsw`` (u8 x s8, int16 pair sums) and
+  ``vpmaddwd``, exact because the u8 operand is ``|w|`` and the weight's sign goes onto the
+  activation code (``|code| <= 127``, so a pair sum stays within ``2 * 128 * 127``).
+  Static asymmetric codes could overflow and are left to the reference.
 * ``avx2`` (``csrc/wa16_avx2.c``, path ``cpu_native_avx2``): 4- or 8-bit weights, any mode, in
   groups of whole 32-bit words of codes, per output channel or per tensor, with bf16, fp16 or
   fp32 activations, on any x86-64 CPU with AVX2, FMA and F16C (Intel Haswell and later, AMD
@@ -46,13 +52,13 @@ Three kernels, each in its own shared library with its own CPU requirement (Linu
 
 Building: the first call that needs a kernel compiles its C source with ``$CC`` (default
 ``cc``) and ``-O3 -ffp-contract=off -fopenmp`` plus ``-mavx512f -mavx512bw -mavx512vl`` and
-``-mavx512bf16`` / ``-mavx512vnni``, or ``-mavx2 -mfma -mf16c``, into ``$LINQUANT_CACHE_DIR``
-(default ``$XDG_CACHE_HOME/linquant`` or ``~/.cache/linquant``), under a name hashed from the
-source, flags and compiler, written to a temporary file and renamed into place (older builds of
-the same kernel there are removed); later processes load it (each builds in well under a
-second).
+``-mavx512bf16`` / ``-mavx512vnni``, or ``-mavx2 -mfma -mf16c`` / ``-mavx2``, into
+``$LINQUANT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/linquant`` or ``~/.cache/linquant``), under
+a name hashed from the source, flags and compiler, written to a temporary file and renamed into
+place (older builds of the same kernel there are removed); later processes load it (each builds
+in well under a second).
 The library then runs a probe against plain PyTorch (the W8A8 probe demands bit-identity).
-``LINQUANT_NATIVE=0`` turns all three off; ``LINQUANT_MAX_CPU_ISA=avx2`` turns off the two that
+``LINQUANT_NATIVE=0`` turns all four off; ``LINQUANT_MAX_CPU_ISA=avx2`` turns off the two that
 need AVX-512 (and makes :func:`fast_half_matmul` say no), to see what a CPU without AVX-512
 gets. Without a compiler, off Linux x86-64, without the CPU feature, or when the build or the
 probe fails, :func:`available` is False, :func:`status` says why, and the dispatcher uses
@@ -87,6 +93,7 @@ from linquant.kernels import cpu, reference
 from linquant.tensor import QuantizedTensor
 
 __all__ = [
+    "W8A8_AVX2",
     "W8A8_MAX_K",
     "Runner",
     "available",
@@ -106,6 +113,7 @@ __all__ = [
     "repack_w8a8",
     "status",
     "supported",
+    "w8a8_avx2_supported",
     "w8a8_supported",
     "w8a16_runner",
     "w8a16_supported",
@@ -115,7 +123,7 @@ __all__ = [
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp",
               "-shared", "-fPIC")
 BLOCK_N = 16  # output channels per block (one fp32 / int32 vector)
-W4A16, W8A8, AVX2 = "w4a16", "w8a8", "avx2"
+W4A16, W8A8, AVX2, W8A8_AVX2 = "w4a16", "w8a8", "avx2", "w8a8_avx2"
 
 _lock = threading.Lock()
 _state: dict[str, dict[str, Any]] = {}
@@ -291,6 +299,7 @@ _PROBES: dict[str, Callable[[ctypes.CDLL], str | None]] = {
     W4A16: lambda lib: _probe_weight_only(lib, _run, repack, ("int4-asym-g32-fp16",)),
     W8A8: _probe_w8a8,
     AVX2: _probe_avx2,
+    W8A8_AVX2: _probe_w8a8,
 }
 
 
@@ -323,6 +332,10 @@ _SPECS = {
                  "lq_dequant_gather": (_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I,
                                        _I, _I, _I),
                  "lq_dequant_kind": (_I, _I, _I, _I, _I)}),
+    W8A8_AVX2: _Spec("w8a8_avx2.c",
+                     (*(f for f in BASE_FLAGS if not f.startswith("-mavx512")), "-mavx2"),
+                     lambda: _cpu_has("avx2"), "AVX2",
+                     {"lq_w8a8": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _I)}),
 }
 
 
@@ -534,6 +547,18 @@ def w8a8_supported(x: torch.Tensor, w_int8: torch.Tensor) -> bool:
             and available(W8A8))
 
 
+def w8a8_avx2_supported(x: torch.Tensor, w_int8: torch.Tensor,
+                        act_zero_point: torch.Tensor | None = None) -> bool:
+    """Whether :func:`linear_w8a8` with ``kernel=W8A8_AVX2`` handles ``x`` and the int8 weight
+    (builds the AVX2 W8A8 library on first call): as :func:`w8a8_supported`, for dynamic or
+    static symmetric activations (no activation zero point: static asymmetric codes could
+    overflow its int16 pair sums)."""
+    return (act_zero_point is None and x.device.type == "cpu" and w_int8.device.type == "cpu"
+            and x.dtype in reference.COMPUTE_DTYPES and w_int8.dtype == torch.int8
+            and w_int8.dim() == 2 and 2 <= int(w_int8.shape[1]) <= W8A8_MAX_K
+            and available(W8A8_AVX2))
+
+
 def repack_w8a8(w_int8: torch.Tensor) -> LayoutW8:
     """``(codes, column sums, padded K)``: int8 ``[ceil(N / 16), Kp / 4, 16, 4]`` with ``K``
     padded by zeros to ``Kp``, a multiple of 4 (see the C source), and int32 ``sum_k w[n, k]``
@@ -604,22 +629,27 @@ def linear_w8a8(
     act_scale: torch.Tensor | None,
     act_zero_point: torch.Tensor | None,
     cache: dict[str, Any] | None = None,
+    kernel: str = W8A8,
 ) -> torch.Tensor:
     """:func:`linquant.kernels.reference.linear_w8a8`, bit-identical, in one native call:
     activation quantization (dynamic per token, or static with the given scale and zero point)
-    fused with an AVX512-VNNI int8 GEMM and the rescale, on the layout of :func:`repack_w8a8`
-    kept in ``cache``. Dynamic tokens holding Inf or NaN (and a non-positive static scale) send
-    the call to the reference."""
-    return w8a8_runner(w_int8, w_scale, bias, act_scale, act_zero_point, cache)(x)
+    fused with an int8 GEMM and the rescale, on the layout of :func:`repack_w8a8` kept in
+    ``cache``: ``kernel`` ``W8A8`` (AVX512-VNNI ``vpdpbusd``) or ``W8A8_AVX2`` (AVX2: the
+    activation's sign moved onto the weight, ``vpmaddubsw`` + ``vpmaddwd``, exact; dynamic and
+    static symmetric activations). Dynamic tokens holding Inf or NaN (and a non-positive static
+    scale, or static asymmetric activations on ``W8A8_AVX2``) send the call to the
+    reference."""
+    return w8a8_runner(w_int8, w_scale, bias, act_scale, act_zero_point, cache, kernel)(x)
 
 
 def w8a8_runner(w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 act_scale: torch.Tensor | None, act_zero_point: torch.Tensor | None,
-                cache: dict[str, Any] | None = None) -> Runner:
+                cache: dict[str, Any] | None = None, kernel: str = W8A8) -> Runner:
     """:func:`linear_w8a8` for these weights, bias and activation parameters as a function of
-    ``x`` alone (the library, the layout and the prepared scales and bias bound)."""
-    lib = _load(W8A8)
-    assert lib is not None, "linear_w8a8 needs available('w8a8')"
+    ``x`` alone (the library, the layout and the prepared scales and bias bound). ``kernel``:
+    ``W8A8`` (AVX512-VNNI) or ``W8A8_AVX2``; both read the same layout."""
+    lib = _load(kernel)
+    assert lib is not None, f"linear_w8a8 needs available({kernel!r})"
     layout = cpu._cached(cache, "native_w8a8", cpu._w8a8_key(w_int8),
                          lambda: repack_w8a8(w_int8))
     params = _w8a8_params(w_int8, w_scale, bias, act_scale, act_zero_point)

@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -45,6 +46,7 @@ __all__ = [
     "COMPUTE_DTYPES",
     "INT32_MAX_K",
     "conv2d_weight_only",
+    "cpu_int_mm_exact",
     "dequantize_rows",
     "embedding_weight_only",
     "int8_matmul",
@@ -221,7 +223,8 @@ def int_mm_supported(a: torch.Tensor, w: torch.Tensor) -> bool:
     Rules by device (torch 2.13):
 
     * cpu: any ``M, N >= 0`` but ``K >= 2``: with ``K == 1`` and ``N > 1`` torch 2.13 returns
-      uninitialised memory instead of the product (measured), so ``K == 1`` takes the fallback.
+      uninitialised memory instead of the product (measured), so ``K == 1`` takes the fallback;
+      and only where the product is exact (:func:`cpu_int_mm_exact`: CPUs with VNNI).
     * cuda: ``M > 16``, ``K`` and ``N`` positive multiples of 8 (checks in ``_int_mm_out_cuda``).
     * other devices: not used.
     """
@@ -229,8 +232,24 @@ def int_mm_supported(a: torch.Tensor, w: torch.Tensor) -> bool:
     return rule is not None and rule(a.shape[0], a.shape[1], w.shape[0])
 
 
+@functools.cache
+def cpu_int_mm_exact() -> bool:
+    """Whether ``torch._int_mm`` on the CPU returns exact int32 sums here. It runs oneDNN's
+    ``gemm_s8s8s32``, which on CPUs without VNNI (AVX2 only, or AVX-512 before Cascade Lake)
+    shifts ``a`` to u8 and multiplies with ``vpmaddubsw``, whose int16 pair sums saturate:
+    with ``ONEDNN_MAX_CPU_ISA=AVX2`` on this project's CPU, sums of random int8 codes came out
+    off by up to 1.1e6. Checked once, on codes that saturate; where it fails, the CPU takes the
+    exact int32 fallback."""
+    a = torch.tensor([[127] * 64, [-127] * 64, [127, -127] * 32, [-128] * 64], dtype=torch.int8)
+    try:
+        got = torch._int_mm(a, a.t().contiguous())
+    except RuntimeError:
+        return False
+    return bool(torch.equal(got, _exact_mm_int32(a, a)))
+
+
 _INT_MM_RULES: dict[str, Callable[[int, int, int], bool]] = {
-    "cpu": lambda m, k, n: k >= 2,
+    "cpu": lambda m, k, n: k >= 2 and cpu_int_mm_exact(),
     "cuda": lambda m, k, n: m > 16 and k > 0 and k % 8 == 0 and n > 0 and n % 8 == 0,
 }
 

@@ -1,0 +1,237 @@
+/* linquant: W8A8 linear (int8 activations x int8 weights, int32 sums) on x86 CPUs with AVX2
+ * only (compiled on first use; see native.py): the same entry point, arguments, weight layout
+ * and results as lq_w8a8 in w8a8.c (AVX512-VNNI), bit-identical to
+ * linquant.kernels.reference.linear_w8a8. Compile with -ffp-contract=off.
+ *
+ * Without VNNI the int8 product is vpmaddubsw (u8 x s8, adjacent pairs summed into int16 with
+ * saturation) and vpmaddwd (int16 pairs into int32). To keep every sum exact, the weight is
+ * split into |w| (the u8 operand; |-128| = 128) and its sign, moved onto the activation code
+ * d = a - 128 (signed: the dynamic / static symmetric code c, in [-127, 127], so negating it
+ * cannot overflow) by vpsignb: |w| * sign(w) d = d w, and a pair sum is at most
+ * 2 * 128 * 127 = 32512 < 32767, for any int8 weight. Static asymmetric codes (d = a - 128
+ * down to -128: pair sums up to 32768) are not taken here: the dispatcher sends them
+ * elsewhere. The int32 sums are sum_k d w = sum_k a w - 128 colsum; the
+ * caller's zero point z enters as zsum = (z - 128) colsum, subtracted as in w8a8.c.
+ *
+ * Weight layout (linquant.kernels.native.repack_w8a8, shared with w8a8.c): row blocks of 16
+ * output channels; within a block, chunks of 4 consecutive k (K padded with zeros to a multiple
+ * of 4), 64 bytes each, byte 4 i + j holding w[16 b + i, 4 c + j]: here two 32-byte halves,
+ * channels 0-7 and 8-15 of the block, one int32 lane per channel after vpmaddwd. Rows of x are
+ * processed in tiles of up to 4, so each chunk serves 4 tokens; threads (OpenMP) split the row
+ * blocks. */
+#include <immintrin.h>
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048
+#endif
+
+static const float QMAX = 127.0f;
+
+static float hmax8(__m256 v)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static float hadd8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* max |x| over a token into *amax; returns 1 when the token holds Inf or NaN. */
+static int token_amax(const float* xr, int64_t K, float* amax_out)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 mx = _mm256_setzero_ps();
+    __m256 fin = _mm256_setzero_ps(); /* x - x: 0 for finite x, NaN otherwise */
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_loadu_ps(xr + k);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+        fin = _mm256_add_ps(fin, _mm256_sub_ps(v, v));
+    }
+    float amax = hmax8(mx);
+    float f = hadd8(fin);
+    for (; k < K; k++) {
+        float v = fabsf(xr[k]);
+        amax = v > amax ? v : amax;
+        f += xr[k] - xr[k];
+    }
+    *amax_out = amax;
+    return f != 0.0f || f != f;
+}
+
+/* 8 int32 codes (each in [0, 255]) into 8 bytes */
+ALWAYS_INLINE void store8(uint8_t* dst, __m256i c)
+{
+    __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+    __m128i w = _mm_packus_epi32(lo, hi);              /* 8 x u16 */
+    _mm_storel_epi64((__m128i*)dst, _mm_packus_epi16(w, w)); /* 8 x u8 */
+}
+
+/* Dynamic per-token codes, as w8a8.c: s = max(max|x| / 127, FLT_MIN), a = round_half_even(x / s)
+ * + 128. Returns 1 when the token holds Inf or NaN (not quantized). */
+static int quantize_token(const float* xr, int64_t K, int64_t Kp, uint8_t* ar, float* s_out)
+{
+    float amax;
+    if (token_amax(xr, K, &amax))
+        return 1;
+    int64_t k;
+    float s = amax / QMAX;
+    if (s < FLT_MIN)
+        s = FLT_MIN;
+    *s_out = s;
+    const __m256 sv = _mm256_set1_ps(s);
+    const __m256i off = _mm256_set1_epi32(128);
+    for (k = 0; k + 8 <= K; k += 8) {
+        __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), sv),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        store8(ar + k, _mm256_add_epi32(_mm256_cvtps_epi32(q), off));
+    }
+    for (; k < K; k++)
+        ar[k] = (uint8_t)((int)nearbyintf(xr[k] / s) + 128);
+    for (; k < Kp; k++)
+        ar[k] = 128;
+    return 0;
+}
+
+/* Static symmetric codes with one scale s: t = round_half_even(x / s), NaN -> 0,
+ * clamp(t, -127, 127) + 128. */
+static void quantize_static(const float* xr, int64_t K, int64_t Kp, uint8_t* ar, float s)
+{
+    const __m256 sv = _mm256_set1_ps(s), lov = _mm256_set1_ps(-QMAX), hiv = _mm256_set1_ps(QMAX);
+    const __m256 shv = _mm256_set1_ps(128.0f);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 t = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), sv),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        t = _mm256_blendv_ps(t, _mm256_setzero_ps(), _mm256_cmp_ps(t, t, _CMP_UNORD_Q));
+        t = _mm256_min_ps(_mm256_max_ps(t, lov), hiv);
+        store8(ar + k, _mm256_cvtps_epi32(_mm256_add_ps(t, shv)));
+    }
+    for (; k < K; k++) {
+        float t = nearbyintf(xr[k] / s);
+        if (t != t)
+            t = 0.0f;
+        t = t < -QMAX ? -QMAX : (t > QMAX ? QMAX : t);
+        ar[k] = (uint8_t)(int)(t + 128.0f);
+    }
+    for (; k < Kp; k++)
+        ar[k] = 128;
+}
+
+/* sum over one 4-k chunk of d * w for 8 channels: |w| (u8; |-128| = 128) times sign(w) d (s8:
+ * |d| <= 127, so negating it cannot overflow, where negating w = -128 would), pairs into int16
+ * (exact: at most 2 * 128 * 127 = 32512), then pairs into int32 */
+ALWAYS_INLINE __m256i dot4(__m256i w, __m256i wabs, __m256i d, __m256i ones)
+{
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(d, w)), ones);
+}
+
+ALWAYS_INLINE void tile(const int8_t* pb, const int32_t* zsum, const float* scale_n,
+                        const float* bias, const uint8_t* a, const float* as, float* y,
+                        int64_t m0, const int MT, int64_t N, int64_t Kp, int64_t b)
+{
+    __m256i acc[4][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; m++)
+        acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    const int64_t nq = Kp / 4;
+    for (int64_t c = 0; c < nq; c++) {
+        _mm_prefetch((const char*)(pb + c * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m256i w0 = _mm256_loadu_si256((const __m256i*)(pb + c * 64));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i*)(pb + c * 64 + 32));
+        const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; m++) {
+            int32_t v;
+            memcpy(&v, a + (m0 + m) * Kp + c * 4, sizeof v);
+            const __m256i d = _mm256_xor_si256(_mm256_set1_epi32(v), flip); /* a - 128 */
+            acc[m][0] = _mm256_add_epi32(acc[m][0], dot4(w0, a0, d, ones));
+            acc[m][1] = _mm256_add_epi32(acc[m][1], dot4(w1, a1, d, ones));
+        }
+    }
+    const int64_t n0 = b * 16, left = N - n0;
+    const __m256i zs0 = _mm256_loadu_si256((const __m256i*)(zsum + n0));
+    const __m256i zs1 = _mm256_loadu_si256((const __m256i*)(zsum + n0 + 8));
+    float sn[16], bv[16], out[16];
+    for (int i = 0; i < 16; i++) {
+        sn[i] = i < left ? scale_n[n0 + i] : 0.0f;
+        bv[i] = (bias && i < left) ? bias[n0 + i] : 0.0f;
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; m++) {
+        for (int h = 0; h < 2; h++) {
+            __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[m][h], h ? zs1 : zs0));
+            const __m256 snv = _mm256_loadu_ps(sn + 8 * h);
+            if (as) /* dynamic: (acc * s_token) * w_scale */
+                f = _mm256_mul_ps(_mm256_mul_ps(f, _mm256_set1_ps(as[m0 + m])), snv);
+            else /* static: acc * (s * w_scale), the product passed in scale_n */
+                f = _mm256_mul_ps(f, snv);
+            if (bias)
+                f = _mm256_add_ps(f, _mm256_loadu_ps(bv + 8 * h));
+            _mm256_storeu_ps(out + 8 * h, f);
+        }
+        memcpy(y + (m0 + m) * N + n0, out, (size_t)(left >= 16 ? 16 : left) * sizeof(float));
+    }
+}
+
+static void gemm(const int8_t* packed, const int32_t* zsum, const float* scale_n,
+                 const float* bias, const uint8_t* a, const float* as, float* y, int64_t M,
+                 int64_t N, int64_t Kp)
+{
+    const int64_t nb = (N + 15) / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t* pb = packed + b * (Kp / 4) * 64;
+        int64_t m0 = 0;
+        while (m0 < M) {
+            int64_t left = M - m0;
+            if (left >= 4) { tile(pb, zsum, scale_n, bias, a, as, y, m0, 4, N, Kp, b); m0 += 4; }
+            else if (left >= 2) { tile(pb, zsum, scale_n, bias, a, as, y, m0, 2, N, Kp, b); m0 += 2; }
+            else { tile(pb, zsum, scale_n, bias, a, as, y, m0, 1, N, Kp, b); m0 += 1; }
+        }
+    }
+}
+
+/* As lq_w8a8 in w8a8.c (same arguments and results), for dynamic per-token activations
+ * (static_scale <= 0) or static symmetric ones (static_scale > 0, z < 0). Returns -1 for static
+ * asymmetric activations (z >= 0; not computed), else the number of dynamic tokens holding Inf
+ * or NaN (y not computed when there are any). */
+int64_t lq_w8a8(const int8_t* packed, const int32_t* colsum, const float* scale_n,
+                const float* bias, const float* x, uint8_t* a, float* as, int32_t* zsum,
+                float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, float static_scale,
+                int64_t z)
+{
+    const int dynamic = !(static_scale > 0.0f);
+    if (!dynamic && z >= 0)
+        return -1;
+    int64_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad) if (M * K >= 65536)
+    for (int64_t m = 0; m < M; m++) {
+        if (dynamic)
+            bad += quantize_token(x + m * K, K, Kp, a + m * Kp, as + m);
+        else
+            quantize_static(x + m * K, K, Kp, a + m * Kp, static_scale);
+    }
+    if (bad)
+        return bad;
+    const int64_t nb = (N + 15) / 16;
+    for (int64_t n = 0; n < nb * 16; n++)
+        zsum[n] = 0; /* zero point 128 for both: (128 - 128) colsum */
+    (void)colsum;
+    gemm(packed, zsum, scale_n, bias, a, dynamic ? as : NULL, y, M, N, Kp);
+    return 0;
+}
