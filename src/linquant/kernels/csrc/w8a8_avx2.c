@@ -8,9 +8,9 @@
  * split into |w| (the u8 operand; |-128| = 128) and its sign, moved onto the activation code
  * d = a - 128 (signed: the dynamic / static symmetric code c, in [-127, 127], so negating it
  * cannot overflow) by vpsignb: |w| * sign(w) d = d w, and a pair sum is at most
- * 2 * 128 * 127 = 32512 < 32767, for any int8 weight. Static asymmetric codes (d = a - 128
- * down to -128: pair sums up to 32768) are not taken here: the dispatcher sends them
- * elsewhere. The int32 sums are sum_k d w = sum_k a w - 128 colsum; the
+ * 2 * 128 * 127 = 32512 < 32767, for any int8 weight. Static asymmetric codes are not taken
+ * here: d = a - 128 reaches -128, which vpsignb cannot negate (and whose pair sums against
+ * -128 weights would reach 32768); the dispatcher sends them elsewhere. The int32 sums are sum_k d w = sum_k a w - 128 colsum; the
  * caller's zero point z enters as zsum = (z - 128) colsum, subtracted as in w8a8.c.
  *
  * Weight layout (linquant.kernels.native.repack_w8a8, shared with w8a8.c): row blocks of 16
