@@ -825,26 +825,31 @@ def test_avx2_w8a8_tiles_odd_shapes_threads() -> None:
 
 
 @needs_native_w8a8_avx2
-def test_avx2_w8a8_leaves_static_asymmetric_codes_to_others() -> None:
-    """Static asymmetric codes reach -128 after the shift: a pair sum could be 2 * 128 * 128.
-    The kernel refuses them (returns -1), the runner answers with the reference, and the
-    dispatcher never picks it for them."""
+def test_avx2_w8a8_static_asymmetric_codes_take_the_int16_form() -> None:
+    """Static asymmetric codes reach a - 128 = -128, which the sign form cannot negate: they go
+    through int16 products, exact for every code (0 and 255 included) and every weight (-128
+    included), on every tile size."""
     lib = native._load(native.W8A8_AVX2)
     assert lib is not None
-    w, ws = _w8(32, 64)
-    x = torch.randn(3, 64)
-    a_s, a_z = torch.tensor(0.02), torch.tensor(200, dtype=torch.uint8)
-    assert native._run_w8a8(lib, x, w, ws, None, a_s, a_z, native.repack_w8a8(w)) is None
-    assert torch.equal(_native_avx2(x, w, ws, None, a_s, a_z, {}),
-                       ref.linear_w8a8(x, w, ws, None, a_s, a_z))
-    assert not native.w8a8_avx2_supported(x, w, a_z)
-    assert native.w8a8_avx2_supported(x, w, None)
+    a_s = torch.tensor(0.02)
+    for z in (0, 97, 255):
+        a_z = torch.tensor(z, dtype=torch.uint8)
+        for m, n, k in ((1, 16, 64), (2, 17, 3), (3, 33, 129), (5, 40, 1000)):
+            w, ws = _w8(n, k, seed=m + z)
+            w[0] = -128
+            w[-1, ::2] = 127
+            x = torch.randn(m, k) * 3
+            x[0, ::3] = 1e4  # code 255
+            x[-1, 1::3] = -1e4  # code 0
+            bias = torch.randn(n)
+            y = native._run_w8a8(lib, x, w, ws, bias, a_s, a_z, native.repack_w8a8(w))
+            assert y is not None and torch.equal(y, ref.linear_w8a8(x, w, ws, bias, a_s, a_z))
 
 
 @needs_native_w8a8_avx2
 def test_select_w8a8_path_avx2_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the VNNI kernel does not run (a CPU without AVX512-VNNI), the AVX2 kernel takes
-    dynamic and static symmetric activations at every M; static asymmetric ones go on."""
+    every W8A8 layer at every M."""
     monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
     big = torch.zeros(512, 256, dtype=torch.int8)
     for m in (1, 2, 16, 300):
@@ -852,7 +857,7 @@ def test_select_w8a8_path_avx2_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     s = torch.tensor(0.1)
     assert kernels.select_w8a8_path(torch.zeros(3, 256), big, s) == "cpu_native_w8a8_avx2"
     z = torch.tensor(5, dtype=torch.uint8)
-    assert kernels.select_w8a8_path(torch.zeros(3, 256), big, s, z) != "cpu_native_w8a8_avx2"
+    assert kernels.select_w8a8_path(torch.zeros(3, 256), big, s, z) == "cpu_native_w8a8_avx2"
     from linquant.nn import W8A8Linear
 
     q = W8A8Linear.from_float(nn.Linear(256, 512))

@@ -129,9 +129,11 @@ reference):
    384 x 1536 1.5-3x faster at M = 13-1920 (``benchmarks/bench_w8a8_crossover.py``).
 0b. ``cpu_native_w8a8_avx2``, every ``M`` (``NATIVE_W8A8_AVX2_MAX_M``), where the VNNI kernel
    does not run and :func:`linquant.kernels.native.w8a8_avx2_supported` holds (any x86-64 CPU
-   with AVX2 and a C compiler; dynamic or static symmetric activations): the same call, layout
-   and bits with ``vpmaddubsw`` / ``vpmaddwd``, exact because the weight's sign is moved onto
-   the activation code. On CPUs without VNNI the paths below are unavailable or slow:
+   with AVX2 and a C compiler): the same call, layout and bits with ``vpmaddubsw`` /
+   ``vpmaddwd``, exact because the weight's sign is moved onto the activation code (static
+   asymmetric codes: ``vpmaddwd`` on int16, exact, about as fast). On CPUs without VNNI the
+   paths
+   below are unavailable or slow:
    oneDNN's int8 GEMM (behind ``torch._int_mm`` and ``cpu_onednn``) saturates int16 pair sums
    there, so ``reference`` falls back to an exact int32 product
    (:func:`linquant.kernels.reference.cpu_int_mm_exact`), 20-50x slower. With every library
@@ -347,7 +349,7 @@ def select_w8a8_path(
     if native.w8a8_supported(x, w_int8):
         return "cpu_native_w8a8"
     m = x.numel() // int(w_int8.shape[1])
-    if m <= NATIVE_W8A8_AVX2_MAX_M and native.w8a8_avx2_supported(x, w_int8, act_zero_point):
+    if m <= NATIVE_W8A8_AVX2_MAX_M and native.w8a8_avx2_supported(x, w_int8):
         return "cpu_native_w8a8_avx2"
     if not cpu.onednn_supported(x, w_int8):
         return "reference"

@@ -21,11 +21,12 @@ Four kernels, each in its own shared library with its own CPU requirement (Linux
   exact int32 sums; compiled with ``-ffp-contract=off``). Dynamic tokens holding Inf or NaN
   send the call to the reference.
 * ``w8a8_avx2`` (``csrc/w8a8_avx2.c``, path ``cpu_native_w8a8_avx2``): the same entry point,
-  layout and bits as ``w8a8``, on any x86-64 CPU with AVX2, for dynamic and static symmetric
-  activations: the int8 product by ``vpmaddubsw`` (u8 x s8, int16 pair sums) and
-  ``vpmaddwd``, exact because the u8 operand is ``|w|`` and the weight's sign goes onto the
-  activation code (``|code| <= 127``, so a pair sum stays within ``2 * 128 * 127``).
-  Static asymmetric codes could overflow and are left to the reference.
+  layout and bits as ``w8a8``, on any x86-64 CPU with AVX2: the int8 product by
+  ``vpmaddubsw`` (u8 x s8, int16 pair sums) and ``vpmaddwd``, exact because the u8 operand is
+  ``|w|`` and the weight's sign goes onto the activation code (``|code| <= 127``, so a pair
+  sum stays within ``2 * 128 * 127``). Static asymmetric codes (shifted, down to -128, which
+  cannot be negated) take ``vpmaddwd`` on sign-extended int16 weights instead, exact for any
+  codes and about as fast.
 * ``avx2`` (``csrc/wa16_avx2.c``, path ``cpu_native_avx2``): 4- or 8-bit weights, any mode, in
   groups of whole 32-bit words of codes, per output channel or per tensor, with bf16, fp16 or
   fp32 activations, on any x86-64 CPU with AVX2, FMA and F16C (Intel Haswell and later, AMD
@@ -547,13 +548,10 @@ def w8a8_supported(x: torch.Tensor, w_int8: torch.Tensor) -> bool:
             and available(W8A8))
 
 
-def w8a8_avx2_supported(x: torch.Tensor, w_int8: torch.Tensor,
-                        act_zero_point: torch.Tensor | None = None) -> bool:
+def w8a8_avx2_supported(x: torch.Tensor, w_int8: torch.Tensor) -> bool:
     """Whether :func:`linear_w8a8` with ``kernel=W8A8_AVX2`` handles ``x`` and the int8 weight
-    (builds the AVX2 W8A8 library on first call): as :func:`w8a8_supported`, for dynamic or
-    static symmetric activations (no activation zero point: static asymmetric codes could
-    overflow its int16 pair sums)."""
-    return (act_zero_point is None and x.device.type == "cpu" and w_int8.device.type == "cpu"
+    (builds the AVX2 W8A8 library on first call): as :func:`w8a8_supported`."""
+    return (x.device.type == "cpu" and w_int8.device.type == "cpu"
             and x.dtype in reference.COMPUTE_DTYPES and w_int8.dtype == torch.int8
             and w_int8.dim() == 2 and 2 <= int(w_int8.shape[1]) <= W8A8_MAX_K
             and available(W8A8_AVX2))
@@ -609,7 +607,7 @@ def _run_w8a8(lib: ctypes.CDLL, x: torch.Tensor, w_int8: torch.Tensor, w_scale: 
     scale_n, s, z, b = params
     x2 = x.reshape(-1, k).float().contiguous()
     m = int(x2.shape[0])
-    a = torch.empty(m, kp, dtype=torch.uint8)
+    a = torch.empty(3 * m * kp + 64, dtype=torch.uint8)  # w8a8_avx2.c's int16 codes too
     tok = torch.empty(m, dtype=torch.float32)
     zsum = torch.empty(colsum.numel(), dtype=torch.int32)
     y = torch.empty(m, n, dtype=torch.float32)
@@ -635,10 +633,9 @@ def linear_w8a8(
     activation quantization (dynamic per token, or static with the given scale and zero point)
     fused with an int8 GEMM and the rescale, on the layout of :func:`repack_w8a8` kept in
     ``cache``: ``kernel`` ``W8A8`` (AVX512-VNNI ``vpdpbusd``) or ``W8A8_AVX2`` (AVX2: the
-    activation's sign moved onto the weight, ``vpmaddubsw`` + ``vpmaddwd``, exact; dynamic and
-    static symmetric activations). Dynamic tokens holding Inf or NaN (and a non-positive static
-    scale, or static asymmetric activations on ``W8A8_AVX2``) send the call to the
-    reference."""
+    weight's sign moved onto the activation code, ``vpmaddubsw`` + ``vpmaddwd``, exact; int16
+    ``vpmaddwd`` for static asymmetric codes). Dynamic tokens holding Inf or NaN (and a
+    non-positive static scale) send the call to the reference."""
     return w8a8_runner(w_int8, w_scale, bias, act_scale, act_zero_point, cache, kernel)(x)
 
 
