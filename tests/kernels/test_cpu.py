@@ -321,7 +321,7 @@ def no_native_w8a8(monkeypatch: pytest.MonkeyPatch) -> None:
     """The W8A8 table below the native kernels (their rows: test_select_w8a8_path_native_rows
     and test_select_w8a8_path_avx2_rows)."""
     monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
-    monkeypatch.setattr(native, "w8a8_avx2_supported", lambda x, w, z=None: False)
+    monkeypatch.setattr(native, "w8a8_avx2_supported", lambda x, w: False)
 
 
 def _w8(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,7 +475,7 @@ def test_w8a8_layer_caches_prepack_rebuilds_on_change_and_copies_without_it(
 ) -> None:
     if backend != "native_w8a8":
         monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
-        monkeypatch.setattr(native, "w8a8_avx2_supported", lambda x, w, z=None: False)
+        monkeypatch.setattr(native, "w8a8_avx2_supported", lambda x, w: False)
     import copy
     import io
 
@@ -856,8 +856,6 @@ def test_select_w8a8_path_avx2_rows(monkeypatch: pytest.MonkeyPatch) -> None:
         assert kernels.select_w8a8_path(torch.zeros(m, 256), big) == "cpu_native_w8a8_avx2"
     s = torch.tensor(0.1)
     assert kernels.select_w8a8_path(torch.zeros(3, 256), big, s) == "cpu_native_w8a8_avx2"
-    z = torch.tensor(5, dtype=torch.uint8)
-    assert kernels.select_w8a8_path(torch.zeros(3, 256), big, s, z) == "cpu_native_w8a8_avx2"
     from linquant.nn import W8A8Linear
 
     q = W8A8Linear.from_float(nn.Linear(256, 512))
@@ -866,6 +864,14 @@ def test_select_w8a8_path_avx2_rows(monkeypatch: pytest.MonkeyPatch) -> None:
         y = q(x)
     assert [p.path for p in q.kernel_cache()["w8a8_plans"].values()] == ["cpu_native_w8a8_avx2"]
     assert torch.equal(y, ref.linear_w8a8(x, q.weight_qdata, q.weight_scale, q.bias))
+    # static asymmetric activations (a zero point) take it too
+    qa = W8A8Linear.from_float(nn.Linear(256, 512), activation="static", act_symmetric=False)
+    qa.set_activation_range(-3.0, 2.5)
+    with torch.no_grad():
+        ya = qa(x)
+    assert [p.path for p in qa.kernel_cache()["w8a8_plans"].values()] == ["cpu_native_w8a8_avx2"]
+    assert torch.equal(ya, ref.linear_w8a8(x, qa.weight_qdata, qa.weight_scale, qa.bias,
+                                           qa.input_scale, qa._buffers["input_zero_point"]))
 
 
 def test_int8_matmul_stays_exact_when_int_mm_is_not(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -204,7 +204,7 @@ def test_w8a8_plan_runs_the_chosen_path_bit_identically(kind: str, native_ok: st
     if native_ok != "vnni":
         monkeypatch.setattr(native, "w8a8_supported", lambda x, w: False)
     if native_ok != "avx2":
-        monkeypatch.setattr(native, "w8a8_avx2_supported", lambda x, w, z=None: False)
+        monkeypatch.setattr(native, "w8a8_avx2_supported", lambda x, w: False)
     q = _w8(kind)
     x = torch.randn(m, 256) * 2
     static = kind != "dynamic"
@@ -213,7 +213,7 @@ def test_w8a8_plan_runs_the_chosen_path_bit_identically(kind: str, native_ok: st
     want = kernels.linear_w8a8(x, *args)
     assert torch.equal(q(x), want)
     (p,) = q.kernel_cache()["w8a8_plans"].values()
-    assert p.path == kernels.select_w8a8_path(x, q.weight_qdata, args[3], args[4])
+    assert p.path == kernels.select_w8a8_path(x, q.weight_qdata, args[3])
     assert torch.equal(q(x), want)
 
 

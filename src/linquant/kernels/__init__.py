@@ -336,11 +336,9 @@ def _cpu_runner(path: str, x: torch.Tensor, qweight: QuantizedTensor,
 
 
 def select_w8a8_path(
-    x: torch.Tensor, w_int8: torch.Tensor, act_scale: torch.Tensor | None = None,
-    act_zero_point: torch.Tensor | None = None,
+    x: torch.Tensor, w_int8: torch.Tensor, act_scale: torch.Tensor | None = None
 ) -> str:
-    """Which implementation :func:`linear_w8a8` uses for ``x`` and the int8 weight ``[N, K]``
-    (with static activations: their scale and, if asymmetric, zero point)."""
+    """Which implementation :func:`linear_w8a8` uses for ``x`` and the int8 weight ``[N, K]``."""
     if x.device.type == "cuda" and triton_w8a8.supported(x, w_int8):
         return "cuda_triton_w8a8"
     if (x.device.type != "cpu" or x.numel() == 0 or w_int8.numel() < MIN_FAST_NUMEL
@@ -459,8 +457,7 @@ def linear_w8a8(
                        "w8a8_plans")
         if p is not None:
             return p.run(x)
-    path = (select_w8a8_path(x, w_int8, act_scale, act_zero_point)
-            if isinstance(x, torch.Tensor) else "reference")
+    path = select_w8a8_path(x, w_int8, act_scale) if isinstance(x, torch.Tensor) else "reference"
     if (cache is not None and cpu_x and not _bias_needs_grad(bias)
             and not (x.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling()):

@@ -142,6 +142,48 @@ ALWAYS_INLINE __m256i dot4(__m256i w, __m256i wabs, __m256i d, __m256i ones)
     return _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(d, w)), ones);
 }
 
+/* The epilogue of a tile, shared by both forms: a block's zsum, weight scales and bias (16
+ * channels, zero past N) ... */
+typedef struct {
+    float sn[16], bv[16];
+    __m256i zs[2];
+    int64_t n0, left;
+} Block;
+
+ALWAYS_INLINE void block_init(Block* blk, const int32_t* zsum, const float* scale_n,
+                              const float* bias, int64_t N, int64_t b)
+{
+    blk->n0 = b * 16;
+    blk->left = N - blk->n0;
+    blk->zs[0] = _mm256_loadu_si256((const __m256i*)(zsum + blk->n0));
+    blk->zs[1] = _mm256_loadu_si256((const __m256i*)(zsum + blk->n0 + 8));
+    for (int i = 0; i < 16; i++) {
+        blk->sn[i] = i < blk->left ? scale_n[blk->n0 + i] : 0.0f;
+        blk->bv[i] = (bias && i < blk->left) ? bias[blk->n0 + i] : 0.0f;
+    }
+}
+
+/* ... and one token's row: int32 sums s[2] (channels 0-7, 8-15) minus zsum, times the token's
+ * scale ts (dynamic: (acc * s_token) * w_scale; ts < 0: static, acc * (s * w_scale), the product
+ * passed in scale_n), plus the bias, stored to yr[n0 .. n0 + min(16, left)). */
+ALWAYS_INLINE void block_store(const Block* blk, const __m256i s[2], float ts, int has_bias,
+                               float* yr)
+{
+    float out[16];
+    for (int h = 0; h < 2; h++) {
+        __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(s[h], blk->zs[h]));
+        const __m256 snv = _mm256_loadu_ps(blk->sn + 8 * h);
+        if (ts >= 0.0f)
+            f = _mm256_mul_ps(_mm256_mul_ps(f, _mm256_set1_ps(ts)), snv);
+        else
+            f = _mm256_mul_ps(f, snv);
+        if (has_bias)
+            f = _mm256_add_ps(f, _mm256_loadu_ps(blk->bv + 8 * h));
+        _mm256_storeu_ps(out + 8 * h, f);
+    }
+    memcpy(yr + blk->n0, out, (size_t)(blk->left >= 16 ? 16 : blk->left) * sizeof(float));
+}
+
 ALWAYS_INLINE void tile(const int8_t* pb, const int32_t* zsum, const float* scale_n,
                         const float* bias, const uint8_t* a, const float* as, float* y,
                         int64_t m0, const int MT, int64_t N, int64_t Kp, int64_t b)
@@ -166,29 +208,11 @@ ALWAYS_INLINE void tile(const int8_t* pb, const int32_t* zsum, const float* scal
             acc[m][1] = _mm256_add_epi32(acc[m][1], dot4(w1, a1, d, ones));
         }
     }
-    const int64_t n0 = b * 16, left = N - n0;
-    const __m256i zs0 = _mm256_loadu_si256((const __m256i*)(zsum + n0));
-    const __m256i zs1 = _mm256_loadu_si256((const __m256i*)(zsum + n0 + 8));
-    float sn[16], bv[16], out[16];
-    for (int i = 0; i < 16; i++) {
-        sn[i] = i < left ? scale_n[n0 + i] : 0.0f;
-        bv[i] = (bias && i < left) ? bias[n0 + i] : 0.0f;
-    }
+    Block blk;
+    block_init(&blk, zsum, scale_n, bias, N, b);
 #pragma GCC unroll 4
-    for (int m = 0; m < MT; m++) {
-        for (int h = 0; h < 2; h++) {
-            __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[m][h], h ? zs1 : zs0));
-            const __m256 snv = _mm256_loadu_ps(sn + 8 * h);
-            if (as) /* dynamic: (acc * s_token) * w_scale */
-                f = _mm256_mul_ps(_mm256_mul_ps(f, _mm256_set1_ps(as[m0 + m])), snv);
-            else /* static: acc * (s * w_scale), the product passed in scale_n */
-                f = _mm256_mul_ps(f, snv);
-            if (bias)
-                f = _mm256_add_ps(f, _mm256_loadu_ps(bv + 8 * h));
-            _mm256_storeu_ps(out + 8 * h, f);
-        }
-        memcpy(y + (m0 + m) * N + n0, out, (size_t)(left >= 16 ? 16 : left) * sizeof(float));
-    }
+    for (int m = 0; m < MT; m++)
+        block_store(&blk, acc[m], as ? as[m0 + m] : -1.0f, bias != NULL, y + (m0 + m) * N);
 }
 
 static void gemm(const int8_t* packed, const int32_t* zsum, const float* scale_n,
@@ -239,26 +263,14 @@ ALWAYS_INLINE void tile16(const int8_t* pb, const int32_t* zsum, const float* sc
                 acc[m][j] = _mm256_add_epi32(acc[m][j], _mm256_madd_epi16(w[j], dv));
         }
     }
-    const int64_t n0 = b * 16, left = N - n0;
-    const __m256i zs0 = _mm256_loadu_si256((const __m256i*)(zsum + n0));
-    const __m256i zs1 = _mm256_loadu_si256((const __m256i*)(zsum + n0 + 8));
-    float sn[16], bv[16], out[16];
-    for (int i = 0; i < 16; i++) {
-        sn[i] = i < left ? scale_n[n0 + i] : 0.0f;
-        bv[i] = (bias && i < left) ? bias[n0 + i] : 0.0f;
-    }
+    Block blk;
+    block_init(&blk, zsum, scale_n, bias, N, b);
     for (int m = 0; m < MT; m++) {
-        for (int h = 0; h < 2; h++) {
-            /* hadd: [c0, c1, c4, c5 | c2, c3, c6, c7] of the 8 channels; 0xD8 puts them in order */
-            const __m256i sums = _mm256_permute4x64_epi64(
-                _mm256_hadd_epi32(acc[m][2 * h], acc[m][2 * h + 1]), 0xD8);
-            __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, h ? zs1 : zs0));
-            f = _mm256_mul_ps(f, _mm256_loadu_ps(sn + 8 * h)); /* static: acc * (s * w_scale) */
-            if (bias)
-                f = _mm256_add_ps(f, _mm256_loadu_ps(bv + 8 * h));
-            _mm256_storeu_ps(out + 8 * h, f);
-        }
-        memcpy(y + (m0 + m) * N + n0, out, (size_t)(left >= 16 ? 16 : left) * sizeof(float));
+        /* hadd: [c0, c1, c4, c5 | c2, c3, c6, c7] of 8 channels; 0xD8 puts them in order */
+        const __m256i sums[2] = {
+            _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][0], acc[m][1]), 0xD8),
+            _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][2], acc[m][3]), 0xD8)};
+        block_store(&blk, sums, -1.0f, bias != NULL, y + (m0 + m) * N); /* static scales */
     }
 }
 
