@@ -607,7 +607,7 @@ def _run_w8a8(lib: ctypes.CDLL, x: torch.Tensor, w_int8: torch.Tensor, w_scale: 
     scale_n, s, z, b = params
     x2 = x.reshape(-1, k).float().contiguous()
     m = int(x2.shape[0])
-    a = torch.empty(3 * m * kp + 64, dtype=torch.uint8)  # w8a8_avx2.c's int16 codes too
+    a = torch.empty(2 * m * kp + 64, dtype=torch.uint8)  # w8a8_avx2.c's int16 codes too
     tok = torch.empty(m, dtype=torch.float32)
     zsum = torch.empty(colsum.numel(), dtype=torch.int32)
     y = torch.empty(m, n, dtype=torch.float32)

@@ -9,8 +9,10 @@
  * d = a - 128 (signed: the dynamic / static symmetric code c, in [-127, 127], so negating it
  * cannot overflow) by vpsignb: |w| * sign(w) d = d w, and a pair sum is at most
  * 2 * 128 * 127 = 32512 < 32767, for any int8 weight. Static asymmetric codes reach
- * d = a - 128 = -128, which vpsignb cannot negate: they take an int16 form (tile16). The int32 sums are sum_k d w = sum_k a w - 128 colsum; the
- * caller's zero point z enters as zsum = (z - 128) colsum, subtracted as in w8a8.c.
+ * d = a - 128 = -128, which vpsignb cannot negate: they take an int16 form (tile16). The
+ * activation codes are stored as d (w8a8.c stores a). The int32 sums are
+ * sum_k d w = sum_k a w - 128 colsum; the caller's zero point z enters as
+ * zsum = (z - 128) colsum, subtracted as in w8a8.c.
  *
  * Weight layout (linquant.kernels.native.repack_w8a8, shared with w8a8.c): row blocks of 16
  * output channels; within a block, chunks of 4 consecutive k (K padded with zeros to a multiple
@@ -71,17 +73,19 @@ static int token_amax(const float* xr, int64_t K, float* amax_out)
     return f != 0.0f || f != f;
 }
 
-/* 8 int32 codes (each in [0, 255]) into 8 bytes */
-ALWAYS_INLINE void store8(uint8_t* dst, __m256i c)
+/* 8 int32 codes (each in [-127, 127]) into 8 signed bytes */
+ALWAYS_INLINE void store8s(int8_t* dst, __m256i c)
 {
     __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
-    __m128i w = _mm_packus_epi32(lo, hi);              /* 8 x u16 */
-    _mm_storel_epi64((__m128i*)dst, _mm_packus_epi16(w, w)); /* 8 x u8 */
+    __m128i w = _mm_packs_epi32(lo, hi);               /* 8 x s16 */
+    _mm_storel_epi64((__m128i*)dst, _mm_packs_epi16(w, w)); /* 8 x s8 */
 }
 
-/* Dynamic per-token codes, as w8a8.c: s = max(max|x| / 127, FLT_MIN), a = round_half_even(x / s)
- * + 128. Returns 1 when the token holds Inf or NaN (not quantized). */
-static int quantize_token(const float* xr, int64_t K, int64_t Kp, uint8_t* ar, float* s_out)
+/* Dynamic per-token codes, as w8a8.c: s = max(max|x| / 127, FLT_MIN), c = round_half_even(x / s),
+ * stored as d = c (w8a8.c stores a = c + 128; here the GEMM reads d = a - 128 directly, which
+ * saves one instruction per token and chunk). Returns 1 when the token holds Inf or NaN (not
+ * quantized). */
+static int quantize_token(const float* xr, int64_t K, int64_t Kp, int8_t* dr, float* s_out)
 {
     float amax;
     if (token_amax(xr, K, &amax))
@@ -92,26 +96,26 @@ static int quantize_token(const float* xr, int64_t K, int64_t Kp, uint8_t* ar, f
         s = FLT_MIN;
     *s_out = s;
     const __m256 sv = _mm256_set1_ps(s);
-    const __m256i off = _mm256_set1_epi32(128);
     for (k = 0; k + 8 <= K; k += 8) {
         __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), sv),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        store8(ar + k, _mm256_add_epi32(_mm256_cvtps_epi32(q), off));
+        store8s(dr + k, _mm256_cvtps_epi32(q));
     }
     for (; k < K; k++)
-        ar[k] = (uint8_t)((int)nearbyintf(xr[k] / s) + 128);
+        dr[k] = (int8_t)(int)nearbyintf(xr[k] / s);
     for (; k < Kp; k++)
-        ar[k] = 128;
+        dr[k] = 0;
     return 0;
 }
 
 /* Static codes with one scale s, as w8a8.c: t = round_half_even(x / s), NaN -> 0, then
- * symmetric clamp(t, -127, 127) + 128, or asymmetric clamp(t + z, 0, 255). */
-static void quantize_static(const float* xr, int64_t K, int64_t Kp, uint8_t* ar, float s,
-                            int64_t z)
+ * symmetric clamp(t, -127, 127) or asymmetric clamp(t + z, 0, 255), stored as d = a - 128 where
+ * w8a8.c stores a: symmetric d = t in int8 (dr), asymmetric d in int16 (d16, for tile16). */
+static void quantize_static(const float* xr, int64_t K, int64_t Kp, int8_t* dr, int16_t* d16,
+                            float s, int64_t z)
 {
     const float lo = z < 0 ? -QMAX : 0.0f, hi = z < 0 ? QMAX : 255.0f;
-    const float add = z < 0 ? 0.0f : (float)z, shift = z < 0 ? 128.0f : 0.0f;
+    const float add = z < 0 ? 0.0f : (float)z, shift = z < 0 ? 0.0f : -128.0f;
     const __m256 sv = _mm256_set1_ps(s), addv = _mm256_set1_ps(add);
     const __m256 lov = _mm256_set1_ps(lo), hiv = _mm256_set1_ps(hi), shv = _mm256_set1_ps(shift);
     int64_t k = 0;
@@ -120,7 +124,12 @@ static void quantize_static(const float* xr, int64_t K, int64_t Kp, uint8_t* ar,
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         t = _mm256_blendv_ps(t, _mm256_setzero_ps(), _mm256_cmp_ps(t, t, _CMP_UNORD_Q));
         t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, addv), lov), hiv);
-        store8(ar + k, _mm256_cvtps_epi32(_mm256_add_ps(t, shv)));
+        const __m256i c = _mm256_cvtps_epi32(_mm256_add_ps(t, shv));
+        if (z < 0)
+            store8s(dr + k, c);
+        else
+            _mm_storeu_si128((__m128i*)(d16 + k), _mm_packs_epi32(_mm256_castsi256_si128(c),
+                                                                  _mm256_extracti128_si256(c, 1)));
     }
     for (; k < K; k++) {
         float t = nearbyintf(xr[k] / s);
@@ -128,10 +137,18 @@ static void quantize_static(const float* xr, int64_t K, int64_t Kp, uint8_t* ar,
             t = 0.0f;
         t += add;
         t = t < lo ? lo : (t > hi ? hi : t);
-        ar[k] = (uint8_t)(int)(t + shift);
+        const int d = (int)(t + shift);
+        if (z < 0)
+            dr[k] = (int8_t)d;
+        else
+            d16[k] = (int16_t)d;
     }
-    for (; k < Kp; k++)
-        ar[k] = (uint8_t)(z < 0 ? 128 : z);
+    for (; k < Kp; k++) {
+        if (z < 0)
+            dr[k] = 0;
+        else
+            d16[k] = (int16_t)(z - 128);
+    }
 }
 
 /* sum over one 4-k chunk of d * w for 8 channels: |w| (u8; |-128| = 128) times sign(w) d (s8:
@@ -185,14 +202,14 @@ ALWAYS_INLINE void block_store(const Block* blk, const __m256i s[2], float ts, i
 }
 
 ALWAYS_INLINE void tile(const int8_t* pb, const int32_t* zsum, const float* scale_n,
-                        const float* bias, const uint8_t* a, const float* as, float* y,
+                        const float* bias, const int8_t* d8, const float* as, float* y,
                         int64_t m0, const int MT, int64_t N, int64_t Kp, int64_t b)
 {
     __m256i acc[4][2];
 #pragma GCC unroll 4
     for (int m = 0; m < MT; m++)
         acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     const int64_t nq = Kp / 4;
     for (int64_t c = 0; c < nq; c++) {
         _mm_prefetch((const char*)(pb + c * 64 + PREFETCH_BYTES), _MM_HINT_T0);
@@ -202,8 +219,8 @@ ALWAYS_INLINE void tile(const int8_t* pb, const int32_t* zsum, const float* scal
 #pragma GCC unroll 4
         for (int m = 0; m < MT; m++) {
             int32_t v;
-            memcpy(&v, a + (m0 + m) * Kp + c * 4, sizeof v);
-            const __m256i d = _mm256_xor_si256(_mm256_set1_epi32(v), flip); /* a - 128 */
+            memcpy(&v, d8 + (m0 + m) * Kp + c * 4, sizeof v);
+            const __m256i d = _mm256_set1_epi32(v);
             acc[m][0] = _mm256_add_epi32(acc[m][0], dot4(w0, a0, d, ones));
             acc[m][1] = _mm256_add_epi32(acc[m][1], dot4(w1, a1, d, ones));
         }
@@ -216,7 +233,7 @@ ALWAYS_INLINE void tile(const int8_t* pb, const int32_t* zsum, const float* scal
 }
 
 static void gemm(const int8_t* packed, const int32_t* zsum, const float* scale_n,
-                 const float* bias, const uint8_t* a, const float* as, float* y, int64_t M,
+                 const float* bias, const int8_t* d8, const float* as, float* y, int64_t M,
                  int64_t N, int64_t Kp)
 {
     const int64_t nb = (N + 15) / 16;
@@ -226,9 +243,9 @@ static void gemm(const int8_t* packed, const int32_t* zsum, const float* scale_n
         int64_t m0 = 0;
         while (m0 < M) {
             int64_t left = M - m0;
-            if (left >= 4) { tile(pb, zsum, scale_n, bias, a, as, y, m0, 4, N, Kp, b); m0 += 4; }
-            else if (left >= 2) { tile(pb, zsum, scale_n, bias, a, as, y, m0, 2, N, Kp, b); m0 += 2; }
-            else { tile(pb, zsum, scale_n, bias, a, as, y, m0, 1, N, Kp, b); m0 += 1; }
+            if (left >= 4) { tile(pb, zsum, scale_n, bias, d8, as, y, m0, 4, N, Kp, b); m0 += 4; }
+            else if (left >= 2) { tile(pb, zsum, scale_n, bias, d8, as, y, m0, 2, N, Kp, b); m0 += 2; }
+            else { tile(pb, zsum, scale_n, bias, d8, as, y, m0, 1, N, Kp, b); m0 += 1; }
         }
     }
 }
@@ -291,22 +308,24 @@ static void gemm16(const int8_t* packed, const int32_t* zsum, const float* scale
 }
 
 /* As lq_w8a8 in w8a8.c: the same arguments and results, except that a must hold
- * 3 * M * Kp + 64 bytes (the int16 codes of static asymmetric activations go after the u8
- * ones, 64-byte aligned). Returns the number of dynamic tokens holding Inf or NaN (y not
- * computed when there are any). */
+ * 2 * M * Kp + 64 bytes, and holds the codes d = a - 128 of w8a8.c's a: int8, or for static
+ * asymmetric activations int16 from the first 64-byte boundary. Returns the number of dynamic
+ * tokens holding Inf or NaN (y not computed when there are any). */
 int64_t lq_w8a8(const int8_t* packed, const int32_t* colsum, const float* scale_n,
                 const float* bias, const float* x, uint8_t* a, float* as, int32_t* zsum,
                 float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, float static_scale,
                 int64_t z)
 {
     const int dynamic = !(static_scale > 0.0f);
+    int8_t* d8 = (int8_t*)a;
+    int16_t* d16 = (int16_t*)(((uintptr_t)a + 63) & ~(uintptr_t)63);
     int64_t bad = 0;
 #pragma omp parallel for schedule(static) reduction(+ : bad) if (M * K >= 65536)
     for (int64_t m = 0; m < M; m++) {
         if (dynamic)
-            bad += quantize_token(x + m * K, K, Kp, a + m * Kp, as + m);
+            bad += quantize_token(x + m * K, K, Kp, d8 + m * Kp, as + m);
         else
-            quantize_static(x + m * K, K, Kp, a + m * Kp, static_scale, z);
+            quantize_static(x + m * K, K, Kp, d8 + m * Kp, d16 + m * Kp, static_scale, z);
     }
     if (bad)
         return bad;
@@ -316,13 +335,9 @@ int64_t lq_w8a8(const int8_t* packed, const int32_t* colsum, const float* scale_
     for (int64_t n = 0; n < nb * 16; n++)
         zsum[n] = (zp - 128) * colsum[n];
     if (!dynamic && z >= 0) {
-        uintptr_t p = ((uintptr_t)(a + M * Kp) + 63) & ~(uintptr_t)63;
-        int16_t* d16 = (int16_t*)p;
-        for (int64_t i = 0; i < M * Kp; i++)
-            d16[i] = (int16_t)((int)a[i] - 128);
         gemm16(packed, zsum, scale_n, bias, d16, y, M, N, Kp);
         return 0;
     }
-    gemm(packed, zsum, scale_n, bias, a, dynamic ? as : NULL, y, M, N, Kp);
+    gemm(packed, zsum, scale_n, bias, d8, dynamic ? as : NULL, y, M, N, Kp);
     return 0;
 }
