@@ -778,8 +778,8 @@ def test_native_w8a8_through_the_layer_and_clear_kernel_caches() -> None:
 @needs_native_w8a8_avx2
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-sym"])
 def test_avx2_w8a8_exact_with_minus_128_weights(static: bool) -> None:
-    """The sign goes onto the activation code (|code| <= 127), so -128 weights are exact too:
-    pair sums up to 2 * 128 * 127 fit int16 (the weight's sign on a -128 weight would wrap)."""
+    """-128 weights (v = 0 in the offset form; |w| = 128 in the sign form) with codes at both
+    ends, rows of one sign (shifted) and of both signs (split or the sign form): exact."""
     k = 1024
     w = torch.full((24, k), -128, dtype=torch.int8)
     w[1::2] = 127
@@ -825,10 +825,10 @@ def test_avx2_w8a8_tiles_odd_shapes_threads() -> None:
 
 
 @needs_native_w8a8_avx2
-def test_avx2_w8a8_static_asymmetric_codes_take_the_int16_form() -> None:
-    """Static asymmetric codes reach a - 128 = -128, which the sign form cannot negate: they go
-    through int16 products, exact for every code (0 and 255 included) and every weight (-128
-    included), on every tile size."""
+def test_avx2_w8a8_static_asymmetric_codes_are_exact() -> None:
+    """Static asymmetric codes reach a - 128 = -128, which the sign form cannot negate: they
+    always take the offset form, exact for every code (0 and 255 included) and every weight
+    (-128 included), on every tile size."""
     lib = native._load(native.W8A8_AVX2)
     assert lib is not None
     a_s = torch.tensor(0.02)
@@ -844,6 +844,147 @@ def test_avx2_w8a8_static_asymmetric_codes_take_the_int16_form() -> None:
             bias = torch.randn(n)
             y = native._run_w8a8(lib, x, w, ws, bias, a_s, a_z, native.repack_w8a8(w))
             assert y is not None and torch.equal(y, ref.linear_w8a8(x, w, ws, bias, a_s, a_z))
+
+
+def _acts(dist: str, m: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """Activations whose codes stress the AVX2 kernel's split in different ways."""
+    if dist == "gauss":  # few remainders: the offset form
+        return torch.randn(m, k, generator=g)
+    if dist == "uniform":  # remainders in about 44% of the chunks: the sign form
+        return torch.rand(m, k, generator=g) * 2 - 1
+    if dist == "positive":  # one sign, span <= 128 once shifted: no remainder
+        return torch.rand(m, k, generator=g) + 0.01
+    if dist == "constant":
+        return torch.full((m, k), -0.7)
+    if dist == "pairs":  # every pair of one sign and large: a remainder in every chunk
+        return torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(m, -(-k // 4))[:, :k].contiguous()
+    if dist == "mixed":  # "pairs" tokens (the sign form) and a shifted one, which it restores
+        x = _acts("pairs", m, k, g)
+        x[0] = torch.rand(k, generator=g) * 0.5 + 0.5
+        return x
+    raise AssertionError(dist)
+
+
+DISTS = ["gauss", "uniform", "positive", "constant", "pairs", "mixed"]
+
+
+def _prepare_avx2(x: torch.Tensor, kp: int, a_s: float, z: int) -> dict[str, Any]:
+    """``lq_w8a8_prepare`` on x [M, K]: the split codes, shifts, sums and remainders, read back
+    from the activation buffer (its layout: ``Acts`` in w8a8_avx2.c)."""
+    lib = native._load(native.W8A8_AVX2)
+    assert lib is not None
+    m, k = x.shape
+    nq = kp // 4
+    a = torch.zeros(3 * m * kp + 16 * m + 64, dtype=torch.uint8)
+    tok = torch.empty(m)
+    total = lib.lq_w8a8_prepare(x.contiguous().data_ptr(), a.data_ptr(), tok.data_ptr(), m, k,
+                                kp, a_s, z)
+    o = (a.data_ptr() + m * kp + 63) // 64 * 64 - a.data_ptr()
+    ints = a[o:o + 4 * (3 * m + 2 * m * nq)].view(torch.int32)
+    return {"total": total, "d": a[:m * kp].view(torch.int8).reshape(m, kp).to(torch.int32),
+            "dsum": ints[:m], "shift": ints[m:2 * m], "nres": ints[2 * m:3 * m],
+            "ridx": ints[3 * m:3 * m + m * nq].reshape(m, nq),
+            "rpat": ints[3 * m + m * nq:].reshape(m, nq).contiguous().view(torch.int8)
+            .reshape(m, nq, 4).to(torch.int32)}
+
+
+@needs_native_w8a8_avx2
+@given(m=st.integers(1, 5), k=st.integers(1, 200), dist=st.sampled_from(DISTS),
+       mode=st.sampled_from(["dynamic", "static-sym", "static-asym-0", "static-asym-97",
+                             "static-asym-255"]),
+       seed=st.integers(0, 2**16))
+def test_avx2_w8a8_split_keeps_codes_and_every_pair_exact(
+    m: int, k: int, dist: str, mode: str, seed: int
+) -> None:
+    """The activation side of the AVX2 kernel, exactly: d' + e + t gives back the reference's
+    codes; every pair of d' fits vpmaddubsw's int16 sum for any weight (opposite signs, or
+    |d0| + |d1| <= 128); every pair of e holds a zero; t is the midpoint where the codes span at
+    most 128, else 0; the sums and the remainder list are consistent."""
+    g = torch.Generator().manual_seed(seed)
+    x = _acts(dist, m, k, g) * 3
+    kp = -(-k // 4) * 4
+    if mode == "dynamic":
+        codes = ref.quantize_activation_per_token(x)[0].to(torch.int32)
+        a_s, z = 0.0, -1
+    else:
+        a_s = 0.02
+        z = -1 if mode == "static-sym" else int(mode.rsplit("-", 1)[1])
+        if z < 0:
+            codes = ref.quantize_activation_per_tensor(x, torch.tensor(a_s)).to(torch.int32)
+        else:
+            codes = ref.quantize_activation_per_tensor(
+                x, torch.tensor(a_s), torch.tensor(z, dtype=torch.uint8)).to(torch.int32) - 128
+    r = _prepare_avx2(x, kp, a_s, z)
+    nres = r["nres"]
+    assert r["total"] == int(nres.sum())
+    e = torch.zeros(m, kp, dtype=torch.int32)
+    for i in range(m):
+        idx = r["ridx"][i, :nres[i]]
+        assert bool((idx[1:] > idx[:-1]).all()) and bool((idx < kp // 4).all())
+        pat = r["rpat"][i, :nres[i]]
+        assert bool(pat.ne(0).any(dim=1).all())  # no empty entries
+        e[i].view(kp // 4, 4)[idx.long()] = pat
+    t = r["shift"]
+    for i in range(m):
+        lo, hi = int(codes[i].min()), int(codes[i].max())
+        assert int(t[i]) == ((lo + hi) // 2 if hi - lo <= 128 else 0)
+        assert hi - lo > 128 or int(nres[i]) == 0  # shifted into [-64, 64]: nothing to split
+    d = r["d"]
+    assert torch.equal((d + e)[:, :k] + t[:, None], codes)
+    assert not d[:, k:].any() and not e[:, k:].any()
+    assert torch.equal(r["dsum"], (codes - t[:, None]).sum(dim=1, dtype=torch.int32))
+    p0, p1 = d.view(m, kp // 2, 2).unbind(-1)
+    assert bool(((p0 * p1 <= 0) | (p0.abs() + p1.abs() <= 128)).all())
+    e0, e1 = e.view(m, kp // 2, 2).unbind(-1)
+    assert bool(((e0 == 0) | (e1 == 0)).all())
+
+
+@needs_native_w8a8_avx2
+@pytest.mark.parametrize("k", [70, 200])
+def test_avx2_w8a8_split_boundary(k: int) -> None:
+    """A pair of one sign summing to 129 is split (255 * 129 would overflow int16); 128 is not;
+    opposite signs never are. Codes set exactly (max 127, so the scale is 1)."""
+    x = torch.zeros(3, k)
+    x[:, 0] = 127.0  # pair (127, 0): fits
+    x[0, 40], x[0, 41] = 64.0, 65.0  # 129: split
+    x[1, 40], x[1, 41] = 64.0, 64.0  # 128: kept
+    x[2, 40], x[2, 41] = -127.0, 127.0  # opposite signs: kept
+    x[:, 2:4] = -2.0  # span 129 > 128, so no shift
+    kp = -(-k // 4) * 4
+    r = _prepare_avx2(x, kp, 0.0, -1)
+    assert r["nres"].tolist() == [1, 0, 0] and r["shift"].tolist() == [0, 0, 0]
+    assert r["ridx"][0, 0] == 10 and r["rpat"][0, 0].tolist() == [0, 1, 0, 0]
+    assert r["d"][0, 40:42].tolist() == [64, 64]
+    w = torch.full((16, k), 127, dtype=torch.int8)
+    w[1] = -128
+    ws = torch.full((16, 1), 1e-3)
+    assert torch.equal(_native_avx2(x, w, ws, None, None, None, {}), ref.linear_w8a8(x, w, ws))
+
+
+@needs_native_w8a8_avx2
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("act", W8A8_ACTS)
+def test_avx2_w8a8_exact_on_every_form(dist: str, act: str) -> None:
+    """Codes that take each of the kernel's forms (offset with few remainders, shifted, the sign
+    form, offset with a remainder in every chunk for static asymmetric codes), on 1-9 tokens
+    (every tile size) and odd K, against the reference bit for bit; the form chosen follows
+    the documented 30% rule."""
+    g = torch.Generator().manual_seed(1)
+    a_s, a_z = _act(act)
+    for m, n, k in ((1, 17, 255), (2, 16, 64), (3, 33, 130), (4, 40, 1001), (9, 24, 67)):
+        w, ws = _w8(n, k, seed=m)
+        w[0, ::5] = -128
+        # static: codes over the whole range (Gaussian ones at about 1/4 of it)
+        amp = 3.0 if a_s is None else (32 if dist == "gauss" else 127) * float(a_s)
+        x = _acts(dist, m, k, g) * amp
+        bias = torch.randn(n, generator=g)
+        y = _native_avx2(x, w, ws, bias, a_s, a_z, {})
+        assert torch.equal(y, ref.linear_w8a8(x, w, ws, bias, a_s, a_z))
+    kp = -(-k // 4) * 4
+    r = _prepare_avx2(x, kp, 0.0 if a_s is None else float(a_s),
+                      -1 if a_z is None else int(a_z))
+    rate = r["total"] / (m * kp // 4)
+    assert rate > 0.3 if dist in ("uniform", "pairs", "mixed") else rate < 0.3
 
 
 @needs_native_w8a8_avx2

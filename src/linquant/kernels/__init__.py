@@ -130,16 +130,16 @@ reference):
 0b. ``cpu_native_w8a8_avx2``, every ``M`` (``NATIVE_W8A8_AVX2_MAX_M``), where the VNNI kernel
    does not run and :func:`linquant.kernels.native.w8a8_avx2_supported` holds (any x86-64 CPU
    with AVX2 and a C compiler): the same call, layout and bits with ``vpmaddubsw`` /
-   ``vpmaddwd``, exact because the weight's sign is moved onto the activation code (static
-   asymmetric codes: ``vpmaddwd`` on int16, exact, about as fast). On CPUs without VNNI the
-   paths
-   below are unavailable or slow:
+   ``vpmaddwd`` / ``vpaddd``, exact with 8-bit activation codes because each token's codes are
+   split so that no int16 pair sum can saturate (a sparse remainder is multiplied separately;
+   see :mod:`linquant.kernels.native`). On CPUs without VNNI the paths below are unavailable
+   or slow:
    oneDNN's int8 GEMM (behind ``torch._int_mm`` and ``cpu_onednn``) saturates int16 pair sums
    there, so ``reference`` falls back to an exact int32 product
    (:func:`linquant.kernels.reference.cpu_int_mm_exact`), 20-50x slower. With every library
-   capped at AVX2 on this machine it ran 0.99x / 0.72x / 0.72x the speed of fbgemm's
-   ``quantize_dynamic`` at M = 1 / 16 / 256 (head to head; fbgemm there quantizes activations
-   to 7 bits so its own AVX2 sums cannot saturate).
+   capped at AVX2 on this machine it ran 0.99x / 0.93x / 0.97x the speed of fbgemm's
+   ``quantize_dynamic`` at M = 1 / 16 / 256 (head to head, Gaussian activations; fbgemm there
+   quantizes activations to 7 bits so its own AVX2 sums cannot saturate).
 1. ``reference`` at ``M < ONEDNN_MIN_M`` (one token): one ``torch._int_mm`` plus a rescale. It
    streams the weight at memory speed and needs no second copy of it; fbgemm measured about the
    same (4096 x 4096: 0.71-0.84 vs 0.68-0.85 ms over three runs) and oneDNN slower (1.0-1.15).
