@@ -281,6 +281,7 @@ ALWAYS_INLINE __m256i dot4(__m256i v, __m256i d, __m256i ones)
 {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(v, d), ones);
 }
+
 /* The epilogue of a tile: a block's zsum, column sums, weight scales and bias (16 channels,
  * zero past N) ... */
 typedef struct {
