@@ -27,9 +27,11 @@
  *
  * Every pair stays exact whatever the codes; only the remainder's size depends on them. Where
  * more than 30% of a call's chunks would have one, the call takes the sign form instead
- * (tile_sign, four instructions per 32 products, as before this form existed), except for
- * static asymmetric codes, which it cannot take (at worst their remainder doubles the
- * multiplications).
+ * (tile_sign, four instructions per 32 products). Static asymmetric codes can reach -128,
+ * which the sign form cannot negate; past 50% they take int16 products (tile16, slower than
+ * the sign form). Static asymmetric codes of post-ReLU / GELU activations sit near a = z, so
+ * d is near -128 in most pairs (65-93% of the chunks had a remainder on GELU outputs), and
+ * take tile16.
  *
  * Weight layout (linquant.kernels.native.repack_w8a8, shared with w8a8.c): row blocks of 16
  * output channels; within a block, chunks of 4 consecutive k (K padded with zeros to a multiple
@@ -255,10 +257,12 @@ static int32_t split_token(int8_t* dr, int64_t K, int64_t Kp, int32_t* ridx, int
 
 /* The activation buffer a: codes d' int8 [M, Kp]; then, 64-byte aligned, per token the sum of
  * its shifted codes, its shift t and its count of e entries (int32 [M] each), and e's chunk
- * indices and bytes (int32 [M, Kp / 4] each): 3 M Kp + 12 M + 64 bytes at most. */
+ * indices and bytes (int32 [M, Kp / 4] each); then, 64-byte aligned, tile16's codes (int16
+ * [M, Kp]): 5 M Kp + 12 M + 128 bytes at most. */
 typedef struct {
     int8_t* d;
     int32_t *dsum, *shift, *nres, *ridx, *rpat;
+    int16_t* d16;
 } Acts;
 
 static Acts acts_at(uint8_t* a, int64_t M, int64_t Kp)
@@ -272,6 +276,8 @@ static Acts acts_at(uint8_t* a, int64_t M, int64_t Kp)
     r.nres = r.shift + M;
     r.ridx = r.nres + M;
     r.rpat = r.ridx + M * (Kp / 4);
+    p = ((uintptr_t)(r.rpat + M * (Kp / 4)) + 63) & ~(uintptr_t)63;
+    r.d16 = (int16_t*)p;
     return r;
 }
 
@@ -462,7 +468,49 @@ ALWAYS_INLINE void tile_sign(const int8_t* pb, const int32_t* zsum, const int32_
         block_store(&blk, acc[m], 0, 0, as ? as[m0 + m] : -1.0f, bias != NULL, y + (m0 + m) * N);
 }
 
-/* Undo split_token on one token: d' + e + t, the codes as quantized. */
+/* The int16 form, for static asymmetric calls whose remainders would cost more: each 16-byte
+ * quarter of a chunk (4 channels x 4 k) sign-extended to int16, times the token's 4 codes
+ * d = a - 128 as int16 (one 64-bit broadcast), by vpmaddwd: exact for any codes, int32 lanes
+ * holding (k0 + k1) and (k2 + k3) of each channel, added pairwise at the end. On cold
+ * 4096 x 4096 weights it ran about 1.5x the sign form's time at 16 and 256 tokens (ad hoc,
+ * separate runs). Reads A->d16, the restored codes, so the epilogue's dsum and t are 0. */
+ALWAYS_INLINE void tile16(const int8_t* pb, const int32_t* zsum, const int32_t* colsum,
+                          const float* scale_n, const float* bias, const Acts* A, float* y,
+                          int64_t m0, const int MT, int64_t N, int64_t Kp, int64_t b)
+{
+    __m256i acc[2][4];
+#pragma GCC unroll 2
+    for (int m = 0; m < MT; m++)
+        for (int j = 0; j < 4; j++)
+            acc[m][j] = _mm256_setzero_si256();
+    const int16_t* d16 = A->d16 + m0 * Kp;
+    for (int64_t c = 0; c < Kp / 4; c++) {
+        _mm_prefetch((const char*)(pb + c * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+        __m256i w[4];
+        for (int j = 0; j < 4; j++)
+            w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(pb + c * 64 + 16 * j)));
+#pragma GCC unroll 2
+        for (int m = 0; m < MT; m++) {
+            int64_t v;
+            memcpy(&v, d16 + m * Kp + c * 4, sizeof v);
+            const __m256i dv = _mm256_set1_epi64x(v);
+            for (int j = 0; j < 4; j++)
+                acc[m][j] = _mm256_add_epi32(acc[m][j], _mm256_madd_epi16(w[j], dv));
+        }
+    }
+    Block blk;
+    block_init(&blk, zsum, colsum, scale_n, bias, N, b);
+    for (int m = 0; m < MT; m++) {
+        /* hadd: [c0, c1, c4, c5 | c2, c3, c6, c7] of 8 channels; 0xD8 puts them in order */
+        const __m256i sums[2] = {
+            _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][0], acc[m][1]), 0xD8),
+            _mm256_permute4x64_epi64(_mm256_hadd_epi32(acc[m][2], acc[m][3]), 0xD8)};
+        block_store(&blk, sums, 0, 0, -1.0f, bias != NULL, y + (m0 + m) * N); /* static */
+    }
+}
+
+/* Undo split_token on one token: d' + e + t, the codes as quantized (for tile_sign and
+ * tile16). */
 static void restore_token(const Acts* A, int64_t m, int64_t K, int64_t Kp)
 {
     int8_t* dr = A->d + m * Kp;
@@ -478,9 +526,11 @@ static void restore_token(const Acts* A, int64_t m, int64_t K, int64_t Kp)
         dr[k] = (int8_t)(dr[k] + t);
 }
 
+enum { SPLIT, SIGN, INT16 }; /* the forms: tile, tile_sign, tile16 */
+
 static void gemm(const int8_t* packed, const int32_t* zsum, const int32_t* colsum,
                  const float* scale_n, const float* bias, const Acts* A, const float* as,
-                 float* y, int64_t M, int64_t N, int64_t Kp, int sign)
+                 float* y, int64_t M, int64_t N, int64_t Kp, int form)
 {
     const int64_t nb = (N + 15) / 16;
 #pragma omp parallel for schedule(static)
@@ -489,8 +539,13 @@ static void gemm(const int8_t* packed, const int32_t* zsum, const int32_t* colsu
         int64_t m0 = 0;
         while (m0 < M) {
             const int64_t left = M - m0;
-            const int mt = left >= 4 ? 4 : (left >= 2 ? 2 : 1);
-            if (sign) {
+            const int mt = left >= 4 && form != INT16 ? 4 : (left >= 2 ? 2 : 1);
+            if (form == INT16) {
+                if (mt == 2)
+                    tile16(pb, zsum, colsum, scale_n, bias, A, y, m0, 2, N, Kp, b);
+                else
+                    tile16(pb, zsum, colsum, scale_n, bias, A, y, m0, 1, N, Kp, b);
+            } else if (form == SIGN) {
                 if (mt == 4)
                     tile_sign(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 4, N, Kp, b);
                 else if (mt == 2)
@@ -540,31 +595,38 @@ int64_t lq_w8a8_prepare(const float* x, uint8_t* a, float* as, int64_t M, int64_
 }
 
 /* As lq_w8a8 in w8a8.c: the same arguments and results, except that a must hold
- * 3 * M * Kp + 12 * M + 64 bytes (Acts). Returns the number of dynamic tokens holding Inf or
+ * 5 * M * Kp + 12 * M + 128 bytes (Acts). Returns the number of dynamic tokens holding Inf or
  * NaN (y not computed when there are any). */
 int64_t lq_w8a8(const int8_t* packed, const int32_t* colsum, const float* scale_n,
                 const float* bias, const float* x, uint8_t* a, float* as, int32_t* zsum,
                 float* y, int64_t M, int64_t N, int64_t K, int64_t Kp, float static_scale,
                 int64_t z)
 {
-    const int dynamic = !(static_scale > 0.0f);
+    const int dynamic = !(static_scale > 0.0f), sym = dynamic || z < 0;
     const int64_t nres = lq_w8a8_prepare(x, a, as, M, K, Kp, static_scale, z);
     if (nres < 0)
         return -nres;
     const Acts A = acts_at(a, M, Kp);
     /* sum (a - zp) w = sum d w - (zp - 128) colsum with d = a - 128 */
     const int64_t nb = (N + 15) / 16;
-    const int32_t zp = dynamic || z < 0 ? 128 : (int32_t)z;
+    const int32_t zp = sym ? 128 : (int32_t)z;
     for (int64_t n = 0; n < nb * 16; n++)
         zsum[n] = (zp - 128) * colsum[n];
-    /* remainders in more than 30% of the chunks cost more than the sign form's fourth
-     * instruction; it needs |d| <= 127, so not for static asymmetric codes */
-    const int sign = (dynamic || z < 0) && 10 * nres > 3 * M * (Kp / 4);
-    if (sign) {
+    /* per token and chunk the split form issues 7 instructions (plus 7 per remainder), the
+     * sign form 9, tile16 about 11: remainders in more than 30% of the chunks cost more than
+     * the sign form, past 50% more than tile16. The sign form needs |d| <= 127, so static
+     * asymmetric codes take tile16. */
+    const int64_t nq = Kp / 4;
+    const int form = sym ? (10 * nres > 3 * M * nq ? SIGN : SPLIT)
+                         : (2 * nres > M * nq ? INT16 : SPLIT);
+    if (form != SPLIT) {
 #pragma omp parallel for schedule(static) if (M * K >= 65536)
-        for (int64_t m = 0; m < M; m++)
+        for (int64_t m = 0; m < M; m++) {
             restore_token(&A, m, K, Kp);
+            for (int64_t k = 0; form == INT16 && k < Kp; k++)
+                A.d16[m * Kp + k] = A.d[m * Kp + k];
+        }
     }
-    gemm(packed, zsum, colsum, scale_n, bias, &A, dynamic ? as : NULL, y, M, N, Kp, sign);
+    gemm(packed, zsum, colsum, scale_n, bias, &A, dynamic ? as : NULL, y, M, N, Kp, form);
     return 0;
 }
