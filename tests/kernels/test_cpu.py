@@ -985,11 +985,28 @@ def test_avx2_w8a8_exact_on_every_form(dist: str, act: str) -> None:
     kp = -(-k // 4) * 4
     r = _prepare_avx2(x, kp, 0.0 if a_s is None else float(a_s),
                       -1 if a_z is None else int(a_z))
-    rate = r["total"] / (m * kp // 4)
-    if dist in ("pairs", "mixed"):  # the sign form, or the int16 form for static asymmetric
-        assert rate > (0.5 if act == "static-asym" else 0.3)
-    elif dist in ("gauss", "positive", "constant"):  # the split form
-        assert rate < 0.3
+    form = _avx2_form(r["total"], m, kp, act != "static-asym")
+    if dist in ("pairs", "mixed"):
+        assert form == ("int16" if act == "static-asym" else "sign")
+    elif dist in ("gauss", "positive", "constant"):
+        assert form == "split"
+
+
+def _avx2_form(nres: int, m: int, kp: int, sym: bool) -> str:
+    lib = native._load(native.W8A8_AVX2)
+    assert lib is not None
+    return ("split", "sign", "int16")[lib.lq_w8a8_form(nres, m, kp, int(sym))]
+
+
+@needs_native_w8a8_avx2
+def test_avx2_w8a8_form_rule() -> None:
+    """The documented thresholds: symmetric codes leave the split form past 30% of the chunks
+    with a remainder (for the sign form), static asymmetric ones past 50% (for int16)."""
+    chunks = 10 * 100  # 10 tokens, Kp = 400
+    assert [_avx2_form(n, 10, 400, True) for n in (0, 300, 301, chunks)] == [
+        "split", "split", "sign", "sign"]
+    assert [_avx2_form(n, 10, 400, False) for n in (0, 301, 500, 501, chunks)] == [
+        "split", "split", "split", "int16", "int16"]
 
 
 @needs_native_w8a8_avx2
@@ -1004,7 +1021,7 @@ def test_avx2_w8a8_static_asymmetric_gelu_codes_take_the_int16_form() -> None:
         w[0, ::3] = -128
         x = torch.nn.functional.gelu(torch.randn(m, k, generator=g) * 2)
         r = _prepare_avx2(x, -(-k // 4) * 4, float(a_s), int(a_z))
-        assert r["total"] > m * (-(-k // 4)) // 2
+        assert _avx2_form(r["total"], m, -(-k // 4) * 4, False) == "int16"
         y = _native_avx2(x, w, ws, None, a_s, a_z, {})
         assert torch.equal(y, ref.linear_w8a8(x, w, ws, None, a_s, a_z))
 

@@ -32,8 +32,8 @@ Four kernels, each in its own shared library with its own CPU requirement (Linux
   (codes spread evenly over the range; static asymmetric codes of post-ReLU / GELU
   activations, near ``a = z``) takes another exact form instead: ``|w|`` times the code
   carrying the weight's sign (four instructions per 32 products), or for static asymmetric
-  codes, which reach -128, ``vpmaddwd`` on int16 (about as fast). ``lq_w8a8_prepare`` (the
-  quantization and split alone) is exported for the tests.
+  codes, which reach -128, ``vpmaddwd`` on int16. ``lq_w8a8_prepare`` (the quantization and
+  split alone) and ``lq_w8a8_form`` (the rule) are exported for the tests.
 * ``avx2`` (``csrc/wa16_avx2.c``, path ``cpu_native_avx2``): 4- or 8-bit weights, any mode, in
   groups of whole 32-bit words of codes, per output channel or per tensor, with bf16, fp16 or
   fp32 activations, on any x86-64 CPU with AVX2, FMA and F16C (Intel Haswell and later, AMD
@@ -346,7 +346,8 @@ _SPECS = {
                      (*(f for f in BASE_FLAGS if not f.startswith("-mavx512")), "-mavx2"),
                      lambda: _cpu_has("avx2"), "AVX2",
                      {"lq_w8a8": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _I),
-                      "lq_w8a8_prepare": (_P, _P, _P, _I, _I, _I, _F, _I)}),
+                      "lq_w8a8_prepare": (_P, _P, _P, _I, _I, _I, _F, _I),
+                      "lq_w8a8_form": (_I, _I, _I, _I)}),
 }
 
 

@@ -594,6 +594,20 @@ int64_t lq_w8a8_prepare(const float* x, uint8_t* a, float* as, int64_t M, int64_
     return bad ? -bad : nres;
 }
 
+/* Which form (SPLIT, SIGN, INT16) a call takes, from lq_w8a8_prepare's count of remainder
+ * entries over M tokens of Kp codes; sym: dynamic or static symmetric codes. Per token and chunk
+ * the split form issues 7 instructions (plus 7 per remainder), the sign form 9, tile16 about
+ * 11: remainders in more than 30% of the chunks cost more than the sign form, past 50% more
+ * than tile16. The sign form needs |d| <= 127, so static asymmetric codes take tile16.
+ * Exported for the tests. */
+int64_t lq_w8a8_form(int64_t nres, int64_t M, int64_t Kp, int64_t sym)
+{
+    const int64_t chunks = M * (Kp / 4);
+    if (sym)
+        return 10 * nres > 3 * chunks ? SIGN : SPLIT;
+    return 2 * nres > chunks ? INT16 : SPLIT;
+}
+
 /* As lq_w8a8 in w8a8.c: the same arguments and results, except that a must hold
  * 5 * M * Kp + 12 * M + 128 bytes (Acts). Returns the number of dynamic tokens holding Inf or
  * NaN (y not computed when there are any). */
@@ -612,13 +626,7 @@ int64_t lq_w8a8(const int8_t* packed, const int32_t* colsum, const float* scale_
     const int32_t zp = sym ? 128 : (int32_t)z;
     for (int64_t n = 0; n < nb * 16; n++)
         zsum[n] = (zp - 128) * colsum[n];
-    /* per token and chunk the split form issues 7 instructions (plus 7 per remainder), the
-     * sign form 9, tile16 about 11: remainders in more than 30% of the chunks cost more than
-     * the sign form, past 50% more than tile16. The sign form needs |d| <= 127, so static
-     * asymmetric codes take tile16. */
-    const int64_t nq = Kp / 4;
-    const int form = sym ? (10 * nres > 3 * M * nq ? SIGN : SPLIT)
-                         : (2 * nres > M * nq ? INT16 : SPLIT);
+    const int form = (int)lq_w8a8_form(nres, M, Kp, sym);
     if (form != SPLIT) {
 #pragma omp parallel for schedule(static) if (M * K >= 65536)
         for (int64_t m = 0; m < M; m++) {
