@@ -228,6 +228,34 @@ def test_probe_rejects_a_wrong_formula(monkeypatch: pytest.MonkeyPatch) -> None:
     assert order is None and why.startswith("probe failed: RuntimeError: expected self.dtype")
 
 
+def test_no_probe_inside_a_graph_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe copies to the host, which a CUDA graph capture forbids: during a capture the
+    path is undecided (not off for good), and the first call outside one probes."""
+    probes: list[torch.device] = []
+
+    def probe(device: torch.device) -> tuple[str | None, str]:
+        probes.append(device)
+        return "hi", ""
+
+    monkeypatch.setattr(cuda, "_probe", probe)
+    cuda._reset()
+    dev = torch.device("cpu")
+    try:
+        monkeypatch.setattr(cuda, "_capturing", lambda: True)
+        assert cuda._order(dev) is None and not probes and "cpu" not in cuda._state
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            assert cuda.status("cuda:0") == (
+                "unavailable: not probed yet (a CUDA graph capture is in progress)")
+        assert not probes
+        monkeypatch.setattr(cuda, "_capturing", lambda: False)
+        assert cuda._order(dev) == "hi" and probes == [dev]
+        monkeypatch.setattr(cuda, "_capturing", lambda: True)
+        assert cuda._order(dev) == "hi" and len(probes) == 1  # decided: no probe needed
+    finally:
+        cuda._reset()
+
+
 def test_quantlinear_keeps_and_replays_a_plan(emulated: Emulated,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The dispatcher's ``cuda_tinygemm`` branch, forced for CPU tensors: a plan in

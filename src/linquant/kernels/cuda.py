@@ -23,7 +23,9 @@ byte. linquant's stored stream already is that, low nibble first (symmetric code
 ``c + 8`` by XOR-ing every byte with ``0x88``: ``c + 8 == c ^ 8`` in four bits); which nibble
 the operator reads first has changed between PyTorch versions, so a probe on the GPU decides,
 once per device (:func:`status`), and turns the path off if neither order reproduces the
-formula. Parameters ``[K / g, N, 2]`` bf16 from the stored ones (symmetric ``zero = 0``;
+formula. The probe copies its result to the host, which a CUDA graph capture forbids: a call
+inside a capture before any probe takes another path and leaves the probe to the first call
+outside one. Parameters ``[K / g, N, 2]`` bf16 from the stored ones (symmetric ``zero = 0``;
 integer zero point ``zero = scale * (8 - z)``; float offset ``zero = 8 * scale + m``).
 
 Numerics: the scales (and zeros) are rounded to bf16, and tinygemm dequantizes in bf16 with
@@ -154,10 +156,20 @@ def _probe(device: torch.device) -> tuple[str | None, str]:
     return None, "the operator matched scale * (q - 8) + zero in neither nibble order"
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _order(device: torch.device) -> str | None:
     name = str(device)
     hit = _state.get(name)
     if hit is None:
+        if _capturing():
+            # The probe copies to the host, which a graph capture forbids: it would fail (and
+            # break the capture), and its failure would switch the path off for good. Not
+            # decided yet: this call takes another path; the first call outside a capture probes.
+            return None
         with _lock:
             hit = _state.get(name)
             if hit is None:
@@ -188,7 +200,10 @@ def status(device: torch.device | str = "cuda") -> str:
         device = torch.device("cuda", torch.cuda.current_device())
     order = _order(device)
     if order is None:
-        return f"unavailable: {_state[str(device)][1]}"
+        hit = _state.get(str(device))
+        if hit is None:
+            return "unavailable: not probed yet (a CUDA graph capture is in progress)"
+        return f"unavailable: {hit[1]}"
     return f"available: nibble order {order}"
 
 
