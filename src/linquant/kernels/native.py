@@ -29,11 +29,12 @@ Four kernels, each in its own shared library with its own CPU requirement (Linux
   ``|d0| + |d1| <= 128`` (so ``255 * 128`` bounds its sum), and the sparse remainder ``e``
   (0.3-3% of a token's 4-k chunks on all-MiniLM-L6-v2, about 1.5% for Gaussian codes) is
   multiplied against the same weight chunks. A call whose remainders exceed 30% of its chunks
-  (codes spread evenly over the range; static asymmetric codes of post-ReLU / GELU
-  activations, near ``a = z``) takes another exact form instead: ``|w|`` times the code
-  carrying the weight's sign (four instructions per 32 products), or for static asymmetric
-  codes, which reach -128, ``vpmaddwd`` on int16. ``lq_w8a8_prepare`` (the quantization and
-  split alone) and ``lq_w8a8_form`` (the rule) are exported for the tests.
+  (codes spread evenly over the range) takes the sign form instead: ``|w|`` times the code
+  carrying the weight's sign, four instructions per 32 products. Static asymmetric codes reach
+  -128, which the sign form cannot take; past 50% (post-ReLU / GELU activations with a small
+  zero point, most codes near ``a = z``) they take ``vpmaddwd`` on int16. All three forms are
+  bit-identical. ``lq_w8a8_prepare`` (the quantization and split alone) and ``lq_w8a8_form``
+  (the rule) are exported for the tests.
 * ``avx2`` (``csrc/wa16_avx2.c``, path ``cpu_native_avx2``): 4- or 8-bit weights, any mode, in
   groups of whole 32-bit words of codes, per output channel or per tensor, with bf16, fp16 or
   fp32 activations, on any x86-64 CPU with AVX2, FMA and F16C (Intel Haswell and later, AMD
@@ -618,7 +619,8 @@ def _run_w8a8(lib: ctypes.CDLL, x: torch.Tensor, w_int8: torch.Tensor, w_scale: 
     scale_n, s, z, b = params
     x2 = x.reshape(-1, k).float().contiguous()
     m = int(x2.shape[0])
-    a = torch.empty(5 * m * kp + 16 * m + 128, dtype=torch.uint8)  # w8a8_avx2.c's Acts
+    # w8a8_avx2.c's Acts at most (w8a8.c uses m * kp); pages are touched only as used
+    a = torch.empty(5 * m * kp + 16 * m + 128, dtype=torch.uint8)
     tok = torch.empty(m, dtype=torch.float32)
     zsum = torch.empty(colsum.numel(), dtype=torch.int32)
     y = torch.empty(m, n, dtype=torch.float32)
