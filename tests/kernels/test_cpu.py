@@ -999,6 +999,32 @@ def _avx2_form(nres: int, m: int, kp: int, sym: bool) -> str:
 
 
 @needs_native_w8a8_avx2
+@pytest.mark.parametrize("dist", ["gauss", "pairs", "gelu"])
+def test_avx2_w8a8_forms_with_threads(dist: str) -> None:
+    """Calls big enough for the threaded quantization, split and restore (M * K >= 65536), in
+    each form (split; sign; int16 for the GELU codes with a small zero point), on 1 and 2
+    threads: the reference's bits either way."""
+    g = torch.Generator().manual_seed(3)
+    m, n, k = 70, 40, 1001
+    w, ws = _w8(n, k)
+    x = _acts(dist, m, k, g) * 3
+    a_s, a_z = (torch.tensor(0.02), torch.tensor(5, dtype=torch.uint8)) if dist == "gelu" \
+        else (None, None)
+    kp = -(-k // 4) * 4
+    r = _prepare_avx2(x, kp, 0.0 if a_s is None else float(a_s), -1 if a_z is None else 5)
+    assert _avx2_form(r["total"], m, kp, a_z is None) == {
+        "gauss": "split", "pairs": "sign", "gelu": "int16"}[dist]
+    want = ref.linear_w8a8(x, w, ws, None, a_s, a_z)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert torch.equal(_native_avx2(x, w, ws, None, a_s, a_z, {}), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native_w8a8_avx2
 def test_avx2_w8a8_form_rule() -> None:
     """The documented thresholds: symmetric codes leave the split form past 30% of the chunks
     with a remainder (for the sign form), static asymmetric ones past 50% (for int16)."""
