@@ -778,7 +778,7 @@ def test_native_w8a8_through_the_layer_and_clear_kernel_caches() -> None:
 @needs_native_w8a8_avx2
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-sym"])
 def test_avx2_w8a8_exact_with_minus_128_weights(static: bool) -> None:
-    """-128 weights (v = 0 in the offset form; |w| = 128 in the sign form) with codes at both
+    """-128 weights (v = 0 in the split form; |w| = 128 in the sign form) with codes at both
     ends, rows of one sign (shifted) and of both signs (split or the sign form): exact."""
     k = 1024
     w = torch.full((24, k), -128, dtype=torch.int8)
@@ -827,8 +827,8 @@ def test_avx2_w8a8_tiles_odd_shapes_threads() -> None:
 @needs_native_w8a8_avx2
 def test_avx2_w8a8_static_asymmetric_codes_are_exact() -> None:
     """Static asymmetric codes reach a - 128 = -128, which the sign form cannot negate: they
-    always take the offset form, exact for every code (0 and 255 included) and every weight
-    (-128 included), on every tile size."""
+    take the split form, or the int16 form past 50% of chunks with a remainder; exact for every
+    code (0 and 255 included) and every weight (-128 included), on every tile size."""
     lib = native._load(native.W8A8_AVX2)
     assert lib is not None
     a_s = torch.tensor(0.02)
@@ -848,9 +848,9 @@ def test_avx2_w8a8_static_asymmetric_codes_are_exact() -> None:
 
 def _acts(dist: str, m: int, k: int, g: torch.Generator) -> torch.Tensor:
     """Activations whose codes stress the AVX2 kernel's split in different ways."""
-    if dist == "gauss":  # few remainders: the offset form
+    if dist == "gauss":  # few remainders: the split form
         return torch.randn(m, k, generator=g)
-    if dist == "uniform":  # remainders in about 44% of the chunks: the sign form
+    if dist == "uniform":  # remainders in about 44% of the chunks: the sign form (symmetric)
         return torch.rand(m, k, generator=g) * 2 - 1
     if dist == "positive":  # one sign, span <= 128 once shifted: no remainder
         return torch.rand(m, k, generator=g) + 0.01
