@@ -114,7 +114,7 @@ def test_avx2_matches_reference(scheme: str, dtype: torch.dtype) -> None:
         assert native.avx2_supported(qt, dtype)
         bias = torch.randn(n)
         cache: dict[str, object] = {}
-        for m in (1, 2, 3, 5, 9):  # every row tile: 4, 2, 1
+        for m in (1, 2, 3, 5, 9, 15):  # every row tile: 8, 4, 2, 1
             x = torch.randn(m, k).to(dtype)
             _close(native.linear_avx2(x, qt, bias, cache), ref.linear_weight_only(x, qt, bias),
                    tol)
@@ -252,6 +252,36 @@ def test_compact_scales_give_the_same_bits_as_fp32_scales(scheme: str) -> None:
     a = native._run_avx2(_lib(), x, qt, compact, bias)
     b = native._run_avx2(_lib(), x, qt, full, bias)
     assert a is not None and b is not None and torch.equal(a, b)
+
+
+@needs_avx2
+def test_padded_activation_rows_are_never_read_and_short_rows_are_refused() -> None:
+    """The prepared activations' rows are ldx >= K floats apart (native.py pads them by 16):
+    NaN in the padding changes nothing, bit for bit, at every tile size; ldx < K is refused
+    (-1) before anything is written."""
+    qt = _qt(24, 256, "int4-asym-g32")
+    codes, scales, offsets, compact = native.repack_avx2(qt)
+    for m in (1, 3, 8, 15):
+        x = torch.randn(m, 256).bfloat16()
+        want = native._run_avx2(_lib(), x, qt, (codes, scales, offsets, compact), None)
+        for ldx in (256 + 16, 256 + 5):
+            xp = torch.full((m, ldx), float("nan"))
+            xs, ts = torch.empty(m, 256 // 32), torch.empty(m)
+            y = torch.empty(m, 24)
+            bad = _lib().lq_wa16_avx2(codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(),
+                                      int(compact), x.data_ptr(), 0, xp.data_ptr(), ldx,
+                                      xs.data_ptr(), ts.data_ptr(), None, y.data_ptr(), m, 24,
+                                      256, 32, 4)
+            assert bad == 0 and want is not None
+            assert torch.equal(y.bfloat16(), want), (m, ldx)
+            assert torch.isnan(xp[:, 256:]).all()
+    y = torch.zeros(1, 24)
+    xp = torch.zeros(1, 256)
+    assert _lib().lq_wa16_avx2(codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(),
+                               int(compact), x.data_ptr(), 0, xp.data_ptr(), 255,
+                               xs.data_ptr(), ts.data_ptr(), None, y.data_ptr(), 1, 24, 256,
+                               32, 4) == -1
+    assert not y.any() and not xp.any()
 
 
 @needs_avx2

@@ -336,8 +336,8 @@ _SPECS = {
                 (*(f for f in BASE_FLAGS if not f.startswith("-mavx512")),
                  "-mavx2", "-mfma", "-mf16c"),
                 lambda: _cpu_has_avx2_fma(), "AVX2, FMA and F16C",
-                {"lq_wa16_avx2": (_P, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I,
-                                  _I),
+                {"lq_wa16_avx2": (_P, _P, _P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _I, _I, _I,
+                                  _I, _I),
                  "lq_dequant_rows": (_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I,
                                      _I, _I),
                  "lq_dequant_gather": (_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _P, _I, _I,
@@ -822,7 +822,10 @@ def _run_avx2(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: La
     g = k // int(scales.shape[1])  # the layout's (possibly split) group
     x2 = x.reshape(-1, k).contiguous()
     m = int(x2.shape[0])
-    xp = torch.empty(m, k, dtype=torch.float32)
+    # rows 16 floats longer than K: the kernel's 8-token tile reads 8 rows at once, which would
+    # share L1 sets when 4 K is a multiple of 4 KiB
+    ldx = k + 16
+    xp = torch.empty(m, ldx, dtype=torch.float32)
     xs = torch.empty(m, k // g, dtype=torch.float32)
     ts = torch.empty(m, dtype=torch.float32)
     y = torch.empty(m, n, dtype=torch.float32)
@@ -830,8 +833,10 @@ def _run_avx2(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: La
         b = bias.detach().to(x.dtype).float().contiguous()
     bad = lib.lq_wa16_avx2(codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(),
                            int(compact), x2.data_ptr(), _DTYPE_CODES[x2.dtype], xp.data_ptr(),
-                           xs.data_ptr(), ts.data_ptr(), None if b is None else b.data_ptr(),
-                           y.data_ptr(), m, n, k, g, qt.scheme.bits)
+                           ldx, xs.data_ptr(), ts.data_ptr(),
+                           None if b is None else b.data_ptr(), y.data_ptr(), m, n, k, g,
+                           qt.scheme.bits)
+    assert bad >= 0, "lq_wa16_avx2: activation rows shorter than K"
     if bad:
         return None
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -15,14 +15,22 @@
  * vcvtdq2ps (the last code, shifted down instead, so that the sign bit stays clear). The factor
  * 2^(bits j) is folded into the activation: prepare_token writes x * 2^-(bits j) (times a
  * per-token power of two that brings the token's largest element into [1, 2), so that nothing
- * underflows; exact). One AND, one conversion and one FMA per token per 8 weights; the products
- * x u are exact in fp32 (8 + 8 bits at most) and summed in fp32 per group, then
- * y = 2^p (sum_g s dot_g + o xs_g) + bias with xs_g the group sums of the scaled activations.
+ * underflows; exact). Per 8 weights one AND and one conversion, shared by the tokens of a tile,
+ * then one FMA per token; the products x u are exact in fp32 (8 + 8 bits at most) and summed in
+ * fp32 per group, then y = 2^p (sum_g s dot_g + o xs_g) + bias with xs_g the group sums of the
+ * scaled activations.
  *
- * Rows of x are processed in tiles of 4, 2 or 1, each token's group sum split over 2, 4 or 8
- * registers (8 independent FMA chains hide the FMA latency; with the 4 totals, the word, the
- * decoded vector and a broadcast that is 15 of AVX2's 16 registers). Threads (OpenMP) split the row blocks; results do
- * not depend on the number of threads. */
+ * Rows of x are processed in tiles of 8, 4, 2 or 1 (MAXT: the largest), each token's group sum
+ * split over 1, 2, 4 or 8 registers: 8 independent FMA chains hide the FMA latency, and with
+ * the word, the decoded vector and a broadcast that is 11 of AVX2's 16 registers (the tile of
+ * 8's running totals, 8 more, do not fit; they are updated once per group). The tile of 8
+ * decodes each word once for twice the tokens of the tile of 4: about 1.1x faster from 8
+ * tokens on (BENCHMARKS.md). The prepared activations' rows are ldx >= K floats apart
+ * (native.py: K + 16), so that the tile's 8 rows do not share L1 sets when 4 K is a multiple
+ * of 4 KiB (at K = 4096
+ * the tile of 8 ran 0.91x the tile of 4 without it). Threads (OpenMP) split the row blocks;
+ * results do not depend on the number of threads. A token's result depends on its tile (the
+ * summation order differs), not on the other tokens' values. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -30,6 +38,9 @@
 #include <string.h>
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+#ifndef MAXT /* the largest tile: 8, or 4 as before it (-DMAXT=4, for benchmarks) */
+#define MAXT 8
+#endif
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048
 #endif
@@ -78,36 +89,36 @@ ALWAYS_INLINE __m256 decode(__m256i w, const int bits, const int j, const int ce
 }
 
 ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, const int compact,
-                        const float* xp, const float* xs, const float* ts, const float* bias,
-                        float* y, int64_t m0, const int MT, int64_t N, int64_t K, int64_t g,
+                        const float* xp, int64_t ldx, const float* xs, const float* ts,
+                        const float* bias, float* y, int64_t m0, const int MT, int64_t N, int64_t K, int64_t g,
                         int64_t b, const int bits, const int center)
 {
     const int P = 32 / bits, C = 8 / MT; /* C independent sums per token: 8 FMA chains */
     const int64_t G = K / g, wpg = g / P;
-    __m256 yv[4];
-#pragma GCC unroll 4
+    __m256 yv[8];
+#pragma GCC unroll 8
     for (int m = 0; m < MT; m++) yv[m] = _mm256_setzero_ps();
     for (int64_t gi = 0; gi < G; gi++) {
         __m256 acc[8];
 #pragma GCC unroll 8
         for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
         const uint32_t* p = pb + gi * wpg * 8;
-        const float* xg = xp + m0 * K + gi * g;
+        const float* xg = xp + m0 * ldx + gi * g;
         for (int64_t w = 0; w < wpg; w++) {
             _mm_prefetch((const char*)(p + w * 8) + PREFETCH_BYTES, _MM_HINT_T0);
             __m256i word = _mm256_loadu_si256((const __m256i*)(p + w * 8));
 #pragma GCC unroll 8
             for (int j = 0; j < P; j++) {
                 __m256 f = decode(word, bits, j, center);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
                 for (int m = 0; m < MT; m++)
                     acc[m * C + j % C] = _mm256_fmadd_ps(
-                        f, _mm256_broadcast_ss(xg + m * K + w * P + j), acc[m * C + j % C]);
+                        f, _mm256_broadcast_ss(xg + m * ldx + w * P + j), acc[m * C + j % C]);
             }
         }
         __m256 s, o;
         group_params(sb, ob, gi * 8, compact, center, bits, &s, &o);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int m = 0; m < MT; m++) {
             __m256* a = acc + m * C; /* a fixed tree: the same order for every call */
             if (C == 8) {
@@ -117,14 +128,15 @@ ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, cons
             if (C >= 4) {
                 a[0] = _mm256_add_ps(a[0], a[2]); a[1] = _mm256_add_ps(a[1], a[3]);
             }
-            a[0] = _mm256_add_ps(a[0], a[1]);
+            if (C >= 2)
+                a[0] = _mm256_add_ps(a[0], a[1]);
             yv[m] = _mm256_fmadd_ps(s, a[0], yv[m]);
             yv[m] = _mm256_fmadd_ps(o, _mm256_broadcast_ss(xs + (m0 + m) * G + gi), yv[m]);
         }
     }
     const int64_t n0 = b * 8, left = N - n0;
     const __m256 bv = bias && left >= 8 ? _mm256_loadu_ps(bias + n0) : _mm256_setzero_ps();
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < MT; m++) {
         __m256 out = _mm256_mul_ps(yv[m], _mm256_broadcast_ss(ts + m0 + m));
         float* yr = y + (m0 + m) * N + n0;
@@ -140,21 +152,23 @@ ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, cons
 }
 
 ALWAYS_INLINE void rows(const uint32_t* pb, const void* sb, const void* ob, const int compact,
-                        const float* xp, const float* xs, const float* ts, const float* bias,
-                        float* y, int64_t M, int64_t N, int64_t K, int64_t g, int64_t b,
+                        const float* xp, int64_t ldx, const float* xs, const float* ts,
+                        const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t g, int64_t b,
                         const int bits, const int center)
 {
     int64_t m0 = 0;
     while (m0 < M) {
         int64_t left = M - m0;
-        if (left >= 4) { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 4, N, K, g, b, bits, center); m0 += 4; }
-        else if (left >= 2) { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 2, N, K, g, b, bits, center); m0 += 2; }
-        else { tile(pb, sb, ob, compact, xp, xs, ts, bias, y, m0, 1, N, K, g, b, bits, center); m0 += 1; }
+        if (MAXT >= 8 && left >= 8) { tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, 8, N, K, g, b, bits, center); m0 += 8; }
+        else if (left >= 4) { tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, 4, N, K, g, b, bits, center); m0 += 4; }
+        else if (left >= 2) { tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, 2, N, K, g, b, bits, center); m0 += 2; }
+        else { tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, 1, N, K, g, b, bits, center); m0 += 1; }
     }
 }
 
 static void gemm(const uint32_t* codes, const void* sb, const void* ob, const int compact,
-                 const float* xp, const float* xs, const float* ts, const float* bias, float* y,
+                 const float* xp, int64_t ldx, const float* xs, const float* ts,
+                 const float* bias, float* y,
                  int64_t M, int64_t N, int64_t K, int64_t g, const int bits, const int center)
 {
     const int64_t nb = (N + 7) / 8, G = K / g, words = K / (32 / bits);
@@ -164,7 +178,7 @@ static void gemm(const uint32_t* codes, const void* sb, const void* ob, const in
         const uint32_t* pb = codes + b * words * 8;
         const char* sbb = (const char*)sb + b * G * 8 * pbytes;
         const char* obb = (const char*)ob + b * G * 8 * pbytes;
-#define ROWS(C, B, Z) rows(pb, sbb, obb, C, xp, xs, ts, bias, y, M, N, K, g, b, B, Z)
+#define ROWS(C, B, Z) rows(pb, sbb, obb, C, xp, ldx, xs, ts, bias, y, M, N, K, g, b, B, Z)
         if (bits == 4)
             compact ? (center ? ROWS(1, 4, 1) : ROWS(1, 4, 0))
                     : (center ? ROWS(0, 4, 1) : ROWS(0, 4, 0));
@@ -269,26 +283,28 @@ static int prepare_token(const void* xt, int dtype, int64_t K, int64_t g, int bi
     return 0;
 }
 
-/* x [M, K] (dtype 0: bf16, 1: fp16, 2: fp32); xp [M, K], xs [M, K / g], ts [M], y [M, N] fp32
- * (written here); bias fp32 [N] or NULL; codes / sb / ob: the layout above, ceil(N / 8) blocks,
+/* x [M, K] (dtype 0: bf16, 1: fp16, 2: fp32); xp [M, ldx] with ldx >= K, xs [M, K / g], ts [M],
+ * y [M, N] fp32 (written here); bias fp32 [N] or NULL; codes / sb / ob: the layout above, ceil(N / 8) blocks,
  * compact != 0 for fp16 scales and int16 zero points. Returns the number of tokens holding Inf
  * or NaN; y is not computed when there are any. */
 int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int64_t compact,
-                     const void* x, int64_t dtype, float* xp, float* xs, float* ts,
-                     const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t g,
-                     int64_t bits)
+                     const void* x, int64_t dtype, float* xp, int64_t ldx, float* xs,
+                     float* ts, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                     int64_t g, int64_t bits)
 {
+    if (ldx < K)
+        return -1;
     const int64_t G = K / g;
     int64_t bad = 0;
 #pragma omp parallel for schedule(static) reduction(+ : bad) if (M * K >= 65536)
     for (int64_t m = 0; m < M; m++)
         bad += prepare_token((const char*)x + m * K * (dtype == 2 ? 4 : 2), (int)dtype, K, g,
-                             (int)bits, xp + m * K, xs + m * G, ts + m);
+                             (int)bits, xp + m * ldx, xs + m * G, ts + m);
     if (bad)
         return bad;
     /* fp32 activations: centered codes, so that a symmetric weight's sums carry no
      * 2^(bits - 1) x offset (whose rounding would cost fp32 results about 4 bits). */
-    gemm(codes, sb, ob, (int)compact, xp, xs, ts, bias, y, M, N, K, g, (int)bits, dtype == 2);
+    gemm(codes, sb, ob, (int)compact, xp, ldx, xs, ts, bias, y, M, N, K, g, (int)bits, dtype == 2);
     return 0;
 }
 
