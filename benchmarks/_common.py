@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -58,6 +59,20 @@ def alternate(*fns: Callable[[], object], repeats: int, warmup: int = 3) -> list
             if i >= warmup:
                 times[j].append((time.perf_counter() - t0) * 1e3)
     return [statistics.median(t) for t in times]
+
+
+def shapes_arg(text: str | None, default: tuple[tuple[int, int], ...]
+               ) -> tuple[tuple[int, int], ...]:
+    """``--shapes`` (``"4096x4096,1536x384"``: ``N x K`` pairs), or ``default`` when not given."""
+    if text is None:
+        return default
+    return tuple((int(a), int(b)) for a, b in (s.split("x") for s in text.split(",")))
+
+
+def cases_arg(text: str | None, cases: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``--cases`` (comma-separated scheme names): the entries of ``cases`` (tuples whose first
+    item is the scheme name) that it names, or all of them when not given."""
+    return cases if text is None else tuple(c for c in cases if c[0] in text.split(","))
 
 
 def machine() -> str:

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from _common import cold_ms, machine
+from _common import cases_arg, cold_ms, machine, shapes_arg
 from torch import nn
 
 from linquant import kernels
@@ -69,10 +69,8 @@ def main() -> None:
           f"AVX2 {native.status('avx2')}")
     torch.manual_seed(0)
     ms = [int(v) for v in args.ms.split(",")]
-    shapes = SHAPES if args.shapes is None else tuple(
-        (int(a), int(b)) for a, b in (s.split("x") for s in args.shapes.split(",")))
-    cases = CASES if args.cases is None else tuple(
-        c for c in CASES if c[0] in args.cases.split(","))
+    shapes = shapes_arg(args.shapes, SHAPES)
+    cases = cases_arg(args.cases, CASES)
     for n, k in shapes:
         base = nn.Linear(k, n, bias=False)
         fcount = max(2, math.ceil(256 * 2**20 / (n * k * 2)))

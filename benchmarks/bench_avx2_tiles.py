@@ -24,7 +24,7 @@ import math
 import warnings
 
 import torch
-from _common import alternate, machine, rotate
+from _common import alternate, cases_arg, machine, rotate, shapes_arg
 
 import linquant as lq
 from linquant.kernels import native
@@ -62,10 +62,8 @@ def main() -> None:
     builds = _builds()
     print(f"AVX2 kernel: {native.status(native.AVX2)} (and the same source with -DMAXT=4)")
     ms = [int(v) for v in args.ms.split(",")]
-    shapes = SHAPES if args.shapes is None else tuple(
-        (int(a), int(b)) for a, b in (s.split("x") for s in args.shapes.split(",")))
-    cases = CASES if args.cases is None else tuple(
-        c for c in CASES if c[0] in args.cases.split(","))
+    shapes = shapes_arg(args.shapes, SHAPES)
+    cases = cases_arg(args.cases, CASES)
     g = torch.Generator().manual_seed(0)
     print("ms per call, median of each build's calls (alternating), lowest of the rounds")
     for n, k in shapes:

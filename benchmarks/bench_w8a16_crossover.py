@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from _common import cold_ms, machine
+from _common import cold_ms, machine, shapes_arg
 from torch import nn
 
 from linquant import kernels
@@ -51,8 +51,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     ms = [int(v) for v in args.ms.split(",")]
-    shapes = SHAPES if args.shapes is None else tuple(
-        (int(a), int(b)) for a, b in (s.split("x") for s in args.shapes.split(",")))
+    shapes = shapes_arg(args.shapes, SHAPES)
     for n, k in shapes:
         count = max(2, math.ceil(256 * 2**20 / (n * k)))
         base = nn.Linear(k, n, bias=False)
