@@ -27,10 +27,9 @@
  * decodes each word once for twice the tokens of the tile of 4: about 1.1x faster from 8
  * tokens on (BENCHMARKS.md). The prepared activations' rows are ldx >= K floats apart
  * (native.py: K + 16), so that the tile's 8 rows do not share L1 sets when 4 K is a multiple
- * of 4 KiB (at K = 4096
- * the tile of 8 ran 0.91x the tile of 4 without it). Threads (OpenMP) split the row blocks;
- * results do not depend on the number of threads. A token's result depends on its tile (the
- * summation order differs), not on the other tokens' values. */
+ * of 4 KiB (at K = 4096 the tile of 8 ran 0.91x the tile of 4 without it). Threads (OpenMP)
+ * split the row blocks; results do not depend on the number of threads. A token's result
+ * depends on its tile (the summation order differs), not on the other tokens' values. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -90,8 +89,8 @@ ALWAYS_INLINE __m256 decode(__m256i w, const int bits, const int j, const int ce
 
 ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, const int compact,
                         const float* xp, int64_t ldx, const float* xs, const float* ts,
-                        const float* bias, float* y, int64_t m0, const int MT, int64_t N, int64_t K, int64_t g,
-                        int64_t b, const int bits, const int center)
+                        const float* bias, float* y, int64_t m0, const int MT, int64_t N,
+                        int64_t K, int64_t g, int64_t b, const int bits, const int center)
 {
     const int P = 32 / bits, C = 8 / MT; /* C independent sums per token: 8 FMA chains */
     const int64_t G = K / g, wpg = g / P;
@@ -153,23 +152,31 @@ ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, cons
 
 ALWAYS_INLINE void rows(const uint32_t* pb, const void* sb, const void* ob, const int compact,
                         const float* xp, int64_t ldx, const float* xs, const float* ts,
-                        const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t g, int64_t b,
-                        const int bits, const int center)
+                        const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                        int64_t g, int64_t b, const int bits, const int center)
 {
     int64_t m0 = 0;
     while (m0 < M) {
-        int64_t left = M - m0;
-        if (MAXT >= 8 && left >= 8) { tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, 8, N, K, g, b, bits, center); m0 += 8; }
-        else if (left >= 4) { tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, 4, N, K, g, b, bits, center); m0 += 4; }
-        else if (left >= 2) { tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, 2, N, K, g, b, bits, center); m0 += 2; }
-        else { tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, 1, N, K, g, b, bits, center); m0 += 1; }
+        const int64_t left = M - m0;
+        const int mt = MAXT >= 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+#define TILE(T) tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, T, N, K, g, b, bits, center)
+        if (mt == 8)
+            TILE(8);
+        else if (mt == 4)
+            TILE(4);
+        else if (mt == 2)
+            TILE(2);
+        else
+            TILE(1);
+#undef TILE
+        m0 += mt;
     }
 }
 
 static void gemm(const uint32_t* codes, const void* sb, const void* ob, const int compact,
                  const float* xp, int64_t ldx, const float* xs, const float* ts,
-                 const float* bias, float* y,
-                 int64_t M, int64_t N, int64_t K, int64_t g, const int bits, const int center)
+                 const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t g,
+                 const int bits, const int center)
 {
     const int64_t nb = (N + 7) / 8, G = K / g, words = K / (32 / bits);
     const size_t pbytes = compact ? 2 : 4;
@@ -283,10 +290,11 @@ static int prepare_token(const void* xt, int dtype, int64_t K, int64_t g, int bi
     return 0;
 }
 
-/* x [M, K] (dtype 0: bf16, 1: fp16, 2: fp32); xp [M, ldx] with ldx >= K, xs [M, K / g], ts [M],
- * y [M, N] fp32 (written here); bias fp32 [N] or NULL; codes / sb / ob: the layout above, ceil(N / 8) blocks,
- * compact != 0 for fp16 scales and int16 zero points. Returns the number of tokens holding Inf
- * or NaN; y is not computed when there are any. */
+/* x [M, K] (dtype 0: bf16, 1: fp16, 2: fp32); xp [M, ldx] with ldx >= K, xs [M, K / g],
+ * ts [M], y [M, N] fp32 (written here); bias fp32 [N] or NULL; codes / sb / ob: the layout
+ * above, ceil(N / 8) blocks, compact != 0 for fp16 scales and int16 zero points. Returns the
+ * number of tokens holding Inf or NaN (y is not computed when there are any), or -1 for
+ * ldx < K (nothing written). */
 int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int64_t compact,
                      const void* x, int64_t dtype, float* xp, int64_t ldx, float* xs,
                      float* ts, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
@@ -304,7 +312,8 @@ int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int6
         return bad;
     /* fp32 activations: centered codes, so that a symmetric weight's sums carry no
      * 2^(bits - 1) x offset (whose rounding would cost fp32 results about 4 bits). */
-    gemm(codes, sb, ob, (int)compact, xp, ldx, xs, ts, bias, y, M, N, K, g, (int)bits, dtype == 2);
+    gemm(codes, sb, ob, (int)compact, xp, ldx, xs, ts, bias, y, M, N, K, g, (int)bits,
+         dtype == 2);
     return 0;
 }
 
