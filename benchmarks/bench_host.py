@@ -15,6 +15,8 @@ launch. Rows (best of 5 rounds of 20000 calls, in microseconds):
   before ``replay``), plus the forward's own checks;
 * ``linquant::linear_weight_only`` (the operator ``torch.compile``'d graphs call): its
   dispatch cost, the operator call minus its implementation called directly;
+* ``W8A8Linear(x)`` (16 tokens; dynamic and static activations): the planned forward against
+  the dispatcher's unplanned path (both Triton kernels replaced by no-ops);
 * for scale: an empty ``nn.Module`` call and one ``torch.empty``.
 
     python benchmarks/bench_host.py
@@ -77,6 +79,7 @@ def main() -> None:
 
         print(f"  {scheme:16} QuantLinear(x) {best_us(lambda q=q, x=x: q(x)):6.2f} us   "
               f"dispatcher's planned() path {best_us(dispatcher):6.2f} us")
+    w8a8_rows()
     # the custom operator that torch.compile'd graphs call (linquant.kernels.compiled): its
     # dispatch, on top of the same work called directly
     from linquant.kernels import compiled
@@ -95,6 +98,49 @@ def main() -> None:
     x = torch.randn(1, 256, dtype=torch.bfloat16)
     print(f"  for scale: nn.Identity()(x) {best_us(lambda: ident(x)):.2f} us, torch.empty "
           f"{best_us(lambda: torch.empty(1, 128, dtype=torch.bfloat16)):.2f} us")
+
+
+def w8a8_rows() -> None:
+    """``W8A8Linear`` on CUDA, 16 tokens, 256 -> 128: the dispatcher's unplanned path (what
+    every eager call ran before W8A8 plans on CUDA) and the planned forward. Both Triton
+    kernels are replaced by no-ops, and the dispatcher is made to pick the Triton path for CPU
+    tensors (it does so only for CUDA ones)."""
+    import types
+
+    from linquant import kernels
+    from linquant.kernels import triton_w8a8 as tw
+    from linquant.nn import W8A8Linear
+
+    class NoLaunch:
+        def __getitem__(self, grid: object) -> Callable[..., None]:
+            return lambda *args, **kw: None
+
+    stub = types.SimpleNamespace(act_quant_kernel=NoLaunch(), w8a8_gemm_kernel=NoLaunch())
+    real_jit, real_select = tw._jit, kernels.select_w8a8_path
+    tw._jit = lambda: stub  # type: ignore[assignment]
+    kernels.select_w8a8_path = lambda x, w, s=None: (  # type: ignore[assignment]
+        "cuda_triton_w8a8" if tw.supported(x, w) else real_select(x, w, s))
+    try:
+        for act in ("dynamic", "static"):
+            q = W8A8Linear.from_float(nn.Linear(256, 128), activation=act)  # type: ignore[arg-type]
+            if act == "static":
+                q.set_activation_range(-3.0, 3.0)
+            x = torch.randn(16, 256)
+            sa = q._buffers.get("input_scale")
+
+            def unplanned(q: W8A8Linear = q, x: torch.Tensor = x,
+                          sa: torch.Tensor | None = sa) -> object:
+                return kernels.linear_w8a8(q._check_last_dim(x, q.in_features), q.weight_qdata,
+                                           q.weight_scale, q.bias, sa, None)
+
+            q(x)  # keeps the plan
+            paths = [p.path for p in q.kernel_cache()["w8a8_plans"].values()]
+            assert paths == ["cuda_triton_w8a8"], paths
+            print(f"  W8A8Linear {act:7}, 16 tokens: unplanned dispatcher + Triton path "
+                  f"{best_us(unplanned):6.2f} us   planned W8A8Linear(x) "
+                  f"{best_us(lambda q=q, x=x: q(x)):6.2f} us")
+    finally:
+        tw._jit, kernels.select_w8a8_path = real_jit, real_select  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

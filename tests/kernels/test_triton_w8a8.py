@@ -248,6 +248,64 @@ def test_prune_and_default_config() -> None:
         assert chosen[0] <= max(16, mk) and (mk < 128 or chosen[0] >= 64)
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static-sym", "static-asym"])
+def test_runner_is_linear_w8a8_for_its_signature(mode: str) -> None:
+    """``runner(x0, ...)`` binds everything but the input: later inputs of x0's shape give the
+    bits the reference gives them (fresh codes and scales every call), leading dims and an
+    input whose last dim is strided included."""
+    sa = torch.tensor(0.031, device=DEV)
+    za = torch.tensor(117, dtype=torch.uint8, device=DEV)
+    act = {"dynamic": (None, None), "static-sym": (sa, None), "static-asym": (sa, za)}[mode]
+    w, ws = _w(40, 72)
+    bias = torch.randn(40, device=DEV)
+    run = tw.runner(torch.zeros(2, 3, 72, dtype=torch.bfloat16, device=DEV), w, ws, bias, *act,
+                    {})
+    xs = [_x(6, 72, torch.bfloat16, seed).reshape(2, 3, 72) for seed in range(3)]
+    ys = [run(x) for x in xs]  # each call its own output: earlier ones stay as they were
+    for x, y in zip(xs, ys, strict=True):
+        _same(y, ref.linear_w8a8(x, w, ws, bias, *act))
+    wide = _x(6, 144, torch.bfloat16, seed=7).reshape(2, 3, 144)
+    strided = wide[..., ::2]
+    assert strided.stride(-1) == 2
+    _same(run(strided), ref.linear_w8a8(strided, w, ws, bias, *act))
+
+
+def test_dispatcher_keeps_and_replays_a_plan_for_the_triton_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A W8A8 layer on CUDA keeps a plan for ``cuda_triton_w8a8`` (one ``tw.runner`` per input
+    signature) and replays it from its forward; a bias changed in place is not replayed. Without
+    a GPU the dispatcher is made to pick the Triton path for CPU tensors, which the interpreter
+    runs."""
+    real_select, real_runner = kernels.select_w8a8_path, tw.runner
+    monkeypatch.setattr(kernels, "select_w8a8_path", lambda x, w, s=None: (
+        "cuda_triton_w8a8" if tw.supported(x, w) else real_select(x, w, s)))
+    built: list[int] = []
+
+    def counting_runner(*args: object, **kw: object) -> object:
+        built.append(1)
+        return real_runner(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tw, "runner", counting_runner)
+    layer = W8A8Linear.from_float(nn.Linear(72, 40)).to(DEV)
+
+    def check(x: torch.Tensor) -> None:
+        _same(layer(x), ref.linear_w8a8(x, layer.weight_qdata, layer.weight_scale, layer.bias))
+
+    with torch.inference_mode():
+        for seed in range(3):
+            check(_x(5, 72, torch.float32, seed))
+        assert len(built) == 1
+        (p,) = layer.kernel_cache()["w8a8_plans"].values()
+        assert p.path == "cuda_triton_w8a8"
+        check(_x(7, 72, torch.float32))  # another signature: another plan
+        assert len(built) == 2
+    with torch.no_grad():
+        layer.bias.add_(1.0)  # in place: the plans no longer apply
+    with torch.inference_mode():
+        check(_x(5, 72, torch.float32, seed=9))
+    assert len(built) == 3
+
+
 def test_rowsum_cached_and_rebuilt() -> None:
     w, ws = _w(40, 72)
     sa = torch.tensor(0.05, device=DEV)
@@ -312,3 +370,8 @@ def test_cuda_layer_uses_triton_and_matches_reference(activation: str, sym: bool
         zp = layer._buffers.get("input_zero_point")
         r = ref.linear_w8a8(x, layer.weight_qdata, layer.weight_scale, layer.bias, scale, zp)
         _same(y, r)
+        with torch.inference_mode():  # a plan, then its replay
+            _same(layer(x), r)
+            _same(layer(x), r)
+    paths = {p.path for p in layer.kernel_cache()["w8a8_plans"].values()}
+    assert paths == {"cuda_triton_w8a8"}

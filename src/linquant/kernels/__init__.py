@@ -168,8 +168,9 @@ W8A8 on CUDA: ``cuda_triton_w8a8`` whenever triton is importable and
 :func:`linquant.kernels.triton_w8a8.supported` holds (fp32 / fp16 / bf16 activations, a row-major
 int8 weight on the same device, no autograd through ``x``): a Triton activation-quantization
 kernel and an int8 ``tl.dot`` GEMM with the rescale in its epilogue, bit-identical to the
-reference by construction (checked in Triton's interpreter; not yet timed on a GPU). Otherwise
-``reference``.
+reference by construction (checked in Triton's interpreter and on an H200; 1.39-1.53x cuBLAS
+bf16 from 1024 tokens there). Eager calls keep a plan per input signature
+(:func:`linquant.kernels.triton_w8a8.runner`), as on the CPU. Otherwise ``reference``.
 
 Embedding lookups (:func:`embedding_weight_only`, chosen by :func:`select_embedding_path`):
 ``cpu_native_gather`` for CPU tables where the AVX2 library builds, in eager mode (the AVX2
@@ -450,18 +451,19 @@ def linear_w8a8(
 ) -> torch.Tensor:
     """int8 weights x int8 activations; see :func:`reference.linear_w8a8` (the formula) and
     :func:`select_w8a8_path` (the choice). ``cache``: as for :func:`linear_weight_only`
-    (plans included, for CPU inputs)."""
-    cpu_x = isinstance(x, torch.Tensor) and x.device.type == "cpu"
-    if cache is not None and cpu_x:
+    (plans included: every path for CPU inputs, ``cuda_triton_w8a8`` for CUDA inputs)."""
+    device = x.device.type if isinstance(x, torch.Tensor) else None
+    if cache is not None and device in ("cpu", "cuda"):
         p = plans.find(x, (w_int8, w_scale, act_scale, act_zero_point), bias, cache,
                        "w8a8_plans")
         if p is not None:
             return p.run(x)
-    path = select_w8a8_path(x, w_int8, act_scale) if isinstance(x, torch.Tensor) else "reference"
-    if (cache is not None and cpu_x and not _bias_needs_grad(bias)
+    path = select_w8a8_path(x, w_int8, act_scale) if device is not None else "reference"
+    if (cache is not None and (device == "cpu" or path == "cuda_triton_w8a8")
+            and not _bias_needs_grad(bias)
             and not (x.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling()):
-        run = _w8a8_runner(path, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
+        run = _w8a8_runner(path, x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
         n, k = (int(d) for d in w_int8.shape)
         plans.keep(cache, "w8a8_plans", x, ((w_int8, w_scale, act_scale, act_zero_point), n, k),
                    bias, run, path)
@@ -484,11 +486,13 @@ def linear_w8a8(
     return reference.linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point)
 
 
-def _w8a8_runner(path: str, w_int8: torch.Tensor, w_scale: torch.Tensor,
+def _w8a8_runner(path: str, x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                  bias: torch.Tensor | None, act_scale: torch.Tensor | None,
                  act_zero_point: torch.Tensor | None, cache: dict[str, Any]) -> native.Runner:
-    """``path`` (a CPU path of :func:`select_w8a8_path`) as a function of ``x`` alone: what a
-    W8A8 plan runs."""
+    """``path`` (a path of :func:`select_w8a8_path`) as a function of inputs of ``x``'s
+    signature alone: what a W8A8 plan runs."""
+    if path == "cuda_triton_w8a8":
+        return triton_w8a8.runner(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
     if path == "cpu_native_w8a8":
         return native.w8a8_runner(w_int8, w_scale, bias, act_scale, act_zero_point, cache)
     if path == "cpu_native_w8a8_avx2":

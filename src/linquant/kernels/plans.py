@@ -10,9 +10,9 @@ calls check the plan still applies (the same tensor objects, unmodified; no auto
 the closure. Both devices keep plans, in separate cache entries: ``"triton_plans"`` (CUDA,
 :mod:`linquant.kernels.triton_linear`), ``"cuda_plans"`` (CUDA's tinygemm path,
 :mod:`linquant.kernels.cuda`), ``"cpu_plans"`` (weight-only layers on the CPU,
-:func:`linquant.kernels.linear_weight_only`), ``"w8a8_plans"`` (W8A8 layers on the CPU,
-:func:`linquant.kernels.linear_w8a8`) and ``"gather_plans"`` (``QuantEmbedding``, eager, any
-device: :func:`linquant.kernels.embedding_runner`).
+:func:`linquant.kernels.linear_weight_only`), ``"w8a8_plans"`` (W8A8 layers on the CPU, and on
+CUDA the Triton path, :func:`linquant.kernels.linear_w8a8`) and ``"gather_plans"``
+(``QuantEmbedding``, eager, any device: :func:`linquant.kernels.embedding_runner`).
 
 Where the time goes without plans: on CUDA, 60-90 us of checks and lookups around a 30 us
 Triton launch (BENCHMARKS.md, "Host time per eager call"); on the CPU, ``select_path`` alone

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "interpreting",
     "linear_w8a8",
     "quantize_activations",
+    "runner",
     "supported",
     "triton_available",
 ]
@@ -147,20 +149,53 @@ def divides_by_reciprocal(device: torch.device) -> bool:
 
 
 @functools.cache
+@functools.cache
 def _recip127() -> float:
     # torch on CUDA divides by a Python number as a * (1 / b) with 1 / b rounded to fp32
     return float(torch.ones((), dtype=torch.float32) / 127)
 
 
-def _act_launch(x2: torch.Tensor) -> tuple[int, int, int, bool]:
-    """``(rows per program, BLOCK_K, num_warps, single)`` for ``x2 [M, K]``."""
-    m, k = x2.shape
+def _act_launch(m: int, k: int) -> tuple[int, int, int, bool]:
+    """``(rows per program, BLOCK_K, num_warps, single)`` for activations ``[m, k]``."""
     block = next_pow2(k)
     if block <= MAX_SINGLE_K:
         rows = max(1, min(_TILE // block, next_pow2(m)))
         warps = 8 if rows * block >= 4096 else 4
         return rows, block, warps, True
     return 1, 4096, 8, False
+
+
+Launch = tuple[Any, dict[str, Any]]  # a kernel indexed by its grid, and its keyword arguments
+
+
+def _act_launcher(m: int, k: int, mode: int, device: torch.device) -> Launch:
+    """``act_quant_kernel`` for ``[m, k]`` activations in ``mode`` (0 dynamic, 1 static
+    symmetric, 2 static asymmetric): called as ``kern(x2, q, scales, sa, za, m, k, x2.stride(0),
+    **kw)``."""
+    rows, block, warps, single = _act_launch(m, k)
+    kern = _jit().act_quant_kernel[(_cdiv(m, rows),)]
+    return kern, dict(INV=_recip127(), TINY=_TINY, MODE=mode,
+                      RECIP=divides_by_reciprocal(device), ROWS=rows, BLOCK_K=block,
+                      SINGLE=single, num_warps=warps, enable_fp_fusion=False)
+
+
+def _gemm_launcher(m: int, n: int, k: int, mode: int, has_bias: bool,
+                   config: tuple[int, int, int, int, int] | None) -> Launch:
+    """``w8a8_gemm_kernel`` for ``M = m``: autotuned (``config`` None, on a GPU), or ``config``
+    (in the interpreter, the first config :func:`_prune` keeps). Called with the arguments of
+    :func:`gemm`'s ``args``."""
+    if config is None and interpreting():
+        config = default_config(m)
+    if config is None:
+        def grid(meta: dict[str, Any]) -> tuple[int]:
+            return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
+
+        return _tuned_kernel()[grid], dict(MODE=mode, HAS_BIAS=has_bias,
+                                           enable_fp_fusion=False)
+    bm, bn, bk, stages, warps = config
+    return _jit().w8a8_gemm_kernel[(_cdiv(m, bm) * _cdiv(n, bn),)], dict(
+        MODE=mode, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+        EVEN_K=k % bk == 0, num_stages=stages, num_warps=warps, enable_fp_fusion=False)
 
 
 def next_pow2(n: int) -> int:
@@ -180,7 +215,6 @@ def quantize_activations(
     of :func:`~linquant.kernels.reference.quantize_activation_per_tensor`; static asymmetric: its
     uint8 codes minus 128 as int8. The second value is then ``act_scale`` as a 1-element fp32.
     """
-    jit = _jit()
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, k = (int(d) for d in x2.shape)
@@ -195,15 +229,9 @@ def quantize_activations(
             mode, za = 1, scales
         else:
             mode, za = 2, act_zero_point.reshape(1).to(x2.device)
-    rows, block, warps, single = _act_launch(x2)
-    grid = (_cdiv(m, rows),)
+    kern, kw = _act_launcher(m, k, mode, x2.device)
     with on_device(x2):
-        jit.act_quant_kernel[grid](
-            x2, q, scales, sa, za, m, k, x2.stride(0),
-            INV=_recip127(), TINY=_TINY, MODE=mode, RECIP=divides_by_reciprocal(x2.device),
-            ROWS=rows, BLOCK_K=block, SINGLE=single,
-            num_warps=warps, enable_fp_fusion=False,
-        )
+        kern(x2, q, scales, sa, za, m, k, x2.stride(0), **kw)
     if act_scale is None:
         return q, scales.reshape(m, 1)
     return q, scales
@@ -315,24 +343,10 @@ def gemm(
     b = ws if bias is None else bias.reshape(n).to(a_q.device).contiguous()
     rs = ws if rowsum is None else rowsum
     za = ws if zero_point is None else zero_point.reshape(1).to(a_q.device)
-    args = (a_q, w_int8, y, a_scale, ws, b, rs, za, m, n, k, _m_key(m),
-            a_q.stride(0), w_int8.stride(0), y.stride(0))
-    if config is None and interpreting():
-        config = default_config(m)
+    kern, kw = _gemm_launcher(m, n, k, mode, bias is not None, config)
     with on_device(a_q):
-        if config is None:
-            def grid(meta: dict[str, Any]) -> tuple[int]:
-                return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
-
-            _tuned_kernel()[grid](*args, MODE=mode, HAS_BIAS=bias is not None,
-                                  enable_fp_fusion=False)
-        else:
-            bm, bn, bk, stages, warps = config
-            _jit().w8a8_gemm_kernel[(_cdiv(m, bm) * _cdiv(n, bn),)](
-                *args, MODE=mode, HAS_BIAS=bias is not None,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, EVEN_K=k % bk == 0,
-                num_stages=stages, num_warps=warps, enable_fp_fusion=False,
-            )
+        kern(a_q, w_int8, y, a_scale, ws, b, rs, za, m, n, k, _m_key(m),
+             a_q.stride(0), w_int8.stride(0), y.stride(0), **kw)
     return y
 
 
@@ -351,17 +365,63 @@ def linear_w8a8(
     call only where :func:`supported` is True). ``cache``: a dict owned by the layer, where the
     weight's int32 row sums (static asymmetric activations) are kept. ``config``: force one of
     :data:`CONFIGS` (tests)."""
+    return runner(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache, config=config)(x)
+
+
+def runner(
+    x: torch.Tensor,
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_scale: torch.Tensor | None = None,
+    act_zero_point: torch.Tensor | None = None,
+    cache: Cache | None = None,
+    *,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`linear_w8a8` for inputs of ``x``'s shape, dtype and device, as a function of the
+    input alone: the launch shapes, the weight scales and bias as the kernels read them, the
+    row sums and both kernels (grid bound) are prepared here once; each call allocates the codes,
+    scales and output and launches the two kernels. What a W8A8 plan on CUDA runs
+    (:func:`linquant.kernels.linear_w8a8`): a plan is kept per input signature, and replayed
+    only while the weight tensors and the bias are the same objects, unmodified."""
     if act_scale is None and act_zero_point is not None:
         raise LinquantError("linear_w8a8: act_zero_point needs act_scale (static activations)")
     n, k = (int(d) for d in w_int8.shape)
-    x2 = x.reshape(-1, k)
-    a_q, a_s = quantize_activations(x2, act_scale, act_zero_point)
+    dev, out_dtype, lead = x.device, x.dtype, tuple(x.shape[:-1])
+    m = x.numel() // k
     if act_scale is None:
-        mode, rowsum = 0, None
-        a_s = a_s.reshape(-1)
-    elif act_zero_point is None:
-        mode, rowsum = 1, None
+        mode, sa, za, rowsum = 0, None, None, None
     else:
-        mode, rowsum = 2, _rowsum(w_int8, cache)
-    y = gemm(a_q, w_int8, w_scale, a_s, bias, x.dtype, mode, rowsum, act_zero_point, config)
-    return y.reshape(*x.shape[:-1], n)
+        sa = act_scale.reshape(1).to(device=dev, dtype=torch.float32)
+        if act_zero_point is None:
+            mode, za, rowsum = 1, sa, None
+        else:
+            mode, za = 2, act_zero_point.reshape(1).to(dev)
+            rowsum = _rowsum(w_int8, cache)
+    act, act_kw = _act_launcher(m, k, mode, dev)
+    ws = w_scale.reshape(n).to(device=dev, dtype=torch.float32).contiguous()
+    b = ws if bias is None else bias.reshape(n).to(dev).contiguous()
+    rs = ws if rowsum is None else rowsum
+    zg = ws if mode != 2 else za
+    mm, mkey = _gemm_launcher(m, n, k, mode, bias is not None, config), _m_key(m)
+    mm_kern, mm_kw = mm
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(m, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        q = torch.empty(m, k, dtype=torch.int8, device=dev)
+        y = torch.empty(m, n, dtype=out_dtype, device=dev)
+        with on_device(x2):
+            if sa is None:
+                scales = torch.empty(m, dtype=torch.float32, device=dev)
+                act(x2, q, scales, scales, scales, m, k, x2.stride(0), **act_kw)
+            else:
+                scales = sa
+                act(x2, q, sa, sa, za, m, k, x2.stride(0), **act_kw)
+            mm_kern(q, w_int8, y, scales, ws, b, rs, zg, m, n, k, mkey, q.stride(0),
+                    w_int8.stride(0), y.stride(0), **mm_kw)
+        return y.reshape(*lead, n)
+
+    return run
