@@ -149,7 +149,6 @@ def divides_by_reciprocal(device: torch.device) -> bool:
 
 
 @functools.cache
-@functools.cache
 def _recip127() -> float:
     # torch on CUDA divides by a Python number as a * (1 / b) with 1 / b rounded to fp32
     return float(torch.ones((), dtype=torch.float32) / 127)
