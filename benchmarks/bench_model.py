@@ -47,7 +47,7 @@ from linquant import kernels
 from linquant.config import PRESETS, QuantConfig, get_config
 from linquant.convert import ModelReport, model_nbytes, quantize_model
 from linquant.demo import MODEL_NAME, encode, load_model, load_sentences, tokenize
-from linquant.nn import QuantLinear, W8A8Linear
+from linquant.nn import QuantLinear, W8A8Linear, kernel_cache_nbytes
 from linquant.report import Column, format_table, write_json
 
 LINEAR_TYPES = (nn.Linear, QuantLinear, W8A8Linear)
@@ -300,6 +300,20 @@ def main() -> None:
         print(format_table(table, columns), flush=True)
         results["batches"].append({"batch": batch, "seq_len": seq, "tokens": tokens,
                                    "rows": table})
+    # ---- memory the runs added: the kernels' repacked layouts ----
+    mem = []
+    for row in rows:
+        held = kernel_cache_nbytes(row.model)
+        tot = model_nbytes(row.model)
+        mem.append({"row": row.label, "model_mb": tot / 1e6, "layouts_mb": held / 1e6,
+                    "ram_mb": (tot + held) / 1e6, "ram_ratio": f32_all / (tot + held)})
+    print("\nmemory after the timed runs (MB; layouts: the kernels' repacked copies, freed by "
+          "linquant.nn.clear_kernel_caches; fbgemm's and oneDNN's packed weights not counted)")
+    print(format_table(mem, [
+        ("row", "row", ""), ("model_mb", "model MB", ".2f"), ("layouts_mb", "layouts MB", ".2f"),
+        ("ram_mb", "model + layouts MB", ".2f"), ("ram_ratio", "x", ".2f"),
+    ]), flush=True)
+    results["memory"] = mem
     if args.json:
         write_json(args.json, results)
         print(f"\nwrote {args.json}")

@@ -1132,3 +1132,40 @@ print("exact", torch.equal(y, want))
     assert "probe False False False" in lines  # ... and linquant sees it
     want_path = "cpu_native_w8a8_avx2" if native.available("w8a8_avx2") else "reference"
     assert f"path {want_path}" in lines and "exact True" in lines, out.stdout
+
+
+def test_kernel_cache_nbytes_counts_each_layout_storage_once_and_not_the_layers_own() -> None:
+    """Exact on a hand-filled cache: tensors in tuples, lists, dicts and plain objects count
+    once per storage (a view adds nothing); the layer's own buffers, plans and opaque objects
+    count nothing."""
+    import types
+
+    from linquant.nn import kernel_cache_nbytes
+
+    q = QuantLinear.from_float(nn.Linear(64, 32), "int4-sym-g32")
+    assert kernel_cache_nbytes(q) == 0
+    a = torch.empty(100, dtype=torch.uint8)
+    b = torch.empty(10, dtype=torch.float32)
+    cache = q.kernel_cache()
+    cache["layout"] = (a, [b, a[:50], q.weight_qdata], {"c": torch.empty(3)})
+    cache["pack"] = types.SimpleNamespace(words=torch.empty(4, dtype=torch.int32), scale=b)
+    cache["cpu_plans"] = {"key": torch.empty(1000)}  # plans: not counted
+    cache["opaque"] = object()
+    assert kernel_cache_nbytes(q) == 100 + 40 + 12 + 16
+    model = nn.Sequential(q, nn.ReLU(), QuantLinear.from_float(nn.Linear(32, 8), "int8-sym-ch0"))
+    model[2].kernel_cache()["x"] = (torch.empty(7, dtype=torch.int8),)
+    assert kernel_cache_nbytes(model) == 168 + 7
+
+
+def test_kernel_cache_nbytes_sees_a_real_layout_and_clear_frees_it() -> None:
+    from linquant.nn import clear_kernel_caches, kernel_cache_nbytes
+
+    q = QuantLinear.from_float(nn.Linear(512, 256), "int4-sym-g32").bfloat16()
+    with torch.inference_mode():
+        q(torch.randn(3, 512).bfloat16())
+    held = kernel_cache_nbytes(q)
+    path = kernels.select_path(torch.randn(3, 512).bfloat16(), q.qweight)
+    if path.startswith("cpu_native") or path == "cpu_int4pack":  # paths with a layout
+        assert held >= 256 * 512 // 2  # at least another copy of the int4 codes
+    clear_kernel_caches(q)
+    assert kernel_cache_nbytes(q) == 0

@@ -14,7 +14,7 @@ Every class has ``from_float(module, ..., name=)`` (quantize a float module), ``
 a float ``bias`` when the float module has one. :func:`quant_module_for` looks the table up.
 """
 
-from linquant.nn.base import QuantModule, clear_kernel_caches
+from linquant.nn.base import QuantModule, clear_kernel_caches, kernel_cache_nbytes
 from linquant.nn.conv import QuantConv2d
 from linquant.nn.embedding import QuantEmbedding
 from linquant.nn.linear import QuantLinear
@@ -29,6 +29,7 @@ __all__ = [
     "QuantModule",
     "W8A8Linear",
     "clear_kernel_caches",
+    "kernel_cache_nbytes",
     "quant_module_for",
     "register_qmodule",
     "registered",

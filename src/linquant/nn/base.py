@@ -221,6 +221,60 @@ def clear_kernel_caches(model: nn.Module) -> int:
     return dropped
 
 
+def kernel_cache_nbytes(model: nn.Module) -> int:
+    """Bytes of memory the quantized layers of ``model`` hold in their repacked kernel layouts
+    (:func:`clear_kernel_caches` frees them): the memory a run costs on top of the model's own
+    tensors, which its size and the report count.
+
+    Counted: every tensor reachable in a layer's cache entries (tuples, lists, dicts and plain
+    objects, a few levels deep), each storage once, except storages of the layer's own
+    parameters and buffers. Not counted: plans (closures over the same layouts and small derived
+    tensors) and opaque packed weights that expose no storage (fbgemm's and oneDNN's packed
+    int8 weights), nor the per-weight caches of ``torch.compile``'d models."""
+    total = 0
+    for m in model.modules():
+        if not isinstance(m, QuantModule):
+            continue
+        cache = m.__dict__.get("_kernel_cache")
+        if not cache:
+            continue
+        seen: set[int] = set()
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+            ptr = _storage_ptr(t)
+            if ptr is not None:
+                seen.add(ptr)
+        for name, entry in cache.items():
+            if not name.endswith("_plans"):
+                total += _tensor_bytes(entry, seen, depth=4)
+    return total
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # opaque tensors (oneDNN's packed weight)
+        return None
+
+
+def _tensor_bytes(obj: Any, seen: set[int], depth: int) -> int:
+    if isinstance(obj, torch.Tensor):
+        ptr = _storage_ptr(obj)
+        if ptr is None or ptr in seen or obj.device.type == "meta":
+            return 0
+        seen.add(ptr)
+        return int(obj.untyped_storage().nbytes())
+    if depth == 0:
+        return 0
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(v, seen, depth - 1) for v in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen, depth - 1) for v in obj.values())
+    attrs = getattr(obj, "__dict__", None)
+    if isinstance(attrs, dict) and not callable(obj):
+        return sum(_tensor_bytes(v, seen, depth - 1) for v in attrs.values())
+    return 0
+
+
 class QuantModule(nn.Module):
     """Base of the quantized modules: labels for errors, dtype-safe ``_apply``, weight buffers.
 
