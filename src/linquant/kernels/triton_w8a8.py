@@ -403,8 +403,8 @@ def runner(
     b = ws if bias is None else bias.reshape(n).to(dev).contiguous()
     rs = ws if rowsum is None else rowsum
     zg = ws if mode != 2 else za
-    mm, mkey = _gemm_launcher(m, n, k, mode, bias is not None, config), _m_key(m)
-    mm_kern, mm_kw = mm
+    mm_kern, mm_kw = _gemm_launcher(m, n, k, mode, bias is not None, config)
+    mkey = _m_key(m)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(m, k)
