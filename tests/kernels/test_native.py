@@ -23,9 +23,11 @@ from torch import nn
 
 import linquant as lq
 from linquant import kernels
-from linquant.kernels import native
+from linquant.kernels import cpu, native
 from linquant.kernels import reference as ref
 from linquant.nn import QuantLinear, clear_kernel_caches
+
+INT4PACK_OR_BLOCKED = "cpu_int4pack" if cpu.HAS_INT4PACK else "cpu_blocked"  # PyTorch < 2.6
 
 HALF_TOL = 2e-2
 needs_native = pytest.mark.skipif(not native.available(),
@@ -213,7 +215,7 @@ def test_select_path_native_rows() -> None:
     assert path(3, _qt(250, 512, "int4-sym-g64")) == "cpu_native_int4"  # N % 16 != 0
     # fp16 activations: the AVX2 kernel (tests/kernels/test_native_avx2.py), else PyTorch's op
     assert path(3, q, torch.float16) == ("cpu_native_avx2" if native.available("avx2")
-                                         else "cpu_int4pack")
+                                         else INT4PACK_OR_BLOCKED)
     # fp32 activations: fp32 math, on the AVX2 kernel up to 64 tokens, else the blocked path
     assert path(3, q, torch.float32) == ("cpu_native_avx2" if native.available("avx2")
                                          else "cpu_blocked")
@@ -244,7 +246,8 @@ def test_native_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, fresh_native:
     assert native.status() == "unavailable: turned off by LINQUANT_NATIVE"
     qt = _qt(256, 512, "int4-sym-g32")
     assert not native.supported(qt, torch.bfloat16)
-    assert kernels.select_path(torch.zeros(2, 512, dtype=torch.bfloat16), qt) == "cpu_int4pack"
+    assert kernels.select_path(torch.zeros(2, 512, dtype=torch.bfloat16), qt) \
+        == INT4PACK_OR_BLOCKED
     assert not fresh_native.exists()  # nothing was built
 
 
@@ -274,7 +277,7 @@ def test_failed_build_warns_once_falls_back_and_leaves_no_file(
     qt = _qt(256, 512, "int4-sym-g32")
     x = torch.randn(2, 512).bfloat16()
     with pytest.warns(RuntimeWarning, match="native AVX2 kernel disabled .*simulated"):
-        assert kernels.select_path(x, qt) == "cpu_int4pack"  # the AVX2 kernel fails alike
+        assert kernels.select_path(x, qt) == INT4PACK_OR_BLOCKED  # the AVX2 kernel fails alike
     _close(kernels.linear_weight_only(x, qt), ref.linear_weight_only(x, qt), HALF_TOL)
 
 

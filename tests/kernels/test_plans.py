@@ -13,7 +13,7 @@ from torch import nn
 
 import linquant as lq
 from linquant import kernels
-from linquant.kernels import plans
+from linquant.kernels import cpu, plans
 from linquant.kernels import reference as ref
 from linquant.nn import QuantLinear, W8A8Linear, clear_kernel_caches
 
@@ -61,7 +61,9 @@ def test_plan_runs_the_chosen_path_with_the_same_bits(scheme: str, dtype: torch.
 
 
 @pytest.mark.parametrize(("scheme", "m", "n", "k", "path"), [
-    ("int4-asym-g32-fp16", 3, 384, 256, "cpu_int4pack"),
+    pytest.param("int4-asym-g32-fp16", 3, 384, 256, "cpu_int4pack",
+                 marks=pytest.mark.skipif(not cpu.HAS_INT4PACK,
+                                          reason="needs PyTorch 2.6+")),
     ("int8-sym-ch0", 1, 384, 256, "cpu_int8pack"),
     ("int8-sym-ch0", 5, 1024, 1024, "cpu_int8split"),
     ("int8-sym-ch0", 40, 384, 256, "cpu_blocked"),

@@ -21,6 +21,8 @@ compile about 100 kernels (a second or so each) in all.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 from typing import Any
 
@@ -31,6 +33,7 @@ from torch import nn
 import linquant as lq
 from linquant import kernels
 from linquant.errors import LinquantError
+from linquant.kernels import _triton_env
 from linquant.kernels import reference as ref
 from linquant.kernels import triton_linear as tlin
 from linquant.nn import QuantLinear
@@ -42,6 +45,11 @@ pytest.importorskip("triton")
 
 HALF_TOL = 2e-2
 FP32_TOL = 1e-4
+if not _triton_env.available():  # Triton older than the kernels are tested with
+    pytest.skip(_triton_env.status(), allow_module_level=True)
+# Triton's autotuner runs in the interpreter (with a stand-in timer) from Triton 3.3
+TIMER_HOOK = _triton_env.parse_version(importlib.import_module("triton").__version__) >= (3, 3)
+
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -128,6 +136,7 @@ def test_matches_reference(case: tuple[int, int, str], dtype: torch.dtype) -> No
 
 
 @pytest.mark.skipif(CUDA, reason="the cuda tests run the real autotuner")
+@pytest.mark.skipif(not TIMER_HOOK, reason="the autotuner needs a GPU driver before Triton 3.3")
 def test_autotuned_launch_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
     """The automatic path as a GPU runs it (autotuned wrappers: keys, the pruner, the atomic
     outputs restored after each timed run), in the interpreter with a stand-in timer that runs
@@ -197,7 +206,6 @@ def test_byte_permute_selectors_give_the_fp32_magic() -> None:
     interpreter cannot run): ``prmt(word, 0x4B000000, 0x7650 + i)`` must be the interpreter's
     ``((word >> 8i) & 255) | 0x4B000000`` for every byte (checked here on PTX's definition of
     prmt; the CUDA tests run the kernels)."""
-    import inspect
     import random
 
     tk = pytest.importorskip("linquant.kernels._triton_kernels")
@@ -727,8 +735,10 @@ def test_triton_available() -> None:
 # ---- compiles for Hopper without a GPU ----------------------------------------------------
 
 
-def _static_check(tmp_path: object, *args: str) -> list[str]:
-    """Rows printed by benchmarks/triton_static.py (compiles for sm_90, no GPU needed)."""
+def _static_check(tmp_path: object, *args: str,
+                  kinds: tuple[str, ...] = tlin.KERNELS) -> list[str]:
+    """Rows printed by benchmarks/triton_static.py (compiles for sm_90, no GPU needed) for the
+    kernels ``kinds`` (default: the weight-only ones)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -742,7 +752,7 @@ def _static_check(tmp_path: object, *args: str) -> list[str]:
     if out.returncode and "ImportError" in out.stderr:
         pytest.skip(f"triton compiler internals differ: {out.stderr.strip().splitlines()[-1]}")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return [r for r in out.stdout.splitlines() if r.startswith(tlin.KERNELS)]
+    return [r for r in out.stdout.splitlines() if r.startswith(kinds)]
 
 
 @pytest.mark.skipif(CUDA, reason="a GPU compiles the kernels for real in the other tests")
@@ -757,6 +767,25 @@ def test_kernels_compile_for_sm90(tmp_path: pytest.TempPathFactory) -> None:
     assert len(rows) == 4 * 5 * 2 and not any("FAILED" in r for r in rows), rows
     for r in rows:
         assert r.startswith("gemv") or " wgmma " in r or " mma " in r, r
+
+
+@pytest.mark.skipif(CUDA, reason="a GPU compiles the kernels for real in the other tests")
+def test_w8a8_and_quant_kernels_compile_for_sm90(tmp_path: pytest.TempPathFactory) -> None:
+    """The kernels of :mod:`linquant.kernels._triton_jit` compile to sm_90 without a GPU, with
+    the constexprs and options their launchers pass on CUDA: the activation quantization (3
+    modes, one tile per row or two passes), the int8 GEMM's first config (3 modes, with and
+    without bias, K a multiple of BLOCK_K or not) and the weight quantization (4 and 8 bits, 3
+    modes, one tile or two passes). The GEMM's 128x256 tile uses Hopper's wgmma
+    (``s32.s8.s8``), asynchronous (ptxas reports no C7515), with Triton 3.3, 3.4, 3.6 and 3.9."""
+    kinds = ("act_quant", "w8a8", "weight_quant")
+    rows = _static_check(tmp_path, "--kinds", ",".join(kinds), kinds=kinds)
+    assert not any("FAILED" in r for r in rows), "\n".join(rows)
+    counts = {k: sum(r.startswith(f"{k} ") for r in rows) for k in kinds}
+    assert counts == {"act_quant": 3 * 2, "w8a8": 3 * 2 * 2, "weight_quant": 2 * 3 * 2}, rows
+    for r in rows:
+        assert r.startswith("w8a8 ") == (" wgmma " in r or " mma " in r), r
+        if r.startswith("w8a8 "):
+            assert " wgmma " in r and "SERIALIZED" not in r, r
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 
 import linquant as lq
 from linquant.errors import LinquantError
+from linquant.kernels import _triton_env
 from linquant.kernels import triton_quant as tq
 from linquant.kernels import triton_w8a8 as tw
 from linquant.ops.affine import quantize_packed
@@ -30,6 +31,9 @@ from linquant.ops.grouping import granules
 from linquant.ops.packing import pack
 from linquant.ops.qparams import QParams, smallest_scale
 from linquant.scheme import QuantScheme
+
+if not _triton_env.available():  # Triton older than the kernels are tested with
+    pytest.skip(_triton_env.status(), allow_module_level=True)
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

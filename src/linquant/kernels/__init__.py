@@ -105,7 +105,7 @@ Weight-only linear on CUDA, first match wins:
    weight per call, which the fused kernels avoid; estimated at about 0.87x cuBLAS bf16 at
    2048 tokens on 8192 x 8192 against the tiled kernel's measured 0.59x, not yet timed
    (:func:`linquant.kernels.triton_linear.linear_dequant`).
-3. ``cuda_triton`` whenever triton is importable and
+3. ``cuda_triton`` whenever Triton 3.2 or later imports (:func:`triton_status`) and
    :func:`linquant.kernels.triton_linear.supported` holds (4- / 8-bit codes, group-wise with a
    group of whole 32-bit words, per-output-channel or per-tensor parameters, any mode:
    symmetric, integer zero point, float offset; bf16 / fp16 activations, fp32 only for one
@@ -164,7 +164,7 @@ All three are bit-identical to the reference. Each prepacked weight is kept in t
 cache: a second copy of the int8 weight per backend, so a layer run both below and above the
 fbgemm threshold holds two (``layer.kernel_cache().clear()`` drops them).
 
-W8A8 on CUDA: ``cuda_triton_w8a8`` whenever triton is importable and
+W8A8 on CUDA: ``cuda_triton_w8a8`` whenever Triton 3.2 or later imports and
 :func:`linquant.kernels.triton_w8a8.supported` holds (fp32 / fp16 / bf16 activations, a row-major
 int8 weight on the same device, no autograd through ``x``): a Triton activation-quantization
 kernel and an int8 ``tl.dot`` GEMM with the rescale in its epilogue, bit-identical to the
@@ -200,7 +200,16 @@ from typing import Any
 
 import torch
 
-from linquant.kernels import cpu, cuda, native, plans, reference, triton_linear, triton_w8a8
+from linquant.kernels import (
+    _triton_env,
+    cpu,
+    cuda,
+    native,
+    plans,
+    reference,
+    triton_linear,
+    triton_w8a8,
+)
 from linquant.kernels.reference import (
     int8_matmul,
     int_mm_supported,
@@ -241,7 +250,15 @@ __all__ = [
     "select_embedding_path",
     "select_path",
     "select_w8a8_path",
+    "triton_status",
 ]
+
+def triton_status() -> str:
+    """Whether the CUDA paths' Triton kernels can run: ``"available: triton X"``, or
+    ``"unavailable: <why>"`` (not installed, or older than 3.2, the oldest they are tested
+    with); see :mod:`linquant.kernels._triton_env`."""
+    return _triton_env.status()
+
 
 PATHS = ("reference", "cpu_native_int4", "cpu_native_w8a16", "cpu_native_avx2", "cpu_int4pack",
          "cpu_int8split", "cpu_int8pack", "cpu_blocked", "cpu_scratch", "cuda_tinygemm",

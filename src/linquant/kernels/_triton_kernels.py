@@ -513,7 +513,7 @@ def mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, m_ptr, b_ptr, xs_ptr, y_ptr,
     # group-wise with one group per K tile and a small BLOCK_M: integer codes go into the
     # dot and the tile's scale multiplies the [BLOCK_M, BLOCK_N] partial product instead
     # of every weight; per-channel: the scale is applied once, after the loop
-    TILE_SCALE: tl.constexpr = (not PER_CHANNEL) and BLOCK_M <= 32 and GROUP % BLOCK_K == 0
+    TILE_SCALE: tl.constexpr = ((not PER_CHANNEL) and BLOCK_M <= 32) and GROUP % BLOCK_K == 0
     DT = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from linquant.kernels import _cpuinfo
 from linquant.kernels.reference import _TINY, ACT_QMAX
 from linquant.kernels.reference import linear_weight_only as _reference_linear
 from linquant.ops.affine import sign_extend
@@ -100,10 +101,16 @@ Cache = dict[str, Any]
 # ---- support predicates ----------------------------------------------------------------------
 
 
+# PyTorch 2.6 and later (2.4 and 2.5 have one op for both devices, with another layout)
+HAS_INT4PACK = all(hasattr(torch, op) for op in ("_weight_int4pack_mm_for_cpu",
+                                                  "_convert_weight_to_int4pack_for_cpu"))
+
+
 def int4pack_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
     s = qt.scheme
     return (
-        qt.device.type == "cpu"
+        HAS_INT4PACK
+        and qt.device.type == "cpu"
         and dtype in HALF_DTYPES
         and len(qt.shape) == 2
         and s.bits == 4
@@ -445,10 +452,9 @@ def onednn_available() -> bool:
         prepack = torch.ops.onednn.qlinear_prepack
     except (AttributeError, RuntimeError):
         return False
-    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     mkldnn = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
-    return (op is not None and prepack is not None and mkldnn and vnni is not None
-            and bool(vnni()) and _onednn_exact())
+    return (op is not None and prepack is not None and mkldnn and _cpuinfo.has("vnni")
+            and _onednn_exact())
 
 
 def _onednn_exact() -> bool:

@@ -80,7 +80,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import functools
 import hashlib
 import os
 import platform
@@ -98,7 +97,7 @@ from typing import Any
 import torch
 
 from linquant.errors import LinquantError
-from linquant.kernels import cpu, reference
+from linquant.kernels import _cpuinfo, cpu, reference
 from linquant.tensor import QuantizedTensor
 
 __all__ = [
@@ -148,13 +147,8 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "linquant"
 
 
-@functools.cache  # the hardware does not change; fast_half_matmul is per call
 def _cpu_has(feature: str) -> bool:
-    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
+    return _cpuinfo.has(feature)
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -194,17 +188,8 @@ def wide_dequant() -> bool:
 
 def _cpu_has_avx2_fma() -> bool:
     """AVX2 with FMA and F16C (every x86-64 CPU since Intel Haswell and AMD Zen 1)."""
-    if not _cpu_has("avx2"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return "fma" in flags and "f16c" in flags
-    except OSError:
-        pass
-    return False
+    flags = _cpuinfo.cpuinfo_flags()
+    return _cpu_has("avx2") and "fma" in flags and "f16c" in flags
 
 
 def _compile(compiler: str, flags: tuple[str, ...], src: Path, out: Path) -> None:

@@ -137,7 +137,7 @@ import torch
 import torch.nn.functional as F
 
 from linquant.errors import LinquantError
-from linquant.kernels import plans, reference
+from linquant.kernels import _triton_env, plans, reference
 from linquant.kernels.cpu import _cached, _key
 from linquant.tensor import QuantizedTensor
 
@@ -264,15 +264,10 @@ _GROUP_M = 8
 # ---- availability ----------------------------------------------------------------------------
 
 
-@functools.cache
 def triton_available() -> bool:
-    """Whether Triton can be imported here (never raises)."""
-    try:
-        import triton
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """Whether Triton imports and is recent enough (:mod:`linquant.kernels._triton_env`; never
+    raises)."""
+    return _triton_env.available()
 
 
 def _interpreting() -> bool:
@@ -468,20 +463,21 @@ def _build(do_bench: Any = None, tune: bool | None = None) -> _Kernels:
     scheme_keys = ["BITS", "SYM", "HAS_Z", "HAS_M", "PER_CHANNEL", "GROUP"]
     gemv_tuned = splitk_tuned = tiled_tuned = gemv_t_tuned = None
     if tune:
+        opts = _triton_env.autotune_options(do_bench)
         gemv_t_tuned = triton.autotune(configs("gemv_t"), key=["N", "K", "ATOMIC", *scheme_keys],
                                        prune_configs_by={"early_config_prune": _pruner("gemv_t")},
-                                       restore_value=["y_ptr"], do_bench=do_bench)(tk.gemv_t_kernel)
+                                       restore_value=["y_ptr"], **opts)(tk.gemv_t_kernel)
         # atomic outputs are restored after every timed run, so the real run starts at zero
         gemv_tuned = triton.autotune(configs("gemv"), key=["N", "K", "SPLIT_K", "ATOMIC",
                                                             *scheme_keys],
-                                     restore_value=["y_ptr"], do_bench=do_bench)(tk.gemv_kernel)
+                                     restore_value=["y_ptr"], **opts)(tk.gemv_kernel)
         splitk_tuned = triton.autotune(configs("splitk"), key=["N", "K", "BLOCK_M",
                                                                *scheme_keys],
                                        prune_configs_by={"early_config_prune": _pruner("splitk")},
-                                       restore_value=["y_ptr"], do_bench=do_bench)(tk.mm_kernel)
+                                       restore_value=["y_ptr"], **opts)(tk.mm_kernel)
         tiled_tuned = triton.autotune(configs("tiled"), key=["N", "K", "M_BUCKET", *scheme_keys],
                                       prune_configs_by={"early_config_prune": _pruner("tiled")},
-                                      do_bench=do_bench)(tk.mm_kernel)
+                                      **opts)(tk.mm_kernel)
     return _Kernels(tk.gemv_kernel, tk.mm_kernel, gemv_tuned, splitk_tuned, tiled_tuned,
                     tk.gemv_t_kernel, gemv_t_tuned, tk.dequant_kernel)
 

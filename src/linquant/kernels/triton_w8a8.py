@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from linquant.errors import LinquantError
+from linquant.kernels import _triton_env
 from linquant.kernels.reference import INT32_MAX_K
 
 __all__ = [
@@ -86,14 +87,9 @@ _TILE = 8192  # elements per activation-quantization program
 _TINY = float(torch.finfo(torch.float32).tiny)
 
 
-@functools.cache
 def triton_available() -> bool:
-    """Whether triton imports and has what the kernels use (``tl.math.div_rn``: triton >= 3.0)."""
-    try:
-        import triton.language as tl
-    except Exception:  # ImportError, or a broken install
-        return False
-    return hasattr(tl, "math") and hasattr(tl.math, "div_rn")
+    """Whether Triton imports and is recent enough (:mod:`linquant.kernels._triton_env`)."""
+    return _triton_env.available()
 
 
 def interpreting() -> bool:
@@ -314,7 +310,7 @@ def build_tuned_kernel(do_bench: Any = None, cache_results: bool = True) -> Any:
         jit.w8a8_gemm_kernel)
     return triton.autotune(configs=configs, key=["M_KEY", "N", "K"],
                            prune_configs_by={"early_config_prune": _prune},
-                           do_bench=do_bench, cache_results=cache_results)(heur)
+                           **_triton_env.autotune_options(do_bench, cache_results))(heur)
 
 
 def gemm(

@@ -337,6 +337,7 @@ class QuantModule(nn.Module):
         layer)."""
         g = granules(shape, scheme, self._label())
         self.scheme = scheme
+        self._scheme_spec = str(scheme)  # a plain str for torch.compile (2.4 cannot trace str())
         self.qweight_shape = tuple(int(d) for d in shape)
         numel, n_params = g.outer * g.count * g.inner, g.count
         sshape = scale_shape(shape, scheme)

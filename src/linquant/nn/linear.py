@@ -135,8 +135,9 @@ class QuantLinear(QuantModule):
         if grad and x.requires_grad:
             return reference.linear_weight_only(x, self.qweight, bias)
         bias_after = bias is not None and grad and bias.requires_grad
+        spec = getattr(self, "_scheme_spec", None) or str(self.scheme)
         y: torch.Tensor = compiled.linear_weight_only(
-            x, *self._stored_weight(), None if bias_after else bias, str(self.scheme),
+            x, *self._stored_weight(), None if bias_after else bias, spec,
             list(self.qweight_shape), self.weight_dtype)
         if bias_after:
             assert bias is not None

@@ -130,6 +130,7 @@ def dequantize_packed(
     """Inverse of :func:`quantize_packed`: a contiguous ``[outer, C, inner]`` ``dtype`` tensor."""
     bits = scheme.bits
     out = torch.empty(shape3, dtype=dtype, device=packed.device)
+    traced = torch.compiler.is_compiling()
     done = 0
     for dim, start, stop in _blocks(shape3):
         ob = out.narrow(dim, start, stop - start)
@@ -139,11 +140,15 @@ def dequantize_packed(
         codes = sign_extend(u, bits) if scheme.symmetric else u
         t = codes.to(torch.float32).view(ob.shape)
         s, z, m = _param_views(qp, dim, start, stop)
-        if z is not None:
-            t.sub_(z)
-        t.mul_(s)
-        if m is not None:
-            t.add_(m)
+        if traced:  # the same operations, out of place (torch.export 2.4 cannot mutate them)
+            t = (t if z is None else t - z) * s
+            t = t if m is None else t + m
+        else:
+            if z is not None:
+                t.sub_(z)
+            t.mul_(s)
+            if m is not None:
+                t.add_(m)
         ob.copy_(t)
         done += n
     return out
