@@ -58,7 +58,9 @@ def _x(*shape: int, device: str = "cpu", seed: int = 1) -> torch.Tensor:
 
 class Emulated:
     """``_convert`` / ``_mm`` with the documented semantics: ``order`` says which nibble holds
-    the even-numbered code (the CUDA operator of PyTorch 2.5+: the high one)."""
+    the even-numbered code (the CUDA operator of PyTorch 2.5+: the high one), or ``"int32"``:
+    one code per int32 element, as PyTorch 2.4 takes them (it rejects uint8 codes, and the
+    later versions int32 ones)."""
 
     def __init__(self, order: str = "hi") -> None:
         self.order = order
@@ -66,9 +68,13 @@ class Emulated:
         self.fail: Exception | None = None
 
     def convert(self, codes: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
-        assert codes.dtype == torch.uint8 and codes.dim() == 2 and codes.is_contiguous()
+        want = torch.int32 if self.order == "int32" else torch.uint8
+        if codes.dtype != want:
+            raise RuntimeError(f"_convert_weight_to_int4pack: expect weight to be {want}")
+        assert codes.dim() == 2 and codes.is_contiguous()
         assert inner_k_tiles == cuda.INNER_K_TILES
-        assert (codes.shape[1] * 2) % (inner_k_tiles * 16) == 0
+        per_element = 1 if self.order == "int32" else 2
+        assert (codes.shape[1] * per_element) % (inner_k_tiles * 16) == 0
         self.converts += 1
         return codes.clone()
 
@@ -79,9 +85,13 @@ class Emulated:
         assert x2.dtype == torch.bfloat16 and x2.dim() == 2 and x2.is_contiguous()
         assert sz.dtype == torch.bfloat16 and sz.dim() == 3 and sz.shape[2] == 2
         assert group in (32, 64, 128, 256)
-        hi, lo = (packed >> 4).to(torch.int32), (packed & 0xF).to(torch.int32)
-        even, odd = (hi, lo) if self.order == "hi" else (lo, hi)
-        q = torch.stack([even, odd], dim=-1).reshape(packed.shape[0], -1).float()
+        if self.order == "int32":
+            assert packed.dtype == torch.int32 and 0 <= int(packed.min()) <= int(packed.max()) < 16
+            q = packed.float()
+        else:
+            hi, lo = (packed >> 4).to(torch.int32), (packed & 0xF).to(torch.int32)
+            even, odd = (hi, lo) if self.order == "hi" else (lo, hi)
+            q = torch.stack([even, odd], dim=-1).reshape(packed.shape[0], -1).float()
         s = sz[..., 0].float().t().repeat_interleave(group, 1)
         z = sz[..., 1].float().t().repeat_interleave(group, 1)
         w = ((q - 8) * s + z).bfloat16()  # tinygemm dequantizes into bf16
@@ -90,7 +100,7 @@ class Emulated:
 
 @pytest.fixture
 def emulated(monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulated]:
-    """The emulated operators, the CPU "device" probed as nibble order ``hi``, no failures."""
+    """The emulated operators, the CPU "device" probed as code format ``hi``, no failures."""
     em = Emulated("hi")
     monkeypatch.setattr(cuda, "_convert", em.convert)
     monkeypatch.setattr(cuda, "_mm", em.mm)
@@ -108,6 +118,8 @@ def test_pack_codes_by_hand() -> None:
     q = torch.tensor([[1, 2, 3, 4], [15, 0, 8, 7]], dtype=torch.uint8)
     assert cuda.pack_codes(q, "lo").tolist() == [[0x21, 0x43], [0x0F, 0x78]]
     assert cuda.pack_codes(q, "hi").tolist() == [[0x12, 0x34], [0xF0, 0x87]]
+    i32 = cuda.pack_codes(q, "int32")
+    assert i32.dtype == torch.int32 and i32.tolist() == q.tolist()
 
 
 def test_weight_bytes_by_hand() -> None:
@@ -118,12 +130,13 @@ def test_weight_bytes_by_hand() -> None:
     assert cuda.weight_bytes(qt, "lo")[0, 0].item() == 1 | (15 << 4)
     assert cuda.weight_bytes(qt, "hi")[0, 0].item() == (1 << 4) | 15
     assert cuda.weight_bytes(qt, "lo")[0, 1:].tolist() == [0x88] * 15  # zeros: code 8
+    assert cuda.weight_bytes(qt, "int32")[0].tolist() == [1, 15] + [8] * 30
 
 
 @settings(max_examples=60, deadline=None)
 @given(scheme=st.sampled_from(["int4-sym-g32", "int4-asym-g64-fp16", "int4-asymf-g32-bf16",
                                "int4-sym-g128-bf16", "int4-asym-ch0", "int4-sym-tensor"]),
-       n=st.integers(1, 12), kw=st.integers(1, 4), order=st.sampled_from(["hi", "lo"]),
+       n=st.integers(1, 12), kw=st.integers(1, 4), order=st.sampled_from(cuda.FORMATS),
        seed=st.integers(0, 2**16))
 def test_weight_bytes_are_the_unpacked_codes(scheme: str, n: int, kw: int, order: str,
                                              seed: int) -> None:
@@ -131,7 +144,8 @@ def test_weight_bytes_are_the_unpacked_codes(scheme: str, n: int, kw: int, order
     k = 128 * kw
     qt = _qt(n, k, scheme, seed)
     got = cuda.weight_bytes(qt, order)
-    assert got.dtype == torch.uint8 and got.shape == (n, k // 2)
+    assert (got.dtype, tuple(got.shape)) == ((torch.int32, (n, k)) if order == "int32"
+                                             else (torch.uint8, (n, k // 2)))
     assert torch.equal(got, cuda.pack_codes(cpu.int4_codes(qt), order))
 
 
@@ -175,6 +189,18 @@ def test_runner_matches_reference(emulated: Emulated, scheme: str, m: int,
     _close(run(wide), ref.linear_weight_only(wide, qt, bias))
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_runner_on_pytorch_24s_int32_format(emulated: Emulated, scheme: str) -> None:
+    """The device probed as ``int32`` (PyTorch 2.4): the layout is built from int32 codes."""
+    emulated.order = "int32"
+    cuda._state["cpu"] = ("int32", "")
+    qt = _qt(40, 512, scheme)
+    bias = torch.randn(40)
+    x = _x(3, 512)
+    _close(cuda.runner(qt, bias, {})(x), ref.linear_weight_only(x, qt, bias))
+    assert emulated.converts == 1
+
+
 def test_layout_is_cached_per_weight(emulated: Emulated) -> None:
     qt = _qt(16, 256, "int4-sym-g32")
     cache: dict[str, Any] = {}
@@ -197,8 +223,8 @@ def test_bias_that_needs_grad_gets_one(emulated: Emulated) -> None:
     assert bias.grad is not None and torch.equal(bias.grad, torch.full((16,), 3.0))
 
 
-@pytest.mark.parametrize("order", ["hi", "lo"])
-def test_probe_finds_the_nibble_order(monkeypatch: pytest.MonkeyPatch, order: str) -> None:
+@pytest.mark.parametrize("order", cuda.FORMATS)
+def test_probe_finds_the_code_format(monkeypatch: pytest.MonkeyPatch, order: str) -> None:
     em = Emulated(order)
     monkeypatch.setattr(cuda, "_convert", em.convert)
     monkeypatch.setattr(cuda, "_mm", em.mm)
@@ -218,7 +244,7 @@ def test_probe_rejects_a_wrong_formula(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(cuda, "_mm", no_offset)
     order, why = cuda._probe(torch.device("cpu"))
-    assert order is None and "neither nibble order" in why
+    assert order is None and "in no code format (hi, lo, int32)" in why
 
     def raises(*args: Any) -> Any:
         raise RuntimeError("expected self.dtype == kInt")
@@ -377,7 +403,7 @@ def test_cuda_probe(fresh: None) -> None:
         pytest.skip("tinygemm needs compute capability 8.0")
     st_ = cuda.status("cuda")
     print("tinygemm:", st_)
-    assert st_.startswith("available: nibble order"), st_
+    assert st_.startswith("available: code format"), st_
     assert cuda.available("cuda") and cuda.available(torch.device("cuda", 0))
 
 

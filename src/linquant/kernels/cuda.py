@@ -21,12 +21,14 @@ Layout (built once per weight, kept in the layer's cache under ``"tinygemm"``, n
 ``state_dict``): the operator takes the codes as uint8 ``[N, K / 2]``, two unsigned codes per
 byte. linquant's stored stream already is that, low nibble first (symmetric codes ``c`` become
 ``c + 8`` by XOR-ing every byte with ``0x88``: ``c + 8 == c ^ 8`` in four bits); which nibble
-the operator reads first has changed between PyTorch versions, so a probe on the GPU decides,
-once per device (:func:`status`), and turns the path off if neither order reproduces the
-formula. The probe copies its result to the host, which a CUDA graph capture forbids: a call
-inside a capture before any probe takes another path and leaves the probe to the first call
-outside one. Parameters ``[K / g, N, 2]`` bf16 from the stored ones (symmetric ``zero = 0``;
-integer zero point ``zero = scale * (8 - z)``; float offset ``zero = 8 * scale + m``).
+the operator reads first has changed between PyTorch versions, and PyTorch 2.4 takes int32
+``[N, K]``, one code per element (its CPU operator says so: "expect weight to be kInt"; a
+temporary of 4 bytes per weight while the layout is built). So a probe on the GPU decides the
+format, once per device (:func:`status`), and turns the path off if no format (:data:`FORMATS`)
+reproduces the formula. The probe copies its result to the host, which a CUDA graph capture
+forbids: a call inside a capture before any probe takes another path and leaves the probe to
+the first call outside one. Parameters ``[K / g, N, 2]`` bf16 from the stored ones (symmetric
+``zero = 0``; integer zero point ``zero = scale * (8 - z)``; float offset ``zero = 8 * scale + m``).
 
 Numerics: the scales (and zeros) are rounded to bf16, and tinygemm dequantizes in bf16 with
 fp32 accumulation, so results differ from the reference's by bf16 rounding (tests:
@@ -102,7 +104,7 @@ def _mm(x2: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Tensor) ->
 # ---- availability: a probe per device ---------------------------------------------------------
 
 _lock = threading.Lock()
-_state: dict[str, tuple[str | None, str]] = {}  # device -> (nibble order or None, reason)
+_state: dict[str, tuple[str | None, str]] = {}  # device -> (code format or None, reason)
 _FAILED: dict[tuple[object, ...], str] = {}
 
 
@@ -110,9 +112,15 @@ def _off() -> bool:
     return os.environ.get("LINQUANT_TINYGEMM", "1").strip().lower() in ("0", "false", "off", "no")
 
 
+FORMATS = ("hi", "lo", "int32")  # the code formats the probe tries, in this order
+
+
 def pack_codes(q: torch.Tensor, order: str) -> torch.Tensor:
-    """Unsigned 4-bit codes uint8 ``[N, K]`` as the operator's bytes ``[N, K / 2]``: ``"lo"``
-    puts code ``2j`` in the low nibble of byte ``j`` (linquant's stream), ``"hi"`` in the high."""
+    """Unsigned 4-bit codes uint8 ``[N, K]`` as the operator takes them: ``"lo"`` puts code
+    ``2j`` in the low nibble of byte ``j`` of uint8 ``[N, K / 2]`` (linquant's stream), ``"hi"``
+    in the high; ``"int32"``: int32 ``[N, K]``, one code each (PyTorch 2.4)."""
+    if order == "int32":
+        return q.to(torch.int32).contiguous()
     even, odd = q[:, 0::2], q[:, 1::2]
     if order == "hi":
         even, odd = odd, even
@@ -131,7 +139,8 @@ def _why_not(device: torch.device) -> str:
 
 
 def _probe(device: torch.device) -> tuple[str | None, str]:
-    """Which nibble order makes the operator compute ``scale * (q - 8) + zero`` on ``device``."""
+    """Which code format (:data:`FORMATS`) makes the operator compute ``scale * (q - 8) + zero``
+    on ``device``."""
     why = _why_not(device)
     if why:
         return None, why
@@ -145,15 +154,21 @@ def _probe(device: torch.device) -> tuple[str | None, str]:
          + zero.float().repeat_interleave(g, 1))
     want = x.float() @ w.t()
     sz = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(device)
-    try:
-        for order in ("hi", "lo"):
+    errors: list[Exception] = []
+    for order in FORMATS:
+        try:
             packed = _convert(pack_codes(q, order).to(device), INNER_K_TILES)
             got = _mm(x.to(device), packed, g, sz).float().cpu()
-            if (got - want).abs().max().item() <= 1e-2 * want.abs().max().item():
-                return order, ""
-    except Exception as e:  # an operator missing from this build, a version that wants int32
-        return None, f"probe failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    return None, "the operator matched scale * (q - 8) + zero in neither nibble order"
+        except Exception as e:  # a format this version rejects, an operator missing from it
+            errors.append(e)
+            continue
+        if (got - want).abs().max().item() <= 1e-2 * want.abs().max().item():
+            return order, ""
+    if len(errors) == len(FORMATS):
+        first = errors[0]
+        return None, f"probe failed: {type(first).__name__}: {str(first).splitlines()[0][:120]}"
+    return None, ("the operator matched scale * (q - 8) + zero in no code format "
+                  f"({', '.join(FORMATS)})")
 
 
 def _capturing() -> bool:
@@ -189,7 +204,7 @@ def available(device: torch.device | str) -> bool:
 
 
 def status(device: torch.device | str = "cuda") -> str:
-    """``"available: nibble order <hi|lo>"`` or ``"unavailable: <reason>"`` (probes on first
+    """``"available: code format <hi|lo|int32>"`` or ``"unavailable: <reason>"`` (probes on first
     call)."""
     device = torch.device(device)
     if _off():
@@ -204,7 +219,7 @@ def status(device: torch.device | str = "cuda") -> str:
         if hit is None:
             return "unavailable: not probed yet (a CUDA graph capture is in progress)"
         return f"unavailable: {hit[1]}"
-    return f"available: nibble order {order}"
+    return f"available: code format {order}"
 
 
 def _reset() -> None:
@@ -269,12 +284,15 @@ class TinyPack:
 
 
 def weight_bytes(qt: QuantizedTensor, order: str) -> torch.Tensor:
-    """The weight's unsigned codes as the operator's uint8 ``[N, K / 2]`` (see
-    :func:`pack_codes`), straight from the stored stream (no unpacking)."""
+    """The weight's unsigned codes in the operator's format ``order`` (see :func:`pack_codes`),
+    straight from the stored stream: uint8 ``[N, K / 2]`` with no unpacking, or for ``"int32"``
+    the nibbles split into int32 ``[N, K]``."""
     n, k = (int(d) for d in qt.shape)
     b = qt.qdata.reshape(n, k // 2)
     if qt.scheme.symmetric:
         b = b ^ 0x88  # two's complement c -> c + 8 in each nibble
+    if order == "int32":
+        return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(n, k).to(torch.int32)
     if order == "hi":
         b = (b << 4) | (b >> 4)
     return b.contiguous()
@@ -287,7 +305,7 @@ def scales_and_zeros(qt: QuantizedTensor) -> torch.Tensor:
 
 
 def repack(qt: QuantizedTensor) -> TinyPack:
-    """The tinygemm layout of ``qt`` (on its device; probes the device's nibble order)."""
+    """The tinygemm layout of ``qt`` (on its device; probes the device's code format)."""
     order = _order(qt.device) or "hi"
     packed = _convert(weight_bytes(qt, order), INNER_K_TILES)
     return TinyPack(packed, scales_and_zeros(qt), int(qt.scheme.group_size or 0))
