@@ -31,6 +31,7 @@ whole ``lq.quantize`` call adds its Python and one host sync, 0.1-0.4 ms
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -85,6 +86,25 @@ def _recip(d: int) -> float:
     return float(torch.ones((), dtype=torch.float32) / d)
 
 
+
+def launch_keywords(scheme: QuantScheme, r: int, length: int,
+                    device: torch.device) -> dict[str, Any]:
+    """The constexprs and compile options ``weight_quant_kernel`` is launched with for ``r``
+    granules of ``length`` values under ``scheme`` on ``device`` (its grid: ``cdiv(r, ROWS)``
+    programs). Also read by ``benchmarks/triton_static.py``, which compiles the kernel with
+    them for sm_90."""
+    mode = 0 if scheme.symmetric else (1 if scheme.zero_point == "int" else 2)
+    block = next_pow2(length)
+    if block <= MAX_SINGLE_L:
+        rows, single = max(1, min(_TILE // block, next_pow2(r))), True
+    else:
+        rows, block, single = 1, 4096, False
+    qmax = scheme.qmax  # the divisor of the scale: q_max (sym) or 2**b - 1 (asym, q_min = 0)
+    return dict(INV=_recip(qmax), QMAX=float(qmax), EPS=smallest_scale(scheme.scale_dtype),
+                BITS=scheme.bits, MODE=mode, RECIP=triton_w8a8.divides_by_reciprocal(device),
+                ROWS=rows, BLOCK_L=block, SINGLE=single,
+                num_warps=_WARPS or (8 if rows * block >= 4096 else 4), enable_fp_fusion=False)
+
 def quantize(
     x: torch.Tensor, scheme: QuantScheme, g: Granules | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
@@ -109,22 +129,11 @@ def quantize(
     zp = torch.empty(r, dtype=torch.uint8, device=dev) if mode == 1 else None
     offset = torch.empty(r, dtype=scheme.scale_dtype, device=dev) if mode == 2 else None
     bad = torch.zeros(1, dtype=torch.int32, device=dev)
-    block = next_pow2(length)
-    if block <= MAX_SINGLE_L:
-        rows, single = max(1, min(_TILE // block, next_pow2(r))), True
-    else:
-        rows, block, single = 1, 4096, False
-    warps = _WARPS or (8 if rows * block >= 4096 else 4)
-    qmax = scheme.qmax  # the divisor of the scale: q_max (sym) or 2**b - 1 (asym, q_min = 0)
+    kw = launch_keywords(scheme, r, length, dev)
     with on_device(xc):
-        jit.weight_quant_kernel[(-(-r // rows),)](
+        jit.weight_quant_kernel[(-(-r // kw["ROWS"]),)](
             xc, qdata, scale, scale if zp is None else zp, scale if offset is None else offset,
-            bad, r, length,
-            INV=_recip(qmax), QMAX=float(qmax), EPS=smallest_scale(scheme.scale_dtype),
-            BITS=bits, MODE=mode, RECIP=triton_w8a8.divides_by_reciprocal(dev),
-            ROWS=rows, BLOCK_L=block, SINGLE=single,
-            num_warps=warps, enable_fp_fusion=False,
-        )
+            bad, r, length, **kw)
     if int(bad.item()):
         return None
     zpp = None if zp is None else (zp if bits == 8 else pack(zp, bits))
