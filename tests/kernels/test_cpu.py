@@ -28,10 +28,10 @@ MS = (1, 3, 17)
 # (tests/kernels/test_native.py), else PyTorch's int4 op.
 INT4_BF16, INT4_CACHE = (("cpu_native_int4", "native_int4") if native.available()
                          else ("cpu_int4pack", "int4pack"))
-# PyTorch's CPU int4 op (2.6 and later); without it, half-precision int4 at few tokens takes
-# the blocked path
+# PyTorch's CPU int4 op (2.6 and later; 2.4's shared op where it passes its check); without
+# it, half-precision int4 at few tokens takes the blocked path
 needs_int4pack = pytest.mark.skipif(not cpu.HAS_INT4PACK,
-                                    reason="torch._weight_int4pack_mm_for_cpu needs PyTorch 2.6+")
+                                    reason="this PyTorch has no usable CPU int4 op")
 INT4PACK_OR_BLOCKED = "cpu_int4pack" if cpu.HAS_INT4PACK else "cpu_blocked"
 
 
@@ -85,8 +85,18 @@ def test_int4pack_scales_and_zeros_reproduce_the_dequantized_weight() -> None:
         qt = _qt(32, 128, scheme)
         packed, sz = cpu.repack_int4(qt, torch.float32)
         eye = torch.eye(128)
-        w_t = torch._weight_int4pack_mm_for_cpu(eye, packed, int(qt.scheme.group_size or 0), sz)
+        mm = (torch._weight_int4pack_mm_for_cpu if cpu._INT4PACK_FOR_CPU
+              else torch._weight_int4pack_mm)  # PyTorch 2.4 / 2.5
+        w_t = mm(eye, packed, int(qt.scheme.group_size or 0), sz)
         torch.testing.assert_close(w_t.t(), qt.dequantize(torch.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_inner_k_tiles_of_the_shared_op() -> None:
+    """PyTorch 2.4 / 2.5's layout: the most inner K tiles of 16 (8, 4, 2) dividing K."""
+    assert [cpu._inner_k_tiles(k) for k in (128, 256, 64, 96, 32, 16, 48, 384)] \
+        == [8, 8, 4, 2, 2, 0, 0, 8]
+    if not cpu._INT4PACK_FOR_CPU and cpu.HAS_INT4PACK:  # PyTorch 2.4 / 2.5
+        assert not cpu.int4pack_supported(_qt(32, 48, "int4-sym-g16"), torch.bfloat16)
 
 
 # ---- int8pack -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from linquant.kernels import cpu, native
 from linquant.kernels import reference as ref
 from linquant.nn import QuantLinear, clear_kernel_caches
 
-INT4PACK_OR_BLOCKED = "cpu_int4pack" if cpu.HAS_INT4PACK else "cpu_blocked"  # PyTorch < 2.6
+INT4PACK_OR_BLOCKED = "cpu_int4pack" if cpu.HAS_INT4PACK else "cpu_blocked"  # no CPU int4 op
 
 HALF_TOL = 2e-2
 needs_native = pytest.mark.skipif(not native.available(),

@@ -101,15 +101,49 @@ Cache = dict[str, Any]
 # ---- support predicates ----------------------------------------------------------------------
 
 
-# PyTorch 2.6 and later (2.4 and 2.5 have one op for both devices, with another layout)
-HAS_INT4PACK = all(hasattr(torch, op) for op in ("_weight_int4pack_mm_for_cpu",
-                                                  "_convert_weight_to_int4pack_for_cpu"))
+# PyTorch 2.6 and later: the CPU's own int4 ops. PyTorch 2.4 and 2.5 have one op for both
+# devices, which on the CPU takes int32 [N, K] codes and 2, 4 or 8 inner K tiles of 16.
+_INT4PACK_FOR_CPU = all(hasattr(torch, op) for op in ("_weight_int4pack_mm_for_cpu",
+                                                      "_convert_weight_to_int4pack_for_cpu"))
+_INT4PACK_SHARED = not _INT4PACK_FOR_CPU and all(
+    hasattr(torch, op) for op in ("_weight_int4pack_mm", "_convert_weight_to_int4pack"))
+
+
+def _inner_k_tiles(k: int) -> int:
+    """PyTorch 2.4 / 2.5's CPU int4 layout: the most inner K tiles of 16 (of 8, 4, 2) that
+    divide ``K``; 0 where none does."""
+    return next((t for t in (8, 4, 2) if k % (16 * t) == 0), 0)
+
+
+@functools.cache
+def _shared_int4pack_ok() -> bool:
+    """PyTorch 2.4 / 2.5's shared op takes int32 codes on the CPU and computes
+    ``scale * (q - 8) + zero`` (checked once, on a small weight; PyTorch 2.4.1 passes)."""
+    gen = torch.Generator().manual_seed(0)
+    n, k, g = 16, 256, 32
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    scale = torch.rand(n, k // g, generator=gen) + 0.5
+    zero = torch.randn(n, k // g, generator=gen)
+    x = torch.randn(3, k, generator=gen).bfloat16()
+    w = (q.float() - 8) * scale.repeat_interleave(g, 1) + zero.repeat_interleave(g, 1)
+    want = x.float() @ w.t()
+    sz = torch.stack([scale.t(), zero.t()], dim=-1).bfloat16().contiguous()
+    try:
+        packed = torch._convert_weight_to_int4pack(q, _inner_k_tiles(k))
+        got = torch._weight_int4pack_mm(x, packed, g, sz).float()
+    except Exception:  # a probe: a build whose op wants other codes just lacks the path
+        return False
+    return bool((got - want).abs().max() <= 1e-2 * want.abs().max())
+
+
+HAS_INT4PACK = _INT4PACK_FOR_CPU or (_INT4PACK_SHARED and _shared_int4pack_ok())
 
 
 def int4pack_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
     s = qt.scheme
     return (
         HAS_INT4PACK
+        and (_INT4PACK_FOR_CPU or _inner_k_tiles(int(qt.shape[1])) > 0)
         and qt.device.type == "cpu"
         and dtype in HALF_DTYPES
         and len(qt.shape) == 2
@@ -211,8 +245,14 @@ def int4_scale_zero(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def repack_int4(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(packed, scales_and_zeros)`` for ``torch._weight_int4pack_mm_for_cpu``."""
-    packed = torch._convert_weight_to_int4pack_for_cpu(int4_codes(qt).to(torch.int32), 1)
+    """``(packed, scales_and_zeros)`` for ``torch._weight_int4pack_mm_for_cpu`` (PyTorch 2.6+),
+    or for ``torch._weight_int4pack_mm`` with int32 codes (PyTorch 2.4; 2.5 where its op passes
+    :func:`_shared_int4pack_ok`)."""
+    codes = int4_codes(qt).to(torch.int32)
+    if _INT4PACK_FOR_CPU:
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    else:
+        packed = torch._convert_weight_to_int4pack(codes, _inner_k_tiles(int(qt.shape[1])))
     scale, zero = int4_scale_zero(qt)
     sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # [K/g, N, 2]
     return packed, sz
@@ -239,7 +279,8 @@ def linear_int4pack(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | N
     packed, sz = _cached(cache, "int4pack", _key(qt, x.dtype),
                          lambda: repack_int4(qt, x.dtype))
     x2 = x.reshape(-1, k).contiguous()
-    y = torch._weight_int4pack_mm_for_cpu(x2, packed, int(qt.scheme.group_size or k), sz)
+    mm = torch._weight_int4pack_mm_for_cpu if _INT4PACK_FOR_CPU else torch._weight_int4pack_mm
+    y = mm(x2, packed, int(qt.scheme.group_size or k), sz)
     return _bias(y, bias).reshape(*x.shape[:-1], n)
 
 
