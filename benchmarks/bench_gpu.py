@@ -330,8 +330,8 @@ def main() -> None:
     w8a8_ms = [int(v) for v in args.w8a8_ms.split(",") if v]
     schemes = [s for s in args.schemes.split(",") if s]
     print(f"machine: {machine()}")
-    print(f"linear {n}x{k} (out x in), bf16 activations, bias; triton available: "
-          f"{tlin.triton_available()}; tinygemm: {lq_cuda.status(dev)}")
+    print(f"linear {n}x{k} (out x in), bf16 activations, bias; triton: "
+          f"{kernels.triton_status()}; tinygemm: {lq_cuda.status(dev)}")
 
     n_lin = copies_for(n * k * 2)
     lins = [nn.Linear(k, n, device=dev, dtype=torch.bfloat16) for _ in range(n_lin)]

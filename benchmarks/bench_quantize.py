@@ -139,7 +139,7 @@ def main_cuda(args: argparse.Namespace, device: str = "cuda") -> None:
         raise SystemExit("--device cuda: no CUDA device")
     name = torch.cuda.get_device_name() if device == "cuda" else device
     print(f"device: {name}, torch {torch.__version__}, "
-          f"triton path: {'yes' if triton_quant.triton_available() else 'no (not installed)'}")
+          f"triton path: {lq.kernels.triton_status()}")
     n = args.size
     print(f"input: {n}x{n}; median of {args.repeats} after warm-up")
     print("ms: the whole lq.quantize call (wall clock, Python and the host sync included); "
