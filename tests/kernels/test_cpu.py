@@ -97,6 +97,9 @@ def test_inner_k_tiles_of_the_shared_op() -> None:
         == [8, 8, 4, 2, 2, 0, 0, 8]
     if not cpu._INT4PACK_FOR_CPU and cpu.HAS_INT4PACK:  # PyTorch 2.4 / 2.5
         assert not cpu.int4pack_supported(_qt(32, 48, "int4-sym-g16"), torch.bfloat16)
+        assert cpu.shared_int4pack_format() in cpu.FORMATS
+    if cpu._INT4PACK_FOR_CPU:  # PyTorch 2.6+: the CPU's own ops; the shared one is not probed
+        assert cpu.shared_int4pack_format() is None
 
 
 # ---- int8pack -----------------------------------------------------------------------------

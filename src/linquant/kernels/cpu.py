@@ -102,7 +102,7 @@ Cache = dict[str, Any]
 
 
 # PyTorch 2.6 and later: the CPU's own int4 ops. PyTorch 2.4 and 2.5 have one op for both
-# devices, which on the CPU takes int32 [N, K] codes and 2, 4 or 8 inner K tiles of 16.
+# devices, which on the CPU takes 2, 4 or 8 inner K tiles of 16 (codes: shared_int4pack_format).
 _INT4PACK_FOR_CPU = all(hasattr(torch, op) for op in ("_weight_int4pack_mm_for_cpu",
                                                       "_convert_weight_to_int4pack_for_cpu"))
 _INT4PACK_SHARED = not _INT4PACK_FOR_CPU and all(
@@ -115,28 +115,65 @@ def _inner_k_tiles(k: int) -> int:
     return next((t for t in (8, 4, 2) if k % (16 * t) == 0), 0)
 
 
-@functools.cache
-def _shared_int4pack_ok() -> bool:
-    """PyTorch 2.4 / 2.5's shared op takes int32 codes on the CPU and computes
-    ``scale * (q - 8) + zero`` (checked once, on a small weight; PyTorch 2.4.1 passes)."""
+# The code formats of PyTorch's int4 layouts: ``torch._convert_weight_to_int4pack`` has taken
+# uint8 codes with the even code in either nibble, and (PyTorch 2.4) int32 ones.
+FORMATS = ("hi", "lo", "int32")
+
+
+def pack_codes(q: torch.Tensor, order: str) -> torch.Tensor:
+    """Unsigned 4-bit codes uint8 ``[N, K]`` as an int4 operator takes them: ``"lo"`` puts code
+    ``2j`` in the low nibble of byte ``j`` of uint8 ``[N, K / 2]`` (linquant's stream), ``"hi"``
+    in the high; ``"int32"``: int32 ``[N, K]``, one code each (PyTorch 2.4)."""
+    if order == "int32":
+        return q.to(torch.int32).contiguous()
+    even, odd = q[:, 0::2], q[:, 1::2]
+    if order == "hi":
+        even, odd = odd, even
+    return (even | (odd << 4)).contiguous()
+
+
+def find_int4_format(convert: Callable[[torch.Tensor, int], torch.Tensor],
+                     mm: Callable[..., torch.Tensor], device: torch.device,
+                     inner_k_tiles: int) -> tuple[str | None, list[Exception]]:
+    """The first code format (:data:`FORMATS`) in which ``convert`` (an
+    ``_convert_weight_to_int4pack``) and ``mm`` (its ``_weight_int4pack_mm``) compute
+    ``scale * (q - 8) + zero`` on ``device`` for a small weight (16 x 256, groups of 32, bf16),
+    and the errors the formats it rejected raised (None: no format did)."""
     gen = torch.Generator().manual_seed(0)
     n, k, g = 16, 256, 32
-    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
-    scale = torch.rand(n, k // g, generator=gen) + 0.5
-    zero = torch.randn(n, k // g, generator=gen)
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale = (torch.rand(n, k // g, generator=gen) + 0.5).bfloat16()
+    zero = torch.randn(n, k // g, generator=gen).bfloat16()
     x = torch.randn(3, k, generator=gen).bfloat16()
-    w = (q.float() - 8) * scale.repeat_interleave(g, 1) + zero.repeat_interleave(g, 1)
+    w = ((q.float() - 8) * scale.float().repeat_interleave(g, 1)
+         + zero.float().repeat_interleave(g, 1))
     want = x.float() @ w.t()
-    sz = torch.stack([scale.t(), zero.t()], dim=-1).bfloat16().contiguous()
-    try:
-        packed = torch._convert_weight_to_int4pack(q, _inner_k_tiles(k))
-        got = torch._weight_int4pack_mm(x, packed, g, sz).float()
-    except Exception:  # a probe: a build whose op wants other codes just lacks the path
-        return False
-    return bool((got - want).abs().max() <= 1e-2 * want.abs().max())
+    sz = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(device)
+    errors: list[Exception] = []
+    for fmt in FORMATS:
+        try:
+            packed = convert(pack_codes(q, fmt).to(device), inner_k_tiles)
+            got = mm(x.to(device), packed, g, sz).float().cpu()
+        except Exception as e:  # a format this version rejects, an operator missing from it
+            errors.append(e)
+            continue
+        if (got - want).abs().max().item() <= 1e-2 * want.abs().max().item():
+            return fmt, errors
+    return None, errors
 
 
-HAS_INT4PACK = _INT4PACK_FOR_CPU or (_INT4PACK_SHARED and _shared_int4pack_ok())
+@functools.cache
+def shared_int4pack_format() -> str | None:
+    """The code format in which PyTorch 2.4 / 2.5's shared int4 op works on the CPU
+    (:func:`find_int4_format`; PyTorch 2.4.1: ``"int32"``, 2.5.1: ``"hi"``), or None: no
+    format works, or the op is missing (PyTorch 2.6 and later have ops of the CPU's own)."""
+    if not _INT4PACK_SHARED:
+        return None
+    return find_int4_format(torch._convert_weight_to_int4pack, torch._weight_int4pack_mm,
+                            torch.device("cpu"), _inner_k_tiles(256))[0]
+
+
+HAS_INT4PACK = _INT4PACK_FOR_CPU or shared_int4pack_format() is not None
 
 
 def int4pack_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
@@ -246,13 +283,16 @@ def int4_scale_zero(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def repack_int4(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed, scales_and_zeros)`` for ``torch._weight_int4pack_mm_for_cpu`` (PyTorch 2.6+),
-    or for ``torch._weight_int4pack_mm`` with int32 codes (PyTorch 2.4; 2.5 where its op passes
-    :func:`_shared_int4pack_ok`)."""
-    codes = int4_codes(qt).to(torch.int32)
+    or for PyTorch 2.4 / 2.5's ``torch._weight_int4pack_mm``, in the code format
+    :func:`shared_int4pack_format` found."""
+    codes = int4_codes(qt)
     if _INT4PACK_FOR_CPU:
-        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     else:
-        packed = torch._convert_weight_to_int4pack(codes, _inner_k_tiles(int(qt.shape[1])))
+        fmt = shared_int4pack_format()
+        assert fmt is not None
+        packed = torch._convert_weight_to_int4pack(pack_codes(codes, fmt),
+                                                   _inner_k_tiles(int(qt.shape[1])))
     scale, zero = int4_scale_zero(qt)
     sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # [K/g, N, 2]
     return packed, sz

@@ -59,10 +59,19 @@ from typing import Any
 
 import torch
 
-from linquant.kernels.cpu import _cached, _key, _same, int4_scale_zero
+from linquant.kernels.cpu import (
+    FORMATS,
+    _cached,
+    _key,
+    _same,
+    find_int4_format,
+    int4_scale_zero,
+    pack_codes,
+)
 from linquant.tensor import QuantizedTensor
 
 __all__ = [
+    "FORMATS",
     "INNER_K_TILES",
     "TINYGEMM_GROUPS",
     "TINYGEMM_MAX_M",
@@ -112,21 +121,6 @@ def _off() -> bool:
     return os.environ.get("LINQUANT_TINYGEMM", "1").strip().lower() in ("0", "false", "off", "no")
 
 
-FORMATS = ("hi", "lo", "int32")  # the code formats the probe tries, in this order
-
-
-def pack_codes(q: torch.Tensor, order: str) -> torch.Tensor:
-    """Unsigned 4-bit codes uint8 ``[N, K]`` as the operator takes them: ``"lo"`` puts code
-    ``2j`` in the low nibble of byte ``j`` of uint8 ``[N, K / 2]`` (linquant's stream), ``"hi"``
-    in the high; ``"int32"``: int32 ``[N, K]``, one code each (PyTorch 2.4)."""
-    if order == "int32":
-        return q.to(torch.int32).contiguous()
-    even, odd = q[:, 0::2], q[:, 1::2]
-    if order == "hi":
-        even, odd = odd, even
-    return (even | (odd << 4)).contiguous()
-
-
 def _why_not(device: torch.device) -> str:
     if torch.version.hip is not None:
         return "ROCm builds use another tinygemm layout"
@@ -144,26 +138,9 @@ def _probe(device: torch.device) -> tuple[str | None, str]:
     why = _why_not(device)
     if why:
         return None, why
-    gen = torch.Generator().manual_seed(0)
-    n, k, g = 16, 256, 32
-    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    scale = (torch.rand(n, k // g, generator=gen) + 0.5).bfloat16()
-    zero = torch.randn(n, k // g, generator=gen).bfloat16()
-    x = torch.randn(3, k, generator=gen).bfloat16()
-    w = ((q.float() - 8) * scale.float().repeat_interleave(g, 1)
-         + zero.float().repeat_interleave(g, 1))
-    want = x.float() @ w.t()
-    sz = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(device)
-    errors: list[Exception] = []
-    for order in FORMATS:
-        try:
-            packed = _convert(pack_codes(q, order).to(device), INNER_K_TILES)
-            got = _mm(x.to(device), packed, g, sz).float().cpu()
-        except Exception as e:  # a format this version rejects, an operator missing from it
-            errors.append(e)
-            continue
-        if (got - want).abs().max().item() <= 1e-2 * want.abs().max().item():
-            return order, ""
+    order, errors = find_int4_format(_convert, _mm, device, INNER_K_TILES)
+    if order is not None:
+        return order, ""
     if len(errors) == len(FORMATS):
         first = errors[0]
         return None, f"probe failed: {type(first).__name__}: {str(first).splitlines()[0][:120]}"
