@@ -147,16 +147,12 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "linquant"
 
 
-def _cpu_has(feature: str) -> bool:
-    return _cpuinfo.has(feature)
-
-
 def _cpu_has_avx512_bf16() -> bool:
-    return _cpu_has("avx512_bf16")
+    return _cpuinfo.has("avx512_bf16")
 
 
 def _cpu_has_avx512_vnni() -> bool:
-    return _cpu_has("avx512") and _cpu_has("vnni")
+    return _cpuinfo.has("avx512") and _cpuinfo.has("vnni")
 
 
 def _isa_capped() -> bool:
@@ -172,9 +168,9 @@ def fast_half_matmul(dtype: torch.dtype) -> bool:
     if _isa_capped():
         return False
     if dtype == torch.bfloat16:
-        return _cpu_has("avx512_bf16") or _cpu_has("amx_tile")
+        return _cpuinfo.has("avx512_bf16") or _cpuinfo.has("amx_tile")
     if dtype == torch.float16:
-        return _cpu_has("amx_fp16")
+        return _cpuinfo.has("amx_fp16")
     return False
 
 
@@ -183,13 +179,13 @@ def wide_dequant() -> bool:
     code (F, BW and VL: Intel Skylake-SP and later servers, AMD Zen 4 and later; not under
     ``LINQUANT_MAX_CPU_ISA=avx2``). Same bits either way; the AVX-512 code is about twice as
     fast (BENCHMARKS.md)."""
-    return not _isa_capped() and _cpu_has("avx512")
+    return not _isa_capped() and _cpuinfo.has("avx512")
 
 
 def _cpu_has_avx2_fma() -> bool:
     """AVX2 with FMA and F16C (every x86-64 CPU since Intel Haswell and AMD Zen 1)."""
     flags = _cpuinfo.cpuinfo_flags()
-    return _cpu_has("avx2") and "fma" in flags and "f16c" in flags
+    return _cpuinfo.has("avx2") and "fma" in flags and "f16c" in flags
 
 
 def _compile(compiler: str, flags: tuple[str, ...], src: Path, out: Path) -> None:
@@ -330,7 +326,7 @@ _SPECS = {
                  "lq_dequant_kind": (_I, _I, _I, _I, _I)}),
     W8A8_AVX2: _Spec("w8a8_avx2.c",
                      (*(f for f in BASE_FLAGS if not f.startswith("-mavx512")), "-mavx2"),
-                     lambda: _cpu_has("avx2"), "AVX2",
+                     lambda: _cpuinfo.has("avx2"), "AVX2",
                      {"lq_w8a8": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _I),
                       "lq_w8a8_prepare": (_P, _P, _P, _I, _I, _I, _F, _I),
                       "lq_w8a8_form": (_I, _I, _I, _I)}),
