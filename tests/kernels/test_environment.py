@@ -172,3 +172,29 @@ def test_public_status_is_the_checks(monkeypatch: pytest.MonkeyPatch, clean_stat
     _fake_triton(monkeypatch, "3.1.0")
     assert kernels.triton_status() == _triton_env.status()
     assert kernels.triton_status().startswith("unavailable: triton 3.1.0 is older than 3.2")
+
+
+def test_tuned_or_fixed_keeps_the_autotuner_out_of_a_capture(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a CUDA graph capture before the first tuned launch: the fixed config; after a
+    launch outside a capture: the tuned one, captured or not."""
+    calls: list[tuple[str, tuple[object, ...], dict[str, object]]] = []
+    capture = [True]
+    monkeypatch.setattr(_triton_env, "capturing", lambda: capture[0])
+    launch = _triton_env.tuned_or_fixed(lambda *a, **k: calls.append(("tuned", a, k)),
+                                        lambda *a, **k: calls.append(("fixed", a, k)))
+    launch(1, 2, flag=True)  # captured first: fixed
+    capture[0] = False
+    launch(3)  # outside: tuned (and now tuned)
+    capture[0] = True
+    launch(4)  # captured again: the autotuner has the key
+    assert calls == [("fixed", (1, 2), {"flag": True}), ("tuned", (3,), {}), ("tuned", (4,), {})]
+    other = _triton_env.tuned_or_fixed(lambda: calls.append(("tuned2", (), {})),
+                                       lambda: calls.append(("fixed2", (), {})))
+    other()  # each launch keeps its own flag
+    assert calls[-1][0] == "fixed2"
+
+
+def test_capturing_is_false_without_cuda() -> None:
+    if not torch.cuda.is_available():
+        assert _triton_env.capturing() is False

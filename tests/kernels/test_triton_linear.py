@@ -186,6 +186,47 @@ def test_autotuned_launch_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tlin.failures() == {}
 
 
+@pytest.mark.skipif(CUDA, reason="the cuda tests run the real autotuner")
+@pytest.mark.skipif(not TIMER_HOOK, reason="the autotuner needs a GPU driver before Triton 3.3")
+def test_no_autotuning_inside_a_graph_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan whose first call is inside a CUDA graph capture runs the kind's first config (the
+    autotuner's timing would synchronize the device, which a capture forbids); once a call ran
+    outside a capture, the tuned launch runs, captured or not, with no timing again."""
+    timed: list[int] = []
+
+    def fake_bench(kernel_call: Any, quantiles: Any = None, **kw: Any) -> list[float]:
+        kernel_call()
+        timed.append(1)
+        return [1000.0 - len(timed)] * 3
+
+    monkeypatch.setattr(tlin, "_BUILT", {True: tlin._build(do_bench=fake_bench, tune=True)})
+    monkeypatch.setattr(tlin, "_FAILED", {})
+    capture = [True]
+    monkeypatch.setattr(_triton_env, "capturing", lambda: capture[0])
+    qt = _qt(40, 1024, "int4-sym-g128")
+    bias = _bias(40)
+    for m in (1, 3, 70):  # gemv_t, splitk, tiled
+        cache: dict[str, object] = {}
+        x = _x(m, 1024, torch.bfloat16, seed=m)
+        want = ref.linear_weight_only(x, qt, bias)
+        timed.clear()
+        capture[0] = True
+        _close(tlin.linear(x, qt, bias, cache), want, HALF_TOL)  # keeps a plan
+        assert timed == [], m  # in a capture, before any tuned launch: the first config
+        capture[0] = False
+        y = tlin.planned(x, qt, bias, cache)  # the plan, outside a capture: tuned
+        assert y is not None
+        _close(y, want, HALF_TOL)
+        n_timed = len(timed)
+        assert n_timed > 0, m
+        capture[0] = True
+        y = tlin.planned(x, qt, bias, cache)  # captured again: the tuned launch, no timing
+        assert y is not None
+        _close(y, want, HALF_TOL)
+        assert len(timed) == n_timed, m
+    assert tlin.failures() == {}
+
+
 def _prmt(a: int, b: int, c: int) -> int:
     """PTX ``prmt.b32 d, a, b, c`` (default mode), as the PTX ISA defines it: the bytes of
     ``{b, a}`` are numbered 0-7 (``a``'s are 0-3); nibble ``j`` of ``c`` selects ``d``'s byte

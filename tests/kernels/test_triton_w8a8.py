@@ -247,6 +247,45 @@ def test_autotuner_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tuned.best_config.kwargs["BLOCK_M"] == 16
 
 
+@pytest.mark.skipif(not TIMER_HOOK, reason="the autotuner needs a GPU driver before Triton 3.3")
+def test_no_autotuning_inside_a_graph_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a CUDA graph capture before its first tuned launch, the GEMM runs the default
+    config (no timing, which would synchronize); after a launch outside, the tuned one."""
+    timed: list[int] = []
+
+    def fake_bench(kernel_call: object, quantiles: object) -> list[float]:
+        kernel_call()  # type: ignore[operator]
+        timed.append(1)
+        return [float(len(timed))] * 3
+
+    tuned = tw.build_tuned_kernel(do_bench=fake_bench, cache_results=False)
+    monkeypatch.setattr(tw, "_tuned_kernel", lambda: tuned)
+    monkeypatch.setattr(tw, "interpreting", lambda: False)
+    capture = [True]
+    monkeypatch.setattr(_triton_env, "capturing", lambda: capture[0])
+    w, ws = _w(40, 72)
+    x = _x(3, 72, torch.bfloat16)
+    a_q, a_s = ref.quantize_activation_per_token(x)
+    want = ref.linear_w8a8(x, w, ws, None)
+    kern, kw = tw._gemm_launcher(3, 40, 72, 0, False, None)
+    args = (a_q, w, None, a_s.reshape(-1), ws.float(), ws.float(), ws.float(), ws.float(), 3,
+            40, 72, tw._m_key(3), a_q.stride(0), w.stride(0))
+
+    def run() -> torch.Tensor:
+        y = torch.empty(3, 40, dtype=torch.bfloat16, device=DEV)
+        kern(args[0], args[1], y, *args[3:], y.stride(0), **kw)
+        return y
+
+    _same(run(), want)  # captured: the default config
+    assert timed == []
+    capture[0] = False
+    _same(run(), want)  # outside: tuned
+    assert len(timed) == 2
+    capture[0] = True
+    _same(run(), want)  # captured again: the tuned config, nothing timed
+    assert len(timed) == 2
+
+
 def test_prune_and_default_config() -> None:
     assert tw.default_config(1)[0] == 16
     assert tw.default_config(4096)[0] >= 64

@@ -13,7 +13,10 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from linquant.errors import LinquantError
 
@@ -64,3 +67,30 @@ def autotune_options(do_bench: Any = None, cache_results: bool | None = None) ->
     if cache_results is not None and "cache_results" in params:
         opts["cache_results"] = cache_results
     return opts
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def tuned_or_fixed(tuned: Callable[..., Any], fixed: Callable[..., Any]) -> Callable[..., Any]:
+    """A launch that runs ``tuned`` (an autotuned kernel, launch bound) except inside a CUDA
+    graph capture before this launch first ran outside one: there it runs ``fixed`` (the same
+    kernel with its default config). Triton's autotuner times its candidates with calls that
+    synchronize the device, which a capture forbids, so a graph captured before any warm-up
+    call would fail; one captured after a warm-up replays the tuned config (the autotuner then
+    has the key and times nothing). The returned launch keeps that one flag; plans keep it."""
+    ran = False
+
+    def launch(*args: Any, **kwargs: Any) -> Any:
+        nonlocal ran
+        if ran:
+            return tuned(*args, **kwargs)
+        if capturing():
+            return fixed(*args, **kwargs)
+        out = tuned(*args, **kwargs)
+        ran = True
+        return out
+
+    return launch

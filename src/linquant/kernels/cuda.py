@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from linquant.kernels import _triton_env
 from linquant.kernels.cpu import (
     FORMATS,
     _cached,
@@ -150,7 +151,7 @@ def _probe(device: torch.device) -> tuple[str | None, str]:
 
 def _capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _triton_env.capturing()
 
 
 def _order(device: torch.device) -> str | None:

@@ -678,14 +678,15 @@ def _make_run(kind: str, x2: torch.Tensor, pk: TritonPack, words_t: torch.Tensor
     cfg = dict(config) if config is not None else None
 
     def pick(raw: Any, tuned: Any, grid: Any) -> tuple[Any, dict[str, Any]]:
-        if cfg is None and tuned is not None:
-            return tuned[grid], {}
         meta, lk = _split_meta(cfg or CONFIGS[kind][0])
         meta = fit_config(kind, meta, pk.group, pk.per_channel, pk.bits)
         if kind == "splitk":
             meta.pop("BLOCK_M", None)
         elif kind == "tiled":
             meta.pop("SPLIT_K", None)
+        if cfg is None and tuned is not None:  # the first config inside an untuned capture
+            return _triton_env.tuned_or_fixed(
+                tuned[grid], functools.partial(raw[grid], **meta, **lk)), {}
         return raw[grid], {**meta, **lk}
 
     if kind in GEMV_KERNELS:

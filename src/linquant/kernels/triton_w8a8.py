@@ -176,21 +176,27 @@ def _act_launcher(m: int, k: int, mode: int, device: torch.device) -> Launch:
 
 def _gemm_launcher(m: int, n: int, k: int, mode: int, has_bias: bool,
                    config: tuple[int, int, int, int, int] | None) -> Launch:
-    """``w8a8_gemm_kernel`` for ``M = m``: autotuned (``config`` None, on a GPU), or ``config``
-    (in the interpreter, the first config :func:`_prune` keeps). Called with the arguments of
-    :func:`gemm`'s ``args``."""
-    if config is None and interpreting():
-        config = default_config(m)
-    if config is None:
-        def grid(meta: dict[str, Any]) -> tuple[int]:
-            return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
+    """``w8a8_gemm_kernel`` for ``M = m``: autotuned (``config`` None, on a GPU; the default
+    config inside a CUDA graph capture before its first tuned launch), or ``config`` (in the
+    interpreter, :func:`default_config`). Called with the arguments of :func:`gemm`'s
+    ``args``."""
+    tune = config is None and not interpreting()
+    bm, bn, bk, stages, warps = config or default_config(m)
+    fixed = _jit().w8a8_gemm_kernel[(_cdiv(m, bm) * _cdiv(n, bn),)]
+    fixed_kw = dict(MODE=mode, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                    GROUP_M=GROUP_M, EVEN_K=k % bk == 0, num_stages=stages, num_warps=warps,
+                    enable_fp_fusion=False)
+    if not tune:
+        return fixed, fixed_kw
 
-        return _tuned_kernel()[grid], dict(MODE=mode, HAS_BIAS=has_bias,
-                                           enable_fp_fusion=False)
-    bm, bn, bk, stages, warps = config
-    return _jit().w8a8_gemm_kernel[(_cdiv(m, bm) * _cdiv(n, bn),)], dict(
-        MODE=mode, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-        EVEN_K=k % bk == 0, num_stages=stages, num_warps=warps, enable_fp_fusion=False)
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)
+
+    # the default config inside a CUDA graph capture before any tuned launch
+    # (_triton_env.tuned_or_fixed): the autotuner cannot time its candidates there
+    tuned = functools.partial(_tuned_kernel()[grid], MODE=mode, HAS_BIAS=has_bias,
+                              enable_fp_fusion=False)
+    return _triton_env.tuned_or_fixed(tuned, functools.partial(fixed, **fixed_kw)), {}
 
 
 def next_pow2(n: int) -> int:
