@@ -135,15 +135,10 @@ def test_matches_reference(case: tuple[int, int, str], dtype: torch.dtype) -> No
     assert sorted(cache) == ["triton", "triton_t"]  # gemv_t reads a transposed copy
 
 
-@pytest.mark.skipif(CUDA, reason="the cuda tests run the real autotuner")
-@pytest.mark.skipif(not TIMER_HOOK, reason="the autotuner needs a GPU driver before Triton 3.3")
-def test_autotuned_launch_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The automatic path as a GPU runs it (autotuned wrappers: keys, the pruner, the atomic
-    outputs restored after each timed run), in the interpreter with a stand-in timer that runs
-    every candidate once and makes the last one fastest. A broken wrapper would make the
-    launcher warn and fall back to the reference: warnings are errors here."""
-    import warnings
-
+def _stand_in_autotuner(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The kernels with autotuned wrappers whose timer (a stand-in: the interpreter has none)
+    runs every candidate once and makes the last one fastest; returns the list each timing
+    appends to."""
     timed: list[int] = []
 
     def fake_bench(kernel_call: Any, quantiles: Any = None, **kw: Any) -> list[float]:
@@ -153,6 +148,19 @@ def test_autotuned_launch_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(tlin, "_BUILT", {True: tlin._build(do_bench=fake_bench, tune=True)})
     monkeypatch.setattr(tlin, "_FAILED", {})
+    return timed
+
+
+@pytest.mark.skipif(CUDA, reason="the cuda tests run the real autotuner")
+@pytest.mark.skipif(not TIMER_HOOK, reason="the autotuner needs a GPU driver before Triton 3.3")
+def test_autotuned_launch_plumbing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The automatic path as a GPU runs it (autotuned wrappers: keys, the pruner, the atomic
+    outputs restored after each timed run), in the interpreter with a stand-in timer that runs
+    every candidate once and makes the last one fastest. A broken wrapper would make the
+    launcher warn and fall back to the reference: warnings are errors here."""
+    import warnings
+
+    timed = _stand_in_autotuner(monkeypatch)
     kern = tlin._kernels()
     qt = _qt(40, 1024, "int4-asym-g32-fp16")  # per-word parameters: the pruner swaps tiles
     bias = _bias(40)
@@ -192,15 +200,7 @@ def test_no_autotuning_inside_a_graph_capture(monkeypatch: pytest.MonkeyPatch) -
     """A plan whose first call is inside a CUDA graph capture runs the kind's first config (the
     autotuner's timing would synchronize the device, which a capture forbids); once a call ran
     outside a capture, the tuned launch runs, captured or not, with no timing again."""
-    timed: list[int] = []
-
-    def fake_bench(kernel_call: Any, quantiles: Any = None, **kw: Any) -> list[float]:
-        kernel_call()
-        timed.append(1)
-        return [1000.0 - len(timed)] * 3
-
-    monkeypatch.setattr(tlin, "_BUILT", {True: tlin._build(do_bench=fake_bench, tune=True)})
-    monkeypatch.setattr(tlin, "_FAILED", {})
+    timed = _stand_in_autotuner(monkeypatch)
     capture = [True]
     monkeypatch.setattr(_triton_env, "capturing", lambda: capture[0])
     qt = _qt(40, 1024, "int4-sym-g128")
