@@ -20,6 +20,7 @@ from linquant.config import PRESETS, QuantConfig
 from linquant.convert import _largest_divisor_below, model_nbytes, quantize_model
 from linquant.errors import LinquantError
 from linquant.nn import QuantConv2d, QuantEmbedding, QuantLinear, W8A8Linear
+from linquant.ops.metrics import sqnr
 from linquant.scheme import QuantScheme
 
 # The w4a16 presets' weights, without their bf16 compute dtype: these tests compare fp32 outputs.
@@ -283,6 +284,20 @@ def test_hf_conv1d_is_quantized_in_its_transposed_layout() -> None:
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(model(x).flatten(), ref.flatten(), dim=0)
     assert cos > 0.98
+
+
+def test_square_hf_conv1d_reports_the_error_of_its_transposed_weight() -> None:
+    # A square Conv1D weight has the quantized weight's shape: only the module type says that
+    # it is stored [in, out] (the report once compared it untransposed: -3 dB for 20).
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    model = nn.Sequential(pytorch_utils.Conv1D(48, 48))
+    nn.init.normal_(model[0].weight)
+    w = model[0].weight.detach().clone()
+    report = quantize_model(model, "w4a16-sym-g32")
+    deq = model[0].qweight.dequantize(torch.float32)
+    assert report["0"].sqnr_db == pytest.approx(sqnr(w.t(), deq), rel=1e-9)
+    assert report["0"].sqnr_db > 15 > sqnr(w, deq)
 
 
 # ---- tied weights ----------------------------------------------------------------------------

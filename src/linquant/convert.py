@@ -433,13 +433,14 @@ def _build(name: str, module: nn.Module, config: QuantConfig, scheme: QuantSchem
     return new
 
 
-def _float_like(weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The float weight in the layout of the quantized weight (Conv1D is stored transposed)."""
-    if weight.shape == shape:
-        return weight
-    if weight.dim() == 2 and weight.t().shape == shape:
+def _float_like(weight: torch.Tensor, shape: torch.Size, transposed: bool) -> torch.Tensor:
+    """The float weight in the layout of the quantized weight ``[out, in]``: ``transposed`` for
+    a Conv1D's ``[in, out]`` weight (decided by the module, never by the shapes: a square
+    Conv1D weight has the quantized weight's shape, stored the other way round), reshaped for
+    a convolution's."""
+    if transposed:
         return weight.t()
-    return weight.reshape(shape)
+    return weight if weight.shape == shape else weight.reshape(shape)
 
 
 def _qweight(module: nn.Module) -> QuantizedTensor | None:
@@ -590,7 +591,8 @@ def quantize_model(
         qw = _qweight(new)
         if qw is not None:
             row.bits_per_weight = qw.bits_per_weight
-            row.sqnr_db = sqnr(_float_like(w, qw.shape), qw.dequantize(torch.float32))
+            row.sqnr_db = sqnr(_float_like(w, qw.shape, _is_conv1d(module)),
+                               qw.dequantize(torch.float32))
         partner = shared.get(id(w)) if id(w) in tied else None
         if partner is not None:
             if _share_buffers(partner[1], new):

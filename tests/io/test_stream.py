@@ -19,6 +19,7 @@ from linquant.convert import quantize_model
 from linquant.errors import LinquantError
 from linquant.io.save import load, load_into, save
 from linquant.io.stream import quantize_checkpoint
+from linquant.ops.metrics import sqnr
 
 
 class Plain(nn.Module):
@@ -76,7 +77,17 @@ def test_hf_folder_equals_quantize_model_and_save(tmp_path: Path, preset: str) -
                               exclude=["transformer.h.1.mlp"])
     assert "model config" in res.rule
     assert res.report["transformer.h.1.mlp.c_fc"].reason is not None
-    quantize_model(g, preset, exclude=["transformer.h.1.mlp"])
+    square = g.transformer.h[0].attn.c_proj.weight.detach().clone()  # Conv1D [64, 64]
+    in_memory = quantize_model(g, preset, exclude=["transformer.h.1.mlp"])
+    streamed = {row.name for row in res.report.layers}  # a tied lm_head is an alias there
+    measured = [row for row in in_memory.layers if row.sqnr_db is not None and row.name in streamed]
+    assert len(measured) >= 6
+    for row in measured:  # the same weight errors, the Conv1D layers' included
+        assert res.report[row.name].sqnr_db == pytest.approx(row.sqnr_db, rel=1e-6), row.name
+    proj = g.transformer.h[0].attn.c_proj
+    assert in_memory["transformer.h.0.attn.c_proj"].sqnr_db == pytest.approx(
+        sqnr(square.t(), proj.qweight.dequantize(torch.float32)), rel=1e-9)
+    assert in_memory["transformer.h.0.attn.c_proj"].sqnr_db > 15
     save(g, tmp_path / "saved")
     a, b = load(tmp_path / "q"), load(tmp_path / "saved")
     _same_state(a, b)

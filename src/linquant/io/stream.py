@@ -37,6 +37,7 @@ from linquant.convert import (
     ModelReport,
     _build,
     _float_like,
+    _is_conv1d,
     _largest_divisor_below,
     _matches,
     _patterns,
@@ -344,7 +345,8 @@ def quantize_checkpoint(
                 for k, v in extra.items():
                     writer.add({f"{job.module_name}.{k}": v}, {})
                 deq = qt.dequantize(torch.float32)
-                ref = _float_like(t, qt.shape).float()
+                conv1d = job.module is not None and _is_conv1d(job.module)
+                ref = _float_like(t, qt.shape, conv1d).float()
                 scheme_text = str(cfg) if job.entry["type"] == "W8A8Linear" else \
                     str(QuantConfig(job.scheme, compute_dtype=compute_dtype))
                 rows[job.module_name] = LayerReport(
