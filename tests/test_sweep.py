@@ -445,3 +445,62 @@ def test_real_model_small_grid(capsys: pytest.CaptureFixture[str]) -> None:
         g32, ch0 = rows[f"int4-{mode}-g32-fp16"], rows[f"int4-{mode}-ch0-fp16"]
         assert g32.mean_sqnr_db > ch0.mean_sqnr_db
     assert "int8-sym-ch0-fp16" in res.format()
+
+
+# ---- layouts: GPT-2 style Conv1D weights are swept as quantize_model quantizes them -----------
+def _gpt2_folder(path: Path) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    g = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=64, n_head=4, vocab_size=96, n_positions=16, bos_token_id=0,
+        eos_token_id=0)).eval()
+    for p in g.parameters():  # distinct rows and columns: a wrong orientation shows
+        torch.nn.init.normal_(p.data, std=0.02)
+    g.transformer.h[0].mlp.c_fc.weight.data[:, :8] *= 40  # a few loud output channels
+    g.save_pretrained(str(path))
+    return g
+
+
+def test_hf_conv1d_weights_are_swept_transposed_like_quantize_model(tmp_path: Path) -> None:
+    g = _gpt2_folder(tmp_path / "gpt2")
+    conv1d = {f"transformer.h.0.{n}.weight" for n in
+              ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    stored = {n: p.detach().clone() for n, p in g.named_parameters()}
+    grid = [lq.QuantScheme.parse(s) for s in
+            ("int4-asym-g32-fp16", "int4-sym-ch0-fp16", "int8-sym-tensor-fp32")]
+    res = sweep(tmp_path / "gpt2", grid, progress=False)
+    assert sorted(res.transposed) == sorted(conv1d) and res.layer_types == ""
+    assert any("4 Conv1D weights" in n for n in res.notes())
+    assert res.to_dict()["transposed"] == res.transposed
+    for row in res.rows:
+        for name in conv1d:
+            w = stored[name].t()  # [out, in]
+            expected = lq.sqnr(w, lq.quantize(w.contiguous(), row.scheme).dequantize())
+            assert row.sqnr_db[name] == pytest.approx(expected, rel=1e-9), (row.scheme, name)
+        wte = stored["transformer.wte.weight"]  # an embedding: swept as stored
+        assert row.sqnr_db["transformer.wte.weight"] == pytest.approx(
+            lq.sqnr(wte, lq.quantize(wte, row.scheme).dequantize()), rel=1e-9)
+    # the same numbers as the report of quantize_model with that weight scheme
+    g32 = res.rows[[str(r.scheme) for r in res.rows].index("int4-asym-g32-fp16")]
+    report = lq.quantize_model(g, lq.QuantConfig(weight=g32.scheme))
+    for name in conv1d:
+        assert report[name.removesuffix(".weight")].sqnr_db == pytest.approx(
+            g32.sqnr_db[name], rel=1e-6)
+    # stored [in, out] the loud output channels would be columns: per-row scales get worse
+    ch = res.rows[[str(r.scheme) for r in res.rows].index("int4-sym-ch0-fp16")]
+    fc = stored["transformer.h.0.mlp.c_fc.weight"]
+    as_stored = lq.sqnr(fc, lq.quantize(fc, ch.scheme).dequantize())
+    assert ch.sqnr_db["transformer.h.0.mlp.c_fc.weight"] > as_stored + 2  # 19.5 against 16.5
+
+
+def test_single_file_and_unreadable_config_sweep_as_stored(tmp_path: Path) -> None:
+    _gpt2_folder(tmp_path / "gpt2")
+    grid = [lq.QuantScheme.parse("int4-asym-g32-fp16")]
+    single = sweep(tmp_path / "gpt2" / "model.safetensors", grid, progress=False)
+    assert single.transposed == [] and single.layer_types == ""
+    name = "transformer.h.0.mlp.c_fc.weight"
+    (tmp_path / "gpt2" / "config.json").write_text("{not json")
+    broken = sweep(tmp_path / "gpt2", grid, progress=False)
+    assert broken.transposed == [] and "config.json" in broken.layer_types
+    assert any("layer types unknown" in n for n in broken.notes())
+    assert broken.rows[0].sqnr_db[name] == single.rows[0].sqnr_db[name]

@@ -1,6 +1,11 @@
 """Sweep a grid of schemes over every weight matrix of a checkpoint: the size/error trade-off.
 
 A *weight matrix* is a 2-D float tensor (F32, F16 or BF16): linear weights and embeddings.
+Matrices are swept in the layout ``[out, in]`` that :func:`linquant.quantize_model` and ``linquant
+quantize`` quantize: for a Hugging Face folder (``config.json``) the model is built on the meta
+device to learn its layer types, and the weights of GPT-2 style ``Conv1D`` layers, stored
+``[in, out]``, are transposed first (groups run along ``in``, ``channel`` keeps ``out``). A
+single ``.safetensors`` file carries no layer types: its matrices are swept as stored.
 Everything else (1-D biases and norm weights, integer buffers, other ranks) is listed as
 skipped with its reason and kept at its stored size in the totals. A scheme that cannot apply
 to a matrix (a group size that does not divide its last dimension) skips that pair only, and
@@ -304,6 +309,8 @@ class SweepResult:
     seconds: float
 
     model_name: str = ""  # for titles: the file or folder name, or "all-MiniLM-L6-v2"
+    transposed: list[str] = field(default_factory=list)  # Conv1D weights swept as [out, in]
+    layer_types: str = ""  # why the layer types are unknown, where a folder's config failed
 
     def table_rows(self) -> list[dict[str, Any]]:
         return [r.to_dict(per_tensor=False) for r in self.rows]
@@ -319,6 +326,7 @@ class SweepResult:
             "swept": {"count": len(self.swept), "numel": self.swept_numel,
                       "tensors": list(self.swept)},
             "skipped": {"count": len(self.skipped), "tensors": dict(self.skipped)},
+            "transposed": list(self.transposed),
             "notes": self.notes(),
             "rows": [r.to_dict() for r in self.rows],
         }
@@ -333,7 +341,14 @@ class SweepResult:
 
     def notes(self) -> list[str]:
         kept_mb = self.kept_bytes / _MB
-        return [
+        layout = []
+        if self.transposed:
+            layout.append(f"{len(self.transposed)} Conv1D weights (stored [in, out]) were swept "
+                          "as [out, in], the layout quantize_model and linquant quantize use")
+        if self.layer_types:
+            layout.append(f"layer types unknown ({self.layer_types}): every matrix was swept "
+                          "as stored")
+        return [*layout,
             "bits/weight: codes + scales + zero points/offsets, over the matrices quantized "
             "under that scheme, weighted by their size",
             "mean/worst SQNR: over the matrices quantized under that scheme, each counts once",
@@ -392,11 +407,31 @@ def _why_not_a_matrix(info: TensorInfo) -> str | None:
     return None
 
 
-def _why_not_this_scheme(info: TensorInfo, scheme: QuantScheme) -> str | None:
+def _why_not_this_scheme(shape: Sequence[int], scheme: QuantScheme) -> str | None:
     g = scheme.group_size
-    if scheme.granularity == "group" and g is not None and info.shape[-1] % g:
-        return f"last dim {info.shape[-1]} not divisible by group size {g}"
+    if scheme.granularity == "group" and g is not None and shape[-1] % g:
+        return f"last dim {shape[-1]} not divisible by group size {g}"
     return None
+
+
+def _conv1d_weights(path: Path) -> tuple[set[str], str]:
+    """The stored names of the Conv1D weights of a Hugging Face folder (its model built from
+    config.json on the meta device), and why none could be learned ("" where they were, or
+    where ``path`` is a file or a folder without config.json)."""
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return set(), ""
+    from linquant.io.stream import _build_meta_model
+    from linquant.nn.base import is_hf_conv1d
+
+    try:
+        model = _build_meta_model(path)
+    except LinquantError as e:
+        return set(), str(e)
+    except Exception as e:  # an architecture this transformers cannot build
+        return set(), f"{path}/config.json: cannot build the model: {type(e).__name__}: {e}"
+    if model is None:
+        return set(), ""
+    return {f"{n}.weight" for n, m in model.named_modules() if is_hf_conv1d(m)}, ""
 
 
 _BLOCK = 1 << 16  # elements per block of the fp64 error sums (fits in L2)
@@ -470,6 +505,8 @@ def sweep(
     float_bytes = sum(i.nbytes for i in infos)
     kept_bytes = sum(i.nbytes for i in infos if i.name in skipped)
     rows = [SweepRow(s, float_bytes, kept_bytes) for s in grid]
+    conv1d, layer_types = _conv1d_weights(path)
+    transposed = [i.name for i in matrices if i.name in conv1d]
 
     from tqdm.auto import tqdm
 
@@ -486,9 +523,11 @@ def sweep(
                     f"{info.file}: tensor {name!r} holds NaN/Inf values; cannot measure "
                     "quantization error against it"
                 )
+            if name in conv1d:
+                x = x.t().contiguous()  # [in, out] -> [out, in], as quantize_model sees it
             signal = _energy(x)
             for row in rows:
-                reason = _why_not_this_scheme(info, row.scheme)
+                reason = _why_not_this_scheme(x.shape, row.scheme)
                 qt = None
                 if reason is None:
                     try:
@@ -518,4 +557,6 @@ def sweep(
         swept_numel=sum(i.numel for i in matrices),
         seconds=time.perf_counter() - start,
         model_name=BUNDLED_MODEL_NAME if source is None else path.name,
+        transposed=transposed,
+        layer_types=layer_types,
     )

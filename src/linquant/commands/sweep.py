@@ -70,8 +70,9 @@ def _mode(text: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", type=Path,
                    help="a .safetensors file, or a folder of them (a sharded folder with "
-                        "model.safetensors.index.json works too); default: the bundled "
-                        "all-MiniLM-L6-v2")
+                        "model.safetensors.index.json works too; a Hugging Face folder's "
+                        "GPT-2 style Conv1D weights are swept as [out, in], as quantize "
+                        "quantizes them); default: the bundled all-MiniLM-L6-v2")
     p.add_argument("--bits", type=_comma_list(_bits, "bit widths"),
                    default=list(DEFAULT_BITS), metavar="LIST",
                    help=f"code widths, 2..8 (default: {','.join(map(str, DEFAULT_BITS))})")
