@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,33 @@ def test_eval_causal_lm_perplexity(tmp_path: Path, capsys: pytest.CaptureFixture
     assert abs(res["perplexity_delta"]) < 0.05 * res["perplexity_reference"]
     assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q")]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_eval_cuts_inputs_to_the_models_positions(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 16 positions: most bundled sentences are longer in UTF-8 bytes (they once indexed past
+    # the position table: "internal error: IndexError")
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from linquant.commands.eval import _max_tokens
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256, n_positions=16,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(
+        str(tmp_path / "gpt2"))
+    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "q"), "--preset",
+                 "w8a32", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert "inputs cut to the model's 16 tokens" in res["tokenized_with"]
+    assert math.isfinite(res["perplexity_quantized"])
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=24))
+    assert _max_tokens(bert) == 24
+    assert _max_tokens(bert, 20) == 20  # a tokenizer's limit below the config's (RoBERTa)
+    assert _max_tokens(bert, int(1e30)) == 24  # "no limit" from a tokenizer
+    assert _max_tokens(torch.nn.Linear(2, 2)) is None
 
 
 @pytest.mark.model

@@ -98,10 +98,42 @@ def _token_ids(folder: Path, model: nn.Module, texts: list[str]) -> tuple[list[t
             tok = AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError, TypeError) as e:
             raise LinquantError(f"{folder}: cannot load the tokenizer: {e}") from e
-        return [torch.tensor([tok(t)["input_ids"]]) for t in texts], "tokenizer"
+        ids = [torch.tensor([tok(t)["input_ids"]]) for t in texts]
+        return _fit(ids, model, getattr(tok, "model_max_length", None), "tokenizer")
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 256))
-    return ([torch.tensor([[b % vocab for b in t.encode("utf-8")]]) for t in texts],
-            "UTF-8 bytes (no tokenizer in the folder)")
+    ids = [torch.tensor([[b % vocab for b in t.encode("utf-8")]]) for t in texts]
+    return _fit(ids, model, None, "UTF-8 bytes (no tokenizer in the folder)")
+
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+_NO_LIMIT = 1 << 30  # tokenizers without a length limit report about 1e30
+
+
+def _max_tokens(model: nn.Module, tokenizer_limit: object = None) -> int | None:
+    """How many tokens one input may hold: the least of the config's position count
+    (``max_position_embeddings``, ``n_positions`` or ``n_ctx``, the first that is set) and
+    the tokenizer's ``model_max_length`` (RoBERTa's config counts two positions its inputs
+    cannot use); None where neither says."""
+    config = getattr(model, "config", None)
+    limits = [v for v in (getattr(config, k, None) for k in _POSITION_KEYS)
+              if isinstance(v, int) and v > 0][:1]
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _NO_LIMIT:
+        limits.append(tokenizer_limit)
+    return min(limits) if limits else None
+
+
+def _fit(ids: list[torch.Tensor], model: nn.Module, tokenizer_limit: object,
+         how: str) -> tuple[list[torch.Tensor], str]:
+    """``ids`` cut to :func:`_max_tokens` (a longer input would index past the position
+    embeddings); ``how`` then says how many were cut."""
+    limit = _max_tokens(model, tokenizer_limit)
+    if limit is None:
+        return ids, how
+    cut = sum(1 for x in ids if x.shape[1] > limit)
+    if not cut:
+        return ids, how
+    return ([x[:, :limit] for x in ids],
+            f"{how}; {cut} of {len(ids)} inputs cut to the model's {limit} tokens")
 
 
 def _perplexity(model: nn.Module, ids: list[torch.Tensor]) -> float:
