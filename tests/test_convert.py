@@ -8,6 +8,7 @@ import io
 import json
 import math
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,7 +332,6 @@ def test_tied_weight_is_quantized_once_and_stays_tied() -> None:
                      "'lm_head' stays float (excluded by pattern 'lm_head')", id="one-excluded"),
         pytest.param({"config": {"embed": "w4a16-g32", "lm_head": "w4a16-sym-g32", "mix": "w8a32"}},
                      "different weight schemes", id="different-schemes"),
-        pytest.param({"config": "w8a8"}, "different layouts", id="w8a8-head-vs-embedding"),
     ],
 )
 def test_tied_weight_left_float_when_the_partners_disagree(
@@ -345,6 +345,40 @@ def test_tied_weight_left_float_when_the_partners_disagree(
     assert embed_reason is not None and "tied weight shared with 'lm_head'" in embed_reason
     assert why in embed_reason
     assert report["mix"].quantized
+
+
+def test_w8a8_head_shares_the_int8_codes_of_its_tied_embedding(tmp_path: Path) -> None:
+    # The embedding is quantized weight-only to int8-sym-ch0-fp32, the W8A8 head's weight
+    # scheme: the same bytes, held once (the head's int8 [N, K] codes a view of the table's).
+    from linquant.io.save import load_into, save
+
+    torch.manual_seed(0)
+    model, reference = TiedLM(), TiedLM()
+    reference.load_state_dict(model.state_dict())
+    before = model.embed.weight.detach().clone()
+    report = quantize_model(model, "w8a8")
+    assert isinstance(model.embed, QuantEmbedding) and isinstance(model.lm_head, W8A8Linear)
+    head, embed = model.lm_head, model.embed
+    assert head.weight_qdata.dtype == torch.int8 and embed.weight_qdata.dtype == torch.uint8
+    assert head.weight_qdata.data_ptr() == embed.weight_qdata.data_ptr()
+    assert head.weight_scale is embed.weight_scale
+    assert report["lm_head"].tied_to == "embed" and report["embed"].reason is None
+    table = 40 * 32 + 40 * 4  # int8 codes + fp32 row scales, once
+    assert report.bytes_after == table + 32 * 32 + 32 * 4 + 32 * 4  # + mix: codes, scales, bias
+    assert report.bytes_after == model_nbytes(model)
+    alone = W8A8Linear.from_float(reference.lm_head)  # what an untied head would hold
+    assert torch.equal(alone.weight_qdata, head.weight_qdata)
+    assert torch.equal(embed.qweight.dequantize(), lq_dequant := alone.qweight.dequantize())
+    assert sqnr(before, lq_dequant) > 35
+    ids = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        y = model(ids)
+    save(model, tmp_path / "q")
+    again = TiedLM()
+    load_into(again, tmp_path / "q")
+    assert again.lm_head.weight_qdata.data_ptr() == again.embed.weight_qdata.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(again(ids), y)
 
 
 def test_a_shared_bias_keeps_both_layers_float() -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from linquant.config import QuantConfig, get_config
+from linquant.config import W8A8_WEIGHT, QuantConfig, get_config
 from linquant.errors import LinquantError
 from linquant.ops.metrics import sqnr
 from linquant.report import Column, csv_text, format_table, json_text
@@ -231,18 +231,29 @@ class ModelReport:
 
 
 # ---- sizes ----------------------------------------------------------------------------------
+def _memory_key(t: torch.Tensor) -> object:
+    """What identifies ``t``'s bytes: its start and size in memory, so that views of one buffer
+    under other dtypes or shapes (a tied W8A8Linear's int8 ``[N, K]`` codes and an embedding's
+    uint8 stream) count once; the object itself for meta and empty tensors."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return id(t)
+    return (t.device, t.data_ptr(), t.numel() * t.element_size())
+
+
 def _tensors(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
-    seen: set[int] = set()
+    seen: set[object] = set()
     out: list[torch.Tensor] = []
     for t in [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]:
-        if id(t) not in seen:
-            seen.add(id(t))
+        key = _memory_key(t)
+        if key not in seen:
+            seen.add(key)
             out.append(t)
     return out
 
 
 def model_nbytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers, each tensor object counted once."""
+    """Bytes held by a module's parameters and buffers, each tensor (or view of the same bytes)
+    counted once."""
     return sum(t.numel() * t.element_size() for t in _tensors(module))
 
 
@@ -689,6 +700,8 @@ def _layout(plan: _Plan) -> str:
     if _is_conv1d(plan.module):
         shape = shape[::-1]
     w8a8 = plan.config is not None and _uses_w8a8(plan.module, plan.config)
+    if w8a8 and plan.scheme == W8A8_WEIGHT:
+        w8a8 = False  # W8A8Linear's int8 [N, K] codes are the int8-sym-ch0 byte stream
     return f"{shape}{'-w8a8' if w8a8 else ''}"
 
 
@@ -697,6 +710,8 @@ def _share_buffers(first: nn.Module, second: nn.Module) -> bool:
 
     They hold the same values when both come from one float weight with one scheme and layout
     (checked in planning); the comparison guards against a module type that stores differently.
+    Buffers holding the same bytes under another dtype of the same width or another shape (an
+    embedding's uint8 code stream, a W8A8Linear's int8 ``[N, K]`` codes) are shared as views.
     """
     src = dict(first.named_buffers(recurse=False))
     mine = {k: v for k, v in second.named_buffers(recurse=False) if k.startswith("weight")}
@@ -704,10 +719,20 @@ def _share_buffers(first: nn.Module, second: nn.Module) -> bool:
         return False
     for bname, buf in mine.items():
         other = src.get(bname)
-        if other is None or other.shape != buf.shape or other.dtype != buf.dtype or not (
-            torch.equal(other, buf)
-        ):
+        if (other is None or other.numel() != buf.numel()
+                or other.element_size() != buf.element_size()
+                or other.is_floating_point() != buf.is_floating_point()
+                or not other.is_contiguous() or not buf.is_contiguous()):
             return False
-    for bname in mine:
-        second._buffers[bname] = src[bname]
+        if not torch.equal(_as_bytes(other), _as_bytes(buf)):
+            return False
+    for bname, buf in mine.items():
+        other = src[bname]
+        second._buffers[bname] = other if (other.dtype == buf.dtype
+                                           and other.shape == buf.shape) else (
+            other.view(buf.dtype).view(buf.shape))
     return True
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)

@@ -75,8 +75,12 @@ def test_round_trip_every_preset(tmp_path: Path, preset: str, shard: str) -> Non
     _assert_same(m, m2)
     with torch.inference_mode():
         assert torch.equal(m(IDS), m2(IDS))
-    if isinstance(m.head, QuantModule):  # tie kept: one buffer object
-        assert m2.head.weight_qdata is m2.emb.weight_qdata
+    assert isinstance(m.head, QuantModule)  # every preset keeps the tie
+    for model in (m, m2):  # one buffer (W8A8: the head's int8 [N, K] codes are a view of it)
+        head, emb = model.head.weight_qdata, model.emb.weight_qdata
+        assert head is emb if preset not in ("w8a8", "w8a8-static") else (
+            head.dtype == torch.int8 and head.data_ptr() == emb.data_ptr())
+        assert model.head.weight_scale is model.emb.weight_scale
 
 
 def test_float_model_and_tied_float(tmp_path: Path) -> None:

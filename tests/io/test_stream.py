@@ -79,11 +79,18 @@ def test_hf_folder_equals_quantize_model_and_save(tmp_path: Path, preset: str) -
     assert res.report["transformer.h.1.mlp.c_fc"].reason is not None
     square = g.transformer.h[0].attn.c_proj.weight.detach().clone()  # Conv1D [64, 64]
     in_memory = quantize_model(g, preset, exclude=["transformer.h.1.mlp"])
-    streamed = {row.name for row in res.report.layers}  # a tied lm_head is an alias there
-    measured = [row for row in in_memory.layers if row.sqnr_db is not None and row.name in streamed]
+    # the same rows (the tied lm_head's included) and weight errors (the Conv1D layers')
+    assert sorted(r.name for r in res.report.layers) == sorted(r.name for r in in_memory.layers)
+    measured = [row for row in in_memory.layers if row.sqnr_db is not None]
     assert len(measured) >= 6
-    for row in measured:  # the same weight errors, the Conv1D layers' included
-        assert res.report[row.name].sqnr_db == pytest.approx(row.sqnr_db, rel=1e-6), row.name
+    for row in in_memory.layers:
+        other = res.report[row.name]
+        assert (other.scheme, other.tied_to, other.reason) == (row.scheme, row.tied_to,
+                                                               row.reason), row.name
+        if row.sqnr_db is not None:
+            assert other.sqnr_db == pytest.approx(row.sqnr_db, rel=1e-6), row.name
+    assert res.report["lm_head"].tied_to == "transformer.wte"
+    assert "tied to transformer.wte" in res.report["lm_head"].note
     proj = g.transformer.h[0].attn.c_proj
     assert in_memory["transformer.h.0.attn.c_proj"].sqnr_db == pytest.approx(
         sqnr(square.t(), proj.qweight.dequantize(torch.float32)), rel=1e-9)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from linquant.convert import _memory_key
 from linquant.errors import FormatError, LinquantError
 from linquant.io.checkpoint import INDEX_NAME, TensorInfo, read_tensors, tensor_infos
 from linquant.io.format import (
@@ -265,9 +266,9 @@ def save(
 
     aliases: dict[str, str] = {}
     groups: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
-    seen: dict[int, str] = {}
+    seen: dict[object, str] = {}
     for name, mod in qmods.items():  # quantized weights, each buffer set once
-        key = id(mod.weight_qdata)
+        key = _memory_key(mod.weight_qdata)  # tied W8A8Linear codes: a view of another dtype
         if key in seen:
             aliases[f"{name}.weight"] = seen[key]
             continue

@@ -38,6 +38,7 @@ from linquant.convert import (
     _build,
     _float_like,
     _is_conv1d,
+    _join,
     _largest_divisor_below,
     _matches,
     _patterns,
@@ -148,14 +149,18 @@ def _build_meta_model(folder: Path) -> nn.Module | None:
 
 def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
                  include: tuple[str, ...], exclude: tuple[str, ...]
-                 ) -> tuple[dict[str, _Job], dict[str, str], dict[str, Any], list[LayerReport]]:
-    """Jobs by stored weight name, aliases, module entries and skipped-layer rows."""
+                 ) -> tuple[dict[str, _Job], dict[str, str], dict[str, Any], list[LayerReport],
+                            dict[str, LayerReport]]:
+    """Jobs by stored weight name, aliases, module entries, skipped-layer rows, and the rows of
+    layers whose weight is tied to another module's stored one (by the stored weight's name;
+    filled in from that layer's row once it is quantized)."""
     mplan = plan_model(model, config, include=include, exclude=exclude, allow_meta=True)
     jobs: dict[str, _Job] = {}
     aliases: dict[str, str] = {}
     modules: dict[str, Any] = {}
     skipped: list[LayerReport] = []
     stored_by_param: dict[int, str] = {}
+    tied: list[tuple[int, LayerReport]] = []
     for plan in mplan.plans.values():
         mod = plan.module
         assert mod is not None
@@ -181,6 +186,11 @@ def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
             jobs[stored] = _Job(stored.removesuffix(".weight"), plan.config, plan.scheme,
                                 plan.note, mod, entry)
             stored_by_param.setdefault(pid, stored)
+        else:
+            text = str(plan.config) if entry["type"] == "W8A8Linear" else \
+                str(QuantConfig(plan.scheme, compute_dtype=config.compute_dtype))
+            tied.append((pid, LayerReport(first, type(mod).__name__, shape, 0, 0, scheme=text,
+                                          note=plan.note)))
         for n in plan.names:
             if f"{n}.weight" != stored:
                 aliases[f"{n}.weight"] = "?" + str(pid)
@@ -192,7 +202,10 @@ def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
             raise LinquantError(f"layer {alias.removesuffix('.weight')!r}: its weight is not in "
                                 "the checkpoint; exclude it to keep it float")
         resolved[alias] = stored
-    return jobs, resolved, modules, skipped
+    ties = {row.name: row for pid, row in tied if pid in stored_by_param}
+    for pid, row in tied:
+        row.tied_to = stored_by_param[pid].removesuffix(".weight")
+    return jobs, resolved, modules, skipped, ties
 
 
 def _entry_for(module: nn.Module, config: QuantConfig, scheme: QuantScheme) -> dict[str, Any]:
@@ -304,8 +317,9 @@ def quantize_checkpoint(
     meta_model = _build_meta_model(folder) if folder is not None else None
 
     aliases: dict[str, str] = {}
+    ties: dict[str, LayerReport] = {}
     if meta_model is not None:
-        jobs, aliases, modules, skipped = _plan_config(meta_model, names, cfg, inc, exc)
+        jobs, aliases, modules, skipped, ties = _plan_config(meta_model, names, cfg, inc, exc)
         rule = (f"model config: {type(meta_model).__name__} built from config.json on the meta "
                 "device; layers chosen as quantize_model would")
         kind = {"kind": "sentence-transformers" if (src_p / "modules.json").is_file()
@@ -361,6 +375,13 @@ def quantize_checkpoint(
         result.files = [dst_p / f.name for f in writer.finish()]
         report.bytes_after = writer.total_size
     bar.close()
+    for row in ties.values():  # as quantize_model reports a tied layer: the weight's numbers
+        assert row.tied_to is not None
+        target = rows[row.tied_to]
+        row.bits_per_weight, row.sqnr_db = target.bits_per_weight, target.sqnr_db
+        row.bytes_before, row.bytes_after = target.bytes_before, target.bytes_after
+        row.note = _join(row.note, f"tied to {row.tied_to} (weight stored once)")
+        rows[row.name] = row
     order = {n: k for k, n in enumerate(i.name.removesuffix(".weight") for i in infos)}
     report.layers = sorted(rows.values(), key=lambda r: order.get(r.name, len(order)))
     report.unmatched_patterns = tuple(
