@@ -8,6 +8,7 @@ import io
 import json
 import math
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -379,6 +380,65 @@ def test_w8a8_head_shares_the_int8_codes_of_its_tied_embedding(tmp_path: Path) -
     assert again.lm_head.weight_qdata.data_ptr() == again.embed.weight_qdata.data_ptr()
     with torch.no_grad():
         assert torch.equal(again(ids), y)
+
+
+def _convert(where: str) -> tuple[Callable[[nn.Module], object], torch.device]:
+    """A conversion that makes new buffers, as a device move does."""
+    if where == "clone":
+        return (lambda m: m._apply(lambda t: t.clone())), torch.device("cpu")
+    if where == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return (lambda m: m.to(where)), torch.device(where)
+
+
+@pytest.mark.parametrize("where", ["clone", "meta", "cuda"])
+@pytest.mark.parametrize("preset", ["w4a16-g32", "w8a8"])
+def test_tied_quantized_weights_stay_one_buffer_after_a_device_move(
+        preset: str, where: str) -> None:
+    # PyTorch converts each module's buffers separately: without linquant's memo the two
+    # layers would each hold a copy on the new device.
+    from linquant.nn import base
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    quantize_model(model, preset)
+    codes = model.embed.weight_qdata.clone()
+    size = model_nbytes(model)
+    move, device = _convert(where)
+    move(model)
+    head, embed, mix = model.lm_head, model.embed, model.mix
+    assert head.weight_qdata.device == embed.weight_qdata.device == device
+    assert head.weight_scale is embed.weight_scale
+    assert head.weight_qdata.data_ptr() == embed.weight_qdata.data_ptr() or where == "meta"
+    if where != "meta":  # no addresses there
+        assert torch.equal(embed.weight_qdata.cpu(), codes)
+        assert model_nbytes(model) == size  # the table counted once, as before the move
+    assert mix.weight_qdata.data_ptr() != embed.weight_qdata.data_ptr() or where == "meta"
+    assert not base._TIED_MEMO  # the memo lives as long as the call
+
+
+def test_a_kept_conversion_function_never_ties_what_was_not_tied() -> None:
+    # A kept fn keeps its memo between calls; the memo holds the old tensors, so no address
+    # of an earlier call can come back as a false match.
+    torch.manual_seed(0)
+    model = TiedLM()
+    quantize_model(model, "w4a16-g32")
+    model.mix = QuantLinear.from_float(nn.Linear(32, 32), "int4-asym-g32-fp16")
+    want = {n: b.clone() for n, b in model.named_buffers()}
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    for _ in range(4):
+        model._apply(fn)
+        got = dict(model.named_buffers(remove_duplicate=False))
+        for n, b in want.items():
+            assert torch.equal(got[n], b), n
+        ptrs = {n: b.data_ptr() for n, b in got.items()}
+        assert ptrs["lm_head.weight_qdata"] == ptrs["embed.weight_qdata"]
+        assert len(set(ptrs.values()) - {ptrs["embed.weight_qdata"],
+                                         ptrs["embed.weight_scale"],
+                                         ptrs["embed.weight_zero_point"]}) == len(ptrs) - 6
 
 
 def test_a_shared_bias_keeps_both_layers_float() -> None:

@@ -47,6 +47,7 @@ from torch import nn
 
 from linquant.config import W8A8_WEIGHT, QuantConfig, get_config
 from linquant.errors import LinquantError
+from linquant.nn.base import _memory_key
 from linquant.ops.metrics import sqnr
 from linquant.report import Column, csv_text, format_table, json_text
 from linquant.scheme import QuantScheme
@@ -231,15 +232,6 @@ class ModelReport:
 
 
 # ---- sizes ----------------------------------------------------------------------------------
-def _memory_key(t: torch.Tensor) -> object:
-    """What identifies ``t``'s bytes: its start and size in memory, so that views of one buffer
-    under other dtypes or shapes (a tied W8A8Linear's int8 ``[N, K]`` codes and an embedding's
-    uint8 stream) count once; the object itself for meta and empty tensors."""
-    if t.device.type == "meta" or t.numel() == 0:
-        return id(t)
-    return (t.device, t.data_ptr(), t.numel() * t.element_size())
-
-
 def _tensors(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
     seen: set[object] = set()
     out: list[torch.Tensor] = []

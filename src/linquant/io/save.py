@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from linquant.convert import _memory_key
 from linquant.errors import FormatError, LinquantError
 from linquant.io.checkpoint import INDEX_NAME, TensorInfo, read_tensors, tensor_infos
 from linquant.io.format import (
@@ -48,7 +47,7 @@ from linquant.io.format import (
     read_header_metadata,
     split_part,
 )
-from linquant.nn.base import QuantModule, qualified_name
+from linquant.nn.base import QuantModule, _memory_key, qualified_name
 from linquant.tensor import QuantizedTensor
 
 __all__ = ["ShardWriter", "load", "load_into", "parse_size", "save", "staged_folder"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -275,6 +276,32 @@ def _tensor_bytes(obj: Any, seen: set[int], depth: int) -> int:
     return 0
 
 
+def _memory_key(t: torch.Tensor) -> object:
+    """What identifies ``t``'s bytes: device, start and size, so that views of one buffer under
+    another dtype or shape (a tied W8A8Linear's int8 ``[N, K]`` codes and an embedding's uint8
+    stream) are one; the object itself for meta, empty and storage-less tensors."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return id(t)
+    try:
+        return (t.device, t.data_ptr(), t.numel() * t.element_size())
+    except RuntimeError:  # tensors without storage (fake, functional)
+        return id(t)
+
+
+# fn of a running ``Module._apply`` -> {old buffer's memory: (old buffer, converted weakly)}
+_TIED_MEMO: weakref.WeakKeyDictionary[
+    Any, dict[object, tuple[torch.Tensor, weakref.ref[torch.Tensor]]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _memoizable(fn: object) -> bool:
+    try:
+        weakref.ref(fn)
+    except TypeError:
+        return False
+    return True
+
+
 class QuantModule(nn.Module):
     """Base of the quantized modules: labels for errors, dtype-safe ``_apply``, weight buffers.
 
@@ -399,6 +426,25 @@ class QuantModule(nn.Module):
     # ---- .to(), .half(), .cuda() ---------------------------------------------------------------
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         saved = {n: b for n in self._quant_buffers if (b := self._buffers.get(n)) is not None}
+        # Quantized weights tied between layers (an embedding and its output head) are one
+        # buffer, or views of one: PyTorch converts each module's buffers separately, which
+        # would leave one copy per layer on the new device. The first layer a conversion
+        # reaches converts the tensor; later ones take views of its result (``fn`` is one
+        # object per ``.to()`` / ``.cuda()`` call, so the memo lives as long as the call). The
+        # memo holds each old tensor, so that no other tensor can take its address while its
+        # entry exists, and the converted one weakly: an entry whose result is gone (a later
+        # conversion with a kept ``fn``) is dropped.
+        memo = _TIED_MEMO.setdefault(fn, {}) if _memoizable(fn) else {}
+        for key in [k for k, (_, ref) in memo.items() if ref() is None]:
+            del memo[key]
+        reused: dict[str, torch.Tensor] = {}
+        for n, old in saved.items():
+            entry = memo.get(_memory_key(old))
+            done = None if entry is None else entry[1]()
+            if done is not None and done.element_size() == old.element_size():
+                reused[n] = done if (done.dtype, done.shape) == (old.dtype, old.shape) else (
+                    done.view(old.dtype).view(old.shape))
+                self._buffers[n] = old.new_empty(0)  # nothing to convert here
 
         def state(t: torch.Tensor | None) -> tuple[object, ...] | None:
             return None if t is None else (id(t), t.data_ptr(), t.dtype, t.device)
@@ -407,8 +453,13 @@ class QuantModule(nn.Module):
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         for n, old in saved.items():
             new = self._buffers[n]
-            if new is not None and new.dtype != old.dtype:
+            if n in reused:
+                self._buffers[n] = reused[n]
+            elif new is not None and new.dtype != old.dtype:
                 self._buffers[n] = old.to(new.device)  # moved, never cast
+            now = self._buffers[n]
+            if now is not None and now is not old and n not in reused:
+                memo[_memory_key(old)] = (old, weakref.ref(now))
         if any(self._buffers.get(n) is not b for n, b in saved.items()) or any(
                 state(self._parameters.get(n)) != p for n, p in params.items()):
             # moved or cast: layouts and plans made for the old tensors would keep them alive
