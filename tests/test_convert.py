@@ -391,7 +391,7 @@ def _convert(where: str) -> tuple[Callable[[nn.Module], object], torch.device]:
     return (lambda m: m.to(where)), torch.device(where)
 
 
-@pytest.mark.parametrize("where", ["clone", "meta", "cuda"])
+@pytest.mark.parametrize("where", ["clone", "meta", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("preset", ["w4a16-g32", "w8a8"])
 def test_tied_quantized_weights_stay_one_buffer_after_a_device_move(
         preset: str, where: str) -> None:
