@@ -37,6 +37,7 @@ Rules (each one shows up in the report, nothing is skipped silently):
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -220,6 +221,13 @@ class ModelReport:
     def to_json(self) -> str:
         """Strict JSON (an infinite SQNR is the string ``"inf"``)."""
         return json_text(self.to_dict())
+
+    def plot(self, path: str | os.PathLike[str], title: str = "") -> None:
+        """Draw the report to an image file (:func:`linquant.report.plot_layers`; needs
+        matplotlib): each layer's weight SQNR and bytes before / after, in module order."""
+        from linquant.report import plot_layers
+
+        plot_layers(self, path, title)
 
     def to_csv(self) -> str:
         """One row per layer with raw numbers (bytes, dB); the shape as ``768x3072``."""

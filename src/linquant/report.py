@@ -15,7 +15,8 @@ JSON has no infinity: :func:`json_text` writes non-finite floats as the strings 
 ``"-inf"`` and ``"nan"`` (an exactly reconstructed tensor has an SQNR of ``inf``).
 
 matplotlib is optional (``pip install 'linquant[plot]'``) and imported only inside
-:func:`plot_sweep`, which draws with the Agg canvas and never touches pyplot's global state.
+:func:`plot_sweep` and :func:`plot_layers`, which draw with the Agg canvas and never touch
+pyplot's global state.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from linquant.errors import LinquantError
 from linquant.io.atomic import atomic_write
 
 if TYPE_CHECKING:
+    from linquant.convert import ModelReport
     from linquant.sweep import SweepResult
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "format_table",
     "json_text",
     "plot_format",
+    "plot_layers",
     "plot_sweep",
     "require_matplotlib",
     "write_csv",
@@ -210,3 +213,95 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike[str]) -> None:
         ax.legend(fontsize=8, ncols=2)
     with atomic_write(dest, "wb") as f:
         fig.savefig(f, format=fmt, dpi=120)
+
+
+_LABELLED_LAYERS = 48  # up to this many layers, every one is named on the x axis
+_WORST_NAMED = 3
+
+
+def plot_layers(report: ModelReport, path: str | os.PathLike[str], title: str = "") -> None:
+    """Plot what quantizing did to each layer of a model (:class:`linquant.ModelReport`).
+
+    Top: the weight SQNR (dB) of each quantized layer in module order, coloured by scheme,
+    with the median as a dashed line and the lowest few named; a layer tied to another one is
+    drawn hollow (its weight is the other's), an exactly reconstructed one as a triangle on the
+    top edge, and every layer kept float as a grey cross on the bottom edge (the reasons are in
+    the table). Bottom: each layer's bytes before and after, on a log scale. Layers are named
+    on the x axis when there are at most 48 of them, else numbered. The image format follows
+    the suffix of ``path``; the file is written to a temp file and renamed into place.
+    """
+    dest = Path(path)
+    fmt = plot_format(dest)  # checks matplotlib is there first
+    fig = _layers_figure(report, title)
+    with atomic_write(dest, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=120)
+
+
+def _layers_figure(report: ModelReport, title: str) -> Any:
+    """The matplotlib Figure of :func:`plot_layers` (axes: SQNR on top, bytes below)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = report.layers
+    n = len(layers)
+    fig = Figure(figsize=(min(20.0, max(8.0, 0.22 * n + 3)), 7.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    finite = [r.sqnr_db for r in layers if r.quantized and r.sqnr_db is not None
+              and math.isfinite(r.sqnr_db)]
+    lo = min(finite, default=0.0)
+    hi = max(finite, default=1.0)
+    pad = max(1.0, 0.08 * (hi - lo))
+    floor, ceiling = lo - pad, hi + pad
+    schemes = list(dict.fromkeys(r.scheme or "" for r in layers if r.quantized))
+    for k, scheme in enumerate(schemes):
+        color = _GRAN_COLORS[k % len(_GRAN_COLORS)]
+        rows = [(i, r) for i, r in enumerate(layers) if r.quantized and (r.scheme or "") == scheme]
+        own = [(i, r.sqnr_db) for i, r in rows if r.sqnr_db is not None
+               and math.isfinite(r.sqnr_db) and r.tied_to is None]
+        tied = [(i, r.sqnr_db) for i, r in rows if r.sqnr_db is not None
+                and math.isfinite(r.sqnr_db) and r.tied_to is not None]
+        exact = [i for i, r in rows if r.sqnr_db is not None and r.sqnr_db == math.inf]
+        top.scatter([i for i, _ in own], [d for _, d in own], color=color, s=22,
+                    label=scheme or "quantized", zorder=3)
+        if tied:
+            top.scatter([i for i, _ in tied], [d for _, d in tied], facecolors="none",
+                        edgecolors=color, s=22, zorder=3)
+        if exact:
+            top.scatter(exact, [ceiling] * len(exact), marker="^", color=color, s=28, zorder=3,
+                        clip_on=False)
+    kept = [i for i, r in enumerate(layers) if not r.quantized]
+    if kept:
+        top.scatter(kept, [floor] * len(kept), marker="x", color="tab:gray", s=22, zorder=3,
+                    clip_on=False, label=f"kept float ({len(kept)})")
+    if finite:
+        median = sorted(finite)[len(finite) // 2]
+        top.axhline(median, color="black", linestyle="--", linewidth=0.8, alpha=0.6,
+                    label=f"median {median:.1f} dB")
+        worst = sorted((r.sqnr_db, i, r.name) for i, r in enumerate(layers) if r.quantized
+                       and r.sqnr_db is not None and math.isfinite(r.sqnr_db))[:_WORST_NAMED]
+        for db, i, name in worst:  # right of the point, or left of it in the right half
+            left = i > n / 2
+            top.annotate(name, (i, db), textcoords="offset points", xytext=(-5 if left else 5, -3),
+                         ha="right" if left else "left", fontsize=7)
+    top.set_ylim(floor, ceiling)
+    top.set_ylabel("weight SQNR (dB)")
+    top.grid(True, alpha=0.3)
+    if schemes or kept:
+        top.legend(fontsize=8, loc="best")
+    top.set_title(title or f"per-layer report: {len(report.quantized)} of {n} layers "
+                  f"quantized, {report.ratio:.2f}x smaller")
+    xs = list(range(n))
+    before = [max(r.bytes_before, 1) for r in layers]
+    after = [max(r.bytes_after, 1) for r in layers]
+    bottom.bar(xs, before, width=0.8, color="tab:gray", alpha=0.35, label="before")
+    bottom.bar(xs, after, width=0.5, color="tab:blue", label="after")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("bytes")
+    bottom.grid(True, axis="y", alpha=0.3)
+    bottom.legend(fontsize=8, loc="best")
+    if n <= _LABELLED_LAYERS:
+        bottom.set_xticks(xs, [r.name for r in layers], rotation=90, fontsize=7)
+    else:
+        bottom.set_xlabel("layer (module order)")
+    return fig

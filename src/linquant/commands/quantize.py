@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD, metavar="SIZE",
                    help=f"largest output shard, e.g. 500MB, 2GB (default {DEFAULT_MAX_SHARD})")
     p.add_argument("--report", type=Path, metavar="FILE", help="write the report (.json or .csv)")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="also draw the report: each layer's weight SQNR and bytes before / "
+                        "after (needs matplotlib: pip install 'linquant[plot]')")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read .bin/.pt checkpoints with torch.load(weights_only=True)")
@@ -77,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.report is not None and args.report.suffix.lower() not in (".json", ".csv"):
         raise LinquantError(f"--report {args.report}: the file must end in .json or .csv")
+    if args.plot is not None:
+        from linquant.report import plot_format
+
+        plot_format(args.plot)  # matplotlib and the suffix, before the long part
     result = quantize_checkpoint(
         args.src, args.output, config,
         include=args.include or ("*",), exclude=args.exclude,
@@ -91,4 +98,9 @@ def run(args: argparse.Namespace) -> int:
         text = report.to_csv() if args.report.suffix.lower() == ".csv" else report.to_json()
         write_text_atomic(args.report, text)
         print(f"report: {args.report}", file=sys.stderr)
+    if args.plot is not None:
+        report.plot(args.plot, f"{Path(args.src).name}, {args.preset or config}: "
+                    f"{len(report.quantized)} of {len(report.layers)} layers quantized, "
+                    f"{report.ratio:.2f}x smaller")
+        print(f"plot: {args.plot}", file=sys.stderr)
     return 0
