@@ -532,3 +532,43 @@ def test_json_writes_an_exact_reconstruction_as_inf() -> None:
     report = quantize_model(model, "w8a32")
     assert report["0"].sqnr_db == math.inf
     assert json.loads(report.to_json())["layers"][0]["sqnr_db"] == "inf"
+
+
+def test_layers_a_model_keeps_in_fp32_stay_float_with_the_reason() -> None:
+    # T5's feed-forward reads wo.weight.dtype in forward (a quantized layer has no .weight), and
+    # transformers' own quantizers leave _keep_in_fp32_modules alone.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                   num_heads=4, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    assert "wo" in model._keep_in_fp32_modules
+    report = quantize_model(model, "w8a32")
+    wo = [r for r in report.layers if r.name.endswith(".wo")]
+    assert len(wo) == 2  # encoder and decoder feed-forward
+    for r in wo:
+        assert r.reason == ("T5ForConditionalGeneration._keep_in_fp32_modules lists 'wo' "
+                            "(transformers keeps it in fp32 and reads its weight)")
+    assert report["encoder.block.0.layer.1.DenseReluDense.wi"].quantized
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        assert model(ids, decoder_input_ids=ids[:, :3]).logits.isfinite().all()
+
+
+def test_keep_in_fp32_names_match_whole_name_parts() -> None:
+    class Block(nn.Module):
+        _keep_in_fp32_modules = ("proj", "head.out")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(32, 32)
+            self.proj2 = nn.Linear(32, 32)  # "proj" is not a part of "proj2"
+            self.head = nn.Module()
+            self.head.out = nn.Linear(32, 32)
+            self.head.inner = nn.Linear(32, 32)
+
+    model = nn.Sequential(Block())
+    report = quantize_model(model, "w8a32")
+    kept = {r.name for r in report.skipped}
+    assert kept == {"0.proj", "0.head.out"}
+    assert report["0.proj2"].quantized and report["0.head.inner"].quantized

@@ -348,6 +348,25 @@ class _Plan:
     note: str = ""
 
 
+_FP32_ATTRS = ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
+
+
+def _fp32_modules(model: nn.Module) -> dict[str, str]:
+    """Module names that Hugging Face models list in ``_keep_in_fp32_modules`` (and ``_strict``)
+    anywhere in ``model``, each with the class attribute that lists it. transformers' own
+    quantizers leave these layers alone; some models read their ``.weight`` in ``forward``
+    (T5's feed-forward casts its input to ``wo.weight.dtype``), which a quantized layer does not
+    have. A name matches a layer whose dotted name equals it, ends with it or starts with it."""
+    found: dict[str, str] = {}
+    for module in model.modules():
+        for attr in _FP32_ATTRS:
+            names = getattr(module, attr, None)
+            if isinstance(names, (list, tuple, set, frozenset)):
+                for entry in sorted(n for n in names if isinstance(n, str) and n):
+                    found.setdefault(entry, f"{type(module).__name__}.{attr}")
+    return found
+
+
 def _decide(
     name: str,
     module: nn.Module,
@@ -357,10 +376,12 @@ def _decide(
     used: set[str],
     refusals: list[str] | None,
     allow_meta: bool = False,
+    keep_float: Mapping[str, str] | None = None,
 ) -> tuple[QuantConfig | None, QuantScheme | None, str | None, str]:
     """``(config, effective weight scheme, reason, note)``; reason None means quantize.
 
     With ``refusals`` (strict mode) a group size fallback is also recorded there.
+    ``keep_float``: the model's fp32 module names (:func:`_fp32_modules`).
     """
     if _is_quantized_module(module):
         return None, None, f"already quantized ({type(module).__name__})", ""
@@ -368,6 +389,10 @@ def _decide(
         if _matches(name, pat):
             used.add(pat)
             return None, None, f"excluded by pattern {pat!r}", ""
+    for entry, owner in (keep_float or {}).items():
+        if name == entry or name.endswith(f".{entry}") or name.startswith(f"{entry}."):
+            return None, None, (f"{owner} lists {entry!r} (transformers keeps it in fp32 "
+                                "and reads its weight)"), ""
     hits = [pat for pat in include if _matches(name, pat)]
     used.update(hits)
     if not hits:
@@ -493,6 +518,7 @@ def plan_model(
     plans: dict[int, _Plan] = {}
     parents: dict[str, nn.Module] = {}
     refusals: list[str] | None = [] if strict else None
+    keep_float = _fp32_modules(model)
     for name, module in model.named_modules(remove_duplicate=False):
         for cname in module._modules:  # not named_children(): it hides repeated children
             parents[f"{name}.{cname}" if name else cname] = module
@@ -500,7 +526,7 @@ def plan_model(
             _is_quantized_module(module) and name
         ):
             continue
-        decision = _decide(name, module, pairs, inc, exc, used, refusals, allow_meta)
+        decision = _decide(name, module, pairs, inc, exc, used, refusals, allow_meta, keep_float)
         plan = plans.get(id(module))
         if plan is None:
             cfg, scheme, reason, note = decision

@@ -247,3 +247,45 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     if isinstance(exc, OSError):
         assert "No space left" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_checkpoint_names_are_mapped_as_transformers_loads_them(tmp_path: Path) -> None:
+    # transformers 5 loads GPT-NeoX's stored "embed_out.weight" into the module lm_head
+    # (a conversion rule); streamed and in-memory quantization must agree on the output.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    g = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=32)).eval()
+    g.save_pretrained(str(tmp_path / "src"))
+    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w4a16-g32")
+    head = "lm_head" if hasattr(g, "lm_head") else "embed_out"
+    assert res.report[head].quantized
+    if head == "lm_head":
+        assert "embed_out.weight -> lm_head.weight" in res.rule
+    quantize_model(g, "w4a16-g32")
+    save(g, tmp_path / "saved")
+    a, b = load(tmp_path / "q"), load(tmp_path / "saved")
+    _same_state(a, b)
+    x = torch.randint(0, 96, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(g(x).logits, a(x).logits)
+
+
+def test_checkpoint_tensors_merged_while_loading_are_refused(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers.conversion_mapping")  # transformers 5: fused experts
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    transformers.MixtralForCausalLM(config).save_pretrained(str(tmp_path / "src"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
+        per_expert = any(".experts.0." in k for k in f.keys())  # noqa: SIM118
+    if not per_expert:
+        pytest.skip("this transformers saves the fused experts as they are in the model")
+    with pytest.raises(LinquantError, match="combined by transformers while loading"):
+        quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w8a32")
+    assert not (tmp_path / "q").exists()

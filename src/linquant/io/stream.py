@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -145,6 +145,46 @@ def _build_meta_model(folder: Path) -> nn.Module | None:
         model: nn.Module = cls.from_config(config) if not hasattr(cls, "_from_config") \
             else cls._from_config(config)
     return model
+
+
+def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path) -> dict[str, str]:
+    """Stored tensor name -> the model's name for it, for the names transformers (5 and later)
+    renames while loading: its conversion rules for the architecture (GPT-NeoX's
+    ``embed_out`` is the model's ``lm_head``), legacy names (``gamma`` / ``beta``) and the base
+    model prefix. Checkpoint tensors that a rule merges or splits (fused MoE experts) cannot be
+    streamed one at a time: :class:`LinquantError`. Empty with transformers 4, which loads
+    checkpoints under the model's own names."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+        return {}
+    transforms = get_model_conversion_mapping(cast(Any, model))
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None) or None
+    meta = model.state_dict()  # on the meta device: names and shapes only
+    renames: dict[str, str] = {}
+    merged: list[str] = []
+    for name in stored:
+        new, converter = rename_source_key(name, renamings, converters, prefix, meta)
+        if converter is not None:
+            merged.append(f"{name} -> {new}")
+        elif new != name:
+            renames[name] = new
+    if merged:
+        raise LinquantError(
+            f"{src}: {len(merged)} tensor(s) are combined by transformers while loading "
+            f"{type(model).__name__} (e.g. {merged[0]}), which linquant quantize cannot do "
+            "tensor by tensor; load the model with transformers, then linquant.quantize_model "
+            "and linquant.save")
+    if len(set(renames.values()) | (set(stored) - set(renames))) < len(stored):
+        raise LinquantError(f"{src}: transformers' renaming rules map two tensors to one name")
+    return renames
 
 
 def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
@@ -312,9 +352,17 @@ def quantize_checkpoint(
     else:
         infos = tensor_infos(src_p)
         source = read_tensors(infos)
-    names = {i.name for i in infos}
     folder = src_p if src_p.is_dir() else None
     meta_model = _build_meta_model(folder) if folder is not None else None
+    renames = _checkpoint_renames(meta_model, [i.name for i in infos], src_p) \
+        if meta_model is not None else {}
+    if renames:
+        source = ((renames.get(n, n), t) for n, t in source)
+
+    def model_name(info: TensorInfo) -> str:
+        return renames.get(info.name, info.name)
+
+    names = {model_name(i) for i in infos}
 
     aliases: dict[str, str] = {}
     ties: dict[str, LayerReport] = {}
@@ -322,6 +370,10 @@ def quantize_checkpoint(
         jobs, aliases, modules, skipped, ties = _plan_config(meta_model, names, cfg, inc, exc)
         rule = (f"model config: {type(meta_model).__name__} built from config.json on the meta "
                 "device; layers chosen as quantize_model would")
+        if renames:
+            first = next(iter(renames.items()))
+            rule += (f"; {len(renames)} tensor name(s) mapped to the model's as transformers "
+                     f"maps them while loading (e.g. {first[0]} -> {first[1]})")
         kind = {"kind": "sentence-transformers" if (src_p / "modules.json").is_file()
                 else "transformers", "class": type(meta_model).__name__}
     else:
@@ -333,7 +385,7 @@ def quantize_checkpoint(
     report = ModelReport(bytes_before=sum(i.nbytes for i in infos), compute_dtype=compute_dtype)
     result = StreamResult(report, rule)
     rows: dict[str, LayerReport] = {r.name: r for r in skipped}
-    sizes = {i.name: i.nbytes for i in infos}
+    sizes = {model_name(i): i.nbytes for i in infos}
     meta = {"modules": modules, "aliases": aliases, "model": kind}
     bar = _progress(sum(sizes.values()), len(infos), progress)
     with staged_folder(dst_p, overwrite=overwrite) as tmp:
@@ -382,7 +434,7 @@ def quantize_checkpoint(
         row.bytes_before, row.bytes_after = target.bytes_before, target.bytes_after
         row.note = _join(row.note, f"tied to {row.tied_to} (weight stored once)")
         rows[row.name] = row
-    order = {n: k for k, n in enumerate(i.name.removesuffix(".weight") for i in infos)}
+    order = {n: k for k, n in enumerate(model_name(i).removesuffix(".weight") for i in infos)}
     report.layers = sorted(rows.values(), key=lambda r: order.get(r.name, len(order)))
     report.unmatched_patterns = tuple(
         p for p in (*inc, *exc) if p != "*" and not any(
