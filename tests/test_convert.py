@@ -562,7 +562,8 @@ def test_keep_in_fp32_names_match_whole_name_parts() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.proj = nn.Linear(32, 32)
-            self.proj2 = nn.Linear(32, 32)  # "proj" is not a part of "proj2"
+            self.proj2 = nn.Linear(32, 32)  # "proj" is not a part of "proj2" or "outproj"
+            self.outproj = nn.Linear(32, 32)
             self.head = nn.Module()
             self.head.out = nn.Linear(32, 32)
             self.head.inner = nn.Linear(32, 32)
@@ -572,3 +573,4 @@ def test_keep_in_fp32_names_match_whole_name_parts() -> None:
     kept = {r.name for r in report.skipped}
     assert kept == {"0.proj", "0.head.out"}
     assert report["0.proj2"].quantized and report["0.head.inner"].quantized
+    assert report["0.outproj"].quantized
