@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from linquant.config import PRESETS, QuantConfig, get_config, preset_name, preset_names
 from linquant.errors import LinquantError
@@ -62,6 +65,47 @@ def test_unknown_preset_lists_the_valid_names() -> None:
         get_config("w3a16")
     for name in EXPECTED:
         assert name in str(e.value)
+
+
+def test_every_config_text_parses_back() -> None:
+    for name, cfg in PRESETS.items():
+        assert QuantConfig.parse(str(cfg)) == cfg, name
+        assert get_config(str(cfg)) == cfg, name
+    static_asym = QuantConfig(W8, S("int8-asym-tensor"), "static")
+    assert str(static_asym) == "int8-sym-ch0-fp32, act int8-asym-tensor static"
+    assert QuantConfig.parse(str(static_asym)) == static_asym
+    assert get_config(" int3-asymf-g16-bf16-mse , compute fp16 ") == QuantConfig(
+        S("int3-asymf-g16-bf16-mse"), compute_dtype=torch.float16)
+
+
+@given(bits=st.integers(2, 8), mode=st.sampled_from(["sym", "asym", "asymf"]),
+       gran=st.sampled_from(["tensor", "ch0", "ch1", "ch-1", "g8", "g128"]),
+       scale=st.sampled_from(["fp32", "fp16", "bf16"]), mse=st.booleans(),
+       compute=st.sampled_from([None, torch.float32, torch.float16, torch.bfloat16]))
+def test_weight_only_config_texts_round_trip(bits: int, mode: str, gran: str, scale: str,
+                                             mse: bool, compute: torch.dtype | None) -> None:
+    cfg = QuantConfig(S(f"int{bits}-{mode}-{gran}-{scale}" + ("-mse" if mse else "")),
+                      compute_dtype=compute)
+    assert QuantConfig.parse(str(cfg)) == cfg
+    assert get_config(str(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("int4-asym-g32-fp16, compute fp8", "compute dtype must be one of fp32, fp16, bf16"),
+        ("int4-asym-g32-fp16, compute bf16, compute fp16", "each at most once"),
+        ("int4-asym-g32-fp16, bf16", "cannot read 'bf16'"),
+        ("int8-sym-ch0-fp32, act int8-sym-token lazy", "expected 'act int8-<sym|asym>"),
+        ("int8-sym-ch0-fp32, act int4-sym-token dynamic", "expected 'act int8-<sym|asym>"),
+        ("int4-asym-g32-fp16, act int8-sym-token dynamic", "needs weight int8-sym-ch0-fp32"),
+        ("int8-sym-ch0-fp32, act int8-asym-token dynamic", "activations are symmetric"),
+        ("int9-sym-ch0", "bits must be in 2..8"),
+    ],
+)
+def test_bad_config_texts(text: str, message: str) -> None:
+    with pytest.raises(LinquantError, match=re.escape(message)):
+        get_config(text)
 
 
 def test_get_config_rejects_other_types() -> None:

@@ -574,3 +574,16 @@ def test_keep_in_fp32_names_match_whole_name_parts() -> None:
     assert kept == {"0.proj", "0.head.out"}
     assert report["0.proj2"].quantized and report["0.head.inner"].quantized
     assert report["0.outproj"].quantized
+
+
+def test_config_texts_are_accepted_where_presets_are() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    report = quantize_model(model, {"0": "int3-asym-g16-fp16", "2": "int8-sym-ch0-fp32, act "
+                                    "int8-sym-token dynamic"})
+    assert report["0"].scheme == "int3-asym-g16-fp16"
+    assert isinstance(model[2], W8A8Linear)
+    assert report.compute_dtype is None
+    again = nn.Sequential(nn.Linear(64, 64))
+    assert quantize_model(again, "int4-sym-g32-fp16, compute bf16").compute_dtype == (
+        torch.bfloat16)

@@ -44,9 +44,15 @@ Every preset also quantizes embedding tables (weight-only, with the preset's wei
 one scale per row for int8, groups along the embedding dimension for int4); in small encoders
 the token table is about half of all parameters. Exclude them by name to keep them float.
 
-The ``a16`` of the ``w4a16-*`` names is the usual name of 4-bit weight-only schemes (16-bit
-activations on GPUs); on these presets compute runs in whatever dtype the model has. Only
-``w8a16`` changes the compute dtype, because that is its whole difference from ``w8a32``.
+The ``a16`` of the ``w8a16`` and ``w4a16-*`` names is their compute dtype: the model is cast to
+bf16 after quantizing (codes and scales are never cast), which is also what the fast CPU int4 /
+int8 kernels take. ``w8a32`` keeps the model's dtype.
+
+A config also has a text form, ``str(config)``, which :meth:`QuantConfig.parse` and
+:func:`get_config` read back: ``"int4-asym-g32-fp16"`` (weight-only, the model's dtype),
+``"int4-asym-g32-fp16, compute bf16"``, ``"int8-sym-ch0-fp32, act int8-sym-token dynamic"``,
+``"int8-sym-ch0-fp32, act int8-asym-tensor static"``. Every API that takes a config takes a
+preset name or such a text.
 """
 
 from __future__ import annotations
@@ -151,6 +157,39 @@ class QuantConfig:
     def is_w8a8(self) -> bool:
         return self.activation is not None
 
+    @classmethod
+    def parse(cls, text: str) -> QuantConfig:
+        """The config whose ``str()`` is ``text`` (see the module docstring): a weight scheme
+        (:meth:`QuantScheme.parse`), then optionally ``act int8-<sym|asym>-<token|tensor>
+        <dynamic|static>`` and ``compute <fp32|fp16|bf16>``, comma-separated."""
+        if not isinstance(text, str):
+            raise LinquantError(f"QuantConfig.parse needs a str, got {type(text).__name__}")
+        parts = [p.strip() for p in text.split(",")]
+        weight = QuantScheme.parse(parts[0])
+        activation: QuantScheme | None = None
+        mode: ActivationMode = "dynamic"
+        compute: torch.dtype | None = None
+        for part in parts[1:]:
+            words = part.split()
+            if len(words) == 3 and words[0] == "act" and activation is None:
+                act = _ACT_TEXT.get(words[1])
+                if act is None or words[2] not in ("dynamic", "static"):
+                    raise LinquantError(
+                        f"config {text!r}: cannot read {part!r}; expected 'act "
+                        "int8-<sym|asym>-<token|tensor> <dynamic|static>'")
+                activation, mode = act, "dynamic" if words[2] == "dynamic" else "static"
+            elif len(words) == 2 and words[0] == "compute" and compute is None:
+                found = [d for d, name in _DTYPE_TEXT.items() if name == words[1]]
+                if not found:
+                    raise LinquantError(f"config {text!r}: compute dtype must be one of "
+                                        f"{', '.join(_DTYPE_TEXT.values())}, got {words[1]!r}")
+                compute = found[0]
+            else:
+                raise LinquantError(
+                    f"config {text!r}: cannot read {part!r}; expected 'act ...' or 'compute "
+                    "<dtype>' after the weight scheme, each at most once")
+        return cls(weight, activation, mode, compute)
+
     def __str__(self) -> str:
         parts = [str(self.weight)]
         if self.activation is not None:
@@ -181,6 +220,12 @@ def _s(text: str) -> QuantScheme:
 
 _PER_TOKEN = QuantScheme(bits=8, symmetric=True, granularity="channel", axis=0)
 _PER_TENSOR = QuantScheme(bits=8, symmetric=True, granularity="tensor")
+_ACT_TEXT = {
+    "int8-sym-token": _PER_TOKEN,
+    "int8-sym-tensor": _PER_TENSOR,
+    "int8-asym-token": QuantScheme(bits=8, symmetric=False, granularity="channel", axis=0),
+    "int8-asym-tensor": QuantScheme(bits=8, symmetric=False, granularity="tensor"),
+}
 
 PRESETS: Mapping[str, QuantConfig] = MappingProxyType({
     "w8a32": QuantConfig(W8A8_WEIGHT),
@@ -200,15 +245,20 @@ def preset_names() -> tuple[str, ...]:
 
 
 def get_config(config: str | QuantConfig) -> QuantConfig:
-    """A :class:`QuantConfig` from a preset name (``"w4a16-g32"``) or a config (returned as is)."""
+    """A :class:`QuantConfig` from a preset name (``"w4a16-g32"``), a config's text form
+    (``"int4-asym-g128-fp16, compute bf16"``, :meth:`QuantConfig.parse`) or a config
+    (returned as is)."""
     if isinstance(config, QuantConfig):
         return config
     if isinstance(config, str):
         found = PRESETS.get(config.strip().lower())
         if found is not None:
             return found
+        if config.strip().lower().startswith("int"):
+            return QuantConfig.parse(config.strip())
         raise LinquantError(
-            f"unknown preset {config!r}; valid presets: {', '.join(PRESETS)}"
+            f"unknown preset {config!r}; valid presets: {', '.join(PRESETS)}; or a config "
+            "text such as 'int4-asym-g32-fp16, compute bf16'"
         )
     raise LinquantError(
         f"a quantization config must be a preset name or a QuantConfig, got {config!r}"
