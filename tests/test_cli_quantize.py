@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -86,18 +87,26 @@ def test_inspect_damaged_exits_1(tmp_path: Path, src: Path,
     assert main(["inspect", str(src)]) == 1  # a plain safetensors file is not linquant
 
 
-def test_eval_causal_lm_perplexity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _eval_gpt2(tmp_path: Path, capsys: pytest.CaptureFixture[str], preset: str,
+               **config: int) -> dict[str, object]:
+    """Save a random GPT-2 (``config`` over a small default), quantize it with the CLI, and
+    return ``linquant eval --json``'s result."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128,
-                               bos_token_id=0, eos_token_id=0)).save_pretrained(
-        str(tmp_path / "gpt2"))
+    GPT2LMHeadModel(GPT2Config(**{"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 256,
+                                  "n_positions": 128, "bos_token_id": 0, "eos_token_id": 0,
+                                  **config})).save_pretrained(str(tmp_path / "gpt2"))
     assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "q"), "--preset",
-                 "w8a8", "--no-progress"]) == 0
+                 preset, "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    res: dict[str, object] = json.loads(capsys.readouterr().out)
+    return res
+
+
+def test_eval_causal_lm_perplexity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    res: Any = _eval_gpt2(tmp_path, capsys, "w8a8")
     assert res["kind"] == "causal-lm" and res["inputs"] == 32
     assert abs(res["perplexity_delta"]) < 0.05 * res["perplexity_reference"]
     assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q")]) == 0
@@ -108,19 +117,12 @@ def test_eval_cuts_inputs_to_the_models_positions(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # 16 positions: most bundled sentences are longer in UTF-8 bytes (they once indexed past
     # the position table: "internal error: IndexError")
-    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertModel
 
     from linquant.commands.eval import _max_tokens
 
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256, n_positions=16,
-                               bos_token_id=0, eos_token_id=0)).save_pretrained(
-        str(tmp_path / "gpt2"))
-    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "q"), "--preset",
-                 "w8a32", "--no-progress"]) == 0
-    capsys.readouterr()
-    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    res: Any = _eval_gpt2(tmp_path, capsys, "w8a32", n_layer=1, n_embd=32, n_head=2,
+                          n_positions=16)
     assert "inputs cut to the model's 16 tokens" in res["tokenized_with"]
     assert math.isfinite(res["perplexity_quantized"])
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
