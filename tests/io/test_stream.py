@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from linquant.convert import quantize_model
-from linquant.errors import LinquantError
+from linquant.errors import FormatError, LinquantError
 from linquant.io.save import load, load_into, save
 from linquant.io.stream import quantize_checkpoint
 from linquant.ops.metrics import sqnr
@@ -289,3 +289,18 @@ def test_checkpoint_tensors_merged_while_loading_are_refused(tmp_path: Path) -> 
     with pytest.raises(LinquantError, match="combined by transformers while loading"):
         quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w8a32")
     assert not (tmp_path / "q").exists()
+
+
+def test_a_folder_whose_config_transformers_cannot_read_says_what_to_do(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    src = tmp_path / "custom"
+    src.mkdir()
+    m = Plain()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, src / "model.safetensors")
+    (src / "config.json").write_text('{"model_type": "not_a_known_type", "architectures": '
+                                     '["Mine"], "auto_map": {"AutoModel": "my.Mine"}}')
+    with pytest.raises(FormatError, match=r"pass the \.safetensors file itself"):
+        quantize_checkpoint(src, tmp_path / "q", "w8a32")
+    assert not (tmp_path / "q").exists()
+    res = quantize_checkpoint(src / "model.safetensors", tmp_path / "q", "w8a32")
+    assert "bare file" in res.rule

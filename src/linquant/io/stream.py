@@ -45,7 +45,7 @@ from linquant.convert import (
     _uses_w8a8,
     plan_model,
 )
-from linquant.errors import LinquantError
+from linquant.errors import FormatError, LinquantError
 from linquant.io.checkpoint import TensorInfo, read_tensors, tensor_infos
 from linquant.io.format import encode_quantized
 from linquant.io.save import (
@@ -138,7 +138,12 @@ def _build_meta_model(folder: Path) -> nn.Module | None:
     """The transformers model of ``folder``'s config.json on the meta device, or None."""
     if not (folder / "config.json").is_file():
         return None
-    config = read_hf_config(folder)
+    try:
+        config = read_hf_config(folder)
+    except FormatError as e:
+        raise FormatError(f"{e} (to quantize without the config, pass the .safetensors file "
+                          "itself: every 2-D float *.weight tensor is then quantized; or load "
+                          "the model yourself and use linquant.quantize_model)") from e
     archs = getattr(config, "architectures", None) or []
     cls = _hf_class(folder, config, archs[0] if archs else None)
     with torch.device("meta"):
