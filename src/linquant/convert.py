@@ -367,6 +367,29 @@ def _fp32_modules(model: nn.Module) -> dict[str, str]:
     return found
 
 
+_ST_PREFIX = "\0st:"
+
+
+def _st_side_modules(model: nn.Module) -> dict[str, str]:
+    """The modules of a ``SentenceTransformer`` besides its transformer (``Dense``,
+    ``LayerNorm``, ...), keyed ``_ST_PREFIX + name`` with the reason they stay float:
+    sentence-transformers saves and loads each from its own folder in its own format, which
+    holds float weights only (``linquant.save`` writes those files, ``linquant quantize``
+    copies them)."""
+    from linquant.nn.base import qualified_name
+
+    if not qualified_name(type(model)).startswith("sentence_transformers."):
+        return {}
+    out: dict[str, str] = {}
+    for name, child in model.named_children():
+        if getattr(child, "auto_model", None) is None and any(
+                True for _ in child.parameters()):
+            out[_ST_PREFIX + name] = (f"sentence-transformers module {name} "
+                                      f"({type(child).__name__}): saved in its own folder in "
+                                      "sentence-transformers' float format")
+    return out
+
+
 def _decide(
     name: str,
     module: nn.Module,
@@ -389,10 +412,14 @@ def _decide(
         if _matches(name, pat):
             used.add(pat)
             return None, None, f"excluded by pattern {pat!r}", ""
-    for entry, owner in (keep_float or {}).items():
-        if name == entry or name.endswith(f".{entry}") or name.startswith(f"{entry}."):
-            return None, None, (f"{owner} lists {entry!r} (transformers keeps it in fp32 "
-                                "and reads its weight)"), ""
+    for entry, why in (keep_float or {}).items():
+        if entry.startswith(_ST_PREFIX):  # a sentence-transformers module, by its exact name
+            top = entry.removeprefix(_ST_PREFIX)
+            if name == top or name.startswith(f"{top}."):
+                return None, None, why, ""
+        elif name == entry or name.endswith(f".{entry}") or name.startswith(f"{entry}."):
+            return None, None, (f"{why} lists {entry!r} (transformers keeps it in fp32 and "
+                                "reads its weight)"), ""
     hits = [pat for pat in include if _matches(name, pat)]
     used.update(hits)
     if not hits:
@@ -518,7 +545,7 @@ def plan_model(
     plans: dict[int, _Plan] = {}
     parents: dict[str, nn.Module] = {}
     refusals: list[str] | None = [] if strict else None
-    keep_float = _fp32_modules(model)
+    keep_float = {**_fp32_modules(model), **_st_side_modules(model)}
     for name, module in model.named_modules(remove_duplicate=False):
         for cname in module._modules:  # not named_children(): it hides repeated children
             parents[f"{name}.{cname}" if name else cname] = module

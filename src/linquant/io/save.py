@@ -214,7 +214,9 @@ def _write_side_files(model: nn.Module, kind: str, folder: Path) -> None:
                 rel = f.relative_to(tmp)
                 if f.is_dir():
                     (folder / rel).mkdir(parents=True, exist_ok=True)
-                elif not _WEIGHT_FILE_RE.search(f.name):
+                elif not _WEIGHT_FILE_RE.search(f.name) or len(rel.parts) > 1:
+                    # a module folder's weights (Dense, ...: kept float, see
+                    # convert._st_side_modules), which sentence-transformers reads itself
                     (folder / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(f, folder / rel)
     elif kind == "transformers":

@@ -19,6 +19,7 @@ The output is the format :func:`linquant.io.save.save` writes and loads with
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -303,20 +304,51 @@ def _plan_bare(infos: list[TensorInfo], config: QuantConfig, include: tuple[str,
     return jobs, modules, skipped
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Everything of a model folder but weights and hidden files (configs, tokenizer, ...)."""
+def _copy_side_files(src: Path, dst: Path) -> list[LayerReport]:
+    """Everything of a model folder but the model's weights and hidden files (configs,
+    tokenizer, ...). The weight files of a sentence-transformers folder's other modules
+    (``2_Dense/model.safetensors``: sentence-transformers loads them itself) are copied as
+    they are; returns a report row (kept float) for each such module."""
     if not src.is_dir():
-        return
+        return []
+    modules = _st_module_folders(src)
+    rows: dict[str, LayerReport] = {}
     for f in sorted(src.rglob("*")):
         rel = f.relative_to(src)
         if any(part.startswith(".") for part in rel.parts) or (f.is_symlink()
                                                                and not f.exists()):
             continue
+        module = modules.get(rel.parts[0]) if len(rel.parts) > 1 else None
         if f.is_dir():
             (dst / rel).mkdir(parents=True, exist_ok=True)
-        elif not _WEIGHT_FILE_RE.search(f.name):
+        elif not _WEIGHT_FILE_RE.search(f.name) or module is not None:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dst / rel)
+            if module is not None and _WEIGHT_FILE_RE.search(f.name):
+                name, kind = module
+                row = rows.setdefault(name, LayerReport(
+                    name, kind, (), 0, 0,
+                    reason=(f"sentence-transformers module {name} ({kind}): saved in its own "
+                            "folder in sentence-transformers' float format"),
+                    note=f"{rel.parts[0]}/ copied unchanged"))
+                row.bytes_before += f.stat().st_size
+                row.bytes_after += f.stat().st_size
+    return list(rows.values())
+
+
+def _st_module_folders(src: Path) -> dict[str, tuple[str, str]]:
+    """``{folder: (module name, class name)}`` of a sentence-transformers folder's modules
+    that live in their own folder (``modules.json`` entries with a ``path``)."""
+    try:
+        entries = json.loads((src / "modules.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, tuple[str, str]] = {}
+    for e in entries if isinstance(entries, list) else []:
+        if isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"]:
+            out[Path(e["path"]).parts[0]] = (str(e.get("name", e.get("idx", e["path"]))),
+                                             str(e.get("type", "")).rsplit(".", 1)[-1])
+    return out
 
 
 def quantize_checkpoint(
@@ -394,8 +426,10 @@ def quantize_checkpoint(
     meta = {"modules": modules, "aliases": aliases, "model": kind}
     bar = _progress(sum(sizes.values()), len(infos), progress)
     with staged_folder(dst_p, overwrite=overwrite) as tmp:
-        if folder is not None:
-            _copy_side_files(folder, tmp)
+        copied = _copy_side_files(folder, tmp) if folder is not None else []
+        for row in copied:  # other sentence-transformers modules' weights, as they are
+            rows[row.name] = row
+            report.bytes_before += row.bytes_before
         writer = ShardWriter(tmp, limit, meta)
         for i, (name, t) in enumerate(source):
             job = jobs.get(name)
@@ -430,7 +464,7 @@ def quantize_checkpoint(
             del t
             bar.update(sizes.get(name, 0), i + 1)
         result.files = [dst_p / f.name for f in writer.finish()]
-        report.bytes_after = writer.total_size
+        report.bytes_after = writer.total_size + sum(r.bytes_after for r in copied)
     bar.close()
     for row in ties.values():  # as quantize_model reports a tied layer: the weight's numbers
         assert row.tied_to is not None
