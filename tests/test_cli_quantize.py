@@ -51,6 +51,16 @@ def test_quantize_preset_report_inspect(tmp_path: Path, src: Path,
     assert json.loads(capsys.readouterr().out)["quantized_tensors"] == 2
 
 
+def test_static_preset_says_to_calibrate(tmp_path: Path, src: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--preset", "w8a8-static",
+                 "--no-progress"]) == 0
+    assert "static W8A8: the input scales are not calibrated yet" in capsys.readouterr().out
+    assert main(["quantize", str(src), "-o", str(tmp_path / "d"), "--preset", "w8a8",
+                 "--no-progress"]) == 0
+    assert "calibrated" not in capsys.readouterr().out
+
+
 def test_custom_scheme_and_csv(tmp_path: Path, src: Path) -> None:
     rc = main(["quantize", str(src), "-o", str(tmp_path / "q"), "--bits", "3", "--mode", "asym",
                "--granularity", "group", "--group-size", "16", "--scale-dtype", "bf16",

@@ -343,3 +343,23 @@ def test_sentence_transformer_modules_with_their_own_weights(tmp_path: Path) -> 
     for folder in ("q", "saved"):
         back = load(tmp_path / folder)
         assert torch.equal(demo.encode(back, feats), want), folder
+
+
+def test_static_w8a8_streamed_then_calibrated_equals_quantize_model(tmp_path: Path) -> None:
+    # GPT-2's head is tied to its token table: under W8A8 it is a W8A8Linear sharing the
+    # table's codes, with an input scale of its own that the file must hold.
+    from linquant.calibrate import calibrate
+
+    g = _gpt2_folder(tmp_path / "src")
+    quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w8a8-static")
+    streamed = load(tmp_path / "q")
+    assert type(streamed.lm_head).__name__ == "W8A8Linear"
+    quantize_model(g, "w8a8-static")
+    batch = torch.randint(0, 128, (2, 11))
+    for m in (streamed, g):
+        with calibrate(m), torch.inference_mode():
+            m(batch)
+    _same_state(g, streamed)
+    x = torch.randint(0, 128, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(g(x).logits, streamed(x).logits)

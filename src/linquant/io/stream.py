@@ -196,7 +196,7 @@ def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path) -> dict[
 def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
                  include: tuple[str, ...], exclude: tuple[str, ...]
                  ) -> tuple[dict[str, _Job], dict[str, str], dict[str, Any], list[LayerReport],
-                            dict[str, LayerReport]]:
+                            dict[str, _Tie]]:
     """Jobs by stored weight name, aliases, module entries, skipped-layer rows, and the rows of
     layers whose weight is tied to another module's stored one (by the stored weight's name;
     filled in from that layer's row once it is quantized)."""
@@ -206,7 +206,7 @@ def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
     modules: dict[str, Any] = {}
     skipped: list[LayerReport] = []
     stored_by_param: dict[int, str] = {}
-    tied: list[tuple[int, LayerReport]] = []
+    tied: list[tuple[int, _Tie]] = []
     for plan in mplan.plans.values():
         mod = plan.module
         assert mod is not None
@@ -235,8 +235,9 @@ def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
         else:
             text = str(plan.config) if entry["type"] == "W8A8Linear" else \
                 str(QuantConfig(plan.scheme, compute_dtype=config.compute_dtype))
-            tied.append((pid, LayerReport(first, type(mod).__name__, shape, 0, 0, scheme=text,
-                                          note=plan.note)))
+            row = LayerReport(first, type(mod).__name__, shape, 0, 0, scheme=text,
+                              note=plan.note)
+            tied.append((pid, (row, _activation_buffers(first, mod, entry))))
         for n in plan.names:
             if f"{n}.weight" != stored:
                 aliases[f"{n}.weight"] = "?" + str(pid)
@@ -248,10 +249,28 @@ def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
             raise LinquantError(f"layer {alias.removesuffix('.weight')!r}: its weight is not in "
                                 "the checkpoint; exclude it to keep it float")
         resolved[alias] = stored
-    ties = {row.name: row for pid, row in tied if pid in stored_by_param}
-    for pid, row in tied:
+    ties = {tie[0].name: tie for pid, tie in tied if pid in stored_by_param}
+    for pid, (row, _) in tied:
         row.tied_to = stored_by_param[pid].removesuffix(".weight")
     return jobs, resolved, modules, skipped, ties
+
+
+_Tie = tuple[LayerReport, dict[str, torch.Tensor]]
+
+
+def _activation_buffers(name: str, module: nn.Module, entry: dict[str, Any]
+                        ) -> dict[str, torch.Tensor]:
+    """The buffers beside the weight that a layer tied to another one's stored weight still
+    needs of its own: a static W8A8Linear's (uncalibrated) input scale and zero point."""
+    if entry.get("type") != "W8A8Linear" or entry.get("activation") != "static":
+        return {}
+    from linquant.nn import W8A8Linear
+
+    q = W8A8Linear.skeleton(module, activation="static", device="meta",
+                            act_symmetric=bool(entry.get("act_symmetric", True)))
+    q._reset_activation_params("cpu")
+    return {f"{name}.{k}": v for k, v in q.named_buffers(recurse=False)
+            if k not in _QUANT_BUFFERS}
 
 
 def _entry_for(module: nn.Module, config: QuantConfig, scheme: QuantScheme) -> dict[str, Any]:
@@ -402,7 +421,7 @@ def quantize_checkpoint(
     names = {model_name(i) for i in infos}
 
     aliases: dict[str, str] = {}
-    ties: dict[str, LayerReport] = {}
+    ties: dict[str, _Tie] = {}
     if meta_model is not None:
         jobs, aliases, modules, skipped, ties = _plan_config(meta_model, names, cfg, inc, exc)
         rule = (f"model config: {type(meta_model).__name__} built from config.json on the meta "
@@ -463,10 +482,13 @@ def quantize_checkpoint(
                 del qt, deq, ref
             del t
             bar.update(sizes.get(name, 0), i + 1)
+        for _, extra in ties.values():  # a tied static W8A8 head's own input scale
+            if extra:
+                writer.add(extra, {})
         result.files = [dst_p / f.name for f in writer.finish()]
         report.bytes_after = writer.total_size + sum(r.bytes_after for r in copied)
     bar.close()
-    for row in ties.values():  # as quantize_model reports a tied layer: the weight's numbers
+    for row, _ in ties.values():  # as quantize_model reports a tied layer: the weight's numbers
         assert row.tied_to is not None
         target = rows[row.tied_to]
         row.bits_per_weight, row.sqnr_db = target.bits_per_weight, target.sqnr_db
