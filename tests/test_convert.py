@@ -587,3 +587,15 @@ def test_config_texts_are_accepted_where_presets_are() -> None:
     again = nn.Sequential(nn.Linear(64, 64))
     assert quantize_model(again, "int4-sym-g32-fp16, compute bf16").compute_dtype == (
         torch.bfloat16)
+
+
+def test_a_layer_its_quantized_class_cannot_take_is_planned_float() -> None:
+    # max_norm renormalises the table in place at every forward: refused while planning, so
+    # nothing is replaced halfway (it once raised after the layers before it were swapped)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Embedding(100, 64, max_norm=1.0),
+                          nn.Linear(64, 8))
+    report = quantize_model(model, "w8a32")
+    assert report["1"].reason == ("max_norm=1.0 renormalises the table in place at every "
+                                  "forward, which a quantized table cannot do")
+    assert isinstance(model[1], nn.Embedding)
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)

@@ -438,10 +438,13 @@ def _decide(
         return None, None, "the root module cannot be replaced in place (wrap it)", ""
     from linquant.nn import quant_module_for
 
-    if quant_module_for(module, "weight_only") is None and (
-        not config.is_w8a8 or quant_module_for(module, "w8a8") is None
-    ):
+    cls = (quant_module_for(module, "w8a8") if config.is_w8a8 else None) or quant_module_for(
+        module, "weight_only")
+    if cls is None:
         return None, None, f"unsupported type {type(module).__name__}", ""
+    refusal = cls.cannot_convert(module)
+    if refusal is not None:
+        return None, None, refusal, ""
     w = _weight(module)
     if w is None:
         return None, None, f"{type(module).__name__} has no weight tensor", ""

@@ -327,6 +327,13 @@ class QuantModule(nn.Module):
             raise LinquantError(f"{self._label()}: weight dtype must be a float dtype, got {dtype}")
         self.weight_dtype = dtype
 
+    @classmethod
+    def cannot_convert(cls, module: nn.Module) -> str | None:
+        """Why ``module`` (of a float type this class replaces) cannot become one, or None:
+        :func:`linquant.quantize_model` keeps such a layer float with this reason, and
+        ``from_float`` raises it."""
+        return None
+
     def kernel_cache(self) -> KernelCache:
         """This layer's :class:`KernelCache` (created on first use; layers unpickled from older
         versions have none yet)."""

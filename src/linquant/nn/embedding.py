@@ -80,11 +80,9 @@ class QuantEmbedding(QuantModule):
             raise LinquantError(
                 f"{label}: cannot convert a {type(embedding).__name__}; expected nn.Embedding"
             )
-        if embedding.max_norm is not None:
-            raise LinquantError(
-                f"{label}: max_norm={embedding.max_norm} renormalises the table in place at every "
-                "forward, which a quantized table cannot do"
-            )
+        why = cls.cannot_convert(embedding)
+        if why is not None:
+            raise LinquantError(f"{label}: {why}")
         return cls(
             embedding.num_embeddings,
             embedding.embedding_dim,
@@ -96,6 +94,14 @@ class QuantEmbedding(QuantModule):
             device=device,
             name=name,
         )
+
+    @classmethod
+    def cannot_convert(cls, module: nn.Module) -> str | None:
+        max_norm = getattr(module, "max_norm", None)
+        if max_norm is not None:
+            return (f"max_norm={max_norm} renormalises the table in place at every forward, "
+                    "which a quantized table cannot do")
+        return None
 
     @classmethod
     def from_float(
