@@ -169,19 +169,22 @@ def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path) -> dict[
         )
     except ImportError:
         return {}
-    transforms = get_model_conversion_mapping(cast(Any, model))
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    prefix = getattr(model, "base_model_prefix", None) or None
-    meta = model.state_dict()  # on the meta device: names and shapes only
     renames: dict[str, str] = {}
     merged: list[str] = []
-    for name in stored:
-        new, converter = rename_source_key(name, renamings, converters, prefix, meta)
-        if converter is not None:
-            merged.append(f"{name} -> {new}")
-        elif new != name:
-            renames[name] = new
+    try:  # private API of transformers: where it changes, names stay as stored
+        transforms = get_model_conversion_mapping(cast(Any, model))
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        prefix = getattr(model, "base_model_prefix", None) or None
+        meta = model.state_dict()  # on the meta device: names and shapes only
+        for name in stored:
+            new, converter = rename_source_key(name, renamings, converters, prefix, meta)
+            if converter is not None:
+                merged.append(f"{name} -> {new}")
+            elif new != name:
+                renames[name] = new
+    except (TypeError, AttributeError, ValueError, KeyError):
+        return {}
     if merged:
         raise LinquantError(
             f"{src}: {len(merged)} tensor(s) are combined by transformers while loading "
