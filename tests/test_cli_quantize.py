@@ -61,6 +61,23 @@ def test_static_preset_says_to_calibrate(tmp_path: Path, src: Path,
     assert "calibrated" not in capsys.readouterr().out
 
 
+def test_config_text(tmp_path: Path, src: Path) -> None:
+    rc = main(["quantize", str(src), "-o", str(tmp_path / "q"), "--config",
+               "int4-asym-g16-fp16, compute bf16", "--report", str(tmp_path / "r.json"),
+               "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["compute_dtype"] == "bfloat16"
+    assert {r["scheme"] for r in report["layers"] if r["quantized"]} == {
+        "int4-asym-g16-fp16, compute bf16"}
+    for clash in (["--preset", "w8a8"], ["--bits", "4"]):
+        assert main(["quantize", str(src), "-o", str(tmp_path / "x"), "--config", "w8a32",
+                     "--no-progress", *clash]) == 1
+    assert main(["quantize", str(src), "-o", str(tmp_path / "x"), "--config",
+                 "int4-asym-g16-fp16, compute fp8", "--no-progress"]) == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_custom_scheme_and_csv(tmp_path: Path, src: Path) -> None:
     rc = main(["quantize", str(src), "-o", str(tmp_path / "q"), "--bits", "3", "--mode", "asym",
                "--granularity", "group", "--group-size", "16", "--scale-dtype", "bf16",

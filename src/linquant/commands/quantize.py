@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="output folder (must not exist, unless --overwrite)")
     p.add_argument("--preset", choices=preset_names(), default=None,
                    help=f"a named config (default {DEFAULT_PRESET} when no scheme flag is given)")
+    p.add_argument("--config", metavar="TEXT",
+                   help="a config's text form, as the report's scheme column prints it: "
+                        "'int4-asym-g64-fp16, compute bf16', 'int8-sym-ch0-fp32, act "
+                        "int8-asym-tensor static' (or a preset name)")
     p.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}",
                    help="code width of a custom weight scheme")
     p.add_argument("--mode", choices=("sym", "asym"), help="symmetric or asymmetric codes")
@@ -54,12 +58,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
-    """The preset, or a weight-only config from the scheme flags (defaults: int8 sym ch0)."""
+    """The preset, the config text, or a weight-only config from the scheme flags (defaults:
+    int8 sym ch0)."""
     custom = [args.bits, args.mode, args.granularity, args.group_size, args.scale_dtype,
               args.clip]
-    if args.preset is not None and any(v is not None for v in custom):
-        raise LinquantError("give either --preset or scheme flags (--bits, --mode, ...), "
-                            "not both")
+    given = [flag for flag, v in (("--preset", args.preset), ("--config", args.config),
+                                  ("scheme flags (--bits, --mode, ...)",
+                                   any(v is not None for v in custom) or None)) if v is not None]
+    if len(given) > 1:
+        raise LinquantError(f"give one of --preset, --config or scheme flags, not "
+                            f"{' and '.join(given)}")
+    if args.config is not None:
+        return get_config(args.config)
     if all(v is None for v in custom):
         return get_config(args.preset or DEFAULT_PRESET)
     granularity: Granularity = args.granularity or ("group" if args.group_size else "channel")
