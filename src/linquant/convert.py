@@ -332,6 +332,9 @@ def _largest_divisor_below(n: int, limit: int) -> int:
 
 
 def _weight(module: nn.Module) -> torch.Tensor | None:
+    """A float layer's weight; None for a quantized one (whose ``weight`` dequantizes)."""
+    if _is_quantized_module(module):
+        return None
     w = getattr(module, "weight", None)
     return w if isinstance(w, torch.Tensor) else None
 

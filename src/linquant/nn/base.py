@@ -411,6 +411,30 @@ class QuantModule(nn.Module):
         return (b["weight_qdata"], b["weight_scale"], b.get("weight_zero_point"),
                 b.get("weight_offset"))
 
+    #: set by ``skeleton`` for a layer made from a transformers ``Conv1D``, whose float weight
+    #: is stored ``[in, out]``: :attr:`weight` gives it back in that layout
+    stored_transposed: bool = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight **dequantized** to ``weight_dtype``, in the layout of the float layer it
+        replaced (``[out, in]``, a Conv1D's ``[in, out]``, a convolution's 4-D shape): a new
+        tensor on every access, for code that reads ``layer.weight`` (transformers' CLIP /
+        SigLIP embeddings cast their input to ``patch_embedding.weight.dtype``). Read-only:
+        assigning to it raises, and changing the tensor changes nothing."""
+        w = self.qweight.dequantize(self.weight_dtype).reshape(self._float_weight_shape())
+        return w.t() if self.stored_transposed else w
+
+    def _float_weight_shape(self) -> tuple[int, ...]:
+        return self.qweight_shape
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight":
+            raise LinquantError(
+                f"{self._label()}: weight is read-only (it dequantizes the stored codes); a "
+                "quantized layer's weight changes only through its buffers or load_state_dict")
+        super().__setattr__(name, value)
+
     @property
     def qweight(self) -> QuantizedTensor:
         """The weight as a :class:`~linquant.tensor.QuantizedTensor` (views of the buffers)."""

@@ -121,6 +121,9 @@ class QuantConv2d(QuantModule):
         q._set_bias(bias if isinstance(bias, torch.Tensor) else None)
         return q
 
+    def _float_weight_shape(self) -> tuple[int, ...]:
+        return self.weight_shape
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_float_input(x)
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:

@@ -79,11 +79,13 @@ class QuantLinear(QuantModule):
         device: torch.device | str | None = None,
     ) -> QuantLinear:
         """An empty QuantLinear shaped for ``linear`` (``nn.Linear`` or HF ``Conv1D``)."""
-        in_f, out_f, _ = linear_features(linear, f"{cls.__name__} {name!r}.from_float")
+        in_f, out_f, transposed = linear_features(linear, f"{cls.__name__} {name!r}.from_float")
         w = linear.weight
         assert isinstance(w, torch.Tensor)
-        return cls(in_f, out_f, scheme, bias=linear.bias is not None, dtype=w.dtype,
-                   device=device, name=name)
+        q = cls(in_f, out_f, scheme, bias=linear.bias is not None, dtype=w.dtype,
+                device=device, name=name)
+        q.stored_transposed = transposed
+        return q
 
     @classmethod
     def from_float(

@@ -138,11 +138,13 @@ class W8A8Linear(QuantModule):
         device: torch.device | str | None = None,
     ) -> W8A8Linear:
         """An empty W8A8Linear shaped for ``linear`` (``nn.Linear`` or HF ``Conv1D``)."""
-        in_f, out_f, _ = linear_features(linear, f"{cls.__name__} {name!r}.from_float")
+        in_f, out_f, transposed = linear_features(linear, f"{cls.__name__} {name!r}.from_float")
         w = linear.weight
         assert isinstance(w, torch.Tensor)
-        return cls(in_f, out_f, bias=linear.bias is not None, activation=activation,
-                   act_symmetric=act_symmetric, dtype=w.dtype, device=device, name=name)
+        q = cls(in_f, out_f, bias=linear.bias is not None, activation=activation,
+                act_symmetric=act_symmetric, dtype=w.dtype, device=device, name=name)
+        q.stored_transposed = transposed
+        return q
 
     @classmethod
     def from_float(
