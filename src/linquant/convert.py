@@ -356,10 +356,10 @@ _FP32_ATTRS = ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
 
 def _fp32_modules(model: nn.Module) -> dict[str, str]:
     """Module names that Hugging Face models list in ``_keep_in_fp32_modules`` (and ``_strict``)
-    anywhere in ``model``, each with the class attribute that lists it. transformers' own
-    quantizers leave these layers alone; some models read their ``.weight`` in ``forward``
-    (T5's feed-forward casts its input to ``wo.weight.dtype``), which a quantized layer does not
-    have. A name matches a layer whose dotted name equals it, ends with it or starts with it."""
+    anywhere in ``model``, each with the class attribute that lists it: layers whose accuracy
+    the model needs (T5's ``wo``, which overflows in fp16), which transformers' own quantizers
+    leave alone. A name matches a layer whose dotted name equals it, ends with it or starts
+    with it."""
     found: dict[str, str] = {}
     for module in model.modules():
         for attr in _FP32_ATTRS:
@@ -421,8 +421,8 @@ def _decide(
             if name == top or name.startswith(f"{top}."):
                 return None, None, why, ""
         elif name == entry or name.endswith(f".{entry}") or name.startswith(f"{entry}."):
-            return None, None, (f"{why} lists {entry!r} (transformers keeps it in fp32 and "
-                                "reads its weight)"), ""
+            return None, None, (f"{why} lists {entry!r} (transformers keeps it in fp32 for "
+                                "accuracy; its own quantizers leave it alone)"), ""
     hits = [pat for pat in include if _matches(name, pat)]
     used.update(hits)
     if not hits:
