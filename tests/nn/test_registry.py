@@ -54,6 +54,33 @@ def test_hf_conv1d_matched_by_name() -> None:
     assert quant_module_for(Conv1D()) is None
 
 
+def test_falcon_linear_matched_by_name_and_quantized() -> None:
+    # FalconLinear subclasses nn.Linear with the same product (x @ W.T + b), so it is swapped;
+    # Falcon models once kept every projection float ("unsupported type FalconLinear")
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from linquant.ops.metrics import sqnr
+
+    falcon = transformers.models.falcon.modeling_falcon
+    layer = falcon.FalconLinear(8, 4)
+    assert quant_module_for(layer) is QuantLinear
+    assert quant_module_for(layer, "w8a8") is W8A8Linear
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, vocab_size=96)
+    model = transformers.FalconForCausalLM(config).eval()
+    reference = transformers.FalconForCausalLM(config).eval()
+    reference.load_state_dict(model.state_dict())
+    report = lq.quantize_model(model, "w8a8")
+    kinds = {r.type for r in report.quantized}
+    assert "FalconLinear" in kinds
+    assert not any(isinstance(m, falcon.FalconLinear) for m in model.modules())
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        assert sqnr(reference(ids).logits, model(ids).logits) > 30
+
+
 def test_register_and_conflicts() -> None:
     class MyLinear(nn.Linear):
         pass

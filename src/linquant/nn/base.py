@@ -39,6 +39,7 @@ from linquant.tensor import QuantizedTensor, quantize
 __all__ = [
     "COMPUTE_DTYPES",
     "HF_CONV1D",
+    "HF_PLAIN_LINEARS",
     "KernelCache",
     "QuantModule",
     "as_scheme",
@@ -49,6 +50,8 @@ __all__ = [
 ]
 
 HF_CONV1D = "transformers.pytorch_utils.Conv1D"
+# nn.Linear subclasses of transformers whose forward is nn.Linear's (``x @ W.T + b``), by name
+HF_PLAIN_LINEARS = ("transformers.models.falcon.modeling_falcon.FalconLinear",)
 _BLOCK_ELEMS = 1 << 18
 
 

@@ -25,6 +25,7 @@ from linquant import kernels
 from linquant.kernels import compiled, plans, reference, triton_linear
 from linquant.nn.base import (
     HF_CONV1D,
+    HF_PLAIN_LINEARS,
     QuantModule,
     as_scheme,
     linear_features,
@@ -36,7 +37,7 @@ from linquant.scheme import QuantScheme
 __all__ = ["QuantLinear"]
 
 
-@register_qmodule(nn.Linear, HF_CONV1D)
+@register_qmodule(nn.Linear, HF_CONV1D, *HF_PLAIN_LINEARS)
 class QuantLinear(QuantModule):
     """Linear layer with a quantized weight ``[out_features, in_features]`` and a float bias.
 

@@ -26,6 +26,7 @@ from linquant.errors import LinquantError
 from linquant.kernels import compiled, plans
 from linquant.nn.base import (
     HF_CONV1D,
+    HF_PLAIN_LINEARS,
     QuantModule,
     eager_only,
     linear_features,
@@ -43,7 +44,7 @@ ACTIVATIONS: tuple[str, ...] = ("dynamic", "static")
 W8A8_WEIGHT = QuantScheme(bits=8, symmetric=True, granularity="channel", axis=0)
 
 
-@register_qmodule(nn.Linear, HF_CONV1D, mode="w8a8")
+@register_qmodule(nn.Linear, HF_CONV1D, *HF_PLAIN_LINEARS, mode="w8a8")
 class W8A8Linear(QuantModule):
     """Linear layer computing int8 x int8 -> int32.
 
