@@ -354,43 +354,50 @@ class _Plan:
 _FP32_ATTRS = ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
 
 
-def _fp32_modules(model: nn.Module) -> dict[str, str]:
-    """Module names that Hugging Face models list in ``_keep_in_fp32_modules`` (and ``_strict``)
-    anywhere in ``model``, each with the class attribute that lists it: layers whose accuracy
-    the model needs (T5's ``wo``, which overflows in fp16), which transformers' own quantizers
-    leave alone. A name matches a layer whose dotted name equals it, ends with it or starts
-    with it."""
-    found: dict[str, str] = {}
+# A layer the model itself keeps float: (name, how it matches, reason). "part": the layer's
+# dotted name equals the name, ends with it or starts with it; "module": the layer is that
+# module or inside it.
+_KeepFloat = tuple[str, str, str]
+
+
+def _kept_float(model: nn.Module) -> list[_KeepFloat]:
+    """What ``model`` asks to keep float, whatever the config says:
+
+    * module names that Hugging Face models list in ``_keep_in_fp32_modules`` (and
+      ``_strict``) anywhere in ``model``: layers whose accuracy the model needs (T5's ``wo``,
+      which overflows in fp16), which transformers' own quantizers leave alone;
+    * a ``SentenceTransformer``'s modules besides its transformer (``Dense``, ...), which
+      sentence-transformers saves and loads from their own folders in its float format
+      (``linquant.save`` writes those files, ``linquant quantize`` copies them)."""
+    from linquant.nn.base import qualified_name
+
+    rules: dict[str, _KeepFloat] = {}
     for module in model.modules():
         for attr in _FP32_ATTRS:
             names = getattr(module, attr, None)
             if isinstance(names, (list, tuple, set, frozenset)):
                 for entry in sorted(n for n in names if isinstance(n, str) and n):
-                    found.setdefault(entry, f"{type(module).__name__}.{attr}")
-    return found
-
-
-_ST_PREFIX = "\0st:"
-
-
-def _st_side_modules(model: nn.Module) -> dict[str, str]:
-    """The modules of a ``SentenceTransformer`` besides its transformer (``Dense``,
-    ``LayerNorm``, ...), keyed ``_ST_PREFIX + name`` with the reason they stay float:
-    sentence-transformers saves and loads each from its own folder in its own format, which
-    holds float weights only (``linquant.save`` writes those files, ``linquant quantize``
-    copies them)."""
-    from linquant.nn.base import qualified_name
-
-    if not qualified_name(type(model)).startswith("sentence_transformers."):
-        return {}
-    out: dict[str, str] = {}
-    for name, child in model.named_children():
-        if getattr(child, "auto_model", None) is None and any(
-                True for _ in child.parameters()):
-            out[_ST_PREFIX + name] = (f"sentence-transformers module {name} "
-                                      f"({type(child).__name__}): saved in its own folder in "
-                                      "sentence-transformers' float format")
+                    rules.setdefault(entry, (entry, "part", (
+                        f"{type(module).__name__}.{attr} lists {entry!r} (transformers keeps it "
+                        "in fp32 for accuracy; its own quantizers leave it alone)")))
+    out = list(rules.values())
+    if qualified_name(type(model)).startswith("sentence_transformers."):
+        for name, child in model.named_children():
+            if getattr(child, "auto_model", None) is None and any(
+                    True for _ in child.parameters()):
+                out.append((name, "module", (
+                    f"sentence-transformers module {name} ({type(child).__name__}): saved in "
+                    "its own folder in sentence-transformers' float format")))
     return out
+
+
+def _keeps_float(name: str, rules: Iterable[_KeepFloat]) -> str | None:
+    """The reason of the first rule of :func:`_kept_float` that ``name`` matches, or None."""
+    for entry, how, why in rules:
+        if name == entry or name.startswith(f"{entry}.") or (
+                how == "part" and name.endswith(f".{entry}")):
+            return why
+    return None
 
 
 def _decide(
@@ -402,12 +409,12 @@ def _decide(
     used: set[str],
     refusals: list[str] | None,
     allow_meta: bool = False,
-    keep_float: Mapping[str, str] | None = None,
+    keep_float: Iterable[_KeepFloat] = (),
 ) -> tuple[QuantConfig | None, QuantScheme | None, str | None, str]:
     """``(config, effective weight scheme, reason, note)``; reason None means quantize.
 
     With ``refusals`` (strict mode) a group size fallback is also recorded there.
-    ``keep_float``: the model's fp32 module names (:func:`_fp32_modules`).
+    ``keep_float``: what the model keeps float (:func:`_kept_float`).
     """
     if _is_quantized_module(module):
         return None, None, f"already quantized ({type(module).__name__})", ""
@@ -415,14 +422,9 @@ def _decide(
         if _matches(name, pat):
             used.add(pat)
             return None, None, f"excluded by pattern {pat!r}", ""
-    for entry, why in (keep_float or {}).items():
-        if entry.startswith(_ST_PREFIX):  # a sentence-transformers module, by its exact name
-            top = entry.removeprefix(_ST_PREFIX)
-            if name == top or name.startswith(f"{top}."):
-                return None, None, why, ""
-        elif name == entry or name.endswith(f".{entry}") or name.startswith(f"{entry}."):
-            return None, None, (f"{why} lists {entry!r} (transformers keeps it in fp32 for "
-                                "accuracy; its own quantizers leave it alone)"), ""
+    kept = _keeps_float(name, keep_float)
+    if kept is not None:
+        return None, None, kept, ""
     hits = [pat for pat in include if _matches(name, pat)]
     used.update(hits)
     if not hits:
@@ -551,7 +553,7 @@ def plan_model(
     plans: dict[int, _Plan] = {}
     parents: dict[str, nn.Module] = {}
     refusals: list[str] | None = [] if strict else None
-    keep_float = {**_fp32_modules(model), **_st_side_modules(model)}
+    keep_float = _kept_float(model)
     for name, module in model.named_modules(remove_duplicate=False):
         for cname in module._modules:  # not named_children(): it hides repeated children
             parents[f"{name}.{cname}" if name else cname] = module
