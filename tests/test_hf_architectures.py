@@ -71,3 +71,25 @@ def test_quantized_architecture_runs_close_to_float(model_type: str, preset: str
             prompt = inputs["input_ids"][:, :4]
             out = model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
             assert out.shape[-1] >= 2
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a16-g32"])
+def test_whisper_convolutional_front_end_is_quantized(preset: str) -> None:
+    config = transformers.WhisperConfig(
+        vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+        decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=32, max_target_positions=32,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    reference = transformers.WhisperForConditionalGeneration(config).eval()
+    reference.load_state_dict(model.state_dict())
+    report = quantize_model(model, preset)
+    convs = [r for r in report.layers if r.type == "Conv1d"]
+    assert len(convs) == 2 and all(r.quantized for r in convs)
+    features, prompt = torch.randn(1, 16, 64), torch.tensor([[1, 5, 7]])
+    dtype = torch.bfloat16 if preset == "w4a16-g32" else torch.float32  # the model's, now
+    with torch.inference_mode():
+        got = model(input_features=features.to(dtype), decoder_input_ids=prompt).logits.float()
+        want = reference(input_features=features, decoder_input_ids=prompt).logits
+    assert sqnr(want, got) > (15 if preset == "w4a16-g32" else 30)

@@ -321,6 +321,8 @@ def _row_length(module: nn.Module) -> tuple[int, str]:
         return int(w.shape[0]), "in_features"
     if isinstance(module, nn.Conv2d):  # quantized as [out, in/groups * kh * kw]
         return int(w[0].numel()), "in_channels/groups*kh*kw"
+    if isinstance(module, nn.Conv1d):  # quantized as [out, in/groups * k]
+        return int(w[0].numel()), "in_channels/groups*k"
     return int(w.shape[-1]), "row length"
 
 

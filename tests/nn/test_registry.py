@@ -7,6 +7,7 @@ from torch import nn
 
 import linquant as lq
 from linquant.nn import (
+    QuantConv1d,
     QuantConv2d,
     QuantEmbedding,
     QuantLinear,
@@ -27,9 +28,11 @@ from linquant.nn import (
         (nn.Linear(4, 4), "w8a8", W8A8Linear),
         (nn.Embedding(4, 4), "w8a8", None),
         (nn.LayerNorm(4), "weight_only", None),
-        (nn.Conv1d(4, 4, 1), "weight_only", None),
+        (nn.Conv1d(4, 4, 1), "weight_only", QuantConv1d),
+        (nn.Conv3d(4, 4, 1), "weight_only", None),
     ],
-    ids=["linear", "embedding", "conv2d", "linear-w8a8", "embedding-w8a8", "layernorm", "conv1d"],
+    ids=["linear", "embedding", "conv2d", "linear-w8a8", "embedding-w8a8", "layernorm", "conv1d",
+         "conv3d"],
 )
 def test_lookup(module: nn.Module, mode: str, expected: type | None) -> None:
     assert quant_module_for(module, mode) is expected  # type: ignore[arg-type]

@@ -379,7 +379,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
 
 # ---- loading into a model ------------------------------------------------------------------------
 def _skeleton(float_mod: nn.Module, entry: Any, name: str, where: str) -> QuantModule:
-    from linquant.nn import QuantConv2d, QuantEmbedding, QuantLinear, W8A8Linear
+    from linquant.nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, W8A8Linear
 
     if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
         raise FormatError(f"{where}: module {name!r}: metadata entry must have a 'type'")
@@ -402,7 +402,7 @@ def _skeleton(float_mod: nn.Module, entry: Any, name: str, where: str) -> QuantM
             return W8A8Linear.skeleton(float_mod, activation=act, act_symmetric=sym, name=name,
                                        device="meta")
         table: dict[str, Any] = {"QuantLinear": QuantLinear, "QuantEmbedding": QuantEmbedding,
-                                 "QuantConv2d": QuantConv2d}
+                                 "QuantConv1d": QuantConv1d, "QuantConv2d": QuantConv2d}
         cls = table.get(kind)
         if cls is None:
             raise FormatError(f"{where}: module {name!r}: unknown quantized module type {kind!r}")

@@ -237,6 +237,7 @@ __all__ = [
     "PATHS",
     "SMALL_WEIGHT_NUMEL",
     "W8A8_PATHS",
+    "conv1d_weight_only",
     "conv2d_weight_only",
     "embedding_runner",
     "embedding_weight_only",
@@ -566,6 +567,22 @@ def embedding_runner(ids: torch.Tensor, qweight: QuantizedTensor, dtype: torch.d
         if run is not None:
             return path, run
     return "reference", lambda ids: reference.embedding_weight_only(ids, qweight, dtype)
+
+
+def conv1d_weight_only(
+    x: torch.Tensor,
+    qweight: QuantizedTensor,
+    weight_shape: tuple[int, ...],
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...] | int,
+    padding: tuple[int, ...] | int | str,
+    dilation: tuple[int, ...] | int,
+    groups: int,
+) -> torch.Tensor:
+    """1-D convolution with a quantized weight; see :func:`reference.conv1d_weight_only`."""
+    return reference.conv1d_weight_only(
+        x, qweight, weight_shape, bias, stride, padding, dilation, groups
+    )
 
 
 def conv2d_weight_only(

@@ -45,6 +45,7 @@ from linquant.tensor import QuantizedTensor
 __all__ = [
     "COMPUTE_DTYPES",
     "INT32_MAX_K",
+    "conv1d_weight_only",
     "conv2d_weight_only",
     "cpu_int_mm_exact",
     "dequantize_rows",
@@ -88,6 +89,23 @@ def linear_weight_only(
     _check_float(x, "linear_weight_only")
     w = qweight.dequantize(x.dtype)
     return F.linear(x, w, _bias_as(bias, x.dtype))
+
+
+def conv1d_weight_only(
+    x: torch.Tensor,
+    qweight: QuantizedTensor,
+    weight_shape: tuple[int, ...],
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...] | int,
+    padding: tuple[int, ...] | int | str,
+    dilation: tuple[int, ...] | int,
+    groups: int,
+) -> torch.Tensor:
+    """``F.conv1d`` on the dequantized weight; ``qweight`` may hold any view of ``weight_shape``
+    (QuantConv1d stores the 2-D ``[out, in/groups * k]`` view)."""
+    _check_float(x, "conv1d_weight_only")
+    w = qweight.dequantize(x.dtype).reshape(weight_shape)
+    return F.conv1d(x, w, _bias_as(bias, x.dtype), stride, padding, dilation, groups)  # type: ignore[arg-type]
 
 
 def conv2d_weight_only(

@@ -6,6 +6,7 @@ float module        weight-only             W8A8 (int8 weights and activations)
 ``nn.Linear``       :class:`QuantLinear`    :class:`W8A8Linear`
 HF ``Conv1D``       :class:`QuantLinear`    :class:`W8A8Linear`
 ``nn.Embedding``    :class:`QuantEmbedding` –
+``nn.Conv1d``       :class:`QuantConv1d`    –
 ``nn.Conv2d``       :class:`QuantConv2d`    –
 ==================  ======================  =================================================
 
@@ -15,7 +16,7 @@ a float ``bias`` when the float module has one. :func:`quant_module_for` looks t
 """
 
 from linquant.nn.base import QuantModule, clear_kernel_caches, kernel_cache_nbytes
-from linquant.nn.conv import QuantConv2d
+from linquant.nn.conv import QuantConv1d, QuantConv2d
 from linquant.nn.embedding import QuantEmbedding
 from linquant.nn.linear import QuantLinear
 from linquant.nn.registry import MODES, quant_module_for, register_qmodule, registered
@@ -23,6 +24,7 @@ from linquant.nn.w8a8 import W8A8Linear
 
 __all__ = [
     "MODES",
+    "QuantConv1d",
     "QuantConv2d",
     "QuantEmbedding",
     "QuantLinear",

@@ -1,19 +1,24 @@
-"""QuantConv2d: weight-only quantized 2-D convolution.
+"""QuantConv1d and QuantConv2d: weight-only quantized 1-D and 2-D convolutions.
 
-The weight ``[out, in/groups, kh, kw]`` is quantized as its 2-D view
-``[out, in/groups * kh * kw]`` (no copy), so ``qweight.shape`` is that 2-D shape:
+The weight ``[out, in/groups, *kernel]`` is quantized as its 2-D view
+``[out, in/groups * prod(kernel)]`` (no copy), so ``qweight.shape`` is that 2-D shape:
 
 * ``channel`` on axis 0: one scale per output channel (the usual choice; identical codes to
-  quantizing the 4-D weight per channel on axis 0).
-* ``group``: groups run along the flattened ``(in, kh, kw)`` row in row-major order, i.e. a group
-  of ``group_size`` covers ``group_size / (kh*kw)`` whole input channels when ``kh*kw`` divides
-  it; ``group_size`` must divide ``in/groups * kh * kw``.
+  quantizing the full weight per channel on axis 0).
+* ``group``: groups run along the flattened ``(in, *kernel)`` row in row-major order, i.e. a
+  group of ``group_size`` covers ``group_size / prod(kernel)`` whole input channels when
+  ``prod(kernel)`` divides it; ``group_size`` must divide ``in/groups * prod(kernel)``.
 
-The forward is ``F.conv2d`` on the dequantized weight (:func:`linquant.kernels.conv2d_weight_only`)
-with stride, padding (including ``padding_mode``), dilation and groups kept.
+The forward is ``F.conv1d`` / ``F.conv2d`` on the dequantized weight
+(:func:`linquant.kernels.conv1d_weight_only`, :func:`linquant.kernels.conv2d_weight_only`) with
+stride, padding (including ``padding_mode``), dilation and groups kept.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,23 +31,28 @@ from linquant.nn.registry import register_qmodule
 from linquant.scheme import QuantScheme
 from linquant.tensor import quantize
 
-__all__ = ["QuantConv2d"]
+__all__ = ["QuantConv1d", "QuantConv2d"]
+
+_C = TypeVar("_C", bound="_QuantConv")
 
 
-@register_qmodule(nn.Conv2d)
-class QuantConv2d(QuantModule):
-    """Conv2d with a quantized weight (stored as its 2-D view) and a float bias."""
+class _QuantConv(QuantModule):
+    """What QuantConv1d and QuantConv2d share; ``_float_type`` and ``_kernel`` pick the rank."""
+
+    _float_type: ClassVar[type[nn.Module]]
+    _kernel: ClassVar[Callable[..., torch.Tensor]]
+    _input: ClassVar[str]  # the spatial dimensions' names, for errors: "L" or "H, W"
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | tuple[int, int],
+        kernel_size: int | tuple[int, ...],
         scheme: QuantScheme | str,
         *,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
@@ -51,11 +61,10 @@ class QuantConv2d(QuantModule):
         name: str = "",
     ) -> None:
         super().__init__(name=name, dtype=dtype)
-        try:  # nn.Conv2d normalises and validates the geometry; a meta one costs nothing
-            ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                            padding=padding, dilation=dilation, groups=groups, bias=False,
-                            padding_mode=padding_mode,  # type: ignore[arg-type]
-                            device="meta")
+        try:  # nn.ConvNd normalises and validates the geometry; a meta one costs nothing
+            ref: Any = self._float_type(in_channels, out_channels, kernel_size, stride=stride,
+                                        padding=padding, dilation=dilation, groups=groups,
+                                        bias=False, padding_mode=padding_mode, device="meta")
         except (ValueError, TypeError, RuntimeError) as e:
             raise LinquantError(f"{self._label()}: invalid convolution: {e}") from None
         self.in_channels = ref.in_channels
@@ -68,9 +77,9 @@ class QuantConv2d(QuantModule):
         self.padding_mode = ref.padding_mode
         self._reversed_padding_repeated_twice = list(ref._reversed_padding_repeated_twice)
         self.weight_shape: tuple[int, ...] = tuple(ref.weight.shape)
-        out, cin, kh, kw = self.weight_shape
+        out = self.weight_shape[0]
         scheme = as_scheme(scheme, self._label())
-        self._register_qweight((out, cin * kh * kw), scheme, device)
+        self._register_qweight((out, math.prod(self.weight_shape[1:])), scheme, device)
         if bias:
             self.bias = nn.Parameter(torch.empty(out, dtype=self.weight_dtype, device=device))
         else:
@@ -78,44 +87,34 @@ class QuantConv2d(QuantModule):
 
     @classmethod
     def skeleton(
-        cls,
+        cls: type[_C],
         conv: nn.Module,
         scheme: QuantScheme | str,
         *,
         name: str = "",
         device: torch.device | str | None = None,
-    ) -> QuantConv2d:
-        """An empty QuantConv2d shaped for ``conv``."""
-        if not isinstance(conv, nn.Conv2d):
+    ) -> _C:
+        """An empty layer shaped for ``conv``."""
+        if not isinstance(conv, cls._float_type):
             raise LinquantError(
                 f"{cls.__name__} {name!r}.from_float: cannot convert a {type(conv).__name__}; "
-                "expected nn.Conv2d"
+                f"expected nn.{cls._float_type.__name__}"
             )
-        return cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            scheme,
-            stride=conv.stride,  # type: ignore[arg-type]
-            padding=conv.padding,  # type: ignore[arg-type]
-            dilation=conv.dilation,  # type: ignore[arg-type]
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            dtype=conv.weight.dtype,
-            device=device,
-            name=name,
-        )
+        c: Any = conv
+        return cls(c.in_channels, c.out_channels, c.kernel_size, scheme, stride=c.stride,
+                   padding=c.padding, dilation=c.dilation, groups=c.groups,
+                   bias=c.bias is not None, padding_mode=c.padding_mode,
+                   dtype=c.weight.dtype, device=device, name=name)
 
     @classmethod
     def from_float(
-        cls, conv: nn.Module, scheme: QuantScheme | str, *, name: str = ""
-    ) -> QuantConv2d:
-        """Quantize an ``nn.Conv2d`` (built on the meta device, then filled)."""
+        cls: type[_C], conv: nn.Module, scheme: QuantScheme | str, *, name: str = ""
+    ) -> _C:
+        """Quantize a float convolution (built on the meta device, then filled)."""
         q = cls.skeleton(conv, scheme, name=name, device="meta")
         w = conv.weight
         assert isinstance(w, torch.Tensor)
-        w2 = w.detach().reshape(q.qweight_shape)  # [out, in/groups*kh*kw], a view
+        w2 = w.detach().reshape(q.qweight_shape)  # [out, in/groups * prod(kernel)], a view
         q._set_qweight(quantize(w2, q.scheme, name=f"{name}.weight" if name else "weight"))
         bias = conv.bias
         q._set_bias(bias if isinstance(bias, torch.Tensor) else None)
@@ -126,27 +125,47 @@ class QuantConv2d(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_float_input(x)
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+        rank = len(self.weight_shape) - 2
+        if x.dim() not in (rank + 1, rank + 2) or x.shape[-rank - 1] != self.in_channels:
             raise LinquantError(
-                f"{self._label()}: expected input [N, {self.in_channels}, H, W] or "
-                f"[{self.in_channels}, H, W], got {tuple(x.shape)}"
+                f"{self._label()}: expected input [N, {self.in_channels}, {self._input}] or "
+                f"[{self.in_channels}, {self._input}], got {tuple(x.shape)}"
             )
         padding: tuple[int, ...] | str = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0, 0)
-        return kernels.conv2d_weight_only(x, self.qweight, self.weight_shape, self.bias,
-                                          self.stride, padding, self.dilation, self.groups)
+            padding = (0,) * rank
+        return type(self)._kernel(x, self.qweight, self.weight_shape, self.bias, self.stride,
+                                  padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
+        rank = len(self.weight_shape) - 2
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}")
-        if self.padding != (0, 0):
+        if self.padding != (0,) * rank:
             text += f", padding={self.padding}"
-        if self.dilation != (1, 1):
+        if self.dilation != (1,) * rank:
             text += f", dilation={self.dilation}"
         if self.groups != 1:
             text += f", groups={self.groups}"
         if self.padding_mode != "zeros":
             text += f", padding_mode={self.padding_mode}"
         return text + f", bias={self.bias is not None}, scheme={self.scheme}"
+
+
+@register_qmodule(nn.Conv1d)
+class QuantConv1d(_QuantConv):
+    """Conv1d with a quantized weight (stored as its 2-D view) and a float bias."""
+
+    _float_type = nn.Conv1d
+    _kernel = staticmethod(kernels.conv1d_weight_only)
+    _input = "L"
+
+
+@register_qmodule(nn.Conv2d)
+class QuantConv2d(_QuantConv):
+    """Conv2d with a quantized weight (stored as its 2-D view) and a float bias."""
+
+    _float_type = nn.Conv2d
+    _kernel = staticmethod(kernels.conv2d_weight_only)
+    _input = "H, W"
