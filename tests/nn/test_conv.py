@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -38,25 +39,6 @@ CONVS = {
     "same-reflect": dict(in_channels=8, out_channels=4, kernel_size=3, padding="same",
                          padding_mode="reflect"),
 }
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", list(CONVS))
-def test_equals_float_conv_with_dequantized_weight(kind: str, dtype: torch.dtype) -> None:
-    c = nn.Conv2d(**CONVS[kind])  # type: ignore[arg-type]
-    q = QuantConv2d.from_float(c, "int4-asym-ch0-fp16")
-    assert tuple(q.qweight.shape) == (c.out_channels, c.weight[0].numel())
-    w = q.qweight.dequantize().reshape(c.weight.shape)
-    ref = nn.Conv2d(**CONVS[kind]).to(dtype)  # type: ignore[arg-type]
-    with torch.no_grad():
-        ref.weight.copy_(w)
-        if c.bias is not None:
-            ref.bias.copy_(c.bias)
-    x = torch.randn(2, 8, 9, 11, dtype=dtype)
-    y = q(x)
-    assert y.dtype == dtype
-    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
-    torch.testing.assert_close(q(x[0]), ref(x[0]), rtol=0, atol=0)  # unbatched input
 
 
 def test_per_channel_codes_equal_4d_quantization() -> None:
@@ -110,20 +92,28 @@ CONVS_1D = {
 }
 
 
+CASES = [*((nn.Conv2d, QuantConv2d, k, (2, 8, 9, 11)) for k in CONVS),
+         *((nn.Conv1d, QuantConv1d, k, (2, 8, 23)) for k in CONVS_1D)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", list(CONVS_1D))
-def test_conv1d_equals_float_conv_with_dequantized_weight(kind: str, dtype: torch.dtype) -> None:
-    c = nn.Conv1d(**CONVS_1D[kind])  # type: ignore[arg-type]
-    q = QuantConv1d.from_float(c, "int4-asym-ch0-fp16")
+@pytest.mark.parametrize(("float_cls", "cls", "kind", "shape"), CASES,
+                         ids=[f"{c[0].__name__}-{c[2]}" for c in CASES])
+def test_equals_float_conv_with_dequantized_weight(float_cls: type[nn.Module], cls: Any,
+                                                   kind: str, shape: tuple[int, ...],
+                                                   dtype: torch.dtype) -> None:
+    table = CONVS if float_cls is nn.Conv2d else CONVS_1D
+    c: Any = float_cls(**table[kind])
+    q = cls.from_float(c, "int4-asym-ch0-fp16")
     assert tuple(q.qweight.shape) == (c.out_channels, c.weight[0].numel())
     w = q.qweight.dequantize().reshape(c.weight.shape)
     assert torch.equal(q.weight, w)
-    ref = nn.Conv1d(**CONVS_1D[kind]).to(dtype)  # type: ignore[arg-type]
+    ref: Any = float_cls(**table[kind]).to(dtype)
     with torch.no_grad():
         ref.weight.copy_(w)
         if c.bias is not None:
             ref.bias.copy_(c.bias)
-    x = torch.randn(2, 8, 23, dtype=dtype)
+    x = torch.randn(*shape, dtype=dtype)
     y = q(x)
     assert y.dtype == dtype
     torch.testing.assert_close(y, ref(x), rtol=0, atol=0)

@@ -239,6 +239,7 @@ __all__ = [
     "W8A8_PATHS",
     "conv1d_weight_only",
     "conv2d_weight_only",
+    "conv_weight_only",
     "embedding_runner",
     "embedding_weight_only",
     "int8_matmul",
@@ -569,7 +570,7 @@ def embedding_runner(ids: torch.Tensor, qweight: QuantizedTensor, dtype: torch.d
     return "reference", lambda ids: reference.embedding_weight_only(ids, qweight, dtype)
 
 
-def conv1d_weight_only(
+def conv_weight_only(
     x: torch.Tensor,
     qweight: QuantizedTensor,
     weight_shape: tuple[int, ...],
@@ -579,23 +580,11 @@ def conv1d_weight_only(
     dilation: tuple[int, ...] | int,
     groups: int,
 ) -> torch.Tensor:
-    """1-D convolution with a quantized weight; see :func:`reference.conv1d_weight_only`."""
-    return reference.conv1d_weight_only(
+    """1-D or 2-D convolution with a quantized weight (by the rank of ``weight_shape``); see
+    :func:`reference.conv_weight_only`."""
+    return reference.conv_weight_only(
         x, qweight, weight_shape, bias, stride, padding, dilation, groups
     )
 
 
-def conv2d_weight_only(
-    x: torch.Tensor,
-    qweight: QuantizedTensor,
-    weight_shape: tuple[int, ...],
-    bias: torch.Tensor | None,
-    stride: tuple[int, ...] | int,
-    padding: tuple[int, ...] | int | str,
-    dilation: tuple[int, ...] | int,
-    groups: int,
-) -> torch.Tensor:
-    """2-D convolution with a quantized weight; see :func:`reference.conv2d_weight_only`."""
-    return reference.conv2d_weight_only(
-        x, qweight, weight_shape, bias, stride, padding, dilation, groups
-    )
+conv1d_weight_only = conv2d_weight_only = conv_weight_only

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ __all__ = [
     "INT32_MAX_K",
     "conv1d_weight_only",
     "conv2d_weight_only",
+    "conv_weight_only",
     "cpu_int_mm_exact",
     "dequantize_rows",
     "embedding_weight_only",
@@ -91,7 +93,7 @@ def linear_weight_only(
     return F.linear(x, w, _bias_as(bias, x.dtype))
 
 
-def conv1d_weight_only(
+def conv_weight_only(
     x: torch.Tensor,
     qweight: QuantizedTensor,
     weight_shape: tuple[int, ...],
@@ -101,28 +103,17 @@ def conv1d_weight_only(
     dilation: tuple[int, ...] | int,
     groups: int,
 ) -> torch.Tensor:
-    """``F.conv1d`` on the dequantized weight; ``qweight`` may hold any view of ``weight_shape``
-    (QuantConv1d stores the 2-D ``[out, in/groups * k]`` view)."""
-    _check_float(x, "conv1d_weight_only")
+    """``F.conv1d`` / ``F.conv2d`` (by the rank of ``weight_shape``) on the dequantized weight;
+    ``qweight`` may hold any view of ``weight_shape`` (QuantConv1d / QuantConv2d store the 2-D
+    ``[out, in/groups * prod(kernel)]`` view)."""
+    _check_float(x, "conv_weight_only")
     w = qweight.dequantize(x.dtype).reshape(weight_shape)
-    return F.conv1d(x, w, _bias_as(bias, x.dtype), stride, padding, dilation, groups)  # type: ignore[arg-type]
+    conv: Any = F.conv1d if len(weight_shape) == 3 else F.conv2d
+    out: torch.Tensor = conv(x, w, _bias_as(bias, x.dtype), stride, padding, dilation, groups)
+    return out
 
 
-def conv2d_weight_only(
-    x: torch.Tensor,
-    qweight: QuantizedTensor,
-    weight_shape: tuple[int, ...],
-    bias: torch.Tensor | None,
-    stride: tuple[int, ...] | int,
-    padding: tuple[int, ...] | int | str,
-    dilation: tuple[int, ...] | int,
-    groups: int,
-) -> torch.Tensor:
-    """``F.conv2d`` on the dequantized weight; ``qweight`` may hold any view of ``weight_shape``
-    (QuantConv2d stores the 2-D ``[out, in/groups * kh * kw]`` view)."""
-    _check_float(x, "conv2d_weight_only")
-    w = qweight.dequantize(x.dtype).reshape(weight_shape)
-    return F.conv2d(x, w, _bias_as(bias, x.dtype), stride, padding, dilation, groups)  # type: ignore[arg-type]
+conv1d_weight_only = conv2d_weight_only = conv_weight_only
 
 
 def _gather_packed(stream: torch.Tensor, bits: int, index: torch.Tensor) -> torch.Tensor:

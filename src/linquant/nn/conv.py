@@ -10,14 +10,13 @@ The weight ``[out, in/groups, *kernel]`` is quantized as its 2-D view
   ``prod(kernel)`` divides it; ``group_size`` must divide ``in/groups * prod(kernel)``.
 
 The forward is ``F.conv1d`` / ``F.conv2d`` on the dequantized weight
-(:func:`linquant.kernels.conv1d_weight_only`, :func:`linquant.kernels.conv2d_weight_only`) with
-stride, padding (including ``padding_mode``), dilation and groups kept.
+(:func:`linquant.kernels.conv_weight_only`) with stride, padding (including ``padding_mode``),
+dilation and groups kept.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -37,10 +36,9 @@ _C = TypeVar("_C", bound="_QuantConv")
 
 
 class _QuantConv(QuantModule):
-    """What QuantConv1d and QuantConv2d share; ``_float_type`` and ``_kernel`` pick the rank."""
+    """What QuantConv1d and QuantConv2d share; ``_float_type`` picks the rank."""
 
     _float_type: ClassVar[type[nn.Module]]
-    _kernel: ClassVar[Callable[..., torch.Tensor]]
     _input: ClassVar[str]  # the spatial dimensions' names, for errors: "L" or "H, W"
 
     def __init__(
@@ -135,8 +133,8 @@ class _QuantConv(QuantModule):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = (0,) * rank
-        return type(self)._kernel(x, self.qweight, self.weight_shape, self.bias, self.stride,
-                                  padding, self.dilation, self.groups)
+        return kernels.conv_weight_only(x, self.qweight, self.weight_shape, self.bias,
+                                         self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         rank = len(self.weight_shape) - 2
@@ -158,7 +156,6 @@ class QuantConv1d(_QuantConv):
     """Conv1d with a quantized weight (stored as its 2-D view) and a float bias."""
 
     _float_type = nn.Conv1d
-    _kernel = staticmethod(kernels.conv1d_weight_only)
     _input = "L"
 
 
@@ -167,5 +164,4 @@ class QuantConv2d(_QuantConv):
     """Conv2d with a quantized weight (stored as its 2-D view) and a float bias."""
 
     _float_type = nn.Conv2d
-    _kernel = staticmethod(kernels.conv2d_weight_only)
     _input = "H, W"
