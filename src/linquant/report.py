@@ -247,8 +247,10 @@ def _layers_figure(report: ModelReport, title: str) -> Any:
     fig = Figure(figsize=(min(20.0, max(8.0, 0.22 * n + 3)), 7.5), layout="constrained")
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-    finite = [r.sqnr_db for r in layers if r.quantized and r.sqnr_db is not None
-              and math.isfinite(r.sqnr_db)]
+    # (index, dB, row) of every quantized layer with a finite SQNR: the points on the axes
+    scored = [(i, r.sqnr_db, r) for i, r in enumerate(layers) if r.quantized
+              and r.sqnr_db is not None and math.isfinite(r.sqnr_db)]
+    finite = [db for _, db, _ in scored]
     lo = min(finite, default=0.0)
     hi = max(finite, default=1.0)
     pad = max(1.0, 0.08 * (hi - lo))
@@ -256,12 +258,11 @@ def _layers_figure(report: ModelReport, title: str) -> Any:
     schemes = list(dict.fromkeys(r.scheme or "" for r in layers if r.quantized))
     for k, scheme in enumerate(schemes):
         color = _GRAN_COLORS[k % len(_GRAN_COLORS)]
-        rows = [(i, r) for i, r in enumerate(layers) if r.quantized and (r.scheme or "") == scheme]
-        own = [(i, r.sqnr_db) for i, r in rows if r.sqnr_db is not None
-               and math.isfinite(r.sqnr_db) and r.tied_to is None]
-        tied = [(i, r.sqnr_db) for i, r in rows if r.sqnr_db is not None
-                and math.isfinite(r.sqnr_db) and r.tied_to is not None]
-        exact = [i for i, r in rows if r.sqnr_db is not None and r.sqnr_db == math.inf]
+        mine = [(i, db, r.tied_to is not None) for i, db, r in scored if (r.scheme or "") == scheme]
+        own = [(i, db) for i, db, tied_row in mine if not tied_row]
+        tied = [(i, db) for i, db, tied_row in mine if tied_row]
+        exact = [i for i, r in enumerate(layers) if r.quantized and (r.scheme or "") == scheme
+                 and r.sqnr_db == math.inf]
         top.scatter([i for i, _ in own], [d for _, d in own], color=color, s=22,
                     label=scheme or "quantized", zorder=3)
         if tied:
@@ -278,8 +279,7 @@ def _layers_figure(report: ModelReport, title: str) -> Any:
         median = sorted(finite)[len(finite) // 2]
         top.axhline(median, color="black", linestyle="--", linewidth=0.8, alpha=0.6,
                     label=f"median {median:.1f} dB")
-        worst = sorted((r.sqnr_db, i, r.name) for i, r in enumerate(layers) if r.quantized
-                       and r.sqnr_db is not None and math.isfinite(r.sqnr_db))[:_WORST_NAMED]
+        worst = sorted((db, i, r.name) for i, db, r in scored)[:_WORST_NAMED]
         for db, i, name in worst:  # right of the point, or left of it in the right half
             left = i > n / 2
             top.annotate(name, (i, db), textcoords="offset points", xytext=(-5 if left else 5, -3),

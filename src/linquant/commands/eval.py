@@ -115,8 +115,9 @@ def _max_tokens(model: nn.Module, tokenizer_limit: object = None) -> int | None:
     the tokenizer's ``model_max_length`` (RoBERTa's config counts two positions its inputs
     cannot use); None where neither says."""
     config = getattr(model, "config", None)
-    limits = [v for v in (getattr(config, k, None) for k in _POSITION_KEYS)
-              if isinstance(v, int) and v > 0][:1]
+    positions = next((v for v in (getattr(config, k, None) for k in _POSITION_KEYS)
+                      if isinstance(v, int) and v > 0), None)
+    limits = [] if positions is None else [positions]
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _NO_LIMIT:
         limits.append(tokenizer_limit)
     return min(limits) if limits else None
