@@ -20,13 +20,17 @@ SMALL: dict[str, Any] = dict(
     decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
     decoder_ffn_dim=128, num_key_value_heads=2, max_position_embeddings=64, ffn_dim=128,
     num_layers=1, num_decoder_layers=1, num_heads=4, d_ff=128, d_kv=16, pad_token_id=0,
-    rotary_dim=8, n_positions=64)
+    rotary_dim=8, n_positions=64, num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=64)
 # model type -> the weakest output SQNR (dB) seen under w4a16-g32 (w8a8 gets 15 dB more)
 ARCHITECTURES = {
     "llama": 14, "mistral": 14, "qwen2": 14, "qwen3": 12, "phi3": 12, "gemma2": 11,
     "falcon": 14, "gpt2": 14, "gptj": 12, "gpt_neox": 12, "bloom": 16, "opt": 12, "bart": 30,
     "t5": 14, "roberta": 16, "deberta-v2": 17, "gpt_bigcode": 14, "mpt": 12,
+    # mixture of experts (transformers 5: fused experts, linquant.nn.experts)
+    "mixtral": 16, "qwen3_moe": 14, "gpt_oss": 12, "olmoe": 15, "phimoe": 14,
 }
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "olmoe", "phimoe")
 
 
 def _build(model_type: str) -> tuple[Any, Any, dict[str, torch.Tensor], bool]:
@@ -71,6 +75,22 @@ def test_quantized_architecture_runs_close_to_float(model_type: str, preset: str
             prompt = inputs["input_ids"][:, :4]
             out = model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
             assert out.shape[-1] >= 2
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_fused_experts_are_quantized(model_type: str) -> None:
+    pytest.importorskip("transformers.integrations.moe")  # transformers 5: fused experts
+    from linquant.nn.experts import QuantExperts, QuantExpertsProj
+
+    model = _build(model_type)[0]
+    report = quantize_model(model, "w4a16-g32")
+    experts = [r for r in report.layers if r.name.endswith(("experts.gate_up_proj",
+                                                             "experts.down_proj"))]
+    assert len(experts) == 2 and all(r.quantized for r in experts), experts
+    assert all(r.shape[0] == 4 and r.bits_per_weight == 4.625 for r in experts)
+    wrapped = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    assert len(wrapped) == 1 and wrapped[0].num_quantized == 2
+    assert isinstance(wrapped[0].down_proj, QuantExpertsProj)
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a16-g32"])

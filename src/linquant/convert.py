@@ -8,6 +8,10 @@ Rules (each one shows up in the report, nothing is skipped silently):
 * **Layers** are the modules that own parameters directly (``Linear``, ``Embedding``,
   ``LayerNorm``, ...). Supported types are swapped for their quantized module found with
   :func:`linquant.nn.quant_module_for`; every other layer is listed as float with its reason.
+* **MoE experts** (transformers' fused experts modules, :mod:`linquant.nn.experts`): each 3-D
+  projection is a layer of its own, named ``<experts>.gate_up_proj`` / ``<experts>.down_proj``,
+  selected, reported and quantized (weight-only, per expert) like any layer; the module becomes
+  a :class:`~linquant.nn.experts.QuantExperts` holding whichever projections were quantized.
 * **Selection** by shell-style patterns (:func:`fnmatch.fnmatchcase`, ``*`` also crosses dots)
   on module names. A pattern matches a module when it matches its name or the name of one of
   its ancestors, so ``exclude=["encoder.layer.0"]`` keeps that whole block float. ``exclude``
@@ -351,6 +355,7 @@ class _Plan:
     scheme: QuantScheme | None = None
     reason: str | None = None
     note: str = ""
+    part: str = ""  # a projection of an experts module (linquant.nn.experts): its name
 
 
 _FP32_ATTRS = ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
@@ -402,6 +407,55 @@ def _keeps_float(name: str, rules: Iterable[_KeepFloat]) -> str | None:
     return None
 
 
+def _select(
+    name: str,
+    pairs: list[tuple[str, QuantConfig | None]],
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    used: set[str],
+    keep_float: Iterable[_KeepFloat],
+) -> tuple[QuantConfig | None, str]:
+    """The config that the patterns pick for the layer ``name``, or None and why not."""
+    for pat in exclude:
+        if _matches(name, pat):
+            used.add(pat)
+            return None, f"excluded by pattern {pat!r}"
+    kept = _keeps_float(name, keep_float)
+    if kept is not None:
+        return None, kept
+    hits = [pat for pat in include if _matches(name, pat)]
+    used.update(hits)
+    if not hits:
+        return None, f"not matched by include {list(include)}"
+    for pat, cfg in pairs:
+        if _matches(name, pat):
+            used.add(pat)
+            if cfg is None:
+                return None, f"config None for pattern {pat!r} (kept float)"
+            if name == "":
+                return None, "the root module cannot be replaced in place (wrap it)"
+            return cfg, ""
+    return None, "not matched by any config pattern"
+
+
+def _group_fallback(name: str, scheme: QuantScheme, n: int, what: str,
+                    refusals: list[str] | None) -> tuple[QuantScheme, str]:
+    """``scheme`` with a group size that divides rows of length ``n``, and the note saying so
+    (recorded in ``refusals`` in strict mode)."""
+    if scheme.granularity != "group":
+        return scheme, ""
+    assert scheme.group_size is not None
+    g = scheme.group_size
+    if n % g == 0:
+        return scheme, ""
+    fallback = _largest_divisor_below(n, g)
+    if refusals is not None:
+        refusals.append(f"{name!r}: group size {g} does not divide {what} {n} "
+                        f"(fallback would be {fallback})")
+    return scheme.with_(group_size=fallback), (
+        f"group size {g} -> {fallback}: {g} does not divide {what} {n}")
+
+
 def _decide(
     name: str,
     module: nn.Module,
@@ -420,29 +474,9 @@ def _decide(
     """
     if _is_quantized_module(module):
         return None, None, f"already quantized ({type(module).__name__})", ""
-    for pat in exclude:
-        if _matches(name, pat):
-            used.add(pat)
-            return None, None, f"excluded by pattern {pat!r}", ""
-    kept = _keeps_float(name, keep_float)
-    if kept is not None:
-        return None, None, kept, ""
-    hits = [pat for pat in include if _matches(name, pat)]
-    used.update(hits)
-    if not hits:
-        return None, None, f"not matched by include {list(include)}", ""
-    config: QuantConfig | None = None
-    for pat, cfg in pairs:
-        if _matches(name, pat):
-            used.add(pat)
-            if cfg is None:
-                return None, None, f"config None for pattern {pat!r} (kept float)", ""
-            config = cfg
-            break
-    else:
-        return None, None, "not matched by any config pattern", ""
-    if name == "":
-        return None, None, "the root module cannot be replaced in place (wrap it)", ""
+    config, why = _select(name, pairs, include, exclude, used, keep_float)
+    if config is None:
+        return None, None, why, ""
     from linquant.nn import quant_module_for
 
     cls = (quant_module_for(module, "w8a8") if config.is_w8a8 else None) or quant_module_for(
@@ -459,22 +493,62 @@ def _decide(
         return None, None, "weight not materialized (lazy or meta)", ""
     if not w.is_floating_point():
         return None, None, f"weight dtype {w.dtype} is not float", ""
-    scheme = config.weight
     note = ""
     if config.is_w8a8 and not _uses_w8a8(module, config):
         note = f"weight-only: no int8-activation layer for {type(module).__name__}"
-    if scheme.granularity == "group":
-        assert scheme.group_size is not None
-        g = scheme.group_size
-        n, what = _row_length(module)
-        if n % g != 0:
-            fallback = _largest_divisor_below(n, g)
-            if refusals is not None:
-                refusals.append(f"{name!r}: group size {g} does not divide {what} {n} "
-                                f"(fallback would be {fallback})")
-            scheme = scheme.with_(group_size=fallback)
-            note = f"group size {g} -> {fallback}: {g} does not divide {what} {n}"
+    scheme, fell_back = _group_fallback(name, config.weight, *_row_length(module), refusals)
+    return config, scheme, None, fell_back or note
+
+
+def _decide_experts(
+    name: str,
+    module: nn.Module,
+    part: str,
+    pairs: list[tuple[str, QuantConfig | None]],
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    used: set[str],
+    refusals: list[str] | None,
+    allow_meta: bool,
+    keep_float: Iterable[_KeepFloat],
+) -> tuple[QuantConfig | None, QuantScheme | None, str | None, str]:
+    """:func:`_decide` for the projection ``part`` of an experts module (``name`` is the
+    projection's: ``...experts.gate_up_proj``)."""
+    from linquant.nn.experts import QuantExperts, QuantExpertsProj
+
+    config, why = _select(name, pairs, include, exclude, used, keep_float)
+    if config is None:
+        return None, None, why, ""
+    refusal = QuantExperts.cannot_convert(module)
+    if refusal is not None:
+        return None, None, refusal, ""
+    w = module._parameters[part]
+    assert w is not None
+    if isinstance(w, nn.parameter.UninitializedParameter) or (w.is_meta and not allow_meta):
+        return None, None, "weight not materialized (lazy or meta)", ""
+    if not w.is_floating_point():
+        return None, None, f"weight dtype {w.dtype} is not float", ""
+    e, a, b = (int(d) for d in w.shape)
+    out, k = (b, a) if module.is_transposed else (a, b)
+    scheme, note = _group_fallback(name, config.weight, k, "in_features", refusals)
+    refusal = QuantExpertsProj.cannot_quantize((e, out, k), scheme)
+    if refusal is not None:
+        return None, None, refusal, ""
+    if config.is_w8a8:
+        note = _join(note, f"weight-only: no int8-activation layer for experts "
+                           f"({type(module).__name__})")
     return config, scheme, None, note
+
+
+def _experts_parts(module: nn.Module) -> list[str] | None:
+    """The float projections of an experts module (a float one, or a :class:`QuantExperts`
+    with projections left float); None for any other module."""
+    from linquant.nn.experts import QuantExperts, is_hf_experts, projection_names
+
+    if isinstance(module, QuantExperts):
+        return [p for p in projection_names(module)
+                if isinstance(module._parameters.get(p), torch.Tensor)]
+    return list(projection_names(module)) if is_hf_experts(module) else None
 
 
 def _uses_w8a8(module: nn.Module, config: QuantConfig) -> bool:
@@ -525,7 +599,7 @@ def _qweight(module: nn.Module) -> QuantizedTensor | None:
 class ModelPlan:
     """The decisions of :func:`plan_model`: one :class:`_Plan` per module object, in order."""
 
-    plans: dict[int, _Plan]
+    plans: dict[object, _Plan]
     parents: dict[str, nn.Module]
     tied: set[int]
     compute_dtype: torch.dtype | None
@@ -552,28 +626,28 @@ def plan_model(
     exc = _patterns(exclude, "exclude")
     used: set[str] = set()
 
-    plans: dict[int, _Plan] = {}
+    plans: dict[object, _Plan] = {}
     parents: dict[str, nn.Module] = {}
     refusals: list[str] | None = [] if strict else None
     keep_float = _kept_float(model)
     for name, module in model.named_modules(remove_duplicate=False):
         for cname in module._modules:  # not named_children(): it hides repeated children
             parents[f"{name}.{cname}" if name else cname] = module
+        parts = _experts_parts(module)
+        if parts is not None:  # an experts module: one layer per 3-D projection
+            for part in parts:
+                pname = f"{name}.{part}" if name else part
+                decision = _decide_experts(pname, module, part, pairs, inc, exc, used,
+                                           refusals, allow_meta, keep_float) if name else (
+                    None, None, "the root module cannot be replaced in place (wrap it)", "")
+                _add_plan(plans, (id(module), part), pname, module, decision, part)
+            continue
         if not any(True for _ in module.parameters(recurse=False)) and not (
             _is_quantized_module(module) and name
         ):
             continue
         decision = _decide(name, module, pairs, inc, exc, used, refusals, allow_meta, keep_float)
-        plan = plans.get(id(module))
-        if plan is None:
-            cfg, scheme, reason, note = decision
-            plans[id(module)] = _Plan([name], module, cfg, scheme, reason, note)
-            continue
-        plan.names.append(name)
-        if (plan.config, plan.scheme, plan.reason) != decision[:3]:
-            plan.config, plan.scheme = None, None
-            plan.reason = (f"one module object at {plan.names[0]!r} and {name!r}, which are "
-                           "selected differently")
+        _add_plan(plans, id(module), name, module, decision)
     if refusals:
         raise LinquantError(
             f"strict=True: {len(refusals)} layer(s) need a group size fallback: "
@@ -593,6 +667,22 @@ def plan_model(
 
     return ModelPlan(plans, parents, tied, compute_dtype, used,
                      (*inc, *exc, *(pat for pat, _ in pairs)))
+
+
+def _add_plan(plans: dict[object, _Plan], key: object, name: str, module: nn.Module,
+              decision: tuple[QuantConfig | None, QuantScheme | None, str | None, str],
+              part: str = "") -> None:
+    """Record ``decision`` for the layer ``name``; a module object met again under another name
+    joins the first plan, or stays float when the two names are selected differently."""
+    plan = plans.get(key)
+    if plan is None:
+        plans[key] = _Plan([name], module, *decision, part=part)
+        return
+    plan.names.append(name)
+    if (plan.config, plan.scheme, plan.reason) != decision[:3]:
+        plan.config, plan.scheme = None, None
+        plan.reason = (f"one module object at {plan.names[0]!r} and {name!r}, which are "
+                       "selected differently")
 
 
 # ---- the walk -----------------------------------------------------------------------------------
@@ -637,14 +727,20 @@ def quantize_model(
     report = ModelReport(bytes_before=model_nbytes(model), compute_dtype=compute_dtype)
     shared: dict[int, tuple[str, nn.Module]] = {}  # id(tied float weight) -> first quantized
     done: list[str] = []
+    wrappers: dict[int, nn.Module] = {}  # id(float experts module) -> its QuantExperts
     for plan in plans.values():
         module = plan.module
         assert module is not None
         name = plan.names[0]
-        before = model_nbytes(module)
-        w = _weight(module)
+        w: torch.Tensor | None
+        if plan.part:
+            w = module._parameters[plan.part]
+            before = _experts_part_nbytes(module, plan.part)
+        else:
+            w = _weight(module)
+            before = model_nbytes(module)
         shape = () if w is None else tuple(w.shape)
-        row = LayerReport(name, type(module).__name__, shape, before, before,
+        row = LayerReport(name, _type_name(module), shape, before, before,
                           reason=plan.reason, note=plan.note)
         if len(plan.names) > 1:
             row.note = _join(row.note, "also at " + ", ".join(plan.names[1:]))
@@ -654,6 +750,11 @@ def quantize_model(
             continue
         assert plan.config is not None and plan.scheme is not None and w is not None
         try:
+            if plan.part:
+                _quantize_experts_part(model, parents, plan, row, wrappers)
+                plan.module = None
+                done.append(name)
+                continue
             new = _build(name, module, plan.config, plan.scheme)
         except LinquantError as e:
             if done:
@@ -686,6 +787,7 @@ def quantize_model(
         del module, w, new
     plans.clear()
     shared.clear()
+    wrappers.clear()
     if compute_dtype is not None:
         model.to(compute_dtype)
     report.bytes_after = model_nbytes(model)
@@ -693,6 +795,55 @@ def quantize_model(
         p for p in mplan.patterns if p not in mplan.used and p != "*"
     )
     return report
+
+
+def _type_name(module: nn.Module) -> str:
+    """A layer's type for the report: an experts module's float class even once wrapped."""
+    float_class = getattr(module, "float_class", None)
+    return float_class.__name__ if isinstance(float_class, type) else type(module).__name__
+
+
+def _experts_part_nbytes(module: nn.Module, part: str) -> int:
+    """Bytes of one projection of an experts module (float or quantized) and its bias."""
+    tensors: list[torch.Tensor] = []
+    proj = module._modules.get(part)
+    if proj is not None:
+        tensors += _tensors(proj)
+    else:
+        w = module._parameters.get(part)
+        if w is not None:
+            tensors.append(w)
+    bias = module._parameters.get(f"{part}_bias")
+    if bias is not None:
+        tensors.append(bias)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _quantize_experts_part(model: nn.Module, parents: Mapping[str, nn.Module], plan: _Plan,
+                           row: LayerReport, wrappers: dict[int, nn.Module]) -> None:
+    """Quantize one projection of an experts module: the module is replaced by its
+    :class:`~linquant.nn.experts.QuantExperts` (once), which then takes the projection."""
+    from linquant.nn.experts import QuantExperts, QuantExpertsProj, expert_rows
+
+    module, part = plan.module, plan.part
+    assert module is not None and plan.config is not None and plan.scheme is not None
+    w = module._parameters[part]
+    assert w is not None
+    transposed = bool(getattr(module, "is_transposed", False))
+    new = QuantExpertsProj.from_float(w, plan.scheme, transposed=transposed, name=plan.names[0])
+    qw = new.qweight
+    row.bits_per_weight = qw.bits_per_weight
+    row.sqnr_db = sqnr(expert_rows(w.detach(), transposed), qw.dequantize(torch.float32))
+    row.scheme = str(QuantConfig(plan.scheme, compute_dtype=plan.config.compute_dtype))
+    wrapper = wrappers.get(id(module))
+    if wrapper is None:
+        wrapper = module if isinstance(module, QuantExperts) else QuantExperts.wrap(module)
+        wrappers[id(module)] = wrapper
+        for n in plan.names:
+            _set_submodule(model, parents, n.rsplit(".", 1)[0], wrapper)
+    assert isinstance(wrapper, QuantExperts)
+    wrapper.set_projection(part, new)
+    row.bytes_after = _experts_part_nbytes(wrapper, part)
 
 
 def _join(a: str, b: str) -> str:
@@ -714,7 +865,9 @@ def _resolve_ties(plans: list[_Plan]) -> set[int]:
     by_param: dict[int, list[_Plan]] = {}
     for plan in plans:
         assert plan.module is not None
-        for p in plan.module.parameters(recurse=False):
+        params = [plan.module._parameters[plan.part]] if plan.part else \
+            plan.module.parameters(recurse=False)
+        for p in params:
             by_param.setdefault(id(p), []).append(plan)
     groups = {pid: group for pid, group in by_param.items() if len(group) > 1}
     changed = True

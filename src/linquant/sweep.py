@@ -48,6 +48,7 @@ import torch
 from linquant import __version__
 from linquant.errors import LinquantError
 from linquant.io.checkpoint import TensorInfo, read_tensors, tensor_infos
+from linquant.nn.experts import expert_rows
 from linquant.report import Column, csv_text, format_table, json_text
 from linquant.scheme import SCALE_DTYPES, QuantScheme
 from linquant.tensor import quantize
@@ -311,6 +312,7 @@ class SweepResult:
     model_name: str = ""  # for titles: the file or folder name, or "all-MiniLM-L6-v2"
     transposed: list[str] = field(default_factory=list)  # Conv1D weights swept as [out, in]
     layer_types: str = ""  # why the layer types are unknown, where a folder's config failed
+    experts: list[str] = field(default_factory=list)  # fused MoE projections, as [E*out, in]
 
     def table_rows(self) -> list[dict[str, Any]]:
         return [r.to_dict(per_tensor=False) for r in self.rows]
@@ -327,6 +329,7 @@ class SweepResult:
                       "tensors": list(self.swept)},
             "skipped": {"count": len(self.skipped), "tensors": dict(self.skipped)},
             "transposed": list(self.transposed),
+            "experts": list(self.experts),
             "notes": self.notes(),
             "rows": [r.to_dict() for r in self.rows],
         }
@@ -345,6 +348,10 @@ class SweepResult:
         if self.transposed:
             layout.append(f"{len(self.transposed)} Conv1D weights (stored [in, out]) were swept "
                           "as [out, in], the layout quantize_model and linquant quantize use")
+        if self.experts:
+            layout.append(f"{len(self.experts)} fused MoE experts projections ([E, out, in] or "
+                          "[E, in, out]) were swept as [E*out, in]: each expert's rows, as "
+                          "quantize_model stores them")
         if self.layer_types:
             layout.append(f"layer types unknown ({self.layer_types}): every matrix was swept "
                           "as stored")
@@ -395,10 +402,14 @@ def _group_reasons(skipped: dict[str, str], examples: int = 3) -> list[str]:
 # ---- the sweep ---------------------------------------------------------------------------------
 
 
-def _why_not_a_matrix(info: TensorInfo) -> str | None:
+def _why_not_a_matrix(info: TensorInfo, experts: bool = False) -> str | None:
+    """Why ``info`` is not swept, or None; ``experts``: a fused MoE projection (3-D) or one's
+    bias."""
+    if experts and info.name.endswith("_bias"):
+        return "bias of fused MoE experts (kept float)"
     if not info.is_floating_point:
         return f"not floating point ({info.dtype})"
-    if info.ndim != 2:
+    if info.ndim != (3 if experts else 2):
         return f"{info.ndim}-D, not a matrix"
     if info.numel == 0:
         return "empty"
@@ -414,24 +425,32 @@ def _why_not_this_scheme(shape: Sequence[int], scheme: QuantScheme) -> str | Non
     return None
 
 
-def _conv1d_weights(path: Path) -> tuple[set[str], str]:
-    """The stored names of the Conv1D weights of a Hugging Face folder (its model built from
-    config.json on the meta device), and why none could be learned ("" where they were, or
-    where ``path`` is a file or a folder without config.json)."""
+def _conv1d_weights(path: Path) -> tuple[set[str], dict[str, bool], str]:
+    """What a Hugging Face folder's model (built from config.json on the meta device) says
+    about the stored layouts: the names of its Conv1D weights, its fused MoE experts
+    projections (name -> stored ``[E, in, out]``; their biases too, as ``False``), and why
+    none could be learned ("" where they were, or where ``path`` is a file or a folder without
+    config.json)."""
     if not (path.is_dir() and (path / "config.json").is_file()):
-        return set(), ""
+        return set(), {}, ""
     from linquant.io.stream import _build_meta_model
     from linquant.nn.base import is_hf_conv1d
+    from linquant.nn.experts import is_hf_experts, projection_names
 
     try:
         model = _build_meta_model(path)
     except LinquantError as e:
-        return set(), str(e)
+        return set(), {}, str(e)
     except Exception as e:  # an architecture this transformers cannot build
-        return set(), f"{path}/config.json: cannot build the model: {type(e).__name__}: {e}"
+        return set(), {}, (f"{path}/config.json: cannot build the model: "
+                           f"{type(e).__name__}: {e}")
     if model is None:
-        return set(), ""
-    return {f"{n}.weight" for n, m in model.named_modules() if is_hf_conv1d(m)}, ""
+        return set(), {}, ""
+    experts = {f"{n}.{p}": bool(m.is_transposed) for n, m in model.named_modules()
+               if is_hf_experts(m) for p in projection_names(m)}
+    # their biases ([E, out]: not weight matrices, kept float by quantize_model)
+    experts.update({f"{p}_bias": False for p in list(experts)})
+    return {f"{n}.weight" for n, m in model.named_modules() if is_hf_conv1d(m)}, experts, ""
 
 
 _BLOCK = 1 << 16  # elements per block of the fp64 error sums (fits in L2)
@@ -495,7 +514,9 @@ def sweep(
     grid.sort(key=_row_key)
 
     infos = tensor_infos(path)
-    skipped = {i.name: why for i in infos if (why := _why_not_a_matrix(i)) is not None}
+    conv1d, experts, layer_types = _conv1d_weights(path)
+    skipped = {i.name: why for i in infos if (why := _why_not_a_matrix(
+        i, i.name in experts)) is not None}
     matrices = [i for i in infos if i.name not in skipped]
     if not matrices:
         raise LinquantError(
@@ -505,8 +526,8 @@ def sweep(
     float_bytes = sum(i.nbytes for i in infos)
     kept_bytes = sum(i.nbytes for i in infos if i.name in skipped)
     rows = [SweepRow(s, float_bytes, kept_bytes) for s in grid]
-    conv1d, layer_types = _conv1d_weights(path)
     transposed = [i.name for i in matrices if i.name in conv1d]
+    fused = [i.name for i in matrices if i.name in experts]
 
     from tqdm.auto import tqdm
 
@@ -525,6 +546,8 @@ def sweep(
                 )
             if name in conv1d:
                 x = x.t().contiguous()  # [in, out] -> [out, in], as quantize_model sees it
+            elif name in experts:  # [E, out, in] -> [E*out, in], as QuantExpertsProj stores it
+                x = expert_rows(x, experts[name]).contiguous()
             signal = _energy(x)
             for row in rows:
                 reason = _why_not_this_scheme(x.shape, row.scheme)
@@ -559,4 +582,5 @@ def sweep(
         model_name=BUNDLED_MODEL_NAME if source is None else path.name,
         transposed=transposed,
         layer_types=layer_types,
+        experts=fused,
     )

@@ -291,6 +291,39 @@ def test_checkpoint_tensors_merged_while_loading_are_refused(tmp_path: Path) -> 
     assert not (tmp_path / "q").exists()
 
 
+def test_fused_experts_stored_as_they_are_in_the_model_are_streamed(tmp_path: Path) -> None:
+    """GPT-OSS checkpoints hold each layer's experts as fused 3-D tensors (``[E, in, out]``,
+    with biases): streamed projection by projection, equal to quantize_model + save."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers.integrations.moe")  # transformers 5: fused experts
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2)
+    transformers.GptOssForCausalLM(config).save_pretrained(str(tmp_path / "src"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
+        if "model.layers.0.mlp.experts.gate_up_proj" not in set(f.keys()):
+            pytest.skip("this transformers stores GPT-OSS experts per expert")
+    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w4a16-g32",
+                              exclude=["*.down_proj"])
+    up = res.report["model.layers.0.mlp.experts.gate_up_proj"]
+    assert (up.type, up.shape, up.bits_per_weight) == ("GptOssExperts", (4, 64, 128), 4.625)
+    assert up.sqnr_db is not None and 20 < up.sqnr_db < 25
+    down = res.report["model.layers.0.mlp.experts.down_proj"]
+    assert down.reason == "excluded by pattern '*.down_proj'" and down.bytes_before > 0
+    g = transformers.GptOssForCausalLM.from_pretrained(str(tmp_path / "src")).eval()
+    quantize_model(g, "w4a16-g32", exclude=["*.down_proj"])
+    save(g, tmp_path / "saved")
+    a = load(tmp_path / "q")
+    _same_state(a, load(tmp_path / "saved"))
+    x = torch.randint(0, 64, (1, 7))
+    with torch.inference_mode():
+        assert torch.equal(g(x).logits, a(x).logits)
+
+
 def test_a_folder_whose_config_transformers_cannot_read_says_what_to_do(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     src = tmp_path / "custom"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,31 @@ def test_compiled_model_matches_eager(dtype: torch.dtype) -> None:
         for _ in range(3):  # first call traces, later ones run the compiled frames
             got = compiled(ids)
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_experts_run_eagerly_between_graphs(dtype: torch.dtype) -> None:
+    """QuantExperts' routing is data-dependent and its projections call the kernels directly:
+    under torch.compile its forward runs eagerly (a graph break), the same bits as eager."""
+    import linquant as lq
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_experts import Block
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Block(hidden=64, inter=64).eval()
+    lq.quantize_model(model, "int4-asym-g32-fp16")
+    model.to(dtype)
+    x = torch.randn(9, 64, dtype=dtype)
+    with torch.no_grad():
+        want = model(x)
+        compiled = torch.compile(model, backend="eager")
+        for _ in range(3):
+            assert torch.equal(compiled(x), want)
+        torch._dynamo.reset()  # (the frames compiled above would be reused)
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="disable"):
+            torch.compile(model, backend="eager", fullgraph=True)(x)
 
 
 @pytest.mark.slow

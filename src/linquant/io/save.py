@@ -189,6 +189,9 @@ class ShardWriter:
 def module_entry(module: QuantModule) -> dict[str, Any]:
     """What a loader needs to rebuild ``module`` from its float counterpart."""
     entry: dict[str, Any] = {"type": type(module).__name__, "scheme": str(module.scheme)}
+    if type(module).__name__ == "QuantExpertsProj":
+        entry["num_experts"] = int(getattr(module, "num_experts"))  # noqa: B009
+        entry["transposed"] = bool(module.stored_transposed)
     activation = getattr(module, "activation", None)
     if activation is not None:
         entry["activation"] = activation
@@ -418,6 +421,49 @@ def _skeleton(float_mod: nn.Module, entry: Any, name: str, where: str) -> QuantM
                           f"{type(float_mod).__name__}: {e}") from None
 
 
+def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str, entry: Any,
+                      where: str, wrapped: dict[int, nn.Module]) -> None:
+    """Make the projection ``part`` of the experts module ``experts`` (float, or already
+    wrapped) an empty :class:`~linquant.nn.experts.QuantExpertsProj` for the file's entry."""
+    from linquant.nn.experts import QuantExperts, QuantExpertsProj, is_hf_experts
+
+    owner = name.rsplit(".", 1)[0]
+    if not isinstance(experts, QuantExperts):
+        if not is_hf_experts(experts):
+            raise FormatError(f"{where}: module {name!r}: the file has a quantized experts "
+                              f"projection but {owner!r} is a {type(experts).__name__}, not a "
+                              "transformers experts module")
+        wrapper = wrapped.get(id(experts))
+        if wrapper is None:
+            wrapper = wrapped[id(experts)] = QuantExperts.wrap(experts)
+        spot = _owner(model, owner)
+        assert spot is not None
+        setattr(spot[0], spot[1], wrapper)
+        experts = wrapper
+    assert isinstance(experts, QuantExperts)
+    current = experts._modules.get(part)
+    if isinstance(current, QuantExpertsProj) and str(current.scheme) == entry.get("scheme"):
+        return  # loading into a model quantized the same way
+    weight = experts._parameters.get(part)
+    scheme = entry.get("scheme")
+    if not isinstance(weight, torch.Tensor) or not isinstance(scheme, str):
+        raise FormatError(f"{where}: module {name!r}: expected a float 3-D projection {part!r} "
+                          "in the model and a scheme in the file")
+    transposed = bool(getattr(experts, "is_transposed", False))
+    if entry.get("transposed", transposed) != transposed or entry.get(
+            "num_experts", weight.shape[0]) != weight.shape[0]:
+        raise FormatError(f"{where}: module {name!r}: the file's experts "
+                          f"({entry.get('num_experts')}, transposed={entry.get('transposed')}) "
+                          f"are not the model's ({weight.shape[0]}, transposed={transposed})")
+    try:
+        proj = QuantExpertsProj.skeleton(weight, scheme, transposed=transposed, name=name,
+                                         device="meta")
+    except LinquantError as e:
+        raise FormatError(f"{where}: module {name!r}: cannot rebuild QuantExpertsProj: {e}"
+                          ) from None
+    experts.set_projection(part, proj)
+
+
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
     prefix, _, attr = name.rpartition(".")
     try:
@@ -464,11 +510,15 @@ def load_into(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 
     # 1. Swap float layers for quantized skeletons (one object per float module object).
     built: dict[int, QuantModule] = {}
+    wrapped: dict[int, nn.Module] = {}  # id(float experts module) -> its QuantExperts
     for name, entry in ck.modules.items():
         found = _owner(model, name)
         if found is None or not name:
             raise FormatError(f"{where}: module {name!r} of the file is not in the model")
         parent, attr = found
+        if isinstance(entry, dict) and entry.get("type") == "QuantExpertsProj":
+            _experts_skeleton(model, parent, attr, name, entry, where, wrapped)
+            continue
         float_mod = parent._modules.get(attr)
         if float_mod is None:
             raise FormatError(f"{where}: module {name!r} of the file is not in the model")

@@ -43,6 +43,8 @@ from linquant.convert import (
     _largest_divisor_below,
     _matches,
     _patterns,
+    _Plan,
+    _type_name,
     _uses_w8a8,
     plan_model,
 )
@@ -60,6 +62,7 @@ from linquant.io.save import (
     staged_folder,
 )
 from linquant.nn.base import QuantModule
+from linquant.nn.experts import expert_rows
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor, quantize
 
@@ -88,6 +91,7 @@ class _Job:
     note: str
     module: nn.Module | None  # the meta module (model config rule) or None (bare file)
     entry: dict[str, Any]
+    part: str = ""  # a projection of an experts module (linquant.nn.experts)
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
@@ -213,6 +217,9 @@ def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
     for plan in mplan.plans.values():
         mod = plan.module
         assert mod is not None
+        if plan.part:
+            _plan_experts_part(plan, names, jobs, modules, skipped)
+            continue
         w = getattr(mod, "weight", None)
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
         first = plan.names[0]
@@ -259,6 +266,32 @@ def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
 
 
 _Tie = tuple[LayerReport, dict[str, torch.Tensor]]
+
+
+def _plan_experts_part(plan: _Plan, names: set[str], jobs: dict[str, _Job],
+                       modules: dict[str, Any], skipped: list[LayerReport]) -> None:
+    """The job for one projection of an experts module, stored under its own name (a fused
+    ``[E, out, in]`` tensor, as GPT-OSS checkpoints hold them)."""
+    mod = plan.module
+    assert mod is not None
+    w = mod._parameters[plan.part]
+    assert w is not None
+    first = plan.names[0]
+    if plan.reason is not None or plan.config is None or plan.scheme is None:
+        if first in names:
+            skipped.append(LayerReport(first, _type_name(mod), tuple(w.shape), 0, 0,
+                                       reason=plan.reason, note=plan.note))
+        return
+    stored = next((n for n in plan.names if n in names), None)
+    if stored is None:
+        raise LinquantError(f"layer {first!r}: its weight is not in the checkpoint; exclude it "
+                            "to keep it float")
+    entry = {"type": "QuantExpertsProj", "scheme": str(plan.scheme),
+             "num_experts": int(w.shape[0]),
+             "transposed": bool(getattr(mod, "is_transposed", False))}
+    for n in plan.names:
+        modules[n] = entry
+    jobs[stored] = _Job(stored, plan.config, plan.scheme, plan.note, mod, entry, plan.part)
 
 
 def _activation_buffers(name: str, module: nn.Module, entry: dict[str, Any]
@@ -467,17 +500,22 @@ def quantize_checkpoint(
                 if compute_dtype is not None:
                     qt = QuantizedTensor(qt.qdata, qt.scale, qt.zero_point_packed, qt.offset,
                                          qt.scheme, tuple(qt.shape), compute_dtype)
-                tensors, entry = encode_quantized(name, qt)
-                writer.add(tensors, {name: entry})
+                qname = f"{job.module_name}.weight"  # the stored name, or an experts part's
+                tensors, entry = encode_quantized(qname, qt)
+                writer.add(tensors, {qname: entry})
                 for k, v in extra.items():
                     writer.add({f"{job.module_name}.{k}": v}, {})
                 deq = qt.dequantize(torch.float32)
-                conv1d = job.module is not None and _is_conv1d(job.module)
-                ref = _float_like(t, qt.shape, conv1d).float()
+                if job.part:
+                    ref = expert_rows(t, bool(getattr(job.module, "is_transposed", False)))
+                else:
+                    conv1d = job.module is not None and _is_conv1d(job.module)
+                    ref = _float_like(t, qt.shape, conv1d)
+                ref = ref.float()
                 scheme_text = str(cfg) if job.entry["type"] == "W8A8Linear" else \
                     str(QuantConfig(job.scheme, compute_dtype=compute_dtype))
                 rows[job.module_name] = LayerReport(
-                    job.module_name, type(job.module).__name__ if job.module is not None
+                    job.module_name, _type_name(job.module) if job.module is not None
                     else "tensor", tuple(t.shape), sizes[name], qt.nbytes, scheme=scheme_text,
                     bits_per_weight=qt.bits_per_weight, note=job.note)
                 rows[job.module_name].sqnr_db, result.max_error[job.module_name] = \
@@ -530,6 +568,16 @@ def _quantize_one(job: _Job, name: str, t: torch.Tensor
     if job.module is None:
         return quantize(t, job.scheme, name=name), {}
     mod = job.module
+    if job.part:
+        from linquant.nn.experts import QuantExpertsProj
+
+        meta_p = mod._parameters[job.part]
+        if meta_p is not None and tuple(meta_p.shape) != tuple(t.shape):
+            raise LinquantError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "
+                                f"{tuple(meta_p.shape)} in the model built from config.json")
+        proj = QuantExpertsProj.from_float(t, job.scheme, name=job.module_name,
+                                           transposed=bool(getattr(mod, "is_transposed", False)))
+        return proj.qweight, {}
     meta_w = mod._parameters["weight"]
     if meta_w is not None and tuple(meta_w.shape) != tuple(t.shape):
         raise LinquantError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "

@@ -1,0 +1,352 @@
+"""Mixture-of-experts layers: transformers' fused experts, quantized weight-only.
+
+transformers 5 stores the experts of an MoE block (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3,
+GPT-OSS, ... about 70 architectures) as one module whose projections are 3-D parameters, one
+``[out, in]`` matrix per expert: ``gate_up_proj [E, 2I, H]`` (or ``up_proj [E, I, H]`` without a
+gate) and ``down_proj [E, H, I]``, stored ``[E, in, out]`` where the class says
+``is_transposed``. Its decorator (``transformers.integrations.moe.use_experts_implementation``)
+gives every such module the same description: ``num_experts``, ``has_gate``, ``has_bias``
+(``gate_up_proj_bias`` / ``down_proj_bias``, ``[E, out]``), ``is_transposed``,
+``has_post_expert_norm`` and ``_apply_gate`` (how a gated expert combines its gate and up halves).
+transformers' own grouped and batched implementations compute any of them from that description
+alone; so does :class:`QuantExperts`, which is how linquant recognises one (by these
+attributes, without importing transformers).
+
+* :class:`QuantExpertsProj` holds one projection of all experts as a single quantized weight
+  ``[E * out, in]``: expert ``e``'s rows are ``e * out .. (e + 1) * out - 1``, so per-channel
+  scales are per expert and row, groups run along ``in`` within an expert, and the codes of one
+  expert are one contiguous byte range (projections where they would not be are kept float,
+  see :meth:`QuantExpertsProj.cannot_quantize`). Each expert runs through
+  :func:`linquant.kernels.linear_weight_only` with its own kernel cache, so every fast path of
+  a weight-only linear layer serves the experts too. Stored in files as ``<experts>.<proj>``'s
+  ``weight``, like any other quantized layer.
+* :class:`QuantExperts` replaces the experts module: it keeps the module's own attributes,
+  submodules (the activation, a post-expert norm), biases and any projection left float, and
+  routes tokens expert by expert (tokens sorted by expert; only experts that got tokens run).
+
+Weight-only only: a W8A8 config quantizes the experts' weights as the config's weight scheme
+and the report says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from linquant import kernels
+from linquant.errors import LinquantError
+from linquant.nn.base import KernelCache, QuantModule, as_scheme, eager_only, qualified_name
+from linquant.ops.grouping import granules
+from linquant.ops.packing import packed_nbytes
+from linquant.scheme import QuantScheme
+from linquant.tensor import QuantizedTensor, quantize
+
+__all__ = [
+    "QuantExperts",
+    "QuantExpertsProj",
+    "expert_rows",
+    "is_hf_experts",
+    "projection_names",
+]
+
+# what nn.Module.__init__ puts in an instance's __dict__: never copied from the float module
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+
+def projection_names(module: nn.Module) -> tuple[str, str]:
+    """The experts' two projections: ``("gate_up_proj", "down_proj")``, or ``("up_proj",
+    "down_proj")`` for experts without a gate."""
+    return ("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj", "down_proj")
+
+
+def is_hf_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a float transformers experts module (see the module docstring):
+    the decorator's attributes, an ``_apply_gate`` on its class and two 3-D projections."""
+    if isinstance(module, (QuantModule, QuantExperts)):
+        return False
+    flags = ("has_gate", "is_transposed")
+    if not all(isinstance(getattr(module, f, None), bool) for f in flags):
+        return False
+    n = getattr(module, "num_experts", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return False
+    if not callable(getattr(type(module), "_apply_gate", None)):
+        return False
+    for p in projection_names(module):
+        w = module._parameters.get(p)
+        if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != n:
+            return False
+    return True
+
+
+def expert_rows(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The 3-D float projection ``[E, out, in]`` (``[E, in, out]`` when ``transposed``) as the
+    ``[E * out, in]`` matrix that :class:`QuantExpertsProj` quantizes (a copy only when
+    transposed)."""
+    w = weight.transpose(1, 2) if transposed else weight
+    return w.reshape(-1, w.shape[-1])
+
+
+class QuantExpertsProj(QuantModule):
+    """One projection of ``num_experts`` experts, each ``[out_features, in_features]``, as one
+    quantized weight ``[num_experts * out_features, in_features]`` (buffers as any
+    :class:`~linquant.nn.base.QuantModule`). ``layer(x, e)`` is ``x @ W_e^T`` in ``x``'s dtype.
+
+    ``stored_transposed``: the float parameter was ``[E, in, out]``; :attr:`weight` gives it
+    back in that layout."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        scheme: QuantScheme | str,
+        *,
+        transposed: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.num_experts = int(num_experts)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.stored_transposed = bool(transposed)
+        scheme = as_scheme(scheme, self._label())
+        why = self.cannot_quantize((self.num_experts, self.out_features, self.in_features),
+                                   scheme)
+        if why is not None:
+            raise LinquantError(f"{self._label()}: {why}")
+        self._register_qweight((self.num_experts * self.out_features, self.in_features), scheme,
+                               device)
+
+    @staticmethod
+    def cannot_quantize(shape: tuple[int, int, int], scheme: QuantScheme) -> str | None:
+        """Why experts of ``shape`` ``[E, out, in]`` cannot be stored under ``scheme`` with each
+        expert's codes (and packed zero points) on whole bytes, or None."""
+        e, out, k = shape
+        per_expert = out * k
+        if e > 1 and (per_expert * scheme.bits) % 8:
+            return (f"one expert's {out}x{k} codes at {scheme.bits} bits do not fill whole bytes "
+                    "(experts are stored back to back)")
+        g = granules((e * out, k), scheme)
+        if e > 1 and scheme.has_int_zero_point and g.count % e == 0 and (
+                g.count // e * scheme.bits) % 8:
+            return (f"one expert's {g.count // e} zero points at {scheme.bits} bits do not fill "
+                    "whole bytes")
+        return None
+
+    @classmethod
+    def skeleton(
+        cls,
+        weight: torch.Tensor,
+        scheme: QuantScheme | str,
+        *,
+        transposed: bool,
+        name: str = "",
+        device: torch.device | str | None = None,
+    ) -> QuantExpertsProj:
+        """An empty projection shaped for the 3-D float ``weight`` (may be on the meta device)."""
+        if weight.dim() != 3:
+            raise LinquantError(f"{cls.__name__} {name!r}: expected a 3-D experts weight, got "
+                                f"shape {tuple(weight.shape)}")
+        e, a, b = (int(d) for d in weight.shape)
+        out, k = (b, a) if transposed else (a, b)
+        return cls(e, k, out, scheme, transposed=transposed, dtype=weight.dtype, device=device,
+                   name=name)
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, scheme: QuantScheme | str, *, transposed: bool,
+        name: str = "",
+    ) -> QuantExpertsProj:
+        """Quantize the 3-D float projection ``weight`` (``[E, out, in]``, or ``[E, in, out]``
+        when ``transposed``)."""
+        q = cls.skeleton(weight, scheme, transposed=transposed, name=name, device="meta")
+        wname = f"{name}.weight" if name else "weight"
+        q._set_qweight(quantize(expert_rows(weight.detach(), transposed), q.scheme, name=wname))
+        return q
+
+    def _float_weight_shape(self) -> tuple[int, ...]:
+        return (self.num_experts, self.out_features, self.in_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """All experts' weights **dequantized** to ``weight_dtype``, in the float parameter's
+        layout (``[E, out, in]``, or ``[E, in, out]``); a new tensor on every access."""
+        w = self.qweight.dequantize(self.weight_dtype).reshape(self._float_weight_shape())
+        return w.transpose(1, 2) if self.stored_transposed else w
+
+    def expert(self, e: int) -> tuple[QuantizedTensor, KernelCache]:
+        """Expert ``e``'s weight ``[out, in]`` (views of the buffers) and its kernel cache."""
+        cache = self.kernel_cache()
+        views = cache.get("expert_views")
+        qdata = self._buffers["weight_qdata"]
+        if views is None or views[0] is not qdata:
+            cache.clear()
+            views = cache["expert_views"] = (qdata, [self._slice(i) for i in
+                                                     range(self.num_experts)])
+            cache["expert_caches"] = [KernelCache() for _ in range(self.num_experts)]
+        return views[1][e], cache["expert_caches"][e]
+
+    def _slice(self, e: int) -> QuantizedTensor:
+        n_exp, out, k = self.num_experts, self.out_features, self.in_features
+        scheme = self.scheme
+        qdata, scale, zp, offset = self._stored_weight()
+        assert qdata is not None and scale is not None
+        nb = packed_nbytes(out * k, scheme.bits)
+        rows = slice(e * out, (e + 1) * out)
+
+        def per_row(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or t.dim() == 0 or t.shape[0] == 1:
+                return t  # one value for every expert (per tensor, per input channel)
+            return t[rows]
+
+        zp_e = zp
+        if zp is not None and scale.dim() and scale.shape[0] == n_exp * out:
+            count = scale.numel() // n_exp
+            zb = packed_nbytes(count, scheme.bits)
+            zp_e = zp[e * zb:(e + 1) * zb]
+        scale_e = per_row(scale)
+        assert scale_e is not None
+        return QuantizedTensor(qdata[e * nb:(e + 1) * nb], scale_e, zp_e, per_row(offset),
+                               scheme, (out, k), self.weight_dtype)
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """``x [..., in] @ W_expert^T`` in ``x``'s dtype."""
+        x = self._check_last_dim(x, self.in_features)
+        if not 0 <= expert < self.num_experts:
+            raise LinquantError(f"{self._label()}: expert {expert} out of range "
+                                f"0..{self.num_experts - 1}")
+        qt, cache = self.expert(expert)
+        return kernels.linear_weight_only(x, qt, None, cache)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.kernel_cache().clear()  # buffers changed in place
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, scheme={self.scheme}"
+                + (", stored_transposed=True" if self.stored_transposed else ""))
+
+
+class QuantExperts(nn.Module):
+    """A transformers experts module whose projections are :class:`QuantExpertsProj` (or stay
+    float 3-D parameters, when excluded). Built from the float module with :meth:`wrap`; the
+    projections are then set with :meth:`set_projection`.
+
+    ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`` as the float
+    module's: for each token, the sum over its ``k`` experts of the routing weight times the
+    expert's output ``down(gate(up(x)))`` (``_apply_gate`` of the float class, or its
+    activation for experts without a gate; biases and the post-expert norm as the float module
+    has them)."""
+
+    float_class: type
+    num_experts: int
+    has_gate: bool
+    is_transposed: bool
+
+    @classmethod
+    def wrap(cls, experts: nn.Module) -> QuantExperts:
+        """A QuantExperts holding everything of ``experts`` (attributes, parameters, buffers,
+        submodules: the same objects); its projections are still the float parameters."""
+        if not is_hf_experts(experts):
+            raise LinquantError(f"{type(experts).__name__} is not a transformers experts module "
+                                "(expected num_experts, has_gate, is_transposed, _apply_gate and "
+                                "3-D projections)")
+        new = cls()
+        for k, v in vars(experts).items():
+            if k not in _MODULE_STATE and k not in ("float_class",):
+                new.__dict__[k] = v
+        new.training = experts.training
+        new._parameters.update(experts._parameters)
+        new._buffers.update(experts._buffers)
+        new._non_persistent_buffers_set.update(experts._non_persistent_buffers_set)
+        new._modules.update(experts._modules)
+        new.float_class = type(experts)
+        return new
+
+    @classmethod
+    def cannot_convert(cls, experts: nn.Module) -> str | None:
+        """Why ``experts`` cannot be quantized (kept float with this reason), or None."""
+        if getattr(experts, "_is_expert_parallel", False):
+            return "expert-parallel experts (this process holds a shard of them)"
+        return None
+
+    def set_projection(self, part: str, proj: QuantExpertsProj) -> None:
+        """Replace the float projection ``part`` by ``proj`` (the float parameter is dropped)."""
+        if part not in projection_names(self):
+            raise LinquantError(f"QuantExperts: no projection {part!r} (has "
+                                f"{', '.join(projection_names(self))})")
+        self._parameters.pop(part, None)
+        self._modules[part] = proj
+
+    @property
+    def num_quantized(self) -> int:
+        return sum(isinstance(self._modules.get(p), QuantExpertsProj)
+                   for p in projection_names(self))
+
+    def _project(self, part: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        proj = self._modules.get(part)
+        if isinstance(proj, QuantExpertsProj):
+            y: torch.Tensor = proj(x, e)
+        else:
+            w = self._parameters[part]
+            assert w is not None
+            we = w[e]
+            y = x.to(we.dtype) @ we if self.is_transposed else F.linear(x.to(we.dtype), we)
+        if getattr(self, "has_bias", False):
+            bias = getattr(self, f"{part}_bias", None)
+            if isinstance(bias, torch.Tensor):
+                y = y + bias[e].to(y.dtype)
+        return y
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        first, second = projection_names(self)
+        h = self._project(first, e, x)
+        if self.has_gate:
+            h = getattr(self.float_class, "_apply_gate")(self, h)  # noqa: B009
+        else:
+            act: Any = self._modules["act_fn"]
+            h = act(h)
+        y = self._project(second, e, h)
+        if getattr(self, "has_post_expert_norm", False):
+            norm: Any = self._modules["post_expert_norm"]
+            y = norm(y)
+        return y
+
+    @eager_only
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        k = int(top_k_index.shape[-1])
+        ids = top_k_index.reshape(-1)
+        n_exp = int(self.num_experts)
+        order = torch.argsort(ids, stable=True)
+        counts = torch.bincount(ids.clamp(0, n_exp), minlength=n_exp + 1)[:n_exp].tolist()
+        xs = x[order // k]
+        out: torch.Tensor | None = None
+        start = 0
+        for e, c in enumerate(counts):  # ids >= num_experts (expert-parallel sentinels) sort last
+            if not c:
+                continue
+            y = self._expert(e, xs[start:start + c])
+            if out is None:
+                out = y.new_zeros(ids.numel(), y.shape[-1])
+            out[start:start + c] = y
+            start += c
+        if out is None:
+            return torch.zeros_like(hidden_states)
+        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        return unsorted.view(-1, k, out.shape[-1]).sum(dim=1).to(hidden_states.dtype).reshape(
+            shape)
+
+    def extra_repr(self) -> str:
+        return f"float_class={qualified_name(self.float_class)}, num_experts={self.num_experts}"

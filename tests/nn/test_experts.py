@@ -1,0 +1,340 @@
+"""Mixture-of-experts layers (linquant.nn.experts): QuantExpertsProj against per-expert
+quantization and the reference linear, QuantExperts against the float experts' own loop, and the
+whole path through quantize_model, save and load.
+
+``ToyExperts`` has the interface of transformers' fused experts modules (what its
+``use_experts_implementation`` decorator gives them: ``num_experts``, ``has_gate``,
+``is_transposed``, ``has_bias``, ``_apply_gate``) and, as its forward, the token-by-token loop
+of their eager implementation, so these tests need no transformers; tests/test_hf_architectures.py
+and tests/io/test_stream.py run real transformers models."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import linquant as lq
+from linquant.errors import FormatError, LinquantError
+from linquant.nn.experts import (
+    QuantExperts,
+    QuantExpertsProj,
+    expert_rows,
+    is_hf_experts,
+    projection_names,
+)
+from linquant.ops.metrics import sqnr
+from linquant.tensor import quantize
+
+
+class ToyExperts(nn.Module):
+    def __init__(self, num_experts: int = 4, hidden: int = 24, inter: int = 16, *,
+                 has_gate: bool = True, transposed: bool = False, bias: bool = False,
+                 post_norm: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.has_gate, self.is_transposed = num_experts, has_gate, transposed
+        self.has_bias, self.has_post_expert_norm = bias, post_norm
+        self.act_fn = nn.SiLU()
+        up = 2 * inter if has_gate else inter
+        first = "gate_up_proj" if has_gate else "up_proj"
+        shapes = {first: (num_experts, hidden, up) if transposed else (num_experts, up, hidden),
+                  "down_proj": (num_experts, inter, hidden) if transposed
+                  else (num_experts, hidden, inter)}
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.randn(shape) * 0.2))
+            if bias:
+                out = shape[2] if transposed else shape[1]
+                self.register_parameter(f"{name}_bias",
+                                        nn.Parameter(torch.randn(num_experts, out) * 0.1))
+        if post_norm:
+            self.post_expert_norm = nn.LayerNorm(hidden)
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def _linear(self, part: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, part)[e]
+        y = x @ w if self.is_transposed else x @ w.t()
+        return y + getattr(self, f"{part}_bias")[e] if self.has_bias else y
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        first, _ = projection_names(self)
+        for t in range(hidden.shape[0]):
+            for j in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, j])
+                h = self._linear(first, e, hidden[t:t + 1])
+                h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+                y = self._linear("down_proj", e, h)
+                if self.has_post_expert_norm:
+                    y = self.post_expert_norm(y)
+                out[t] += (y * top_k_weights[t, j])[0]
+        return out
+
+
+class Block(nn.Module):
+    """An MoE block: a router picks 2 of the experts per token."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.experts = ToyExperts(**kwargs)
+        hidden = self.experts.down_proj.shape[2 if self.experts.is_transposed else 1]
+        self.router = nn.Linear(hidden, self.experts.num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)
+        w, idx = torch.topk(logits.softmax(-1), 2, dim=-1)
+        return x + self.experts(x, idx, w / w.sum(-1, keepdim=True))
+
+
+def _routing(tokens: int, num_experts: int = 4, k: int = 2) -> tuple[torch.Tensor, ...]:
+    idx = torch.stack([torch.randperm(num_experts)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k)
+    return idx, w / w.sum(-1, keepdim=True)
+
+
+VARIANTS = {
+    "gated": {},
+    "no-gate": {"has_gate": False},
+    "transposed-bias": {"transposed": True, "bias": True},
+    "post-norm": {"post_norm": True},
+}
+
+
+# ---- recognising and wrapping ------------------------------------------------------------------
+def test_recognised_by_the_decorator_interface_only() -> None:
+    assert is_hf_experts(ToyExperts())
+    assert not is_hf_experts(nn.Linear(4, 4))
+    broken = ToyExperts()
+    broken.down_proj = nn.Parameter(torch.zeros(4, 8))  # not 3-D
+    assert not is_hf_experts(broken)
+    assert not is_hf_experts(QuantExperts.wrap(ToyExperts()))
+    with pytest.raises(LinquantError, match="not a transformers experts module"):
+        QuantExperts.wrap(nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_wrapped_float_experts_compute_what_the_module_does(variant: str) -> None:
+    toy = ToyExperts(**VARIANTS[variant])
+    x = torch.randn(7, 24)
+    idx, w = _routing(7)
+    want = toy(x, idx, w)
+    got = QuantExperts.wrap(toy)(x, idx, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_routed_to_no_expert_and_experts_without_tokens() -> None:
+    toy = ToyExperts()
+    wrapped = QuantExperts.wrap(toy)
+    x = torch.randn(3, 24)
+    idx = torch.tensor([[1, 1], [1, 1], [1, 1]])  # experts 0, 2, 3 get nothing
+    w = torch.tensor([[0.5, 0.5]] * 3)
+    torch.testing.assert_close(wrapped(x, idx, w), toy(x, idx, w), rtol=1e-5, atol=1e-6)
+    empty = torch.zeros(0, 24)
+    assert wrapped(empty, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)).shape == (0, 24)
+
+
+# ---- one projection: exact against per-expert quantization -------------------------------------
+SCHEMES = ["int8-sym-ch0", "int4-asym-g8-fp16", "int4-sym-g24", "int3-sym-g8",
+           "int2-asym-ch0", "int5-asymf-g12-bf16", "int4-sym-tensor"]
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_each_expert_is_quantized_as_its_own_matrix(scheme: str, transposed: bool) -> None:
+    toy = ToyExperts(transposed=transposed)
+    w = toy.gate_up_proj.detach()
+    proj = QuantExpertsProj.from_float(w, scheme, transposed=transposed, name="gate_up_proj")
+    assert proj.qweight_shape == (4 * 32, 24)
+    whole = quantize(expert_rows(w, transposed), proj.scheme)
+    for e in range(4):
+        qt, _ = proj.expert(e)
+        we = w[e].t() if transposed else w[e]
+        assert qt.shape == (32, 24)
+        assert torch.equal(qt.dequantize(), whole.dequantize()[e * 32:(e + 1) * 32])
+        if "tensor" not in scheme:  # one scale for every expert otherwise
+            alone = quantize(we.contiguous(), proj.scheme)
+            assert torch.equal(qt.codes(), alone.codes())
+            assert torch.equal(qt.dequantize(), alone.dequantize())
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weight_reads_back_in_the_float_layout(transposed: bool) -> None:
+    toy = ToyExperts(transposed=transposed)
+    proj = QuantExpertsProj.from_float(toy.down_proj, "int8-sym-ch0", transposed=transposed)
+    assert proj.weight.shape == toy.down_proj.shape
+    assert sqnr(toy.down_proj.detach(), proj.weight) > 38
+    with pytest.raises(LinquantError, match="read-only"):
+        proj.weight = toy.down_proj  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+@pytest.mark.parametrize("scheme", ["int8-sym-ch0", "int4-asym-g8-fp16", "int4-sym-g24-bf16"])
+def test_expert_linear_equals_the_reference(scheme: str, tokens: int, dtype: torch.dtype) -> None:
+    toy = ToyExperts()
+    proj = QuantExpertsProj.from_float(toy.gate_up_proj, scheme, transposed=False)
+    deq = proj.weight.float()
+    x = torch.randn(tokens, 24).to(dtype)
+    for e in (0, 3):
+        want = F.linear(x.float(), deq[e])
+        got = proj(x, e)
+        assert got.dtype == dtype
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.integers(2, 8), sym=st.booleans(), experts=st.integers(1, 5),
+       out=st.sampled_from([2, 6, 8]), group=st.sampled_from([4, 8, 16]),
+       seed=st.integers(0, 2**16))
+def test_expert_slices_cover_the_stored_weight(bits: int, sym: bool, experts: int, out: int,
+                                                group: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    w = torch.randn(experts, out, 16)
+    scheme = f"int{bits}-{'sym' if sym else 'asym'}-g{group}"
+    why = QuantExpertsProj.cannot_quantize((experts, out, 16), lq.QuantScheme.parse(scheme))
+    if why is not None:
+        with pytest.raises(LinquantError, match="whole bytes"):
+            QuantExpertsProj.from_float(w, scheme, transposed=False)
+        return
+    proj = QuantExpertsProj.from_float(w, scheme, transposed=False)
+    joined = torch.cat([proj.expert(e)[0].dequantize() for e in range(experts)])
+    assert torch.equal(joined, proj.qweight.dequantize())
+
+
+def test_experts_whose_codes_do_not_fill_whole_bytes_stay_float() -> None:
+    scheme = lq.QuantScheme.parse("int3-sym-ch0")
+    assert "whole bytes" in (QuantExpertsProj.cannot_quantize((2, 5, 3), scheme) or "")
+    assert QuantExpertsProj.cannot_quantize((1, 5, 3), scheme) is None  # one expert: no slicing
+    model = Block(hidden=4, inter=5)  # per expert: gate_up 10x4 (120 bits), down 4x5 (60 bits)
+    report = lq.quantize_model(model, "int3-sym-ch0")
+    assert report["experts.gate_up_proj"].quantized
+    assert "whole bytes" in (report["experts.down_proj"].reason or "")
+    assert isinstance(model.experts.down_proj, nn.Parameter)
+
+
+def test_projection_errors_name_the_layer() -> None:
+    proj = QuantExpertsProj.from_float(torch.randn(2, 8, 16), "int8-sym-ch0", transposed=False,
+                                       name="blk.experts.down_proj")
+    with pytest.raises(LinquantError, match=r"'blk.experts.down_proj'.*expert 2 out of range"):
+        proj(torch.randn(1, 16), 2)
+    with pytest.raises(LinquantError, match=r"'blk.experts.down_proj'.*\[\.\.\., 16\]"):
+        proj(torch.randn(1, 8), 0)
+    with pytest.raises(LinquantError, match="3-D experts weight"):
+        QuantExpertsProj.from_float(torch.randn(8, 16), "int8-sym-ch0", transposed=False)
+
+
+# ---- quantized experts: accuracy ---------------------------------------------------------------
+# Output SQNR (dB) of QuantExperts vs the float ToyExperts (7 tokens, 2 of 4 experts each), over
+# 20 seeds x the four variants (min / mean): int8-sym-ch0 36.4/41.4, int4-asym-g8-fp16 15.5/20.2
+# (the gate's product doubles the relative error of the first projection).
+EXPERT_FLOORS = {"int8-sym-ch0": 35.0, "int4-asym-g8-fp16": 14.5}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("scheme", list(EXPERT_FLOORS))
+def test_quantized_experts_sqnr_floor(scheme: str, variant: str) -> None:
+    toy = ToyExperts(**VARIANTS[variant])
+    x = torch.randn(7, 24)
+    idx, w = _routing(7)
+    want = toy(x, idx, w)
+    q = QuantExperts.wrap(copy.deepcopy(toy))
+    for part in projection_names(q):
+        q.set_projection(part, QuantExpertsProj.from_float(
+            q._parameters[part], scheme, transposed=q.is_transposed))
+    assert q.num_quantized == 2
+    assert sqnr(want, q(x, idx, w)) > EXPERT_FLOORS[scheme]
+
+
+# ---- the whole path: quantize_model, report, save, load ----------------------------------------
+@pytest.mark.parametrize("transposed", [False, True])
+def test_quantize_model_reports_each_projection(transposed: bool) -> None:
+    model = Block(transposed=transposed)
+    report = lq.quantize_model(model, "w4a16-g32")  # group 32 does not divide hidden 24 / 16
+    rows = {r.name: r for r in report.layers}
+    assert set(rows) == {"experts.gate_up_proj", "experts.down_proj", "router"}
+    up, down = rows["experts.gate_up_proj"], rows["experts.down_proj"]
+    shapes = ((4, 24, 32), (4, 16, 24)) if transposed else ((4, 32, 24), (4, 24, 16))
+    assert (up.type, up.shape, down.shape) == ("ToyExperts", *shapes)
+    assert up.note == "group size 32 -> 24: 32 does not divide in_features 24"
+    assert down.note == "group size 32 -> 16: 32 does not divide in_features 16"
+    assert up.bytes_before == 4 * 32 * 24 * 4
+    assert up.bits_per_weight == pytest.approx(4 + 16 / 24 + 4 / 24)
+    assert up.sqnr_db is not None and up.sqnr_db > 15
+    assert isinstance(model.experts, QuantExperts)
+    assert isinstance(model.experts.down_proj, QuantExpertsProj)
+    assert model.experts.gate_up_proj.scheme.group_size == 24
+    with pytest.raises(LinquantError, match="group size"):
+        lq.quantize_model(Block(), "w4a16-g32", strict=True)
+
+
+def test_excluded_projection_stays_float_and_the_rest_runs() -> None:
+    model = Block()
+    ref = copy.deepcopy(model)
+    report = lq.quantize_model(model, "int8-sym-ch0", exclude=["*.down_proj"])
+    assert report["experts.down_proj"].reason == "excluded by pattern '*.down_proj'"
+    assert isinstance(model.experts.down_proj, nn.Parameter)
+    x = torch.randn(9, 24)
+    assert sqnr(ref(x), model(x)) > 35
+    # a second pass quantizes what was left float
+    again = lq.quantize_model(model, "int8-sym-ch0")
+    assert again["experts.down_proj"].quantized
+    assert "already quantized" in (again["experts.gate_up_proj"].reason or "")
+    assert model.experts.num_quantized == 2
+
+
+def test_w8a8_config_quantizes_experts_weight_only() -> None:
+    model = Block(hidden=32, inter=32)
+    report = lq.quantize_model(model, "w8a8")
+    assert "weight-only: no int8-activation layer for experts" in report[
+        "experts.gate_up_proj"].note
+    assert report["experts.gate_up_proj"].scheme == "int8-sym-ch0-fp32"
+    assert type(model.router).__name__ == "W8A8Linear"
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = Block(transposed=True, bias=True)
+    lq.quantize_model(model, "int4-asym-g8-fp16", exclude=["router"])
+    lq.save(model, tmp_path / "q")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert {"experts.gate_up_proj.weight.qdata", "experts.gate_up_proj.weight.scale",
+            "experts.gate_up_proj.weight.zero_point", "experts.gate_up_proj_bias",
+            "experts.down_proj_bias", "router.weight"} <= keys
+    assert '"num_experts":4' in meta["linquant"] and '"transposed":true' in meta["linquant"]
+    fresh = Block(transposed=True, bias=True)
+    lq.load_into(fresh, tmp_path / "q")
+    assert isinstance(fresh.experts, QuantExperts)
+    x = torch.randn(5, 24)
+    assert torch.equal(model(x), fresh(x))
+    # ... and into a model of other experts the file does not fit
+    with pytest.raises(FormatError, match="not the model's"):
+        lq.load_into(Block(transposed=False, bias=True), tmp_path / "q")
+
+
+def test_copies_dtype_casts_and_kernel_caches() -> None:
+    model = Block()
+    lq.quantize_model(model, "int4-sym-g8")
+    x = torch.randn(6, 24)
+    y = model(x)
+    assert torch.equal(copy.deepcopy(model)(x), y)
+    codes = model.experts.gate_up_proj.weight_qdata.clone()
+    model.to(torch.bfloat16)
+    assert torch.equal(model.experts.gate_up_proj.weight_qdata, codes)
+    assert model(x.bfloat16()).dtype == torch.bfloat16
+    assert lq.nn.clear_kernel_caches(model) >= 2  # each projection's expert views and caches
+    assert sqnr(y, model(x.bfloat16()).float()) > 25
