@@ -599,3 +599,24 @@ def test_a_layer_its_quantized_class_cannot_take_is_planned_float() -> None:
                                   "forward, which a quantized table cannot do")
     assert isinstance(model[1], nn.Embedding)
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
+
+
+def test_compute_dtype_keeps_buffers_the_model_does_not_persist() -> None:
+    """A rotary table computed at construction stays fp32, as in a model loaded in bf16 (by
+    transformers or linquant.load, which build it anew); persistent float buffers are cast."""
+
+    class Rotary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+            self.register_buffer("inv_freq", torch.rand(8), persistent=False)
+            self.register_buffer("running", torch.rand(8))
+            self.register_buffer("ids", torch.arange(8), persistent=False)
+
+    m = Rotary()
+    table = m.inv_freq.clone()
+    report = quantize_model(m, "w8a16")
+    assert report.compute_dtype == torch.bfloat16
+    assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, table)
+    assert m.running.dtype == torch.bfloat16 and m.ids.dtype == torch.int64
+    assert m.fc.bias.dtype == torch.bfloat16

@@ -35,7 +35,11 @@ Rules (each one shows up in the report, nothing is skipped silently):
   model plus one layer.
 * **compute_dtype** (``w8a16``): after swapping, the model is cast with
   ``model.to(compute_dtype)``; quantized layers keep their codes and scales and compute in that
-  dtype. Feed it inputs of that dtype (token ids need nothing).
+  dtype. Feed it inputs of that dtype (token ids need nothing). Float buffers that the model
+  does not persist (a rotary embedding's ``inv_freq``, computed at construction) keep their
+  dtype, as they have in a model loaded in that dtype by transformers or by ``linquant.load``
+  (where they are built anew): cast to bf16 they would lose precision and the quantized model
+  would compute differently in memory than after a save and load.
 """
 
 from __future__ import annotations
@@ -789,12 +793,21 @@ def quantize_model(
     shared.clear()
     wrappers.clear()
     if compute_dtype is not None:
-        model.to(compute_dtype)
+        _cast(model, compute_dtype)
     report.bytes_after = model_nbytes(model)
     report.unmatched_patterns = tuple(
         p for p in mplan.patterns if p not in mplan.used and p != "*"
     )
     return report
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)``, keeping the dtype of float buffers the model does not persist."""
+    kept = [(m, n, b) for m in model.modules() for n, b in m._buffers.items()
+            if n in m._non_persistent_buffers_set and b is not None and b.is_floating_point()]
+    model.to(dtype)
+    for m, n, b in kept:
+        m._buffers[n] = b
 
 
 def _type_name(module: nn.Module) -> str:

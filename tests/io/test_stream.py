@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -272,22 +273,69 @@ def test_checkpoint_names_are_mapped_as_transformers_loads_them(tmp_path: Path) 
         assert torch.equal(g(x).logits, a(x).logits)
 
 
-def test_checkpoint_tensors_merged_while_loading_are_refused(tmp_path: Path) -> None:
+def _per_expert_checkpoint(tmp_path: Path, kind: str) -> tuple[Any, Path]:
+    """A tiny MoE model saved by transformers 5, which writes its fused experts back as one
+    tensor per expert (the layout Mixtral and Qwen3-MoE are published in)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("transformers.conversion_mapping")  # transformers 5: fused experts
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
-    transformers.MixtralForCausalLM(config).save_pretrained(str(tmp_path / "src"))
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2)
+    if kind == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            num_local_experts=4, **small))
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            num_experts=4, moe_intermediate_size=64, head_dim=8, **small))
+    src = tmp_path / kind
+    model.save_pretrained(str(src))
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
-        per_expert = any(".experts.0." in k for k in f.keys())  # noqa: SIM118
-    if not per_expert:
-        pytest.skip("this transformers saves the fused experts as they are in the model")
-    with pytest.raises(LinquantError, match="combined by transformers while loading"):
-        quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w8a32")
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        if not any(".experts.0." in k for k in f.keys()):  # noqa: SIM118
+            pytest.skip("this transformers saves the fused experts as they are in the model")
+    return model.eval(), src
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_per_expert_checkpoints_are_stacked_into_fused_experts(tmp_path: Path,
+                                                               kind: str) -> None:
+    model, src = _per_expert_checkpoint(tmp_path, kind)
+    res = quantize_checkpoint(src, tmp_path / "q", "w4a16-g32", exclude=["*.0.*.down_proj"])
+    assert "stacked into 4 fused experts projection(s)" in res.rule
+    up = res.report["model.layers.0.mlp.experts.gate_up_proj"]
+    assert (up.shape, up.bits_per_weight) == ((4, 128, 32), 4.625)
+    assert up.bytes_before == 2 * 4 * 64 * 32 * 4  # gate and up of 4 experts, fp32
+    assert res.report["model.layers.0.mlp.experts.down_proj"].reason == (
+        "excluded by pattern '*.0.*.down_proj'")
+    assert res.report["model.layers.1.mlp.experts.down_proj"].quantized
+    quantize_model(model, "w4a16-g32", exclude=["*.0.*.down_proj"])
+    save(model, tmp_path / "saved")
+    a, b = load(tmp_path / "q"), load(tmp_path / "saved")
+    _same_state(a, b)
+    x = torch.randint(0, 64, (1, 7))
+    with torch.inference_mode():
+        assert torch.equal(a(x).logits, b(x).logits)
+        assert torch.equal(model(x).logits, a(x).logits)
+
+
+def test_per_expert_checkpoints_that_cannot_be_stacked_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, src = _per_expert_checkpoint(tmp_path, "mixtral")
+    from safetensors.torch import load_file
+
+    import linquant.io.stream as stream
+
+    monkeypatch.setattr(stream, "_merge_rule", lambda converter: None)  # an unknown operation
+    with pytest.raises(LinquantError, match="in a way linquant quantize cannot repeat"):
+        quantize_checkpoint(src, tmp_path / "q", "w8a32")
+    assert not (tmp_path / "q").exists()
+    monkeypatch.undo()
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(LinquantError, match=r"experts.down_proj: the checkpoint holds"):
+        quantize_checkpoint(src, tmp_path / "q", "w8a32")
     assert not (tmp_path / "q").exists()
 
 

@@ -2,7 +2,9 @@
 
 Peak memory is about the largest tensor plus one output shard, not the model: tensors are read
 one at a time with ``safe_open``, quantized, and written shard by shard (:class:`ShardWriter`),
-in a staging folder renamed onto the destination at the end.
+in a staging folder renamed onto the destination at the end. (MoE checkpoints stored one tensor
+per expert are the exception: transformers stacks them into fused projections while loading,
+and so does the stream, holding one layer's experts at a time; see :class:`_Merge`.)
 
 Which tensors are quantized, and how, is decided as :func:`linquant.quantize_model` decides:
 
@@ -157,13 +159,55 @@ def _build_meta_model(folder: Path) -> nn.Module | None:
     return model
 
 
-def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path) -> dict[str, str]:
+@dataclass
+class _Merge:
+    """Checkpoint tensors that transformers merges into one of the model's (per-expert MoE
+    weights into a fused experts projection): stacked over the experts, the patterns' stacks
+    then concatenated along ``dim 1`` (gate, up) where there are several."""
+
+    target: str
+    patterns: int  # how many source patterns (2: gate and up)
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (pattern, expert)
+    got: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def add(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
+        """Keep ``t``; the merged tensor once every source is in (the sources are dropped)."""
+        self.got[self.sources[name]] = t
+        if len(self.got) < len(self.sources):
+            return None
+        experts = len(self.sources) // self.patterns
+        try:
+            stacks = [torch.stack([self.got.pop((j, e)) for e in range(experts)])
+                      for j in range(self.patterns)]
+        except KeyError:
+            raise LinquantError(f"{self.target}: the checkpoint's per-expert tensors are not "
+                                f"experts 0..{experts - 1} of {self.patterns} pattern(s)") from None
+        return stacks[0] if self.patterns == 1 else torch.cat(stacks, dim=1)
+
+
+def _merge_rule(converter: Any) -> int | None:
+    """How many source patterns a transformers ``WeightConverter`` stacks per expert, when its
+    operations are the ones :class:`_Merge` repeats (``MergeModulelist(dim=0)``, then
+    ``Concatenate(dim=1)`` for several patterns); None for any other conversion."""
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    patterns = list(converter.source_patterns)
+    if len(patterns) == 1 and ops == [("MergeModulelist", 0)]:
+        return 1
+    if len(patterns) > 1 and ops == [("MergeModulelist", 0), ("Concatenate", 1)]:
+        return len(patterns)
+    return None
+
+
+def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path
+                        ) -> tuple[dict[str, str], dict[str, _Merge]]:
     """Stored tensor name -> the model's name for it, for the names transformers (5 and later)
     renames while loading: its conversion rules for the architecture (GPT-NeoX's
     ``embed_out`` is the model's ``lm_head``), legacy names (``gamma`` / ``beta``) and the base
-    model prefix. Checkpoint tensors that a rule merges or splits (fused MoE experts) cannot be
-    streamed one at a time: :class:`LinquantError`. Empty with transformers 4, which loads
-    checkpoints under the model's own names."""
+    model prefix; and the merges: per-expert MoE tensors that transformers stacks into a fused
+    experts projection (Mixtral's ``experts.{e}.w1/w3.weight`` into ``experts.gate_up_proj``),
+    by the model's name. A checkpoint tensor that any other rule combines or splits cannot be
+    streamed: :class:`LinquantError`. Empty with transformers 4, which loads checkpoints under
+    the model's own names."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
@@ -172,9 +216,10 @@ def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path) -> dict[
             rename_source_key,
         )
     except ImportError:
-        return {}
+        return {}, {}
     renames: dict[str, str] = {}
-    merged: list[str] = []
+    merges: dict[str, _Merge] = {}
+    refused: list[str] = []
     try:  # private API of transformers: where it changes, names stay as stored
         transforms = get_model_conversion_mapping(cast(Any, model))
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -182,22 +227,60 @@ def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path) -> dict[
         prefix = getattr(model, "base_model_prefix", None) or None
         meta = model.state_dict()  # on the meta device: names and shapes only
         for name in stored:
-            new, converter = rename_source_key(name, renamings, converters, prefix, meta)
-            if converter is not None:
-                merged.append(f"{name} -> {new}")
-            elif new != name:
-                renames[name] = new
+            new, pattern = rename_source_key(name, renamings, converters, prefix, meta)
+            if pattern is None:
+                if new != name:
+                    renames[name] = new
+                continue
+            where = _merge_source(name, new, pattern, converters, renamings, meta, merges)
+            if where is None:
+                refused.append(f"{name} -> {new}")
     except (TypeError, AttributeError, ValueError, KeyError):
-        return {}
-    if merged:
+        return {}, {}
+    if refused:
         raise LinquantError(
-            f"{src}: {len(merged)} tensor(s) are combined by transformers while loading "
-            f"{type(model).__name__} (e.g. {merged[0]}), which linquant quantize cannot do "
-            "tensor by tensor; load the model with transformers, then linquant.quantize_model "
-            "and linquant.save")
+            f"{src}: {len(refused)} tensor(s) are combined by transformers while loading "
+            f"{type(model).__name__} (e.g. {refused[0]}) in a way linquant quantize cannot "
+            "repeat tensor by tensor; load the model with transformers, then "
+            "linquant.quantize_model and linquant.save")
+    for m in merges.values():
+        counts = {j: sum(1 for jj, _ in m.sources.values() if jj == j)
+                  for j in range(m.patterns)}
+        experts = int(meta[m.target].shape[0])
+        if set(counts.values()) != {experts}:
+            raise LinquantError(f"{src}: {m.target}: the checkpoint holds {counts} per-expert "
+                                f"tensors per pattern for {experts} experts")
     if len(set(renames.values()) | (set(stored) - set(renames))) < len(stored):
         raise LinquantError(f"{src}: transformers' renaming rules map two tensors to one name")
-    return renames
+    return renames, merges
+
+
+def _merge_source(name: str, new: str, pattern: str, converters: list[Any],
+                  renamings: list[Any], meta: dict[str, torch.Tensor],
+                  merges: dict[str, _Merge]) -> tuple[int, int] | None:
+    """Record the stored ``name`` as expert ``e`` of pattern ``j`` of the merge into ``new``;
+    None where the conversion is not such a merge."""
+    import re
+
+    from transformers.core_model_loading import rename_source_key
+
+    converter = next((c for c in converters if pattern in list(c.source_patterns)), None)
+    if converter is None:
+        return None
+    n_patterns = _merge_rule(converter)
+    target = meta.get(new)
+    if n_patterns is None or target is None or target.dim() != 3 or pattern.count("*") != 1:
+        return None
+    renamed, _ = rename_source_key(name, renamings, [])
+    regex = re.escape(pattern).replace(r"\*", r"(\d+)")
+    found = re.search(regex, renamed)
+    if found is None:
+        return None
+    j = list(converter.source_patterns).index(pattern)
+    where = (j, int(found.group(1)))
+    merge = merges.setdefault(new, _Merge(new, n_patterns))
+    merge.sources[name] = where
+    return where
 
 
 def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
@@ -446,13 +529,15 @@ def quantize_checkpoint(
         source = read_tensors(infos)
     folder = src_p if src_p.is_dir() else None
     meta_model = _build_meta_model(folder) if folder is not None else None
-    renames = _checkpoint_renames(meta_model, [i.name for i in infos], src_p) \
-        if meta_model is not None else {}
+    renames, merges = _checkpoint_renames(meta_model, [i.name for i in infos], src_p) \
+        if meta_model is not None else ({}, {})
+    merge_of = {n: m for m in merges.values() for n in m.sources}
     if renames:
         source = ((renames.get(n, n), t) for n, t in source)
 
     def model_name(info: TensorInfo) -> str:
-        return renames.get(info.name, info.name)
+        m = merge_of.get(info.name)
+        return m.target if m is not None else renames.get(info.name, info.name)
 
     names = {model_name(i) for i in infos}
 
@@ -466,6 +551,10 @@ def quantize_checkpoint(
             first = next(iter(renames.items()))
             rule += (f"; {len(renames)} tensor name(s) mapped to the model's as transformers "
                      f"maps them while loading (e.g. {first[0]} -> {first[1]})")
+        if merges:
+            rule += (f"; {len(merge_of)} per-expert tensor(s) stacked into {len(merges)} fused "
+                     "experts projection(s) as transformers does while loading (one layer's "
+                     "experts held at a time)")
         kind = {"kind": "sentence-transformers" if (src_p / "modules.json").is_file()
                 else "transformers", "class": type(meta_model).__name__}
     else:
@@ -477,8 +566,11 @@ def quantize_checkpoint(
     report = ModelReport(bytes_before=sum(i.nbytes for i in infos), compute_dtype=compute_dtype)
     result = StreamResult(report, rule)
     rows: dict[str, LayerReport] = {r.name: r for r in skipped}
-    sizes = {model_name(i): i.nbytes for i in infos}
+    sizes: dict[str, int] = {}
+    for info in infos:
+        sizes[model_name(info)] = sizes.get(model_name(info), 0) + info.nbytes
     meta = {"modules": modules, "aliases": aliases, "model": kind}
+    stored_sizes = {i.name: i.nbytes for i in infos}
     bar = _progress(sum(sizes.values()), len(infos), progress)
     with staged_folder(dst_p, overwrite=overwrite) as tmp:
         copied = _copy_side_files(folder, tmp) if folder is not None else []
@@ -486,7 +578,8 @@ def quantize_checkpoint(
             rows[row.name] = row
             report.bytes_before += row.bytes_before
         writer = ShardWriter(tmp, limit, meta)
-        for i, (name, t) in enumerate(source):
+
+        def emit(name: str, t: torch.Tensor) -> None:
             job = jobs.get(name)
             if job is None:
                 if compute_dtype is not None and t.is_floating_point():
@@ -521,8 +614,21 @@ def quantize_checkpoint(
                 rows[job.module_name].sqnr_db, result.max_error[job.module_name] = \
                     _errors(ref, deq)
                 del qt, deq, ref
+
+        for i, (name, t) in enumerate(source):
+            merge = merge_of.get(name)
+            if merge is None:
+                emit(name, t)
+            else:
+                fused = merge.add(name, t)
+                if fused is not None:
+                    emit(merge.target, fused)
+                    del fused
             del t
-            bar.update(sizes.get(name, 0), i + 1)
+            bar.update(stored_sizes.get(name, sizes.get(name, 0)), i + 1)
+        left = [m.target for m in merges.values() if m.got]
+        if left:
+            raise LinquantError(f"{src_p}: the per-expert tensors of {left[0]} ended incomplete")
         for _, extra in ties.values():  # a tied static W8A8 head's own input scale
             if extra:
                 writer.add(extra, {})
