@@ -28,9 +28,9 @@ ARCHITECTURES = {
     "falcon": 14, "gpt2": 14, "gptj": 12, "gpt_neox": 12, "bloom": 16, "opt": 12, "bart": 30,
     "t5": 14, "roberta": 16, "deberta-v2": 17, "gpt_bigcode": 14, "mpt": 12,
     # mixture of experts (transformers 5: fused experts, linquant.nn.experts)
-    "mixtral": 16, "qwen3_moe": 14, "gpt_oss": 12, "olmoe": 15, "phimoe": 14,
+    "mixtral": 16, "qwen3_moe": 14, "gpt_oss": 12, "olmoe": 15, "phimoe": 14, "llama4_text": 12,
 }
-MOE = ("mixtral", "qwen3_moe", "gpt_oss", "olmoe", "phimoe")
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "olmoe", "phimoe", "llama4_text")
 
 
 def _build(model_type: str) -> tuple[Any, Any, dict[str, torch.Tensor], bool]:

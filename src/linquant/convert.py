@@ -518,7 +518,7 @@ def _decide_experts(
 ) -> tuple[QuantConfig | None, QuantScheme | None, str | None, str]:
     """:func:`_decide` for the projection ``part`` of an experts module (``name`` is the
     projection's: ``...experts.gate_up_proj``)."""
-    from linquant.nn.experts import QuantExperts, QuantExpertsProj
+    from linquant.nn.experts import QuantExperts, QuantExpertsProj, experts_transposed
 
     config, why = _select(name, pairs, include, exclude, used, keep_float)
     if config is None:
@@ -533,7 +533,7 @@ def _decide_experts(
     if not w.is_floating_point():
         return None, None, f"weight dtype {w.dtype} is not float", ""
     e, a, b = (int(d) for d in w.shape)
-    out, k = (b, a) if module.is_transposed else (a, b)
+    out, k = (b, a) if experts_transposed(module) else (a, b)
     scheme, note = _group_fallback(name, config.weight, k, "in_features", refusals)
     refusal = QuantExpertsProj.cannot_quantize((e, out, k), scheme)
     if refusal is not None:
@@ -836,13 +836,13 @@ def _quantize_experts_part(model: nn.Module, parents: Mapping[str, nn.Module], p
                            row: LayerReport, wrappers: dict[int, nn.Module]) -> None:
     """Quantize one projection of an experts module: the module is replaced by its
     :class:`~linquant.nn.experts.QuantExperts` (once), which then takes the projection."""
-    from linquant.nn.experts import QuantExperts, QuantExpertsProj, expert_rows
+    from linquant.nn.experts import QuantExperts, QuantExpertsProj, expert_rows, experts_transposed
 
     module, part = plan.module, plan.part
     assert module is not None and plan.config is not None and plan.scheme is not None
     w = module._parameters[part]
     assert w is not None
-    transposed = bool(getattr(module, "is_transposed", False))
+    transposed = experts_transposed(module)
     new = QuantExpertsProj.from_float(w, plan.scheme, transposed=transposed, name=plan.names[0])
     qw = new.qweight
     row.bits_per_weight = qw.bits_per_weight

@@ -435,7 +435,7 @@ def _conv1d_weights(path: Path) -> tuple[set[str], dict[str, bool], str]:
         return set(), {}, ""
     from linquant.io.stream import _build_meta_model
     from linquant.nn.base import is_hf_conv1d
-    from linquant.nn.experts import is_hf_experts, projection_names
+    from linquant.nn.experts import experts_transposed, is_hf_experts, projection_names
 
     try:
         model = _build_meta_model(path)
@@ -446,7 +446,7 @@ def _conv1d_weights(path: Path) -> tuple[set[str], dict[str, bool], str]:
                            f"{type(e).__name__}: {e}")
     if model is None:
         return set(), {}, ""
-    experts = {f"{n}.{p}": bool(m.is_transposed) for n, m in model.named_modules()
+    experts = {f"{n}.{p}": experts_transposed(m) for n, m in model.named_modules()
                if is_hf_experts(m) for p in projection_names(m)}
     # their biases ([E, out]: not weight matrices, kept float by quantize_model)
     experts.update({f"{p}_bias": False for p in list(experts)})

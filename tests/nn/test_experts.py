@@ -338,3 +338,60 @@ def test_copies_dtype_casts_and_kernel_caches() -> None:
     assert model(x.bfloat16()).dtype == torch.bfloat16
     assert lq.nn.clear_kernel_caches(model) >= 2  # each projection's expert views and caches
     assert sqnr(y, model(x.bfloat16()).float()) > 25
+
+
+# ---- experts that run on every token (Llama 4's layout) ----------------------------------------
+class ToyDenseExperts(nn.Module):
+    """Llama4TextExperts' layout: tokens arrive [E * T, H] (each copy scaled by its router
+    score), weights [E, in, out], the default gate."""
+
+    def __init__(self, num_experts: int = 3, hidden: int = 16, inter: int = 8) -> None:
+        super().__init__()
+        self.num_experts, self.hidden_size = num_experts, hidden
+        self.gate_up_proj = nn.Parameter(torch.randn(num_experts, hidden, 2 * inter) * 0.2)
+        self.down_proj = nn.Parameter(torch.randn(num_experts, inter, hidden) * 0.2)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.view(self.num_experts, -1, self.hidden_size)
+        gate, up = torch.bmm(x, self.gate_up_proj).chunk(2, dim=-1)
+        return torch.bmm(up * self.act_fn(gate), self.down_proj).view(-1, self.hidden_size)
+
+
+class DenseBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = ToyDenseExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x.repeat(3, 1)).view(3, -1, 16).sum(0)
+
+
+@pytest.fixture
+def dense_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    import linquant.nn.experts as experts
+
+    name = f"{ToyDenseExperts.__module__}.{ToyDenseExperts.__qualname__}"
+    monkeypatch.setattr(experts, "DENSE_EXPERTS", (*experts.DENSE_EXPERTS, name))
+
+
+def test_dense_experts_quantize_save_and_load(tmp_path: Path, dense_registered: None) -> None:
+    from linquant.nn.experts import experts_transposed
+
+    model = DenseBlock()
+    assert is_hf_experts(model.experts) and experts_transposed(model.experts)
+    x = torch.randn(5, 16)
+    want = model(x)
+    wrapped = QuantExperts.wrap(copy.deepcopy(model.experts))
+    assert wrapped.dense_dispatch
+    torch.testing.assert_close(wrapped(x.repeat(3, 1)), model.experts(x.repeat(3, 1)),
+                               rtol=1e-5, atol=1e-6)
+    report = lq.quantize_model(model, "int8-sym-ch0")
+    assert report["experts.gate_up_proj"].shape == (3, 16, 16)
+    assert report["experts.gate_up_proj"].quantized and report["experts.down_proj"].quantized
+    assert model.experts.gate_up_proj.stored_transposed
+    assert sqnr(want, model(x)) > 35
+    lq.save(model, tmp_path / "q")
+    fresh = DenseBlock()
+    lq.load_into(fresh, tmp_path / "q")
+    assert torch.equal(fresh(x), model(x))

@@ -425,7 +425,12 @@ def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str
                       where: str, wrapped: dict[int, nn.Module]) -> None:
     """Make the projection ``part`` of the experts module ``experts`` (float, or already
     wrapped) an empty :class:`~linquant.nn.experts.QuantExpertsProj` for the file's entry."""
-    from linquant.nn.experts import QuantExperts, QuantExpertsProj, is_hf_experts
+    from linquant.nn.experts import (
+        QuantExperts,
+        QuantExpertsProj,
+        experts_transposed,
+        is_hf_experts,
+    )
 
     owner = name.rsplit(".", 1)[0]
     if not isinstance(experts, QuantExperts):
@@ -449,7 +454,7 @@ def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str
     if not isinstance(weight, torch.Tensor) or not isinstance(scheme, str):
         raise FormatError(f"{where}: module {name!r}: expected a float 3-D projection {part!r} "
                           "in the model and a scheme in the file")
-    transposed = bool(getattr(experts, "is_transposed", False))
+    transposed = experts_transposed(experts)
     if entry.get("transposed", transposed) != transposed or entry.get(
             "num_experts", weight.shape[0]) != weight.shape[0]:
         raise FormatError(f"{where}: module {name!r}: the file's experts "

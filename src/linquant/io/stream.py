@@ -64,7 +64,7 @@ from linquant.io.save import (
     staged_folder,
 )
 from linquant.nn.base import QuantModule
-from linquant.nn.experts import expert_rows
+from linquant.nn.experts import expert_rows, experts_transposed
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor, quantize
 
@@ -371,7 +371,7 @@ def _plan_experts_part(plan: _Plan, names: set[str], jobs: dict[str, _Job],
                             "to keep it float")
     entry = {"type": "QuantExpertsProj", "scheme": str(plan.scheme),
              "num_experts": int(w.shape[0]),
-             "transposed": bool(getattr(mod, "is_transposed", False))}
+             "transposed": experts_transposed(mod)}
     for n in plan.names:
         modules[n] = entry
     jobs[stored] = _Job(stored, plan.config, plan.scheme, plan.note, mod, entry, plan.part)
@@ -599,8 +599,8 @@ def quantize_checkpoint(
                 for k, v in extra.items():
                     writer.add({f"{job.module_name}.{k}": v}, {})
                 deq = qt.dequantize(torch.float32)
-                if job.part:
-                    ref = expert_rows(t, bool(getattr(job.module, "is_transposed", False)))
+                if job.part and job.module is not None:
+                    ref = expert_rows(t, experts_transposed(job.module))
                 else:
                     conv1d = job.module is not None and _is_conv1d(job.module)
                     ref = _float_like(t, qt.shape, conv1d)
@@ -682,7 +682,7 @@ def _quantize_one(job: _Job, name: str, t: torch.Tensor
             raise LinquantError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "
                                 f"{tuple(meta_p.shape)} in the model built from config.json")
         proj = QuantExpertsProj.from_float(t, job.scheme, name=job.module_name,
-                                           transposed=bool(getattr(mod, "is_transposed", False)))
+                                           transposed=experts_transposed(mod))
         return proj.qweight, {}
     meta_w = mod._parameters["weight"]
     if meta_w is not None and tuple(meta_w.shape) != tuple(t.shape):

@@ -24,6 +24,11 @@ attributes, without importing transformers).
   submodules (the activation, a post-expert norm), biases and any projection left float, and
   routes tokens expert by expert (tokens sorted by expert; only experts that got tokens run).
 
+Llama 4's experts (``Llama4TextExperts``) predate that interface and have a layout of their own:
+every expert runs on every token (the block hands them ``[E * T, H]``, each copy already scaled
+by its router score) with weights stored ``[E, in, out]``; they are recognised by class
+(:data:`DENSE_EXPERTS`) and wrapped the same way.
+
 Weight-only only: a W8A8 config quantizes the experts' weights as the config's weight scheme
 and the report says so.
 """
@@ -45,12 +50,18 @@ from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor, quantize
 
 __all__ = [
+    "DENSE_EXPERTS",
     "QuantExperts",
     "QuantExpertsProj",
     "expert_rows",
+    "experts_transposed",
     "is_hf_experts",
     "projection_names",
 ]
+
+#: experts modules (by ``module.QualName``) whose experts each run on every token, the block
+#: having laid the tokens out ``[E * T, H]``, with weights ``[E, in, out]`` and the default gate
+DENSE_EXPERTS = ("transformers.models.llama4.modeling_llama4.Llama4TextExperts",)
 
 # what nn.Module.__init__ puts in an instance's __dict__: never copied from the float module
 _MODULE_STATE = frozenset(vars(nn.Module()))
@@ -62,15 +73,31 @@ def projection_names(module: nn.Module) -> tuple[str, str]:
     return ("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj", "down_proj")
 
 
+def _is_dense(module: nn.Module) -> bool:
+    return qualified_name(type(module)) in DENSE_EXPERTS
+
+
+def experts_transposed(module: nn.Module) -> bool:
+    """Whether an experts module stores its projections ``[E, in, out]``."""
+    if _is_dense(module) or getattr(module, "dense_dispatch", False):
+        return True
+    return bool(getattr(module, "is_transposed", False))
+
+
 def is_hf_experts(module: nn.Module) -> bool:
     """Whether ``module`` is a float transformers experts module (see the module docstring):
-    the decorator's attributes, an ``_apply_gate`` on its class and two 3-D projections."""
+    the decorator's attributes, an ``_apply_gate`` on its class and two 3-D projections, or
+    one of :data:`DENSE_EXPERTS`."""
     if isinstance(module, (QuantModule, QuantExperts)):
         return False
+    n = getattr(module, "num_experts", None)
+    if _is_dense(module):
+        return isinstance(n, int) and all(
+            isinstance(w := module._parameters.get(p), torch.Tensor) and w.dim() == 3
+            and w.shape[0] == n for p in ("gate_up_proj", "down_proj"))
     flags = ("has_gate", "is_transposed")
     if not all(isinstance(getattr(module, f, None), bool) for f in flags):
         return False
-    n = getattr(module, "num_experts", None)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return False
     if not callable(getattr(type(module), "_apply_gate", None)):
@@ -249,6 +276,9 @@ class QuantExperts(nn.Module):
     num_experts: int
     has_gate: bool
     is_transposed: bool
+    #: one of :data:`DENSE_EXPERTS`: ``forward(hidden_states [E * T, H])``, every expert on its
+    #: ``T`` rows
+    dense_dispatch: bool = False
 
     @classmethod
     def wrap(cls, experts: nn.Module) -> QuantExperts:
@@ -268,6 +298,10 @@ class QuantExperts(nn.Module):
         new._non_persistent_buffers_set.update(experts._non_persistent_buffers_set)
         new._modules.update(experts._modules)
         new.float_class = type(experts)
+        if _is_dense(experts):
+            new.dense_dispatch = True
+            new.has_gate, new.is_transposed = True, True
+            new.__dict__["has_bias"] = False
         return new
 
     @classmethod
@@ -309,7 +343,13 @@ class QuantExperts(nn.Module):
         first, second = projection_names(self)
         h = self._project(first, e, x)
         if self.has_gate:
-            h = getattr(self.float_class, "_apply_gate")(self, h)  # noqa: B009
+            gate_fn = getattr(self.float_class, "_apply_gate", None)
+            if gate_fn is not None:
+                h = gate_fn(self, h)
+            else:  # the default gate (Llama 4's)
+                gate, up = h.chunk(2, dim=-1)
+                act_fn: Any = self._modules["act_fn"]
+                h = up * act_fn(gate)
         else:
             act: Any = self._modules["act_fn"]
             h = act(h)
@@ -320,8 +360,13 @@ class QuantExperts(nn.Module):
         return y
 
     @eager_only
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dense_dispatch:
+            return self._dense_forward(hidden_states)
+        if top_k_index is None or top_k_weights is None:
+            raise LinquantError(f"QuantExperts ({self.float_class.__name__}): expected "
+                                "forward(hidden_states, top_k_index, top_k_weights)")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         k = int(top_k_index.shape[-1])
@@ -348,5 +393,13 @@ class QuantExperts(nn.Module):
         return unsorted.view(-1, k, out.shape[-1]).sum(dim=1).to(hidden_states.dtype).reshape(
             shape)
 
+    def _dense_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Every expert on its rows of ``hidden_states [E * T, H]`` (Llama 4's layout)."""
+        n_exp = int(self.num_experts)
+        x = hidden_states.reshape(n_exp, -1, hidden_states.shape[-1])
+        outs = [self._expert(e, x[e]) for e in range(n_exp)]
+        return torch.stack(outs).reshape(-1, outs[0].shape[-1])
+
     def extra_repr(self) -> str:
-        return f"float_class={qualified_name(self.float_class)}, num_experts={self.num_experts}"
+        return (f"float_class={qualified_name(self.float_class)}, num_experts={self.num_experts}"
+                + (", dense_dispatch=True" if self.dense_dispatch else ""))
