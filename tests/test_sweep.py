@@ -8,6 +8,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -506,24 +507,12 @@ def test_single_file_and_unreadable_config_sweep_as_stored(tmp_path: Path) -> No
     assert broken.rows[0].sqnr_db[name] == single.rows[0].sqnr_db[name]
 
 
-def test_fused_moe_experts_are_swept_as_quantize_model_stores_them(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("transformers.integrations.moe")  # transformers 5: fused experts
-    torch.manual_seed(0)
-    config = transformers.GptOssConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-        num_experts_per_tok=2)
-    g = transformers.GptOssForCausalLM(config).eval()
-    g.save_pretrained(str(tmp_path / "gpt_oss"))
-    from safetensors import safe_open
-
+def test_fused_moe_experts_are_swept_as_quantize_model_stores_them(
+        gpt_oss_checkpoint: tuple[Any, Path]) -> None:
+    g, folder = gpt_oss_checkpoint
     up = "model.layers.0.mlp.experts.gate_up_proj"
-    with safe_open(str(tmp_path / "gpt_oss" / "model.safetensors"), "pt") as f:
-        if up not in set(f.keys()):
-            pytest.skip("this transformers stores GPT-OSS experts per expert")
     grid = [lq.QuantScheme.parse("int4-asym-g32-fp16")]
-    res = sweep(tmp_path / "gpt_oss", grid, progress=False)
+    res = sweep(folder, grid, progress=False)
     down = "model.layers.0.mlp.experts.down_proj"
     assert sorted(res.experts) == [down, up]
     assert res.skipped[f"{up}_bias"] == "bias of fused MoE experts (kept float)"

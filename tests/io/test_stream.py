@@ -339,30 +339,17 @@ def test_per_expert_checkpoints_that_cannot_be_stacked_are_refused(
     assert not (tmp_path / "q").exists()
 
 
-def test_fused_experts_stored_as_they_are_in_the_model_are_streamed(tmp_path: Path) -> None:
+def test_fused_experts_stored_as_they_are_in_the_model_are_streamed(
+        tmp_path: Path, gpt_oss_checkpoint: tuple[Any, Path]) -> None:
     """GPT-OSS checkpoints hold each layer's experts as fused 3-D tensors (``[E, in, out]``,
     with biases): streamed projection by projection, equal to quantize_model + save."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("transformers.integrations.moe")  # transformers 5: fused experts
-    torch.manual_seed(0)
-    config = transformers.GptOssConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-        num_experts_per_tok=2)
-    transformers.GptOssForCausalLM(config).save_pretrained(str(tmp_path / "src"))
-    from safetensors import safe_open
-
-    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
-        if "model.layers.0.mlp.experts.gate_up_proj" not in set(f.keys()):
-            pytest.skip("this transformers stores GPT-OSS experts per expert")
-    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w4a16-g32",
-                              exclude=["*.down_proj"])
+    g, src = gpt_oss_checkpoint
+    res = quantize_checkpoint(src, tmp_path / "q", "w4a16-g32", exclude=["*.down_proj"])
     up = res.report["model.layers.0.mlp.experts.gate_up_proj"]
     assert (up.type, up.shape, up.bits_per_weight) == ("GptOssExperts", (4, 64, 128), 4.625)
     assert up.sqnr_db is not None and 20 < up.sqnr_db < 25
     down = res.report["model.layers.0.mlp.experts.down_proj"]
     assert down.reason == "excluded by pattern '*.down_proj'" and down.bytes_before > 0
-    g = transformers.GptOssForCausalLM.from_pretrained(str(tmp_path / "src")).eval()
     quantize_model(g, "w4a16-g32", exclude=["*.down_proj"])
     save(g, tmp_path / "saved")
     a = load(tmp_path / "q")
