@@ -145,7 +145,7 @@ def test_tokens_routed_to_no_expert_and_experts_without_tokens() -> None:
 
 # ---- one projection: exact against per-expert quantization -------------------------------------
 SCHEMES = ["int8-sym-ch0", "int4-asym-g8-fp16", "int4-sym-g24", "int3-sym-g8",
-           "int2-asym-ch0", "int5-asymf-g12-bf16", "int4-sym-tensor"]
+           "int2-asym-ch0", "int5-asymf-g12-bf16", "int4-sym-tensor", "int3-asym-ch1"]
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -161,7 +161,7 @@ def test_each_expert_is_quantized_as_its_own_matrix(scheme: str, transposed: boo
         we = w[e].t() if transposed else w[e]
         assert qt.shape == (32, 24)
         assert torch.equal(qt.dequantize(), whole.dequantize()[e * 32:(e + 1) * 32])
-        if "tensor" not in scheme:  # one scale for every expert otherwise
+        if "tensor" not in scheme and "ch1" not in scheme:  # else scales shared by experts
             alone = quantize(we.contiguous(), proj.scheme)
             assert torch.equal(qt.codes(), alone.codes())
             assert torch.equal(qt.dequantize(), alone.dequantize())
@@ -216,6 +216,11 @@ def test_experts_whose_codes_do_not_fill_whole_bytes_stay_float() -> None:
     scheme = lq.QuantScheme.parse("int3-sym-ch0")
     assert "whole bytes" in (QuantExpertsProj.cannot_quantize((2, 5, 3), scheme) or "")
     assert QuantExpertsProj.cannot_quantize((1, 5, 3), scheme) is None  # one expert: no slicing
+    # per input channel: 9 zero points shared by the experts, never sliced (27 bits is fine)
+    shared = lq.QuantScheme.parse("int3-asym-ch1")
+    assert QuantExpertsProj.cannot_quantize((4, 8, 9), shared) is None
+    assert "zero points" in (QuantExpertsProj.cannot_quantize(
+        (4, 1, 8), lq.QuantScheme.parse("int3-asym-g8")) or "")  # 1 per expert
     model = Block(hidden=4, inter=5)  # per expert: gate_up 10x4 (120 bits), down 4x5 (60 bits)
     report = lq.quantize_model(model, "int3-sym-ch0")
     assert report["experts.gate_up_proj"].quantized

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from linquant import kernels
 from linquant.errors import LinquantError
 from linquant.nn.base import KernelCache, QuantModule, as_scheme, eager_only, qualified_name
-from linquant.ops.grouping import granules
+from linquant.ops.grouping import granules, scale_shape
 from linquant.ops.packing import packed_nbytes
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor, quantize
@@ -159,11 +159,12 @@ class QuantExpertsProj(QuantModule):
         if e > 1 and (per_expert * scheme.bits) % 8:
             return (f"one expert's {out}x{k} codes at {scheme.bits} bits do not fill whole bytes "
                     "(experts are stored back to back)")
-        g = granules((e * out, k), scheme)
-        if e > 1 and scheme.has_int_zero_point and g.count % e == 0 and (
-                g.count // e * scheme.bits) % 8:
-            return (f"one expert's {g.count // e} zero points at {scheme.bits} bits do not fill "
-                    "whole bytes")
+        sshape = scale_shape((e * out, k), scheme)
+        if e > 1 and scheme.has_int_zero_point and sshape and sshape[0] == e * out:
+            per_expert = granules((out, k), scheme).count  # zero points sliced per expert
+            if (per_expert * scheme.bits) % 8:
+                return (f"one expert's {per_expert} zero points at {scheme.bits} bits do not "
+                        "fill whole bytes")
         return None
 
     @classmethod
