@@ -400,3 +400,21 @@ def test_dense_experts_quantize_save_and_load(tmp_path: Path, dense_registered: 
     fresh = DenseBlock()
     lq.load_into(fresh, tmp_path / "q")
     assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme", ["int4-asym-g32-fp16", "int4-sym-g128", "int8-sym-ch0"])
+def test_quantized_experts_on_cuda_match_the_cpu(scheme: str) -> None:
+    """On a GPU each expert's call takes the CUDA paths (tinygemm, Triton) of its token count."""
+    torch.manual_seed(0)
+    model = Block(hidden=256, inter=128, num_experts=8).eval()
+    lq.quantize_model(model, scheme)
+    model.to(torch.bfloat16)
+    for tokens in (1, 5, 64):
+        x = torch.randn(tokens, 256, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            want = model(x).float()
+            gpu = copy.deepcopy(model).cuda()
+            got = gpu(x.cuda()).float().cpu()
+        assert sqnr(want, got) > 35, (scheme, tokens)
