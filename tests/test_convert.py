@@ -620,3 +620,25 @@ def test_compute_dtype_keeps_buffers_the_model_does_not_persist() -> None:
     assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, table)
     assert m.running.dtype == torch.bfloat16 and m.ids.dtype == torch.int64
     assert m.fc.bias.dtype == torch.bfloat16
+
+
+def test_a_row_counts_only_the_tensors_its_module_holds_itself() -> None:
+    """GPT-OSS's attention owns its ``sinks`` besides its projections: its row (kept float)
+    counts the sinks, not the projections, which have rows of their own."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sinks = nn.Parameter(torch.zeros(4))
+            self.q_proj = nn.Linear(64, 64, bias=False)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = Attention()
+
+    report = quantize_model(Net(), "w8a32")
+    assert report["attn"].reason == "unsupported type Attention"
+    assert report["attn"].bytes_before == report["attn"].bytes_after == 16
+    assert report["attn.q_proj"].bytes_before == 64 * 64 * 4
+    assert report.bytes_before == 16 + 64 * 64 * 4

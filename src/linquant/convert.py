@@ -259,6 +259,12 @@ def _tensors(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
     return out
 
 
+def _own_nbytes(module: nn.Module) -> int:
+    """Bytes of the tensors ``module`` holds itself (not its submodules'): a layer's row in the
+    report (an attention module that owns a parameter besides its projections counts only it)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(module, recurse=False))
+
+
 def model_nbytes(module: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers, each tensor (or view of the same bytes)
     counted once."""
@@ -742,7 +748,7 @@ def quantize_model(
             before = _experts_part_nbytes(module, plan.part)
         else:
             w = _weight(module)
-            before = model_nbytes(module)
+            before = _own_nbytes(module)
         shape = () if w is None else tuple(w.shape)
         row = LayerReport(name, _type_name(module), shape, before, before,
                           reason=plan.reason, note=plan.note)
@@ -783,7 +789,7 @@ def quantize_model(
         elif id(w) in tied:
             shared[id(w)] = (name, new)
         row.scheme = _scheme_text(plan.config, plan.scheme, module)
-        row.bytes_after = model_nbytes(new)
+        row.bytes_after = _own_nbytes(new)
         for n in plan.names:
             _set_submodule(model, parents, n, new)
         plan.module = None
