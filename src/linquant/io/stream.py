@@ -3,8 +3,9 @@
 Peak memory is about the largest tensor plus one output shard, not the model: tensors are read
 one at a time with ``safe_open``, quantized, and written shard by shard (:class:`ShardWriter`),
 in a staging folder renamed onto the destination at the end. (MoE checkpoints stored one tensor
-per expert are the exception: transformers stacks them into fused projections while loading,
-and so does the stream, holding one layer's experts at a time; see :class:`_Merge`.)
+per expert: transformers stacks them into fused projections while loading, and so does the
+stream, quantizing each expert's tensor into its rows as it is read where the scheme allows,
+else holding one float projection at a time; see :class:`_Merge`.)
 
 Which tensors are quantized, and how, is decided as :func:`linquant.quantize_model` decides:
 
@@ -65,6 +66,8 @@ from linquant.io.save import (
 )
 from linquant.nn.base import QuantModule
 from linquant.nn.experts import expert_rows, experts_transposed
+from linquant.ops.grouping import scale_shape
+from linquant.ops.packing import packed_nbytes
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor, quantize
 
@@ -162,27 +165,107 @@ def _build_meta_model(folder: Path) -> nn.Module | None:
 @dataclass
 class _Merge:
     """Checkpoint tensors that transformers merges into one of the model's (per-expert MoE
-    weights into a fused experts projection): stacked over the experts, the patterns' stacks
-    then concatenated along ``dim 1`` (gate, up) where there are several."""
+    weights into a fused experts projection ``[E, out, in]``): expert ``e`` of source pattern
+    ``j`` is rows ``j * out / patterns ..`` of ``[e]`` (stacked over the experts, the patterns'
+    stacks concatenated along ``dim 1``: gate, then up).
+
+    A merge whose scheme quantizes rows independently (groups, or per output channel) and whose
+    sources fill whole bytes gets its ``scheme`` set: each source is quantized as it arrives
+    into its rows of the merged weight ``[E * out, in]``, so only the quantized projection and
+    one source's temporaries are held (and the error sums are gathered block by block).
+    Otherwise each source is copied into the float merged tensor as it arrives."""
 
     target: str
     patterns: int  # how many source patterns (2: gate and up)
+    shape: tuple[int, int, int]  # the model's [E, out, in]
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (pattern, expert)
-    got: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    seen: set[tuple[int, int]] = field(default_factory=set)
+    merged: torch.Tensor | None = None
+    scheme: QuantScheme | None = None
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    sums: tuple[float, float, float] = (0.0, 0.0, 0.0)  # signal, noise, max |error|
+    dtype: torch.dtype | None = None
 
-    def add(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
-        """Keep ``t``; the merged tensor once every source is in (the sources are dropped)."""
-        self.got[self.sources[name]] = t
-        if len(self.got) < len(self.sources):
+    @property
+    def rows(self) -> int:
+        return self.shape[1] // self.patterns
+
+    def quantize_by_rows(self, scheme: QuantScheme) -> bool:
+        """Switch to quantizing source by source under ``scheme`` where that equals quantizing
+        the merged weight; whether it did."""
+        k = self.shape[2]
+        if not (scheme.granularity == "group" or (
+                scheme.granularity == "channel" and scheme.axis in (0, -2))):
+            return False
+        if (self.rows * k * scheme.bits) % 8:
+            return False
+        per_row = k // (scheme.group_size or k) if scheme.granularity == "group" else 1
+        if scheme.has_int_zero_point and (self.rows * per_row * scheme.bits) % 8:
+            return False
+        self.scheme = scheme
+        return True
+
+    def add(self, name: str, t: torch.Tensor) -> torch.Tensor | QuantizedTensor | None:
+        """Take ``t`` in; the merged tensor (quantized where :attr:`scheme` is set) once every
+        source is in."""
+        j, e = self.sources[name]
+        rows = self.rows
+        if tuple(t.shape) != (rows, self.shape[2]) or not t.is_floating_point() or (
+                self.dtype is not None and t.dtype != self.dtype):
+            raise LinquantError(f"{name}: {t.dtype} {tuple(t.shape)} cannot be expert {e} of "
+                                f"{self.target} {list(self.shape)}")
+        self.dtype = t.dtype
+        if self.scheme is not None:
+            self._add_quantized((e * self.patterns + j) * rows, t, name)
+        else:
+            if self.merged is None:
+                self.merged = torch.empty(self.shape, dtype=t.dtype)
+            self.merged[e, j * rows:(j + 1) * rows] = t
+        self.seen.add((j, e))
+        if len(self.seen) < len(self.sources):
             return None
-        experts = len(self.sources) // self.patterns
-        try:
-            stacks = [torch.stack([self.got.pop((j, e)) for e in range(experts)])
-                      for j in range(self.patterns)]
-        except KeyError:
-            raise LinquantError(f"{self.target}: the checkpoint's per-expert tensors are not "
-                                f"experts 0..{experts - 1} of {self.patterns} pattern(s)") from None
-        return stacks[0] if self.patterns == 1 else torch.cat(stacks, dim=1)
+        if self.scheme is None:
+            merged, self.merged = self.merged, None
+            return merged
+        parts, self.parts = self.parts, {}
+        n_rows = self.shape[0] * self.shape[1]
+        assert self.dtype is not None
+        return QuantizedTensor(parts["qdata"], parts["scale"], parts.get("zero_point"),
+                               parts.get("offset"), self.scheme, (n_rows, self.shape[2]),
+                               self.dtype)
+
+    def _add_quantized(self, r0: int, t: torch.Tensor, name: str) -> None:
+        scheme = self.scheme
+        assert scheme is not None
+        n_rows, k = self.shape[0] * self.shape[1], self.shape[2]
+        if not self.parts:
+            sshape = scale_shape((n_rows, k), scheme)
+            self.parts["qdata"] = torch.empty(packed_nbytes(n_rows * k, scheme.bits),
+                                              dtype=torch.uint8)
+            self.parts["scale"] = torch.empty(sshape, dtype=scheme.scale_dtype)
+            if scheme.has_int_zero_point:
+                self.parts["zero_point"] = torch.empty(
+                    packed_nbytes(math.prod(sshape), scheme.bits), dtype=torch.uint8)
+            if scheme.has_offset:
+                self.parts["offset"] = torch.empty(sshape, dtype=scheme.scale_dtype)
+        qb = quantize(t, scheme, name=name)
+        rows = t.shape[0]
+        start = r0 * k * scheme.bits // 8
+        self.parts["qdata"][start:start + qb.qdata.numel()] = qb.qdata
+        self.parts["scale"][r0:r0 + rows] = qb.scale
+        if qb.zero_point_packed is not None:
+            per_row = qb.scale.numel() // rows
+            start = r0 * per_row * scheme.bits // 8
+            zp = self.parts["zero_point"]
+            zp[start:start + qb.zero_point_packed.numel()] = qb.zero_point_packed
+        if qb.offset is not None:
+            self.parts["offset"][r0:r0 + rows] = qb.offset
+        signal, noise, worst = _error_sums(t.float(), qb.dequantize(torch.float32))
+        self.sums = (self.sums[0] + signal, self.sums[1] + noise, max(self.sums[2], worst))
+
+    @property
+    def incomplete(self) -> bool:
+        return 0 < len(self.seen) < len(self.sources)
 
 
 def _merge_rule(converter: Any) -> int | None:
@@ -246,8 +329,9 @@ def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path
     for m in merges.values():
         counts = {j: sum(1 for jj, _ in m.sources.values() if jj == j)
                   for j in range(m.patterns)}
-        experts = int(meta[m.target].shape[0])
-        if set(counts.values()) != {experts}:
+        experts = m.shape[0]
+        if set(m.sources.values()) != {(j, e) for j in range(m.patterns)
+                                       for e in range(experts)}:
             raise LinquantError(f"{src}: {m.target}: the checkpoint holds {counts} per-expert "
                                 f"tensors per pattern for {experts} experts")
     if len(set(renames.values()) | (set(stored) - set(renames))) < len(stored):
@@ -278,7 +362,8 @@ def _merge_source(name: str, new: str, pattern: str, converters: list[Any],
         return None
     j = list(converter.source_patterns).index(pattern)
     where = (j, int(found.group(1)))
-    merge = merges.setdefault(new, _Merge(new, n_patterns))
+    shape = (int(target.shape[0]), int(target.shape[1]), int(target.shape[2]))
+    merge = merges.setdefault(new, _Merge(new, n_patterns, shape))
     merge.sources[name] = where
     return where
 
@@ -590,43 +675,55 @@ def quantize_checkpoint(
                     r.bytes_before = r.bytes_after = sizes[name]
             else:
                 qt, extra = _quantize_one(job, name, t)
-                if compute_dtype is not None:
-                    qt = QuantizedTensor(qt.qdata, qt.scale, qt.zero_point_packed, qt.offset,
-                                         qt.scheme, tuple(qt.shape), compute_dtype)
-                qname = f"{job.module_name}.weight"  # the stored name, or an experts part's
-                tensors, entry = encode_quantized(qname, qt)
-                writer.add(tensors, {qname: entry})
-                for k, v in extra.items():
-                    writer.add({f"{job.module_name}.{k}": v}, {})
                 deq = qt.dequantize(torch.float32)
                 if job.part and job.module is not None:
                     ref = expert_rows(t, experts_transposed(job.module))
                 else:
                     conv1d = job.module is not None and _is_conv1d(job.module)
                     ref = _float_like(t, qt.shape, conv1d)
-                ref = ref.float()
-                scheme_text = str(cfg) if job.entry["type"] == "W8A8Linear" else \
-                    str(QuantConfig(job.scheme, compute_dtype=compute_dtype))
-                rows[job.module_name] = LayerReport(
-                    job.module_name, _type_name(job.module) if job.module is not None
-                    else "tensor", tuple(t.shape), sizes[name], qt.nbytes, scheme=scheme_text,
-                    bits_per_weight=qt.bits_per_weight, note=job.note)
-                rows[job.module_name].sqnr_db, result.max_error[job.module_name] = \
-                    _errors(ref, deq)
-                del qt, deq, ref
+                errors = _errors(ref.float(), deq)
+                del deq, ref
+                write_quantized(name, job, qt, tuple(t.shape), errors, extra)
 
+        def write_quantized(name: str, job: _Job, qt: QuantizedTensor, shape: tuple[int, ...],
+                            errors: tuple[float, float], extra: dict[str, torch.Tensor]) -> None:
+            if compute_dtype is not None:
+                qt = QuantizedTensor(qt.qdata, qt.scale, qt.zero_point_packed, qt.offset,
+                                     qt.scheme, tuple(qt.shape), compute_dtype)
+            qname = f"{job.module_name}.weight"  # the stored name, or an experts part's
+            tensors, entry = encode_quantized(qname, qt)
+            writer.add(tensors, {qname: entry})
+            for k, v in extra.items():
+                writer.add({f"{job.module_name}.{k}": v}, {})
+            scheme_text = str(cfg) if job.entry["type"] == "W8A8Linear" else \
+                str(QuantConfig(job.scheme, compute_dtype=compute_dtype))
+            rows[job.module_name] = LayerReport(
+                job.module_name, _type_name(job.module) if job.module is not None
+                else "tensor", shape, sizes[name], qt.nbytes, scheme=scheme_text,
+                bits_per_weight=qt.bits_per_weight, note=job.note)
+            rows[job.module_name].sqnr_db, result.max_error[job.module_name] = errors
+
+        for m in merges.values():  # quantized source by source where that is the same
+            job = jobs.get(m.target)
+            if job is not None and job.part and job.module is not None and \
+                    not experts_transposed(job.module):
+                m.quantize_by_rows(job.scheme)
         for i, (name, t) in enumerate(source):
             merge = merge_of.get(name)
             if merge is None:
                 emit(name, t)
             else:
                 fused = merge.add(name, t)
-                if fused is not None:
+                if isinstance(fused, QuantizedTensor):
+                    signal, noise, worst = merge.sums
+                    write_quantized(merge.target, jobs[merge.target], fused, merge.shape,
+                                    (_sqnr_of(signal, noise), worst), {})
+                elif fused is not None:
                     emit(merge.target, fused)
-                    del fused
+                del fused
             del t
             bar.update(stored_sizes.get(name, sizes.get(name, 0)), i + 1)
-        left = [m.target for m in merges.values() if m.got]
+        left = [m.target for m in merges.values() if m.incomplete]
         if left:
             raise LinquantError(f"{src_p}: the per-expert tensors of {left[0]} ended incomplete")
         for _, extra in ties.values():  # a tied static W8A8 head's own input scale
@@ -650,22 +747,33 @@ def quantize_checkpoint(
     return result
 
 
-def _errors(ref: torch.Tensor, deq: torch.Tensor, chunk: int = 1 << 20) -> tuple[float, float]:
-    """``(SQNR dB, max |error|)`` as :func:`linquant.sqnr` computes them, in float64 chunks
-    (no full-size float64 copies: the memory bound of streaming holds)."""
+def _error_sums(ref: torch.Tensor, deq: torch.Tensor, chunk: int = 1 << 20
+                ) -> tuple[float, float, float]:
+    """``(sum ref^2, sum (ref - deq)^2, max |ref - deq|)`` in float64 chunks (no full-size
+    float64 copies: the memory bound of streaming holds)."""
     a, b = ref.reshape(-1), deq.reshape(-1)
-    signal = noise = 0.0
-    worst = 0.0
+    signal = noise = worst = 0.0
     for i in range(0, a.numel(), chunk):
         x, y = a[i:i + chunk].double(), b[i:i + chunk].double()
         signal += float((x * x).sum())
         noise += float(((x - y) ** 2).sum())
         worst = max(worst, float((x - y).abs().max()))
-    if a.numel() == 0 or noise == 0:
-        return math.inf, worst
+    return signal, noise, worst
+
+
+def _sqnr_of(signal: float, noise: float) -> float:
+    """SQNR dB from the sums, as :func:`linquant.sqnr` computes it."""
+    if noise == 0:
+        return math.inf
     if signal == 0:
-        return -math.inf, worst
-    return 10 * math.log10(signal / noise), worst
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
+def _errors(ref: torch.Tensor, deq: torch.Tensor) -> tuple[float, float]:
+    """``(SQNR dB, max |error|)`` of ``deq`` against ``ref``."""
+    signal, noise, worst = _error_sums(ref, deq)
+    return _sqnr_of(signal, noise), worst
 
 
 def _quantize_one(job: _Job, name: str, t: torch.Tensor
