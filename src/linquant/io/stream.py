@@ -162,6 +162,63 @@ def _build_meta_model(folder: Path) -> nn.Module | None:
     return model
 
 
+class _RowQuantizer:
+    """A weight ``[n_rows, k]`` quantized block of rows by block, under a scheme that quantizes
+    rows independently (groups, or per output channel) with every block on whole bytes
+    (:meth:`fits`): each block's codes, scales and zero points go straight to their place, so
+    the float weight is never needed whole (nor a float copy of it, nor its full-size
+    dequantization: the error sums are gathered block by block). Equal to quantizing the whole
+    weight at once."""
+
+    def __init__(self, n_rows: int, k: int, scheme: QuantScheme) -> None:
+        self.k, self.scheme = k, scheme
+        self.shape = (n_rows, k)
+        sshape = scale_shape(self.shape, scheme)
+        self.parts = {"qdata": torch.empty(packed_nbytes(n_rows * k, scheme.bits),
+                                           dtype=torch.uint8),
+                      "scale": torch.empty(sshape, dtype=scheme.scale_dtype)}
+        if scheme.has_int_zero_point:
+            self.parts["zero_point"] = torch.empty(packed_nbytes(math.prod(sshape), scheme.bits),
+                                                   dtype=torch.uint8)
+        if scheme.has_offset:
+            self.parts["offset"] = torch.empty(sshape, dtype=scheme.scale_dtype)
+        self.sums = (0.0, 0.0, 0.0)  # signal, noise, max |error|
+
+    @staticmethod
+    def fits(rows: int, k: int, scheme: QuantScheme) -> bool:
+        """Whether blocks of ``rows`` rows of length ``k`` can be quantized one by one."""
+        if not (scheme.granularity == "group" or (
+                scheme.granularity == "channel" and scheme.axis in (0, -2))):
+            return False
+        per_row = k // (scheme.group_size or k) if scheme.granularity == "group" else 1
+        return (rows * k * scheme.bits) % 8 == 0 and not (
+            scheme.has_int_zero_point and (rows * per_row * scheme.bits) % 8)
+
+    def add(self, r0: int, block: torch.Tensor, name: str) -> None:
+        """Quantize ``block`` (rows ``r0 ..`` of the weight) into place."""
+        scheme, k = self.scheme, self.k
+        qb = quantize(block, scheme, name=name)
+        rows = int(block.shape[0])
+        start = r0 * k * scheme.bits // 8
+        self.parts["qdata"][start:start + qb.qdata.numel()] = qb.qdata
+        self.parts["scale"][r0:r0 + rows] = qb.scale
+        if qb.zero_point_packed is not None:
+            start = r0 * (qb.scale.numel() // rows) * scheme.bits // 8
+            self.parts["zero_point"][start:start + qb.zero_point_packed.numel()] = (
+                qb.zero_point_packed)
+        if qb.offset is not None:
+            self.parts["offset"][r0:r0 + rows] = qb.offset
+        signal, noise, worst = _error_sums(block.float(), qb.dequantize(torch.float32))
+        self.sums = (self.sums[0] + signal, self.sums[1] + noise, max(self.sums[2], worst))
+
+    def result(self, dtype: torch.dtype) -> tuple[QuantizedTensor, tuple[float, float]]:
+        """The quantized weight (dequantizing to ``dtype``) and its ``(SQNR dB, max error)``."""
+        p = self.parts
+        qt = QuantizedTensor(p["qdata"], p["scale"], p.get("zero_point"), p.get("offset"),
+                             self.scheme, self.shape, dtype)
+        return qt, (_sqnr_of(self.sums[0], self.sums[1]), self.sums[2])
+
+
 @dataclass
 class _Merge:
     """Checkpoint tensors that transformers merges into one of the model's (per-expert MoE
@@ -169,11 +226,9 @@ class _Merge:
     ``j`` is rows ``j * out / patterns ..`` of ``[e]`` (stacked over the experts, the patterns'
     stacks concatenated along ``dim 1``: gate, then up).
 
-    A merge whose scheme quantizes rows independently (groups, or per output channel) and whose
-    sources fill whole bytes gets its ``scheme`` set: each source is quantized as it arrives
-    into its rows of the merged weight ``[E * out, in]``, so only the quantized projection and
-    one source's temporaries are held (and the error sums are gathered block by block).
-    Otherwise each source is copied into the float merged tensor as it arrives."""
+    With a :class:`_RowQuantizer` (:meth:`quantize_by_rows`: a row-wise scheme, whole bytes)
+    each source is quantized into its rows of the merged weight ``[E * out, in]`` as it
+    arrives; otherwise it is copied into the float merged tensor as it arrives."""
 
     target: str
     patterns: int  # how many source patterns (2: gate and up)
@@ -181,33 +236,23 @@ class _Merge:
     sources: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (pattern, expert)
     seen: set[tuple[int, int]] = field(default_factory=set)
     merged: torch.Tensor | None = None
-    scheme: QuantScheme | None = None
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)
-    sums: tuple[float, float, float] = (0.0, 0.0, 0.0)  # signal, noise, max |error|
+    rows_q: _RowQuantizer | None = None
     dtype: torch.dtype | None = None
 
     @property
     def rows(self) -> int:
         return self.shape[1] // self.patterns
 
-    def quantize_by_rows(self, scheme: QuantScheme) -> bool:
-        """Switch to quantizing source by source under ``scheme`` where that equals quantizing
-        the merged weight; whether it did."""
-        k = self.shape[2]
-        if not (scheme.granularity == "group" or (
-                scheme.granularity == "channel" and scheme.axis in (0, -2))):
-            return False
-        if (self.rows * k * scheme.bits) % 8:
-            return False
-        per_row = k // (scheme.group_size or k) if scheme.granularity == "group" else 1
-        if scheme.has_int_zero_point and (self.rows * per_row * scheme.bits) % 8:
-            return False
-        self.scheme = scheme
-        return True
+    def quantize_by_rows(self, scheme: QuantScheme) -> None:
+        """Quantize source by source under ``scheme`` where that equals quantizing the merged
+        weight."""
+        if _RowQuantizer.fits(self.rows, self.shape[2], scheme):
+            self.rows_q = _RowQuantizer(self.shape[0] * self.shape[1], self.shape[2], scheme)
 
-    def add(self, name: str, t: torch.Tensor) -> torch.Tensor | QuantizedTensor | None:
-        """Take ``t`` in; the merged tensor (quantized where :attr:`scheme` is set) once every
-        source is in."""
+    def add(self, name: str, t: torch.Tensor
+            ) -> torch.Tensor | tuple[QuantizedTensor, tuple[float, float]] | None:
+        """Take ``t`` in; once every source is in, the merged tensor, or with a row quantizer
+        the quantized one and its errors."""
         j, e = self.sources[name]
         rows = self.rows
         if tuple(t.shape) != (rows, self.shape[2]) or not t.is_floating_point() or (
@@ -215,8 +260,8 @@ class _Merge:
             raise LinquantError(f"{name}: {t.dtype} {tuple(t.shape)} cannot be expert {e} of "
                                 f"{self.target} {list(self.shape)}")
         self.dtype = t.dtype
-        if self.scheme is not None:
-            self._add_quantized((e * self.patterns + j) * rows, t, name)
+        if self.rows_q is not None:
+            self.rows_q.add((e * self.patterns + j) * rows, t, name)
         else:
             if self.merged is None:
                 self.merged = torch.empty(self.shape, dtype=t.dtype)
@@ -224,44 +269,11 @@ class _Merge:
         self.seen.add((j, e))
         if len(self.seen) < len(self.sources):
             return None
-        if self.scheme is None:
-            merged, self.merged = self.merged, None
-            return merged
-        parts, self.parts = self.parts, {}
-        n_rows = self.shape[0] * self.shape[1]
-        assert self.dtype is not None
-        return QuantizedTensor(parts["qdata"], parts["scale"], parts.get("zero_point"),
-                               parts.get("offset"), self.scheme, (n_rows, self.shape[2]),
-                               self.dtype)
-
-    def _add_quantized(self, r0: int, t: torch.Tensor, name: str) -> None:
-        scheme = self.scheme
-        assert scheme is not None
-        n_rows, k = self.shape[0] * self.shape[1], self.shape[2]
-        if not self.parts:
-            sshape = scale_shape((n_rows, k), scheme)
-            self.parts["qdata"] = torch.empty(packed_nbytes(n_rows * k, scheme.bits),
-                                              dtype=torch.uint8)
-            self.parts["scale"] = torch.empty(sshape, dtype=scheme.scale_dtype)
-            if scheme.has_int_zero_point:
-                self.parts["zero_point"] = torch.empty(
-                    packed_nbytes(math.prod(sshape), scheme.bits), dtype=torch.uint8)
-            if scheme.has_offset:
-                self.parts["offset"] = torch.empty(sshape, dtype=scheme.scale_dtype)
-        qb = quantize(t, scheme, name=name)
-        rows = t.shape[0]
-        start = r0 * k * scheme.bits // 8
-        self.parts["qdata"][start:start + qb.qdata.numel()] = qb.qdata
-        self.parts["scale"][r0:r0 + rows] = qb.scale
-        if qb.zero_point_packed is not None:
-            per_row = qb.scale.numel() // rows
-            start = r0 * per_row * scheme.bits // 8
-            zp = self.parts["zero_point"]
-            zp[start:start + qb.zero_point_packed.numel()] = qb.zero_point_packed
-        if qb.offset is not None:
-            self.parts["offset"][r0:r0 + rows] = qb.offset
-        signal, noise, worst = _error_sums(t.float(), qb.dequantize(torch.float32))
-        self.sums = (self.sums[0] + signal, self.sums[1] + noise, max(self.sums[2], worst))
+        if self.rows_q is not None:
+            rows_q, self.rows_q = self.rows_q, None
+            return rows_q.result(t.dtype)
+        merged, self.merged = self.merged, None
+        return merged
 
     @property
     def incomplete(self) -> bool:
@@ -673,6 +685,16 @@ def quantize_checkpoint(
                 if name.removesuffix(".weight") in rows:
                     r = rows[name.removesuffix(".weight")]
                     r.bytes_before = r.bytes_after = sizes[name]
+            elif job.part and _experts_by_rows(job, t):
+                # a fused experts projection: expert by expert, as _Merge does
+                assert job.module is not None
+                transposed = experts_transposed(job.module)
+                n_exp, out, k = _experts_dims(t, transposed)
+                rows_q = _RowQuantizer(n_exp * out, k, job.scheme)
+                for e in range(n_exp):
+                    rows_q.add(e * out, expert_rows(t[e:e + 1], transposed), name)
+                qt, errors = rows_q.result(t.dtype)
+                write_quantized(name, job, qt, tuple(t.shape), errors, {})
             else:
                 qt, extra = _quantize_one(job, name, t)
                 deq = qt.dequantize(torch.float32)
@@ -714,10 +736,9 @@ def quantize_checkpoint(
                 emit(name, t)
             else:
                 fused = merge.add(name, t)
-                if isinstance(fused, QuantizedTensor):
-                    signal, noise, worst = merge.sums
-                    write_quantized(merge.target, jobs[merge.target], fused, merge.shape,
-                                    (_sqnr_of(signal, noise), worst), {})
+                if isinstance(fused, tuple):
+                    qt, errors = fused
+                    write_quantized(merge.target, jobs[merge.target], qt, merge.shape, errors, {})
                 elif fused is not None:
                     emit(merge.target, fused)
                 del fused
@@ -774,6 +795,27 @@ def _errors(ref: torch.Tensor, deq: torch.Tensor) -> tuple[float, float]:
     """``(SQNR dB, max |error|)`` of ``deq`` against ``ref``."""
     signal, noise, worst = _error_sums(ref, deq)
     return _sqnr_of(signal, noise), worst
+
+
+def _experts_by_rows(job: _Job, t: torch.Tensor) -> bool:
+    """Whether the fused experts projection ``t`` of ``job`` can be quantized expert by expert
+    (:class:`_RowQuantizer`); its shape is checked against the model's first."""
+    mod = job.module
+    assert mod is not None
+    meta_p = mod._parameters[job.part]
+    if meta_p is not None and tuple(meta_p.shape) != tuple(t.shape):
+        raise LinquantError(f"{job.module_name}: shape {tuple(t.shape)} in the checkpoint, "
+                            f"{tuple(meta_p.shape)} in the model built from config.json")
+    if t.dim() != 3 or not t.is_floating_point():
+        return False
+    _, out, k = _experts_dims(t, experts_transposed(mod))
+    return _RowQuantizer.fits(out, k, job.scheme)
+
+
+def _experts_dims(t: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
+    """``(E, out, in)`` of a 3-D experts projection stored ``[E, out, in]`` or transposed."""
+    e, a, b = (int(d) for d in t.shape)
+    return (e, b, a) if transposed else (e, a, b)
 
 
 def _quantize_one(job: _Job, name: str, t: torch.Tensor
