@@ -60,6 +60,52 @@ def test_bare_file_equals_quantize_model(tmp_path: Path, preset: str) -> None:
     assert torch.equal(m(IDS), streamed(IDS))
 
 
+class Odd(nn.Module):
+    """Rows of 60 and 90: at 3 or 5 bits a row does not fill whole bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(37, 60)  # 37 rows: a last block of 5
+        self.fc = nn.Linear(60, 90)
+        self.head = nn.Linear(90, 37, bias=False)
+
+
+@pytest.mark.parametrize("scheme", ["int4-asym-g32-fp16", "int3-sym-ch0", "int5-asymf-g16",
+                                    "int3-asym-g16", "int8-sym-tensor"])
+def test_matrices_quantized_by_blocks_of_rows_equal_quantize_model(
+        tmp_path: Path, scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weight-only matrices are quantized in blocks of rows (8 rows here); codes, scales and
+    zero points land where quantizing the whole weight puts them, at every bit width, with the
+    group-size fallbacks of quantize_model (a per-tensor scheme quantizes the whole weight)."""
+    import linquant.io.stream as stream
+
+    monkeypatch.setattr(stream, "_BLOCK_ELEMS", 8 * 60)
+    m = Odd()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "m.safetensors")
+    res = quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q", scheme)
+    streamed = load_into(Odd(), tmp_path / "q")
+    report = quantize_model(m, scheme)
+    _same_state(m, streamed)
+    for name in ("emb", "fc", "head"):
+        assert res.report[name].sqnr_db == pytest.approx(report[name].sqnr_db, rel=1e-9)
+
+
+def test_row_blocks_must_start_on_whole_bytes() -> None:
+    """Blocks of rows are quantized one by one only where each block's codes (and packed zero
+    points) fill whole bytes: five rows of 4 at 3 bits are 60 bits, a gate half of a merged
+    experts projection could not start there."""
+    from linquant.io.stream import _RowQuantizer
+    from linquant.scheme import QuantScheme
+
+    def fits(rows: int, k: int, scheme: str) -> bool:
+        return _RowQuantizer.fits(rows, k, QuantScheme.parse(scheme))
+
+    assert not fits(5, 4, "int3-sym-ch0") and fits(10, 4, "int3-sym-ch0")
+    assert not fits(3, 8, "int3-asym-g8")  # 24 bits of codes, 9 of zero points
+    assert fits(8, 8, "int3-asym-g8") and fits(3, 8, "int3-asymf-g8")  # offsets are floats
+    assert not fits(8, 8, "int4-sym-tensor") and not fits(8, 8, "int4-sym-ch1")
+
+
 def _gpt2_folder(path: Path) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

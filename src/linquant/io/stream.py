@@ -695,6 +695,15 @@ def quantize_checkpoint(
                     rows_q.add(e * out, expert_rows(t[e:e + 1], transposed), name)
                 qt, errors = rows_q.result(t.dtype)
                 write_quantized(name, job, qt, tuple(t.shape), errors, {})
+            elif _matrix_by_rows(job, t):
+                # a weight-only matrix quantized as stored: blocks of rows
+                n, k = (int(d) for d in t.shape)
+                step = _block_rows(k)
+                rows_q = _RowQuantizer(n, k, job.scheme)
+                for r0 in range(0, n, step):
+                    rows_q.add(r0, t[r0:r0 + step], name)
+                qt, errors = rows_q.result(t.dtype)
+                write_quantized(name, job, qt, tuple(t.shape), errors, {})
             else:
                 qt, extra = _quantize_one(job, name, t)
                 deq = qt.dequantize(torch.float32)
@@ -810,6 +819,30 @@ def _experts_by_rows(job: _Job, t: torch.Tensor) -> bool:
         return False
     _, out, k = _experts_dims(t, experts_transposed(mod))
     return _RowQuantizer.fits(out, k, job.scheme)
+
+
+_BLOCK_ELEMS = 1 << 22  # elements per block of rows (16 MiB of fp32)
+
+
+def _block_rows(k: int) -> int:
+    """Rows per block of a matrix with rows of ``k``: a multiple of 8, so every block but the
+    last starts and ends on whole bytes of codes and zero points at any bit width."""
+    return max(8, (_BLOCK_ELEMS // max(1, k)) // 8 * 8)
+
+
+def _matrix_by_rows(job: _Job, t: torch.Tensor) -> bool:
+    """Whether ``job``'s weight ``t`` is quantized exactly as stored (a weight-only linear or
+    embedding layer, or a bare file's matrix), so that blocks of its rows can be quantized one
+    by one (:class:`_RowQuantizer`)."""
+    if job.entry.get("type") not in ("QuantLinear", "QuantEmbedding", "auto") or t.dim() != 2:
+        return False
+    if not t.is_floating_point() or (job.module is not None and _is_conv1d(job.module)):
+        return False
+    if job.module is not None:
+        meta_w = job.module._parameters.get("weight")
+        if meta_w is None or tuple(meta_w.shape) != tuple(t.shape):
+            return False  # _quantize_one says what does not fit
+    return _RowQuantizer.fits(_block_rows(int(t.shape[1])), int(t.shape[1]), job.scheme)
 
 
 def _experts_dims(t: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
