@@ -524,7 +524,12 @@ def _decide_experts(
 ) -> tuple[QuantConfig | None, QuantScheme | None, str | None, str]:
     """:func:`_decide` for the projection ``part`` of an experts module (``name`` is the
     projection's: ``...experts.gate_up_proj``)."""
-    from linquant.nn.experts import QuantExperts, QuantExpertsProj, experts_transposed
+    from linquant.nn.experts import (
+        QuantExperts,
+        QuantExpertsProj,
+        experts_dims,
+        experts_transposed,
+    )
 
     config, why = _select(name, pairs, include, exclude, used, keep_float)
     if config is None:
@@ -538,8 +543,7 @@ def _decide_experts(
         return None, None, "weight not materialized (lazy or meta)", ""
     if not w.is_floating_point():
         return None, None, f"weight dtype {w.dtype} is not float", ""
-    e, a, b = (int(d) for d in w.shape)
-    out, k = (b, a) if experts_transposed(module) else (a, b)
+    e, out, k = experts_dims(w.shape, experts_transposed(module))
     scheme, note = _group_fallback(name, config.weight, k, "in_features", refusals)
     refusal = QuantExpertsProj.cannot_quantize((e, out, k), scheme)
     if refusal is not None:

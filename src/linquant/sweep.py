@@ -402,14 +402,14 @@ def _group_reasons(skipped: dict[str, str], examples: int = 3) -> list[str]:
 # ---- the sweep ---------------------------------------------------------------------------------
 
 
-def _why_not_a_matrix(info: TensorInfo, experts: bool = False) -> str | None:
-    """Why ``info`` is not swept, or None; ``experts``: a fused MoE projection (3-D) or one's
-    bias."""
-    if experts and info.name.endswith("_bias"):
+def _why_not_a_matrix(info: TensorInfo, experts: dict[str, bool]) -> str | None:
+    """Why ``info`` is not swept, or None; ``experts``: the fused MoE projections (3-D), whose
+    ``[E, out]`` biases quantize_model keeps float."""
+    if info.name.endswith("_bias") and info.name.removesuffix("_bias") in experts:
         return "bias of fused MoE experts (kept float)"
     if not info.is_floating_point:
         return f"not floating point ({info.dtype})"
-    if info.ndim != (3 if experts else 2):
+    if info.ndim != (3 if info.name in experts else 2):
         return f"{info.ndim}-D, not a matrix"
     if info.numel == 0:
         return "empty"
@@ -425,12 +425,11 @@ def _why_not_this_scheme(shape: Sequence[int], scheme: QuantScheme) -> str | Non
     return None
 
 
-def _conv1d_weights(path: Path) -> tuple[set[str], dict[str, bool], str]:
+def _stored_layouts(path: Path) -> tuple[set[str], dict[str, bool], str]:
     """What a Hugging Face folder's model (built from config.json on the meta device) says
     about the stored layouts: the names of its Conv1D weights, its fused MoE experts
-    projections (name -> stored ``[E, in, out]``; their biases too, as ``False``), and why
-    none could be learned ("" where they were, or where ``path`` is a file or a folder without
-    config.json)."""
+    projections (name -> stored ``[E, in, out]``), and why none could be learned ("" where
+    they were, or where ``path`` is a file or a folder without config.json)."""
     if not (path.is_dir() and (path / "config.json").is_file()):
         return set(), {}, ""
     from linquant.io.stream import _build_meta_model
@@ -448,8 +447,6 @@ def _conv1d_weights(path: Path) -> tuple[set[str], dict[str, bool], str]:
         return set(), {}, ""
     experts = {f"{n}.{p}": experts_transposed(m) for n, m in model.named_modules()
                if is_hf_experts(m) for p in projection_names(m)}
-    # their biases ([E, out]: not weight matrices, kept float by quantize_model)
-    experts.update({f"{p}_bias": False for p in list(experts)})
     return {f"{n}.weight" for n, m in model.named_modules() if is_hf_conv1d(m)}, experts, ""
 
 
@@ -514,9 +511,8 @@ def sweep(
     grid.sort(key=_row_key)
 
     infos = tensor_infos(path)
-    conv1d, experts, layer_types = _conv1d_weights(path)
-    skipped = {i.name: why for i in infos if (why := _why_not_a_matrix(
-        i, i.name in experts)) is not None}
+    conv1d, experts, layer_types = _stored_layouts(path)
+    skipped = {i.name: why for i in infos if (why := _why_not_a_matrix(i, experts)) is not None}
     matrices = [i for i in infos if i.name not in skipped]
     if not matrices:
         raise LinquantError(

@@ -106,6 +106,19 @@ def test_row_blocks_must_start_on_whole_bytes() -> None:
     assert not fits(8, 8, "int4-sym-tensor") and not fits(8, 8, "int4-sym-ch1")
 
 
+def _streamed_equals_saved(tmp_path: Path, model: nn.Module, vocab: int) -> nn.Module:
+    """The stream's folder ``tmp_path / "q"`` loads to the state of ``model`` (quantized in
+    memory) saved with ``lq.save``, and computes the same logits as it; returns it loaded."""
+    save(model, tmp_path / "saved")
+    a, b = load(tmp_path / "q"), load(tmp_path / "saved")
+    _same_state(a, b)
+    x = torch.randint(0, vocab, (1, 7))
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, a(x).logits)
+        assert torch.equal(a(x).logits, b(x).logits)
+    return a
+
+
 def _gpt2_folder(path: Path) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -142,13 +155,8 @@ def test_hf_folder_equals_quantize_model_and_save(tmp_path: Path, preset: str) -
     assert in_memory["transformer.h.0.attn.c_proj"].sqnr_db == pytest.approx(
         sqnr(square.t(), proj.qweight.dequantize(torch.float32)), rel=1e-9)
     assert in_memory["transformer.h.0.attn.c_proj"].sqnr_db > 15
-    save(g, tmp_path / "saved")
-    a, b = load(tmp_path / "q"), load(tmp_path / "saved")
-    _same_state(a, b)
+    a = _streamed_equals_saved(tmp_path, g, vocab=128)
     _same_state(g, a)
-    x = torch.randint(0, 128, (1, 9))
-    with torch.inference_mode():
-        assert torch.equal(g(x).logits, a(x).logits)
     assert (tmp_path / "q" / "config.json").exists()
 
 
@@ -311,12 +319,7 @@ def test_checkpoint_names_are_mapped_as_transformers_loads_them(tmp_path: Path) 
     if head == "lm_head":
         assert "embed_out.weight -> lm_head.weight" in res.rule
     quantize_model(g, "w4a16-g32")
-    save(g, tmp_path / "saved")
-    a, b = load(tmp_path / "q"), load(tmp_path / "saved")
-    _same_state(a, b)
-    x = torch.randint(0, 96, (1, 9))
-    with torch.inference_mode():
-        assert torch.equal(g(x).logits, a(x).logits)
+    _streamed_equals_saved(tmp_path, g, vocab=96)
 
 
 def _per_expert_checkpoint(tmp_path: Path, kind: str) -> tuple[Any, Path]:
@@ -365,13 +368,7 @@ def test_per_expert_checkpoints_are_stacked_into_fused_experts(tmp_path: Path, k
         assert (row.scheme, row.bits_per_weight, row.bytes_after) == (
             want.scheme, want.bits_per_weight, want.bytes_after)
         assert row.sqnr_db == pytest.approx(want.sqnr_db, rel=1e-9)
-    save(model, tmp_path / "saved")
-    a, b = load(tmp_path / "q"), load(tmp_path / "saved")
-    _same_state(a, b)
-    x = torch.randint(0, 64, (1, 7))
-    with torch.inference_mode():
-        assert torch.equal(a(x).logits, b(x).logits)
-        assert torch.equal(model(x).logits, a(x).logits)
+    _streamed_equals_saved(tmp_path, model, vocab=64)
 
 
 def test_per_expert_checkpoints_that_cannot_be_stacked_are_refused(
@@ -412,12 +409,7 @@ def test_fused_experts_stored_as_they_are_in_the_model_are_streamed(
     want = in_memory["model.layers.0.mlp.experts.gate_up_proj"]
     assert (up.scheme, up.bits_per_weight) == (want.scheme, want.bits_per_weight)
     assert up.sqnr_db == pytest.approx(want.sqnr_db, rel=1e-9)
-    save(g, tmp_path / "saved")
-    a = load(tmp_path / "q")
-    _same_state(a, load(tmp_path / "saved"))
-    x = torch.randint(0, 64, (1, 7))
-    with torch.inference_mode():
-        assert torch.equal(g(x).logits, a(x).logits)
+    _streamed_equals_saved(tmp_path, g, vocab=64)
 
 
 def test_a_folder_whose_config_transformers_cannot_read_says_what_to_do(tmp_path: Path) -> None:

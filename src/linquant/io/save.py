@@ -188,10 +188,12 @@ class ShardWriter:
 # ---- save --------------------------------------------------------------------------------------
 def module_entry(module: QuantModule) -> dict[str, Any]:
     """What a loader needs to rebuild ``module`` from its float counterpart."""
+    from linquant.nn.experts import QuantExpertsProj
+
     entry: dict[str, Any] = {"type": type(module).__name__, "scheme": str(module.scheme)}
-    if type(module).__name__ == "QuantExpertsProj":
-        entry["num_experts"] = int(getattr(module, "num_experts"))  # noqa: B009
-        entry["transposed"] = bool(module.stored_transposed)
+    if isinstance(module, QuantExpertsProj):
+        entry["num_experts"] = module.num_experts
+        entry["transposed"] = module.stored_transposed
     activation = getattr(module, "activation", None)
     if activation is not None:
         entry["activation"] = activation

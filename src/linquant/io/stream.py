@@ -65,7 +65,7 @@ from linquant.io.save import (
     staged_folder,
 )
 from linquant.nn.base import QuantModule
-from linquant.nn.experts import expert_rows, experts_transposed
+from linquant.nn.experts import QuantExpertsProj, expert_rows, experts_dims, experts_transposed
 from linquant.ops.grouping import scale_shape
 from linquant.ops.packing import packed_nbytes
 from linquant.scheme import QuantScheme
@@ -466,9 +466,8 @@ def _plan_experts_part(plan: _Plan, names: set[str], jobs: dict[str, _Job],
     if stored is None:
         raise LinquantError(f"layer {first!r}: its weight is not in the checkpoint; exclude it "
                             "to keep it float")
-    entry = {"type": "QuantExpertsProj", "scheme": str(plan.scheme),
-             "num_experts": int(w.shape[0]),
-             "transposed": experts_transposed(mod)}
+    entry = module_entry(QuantExpertsProj.skeleton(w, plan.scheme, device="meta",
+                                                   transposed=experts_transposed(mod)))
     for n in plan.names:
         modules[n] = entry
     jobs[stored] = _Job(stored, plan.config, plan.scheme, plan.note, mod, entry, plan.part)
@@ -689,7 +688,7 @@ def quantize_checkpoint(
                 # a fused experts projection: expert by expert, as _Merge does
                 assert job.module is not None
                 transposed = experts_transposed(job.module)
-                n_exp, out, k = _experts_dims(t, transposed)
+                n_exp, out, k = experts_dims(t.shape, transposed)
                 rows_q = _RowQuantizer(n_exp * out, k, job.scheme)
                 for e in range(n_exp):
                     rows_q.add(e * out, expert_rows(t[e:e + 1], transposed), name)
@@ -817,7 +816,7 @@ def _experts_by_rows(job: _Job, t: torch.Tensor) -> bool:
                             f"{tuple(meta_p.shape)} in the model built from config.json")
     if t.dim() != 3 or not t.is_floating_point():
         return False
-    _, out, k = _experts_dims(t, experts_transposed(mod))
+    _, out, k = experts_dims(t.shape, experts_transposed(mod))
     return _RowQuantizer.fits(out, k, job.scheme)
 
 
@@ -845,11 +844,6 @@ def _matrix_by_rows(job: _Job, t: torch.Tensor) -> bool:
     return _RowQuantizer.fits(_block_rows(int(t.shape[1])), int(t.shape[1]), job.scheme)
 
 
-def _experts_dims(t: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
-    """``(E, out, in)`` of a 3-D experts projection stored ``[E, out, in]`` or transposed."""
-    e, a, b = (int(d) for d in t.shape)
-    return (e, b, a) if transposed else (e, a, b)
-
 
 def _quantize_one(job: _Job, name: str, t: torch.Tensor
                   ) -> tuple[QuantizedTensor, dict[str, torch.Tensor]]:
@@ -858,8 +852,6 @@ def _quantize_one(job: _Job, name: str, t: torch.Tensor
         return quantize(t, job.scheme, name=name), {}
     mod = job.module
     if job.part:
-        from linquant.nn.experts import QuantExpertsProj
-
         meta_p = mod._parameters[job.part]
         if meta_p is not None and tuple(meta_p.shape) != tuple(t.shape):
             raise LinquantError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "

@@ -54,6 +54,7 @@ __all__ = [
     "QuantExperts",
     "QuantExpertsProj",
     "expert_rows",
+    "experts_dims",
     "experts_transposed",
     "is_hf_experts",
     "projection_names",
@@ -107,6 +108,13 @@ def is_hf_experts(module: nn.Module) -> bool:
         if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != n:
             return False
     return True
+
+
+def experts_dims(shape: tuple[int, ...] | torch.Size, transposed: bool) -> tuple[int, int, int]:
+    """``(E, out, in)`` of a 3-D projection stored ``[E, out, in]`` (``[E, in, out]`` when
+    ``transposed``)."""
+    e, a, b = (int(d) for d in shape)
+    return (e, b, a) if transposed else (e, a, b)
 
 
 def expert_rows(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -181,8 +189,7 @@ class QuantExpertsProj(QuantModule):
         if weight.dim() != 3:
             raise LinquantError(f"{cls.__name__} {name!r}: expected a 3-D experts weight, got "
                                 f"shape {tuple(weight.shape)}")
-        e, a, b = (int(d) for d in weight.shape)
-        out, k = (b, a) if transposed else (a, b)
+        e, out, k = experts_dims(weight.shape, transposed)
         return cls(e, k, out, scheme, transposed=transposed, dtype=weight.dtype, device=device,
                    name=name)
 
@@ -291,7 +298,7 @@ class QuantExperts(nn.Module):
                                 "3-D projections)")
         new = cls()
         for k, v in vars(experts).items():
-            if k not in _MODULE_STATE and k not in ("float_class",):
+            if k not in _MODULE_STATE and k != "float_class":
                 new.__dict__[k] = v
         new.training = experts.training
         new._parameters.update(experts._parameters)
