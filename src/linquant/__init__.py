@@ -10,12 +10,15 @@ from linquant.calibrate import calibrate
 from linquant.config import PRESETS, QuantConfig, get_config
 from linquant.convert import LayerReport, ModelReport, quantize_model
 from linquant.errors import FormatError, LinquantError
+from linquant.io import hf as _hf
 from linquant.io.save import load, load_into, save
 from linquant.ops.metrics import cosine_similarity, max_abs_error, mse, sqnr
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor, compare, dequantize, quantize
 
 __version__ = "0.1.0"
+
+_hf.register_if_loaded()  # from_pretrained of a linquant folder then names linquant.load
 
 __all__ = [
     "PRESETS",

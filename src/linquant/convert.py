@@ -56,6 +56,7 @@ from torch import nn
 
 from linquant.config import W8A8_WEIGHT, QuantConfig, get_config
 from linquant.errors import LinquantError
+from linquant.io import hf
 from linquant.nn.base import _memory_key
 from linquant.ops.metrics import sqnr
 from linquant.report import Column, csv_text, format_table, json_text
@@ -808,6 +809,7 @@ def quantize_model(
     report.unmatched_patterns = tuple(
         p for p in mplan.patterns if p not in mplan.used and p != "*"
     )
+    hf.mark_model(model)  # transformers' save_pretrained now refuses, naming linquant.save
     return report
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from linquant.errors import FormatError, LinquantError
+from linquant.io import hf
 from linquant.io.checkpoint import INDEX_NAME, TensorInfo, read_tensors, tensor_infos
 from linquant.io.format import (
     FORMAT_NAME,
@@ -294,6 +295,8 @@ def save(
     meta = {"modules": modules, "aliases": aliases, "model": kind}
     with staged_folder(path, overwrite=overwrite) as tmp:
         _write_side_files(model, kind["kind"], tmp)
+        if qmods:
+            hf.mark_config_file(tmp)  # from_pretrained refuses it, naming linquant.load
         writer = ShardWriter(tmp, limit, meta)
         for tensors, entries in groups:
             writer.add(tensors, entries)
@@ -618,6 +621,7 @@ def load_into(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             if scale is not None:
                 setattr(mod, "_calibrated",  # noqa: B010
                         bool(torch.isfinite(scale).all() and (scale > 0).all()))
+    hf.mark_model(model)
     return model
 
 
@@ -655,6 +659,7 @@ def read_hf_config(folder: Path) -> Any:
     except ImportError as e:
         raise LinquantError(f"{folder}: a Hugging Face folder needs transformers "
                             "(pip install 'linquant[hf]')") from e
+    hf.register()
     try:
         return transformers.AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as e:

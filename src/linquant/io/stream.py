@@ -52,6 +52,7 @@ from linquant.convert import (
     plan_model,
 )
 from linquant.errors import FormatError, LinquantError
+from linquant.io import hf
 from linquant.io.checkpoint import TensorInfo, read_tensors, tensor_infos
 from linquant.io.format import encode_quantized
 from linquant.io.save import (
@@ -670,6 +671,8 @@ def quantize_checkpoint(
     bar = _progress(sum(sizes.values()), len(infos), progress)
     with staged_folder(dst_p, overwrite=overwrite) as tmp:
         copied = _copy_side_files(folder, tmp) if folder is not None else []
+        if jobs:
+            hf.mark_config_file(tmp)  # from_pretrained refuses it, naming linquant.load
         for row in copied:  # other sentence-transformers modules' weights, as they are
             rows[row.name] = row
             report.bytes_before += row.bytes_before

@@ -1,0 +1,146 @@
+"""transformers' own ``save_pretrained`` and ``from_pretrained`` on linquant models and folders.
+
+Neither can handle linquant's quantized layers, and neither fails by itself: ``save_pretrained``
+of a quantized model writes the layers' buffers (``weight_qdata``, ...) under names that
+``from_pretrained`` does not know, and ``from_pretrained`` of such a folder, or of one that
+:func:`linquant.save` wrote, builds the model, warns about missing and unexpected weights and
+returns the quantized layers freshly initialised. Here both raise instead:
+
+* :func:`mark_model` (called by ``quantize_model``, ``load`` and ``load_into``) gives every
+  transformers model (``PreTrainedModel``) holding quantized layers an ``hf_quantizer``, the
+  attribute transformers gives the models its own quantizers load. ``save_pretrained`` asks it
+  whether the model can be serialized; :class:`LinquantHfQuantizer` answers with a
+  :class:`LinquantError` naming :func:`linquant.save`. (A ``SentenceTransformer``'s ``save``
+  calls its transformers model's ``save_pretrained``, so it raises too.)
+* :func:`mark_config_file` (``save`` and ``linquant quantize``) writes
+  ``"quantization_config": {"quant_method": "linquant", ...}`` into the folder's
+  ``config.json`` when the folder holds quantized tensors. With linquant's quantizer registered
+  (:func:`register`: done by the calls above and by ``import linquant`` when transformers'
+  models are already loaded), ``from_pretrained`` of such a folder raises a
+  :class:`LinquantError` naming :func:`linquant.load`. Where it is not registered, transformers
+  warns ``Unknown quantization type, got linquant`` before loading.
+
+Everything here is a no-op where transformers is not installed or lacks the quantizer API
+(``transformers.quantizers``, 4.36 and later).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from linquant.errors import LinquantError
+from linquant.io.format import FORMAT_VERSION
+
+__all__ = [
+    "QUANT_METHOD",
+    "is_linquant_config",
+    "mark_config_file",
+    "mark_model",
+    "quantization_config",
+    "register",
+]
+
+QUANT_METHOD = "linquant"
+_registered: list[Any] = []  # [LinquantHfQuantizer class] once registered
+
+
+def quantization_config() -> dict[str, Any]:
+    """The ``quantization_config`` entry of a linquant folder's ``config.json``."""
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+            "load_with": "linquant.load(folder)"}
+
+
+def is_linquant_config(entry: object) -> bool:
+    """True for a ``quantization_config`` (dict or object) that linquant wrote."""
+    method = entry.get("quant_method") if isinstance(entry, dict) else \
+        getattr(entry, "quant_method", None)
+    return str(getattr(method, "value", method)) == QUANT_METHOD
+
+
+def mark_config_file(folder: str | os.PathLike[str]) -> bool:
+    """Add :func:`quantization_config` to ``folder/config.json`` (a JSON object); returns
+    whether it did. Meant for a folder being staged: the file is rewritten in place."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LinquantError(f"{path}: cannot read the model config to mark it as linquant's: "
+                            f"{e}") from e
+    if not isinstance(data, dict):
+        return False
+    data["quantization_config"] = quantization_config()
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return True
+
+
+def _quantizer_class() -> Any:
+    """linquant's ``HfQuantizer`` (registered with transformers), or None without the API."""
+    if _registered:
+        return _registered[0]
+    try:
+        from transformers.quantizers import auto as hf_auto
+
+        from linquant.io._hf_quantizer import LinquantHfConfig, LinquantHfQuantizer
+    except ImportError:
+        return None
+    mapping = getattr(hf_auto, "AUTO_QUANTIZER_MAPPING", None)
+    configs = getattr(hf_auto, "AUTO_QUANTIZATION_CONFIG_MAPPING", None)
+    if not isinstance(mapping, dict) or not isinstance(configs, dict):
+        return None
+    # Set directly rather than through register_quantizer(): that raises for a name already
+    # taken, which a reloaded linquant (or a second copy) would hit.
+    mapping[QUANT_METHOD] = LinquantHfQuantizer
+    configs[QUANT_METHOD] = LinquantHfConfig
+    _registered.append(LinquantHfQuantizer)
+    return LinquantHfQuantizer
+
+
+def register() -> bool:
+    """Register linquant's quantizer with transformers (imports ``transformers.quantizers``);
+    returns whether transformers has the API. Idempotent."""
+    return _quantizer_class() is not None
+
+
+def register_if_loaded() -> None:
+    """:func:`register` when transformers' models are already imported (costs nothing then):
+    what ``import linquant`` does."""
+    if "transformers.modeling_utils" in sys.modules:
+        register()
+
+
+def _is_pretrained_model(module: nn.Module) -> bool:
+    return any(c.__module__ == "transformers.modeling_utils" and c.__name__ == "PreTrainedModel"
+               for c in type(module).__mro__)
+
+
+def mark_model(model: nn.Module) -> int:
+    """Give each transformers model in ``model`` (itself included) that holds quantized layers
+    linquant's ``hf_quantizer``; returns how many were marked. A model that already has an
+    ``hf_quantizer`` of another library keeps it."""
+    from linquant.nn.base import QuantModule
+
+    candidates = [m for m in model.modules() if _is_pretrained_model(m)]
+    if not candidates:
+        return 0
+    cls = _quantizer_class()
+    if cls is None:
+        return 0
+    marked = 0
+    for m in candidates:
+        if not any(isinstance(q, QuantModule) for q in m.modules()):
+            continue
+        current = getattr(m, "hf_quantizer", None)
+        if current is not None and not isinstance(current, cls):
+            continue
+        if current is None:
+            m.hf_quantizer = cls(cls.config_class(**quantization_config()), pre_quantized=True)
+        marked += 1
+    return marked
