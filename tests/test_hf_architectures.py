@@ -122,3 +122,33 @@ def test_whisper_convolutional_front_end_is_quantized(preset: str) -> None:
         got = model(input_features=features.to(dtype), decoder_input_ids=prompt).logits.float()
         want = reference(input_features=features, decoder_input_ids=prompt).logits
     assert sqnr(want, got) > (15 if preset == "w4a16-g32" else 30)
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_dequantize_gives_back_the_float_architecture(model_type: str, tmp_path: Any) -> None:
+    """transformers' ``model.dequantize()`` (linquant.dequantize_model): the float model's
+    module types and state-dict keys again, outputs as the quantized model's, and
+    save_pretrained / from_pretrained work on it."""
+    pytest.importorskip("transformers.quantizers")
+    from linquant.nn import QuantModule
+    from linquant.nn.experts import QuantExperts
+
+    model, reference, inputs, _ = _build(model_type)
+    quantize_model(model, "w4a16-g32")
+    with torch.inference_mode():
+        quantized = _output(model(**inputs))
+    model.dequantize()
+    assert not [n for n, m in model.named_modules() if isinstance(m, (QuantModule, QuantExperts))]
+    assert {n: type(m) for n, m in model.named_modules()} == \
+        {n: type(m) for n, m in reference.named_modules()}
+    assert set(model.state_dict()) == set(reference.state_dict())
+    with torch.inference_mode():
+        got = _output(model(**inputs))
+    assert sqnr(quantized, got) > 25
+    layer_types = getattr(model.config, "layer_types", None)
+    if isinstance(layer_types, list):  # _build shrank num_hidden_layers behind the config's back
+        model.config.layer_types = layer_types[:model.config.num_hidden_layers]
+    model.save_pretrained(str(tmp_path / "float"))
+    again = type(model).from_pretrained(str(tmp_path / "float"), dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        assert torch.equal(_output(again(**inputs)), got)

@@ -13,6 +13,7 @@ from linquant.errors import FormatError, LinquantError
 from linquant.io import hf as _hf
 from linquant.io.save import load, load_into, save
 from linquant.ops.metrics import cosine_similarity, max_abs_error, mse, sqnr
+from linquant.restore import dequantize_model
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor, compare, dequantize, quantize
 
@@ -34,6 +35,7 @@ __all__ = [
     "compare",
     "cosine_similarity",
     "dequantize",
+    "dequantize_model",
     "get_config",
     "load",
     "load_into",

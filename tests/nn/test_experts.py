@@ -321,6 +321,12 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
             "experts.gate_up_proj.weight.zero_point", "experts.gate_up_proj_bias",
             "experts.down_proj_bias", "router.weight"} <= keys
     assert '"num_experts":4' in meta["linquant"] and '"transposed":true' in meta["linquant"]
+    from linquant.commands.inspect import inspect_checkpoint
+
+    rows = {r["name"]: r for r in inspect_checkpoint(tmp_path / "q")["tensors"]}
+    assert rows["experts.down_proj.weight"]["experts"] == 4  # stored [E*out, in]
+    assert rows["experts.down_proj.weight"]["shape"] == [4 * 24, 16]
+    assert "experts" not in rows["experts.down_proj_bias"]
     fresh = Block(transposed=True, bias=True)
     lq.load_into(fresh, tmp_path / "q")
     assert isinstance(fresh.experts, QuantExperts)
@@ -400,6 +406,35 @@ def test_dense_experts_quantize_save_and_load(tmp_path: Path, dense_registered: 
     fresh = DenseBlock()
     lq.load_into(fresh, tmp_path / "q")
     assert torch.equal(fresh(x), model(x))
+
+
+# ---- back to float (linquant.restore) ------------------------------------------------------
+def test_experts_come_back_as_the_float_module() -> None:
+    for kwargs in ({}, {"transposed": True, "bias": True}, {"has_gate": False}):
+        block = Block(**kwargs)
+        keys = set(block.state_dict())
+        attrs = set(vars(block.experts))
+        lq.quantize_model(block, "int4-asym-g8-fp16")
+        assert isinstance(block.experts, QuantExperts)
+        w = {p: getattr(block.experts, p).weight.clone() for p in ("down_proj",)}
+        x = torch.randn(7, 24)
+        want = block(x)
+        lq.dequantize_model(block)
+        assert type(block.experts) is ToyExperts and set(vars(block.experts)) == attrs
+        assert set(block.state_dict()) == keys
+        assert torch.equal(block.experts.down_proj, w["down_proj"])
+        torch.testing.assert_close(block(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_experts_lose_the_attributes_wrap_added(dense_registered: None) -> None:
+    block = DenseBlock()
+    attrs = set(vars(block.experts))
+    lq.quantize_model(block, "int8-sym-ch0")
+    x = torch.randn(5, 16)
+    want = block(x)
+    lq.dequantize_model(block)
+    assert type(block.experts) is ToyDenseExperts and set(vars(block.experts)) == attrs
+    torch.testing.assert_close(block(x), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.cuda

@@ -28,9 +28,13 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     files = checkpoint_files(path)
     rows: list[dict[str, Any]] = []
     for name, qt in ck.quantized.items():
-        rows.append({"name": name, "shape": list(qt.shape), "dtype": str(qt.dtype)[6:],
-                     "scheme": str(qt.scheme), "bits_per_weight": qt.bits_per_weight,
-                     "bytes": qt.nbytes})
+        row: dict[str, Any] = {"name": name, "shape": list(qt.shape),
+                               "dtype": str(qt.dtype)[6:], "scheme": str(qt.scheme),
+                               "bits_per_weight": qt.bits_per_weight, "bytes": qt.nbytes}
+        entry = ck.modules.get(name.removesuffix(".weight"))
+        if isinstance(entry, dict) and isinstance(entry.get("num_experts"), int):
+            row["experts"] = entry["num_experts"]  # an MoE projection, stored [E*out, in]
+        rows.append(row)
     for name, t in ck.plain.items():
         rows.append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype)[6:],
                      "scheme": "plain", "bits_per_weight": t.element_size() * 8.0,
@@ -57,9 +61,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    for r in info["tensors"]:
+        shape = "x".join(str(n) for n in r["shape"]) or "scalar"
+        r["shape_text"] = f"{shape} ({r['experts']} experts)" if "experts" in r else shape
     table = format_table(info["tensors"], [
         ("name", "tensor", ""),
-        ("shape", "shape", lambda s: "x".join(str(n) for n in s) or "scalar"),
+        ("shape_text", "shape", ""),
         ("dtype", "dtype", ""),
         ("scheme", "scheme", ""),
         ("bits_per_weight", "bits/w", ".3f"),

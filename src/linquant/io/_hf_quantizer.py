@@ -56,6 +56,13 @@ class LinquantHfQuantizer(HfQuantizer):  # type: ignore[misc]
     def is_compileable(self) -> bool:
         return True  # torch.compile works on linquant's layers (README)
 
+    def dequantize(self, model: Any, dtype: Any = None) -> Any:
+        """transformers' ``model.dequantize()``: :func:`linquant.dequantize_model` (weights in
+        ``dtype``, default each layer's own), which also drops this quantizer."""
+        from linquant.restore import dequantize_model
+
+        return dequantize_model(model, dtype)
+
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
         return None
 

@@ -26,6 +26,7 @@ Everything here is a no-op where transformers is not installed or lacks the quan
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ __all__ = [
     "mark_model",
     "quantization_config",
     "register",
+    "unmark_model",
 ]
 
 QUANT_METHOD = "linquant"
@@ -144,3 +146,14 @@ def mark_model(model: nn.Module) -> int:
             m.hf_quantizer = cls(cls.config_class(**quantization_config()), pre_quantized=True)
         marked += 1
     return marked
+
+
+def unmark_model(model: nn.Module) -> None:
+    """Drop linquant's ``hf_quantizer`` and ``quantization_config`` from ``model`` (after
+    :func:`linquant.dequantize_model`); another library's are kept."""
+    if _registered and isinstance(model.__dict__.get("hf_quantizer"), _registered[0]):
+        del model.__dict__["hf_quantizer"]
+    config = getattr(model, "config", None)
+    if config is not None and is_linquant_config(getattr(config, "quantization_config", None)):
+        with contextlib.suppress(AttributeError):
+            delattr(config, "quantization_config")

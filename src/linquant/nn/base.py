@@ -417,6 +417,10 @@ class QuantModule(nn.Module):
     #: set by ``skeleton`` for a layer made from a transformers ``Conv1D``, whose float weight
     #: is stored ``[in, out]``: :attr:`weight` gives it back in that layout
     stored_transposed: bool = False
+    #: the float layer's class, where ``skeleton`` knows it (linear layers: ``nn.Linear``,
+    #: transformers' ``Conv1D`` or ``FalconLinear``); :func:`linquant.dequantize_model` builds
+    #: one again
+    float_class: type | None = None
 
     @property
     def weight(self) -> torch.Tensor:

@@ -287,6 +287,8 @@ class QuantExperts(nn.Module):
     #: one of :data:`DENSE_EXPERTS`: ``forward(hidden_states [E * T, H])``, every expert on its
     #: ``T`` rows
     dense_dispatch: bool = False
+    #: attributes :meth:`wrap` set that the float module did not have (dense dispatch)
+    added_attributes: tuple[str, ...] = ()
 
     @classmethod
     def wrap(cls, experts: nn.Module) -> QuantExperts:
@@ -308,6 +310,8 @@ class QuantExperts(nn.Module):
         new.float_class = type(experts)
         if _is_dense(experts):
             new.dense_dispatch = True
+            new.added_attributes = tuple(k for k in ("has_gate", "is_transposed", "has_bias")
+                                         if k not in vars(experts))
             new.has_gate, new.is_transposed = True, True
             new.__dict__["has_bias"] = False
         return new

@@ -86,6 +86,7 @@ class QuantLinear(QuantModule):
         q = cls(in_f, out_f, scheme, bias=linear.bias is not None, dtype=w.dtype,
                 device=device, name=name)
         q.stored_transposed = transposed
+        q.float_class = type(linear)
         return q
 
     @classmethod

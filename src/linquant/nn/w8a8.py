@@ -145,6 +145,7 @@ class W8A8Linear(QuantModule):
         q = cls(in_f, out_f, bias=linear.bias is not None, activation=activation,
                 act_symmetric=act_symmetric, dtype=w.dtype, device=device, name=name)
         q.stored_transposed = transposed
+        q.float_class = type(linear)
         return q
 
     @classmethod
