@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from linquant.errors import LinquantError
-from linquant.nn.base import QuantModule, _memory_key, qualified_name
+from linquant.nn.base import QuantModule, _memory_key
 from linquant.nn.experts import _MODULE_STATE, QuantExperts, QuantExpertsProj, projection_names
 
 __all__ = ["dequantize_model"]
@@ -56,13 +56,11 @@ def _weight(q: QuantModule, dtype: torch.dtype | None,
     return p
 
 
-def _bias(q: nn.Module, dtype: torch.dtype | None) -> nn.Parameter | None:
-    b = q._parameters.get("bias")
-    if b is None:
-        return None
-    if dtype is not None and b.dtype != dtype:
-        return nn.Parameter(b.detach().to(dtype), requires_grad=b.requires_grad)
-    return b
+def _cast(p: nn.Parameter | None, dtype: torch.dtype | None) -> nn.Parameter | None:
+    """``p`` itself, or a Parameter of it in ``dtype`` when one is given and differs."""
+    if p is None or dtype is None or not p.is_floating_point() or p.dtype == dtype:
+        return p
+    return nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
 
 
 def _float_layer(q: Any, dtype: torch.dtype | None,
@@ -95,7 +93,7 @@ def _float_layer(q: Any, dtype: torch.dtype | None,
                                 f"{q._label()}")
     new.weight = weight
     if "bias" in q._parameters or hasattr(new, "bias"):
-        new.bias = _bias(q, dtype)
+        new.bias = _cast(q._parameters.get("bias"), dtype)
     new.train(q.training)
     out: nn.Module = new
     return out
@@ -123,15 +121,8 @@ def _float_experts(qe: QuantExperts, dtype: torch.dtype | None,
         else:
             new._modules[name] = sub
     for name, p in list(new._parameters.items()):  # biases and float projections
-        if dtype is not None and p is not None and p.is_floating_point() and p.dtype != dtype:
-            new._parameters[name] = nn.Parameter(p.detach().to(dtype),
-                                                 requires_grad=p.requires_grad)
+        new._parameters[name] = _cast(p, dtype)
     return new
-
-
-def _is_pretrained_model(m: nn.Module) -> bool:
-    return any(qualified_name(c) == "transformers.modeling_utils.PreTrainedModel"
-               for c in type(m).__mro__)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
@@ -173,7 +164,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     if done:
         from linquant.io import hf
 
-        for m in model.modules():
-            if _is_pretrained_model(m):
-                hf.unmark_model(m)
+        hf.unmark_model(model)
     return model

@@ -11,19 +11,15 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from linquant.errors import LinquantError
-from linquant.io.format import FORMAT_VERSION
-from linquant.io.hf import QUANT_METHOD
+from linquant.io.hf import QUANT_METHOD, quantization_config
 
 
 class LinquantHfConfig(QuantizationConfigMixin):  # type: ignore[misc]
     """The ``quantization_config`` of a linquant folder, as transformers reads it."""
 
     def __init__(self, **kwargs: Any) -> None:
-        self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # not in their enum
-        self.format_version = kwargs.pop("format_version", FORMAT_VERSION)
-        self.load_with = kwargs.pop("load_with", "linquant.load(folder)")
-        for k, v in kwargs.items():
-            setattr(self, k, v)
+        # quant_method is not in transformers' enum: a plain str, as custom quantizers use
+        self.__dict__.update({**quantization_config(), **kwargs, "quant_method": QUANT_METHOD})
 
 
 class LinquantHfQuantizer(HfQuantizer):  # type: ignore[misc]

@@ -143,17 +143,21 @@ def mark_model(model: nn.Module) -> int:
         if current is not None and not isinstance(current, cls):
             continue
         if current is None:
-            m.hf_quantizer = cls(cls.config_class(**quantization_config()), pre_quantized=True)
+            m.hf_quantizer = cls(cls.config_class(), pre_quantized=True)
         marked += 1
     return marked
 
 
 def unmark_model(model: nn.Module) -> None:
-    """Drop linquant's ``hf_quantizer`` and ``quantization_config`` from ``model`` (after
-    :func:`linquant.dequantize_model`); another library's are kept."""
-    if _registered and isinstance(model.__dict__.get("hf_quantizer"), _registered[0]):
-        del model.__dict__["hf_quantizer"]
-    config = getattr(model, "config", None)
-    if config is not None and is_linquant_config(getattr(config, "quantization_config", None)):
-        with contextlib.suppress(AttributeError):
-            delattr(config, "quantization_config")
+    """Drop linquant's ``hf_quantizer`` and ``quantization_config`` from each transformers
+    model in ``model`` (after :func:`linquant.dequantize_model`); another library's are kept."""
+    for m in model.modules():
+        if not _is_pretrained_model(m):
+            continue
+        if _registered and isinstance(m.__dict__.get("hf_quantizer"), _registered[0]):
+            del m.__dict__["hf_quantizer"]
+        config = getattr(m, "config", None)
+        if config is not None and is_linquant_config(getattr(config, "quantization_config",
+                                                             None)):
+            with contextlib.suppress(AttributeError):
+                delattr(config, "quantization_config")
