@@ -10,8 +10,9 @@ hidden 1024, expert FFN 2816 by default), as transformers' own ``MixtralExperts`
   weights for every token-expert pair: 17 GiB at M=256 with the default shapes, which the 24 GiB
   VM could not hold);
 * linquant, from the same float weights: ``w8a32`` (fp32 activations), ``w8a16``,
-  ``w4a16-g32`` and ``w4a16-g128`` (bf16 activations): ``quantize_model`` on a copy of the
-  layer, which becomes a ``QuantExperts``.
+  ``w4a16-g32`` and ``w4a16-g128`` (bf16 activations), ``w8a8`` (fp32 in and out, int8
+  per-token activations and int8 x int8 products inside; ``--presets`` picks some):
+  ``quantize_model`` on a copy of the layer, which becomes a ``QuantExperts``.
 
 Each row holds ``--layers`` distinct layers (different weights; the float fp32 ones take
 >= 256 MiB by default) and every timed call runs the next one, so no call finds its weights in
@@ -23,7 +24,7 @@ input; and each row's bytes of expert weights.
 
     python benchmarks/bench_moe.py [--tokens 1,16,256] [--layers 4] [--experts 8] [--top-k 2]
         [--hidden 1024] [--ffn 2816] [--repeats 9] [--runs 3] [--impls eager,grouped_mm]
-        [--json PATH]
+        [--presets w8a32,w8a16,w4a16-g32,w4a16-g128,w8a8] [--json PATH]
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from linquant.convert import model_nbytes, quantize_model
 from linquant.ops.metrics import sqnr
 from linquant.report import Column, format_table, write_json
 
-PRESETS = ("w8a32", "w8a16", "w4a16-g32", "w4a16-g128")
+PRESETS = ("w8a32", "w8a16", "w4a16-g32", "w4a16-g128", "w8a8")
 
 
 def _float_layers(args: argparse.Namespace, n: int) -> list[nn.Module]:
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--impls", default="eager,grouped_mm")
+    ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -113,8 +115,8 @@ def main() -> None:
     for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         for impl in args.impls.split(","):
             rows.append((f"float {tag} {impl}", dtype, _with_impl(base, impl, dtype)))
-    for preset in PRESETS:
-        dtype = torch.float32 if preset.endswith("a32") else torch.bfloat16
+    for preset in args.presets.split(","):
+        dtype = torch.float32 if preset in ("w8a32", "w8a8") else torch.bfloat16
         rows.append((f"linquant {preset}", dtype, _quantized(base, preset)))
     nbytes = {label: model_nbytes(layers[0]) for label, _, layers in rows}
 

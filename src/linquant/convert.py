@@ -10,8 +10,10 @@ Rules (each one shows up in the report, nothing is skipped silently):
   :func:`linquant.nn.quant_module_for`; every other layer is listed as float with its reason.
 * **MoE experts** (transformers' fused experts modules, :mod:`linquant.nn.experts`): each 3-D
   projection is a layer of its own, named ``<experts>.gate_up_proj`` / ``<experts>.down_proj``,
-  selected, reported and quantized (weight-only, per expert) like any layer; the module becomes
-  a :class:`~linquant.nn.experts.QuantExperts` holding whichever projections were quantized.
+  selected, reported and quantized (per expert) like any layer: weight-only, or with int8
+  activations under a dynamic W8A8 config (static W8A8 configs quantize them weight-only and
+  say so); the module becomes a :class:`~linquant.nn.experts.QuantExperts` holding whichever
+  projections were quantized.
 * **Selection** by shell-style patterns (:func:`fnmatch.fnmatchcase`, ``*`` also crosses dots)
   on module names. A pattern matches a module when it matches its name or the name of one of
   its ancestors, so ``exclude=["encoder.layer.0"]`` keeps that whole block float. ``exclude``
@@ -49,7 +51,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -549,10 +551,23 @@ def _decide_experts(
     refusal = QuantExpertsProj.cannot_quantize((e, out, k), scheme)
     if refusal is not None:
         return None, None, refusal, ""
-    if config.is_w8a8:
-        note = _join(note, f"weight-only: no int8-activation layer for experts "
-                           f"({type(module).__name__})")
+    if config.is_w8a8 and experts_activation(config) is None:
+        note = _join(note, "weight-only: static int8 activations need one calibrated scale per "
+                           "layer, and calibration does not see each expert's inputs")
     return config, scheme, None, note
+
+
+def experts_activation(config: QuantConfig) -> Literal["dynamic"] | None:
+    """What an experts projection quantized under ``config`` does with its activations:
+    ``"dynamic"`` (int8 per token) under a dynamic W8A8 config, else None (weight-only)."""
+    return "dynamic" if config.is_w8a8 and config.activation_mode == "dynamic" else None
+
+
+def experts_scheme_text(config: QuantConfig, scheme: QuantScheme) -> str:
+    """The report's scheme column for an experts projection quantized under ``config``."""
+    if experts_activation(config) is not None:
+        return str(config)
+    return str(QuantConfig(scheme, compute_dtype=config.compute_dtype))  # weight-only
 
 
 def _experts_parts(module: nn.Module) -> list[str] | None:
@@ -855,11 +870,13 @@ def _quantize_experts_part(model: nn.Module, parents: Mapping[str, nn.Module], p
     w = module._parameters[part]
     assert w is not None
     transposed = experts_transposed(module)
-    new = QuantExpertsProj.from_float(w, plan.scheme, transposed=transposed, name=plan.names[0])
+    new = QuantExpertsProj.from_float(w, plan.scheme, transposed=transposed,
+                                      activation=experts_activation(plan.config),
+                                      name=plan.names[0])
     qw = new.qweight
     row.bits_per_weight = qw.bits_per_weight
     row.sqnr_db = sqnr(expert_rows(w.detach(), transposed), qw.dequantize(torch.float32))
-    row.scheme = str(QuantConfig(plan.scheme, compute_dtype=plan.config.compute_dtype))
+    row.scheme = experts_scheme_text(plan.config, plan.scheme)
     wrapper = wrappers.get(id(module))
     if wrapper is None:
         wrapper = module if isinstance(module, QuantExperts) else QuantExperts.wrap(module)

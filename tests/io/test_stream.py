@@ -350,6 +350,7 @@ def _per_expert_checkpoint(tmp_path: Path, kind: str) -> tuple[Any, Path]:
     ("mixtral", "w4a16-g32"),  # each expert quantized into its rows as it is read
     ("qwen3_moe", "w4a16-g32"),
     ("mixtral", "int8-sym-tensor"),  # one scale for all experts: stacked in float first
+    ("qwen3_moe", "w8a8"),  # experts with int8 activations
 ])
 def test_per_expert_checkpoints_are_stacked_into_fused_experts(tmp_path: Path, kind: str,
                                                                config: str) -> None:
@@ -368,6 +369,7 @@ def test_per_expert_checkpoints_are_stacked_into_fused_experts(tmp_path: Path, k
         assert (row.scheme, row.bits_per_weight, row.bytes_after) == (
             want.scheme, want.bits_per_weight, want.bytes_after)
         assert row.sqnr_db == pytest.approx(want.sqnr_db, rel=1e-9)
+        assert row.scheme.endswith("act int8-sym-token dynamic") == (config == "w8a8")
     _streamed_equals_saved(tmp_path, model, vocab=64)
 
 
@@ -394,6 +396,7 @@ def test_per_expert_checkpoints_that_cannot_be_stacked_are_refused(
 @pytest.mark.parametrize("config", [
     "w4a16-g32",  # expert by expert (rows quantize independently)
     "int8-sym-tensor",  # one scale for all experts: the projection at once
+    "w8a8",  # experts with int8 activations
 ])
 def test_fused_experts_stored_as_they_are_in_the_model_are_streamed(
         tmp_path: Path, gpt_oss_checkpoint: tuple[Any, Path], config: str) -> None:

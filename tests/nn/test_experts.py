@@ -298,13 +298,94 @@ def test_excluded_projection_stays_float_and_the_rest_runs() -> None:
     assert model.experts.num_quantized == 2
 
 
-def test_w8a8_config_quantizes_experts_weight_only() -> None:
+def test_w8a8_configs_and_the_experts() -> None:
+    """Dynamic W8A8 quantizes the experts with int8 activations; static W8A8 (one calibrated
+    scale per layer) quantizes them weight-only and says why."""
     model = Block(hidden=32, inter=32)
     report = lq.quantize_model(model, "w8a8")
-    assert "weight-only: no int8-activation layer for experts" in report[
-        "experts.gate_up_proj"].note
-    assert report["experts.gate_up_proj"].scheme == "int8-sym-ch0-fp32"
+    for part in ("gate_up_proj", "down_proj"):
+        row = report[f"experts.{part}"]
+        assert (row.scheme, row.note) == ("int8-sym-ch0-fp32, act int8-sym-token dynamic", "")
+        assert getattr(model.experts, part).activation == "dynamic"
+    assert "activation=dynamic" in repr(model.experts)
     assert type(model.router).__name__ == "W8A8Linear"
+    static = Block(hidden=32, inter=32)
+    report = lq.quantize_model(static, "w8a8-static")
+    row = report["experts.gate_up_proj"]
+    assert row.scheme == "int8-sym-ch0-fp32"
+    assert "weight-only: static int8 activations need one calibrated scale" in row.note
+    assert static.experts.gate_up_proj.activation is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 17, 40])
+def test_w8a8_expert_equals_the_reference(tokens: int, dtype: torch.dtype) -> None:
+    """Each expert's W8A8 product is the reference's (per-token int8 activations, int8 x int8,
+    one rescale), bit for bit, whatever fast path the dispatcher takes; the plan kept by the
+    first call serves the next."""
+    from linquant import kernels
+    from linquant.kernels import native, reference
+
+    torch.manual_seed(0)
+    toy = ToyExperts(num_experts=3, hidden=260, inter=132)  # 264 x 260 per expert: fast paths
+    proj = QuantExpertsProj.from_float(toy.gate_up_proj, "int8-sym-ch0-fp32", transposed=False,
+                                       activation="dynamic")
+    x = torch.randn(tokens, 260).to(dtype)
+    for e in (0, 2):
+        qt = proj.expert(e)[0]
+        codes = qt.qdata.view(torch.int8).view(264, 260)
+        want = reference.linear_w8a8(x, codes, qt.scale)
+        if native.w8a8_supported(x, codes):  # this CPU has VNNI: linquant's own kernel
+            assert kernels.select_w8a8_path(x, codes) == "cpu_native_w8a8"
+        for _ in range(2):
+            got = proj(x, e)
+            assert got.dtype == dtype and torch.equal(got, want), (e, tokens)
+        assert len(proj.expert(e)[1]["w8a8_plans"]) == 1
+    # against the float experts: activation and weight rounding only
+    deq = toy.gate_up_proj.detach()
+    assert sqnr(F.linear(x.float(), deq[1]), proj(x, 1).float()) > 30
+    with pytest.raises(LinquantError, match="int8 activations need the weight scheme"):
+        QuantExpertsProj.from_float(toy.gate_up_proj, "int4-sym-g4", transposed=False,
+                                    activation="dynamic")
+    with pytest.raises(LinquantError, match="activation must be None"):
+        QuantExpertsProj(3, 260, 264, "int8-sym-ch0-fp32", activation="static")  # type: ignore
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_w8a8_experts_sqnr_floor(variant: str) -> None:
+    block = Block(**VARIANTS[variant])
+    x = torch.randn(11, 24)
+    want = block(x)
+    lq.quantize_model(block, "w8a8", exclude=["router"])
+    assert block.experts.num_quantized == 2
+    assert sqnr(want, block(x)) > 30
+
+
+def test_w8a8_experts_save_and_load(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = Block(transposed=True, bias=True)
+    lq.quantize_model(model, "w8a8")
+    lq.save(model, tmp_path / "q")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert '"type":"QuantExpertsProj"' in meta["linquant"].replace(" ", "")
+    assert '"activation":"dynamic"' in meta["linquant"].replace(" ", "")
+    fresh = Block(transposed=True, bias=True)
+    lq.load_into(fresh, tmp_path / "q")
+    assert fresh.experts.down_proj.activation == "dynamic"
+    x = torch.randn(6, 24)
+    assert torch.equal(model(x), fresh(x))
+    # a file whose experts claim static activations is refused, naming the module
+    tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
+    meta["linquant"] = meta["linquant"].replace('"activation":"dynamic"', '"activation":"static"'
+                                                ).replace('"activation": "dynamic"',
+                                                          '"activation": "static"')
+    save_file(tensors, str(tmp_path / "q" / "model.safetensors"), metadata=meta)
+    with pytest.raises(FormatError, match=r"experts.*bad activation settings"):
+        lq.load_into(Block(transposed=True, bias=True), tmp_path / "q")
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
@@ -439,9 +520,10 @@ def test_dense_experts_lose_the_attributes_wrap_added(dense_registered: None) ->
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("scheme", ["int4-asym-g32-fp16", "int4-sym-g128", "int8-sym-ch0"])
+@pytest.mark.parametrize("scheme", ["int4-asym-g32-fp16", "int4-sym-g128", "int8-sym-ch0", "w8a8"])
 def test_quantized_experts_on_cuda_match_the_cpu(scheme: str) -> None:
-    """On a GPU each expert's call takes the CUDA paths (tinygemm, Triton) of its token count."""
+    """On a GPU each expert's call takes the CUDA paths (tinygemm, Triton; Triton's W8A8 GEMM
+    under ``w8a8``) of its token count."""
     torch.manual_seed(0)
     model = Block(hidden=256, inter=128, num_experts=8).eval()
     lq.quantize_model(model, scheme)

@@ -451,8 +451,14 @@ def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str
         setattr(spot[0], spot[1], wrapper)
         experts = wrapper
     assert isinstance(experts, QuantExperts)
+    activation = entry.get("activation")
+    if activation not in (None, "dynamic") or entry.get("act_symmetric", True) is not True:
+        raise FormatError(f"{where}: module {name!r}: bad activation settings for experts "
+                          f"{activation!r}/{entry.get('act_symmetric')!r} (expected none, or "
+                          "'dynamic' and symmetric)")
     current = experts._modules.get(part)
-    if isinstance(current, QuantExpertsProj) and str(current.scheme) == entry.get("scheme"):
+    if isinstance(current, QuantExpertsProj) and str(current.scheme) == entry.get("scheme") \
+            and current.activation == activation:
         return  # loading into a model quantized the same way
     weight = experts._parameters.get(part)
     scheme = entry.get("scheme")
@@ -466,8 +472,8 @@ def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str
                           f"({entry.get('num_experts')}, transposed={entry.get('transposed')}) "
                           f"are not the model's ({weight.shape[0]}, transposed={transposed})")
     try:
-        proj = QuantExpertsProj.skeleton(weight, scheme, transposed=transposed, name=name,
-                                         device="meta")
+        proj = QuantExpertsProj.skeleton(weight, scheme, transposed=transposed,
+                                         activation=activation, name=name, device="meta")
     except LinquantError as e:
         raise FormatError(f"{where}: module {name!r}: cannot rebuild QuantExpertsProj: {e}"
                           ) from None

@@ -49,6 +49,7 @@ from linquant.convert import (
     _Plan,
     _type_name,
     _uses_w8a8,
+    experts_activation,
     plan_model,
 )
 from linquant.errors import FormatError, LinquantError
@@ -467,8 +468,9 @@ def _plan_experts_part(plan: _Plan, names: set[str], jobs: dict[str, _Job],
     if stored is None:
         raise LinquantError(f"layer {first!r}: its weight is not in the checkpoint; exclude it "
                             "to keep it float")
-    entry = module_entry(QuantExpertsProj.skeleton(w, plan.scheme, device="meta",
-                                                   transposed=experts_transposed(mod)))
+    entry = module_entry(QuantExpertsProj.skeleton(
+        w, plan.scheme, device="meta", transposed=experts_transposed(mod),
+        activation=experts_activation(plan.config)))
     for n in plan.names:
         modules[n] = entry
     jobs[stored] = _Job(stored, plan.config, plan.scheme, plan.note, mod, entry, plan.part)
@@ -728,7 +730,8 @@ def quantize_checkpoint(
             writer.add(tensors, {qname: entry})
             for k, v in extra.items():
                 writer.add({f"{job.module_name}.{k}": v}, {})
-            scheme_text = str(cfg) if job.entry["type"] == "W8A8Linear" else \
+            # W8A8Linear, and experts with int8 activations ("activation": "dynamic")
+            scheme_text = str(cfg) if job.entry.get("activation") else \
                 str(QuantConfig(job.scheme, compute_dtype=compute_dtype))
             rows[job.module_name] = LayerReport(
                 job.module_name, _type_name(job.module) if job.module is not None
@@ -860,7 +863,8 @@ def _quantize_one(job: _Job, name: str, t: torch.Tensor
             raise LinquantError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "
                                 f"{tuple(meta_p.shape)} in the model built from config.json")
         proj = QuantExpertsProj.from_float(t, job.scheme, name=job.module_name,
-                                           transposed=experts_transposed(mod))
+                                           transposed=experts_transposed(mod),
+                                           activation=experts_activation(job.config))
         return proj.qweight, {}
     meta_w = mod._parameters["weight"]
     if meta_w is not None and tuple(meta_w.shape) != tuple(t.shape):

@@ -29,19 +29,25 @@ every expert runs on every token (the block hands them ``[E * T, H]``, each copy
 by its router score) with weights stored ``[E, in, out]``; they are recognised by class
 (:data:`DENSE_EXPERTS`) and wrapped the same way.
 
-Weight-only only: a W8A8 config quantizes the experts' weights as the config's weight scheme
-and the report says so.
+Under a dynamic W8A8 config (the ``w8a8`` preset) each projection is stored as the W8A8
+weight (``int8-sym-ch0-fp32``: one scale per expert and output row) with
+``activation="dynamic"``: every expert's tokens are quantized per token to int8 and multiplied
+by :func:`linquant.kernels.linear_w8a8` (int8 x int8 -> int32, one rescale), exactly as a
+dynamic :class:`~linquant.nn.w8a8.W8A8Linear` of that expert's shape. A static W8A8 config
+(one calibrated activation scale per layer) quantizes the experts weight-only, and the report
+says so: calibration does not see each expert's inputs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from linquant import kernels
+from linquant.config import W8A8_WEIGHT
 from linquant.errors import LinquantError
 from linquant.nn.base import KernelCache, QuantModule, as_scheme, eager_only, qualified_name
 from linquant.ops.grouping import granules, scale_shape
@@ -131,7 +137,11 @@ class QuantExpertsProj(QuantModule):
     :class:`~linquant.nn.base.QuantModule`). ``layer(x, e)`` is ``x @ W_e^T`` in ``x``'s dtype.
 
     ``stored_transposed``: the float parameter was ``[E, in, out]``; :attr:`weight` gives it
-    back in that layout."""
+    back in that layout.
+
+    ``activation``: ``None`` (weight-only: :func:`linquant.kernels.linear_weight_only`) or
+    ``"dynamic"`` (W8A8: the scheme must be ``int8-sym-ch0-fp32``; each expert's input is
+    quantized per token and multiplied in int8 by :func:`linquant.kernels.linear_w8a8`)."""
 
     def __init__(
         self,
@@ -141,6 +151,7 @@ class QuantExpertsProj(QuantModule):
         scheme: QuantScheme | str,
         *,
         transposed: bool = False,
+        activation: Literal["dynamic"] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         name: str = "",
@@ -151,6 +162,14 @@ class QuantExpertsProj(QuantModule):
         self.out_features = int(out_features)
         self.stored_transposed = bool(transposed)
         scheme = as_scheme(scheme, self._label())
+        if activation not in (None, "dynamic"):
+            raise LinquantError(f"{self._label()}: activation must be None (weight-only) or "
+                                f"'dynamic' (int8 per token), got {activation!r}")
+        if activation is not None and scheme != W8A8_WEIGHT:
+            raise LinquantError(f"{self._label()}: int8 activations need the weight scheme "
+                                f"{W8A8_WEIGHT}, got {scheme}")
+        self.activation = activation
+        self.act_symmetric = True  # dynamic W8A8 activations are symmetric, one scale per token
         why = self.cannot_quantize((self.num_experts, self.out_features, self.in_features),
                                    scheme)
         if why is not None:
@@ -182,6 +201,7 @@ class QuantExpertsProj(QuantModule):
         scheme: QuantScheme | str,
         *,
         transposed: bool,
+        activation: Literal["dynamic"] | None = None,
         name: str = "",
         device: torch.device | str | None = None,
     ) -> QuantExpertsProj:
@@ -190,17 +210,19 @@ class QuantExpertsProj(QuantModule):
             raise LinquantError(f"{cls.__name__} {name!r}: expected a 3-D experts weight, got "
                                 f"shape {tuple(weight.shape)}")
         e, out, k = experts_dims(weight.shape, transposed)
-        return cls(e, k, out, scheme, transposed=transposed, dtype=weight.dtype, device=device,
-                   name=name)
+        return cls(e, k, out, scheme, transposed=transposed, activation=activation,
+                   dtype=weight.dtype, device=device, name=name)
 
     @classmethod
     def from_float(
         cls, weight: torch.Tensor, scheme: QuantScheme | str, *, transposed: bool,
-        name: str = "",
+        activation: Literal["dynamic"] | None = None, name: str = "",
     ) -> QuantExpertsProj:
         """Quantize the 3-D float projection ``weight`` (``[E, out, in]``, or ``[E, in, out]``
-        when ``transposed``)."""
-        q = cls.skeleton(weight, scheme, transposed=transposed, name=name, device="meta")
+        when ``transposed``); ``activation="dynamic"`` for int8 activations (the scheme must be
+        ``int8-sym-ch0-fp32``)."""
+        q = cls.skeleton(weight, scheme, transposed=transposed, activation=activation,
+                         name=name, device="meta")
         wname = f"{name}.weight" if name else "weight"
         q._set_qweight(quantize(expert_rows(weight.detach(), transposed), q.scheme, name=wname))
         return q
@@ -257,6 +279,12 @@ class QuantExpertsProj(QuantModule):
             raise LinquantError(f"{self._label()}: expert {expert} out of range "
                                 f"0..{self.num_experts - 1}")
         qt, cache = self.expert(expert)
+        if self.activation == "dynamic":
+            codes = cache.get("w8a8_codes")  # one view object, so the W8A8 plans find it again
+            if codes is None:
+                codes = cache["w8a8_codes"] = qt.qdata.view(torch.int8).view(
+                    self.out_features, self.in_features)
+            return kernels.linear_w8a8(x, codes, qt.scale, None, cache=cache)
         return kernels.linear_weight_only(x, qt, None, cache)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -266,6 +294,7 @@ class QuantExpertsProj(QuantModule):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, scheme={self.scheme}"
+                + (", activation=dynamic" if self.activation else "")
                 + (", stored_transposed=True" if self.stored_transposed else ""))
 
 
