@@ -28,10 +28,10 @@ Rules (each one shows up in the report, nothing is skipped silently):
   module that shared the float weight holds the *same* quantized buffer objects. If the sharing
   modules do not all get the same weight scheme (one excluded, different configs, a layout that
   differs), all of them stay float and the report names the partner and the reason.
-  Caveat: ``model.to(device)`` moves every module's buffers separately (PyTorch re-ties
-  parameters, not buffers), so the moved model holds the tied table twice; quantize the model
-  on the device it will run on. ``model.to(dtype)`` keeps the tie (quantized buffers are never
-  cast).
+  ``model.to(device)`` keeps the tie too: PyTorch moves each module's buffers separately, and
+  the quantized layers reuse the first move of a shared buffer
+  (:meth:`linquant.nn.base.QuantModule._apply`), so the device holds one copy.
+  ``model.to(dtype)`` keeps it as well (quantized buffers are never cast).
 * **Memory**: the float module is dropped from the model as soon as its replacement is in, so
   its weight is freed (unless the caller holds another reference). Peak memory is the float
   model plus one layer.
