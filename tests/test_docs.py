@@ -163,3 +163,5 @@ def test_readme_quantize_output_is_what_the_command_prints(
                for line in capsys.readouterr().out.splitlines()]
     missing = [line for line in shown if line not in printed]
     assert len(shown) >= 5 and not missing, missing
+    at = [printed.index(line) for line in shown]
+    assert at == sorted(at), "the README shows the lines in another order"

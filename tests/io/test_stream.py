@@ -139,8 +139,9 @@ def test_hf_folder_equals_quantize_model_and_save(tmp_path: Path, preset: str) -
     assert res.report["transformer.h.1.mlp.c_fc"].reason is not None
     square = g.transformer.h[0].attn.c_proj.weight.detach().clone()  # Conv1D [64, 64]
     in_memory = quantize_model(g, preset, exclude=["transformer.h.1.mlp"])
-    # the same rows (the tied lm_head's included) and weight errors (the Conv1D layers')
-    assert sorted(r.name for r in res.report.layers) == sorted(r.name for r in in_memory.layers)
+    # the same rows in the same (the model's) order, the tied lm_head's included, and weight
+    # errors (the Conv1D layers')
+    assert [r.name for r in res.report.layers] == [r.name for r in in_memory.layers]
     measured = [row for row in in_memory.layers if row.sqnr_db is not None]
     assert len(measured) >= 6
     for row in in_memory.layers:
@@ -364,6 +365,7 @@ def test_per_expert_checkpoints_are_stacked_into_fused_experts(tmp_path: Path, k
         "excluded by pattern '*.0.*.down_proj'")
     assert res.report["model.layers.1.mlp.experts.down_proj"].quantized
     in_memory = quantize_model(model, config, exclude=["*.0.*.down_proj"])
+    assert [r.name for r in res.report.layers] == [r.name for r in in_memory.layers]
     for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
         row, want = res.report[name], in_memory[name]
         assert (row.scheme, row.bits_per_weight, row.bytes_after) == (

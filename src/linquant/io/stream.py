@@ -774,7 +774,13 @@ def quantize_checkpoint(
         row.bytes_before, row.bytes_after = target.bytes_before, target.bytes_after
         row.note = _join(row.note, f"tied to {row.tied_to} (weight stored once)")
         rows[row.name] = row
-    order = {n: k for k, n in enumerate(model_name(i).removesuffix(".weight") for i in infos)}
+    # the model's order where a config built one (as quantize_model reports), else the file's
+    order: dict[str, int] = {}
+    for key in meta_model.state_dict() if meta_model is not None else ():
+        order.setdefault(key.rpartition(".")[0], len(order))  # a layer, then its parameters
+        order.setdefault(key, len(order))  # (an experts projection is a parameter)
+    for info in infos:
+        order.setdefault(model_name(info).removesuffix(".weight"), len(order))
     report.layers = sorted(rows.values(), key=lambda r: order.get(r.name, len(order)))
     report.unmatched_patterns = tuple(
         p for p in (*inc, *exc) if p != "*" and not any(
