@@ -24,7 +24,7 @@ from linquant.nn.experts import _MODULE_STATE, QuantExperts, QuantExpertsProj, p
 __all__ = ["dequantize_model"]
 
 # attributes QuantExperts has of its own (see QuantExperts.wrap)
-_EXPERTS_OWN = ("float_class", "dense_dispatch", "added_attributes")
+_EXPERTS_OWN = ("float_class", "dense_dispatch", "added_attributes", "param_order")
 
 
 def _dtype(dtype: torch.dtype | str | None, who: str) -> torch.dtype | None:
@@ -122,6 +122,10 @@ def _float_experts(qe: QuantExperts, dtype: torch.dtype | None,
             new._modules[name] = sub
     for name, p in list(new._parameters.items()):  # biases and float projections
         new._parameters[name] = _cast(p, dtype)
+    order = {name: i for i, name in enumerate(qe.param_order)}  # the float module's order
+    params = sorted(new._parameters.items(), key=lambda kv: order.get(kv[0], len(order)))
+    new._parameters.clear()
+    new._parameters.update(params)
     return new
 
 

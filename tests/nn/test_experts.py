@@ -351,6 +351,33 @@ def test_w8a8_expert_equals_the_reference(tokens: int, dtype: torch.dtype) -> No
         QuantExpertsProj(3, 260, 264, "int8-sym-ch0-fp32", activation="static")  # type: ignore
 
 
+@settings(max_examples=30, deadline=None)
+@given(experts=st.integers(1, 4), out=st.sampled_from([8, 36, 264]),
+       k=st.sampled_from([4, 36, 260]), tokens=st.integers(1, 20), transposed=st.booleans(),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_w8a8_expert_is_a_dynamic_w8a8_linear(experts: int, out: int, k: int, tokens: int,
+                                              transposed: bool, bf16: bool, seed: int) -> None:
+    """Each expert of a dynamic W8A8 projection has the codes and scales, and computes the
+    output, of a dynamic W8A8Linear built from that expert's float matrix, bit for bit."""
+    from linquant.nn import W8A8Linear
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn((experts, k, out) if transposed else (experts, out, k), generator=gen)
+    proj = QuantExpertsProj.from_float(w, "int8-sym-ch0-fp32", transposed=transposed,
+                                       activation="dynamic")
+    x = torch.randn(tokens, k, generator=gen)
+    if bf16:
+        x = x.bfloat16()
+    for e in range(experts):
+        linear = nn.Linear(k, out, bias=False)
+        linear.weight.data = w[e].t().contiguous() if transposed else w[e]
+        ref = W8A8Linear.from_float(linear)
+        qt = proj.expert(e)[0]
+        assert torch.equal(qt.qdata.view(torch.int8).view(out, k), ref.weight_qdata)
+        assert torch.equal(qt.scale, ref.weight_scale)
+        assert torch.equal(proj(x, e), ref(x)), e
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_w8a8_experts_sqnr_floor(variant: str) -> None:
     block = Block(**VARIANTS[variant])
@@ -493,7 +520,7 @@ def test_dense_experts_quantize_save_and_load(tmp_path: Path, dense_registered: 
 def test_experts_come_back_as_the_float_module() -> None:
     for kwargs in ({}, {"transposed": True, "bias": True}, {"has_gate": False}):
         block = Block(**kwargs)
-        keys = set(block.state_dict())
+        keys = list(block.state_dict())
         attrs = set(vars(block.experts))
         lq.quantize_model(block, "int4-asym-g8-fp16")
         assert isinstance(block.experts, QuantExperts)
@@ -502,7 +529,7 @@ def test_experts_come_back_as_the_float_module() -> None:
         want = block(x)
         lq.dequantize_model(block)
         assert type(block.experts) is ToyExperts and set(vars(block.experts)) == attrs
-        assert set(block.state_dict()) == keys
+        assert list(block.state_dict()) == keys  # the float module's order, too
         assert torch.equal(block.experts.down_proj, w["down_proj"])
         torch.testing.assert_close(block(x), want, rtol=1e-4, atol=1e-5)
 

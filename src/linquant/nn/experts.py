@@ -318,6 +318,8 @@ class QuantExperts(nn.Module):
     dense_dispatch: bool = False
     #: attributes :meth:`wrap` set that the float module did not have (dense dispatch)
     added_attributes: tuple[str, ...] = ()
+    #: the float module's parameter names in its order (dequantizing restores it)
+    param_order: tuple[str, ...] = ()
 
     @classmethod
     def wrap(cls, experts: nn.Module) -> QuantExperts:
@@ -337,6 +339,7 @@ class QuantExperts(nn.Module):
         new._non_persistent_buffers_set.update(experts._non_persistent_buffers_set)
         new._modules.update(experts._modules)
         new.float_class = type(experts)
+        new.param_order = tuple(experts._parameters)
         if _is_dense(experts):
             new.dense_dispatch = True
             new.added_attributes = tuple(k for k in ("has_gate", "is_transposed", "has_bias")
