@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "show what a linquant checkpoint holds and validate it (exit 1 if damaged)"),
     "eval": ("linquant.commands.eval",
              "compare a quantized model with its reference (cosine, perplexity or SQNR)"),
+    "calibrate": ("linquant.commands.calibrate",
+                  "set the input scales of a static W8A8 folder from sample text; save it"),
 }
 
 

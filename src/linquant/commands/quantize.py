@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {len(result.files)} shard(s) to {args.output}")
     if config.is_w8a8 and config.activation_mode == "static":
         print("static W8A8: the input scales are not calibrated yet (a file cannot be run "
-              "here); in Python, model = linquant.load(DST), then `with "
-              "linquant.calibrate(model): model(sample_batch)`, then linquant.save(model, ...)")
+              f"here): `linquant calibrate {args.output} -o DST2 --text SAMPLES.txt`, or in "
+              "Python model = linquant.load(DST), then `with linquant.calibrate(model): "
+              "model(sample_batch)`, then linquant.save(model, ...)")
     if args.report is not None:
         text = report.to_csv() if args.report.suffix.lower() == ".csv" else report.to_json()
         write_text_atomic(args.report, text)

