@@ -49,6 +49,14 @@ def test_calibrate_equals_lq_calibrate_in_python(tmp_path: Path, static_folder: 
     out = capsys.readouterr().out
     assert "transformer.h.0.attn.c_attn" in out and "on 3 inputs (UTF-8 bytes" in out
     assert _digest(static_folder) == before  # the input folder is untouched
+    # inspect tells the two apart
+    assert main(["inspect", str(static_folder)]) == 0
+    text = capsys.readouterr().out
+    assert "static (0 calibrated)" in text and f"linquant calibrate {static_folder}" in text
+    assert main(["inspect", str(tmp_path / "cal"), "--json"]) == 0
+    w8a8 = json.loads(capsys.readouterr().out)["w8a8_layers"]
+    assert w8a8["static_calibrated"] >= 8 and w8a8["static_uncalibrated"] == []
+    assert w8a8["dynamic"] == 0
 
     # the same in Python: load, run the same token ids under lq.calibrate, compare the scales
     model: Any = lq.load(static_folder)

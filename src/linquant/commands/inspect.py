@@ -8,6 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from linquant.report import format_table
 
 __all__ = ["add_arguments", "inspect_checkpoint", "run"]
@@ -41,6 +43,18 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
                      "bytes": t.numel() * t.element_size()})
     rows.sort(key=lambda r: str(r["name"]))
     schemes = Counter(r["scheme"] for r in rows if r["scheme"] != "plain")
+    w8a8: dict[str, Any] = {"dynamic": 0, "static_calibrated": 0, "static_uncalibrated": []}
+    for name, entry in sorted(ck.modules.items()):
+        if not isinstance(entry, dict) or entry.get("type") != "W8A8Linear":
+            continue
+        if entry.get("activation") != "static":
+            w8a8["dynamic"] += 1
+            continue
+        scale = ck.plain.get(f"{name}.input_scale")
+        if scale is not None and bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            w8a8["static_calibrated"] += 1
+        else:  # NaN until calibrated (linquant quantize --preset w8a8-static writes it so)
+            w8a8["static_uncalibrated"].append(name)
     return {
         "path": str(path),
         "format_version": ck.format_version,
@@ -52,6 +66,7 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         "quantized_tensors": len(ck.quantized),
         "plain_tensors": len(ck.plain),
         "aliases": ck.aliases,
+        "w8a8_layers": w8a8,
         "tensors": rows,
     }
 
@@ -80,4 +95,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"{info['quantized_tensors']} quantized tensors ({schemes}); "
           f"{info['plain_tensors']} plain tensors; {len(info['aliases'])} aliases; "
           "all tensors valid")
+    w8a8 = info["w8a8_layers"]
+    uncalibrated = w8a8["static_uncalibrated"]
+    static = w8a8["static_calibrated"] + len(uncalibrated)
+    if w8a8["dynamic"] or static:
+        print(f"W8A8 layers: {w8a8['dynamic']} with dynamic activations, {static} static "
+              f"({w8a8['static_calibrated']} calibrated)")
+    if uncalibrated:
+        print(f"not calibrated: {', '.join(uncalibrated[:3])}"
+              + (f" and {len(uncalibrated) - 3} more" if len(uncalibrated) > 3 else "")
+              + f"; they cannot run until `linquant calibrate {args.path} -o DST` (or "
+              "lq.calibrate in Python) gives them input scales")
     return 0

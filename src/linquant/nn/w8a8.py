@@ -283,7 +283,8 @@ class W8A8Linear(QuantModule):
         if not self._calibrated:
             raise LinquantError(
                 f"{self._label()}: static activation quantization needs a range first; run "
-                "linquant.calibrate(model) over sample batches or call set_activation_range"
+                "linquant.calibrate(model) over sample batches or call set_activation_range "
+                "(a saved folder: linquant calibrate FOLDER -o DST)"
             )
         y = compiled.linear_w8a8(x, self.weight_qdata, self.weight_scale, bias,
                                  self._buffers["input_scale"],
@@ -301,7 +302,8 @@ class W8A8Linear(QuantModule):
         if not self._calibrated:
             raise LinquantError(
                 f"{self._label()}: static activation quantization needs a range first; run "
-                "linquant.calibrate(model) over sample batches or call set_activation_range"
+                "linquant.calibrate(model) over sample batches or call set_activation_range "
+                "(a saved folder: linquant calibrate FOLDER -o DST)"
             )
         return kernels.linear_w8a8(
             x,
