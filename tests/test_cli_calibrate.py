@@ -120,3 +120,18 @@ def test_minilm_quantize_static_calibrate_eval(tmp_path: Path,
     res = json.loads(capsys.readouterr().out)
     assert res["cosine_min"] > 0.95
     assert type(lq.load(tmp_path / "c")).__name__ == "SentenceTransformer"
+
+
+def test_a_model_that_needs_other_inputs_says_so(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """T5 needs decoder inputs too: the command says to calibrate in Python, writes nothing."""
+    cfg = transformers.T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                num_heads=4, decoder_start_token_id=0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(str(tmp_path / "t5"))
+    assert main(["quantize", str(tmp_path / "t5"), "-o", str(tmp_path / "s"), "--preset",
+                 "w8a8-static", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(tmp_path / "s"), "-o", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "running the model on the samples failed" in err and "calibrate in Python" in err
+    assert not (tmp_path / "c").exists()

@@ -107,7 +107,15 @@ def calibrate_folder(
     model = _load(src_p, kind)
     result = CalibrationResult(inputs=len(texts))
     with calibrate(model, percentile) as observers:
-        result.tokenized_with = _feed(model, src_p, kind, texts)
+        try:
+            result.tokenized_with = _feed(model, src_p, kind, texts)
+        except LinquantError:
+            raise
+        except Exception as e:  # a model that needs other inputs than token ids (T5, ...)
+            raise LinquantError(
+                f"{src_p}: running the model on the samples failed ({type(e).__name__}: {e}); "
+                "this command feeds input_ids only: calibrate in Python with inputs the "
+                "model takes (lq.load, lq.calibrate, lq.save)") from e
     for name, obs in observers.items():
         layer: Any = model.get_submodule(name)
         zp = layer._buffers.get("input_zero_point")
