@@ -5,12 +5,14 @@
     with linquant.calibrate(model):             # min/max
         for batch in batches:
             model(batch)
-    # every static W8A8Linear now has its activation scale (and zero point)
+    # every static W8A8 layer now has its activation scale (and zero point)
 
     with linquant.calibrate(model, percentile=99.99):   # clip rare outliers
         ...
 
 While the context is open, a forward pre-hook on every static :class:`~linquant.nn.W8A8Linear`
+and every static W8A8 experts projection (:class:`~linquant.nn.experts.QuantExpertsProj`,
+whose one range covers all its experts: the hook sees every token routed to any of them)
 records the layer's input, and the layers compute with float activations (their int8 weights
 dequantized), so each layer sees the inputs the float-activation model would give it, whether or
 not it had a range before. On a normal exit each layer gets
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 
 from linquant.errors import LinquantError
-from linquant.nn.w8a8 import W8A8Linear
+from linquant.nn.w8a8 import StaticActivations
 
 __all__ = ["RangeObserver", "calibrate"]
 
@@ -108,11 +110,12 @@ class RangeObserver:
         return float(self._lo) / self.values, float(self._hi) / self.values
 
 
-def _static_layers(model: nn.Module) -> dict[str, W8A8Linear]:
+def _static_layers(model: nn.Module) -> dict[str, StaticActivations]:
+    """Static W8A8 layers by name: ``W8A8Linear`` and W8A8 experts projections."""
     return {
         (name or m.name or type(m).__name__): m
         for name, m in model.named_modules()
-        if isinstance(m, W8A8Linear) and m.activation == "static"
+        if isinstance(m, StaticActivations) and m.activation == "static"
     }
 
 
@@ -123,10 +126,12 @@ def calibrate(
     *,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
 ) -> Iterator[dict[str, RangeObserver]]:
-    """Context manager that sets the activation range of every static W8A8Linear in ``model``.
+    """Context manager that sets the activation range of every static W8A8 layer in ``model``
+    (``W8A8Linear``, W8A8 experts projections).
 
     Args:
-        model: the model holding static :class:`~linquant.nn.W8A8Linear` layers.
+        model: the model holding static :class:`~linquant.nn.W8A8Linear` layers (or
+            static experts projections).
         percentile: None for min/max, else ``0 < p <= 100`` (e.g. 99.99).
         sample_size: values per batch and layer the percentile is estimated on.
 

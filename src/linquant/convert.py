@@ -11,8 +11,8 @@ Rules (each one shows up in the report, nothing is skipped silently):
 * **MoE experts** (transformers' fused experts modules, :mod:`linquant.nn.experts`): each 3-D
   projection is a layer of its own, named ``<experts>.gate_up_proj`` / ``<experts>.down_proj``,
   selected, reported and quantized (per expert) like any layer: weight-only, or with int8
-  activations under a dynamic W8A8 config (static W8A8 configs quantize them weight-only and
-  say so); the module becomes a :class:`~linquant.nn.experts.QuantExperts` holding whichever
+  activations under a W8A8 config (per token, or one calibrated scale per projection); the
+  module becomes a :class:`~linquant.nn.experts.QuantExperts` holding whichever
   projections were quantized.
 * **Selection** by shell-style patterns (:func:`fnmatch.fnmatchcase`, ``*`` also crosses dots)
   on module names. A pattern matches a module when it matches its name or the name of one of
@@ -551,21 +551,21 @@ def _decide_experts(
     refusal = QuantExpertsProj.cannot_quantize((e, out, k), scheme)
     if refusal is not None:
         return None, None, refusal, ""
-    if config.is_w8a8 and experts_activation(config) is None:
-        note = _join(note, "weight-only: static int8 activations need one calibrated scale per "
-                           "layer, and calibration does not see each expert's inputs")
     return config, scheme, None, note
 
 
-def experts_activation(config: QuantConfig) -> Literal["dynamic"] | None:
-    """What an experts projection quantized under ``config`` does with its activations:
-    ``"dynamic"`` (int8 per token) under a dynamic W8A8 config, else None (weight-only)."""
-    return "dynamic" if config.is_w8a8 and config.activation_mode == "dynamic" else None
+def experts_activation(config: QuantConfig) -> tuple[Literal["dynamic", "static"] | None, bool]:
+    """What an experts projection quantized under ``config`` does with its activations, and
+    whether symmetrically: ``("dynamic", True)`` or ``("static", sym)`` under a W8A8 config,
+    ``(None, True)`` (weight-only) otherwise."""
+    if config.activation is None:
+        return None, True
+    return config.activation_mode, config.activation.symmetric
 
 
 def experts_scheme_text(config: QuantConfig, scheme: QuantScheme) -> str:
     """The report's scheme column for an experts projection quantized under ``config``."""
-    if experts_activation(config) is not None:
+    if config.is_w8a8:
         return str(config)
     return str(QuantConfig(scheme, compute_dtype=config.compute_dtype))  # weight-only
 
@@ -870,8 +870,9 @@ def _quantize_experts_part(model: nn.Module, parents: Mapping[str, nn.Module], p
     w = module._parameters[part]
     assert w is not None
     transposed = experts_transposed(module)
+    activation, act_symmetric = experts_activation(plan.config)
     new = QuantExpertsProj.from_float(w, plan.scheme, transposed=transposed,
-                                      activation=experts_activation(plan.config),
+                                      activation=activation, act_symmetric=act_symmetric,
                                       name=plan.names[0])
     qw = new.qweight
     row.bits_per_weight = qw.bits_per_weight

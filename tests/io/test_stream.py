@@ -489,3 +489,33 @@ def test_static_w8a8_streamed_then_calibrated_equals_quantize_model(tmp_path: Pa
     x = torch.randint(0, 128, (1, 9))
     with torch.inference_mode():
         assert torch.equal(g(x).logits, streamed(x).logits)
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "mixtral"])
+def test_static_w8a8_experts_streamed_then_calibrated_equal_quantize_model(
+        tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    """Static W8A8 experts, streamed (fused GPT-OSS tensors; Mixtral's per-expert tensors
+    stacked): each projection's file holds its uncalibrated input scale; calibrated, the
+    streamed model is the one quantize_model gives."""
+    from linquant.calibrate import calibrate
+
+    if kind == "gpt_oss":
+        model, src = request.getfixturevalue("gpt_oss_checkpoint")
+    else:
+        model, src = _per_expert_checkpoint(tmp_path, "mixtral")
+    res = quantize_checkpoint(src, tmp_path / "q", "w8a8-static")
+    up = next(r for r in res.report.layers if r.name.endswith("experts.gate_up_proj"))
+    assert up.scheme == "int8-sym-ch0-fp32, act int8-sym-tensor static"
+    streamed: Any = load(tmp_path / "q")
+    proj = streamed.get_submodule(up.name)
+    assert proj.activation == "static" and not proj.calibrated
+    quantize_model(model, "w8a8-static")
+    batch = torch.randint(0, 64, (2, 11))
+    for m in (streamed, model):
+        with calibrate(m), torch.inference_mode():
+            m(batch)
+    assert proj.calibrated
+    _same_state(model, streamed)
+    x = torch.randint(0, 64, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, streamed(x).logits)

@@ -299,8 +299,8 @@ def test_excluded_projection_stays_float_and_the_rest_runs() -> None:
 
 
 def test_w8a8_configs_and_the_experts() -> None:
-    """Dynamic W8A8 quantizes the experts with int8 activations; static W8A8 (one calibrated
-    scale per layer) quantizes them weight-only and says why."""
+    """W8A8 configs quantize the experts with int8 activations: per token (dynamic), or with one
+    calibrated input scale per projection (static)."""
     model = Block(hidden=32, inter=32)
     report = lq.quantize_model(model, "w8a8")
     for part in ("gate_up_proj", "down_proj"):
@@ -309,12 +309,25 @@ def test_w8a8_configs_and_the_experts() -> None:
         assert getattr(model.experts, part).activation == "dynamic"
     assert "activation=dynamic" in repr(model.experts)
     assert type(model.router).__name__ == "W8A8Linear"
+    torch.manual_seed(3)
     static = Block(hidden=32, inter=32)
+    float_block = copy.deepcopy(static)
     report = lq.quantize_model(static, "w8a8-static")
     row = report["experts.gate_up_proj"]
-    assert row.scheme == "int8-sym-ch0-fp32"
-    assert "weight-only: static int8 activations need one calibrated scale" in row.note
-    assert static.experts.gate_up_proj.activation is None
+    assert (row.scheme, row.note) == ("int8-sym-ch0-fp32, act int8-sym-tensor static", "")
+    proj = static.experts.gate_up_proj
+    assert proj.activation == "static" and not proj.calibrated
+    x = torch.randn(13, 32)
+    with pytest.raises(LinquantError, match=r"experts.gate_up_proj.*needs a range first"):
+        static.experts(x, *_routing(13))  # (the router, a static W8A8Linear, would raise too)
+    with lq.calibrate(static) as observers:
+        static(x)
+    assert set(observers) == {"experts.gate_up_proj", "experts.down_proj", "router"}
+    # every token reaches the first projection (through two experts): its range is x's
+    bound = float(x.abs().max())
+    torch.testing.assert_close(proj.input_scale, torch.tensor(bound / 127), rtol=1e-6, atol=0)
+    assert proj.calibrated and static.experts.down_proj.calibrated
+    assert sqnr(float_block(x), static(x)) > 25
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -348,7 +361,10 @@ def test_w8a8_expert_equals_the_reference(tokens: int, dtype: torch.dtype) -> No
         QuantExpertsProj.from_float(toy.gate_up_proj, "int4-sym-g4", transposed=False,
                                     activation="dynamic")
     with pytest.raises(LinquantError, match="activation must be None"):
-        QuantExpertsProj(3, 260, 264, "int8-sym-ch0-fp32", activation="static")  # type: ignore
+        QuantExpertsProj(3, 260, 264, "int8-sym-ch0-fp32", activation="token")  # type: ignore
+    with pytest.raises(LinquantError, match="True for dynamic activations"):
+        QuantExpertsProj(3, 260, 264, "int8-sym-ch0-fp32", activation="dynamic",
+                         act_symmetric=False)
 
 
 @settings(max_examples=30, deadline=None)
@@ -388,10 +404,20 @@ def test_w8a8_experts_sqnr_floor(variant: str) -> None:
     assert sqnr(want, block(x)) > 30
 
 
-def test_w8a8_experts_save_and_load(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("preset", "mode"), [
+    ("w8a8", "dynamic"), ("w8a8-static", "static"),
+    ("int8-sym-ch0-fp32, act int8-asym-tensor static", "static"),  # with a zero point
+])
+def test_w8a8_experts_save_and_load(tmp_path: Path, preset: str, mode: str) -> None:
     torch.manual_seed(2)
     model = Block(transposed=True, bias=True)
-    lq.quantize_model(model, "w8a8")
+    lq.quantize_model(model, preset)
+    x = torch.randn(6, 24)
+    if mode == "static":
+        with lq.calibrate(model):
+            model(x)
+        zp = model.experts.down_proj._buffers.get("input_zero_point")
+        assert (zp is None) == ("act int8-asym" not in preset)
     lq.save(model, tmp_path / "q")
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -399,17 +425,16 @@ def test_w8a8_experts_save_and_load(tmp_path: Path) -> None:
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         meta = f.metadata()
     assert '"type":"QuantExpertsProj"' in meta["linquant"].replace(" ", "")
-    assert '"activation":"dynamic"' in meta["linquant"].replace(" ", "")
+    assert f'"activation":"{mode}"' in meta["linquant"].replace(" ", "")
     fresh = Block(transposed=True, bias=True)
     lq.load_into(fresh, tmp_path / "q")
-    assert fresh.experts.down_proj.activation == "dynamic"
-    x = torch.randn(6, 24)
+    assert fresh.experts.down_proj.activation == mode and fresh.experts.down_proj.calibrated
     assert torch.equal(model(x), fresh(x))
-    # a file whose experts claim static activations is refused, naming the module
+    # a file whose experts claim activations linquant does not know is refused, naming them
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
-    meta["linquant"] = meta["linquant"].replace('"activation":"dynamic"', '"activation":"static"'
-                                                ).replace('"activation": "dynamic"',
-                                                          '"activation": "static"')
+    meta["linquant"] = meta["linquant"].replace(f'"activation":"{mode}"', '"activation":"odd"'
+                                                ).replace(f'"activation": "{mode}"',
+                                                          '"activation": "odd"')
     save_file(tensors, str(tmp_path / "q" / "model.safetensors"), metadata=meta)
     with pytest.raises(FormatError, match=r"experts.*bad activation settings"):
         lq.load_into(Block(transposed=True, bias=True), tmp_path / "q")

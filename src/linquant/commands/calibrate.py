@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     res = calibrate_folder(args.src, args.output, args.text or args.sentences,
                            percentile=args.percentile, max_shard_size=args.max_shard_size,
                            overwrite=args.overwrite)
-    cols: list[Column] = [("layer", "layer", ""), ("batches", "batches", ""),
+    cols: list[Column] = [("layer", "layer", ""), ("batches", "calls", ""),
                           ("lo", "input min", ".4g"), ("hi", "input max", ".4g"),
                           ("scale", "scale", ".4g"), ("zero_point", "zero point", "")]
     print(format_table(res.layers, cols))

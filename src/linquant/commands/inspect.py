@@ -45,7 +45,8 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     schemes = Counter(r["scheme"] for r in rows if r["scheme"] != "plain")
     w8a8: dict[str, Any] = {"dynamic": 0, "static_calibrated": 0, "static_uncalibrated": []}
     for name, entry in sorted(ck.modules.items()):
-        if not isinstance(entry, dict) or entry.get("type") != "W8A8Linear":
+        # W8A8Linear, and experts projections with int8 activations
+        if not isinstance(entry, dict) or entry.get("activation") not in ("dynamic", "static"):
             continue
         if entry.get("activation") != "static":
             w8a8["dynamic"] += 1

@@ -452,13 +452,15 @@ def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str
         experts = wrapper
     assert isinstance(experts, QuantExperts)
     activation = entry.get("activation")
-    if activation not in (None, "dynamic") or entry.get("act_symmetric", True) is not True:
+    sym = entry.get("act_symmetric", True)
+    if activation not in (None, "dynamic", "static") or not isinstance(sym, bool) or (
+            activation != "static" and not sym):
         raise FormatError(f"{where}: module {name!r}: bad activation settings for experts "
-                          f"{activation!r}/{entry.get('act_symmetric')!r} (expected none, or "
-                          "'dynamic' and symmetric)")
+                          f"{activation!r}/{sym!r} (expected none, 'dynamic' and symmetric, "
+                          "or 'static')")
     current = experts._modules.get(part)
     if isinstance(current, QuantExpertsProj) and str(current.scheme) == entry.get("scheme") \
-            and current.activation == activation:
+            and (current.activation, current.act_symmetric) == (activation, sym):
         return  # loading into a model quantized the same way
     weight = experts._parameters.get(part)
     scheme = entry.get("scheme")
@@ -473,7 +475,8 @@ def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str
                           f"are not the model's ({weight.shape[0]}, transposed={transposed})")
     try:
         proj = QuantExpertsProj.skeleton(weight, scheme, transposed=transposed,
-                                         activation=activation, name=name, device="meta")
+                                         activation=activation, act_symmetric=sym, name=name,
+                                         device="meta")
     except LinquantError as e:
         raise FormatError(f"{where}: module {name!r}: cannot rebuild QuantExpertsProj: {e}"
                           ) from None
@@ -621,12 +624,11 @@ def load_into(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     for n, p in model.named_parameters():
         if p.is_meta:
             raise FormatError(f"{where}: tensor {n!r} is missing from the file")
+    from linquant.nn.w8a8 import StaticActivations
+
     for mod in model.modules():
-        if type(mod).__name__ == "W8A8Linear" and getattr(mod, "activation", "") == "static":
-            scale = mod._buffers.get("input_scale")
-            if scale is not None:
-                setattr(mod, "_calibrated",  # noqa: B010
-                        bool(torch.isfinite(scale).all() and (scale > 0).all()))
+        if isinstance(mod, StaticActivations) and mod.activation == "static":
+            mod._update_calibrated()
     hf.mark_model(model)
     return model
 

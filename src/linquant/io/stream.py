@@ -468,9 +468,10 @@ def _plan_experts_part(plan: _Plan, names: set[str], jobs: dict[str, _Job],
     if stored is None:
         raise LinquantError(f"layer {first!r}: its weight is not in the checkpoint; exclude it "
                             "to keep it float")
+    activation, act_symmetric = experts_activation(plan.config)
     entry = module_entry(QuantExpertsProj.skeleton(
         w, plan.scheme, device="meta", transposed=experts_transposed(mod),
-        activation=experts_activation(plan.config)))
+        activation=activation, act_symmetric=act_symmetric))
     for n in plan.names:
         modules[n] = entry
     jobs[stored] = _Job(stored, plan.config, plan.scheme, plan.note, mod, entry, plan.part)
@@ -489,6 +490,17 @@ def _activation_buffers(name: str, module: nn.Module, entry: dict[str, Any]
     q._reset_activation_params("cpu")
     return {f"{name}.{k}": v for k, v in q.named_buffers(recurse=False)
             if k not in _QUANT_BUFFERS}
+
+
+def _uncalibrated_inputs(entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A static W8A8 layer's input buffers as they are before calibration (the scale NaN),
+    by buffer name; nothing for other layers."""
+    if entry.get("activation") != "static":
+        return {}
+    out = {"input_scale": torch.full((), float("nan"), dtype=torch.float32)}
+    if not entry.get("act_symmetric", True):
+        out["input_zero_point"] = torch.zeros((), dtype=torch.uint8)
+    return out
 
 
 def _entry_for(module: nn.Module, config: QuantConfig, scheme: QuantScheme) -> dict[str, Any]:
@@ -728,6 +740,8 @@ def quantize_checkpoint(
             qname = f"{job.module_name}.weight"  # the stored name, or an experts part's
             tensors, entry = encode_quantized(qname, qt)
             writer.add(tensors, {qname: entry})
+            if job.part:  # an experts projection quantized whole, by rows or stacked
+                extra = {**_uncalibrated_inputs(job.entry), **extra}
             for k, v in extra.items():
                 writer.add({f"{job.module_name}.{k}": v}, {})
             # W8A8Linear, and experts with int8 activations ("activation": "dynamic")
@@ -868,10 +882,11 @@ def _quantize_one(job: _Job, name: str, t: torch.Tensor
         if meta_p is not None and tuple(meta_p.shape) != tuple(t.shape):
             raise LinquantError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "
                                 f"{tuple(meta_p.shape)} in the model built from config.json")
+        activation, act_symmetric = experts_activation(job.config)
         proj = QuantExpertsProj.from_float(t, job.scheme, name=job.module_name,
                                            transposed=experts_transposed(mod),
-                                           activation=experts_activation(job.config))
-        return proj.qweight, {}
+                                           activation=activation, act_symmetric=act_symmetric)
+        return proj.qweight, {}  # a static projection's input scale: write_quantized
     meta_w = mod._parameters["weight"]
     if meta_w is not None and tuple(meta_w.shape) != tuple(t.shape):
         raise LinquantError(f"{name}: shape {tuple(t.shape)} in the checkpoint, "

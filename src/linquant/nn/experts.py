@@ -29,13 +29,15 @@ every expert runs on every token (the block hands them ``[E * T, H]``, each copy
 by its router score) with weights stored ``[E, in, out]``; they are recognised by class
 (:data:`DENSE_EXPERTS`) and wrapped the same way.
 
-Under a dynamic W8A8 config (the ``w8a8`` preset) each projection is stored as the W8A8
-weight (``int8-sym-ch0-fp32``: one scale per expert and output row) with
-``activation="dynamic"``: every expert's tokens are quantized per token to int8 and multiplied
-by :func:`linquant.kernels.linear_w8a8` (int8 x int8 -> int32, one rescale), exactly as a
-dynamic :class:`~linquant.nn.w8a8.W8A8Linear` of that expert's shape. A static W8A8 config
-(one calibrated activation scale per layer) quantizes the experts weight-only, and the report
-says so: calibration does not see each expert's inputs.
+Under a W8A8 config each projection is stored as the W8A8 weight (``int8-sym-ch0-fp32``: one
+scale per expert and output row) and computes with int8 activations through
+:func:`linquant.kernels.linear_w8a8` (int8 x int8 -> int32, one rescale): with
+``activation="dynamic"`` (the ``w8a8`` preset) every expert's tokens are quantized per token,
+exactly as a dynamic :class:`~linquant.nn.w8a8.W8A8Linear` of that expert's shape;
+with ``activation="static"`` (``w8a8-static``) the projection has one calibrated input scale
+(and zero point) for all its experts, as a static ``W8A8Linear`` has for its input:
+:func:`linquant.calibrate.calibrate` observes every token that reaches the projection,
+whichever expert it is routed to, so no expert is left without a range.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from linquant import kernels
 from linquant.config import W8A8_WEIGHT
 from linquant.errors import LinquantError
 from linquant.nn.base import KernelCache, QuantModule, as_scheme, eager_only, qualified_name
+from linquant.nn.w8a8 import StaticActivations
 from linquant.ops.grouping import granules, scale_shape
 from linquant.ops.packing import packed_nbytes
 from linquant.scheme import QuantScheme
@@ -131,7 +134,7 @@ def expert_rows(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return w.reshape(-1, w.shape[-1])
 
 
-class QuantExpertsProj(QuantModule):
+class QuantExpertsProj(StaticActivations):
     """One projection of ``num_experts`` experts, each ``[out_features, in_features]``, as one
     quantized weight ``[num_experts * out_features, in_features]`` (buffers as any
     :class:`~linquant.nn.base.QuantModule`). ``layer(x, e)`` is ``x @ W_e^T`` in ``x``'s dtype.
@@ -139,9 +142,11 @@ class QuantExpertsProj(QuantModule):
     ``stored_transposed``: the float parameter was ``[E, in, out]``; :attr:`weight` gives it
     back in that layout.
 
-    ``activation``: ``None`` (weight-only: :func:`linquant.kernels.linear_weight_only`) or
-    ``"dynamic"`` (W8A8: the scheme must be ``int8-sym-ch0-fp32``; each expert's input is
-    quantized per token and multiplied in int8 by :func:`linquant.kernels.linear_w8a8`)."""
+    ``activation``: ``None`` (weight-only: :func:`linquant.kernels.linear_weight_only`),
+    ``"dynamic"`` or ``"static"`` (W8A8, see :class:`~linquant.nn.w8a8.StaticActivations`: the
+    scheme must be ``int8-sym-ch0-fp32``; each expert's input is quantized to int8, per token
+    or with the projection's calibrated ``input_scale``, and multiplied in int8 by
+    :func:`linquant.kernels.linear_w8a8`)."""
 
     def __init__(
         self,
@@ -151,7 +156,8 @@ class QuantExpertsProj(QuantModule):
         scheme: QuantScheme | str,
         *,
         transposed: bool = False,
-        activation: Literal["dynamic"] | None = None,
+        activation: Literal["dynamic", "static"] | None = None,
+        act_symmetric: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         name: str = "",
@@ -162,20 +168,26 @@ class QuantExpertsProj(QuantModule):
         self.out_features = int(out_features)
         self.stored_transposed = bool(transposed)
         scheme = as_scheme(scheme, self._label())
-        if activation not in (None, "dynamic"):
-            raise LinquantError(f"{self._label()}: activation must be None (weight-only) or "
-                                f"'dynamic' (int8 per token), got {activation!r}")
+        if activation not in (None, "dynamic", "static"):
+            raise LinquantError(f"{self._label()}: activation must be None (weight-only), "
+                                f"'dynamic' or 'static', got {activation!r}")
         if activation is not None and scheme != W8A8_WEIGHT:
             raise LinquantError(f"{self._label()}: int8 activations need the weight scheme "
                                 f"{W8A8_WEIGHT}, got {scheme}")
+        if not isinstance(act_symmetric, bool) or (activation == "dynamic" and not act_symmetric):
+            raise LinquantError(f"{self._label()}: act_symmetric must be a bool (True for "
+                                f"dynamic activations), got {act_symmetric!r}")
         self.activation = activation
-        self.act_symmetric = True  # dynamic W8A8 activations are symmetric, one scale per token
+        self.act_symmetric = act_symmetric
+        self.observing = False
         why = self.cannot_quantize((self.num_experts, self.out_features, self.in_features),
                                    scheme)
         if why is not None:
             raise LinquantError(f"{self._label()}: {why}")
         self._register_qweight((self.num_experts * self.out_features, self.in_features), scheme,
                                device)
+        if activation == "static":
+            self._reset_activation_params(device)
 
     @staticmethod
     def cannot_quantize(shape: tuple[int, int, int], scheme: QuantScheme) -> str | None:
@@ -201,7 +213,8 @@ class QuantExpertsProj(QuantModule):
         scheme: QuantScheme | str,
         *,
         transposed: bool,
-        activation: Literal["dynamic"] | None = None,
+        activation: Literal["dynamic", "static"] | None = None,
+        act_symmetric: bool = True,
         name: str = "",
         device: torch.device | str | None = None,
     ) -> QuantExpertsProj:
@@ -211,20 +224,24 @@ class QuantExpertsProj(QuantModule):
                                 f"shape {tuple(weight.shape)}")
         e, out, k = experts_dims(weight.shape, transposed)
         return cls(e, k, out, scheme, transposed=transposed, activation=activation,
-                   dtype=weight.dtype, device=device, name=name)
+                   act_symmetric=act_symmetric, dtype=weight.dtype, device=device, name=name)
 
     @classmethod
     def from_float(
         cls, weight: torch.Tensor, scheme: QuantScheme | str, *, transposed: bool,
-        activation: Literal["dynamic"] | None = None, name: str = "",
+        activation: Literal["dynamic", "static"] | None = None, act_symmetric: bool = True,
+        name: str = "",
     ) -> QuantExpertsProj:
         """Quantize the 3-D float projection ``weight`` (``[E, out, in]``, or ``[E, in, out]``
-        when ``transposed``); ``activation="dynamic"`` for int8 activations (the scheme must be
-        ``int8-sym-ch0-fp32``)."""
+        when ``transposed``); ``activation="dynamic"`` or ``"static"`` for int8 activations
+        (the scheme must be ``int8-sym-ch0-fp32``; a static projection needs calibrating)."""
         q = cls.skeleton(weight, scheme, transposed=transposed, activation=activation,
-                         name=name, device="meta")
+                         act_symmetric=act_symmetric, name=name, device="meta")
         wname = f"{name}.weight" if name else "weight"
-        q._set_qweight(quantize(expert_rows(weight.detach(), transposed), q.scheme, name=wname))
+        qt = quantize(expert_rows(weight.detach(), transposed), q.scheme, name=wname)
+        q._set_qweight(qt)
+        if activation == "static":
+            q._reset_activation_params(qt.qdata.device)
         return q
 
     def _float_weight_shape(self) -> tuple[int, ...]:
@@ -279,22 +296,27 @@ class QuantExpertsProj(QuantModule):
             raise LinquantError(f"{self._label()}: expert {expert} out of range "
                                 f"0..{self.num_experts - 1}")
         qt, cache = self.expert(expert)
+        if self.activation is None or self.observing:  # observing: float activations
+            return kernels.linear_weight_only(x, qt, None, cache)
+        codes = cache.get("w8a8_codes")  # one view object, so the W8A8 plans find it again
+        if codes is None:
+            codes = cache["w8a8_codes"] = qt.qdata.view(torch.int8).view(
+                self.out_features, self.in_features)
         if self.activation == "dynamic":
-            codes = cache.get("w8a8_codes")  # one view object, so the W8A8 plans find it again
-            if codes is None:
-                codes = cache["w8a8_codes"] = qt.qdata.view(torch.int8).view(
-                    self.out_features, self.in_features)
             return kernels.linear_w8a8(x, codes, qt.scale, None, cache=cache)
-        return kernels.linear_weight_only(x, qt, None, cache)
+        self._need_range()
+        return kernels.linear_w8a8(x, codes, qt.scale, None, self._buffers["input_scale"],
+                                   self._buffers.get("input_zero_point"), cache)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self.kernel_cache().clear()  # buffers changed in place
+        self._update_calibrated()
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, scheme={self.scheme}"
-                + (", activation=dynamic" if self.activation else "")
+                + (f", activation={self.activation}" if self.activation else "")
                 + (", stored_transposed=True" if self.stored_transposed else ""))
 
 

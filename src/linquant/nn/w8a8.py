@@ -37,25 +37,109 @@ from linquant.ops.qparams import qparams_from_range
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor
 
-__all__ = ["ACTIVATIONS", "W8A8_WEIGHT", "Activation", "W8A8Linear"]
+__all__ = ["ACTIVATIONS", "W8A8_WEIGHT", "Activation", "StaticActivations", "W8A8Linear"]
 
 Activation = Literal["dynamic", "static"]
 ACTIVATIONS: tuple[str, ...] = ("dynamic", "static")
 W8A8_WEIGHT = QuantScheme(bits=8, symmetric=True, granularity="channel", axis=0)
 
 
-@register_qmodule(nn.Linear, HF_CONV1D, *HF_PLAIN_LINEARS, mode="w8a8")
-class W8A8Linear(QuantModule):
-    """Linear layer computing int8 x int8 -> int32.
-
-    Buffers: ``weight_qdata`` int8 ``[out, in]``, ``weight_scale`` fp32 ``[out, 1]``; static
-    layers add ``input_scale`` (fp32, 0-d; NaN until calibrated) and, when asymmetric,
-    ``input_zero_point`` (uint8, 0-d). ``bias`` is a float ``nn.Parameter`` or None.
+class StaticActivations(QuantModule):
+    """A quantized layer that may quantize its input to int8 (:class:`W8A8Linear`, a W8A8
+    experts projection): ``activation`` is ``"dynamic"`` (one scale per token, computed every
+    forward), ``"static"`` (one scale, and one zero point when not ``act_symmetric``, fixed by
+    calibration: the buffers ``input_scale``, NaN until then, and ``input_zero_point``), or
+    None (weight-only, experts projections only).
 
     Attributes:
         observing: set by :func:`linquant.calibrate.calibrate`: while True, a static layer
             computes with float activations (int8 weights dequantized), so calibration runs on
             a layer whether or not it already has a range.
+    """
+
+    _quant_buffers: tuple[str, ...] = ("weight_qdata", "weight_scale", "weight_zero_point",
+                                       "weight_offset", "input_scale", "input_zero_point")
+    activation: Activation | None = None
+    act_symmetric: bool = True
+    observing: bool = False
+    _calibrated: bool = False
+
+    def _reset_activation_params(self, device: torch.device | str | None) -> None:
+        self.register_buffer(
+            "input_scale", torch.full((), float("nan"), dtype=torch.float32, device=device)
+        )
+        if not self.act_symmetric:
+            self.register_buffer(
+                "input_zero_point", torch.zeros((), dtype=torch.uint8, device=device)
+            )
+        self._calibrated = False
+
+    @property
+    def act_scheme(self) -> QuantScheme:
+        """The activation scheme as a QuantScheme (granularity is per tensor for static layers;
+        dynamic layers use one such scale per token)."""
+        return QuantScheme(bits=8, symmetric=self.act_symmetric, granularity="tensor")
+
+    @property
+    def calibrated(self) -> bool:
+        """False only for a static layer without an activation range yet."""
+        return self.activation != "static" or self._calibrated
+
+    def set_activation_range(self, lo: float | torch.Tensor, hi: float | torch.Tensor) -> None:
+        """Fix the static activation parameters from the range ``[lo, hi]`` of the inputs.
+
+        Symmetric: ``s = max(-lo, hi) / 127``. Asymmetric: the range is widened to include 0,
+        ``s = (hi - lo) / 255``, ``z = clamp(round(-lo / s), 0, 255)``.
+        """
+        if self.activation != "static":
+            raise LinquantError(
+                f"{self._label()}: set_activation_range needs activation='static', this "
+                f"layer's is {self.activation!r}"
+            )
+        lo_t = torch.as_tensor(lo, dtype=torch.float64).float().reshape(-1)
+        hi_t = torch.as_tensor(hi, dtype=torch.float64).float().reshape(-1)
+        if lo_t.numel() != 1 or hi_t.numel() != 1:
+            raise LinquantError(f"{self._label()}: expected scalar lo and hi, got "
+                                f"{tuple(lo_t.shape)} and {tuple(hi_t.shape)}")
+        lo_f, hi_f = float(lo_t), float(hi_t)
+        if not (torch.isfinite(lo_t).all() and torch.isfinite(hi_t).all()) or lo_f > hi_f:
+            raise LinquantError(
+                f"{self._label()}: activation range must be finite with lo <= hi, "
+                f"got [{lo_f}, {hi_f}]"
+            )
+        qp = qparams_from_range(lo_t, hi_t, self.act_scheme, self._label())
+        scale = self._buffers["input_scale"]
+        assert scale is not None
+        scale.copy_(qp.scale.reshape(()))
+        if qp.zero_point is not None:
+            zp = self._buffers["input_zero_point"]
+            assert zp is not None
+            zp.copy_(qp.zero_point.reshape(()))
+        self._calibrated = True
+
+    def _need_range(self) -> None:
+        if not self._calibrated:
+            raise LinquantError(
+                f"{self._label()}: static activation quantization needs a range first; run "
+                "linquant.calibrate(model) over sample batches or call set_activation_range "
+                "(a saved folder: linquant calibrate FOLDER -o DST)"
+            )
+
+    def _update_calibrated(self) -> None:
+        """After the buffers were loaded: calibrated when the scale is finite and positive."""
+        scale = self._buffers.get("input_scale")
+        if scale is not None and scale.device.type != "meta":
+            self._calibrated = bool(torch.isfinite(scale).all() and (scale > 0).all())
+
+
+@register_qmodule(nn.Linear, HF_CONV1D, *HF_PLAIN_LINEARS, mode="w8a8")
+class W8A8Linear(StaticActivations):
+    """Linear layer computing int8 x int8 -> int32.
+
+    Buffers: ``weight_qdata`` int8 ``[out, in]``, ``weight_scale`` fp32 ``[out, 1]``; static
+    layers add ``input_scale`` (fp32, 0-d; NaN until calibrated) and, when asymmetric,
+    ``input_zero_point`` (uint8, 0-d). ``bias`` is a float ``nn.Parameter`` or None.
+    ``observing``: see :class:`StaticActivations`.
     """
 
     _quant_buffers = ("weight_qdata", "weight_scale", "input_scale", "input_zero_point")
@@ -84,7 +168,7 @@ class W8A8Linear(QuantModule):
             )
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.activation: Activation = activation
+        self.activation = activation
         self.act_symmetric = act_symmetric
         self.scheme = W8A8_WEIGHT
         self.qweight_shape = (self.out_features, self.in_features)
@@ -105,27 +189,6 @@ class W8A8Linear(QuantModule):
             )
         else:
             self.register_parameter("bias", None)
-
-    def _reset_activation_params(self, device: torch.device | str | None) -> None:
-        self.register_buffer(
-            "input_scale", torch.full((), float("nan"), dtype=torch.float32, device=device)
-        )
-        if not self.act_symmetric:
-            self.register_buffer(
-                "input_zero_point", torch.zeros((), dtype=torch.uint8, device=device)
-            )
-        self._calibrated = False
-
-    @property
-    def act_scheme(self) -> QuantScheme:
-        """The activation scheme as a QuantScheme (granularity is per tensor for static layers;
-        dynamic layers use one such scale per token)."""
-        return QuantScheme(bits=8, symmetric=self.act_symmetric, granularity="tensor")
-
-    @property
-    def calibrated(self) -> bool:
-        """True for dynamic layers, and for static layers once they have an activation range."""
-        return self.activation == "dynamic" or self._calibrated
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -195,39 +258,6 @@ class W8A8Linear(QuantModule):
             self.weight_dtype,
         )
 
-    # ---- static activation range ----------------------------------------------------------------
-    def set_activation_range(self, lo: float | torch.Tensor, hi: float | torch.Tensor) -> None:
-        """Fix the static activation parameters from the range ``[lo, hi]`` of the inputs.
-
-        Symmetric: ``s = max(-lo, hi) / 127``. Asymmetric: the range is widened to include 0,
-        ``s = (hi - lo) / 255``, ``z = clamp(round(-lo / s), 0, 255)``.
-        """
-        if self.activation != "static":
-            raise LinquantError(
-                f"{self._label()}: set_activation_range needs activation='static', this layer "
-                "quantizes activations dynamically"
-            )
-        lo_t = torch.as_tensor(lo, dtype=torch.float64).float().reshape(-1)
-        hi_t = torch.as_tensor(hi, dtype=torch.float64).float().reshape(-1)
-        if lo_t.numel() != 1 or hi_t.numel() != 1:
-            raise LinquantError(f"{self._label()}: expected scalar lo and hi, got "
-                                f"{tuple(lo_t.shape)} and {tuple(hi_t.shape)}")
-        lo_f, hi_f = float(lo_t), float(hi_t)
-        if not (torch.isfinite(lo_t).all() and torch.isfinite(hi_t).all()) or lo_f > hi_f:
-            raise LinquantError(
-                f"{self._label()}: activation range must be finite with lo <= hi, "
-                f"got [{lo_f}, {hi_f}]"
-            )
-        qp = qparams_from_range(lo_t, hi_t, self.act_scheme, self._label())
-        scale = self._buffers["input_scale"]
-        assert scale is not None
-        scale.copy_(qp.scale.reshape(()))
-        if qp.zero_point is not None:
-            zp = self._buffers["input_zero_point"]
-            assert zp is not None
-            zp.copy_(qp.zero_point.reshape(()))
-        self._calibrated = True
-
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -241,9 +271,7 @@ class W8A8Linear(QuantModule):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self.kernel_cache().clear()  # buffers may have changed in place
-        scale = self._buffers.get("input_scale")
-        if scale is not None and scale.device.type != "meta":
-            self._calibrated = bool(torch.isfinite(scale).all() and (scale > 0).all())
+        self._update_calibrated()
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,12 +308,7 @@ class W8A8Linear(QuantModule):
             y: torch.Tensor = compiled.linear_w8a8(x, self.weight_qdata, self.weight_scale,
                                                    bias, None, None)
             return y
-        if not self._calibrated:
-            raise LinquantError(
-                f"{self._label()}: static activation quantization needs a range first; run "
-                "linquant.calibrate(model) over sample batches or call set_activation_range "
-                "(a saved folder: linquant calibrate FOLDER -o DST)"
-            )
+        self._need_range()
         y = compiled.linear_w8a8(x, self.weight_qdata, self.weight_scale, bias,
                                  self._buffers["input_scale"],
                                  self._buffers.get("input_zero_point"))
@@ -299,12 +322,7 @@ class W8A8Linear(QuantModule):
                                        cache=self.kernel_cache())
         if self.observing:
             return kernels.linear_weight_only(x, self.qweight, self.bias)
-        if not self._calibrated:
-            raise LinquantError(
-                f"{self._label()}: static activation quantization needs a range first; run "
-                "linquant.calibrate(model) over sample batches or call set_activation_range "
-                "(a saved folder: linquant calibrate FOLDER -o DST)"
-            )
+        self._need_range()
         return kernels.linear_w8a8(
             x,
             self.weight_qdata,
