@@ -429,7 +429,7 @@ def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
                 str(QuantConfig(plan.scheme, compute_dtype=config.compute_dtype))
             row = LayerReport(first, type(mod).__name__, shape, 0, 0, scheme=text,
                               note=plan.note)
-            tied.append((pid, (row, _activation_buffers(first, mod, entry))))
+            tied.append((pid, (row, _activation_buffers(first, entry))))
         for n in plan.names:
             if f"{n}.weight" != stored:
                 aliases[f"{n}.weight"] = "?" + str(pid)
@@ -477,19 +477,10 @@ def _plan_experts_part(plan: _Plan, names: set[str], jobs: dict[str, _Job],
     jobs[stored] = _Job(stored, plan.config, plan.scheme, plan.note, mod, entry, plan.part)
 
 
-def _activation_buffers(name: str, module: nn.Module, entry: dict[str, Any]
-                        ) -> dict[str, torch.Tensor]:
+def _activation_buffers(name: str, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The buffers beside the weight that a layer tied to another one's stored weight still
     needs of its own: a static W8A8Linear's (uncalibrated) input scale and zero point."""
-    if entry.get("type") != "W8A8Linear" or entry.get("activation") != "static":
-        return {}
-    from linquant.nn import W8A8Linear
-
-    q = W8A8Linear.skeleton(module, activation="static", device="meta",
-                            act_symmetric=bool(entry.get("act_symmetric", True)))
-    q._reset_activation_params("cpu")
-    return {f"{name}.{k}": v for k, v in q.named_buffers(recurse=False)
-            if k not in _QUANT_BUFFERS}
+    return {f"{name}.{k}": v for k, v in _uncalibrated_inputs(entry).items()}
 
 
 def _uncalibrated_inputs(entry: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -744,7 +735,7 @@ def quantize_checkpoint(
                 extra = {**_uncalibrated_inputs(job.entry), **extra}
             for k, v in extra.items():
                 writer.add({f"{job.module_name}.{k}": v}, {})
-            # W8A8Linear, and experts with int8 activations ("activation": "dynamic")
+            # W8A8Linear, and experts with int8 activations ("activation": dynamic / static)
             scheme_text = str(cfg) if job.entry.get("activation") else \
                 str(QuantConfig(job.scheme, compute_dtype=compute_dtype))
             rows[job.module_name] = LayerReport(
