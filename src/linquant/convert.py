@@ -563,13 +563,6 @@ def experts_activation(config: QuantConfig) -> tuple[Literal["dynamic", "static"
     return config.activation_mode, config.activation.symmetric
 
 
-def experts_scheme_text(config: QuantConfig, scheme: QuantScheme) -> str:
-    """The report's scheme column for an experts projection quantized under ``config``."""
-    if config.is_w8a8:
-        return str(config)
-    return str(QuantConfig(scheme, compute_dtype=config.compute_dtype))  # weight-only
-
-
 def _experts_parts(module: nn.Module) -> list[str] | None:
     """The float projections of an experts module (a float one, or a :class:`QuantExperts`
     with projections left float); None for any other module."""
@@ -588,8 +581,11 @@ def _uses_w8a8(module: nn.Module, config: QuantConfig) -> bool:
     return config.is_w8a8 and quant_module_for(module, "w8a8") is not None
 
 
-def _scheme_text(config: QuantConfig, scheme: QuantScheme, module: nn.Module) -> str:
-    if _uses_w8a8(module, config):
+def scheme_text(config: QuantConfig, scheme: QuantScheme, int8_activations: bool) -> str:
+    """The report's scheme column for a layer quantized under ``config``: the whole config for a
+    layer with int8 activations, else the weight scheme it got (after any group size fallback)
+    and the compute dtype."""
+    if int8_activations:
         return str(config)
     return str(QuantConfig(scheme, compute_dtype=config.compute_dtype))  # weight-only
 
@@ -808,7 +804,7 @@ def quantize_model(
                                  "the quantized buffers differ")
         elif id(w) in tied:
             shared[id(w)] = (name, new)
-        row.scheme = _scheme_text(plan.config, plan.scheme, module)
+        row.scheme = scheme_text(plan.config, plan.scheme, _uses_w8a8(module, plan.config))
         row.bytes_after = _own_nbytes(new)
         for n in plan.names:
             _set_submodule(model, parents, n, new)
@@ -877,7 +873,7 @@ def _quantize_experts_part(model: nn.Module, parents: Mapping[str, nn.Module], p
     qw = new.qweight
     row.bits_per_weight = qw.bits_per_weight
     row.sqnr_db = sqnr(expert_rows(w.detach(), transposed), qw.dequantize(torch.float32))
-    row.scheme = experts_scheme_text(plan.config, plan.scheme)
+    row.scheme = scheme_text(plan.config, plan.scheme, plan.config.is_w8a8)
     wrapper = wrappers.get(id(module))
     if wrapper is None:
         wrapper = module if isinstance(module, QuantExperts) else QuantExperts.wrap(module)

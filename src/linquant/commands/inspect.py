@@ -8,8 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from linquant.nn.w8a8 import is_calibrated_scale
 from linquant.report import format_table
 
 __all__ = ["add_arguments", "inspect_checkpoint", "run"]
@@ -52,7 +51,7 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
             w8a8["dynamic"] += 1
             continue
         scale = ck.plain.get(f"{name}.input_scale")
-        if scale is not None and bool(torch.isfinite(scale).all() and (scale > 0).all()):
+        if scale is not None and is_calibrated_scale(scale):
             w8a8["static_calibrated"] += 1
         else:  # NaN until calibrated (linquant quantize --preset w8a8-static writes it so)
             w8a8["static_uncalibrated"].append(name)

@@ -51,6 +51,7 @@ from linquant.convert import (
     _uses_w8a8,
     experts_activation,
     plan_model,
+    scheme_text,
 )
 from linquant.errors import FormatError, LinquantError
 from linquant.io import hf
@@ -425,8 +426,7 @@ def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
                                 plan.note, mod, entry)
             stored_by_param.setdefault(pid, stored)
         else:
-            text = str(plan.config) if entry["type"] == "W8A8Linear" else \
-                str(QuantConfig(plan.scheme, compute_dtype=config.compute_dtype))
+            text = scheme_text(plan.config, plan.scheme, entry["type"] == "W8A8Linear")
             row = LayerReport(first, type(mod).__name__, shape, 0, 0, scheme=text,
                               note=plan.note)
             tied.append((pid, (row, _activation_buffers(first, entry))))
@@ -736,11 +736,10 @@ def quantize_checkpoint(
             for k, v in extra.items():
                 writer.add({f"{job.module_name}.{k}": v}, {})
             # W8A8Linear, and experts with int8 activations ("activation": dynamic / static)
-            scheme_text = str(cfg) if job.entry.get("activation") else \
-                str(QuantConfig(job.scheme, compute_dtype=compute_dtype))
+            text = scheme_text(cfg, job.scheme, bool(job.entry.get("activation")))
             rows[job.module_name] = LayerReport(
                 job.module_name, _type_name(job.module) if job.module is not None
-                else "tensor", shape, sizes[name], qt.nbytes, scheme=scheme_text,
+                else "tensor", shape, sizes[name], qt.nbytes, scheme=text,
                 bits_per_weight=qt.bits_per_weight, note=job.note)
             rows[job.module_name].sqnr_db, result.max_error[job.module_name] = errors
 

@@ -44,6 +44,12 @@ ACTIVATIONS: tuple[str, ...] = ("dynamic", "static")
 W8A8_WEIGHT = QuantScheme(bits=8, symmetric=True, granularity="channel", axis=0)
 
 
+def is_calibrated_scale(scale: torch.Tensor) -> bool:
+    """Whether a static layer's ``input_scale`` holds a range: finite and positive (it is NaN
+    until calibration)."""
+    return bool(torch.isfinite(scale).all() and (scale > 0).all())
+
+
 class StaticActivations(QuantModule):
     """A quantized layer that may quantize its input to int8 (:class:`W8A8Linear`, a W8A8
     experts projection): ``activation`` is ``"dynamic"`` (one scale per token, computed every
@@ -129,7 +135,7 @@ class StaticActivations(QuantModule):
         """After the buffers were loaded: calibrated when the scale is finite and positive."""
         scale = self._buffers.get("input_scale")
         if scale is not None and scale.device.type != "meta":
-            self._calibrated = bool(torch.isfinite(scale).all() and (scale > 0).all())
+            self._calibrated = is_calibrated_scale(scale)
 
 
 @register_qmodule(nn.Linear, HF_CONV1D, *HF_PLAIN_LINEARS, mode="w8a8")
