@@ -51,14 +51,72 @@ def test_quantize_preset_report_inspect(tmp_path: Path, src: Path,
     assert json.loads(capsys.readouterr().out)["quantized_tensors"] == 2
 
 
+def _gpt2(path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(str(path))
+
+
 def test_static_preset_says_to_calibrate(tmp_path: Path, src: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--preset", "w8a8-static",
-                 "--no-progress"]) == 0
+    _gpt2(tmp_path / "gpt2")
+    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "q"), "--preset",
+                 "w8a8-static", "--no-progress"]) == 0
     assert "static W8A8: the input scales are not calibrated yet" in capsys.readouterr().out
-    assert main(["quantize", str(src), "-o", str(tmp_path / "d"), "--preset", "w8a8",
-                 "--no-progress"]) == 0
+    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "d"), "--preset",
+                 "w8a8", "--no-progress"]) == 0
     assert "calibrated" not in capsys.readouterr().out
+    # a bare file has no layer types: its matrices are quantized weight-only, nothing to calibrate
+    assert main(["quantize", str(src), "-o", str(tmp_path / "b"), "--preset", "w8a8-static",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "weight-only: a bare file has no layer types" in out and "calibrated" not in out
+
+
+def test_layer_configs(tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--layer-config PATTERN=CONFIG, repeatable: the first match wins, 'float' keeps a layer
+    float, the other layers get the preset."""
+    _gpt2(tmp_path / "gpt2")
+    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "q"), "--preset",
+                 "w8a32", "--layer-config", "transformer.h.0.*=w8a8-static",
+                 "--layer-config", "*.c_proj = float", "--layer-config",
+                 "*.c_fc=int4-sym-g16-fp16", "--report", str(tmp_path / "r.json"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "static W8A8: the input scales are not calibrated yet" in out
+    rows = {r["name"]: r for r in json.loads((tmp_path / "r.json").read_text())["layers"]}
+    static = "int8-sym-ch0-fp32, act int8-sym-tensor static"
+    assert rows["transformer.h.0.attn.c_attn"]["scheme"] == static
+    assert rows["transformer.h.0.attn.c_proj"]["scheme"] == static  # the first match wins
+    assert rows["transformer.h.0.mlp.c_fc"]["scheme"] == static
+    assert rows["transformer.h.1.attn.c_attn"]["scheme"] == "int8-sym-ch0-fp32"
+    assert rows["transformer.h.1.mlp.c_fc"]["scheme"] == "int4-sym-g16-fp16"
+    assert rows["transformer.h.1.mlp.c_proj"]["reason"] == \
+        "config None for pattern '*.c_proj' (kept float)"
+    assert main(["inspect", str(tmp_path / "q"), "--json"]) == 0
+    w8a8 = json.loads(capsys.readouterr().out)["w8a8_layers"]
+    assert len(w8a8["static_uncalibrated"]) == 4  # h.0: c_attn, c_proj, c_fc, mlp.c_proj
+
+    # a '*' rule of the user's comes before the preset's
+    assert main(["quantize", str(src), "-o", str(tmp_path / "s"), "--layer-config",
+                 "*=w4a16-g32", "--report", str(tmp_path / "s.json"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert [r["scheme"] for r in report["layers"]] == [
+        "int4-asym-g32-fp16, compute bf16"] * 2 + ["int4-asym-g24-fp16, compute bf16"]
+    capsys.readouterr()
+    for spec, message in [("fc", "expected PATTERN=CONFIG"), ("=w8a32", "expected PATTERN"),
+                          ("fc=", "expected PATTERN"), ("fc=w9", "unknown preset 'w9'"),
+                          ("fc=int4-sym-g16-fp8", "fc=int4-sym-g16-fp8")]:
+        assert main(["quantize", str(src), "-o", str(tmp_path / "x"), "--layer-config", spec,
+                     "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert f"--layer-config {spec!r}" in err and message in err, err
+    assert main(["quantize", str(src), "-o", str(tmp_path / "x"), "--layer-config", "fc=w8a16",
+                 "--layer-config", "fc=w8a32"]) == 1
+    assert "pattern 'fc' given twice" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_config_text(tmp_path: Path, src: Path) -> None:

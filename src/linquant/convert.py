@@ -302,14 +302,30 @@ def _normalize_config(config: ModelConfig) -> list[tuple[str, QuantConfig | None
         for pattern, value in config.items():
             if not isinstance(pattern, str):
                 raise LinquantError(f"config dict keys must be name patterns, got {pattern!r}")
-            pairs.append((pattern, None if value is None else get_config(value)))
+            if value is None or (isinstance(value, str) and value.strip() == "float"):
+                pairs.append((pattern, None))
+            else:
+                pairs.append((pattern, get_config(value)))
         if not pairs:
             raise LinquantError("config dict is empty: map name patterns to presets or configs")
         return pairs
     raise LinquantError(
         "config must be a preset name, a QuantConfig, or a dict {name pattern: preset | "
-        f"QuantConfig | None}}, got {type(config).__name__}"
+        f"QuantConfig | None | 'float'}}, got {type(config).__name__}"
     )
+
+
+def compute_dtype_of(configs: Iterable[QuantConfig]) -> torch.dtype | None:
+    """The one compute dtype that the configs of the quantized layers ask for (None: keep the
+    model's); :class:`LinquantError` where they ask for two (one model runs in one dtype)."""
+    dtypes = {c.compute_dtype for c in configs}
+    dtypes.discard(None)
+    if len(dtypes) > 1:
+        raise LinquantError(
+            "the configs ask for different compute dtypes "
+            f"({', '.join(sorted(str(d) for d in dtypes))}); one model runs in one dtype"
+        )
+    return next(iter(dtypes)) if dtypes else None
 
 
 def _is_quantized_module(module: nn.Module) -> bool:
@@ -445,8 +461,6 @@ def _select(
             used.add(pat)
             if cfg is None:
                 return None, f"config None for pattern {pat!r} (kept float)"
-            if name == "":
-                return None, "the root module cannot be replaced in place (wrap it)"
             return cfg, ""
     return None, "not matched by any config pattern"
 
@@ -490,6 +504,8 @@ def _decide(
     config, why = _select(name, pairs, include, exclude, used, keep_float)
     if config is None:
         return None, None, why, ""
+    if name == "":
+        return None, None, "the root module cannot be replaced in place (wrap it)", ""
     from linquant.nn import quant_module_for
 
     cls = (quant_module_for(module, "w8a8") if config.is_w8a8 else None) or quant_module_for(
@@ -681,16 +697,8 @@ def plan_model(
             + ". Exclude them, pick a group size that divides their rows, or pass strict=False"
         )
     tied = _resolve_ties(list(plans.values()))
-    dtypes = {p.config.compute_dtype for p in plans.values()
-              if p.reason is None and p.config is not None}
-    dtypes.discard(None)
-    if len(dtypes) > 1:
-        raise LinquantError(
-            "the configs ask for different compute dtypes "
-            f"({', '.join(sorted(str(d) for d in dtypes))}); one model runs in one dtype"
-        )
-    compute_dtype = next(iter(dtypes)) if dtypes else None
-
+    compute_dtype = compute_dtype_of(
+        p.config for p in plans.values() if p.reason is None and p.config is not None)
     return ModelPlan(plans, parents, tied, compute_dtype, used,
                      (*inc, *exc, *(pat for pat, _ in pairs)))
 
@@ -727,7 +735,7 @@ def quantize_model(
             are replaced by quantized modules.
         config: a preset name (``"w4a16-g32"``, see :mod:`linquant.config`), a
             :class:`QuantConfig`, or a dict ``{name pattern: preset | QuantConfig | None}`` for
-            mixed precision (first matching pattern wins; ``None`` keeps float).
+            mixed precision (first matching pattern wins; ``None`` or ``"float"`` keeps float).
         include, exclude: shell-style name patterns; a layer is quantized when it matches an
             ``include`` pattern and no ``exclude`` pattern (a pattern also matches descendants).
         strict: raise :class:`LinquantError` (before changing anything) when a group size does

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
@@ -159,6 +161,97 @@ def test_hf_folder_equals_quantize_model_and_save(tmp_path: Path, preset: str) -
     a = _streamed_equals_saved(tmp_path, g, vocab=128)
     _same_state(g, a)
     assert (tmp_path / "q" / "config.json").exists()
+
+
+# ---- mixed precision: a dict of name patterns to configs, as quantize_model takes ------------
+MIXED: dict[str, Any] = {"transformer.h.0.*": "w8a16", "*.mlp.c_proj": "float",
+                         "transformer.h.9.*": "w8a32", "*": "w4a16-g32"}
+
+
+def test_hf_folder_with_layer_configs_equals_quantize_model(tmp_path: Path) -> None:
+    """Each layer gets the first matching pattern's config, as quantize_model gives it: the
+    same rows (schemes, reasons, the pattern that matched nothing), the same state, the same
+    logits."""
+    g = _gpt2_folder(tmp_path / "src")
+    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", MIXED)
+    in_memory = quantize_model(g, MIXED)
+    assert [r.name for r in res.report.layers] == [r.name for r in in_memory.layers]
+    for row in in_memory.layers:
+        other = res.report[row.name]
+        assert (other.scheme, other.tied_to, other.reason) == (row.scheme, row.tied_to,
+                                                               row.reason), row.name
+    report = res.report
+    assert report["transformer.h.0.attn.c_attn"].scheme == "int8-sym-ch0-fp32, compute bf16"
+    assert report["transformer.h.1.attn.c_attn"].scheme == "int4-asym-g32-fp16, compute bf16"
+    assert report["transformer.h.0.mlp.c_fc"].scheme == "int8-sym-ch0-fp32, compute bf16"
+    for i in (0, 1):  # the first match wins: h.0's c_proj got w8a16, h.1's kept float
+        assert report[f"transformer.h.{i}.attn.c_proj"].quantized
+    assert report["transformer.h.0.mlp.c_proj"].quantized
+    assert report["transformer.h.1.mlp.c_proj"].reason == \
+        "config None for pattern '*.mlp.c_proj' (kept float)"
+    assert report.unmatched_patterns == in_memory.unmatched_patterns == ("transformer.h.9.*",)
+    assert report.compute_dtype == in_memory.compute_dtype == torch.bfloat16
+    _streamed_equals_saved(tmp_path, g, vocab=128)
+
+
+def test_bare_file_with_layer_configs_equals_quantize_model(tmp_path: Path) -> None:
+    """In a bare file the patterns match each ``*.weight`` tensor's name without ``.weight``."""
+    m = Plain().eval()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "m.safetensors")
+    rules = {"fc": "int3-asym-g16", "head": None, "emb": "int8-sym-ch0-fp16"}
+    res = quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q", rules)
+    assert [(r.name, r.scheme) for r in res.report.quantized] == [
+        ("emb", "int8-sym-ch0-fp16"), ("fc", "int3-asym-g16-fp32")]
+    assert res.report["head"].reason == "config None for pattern 'head' (kept float)"
+    streamed = load_into(Plain(), tmp_path / "q")
+    assert type(streamed.head) is nn.Linear
+    quantize_model(m, rules)
+    _same_state(m, streamed)
+    assert torch.equal(m(IDS), streamed(IDS))
+
+
+_RULE_CONFIGS = st.sampled_from(["int8-sym-ch0", "int4-asym-g16-fp16", "int3-sym-g32",
+                                  "int5-asymf-g16", "int2-asym-tensor", None, "float"])
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rules=st.lists(st.tuples(st.sampled_from(["emb", "fc", "head", "*", "f*", "nothing"]),
+                                _RULE_CONFIGS), min_size=1, max_size=5,
+                      unique_by=lambda rule: rule[0]))
+def test_any_layer_configs_stream_as_quantize_model(tmp_path_factory: pytest.TempPathFactory,
+                                                    rules: list[tuple[str, Any]]) -> None:
+    """Any rules over a bare file: the streamed folder loads to quantize_model's state, with
+    the same rows (scheme or reason) and the same unmatched patterns."""
+    tmp = tmp_path_factory.mktemp("rules")
+    m = Plain().eval()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / "m.safetensors")
+    res = quantize_checkpoint(tmp / "m.safetensors", tmp / "q", dict(rules))
+    report = quantize_model(m, dict(rules))
+    for row in report.layers:
+        if row.type != "LayerNorm":  # a bare file's layers are its *.weight matrices
+            assert (res.report[row.name].scheme, res.report[row.name].reason) == (
+                row.scheme, row.reason), row.name
+    assert set(res.report.unmatched_patterns) == set(report.unmatched_patterns)
+    _same_state(m, load_into(Plain(), tmp / "q"))
+
+
+@pytest.mark.parametrize("bare", [True, False])
+def test_layer_configs_that_ask_for_two_compute_dtypes_are_refused(tmp_path: Path,
+                                                                   bare: bool) -> None:
+    if bare:
+        save_file({k: v.contiguous() for k, v in Plain().state_dict().items()},
+                  tmp_path / "m.safetensors")
+        src = tmp_path / "m.safetensors"
+    else:
+        _gpt2_folder(tmp_path / "src")
+        src = tmp_path / "src"
+    rules = {"*.c_fc": "w8a16", "fc": "w8a16", "*": "int4-asym-g32-fp16, compute fp16"}
+    with pytest.raises(LinquantError, match="different compute dtypes"):
+        quantize_checkpoint(src, tmp_path / "q", rules)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(LinquantError, match="dict is empty"):
+        quantize_checkpoint(src, tmp_path / "q", {})
 
 
 def test_refusals(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from linquant.errors import LinquantError
 from linquant.io.atomic import write_text_atomic
 from linquant.scheme import Granularity, QuantScheme
 
-__all__ = ["add_arguments", "config_from_args", "run"]
+__all__ = ["add_arguments", "config_from_args", "layer_configs", "run"]
 
 DEFAULT_PRESET = "w8a32"
 DEFAULT_MAX_SHARD = "2GB"
@@ -41,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, metavar="N", help="elements per group")
     p.add_argument("--scale-dtype", choices=tuple(_SCALE_DTYPES))
     p.add_argument("--clip", choices=("minmax", "mse"))
+    p.add_argument("--layer-config", action="append", default=[], metavar="PATTERN=CONFIG",
+                   help="mixed precision: layers matching PATTERN get CONFIG (a preset or a "
+                        "config's text form; 'float' keeps them float), e.g. "
+                        "'*.down_proj=w8a16'; repeatable, the first match wins; the other "
+                        "layers get --preset / --config / the scheme flags")
     p.add_argument("--include", action="append", default=None, metavar="PATTERN",
                    help="quantize only layers matching this name pattern (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -84,10 +89,33 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
     return QuantConfig(scheme)
 
 
+def layer_configs(specs: list[str], rest: QuantConfig) -> dict[str, QuantConfig | None]:
+    """``--layer-config PATTERN=CONFIG`` options as the config dict ``quantize_model`` takes,
+    in the order given, ending with ``"*"``: ``rest`` (a pattern ``*`` given by the user wins,
+    as the first match does)."""
+    rules: dict[str, QuantConfig | None] = {}
+    for spec in specs:
+        pattern, sep, text = (part.strip() for part in spec.partition("="))
+        if not sep or not pattern or not text:
+            raise LinquantError(f"--layer-config {spec!r}: expected PATTERN=CONFIG, e.g. "
+                                "'*.down_proj=w8a16' or 'lm_head=float'")
+        if pattern in rules:
+            raise LinquantError(f"--layer-config {spec!r}: pattern {pattern!r} given twice")
+        try:
+            rules[pattern] = None if text == "float" else get_config(text)
+        except LinquantError as e:
+            raise LinquantError(f"--layer-config {spec!r}: {e}") from None
+    rules.setdefault("*", rest)
+    return rules
+
+
 def run(args: argparse.Namespace) -> int:
     from linquant.io.stream import quantize_checkpoint
 
-    config = config_from_args(args)
+    base = config_from_args(args)
+    config: QuantConfig | dict[str, QuantConfig | None] = base
+    if args.layer_config:
+        config = layer_configs(args.layer_config, base)
     if args.report is not None and args.report.suffix.lower() not in (".json", ".csv"):
         raise LinquantError(f"--report {args.report}: the file must end in .json or .csv")
     if args.plot is not None:
@@ -104,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     print(report)
     print(f"rule: {result.rule}")
     print(f"wrote {len(result.files)} shard(s) to {args.output}")
-    if config.is_w8a8 and config.activation_mode == "static":
+    if any((r.scheme or "").endswith(" static") for r in report.quantized):
         print("static W8A8: the input scales are not calibrated yet (a file cannot be run "
               f"here): `linquant calibrate {args.output} -o DST2 --text SAMPLES.txt`, or in "
               "Python model = linquant.load(DST), then `with linquant.calibrate(model): "
@@ -114,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         write_text_atomic(args.report, text)
         print(f"report: {args.report}", file=sys.stderr)
     if args.plot is not None:
-        report.plot(args.plot, f"{Path(args.src).name}, {args.preset or config}: "
+        rules = f" + {len(args.layer_config)} layer config(s)" if args.layer_config else ""
+        report.plot(args.plot, f"{Path(args.src).name}, {args.preset or base}{rules}: "
                     f"{len(report.quantized)} of {len(report.layers)} layers quantized, "
                     f"{report.ratio:.2f}x smaller")
         print(f"plot: {args.plot}", file=sys.stderr)

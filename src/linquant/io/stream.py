@@ -35,9 +35,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from linquant.config import QuantConfig, get_config
+from linquant.config import QuantConfig
 from linquant.convert import (
     LayerReport,
+    ModelConfig,
     ModelReport,
     _build,
     _float_like,
@@ -45,10 +46,13 @@ from linquant.convert import (
     _join,
     _largest_divisor_below,
     _matches,
+    _normalize_config,
     _patterns,
     _Plan,
+    _select,
     _type_name,
     _uses_w8a8,
+    compute_dtype_of,
     experts_activation,
     plan_model,
     scheme_text,
@@ -383,14 +387,16 @@ def _merge_source(name: str, new: str, pattern: str, converters: list[Any],
     return where
 
 
-def _plan_config(model: nn.Module, names: set[str], config: QuantConfig,
-                 include: tuple[str, ...], exclude: tuple[str, ...]
+def _plan_config(model: nn.Module, names: set[str], pairs: list[tuple[str, QuantConfig | None]],
+                 include: tuple[str, ...], exclude: tuple[str, ...], used: set[str]
                  ) -> tuple[dict[str, _Job], dict[str, str], dict[str, Any], list[LayerReport],
                             dict[str, _Tie]]:
     """Jobs by stored weight name, aliases, module entries, skipped-layer rows, and the rows of
     layers whose weight is tied to another module's stored one (by the stored weight's name;
-    filled in from that layer's row once it is quantized)."""
-    mplan = plan_model(model, config, include=include, exclude=exclude, allow_meta=True)
+    filled in from that layer's row once it is quantized). Adds the patterns that picked a
+    layer's config to ``used``."""
+    mplan = plan_model(model, dict(pairs), include=include, exclude=exclude, allow_meta=True)
+    used.update(mplan.used)
     jobs: dict[str, _Job] = {}
     aliases: dict[str, str] = {}
     modules: dict[str, Any] = {}
@@ -508,9 +514,11 @@ def _entry_for(module: nn.Module, config: QuantConfig, scheme: QuantScheme) -> d
     return {"type": cls.__name__, "scheme": str(scheme)}
 
 
-def _plan_bare(infos: list[TensorInfo], config: QuantConfig, include: tuple[str, ...],
-               exclude: tuple[str, ...]) -> tuple[dict[str, _Job], dict[str, Any],
-                                                  list[LayerReport]]:
+def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | None]],
+               include: tuple[str, ...], exclude: tuple[str, ...], used: set[str]
+               ) -> tuple[dict[str, _Job], dict[str, Any], list[LayerReport]]:
+    """:func:`_plan_config` for a file without a model: every 2-D float ``*.weight`` tensor is a
+    layer named by the rest of its name, its config the first pattern's that matches it."""
     jobs: dict[str, _Job] = {}
     modules: dict[str, Any] = {}
     skipped: list[LayerReport] = []
@@ -519,13 +527,8 @@ def _plan_bare(infos: list[TensorInfo], config: QuantConfig, include: tuple[str,
                 and info.dtype in ("F32", "F16", "BF16")):
             continue
         mname = info.name.removesuffix(".weight")
-        reason = None
-        ex = next((p for p in exclude if _matches(mname, p)), None)
-        if ex is not None:
-            reason = f"excluded by pattern {ex!r}"
-        elif not any(_matches(mname, p) for p in include):
-            reason = f"not matched by include {list(include)}"
-        if reason is not None:
+        config, reason = _select(mname, pairs, include, exclude, used, ())
+        if config is None:
             skipped.append(LayerReport(mname, "tensor", info.shape, info.nbytes, info.nbytes,
                                        reason=reason))
             continue
@@ -594,7 +597,7 @@ def _st_module_folders(src: Path) -> dict[str, tuple[str, str]]:
 def quantize_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
-    config: str | QuantConfig,
+    config: ModelConfig,
     *,
     include: str | Iterable[str] = ("*",),
     exclude: str | Iterable[str] = (),
@@ -605,13 +608,19 @@ def quantize_checkpoint(
 ) -> StreamResult:
     """Quantize the checkpoint ``src`` (``.safetensors`` file or model folder) into ``dst``.
 
+    ``config`` is what :func:`linquant.quantize_model` takes: a preset name, a config or its
+    text, or a dict of name patterns to configs (first match wins; None keeps a layer float),
+    matched against the model's layer names (with a ``config.json``) or, in a bare file, against
+    each ``*.weight`` tensor's name without ``.weight``.
+
     Raises :class:`LinquantError` (nothing written under ``dst``, ``src`` untouched) for a
     destination equal to or inside the source, an existing destination without ``overwrite``,
     an unwritable destination, or a pickle source without ``allow_pickle``.
     """
     src_p, dst_p = Path(src), Path(dst)
     _check_paths(src_p, dst_p, overwrite)
-    cfg = get_config(config)
+    pairs = _normalize_config(config)
+    used: set[str] = set()
     limit = parse_size(max_shard_size)
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
 
@@ -646,7 +655,8 @@ def quantize_checkpoint(
     aliases: dict[str, str] = {}
     ties: dict[str, _Tie] = {}
     if meta_model is not None:
-        jobs, aliases, modules, skipped, ties = _plan_config(meta_model, names, cfg, inc, exc)
+        jobs, aliases, modules, skipped, ties = _plan_config(meta_model, names, pairs, inc,
+                                                             exc, used)
         rule = (f"model config: {type(meta_model).__name__} built from config.json on the meta "
                 "device; layers chosen as quantize_model would")
         if renames:
@@ -660,10 +670,10 @@ def quantize_checkpoint(
         kind = {"kind": "sentence-transformers" if (src_p / "modules.json").is_file()
                 else "transformers", "class": type(meta_model).__name__}
     else:
-        jobs, modules, skipped = _plan_bare(infos, cfg, inc, exc)
+        jobs, modules, skipped = _plan_bare(infos, pairs, inc, exc, used)
         rule = "bare file: every 2-D float *.weight tensor (no config.json to learn layer types)"
         kind = {"kind": "module", "class": ""}
-    compute_dtype = cfg.compute_dtype
+    compute_dtype = compute_dtype_of(job.config for job in jobs.values())
 
     report = ModelReport(bytes_before=sum(i.nbytes for i in infos), compute_dtype=compute_dtype)
     result = StreamResult(report, rule)
@@ -736,7 +746,7 @@ def quantize_checkpoint(
             for k, v in extra.items():
                 writer.add({f"{job.module_name}.{k}": v}, {})
             # W8A8Linear, and experts with int8 activations ("activation": dynamic / static)
-            text = scheme_text(cfg, job.scheme, bool(job.entry.get("activation")))
+            text = scheme_text(job.config, job.scheme, bool(job.entry.get("activation")))
             rows[job.module_name] = LayerReport(
                 job.module_name, _type_name(job.module) if job.module is not None
                 else "tensor", shape, sizes[name], qt.nbytes, scheme=text,
@@ -788,7 +798,8 @@ def quantize_checkpoint(
     report.layers = sorted(rows.values(), key=lambda r: order.get(r.name, len(order)))
     report.unmatched_patterns = tuple(
         p for p in (*inc, *exc) if p != "*" and not any(
-            _matches(r.name, p) for r in report.layers))
+            _matches(r.name, p) for r in report.layers)) + tuple(
+        p for p, _ in pairs if p != "*" and p not in used and p not in (*inc, *exc))
     return result
 
 
