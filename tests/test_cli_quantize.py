@@ -198,6 +198,21 @@ def test_eval_causal_lm_perplexity(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "perplexity" in capsys.readouterr().out
 
 
+def test_eval_per_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _eval_gpt2(tmp_path, capsys, "w4a16-g32")
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--per-layer"]) == 0
+    out = capsys.readouterr().out
+    assert "output SQNR dB" in out and "lowest output SQNR: " in out and "perplexity" in out
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--per-layer",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in res["layers"]}
+    # every quantized matrix: 2 blocks x 4 Conv1D, the tied lm_head and the two embeddings
+    assert len(rows) == 11 and "per_layer" not in res
+    assert rows["transformer.h.0.attn.c_attn"]["scheme"] == "int4-asym-g32-fp16"
+    assert all(r["calls"] == 32 and 10 < r["sqnr_db"] < 40 for r in rows.values()), rows
+
+
 def test_eval_cuts_inputs_to_the_models_positions(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # 16 positions: most bundled sentences are longer in UTF-8 bytes (they once indexed past

@@ -470,6 +470,25 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         lq.load_into(Block(transposed=False, bias=True), tmp_path / "q")
 
 
+def test_compare_layers_measures_an_experts_block_as_one_layer() -> None:
+    """lq.compare_layers runs the QuantExperts block on the float block's input and routing."""
+    torch.manual_seed(0)
+    ref = Block().eval()
+    model = copy.deepcopy(ref)
+    lq.quantize_model(model, "int4-asym-g8-fp16", exclude=["*.down_proj", "router"])
+    seen: list[tuple[torch.Tensor, ...]] = []
+    ref.experts.register_forward_pre_hook(lambda m, a: seen.append(a))
+    x = torch.randn(9, 24)
+    with lq.compare_layers(ref, model) as errors, torch.no_grad():
+        ref(x)
+    assert [r.name for r in errors.rows] == ["experts"]
+    row = errors["experts"]
+    assert row.type == "QuantExperts" and row.scheme == "int4-asym-g8-fp16 / float"
+    with torch.no_grad():
+        expected = sqnr(ref.experts(*seen[0]), model.experts(*seen[0]))
+    assert row.calls == 1 and row.sqnr_db == pytest.approx(expected, rel=1e-5)
+
+
 def test_copies_dtype_casts_and_kernel_caches() -> None:
     model = Block()
     lq.quantize_model(model, "int4-sym-g8")

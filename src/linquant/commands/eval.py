@@ -5,7 +5,9 @@
   difference;
 * any other transformers model: SQNR of the last hidden state.
 
-Inputs default to the bundled sentences (``linquant/data/sentences.txt``).
+Inputs default to the bundled sentences (``linquant/data/sentences.txt``). With
+``--per-layer`` each quantized layer is also measured on the input its float counterpart gets
+(:func:`linquant.layer_errors.compare_layers`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--text", type=Path, metavar="FILE",
                      help="text for perplexity, one sample per line (default: the bundled "
                           "sentences)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also measure each quantized layer on the input its float layer gets "
+                        "(output SQNR and max error per layer; the lowest named last)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -153,9 +159,12 @@ def _perplexity(model: nn.Module, ids: list[torch.Tensor]) -> float:
 
 
 def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
-             text: Path | None = None) -> dict[str, Any]:
-    """The comparison as a dict (``kind`` says which metric applies)."""
+             text: Path | None = None, per_layer: bool = False) -> dict[str, Any]:
+    """The comparison as a dict (``kind`` says which metric applies); with ``per_layer``,
+    ``layers`` holds :func:`~linquant.layer_errors.compare_layers`' rows over the same inputs
+    (and ``per_layer`` the table as text)."""
     from linquant import demo
+    from linquant.layer_errors import LayerErrors, compare_layers
     from linquant.ops.metrics import sqnr
 
     kind = _kind(reference)
@@ -165,37 +174,51 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
     texts = demo.load_sentences(text or sentences)
     ref, qm = _load(reference, kind), _load(quantized, kind)
     out: dict[str, Any] = {"kind": kind, "inputs": len(texts)}
+    layers: AbstractContextManager[LayerErrors | None] = \
+        compare_layers(ref, qm) if per_layer else nullcontext()
     if kind == "sentence-embedding":
         feats = demo.tokenize(ref, texts)
-        a, b = demo.encode(ref, feats), demo.encode(qm, feats)
+        with layers as errors:
+            a = demo.encode(ref, feats)
+        b = demo.encode(qm, feats)
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
         out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
                    sqnr_db=sqnr(a, b))
     elif kind == "causal-lm":
         ids, how = _token_ids(reference, ref, texts)
-        p_ref, p_q = _perplexity(ref, ids), _perplexity(qm, ids)
+        with layers as errors:
+            p_ref = _perplexity(ref, ids)
+        p_q = _perplexity(qm, ids)
         out.update(tokenized_with=how, perplexity_reference=p_ref, perplexity_quantized=p_q,
                    perplexity_delta=p_q - p_ref)
     else:
         ids, how = _token_ids(reference, ref, texts)
-        num = den = 0.0
         with torch.inference_mode():
-            for x in ids:
-                ya: Any = ref(input_ids=x)
+            with layers as errors:
+                refs = [ref(input_ids=x)[0].float() for x in ids]
+            num = den = 0.0
+            for x, ra in zip(ids, refs, strict=True):
                 yb: Any = qm(input_ids=x)
-                ra, rb = ya[0].float(), yb[0].float()
+                rb = yb[0].float()
                 num += float((ra * ra).sum())
                 den += float(((ra - rb) ** 2).sum())
         out.update(tokenized_with=how,
                    sqnr_db=math.inf if den == 0 else 10 * math.log10(num / den))
+    if errors is not None:
+        out.update(layers=errors.to_dicts(), per_layer=str(errors))
     return out
 
 
 def run(args: argparse.Namespace) -> int:
-    res = evaluate(args.reference, args.quantized, args.sentences, args.text)
+    from linquant.report import json_text
+
+    res = evaluate(args.reference, args.quantized, args.sentences, args.text, args.per_layer)
+    table = res.pop("per_layer", None)
     if args.json:
-        print(json.dumps(res, indent=2))
+        print(json_text(res), end="")
         return 0
+    if table is not None:
+        print(table)
     if res["kind"] == "sentence-embedding":
         print(f"sentence embeddings of {res['inputs']} inputs: cosine similarity mean "
               f"{res['cosine_mean']:.4f}, min {res['cosine_min']:.4f}; SQNR "
