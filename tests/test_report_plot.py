@@ -125,3 +125,44 @@ def test_plot_marks_exact_tied_and_float_layers() -> None:
     assert (5.0, 21.5, True) in points  # lm_head: tied to embed, hollow
     assert (0.0, 21.5, False) in points and (3.0, 12.25, False) in points
     assert len(points) == 6
+
+
+# ---- the per-layer output error (lq.compare_layers, linquant eval --plot) ----------------------
+def test_layer_errors_plot_names_the_worst_and_the_uncompared(tmp_path: Path) -> None:
+    from linquant.layer_errors import LayerError, LayerErrors
+
+    errors = LayerErrors([
+        LayerError("emb", "QuantEmbedding", "int4-asym-g32-fp16", 2, 19.5, 0.06),
+        LayerError("fc1", "QuantLinear", "int4-asym-g32-fp16", 2, 25.0, 0.5),
+        LayerError("fc2", "W8A8Linear", "int8-sym-ch0-fp32, act int8 dynamic", 2, 31.0, 0.1),
+        LayerError("exact", "QuantLinear", "int8-sym-ch0-fp32", 2, math.inf, 0.0),
+        LayerError("head", "QuantLinear", "int4-asym-g32-fp16", reason="not reached by the inputs"),
+    ])
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        errors.plot(tmp_path / "e.svg")
+    svg = (tmp_path / "e.svg").read_text()
+    for text in ("not compared (1)", "median 25.0 dB", "int8-sym-ch0-fp32, act int8 dynamic",
+                 "output SQNR on the float layer", "per-layer output error: 5 quantized layers"):
+        assert text in svg, text
+    assert svg.count(">emb<") == 2 and svg.count(">fc2<") == 2  # tick and annotation
+    assert svg.count(">exact<") == 1 and svg.count(">head<") == 1  # ticks only
+
+
+def test_cli_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(
+        str(tmp_path / "gpt2"))
+    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "q"), "--preset",
+                 "w8a8", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--plot",
+                 str(tmp_path / "e.png")]) == 0
+    out, err = capsys.readouterr()
+    assert "lowest output SQNR: " in out and f"plot: {tmp_path / 'e.png'}" in err
+    assert (tmp_path / "e.png").read_bytes().startswith(PNG_MAGIC)
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--plot",
+                 str(tmp_path / "e.nope")]) == 1
+    assert "cannot plot to a .nope file" in capsys.readouterr().err

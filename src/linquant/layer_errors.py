@@ -26,6 +26,7 @@ layer by layer. Static W8A8 layers must be calibrated first, as for running the 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,6 +91,13 @@ class LayerErrors:
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [r.to_dict() for r in self.rows]
+
+    def plot(self, path: str | os.PathLike[str], title: str = "") -> None:
+        """Draw each layer's output SQNR in module order (needs matplotlib); see
+        :func:`linquant.report.plot_layer_errors`."""
+        from linquant.report import plot_layer_errors
+
+        plot_layer_errors(self, path, title)
 
     def __str__(self) -> str:
         from linquant.report import format_table

@@ -27,6 +27,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -35,6 +36,7 @@ from linquant.io.atomic import atomic_write
 
 if TYPE_CHECKING:
     from linquant.convert import ModelReport
+    from linquant.layer_errors import LayerErrors
     from linquant.sweep import SweepResult
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "format_table",
     "json_text",
     "plot_format",
+    "plot_layer_errors",
     "plot_layers",
     "plot_sweep",
     "require_matplotlib",
@@ -237,6 +240,71 @@ def plot_layers(report: ModelReport, path: str | os.PathLike[str], title: str = 
         fig.savefig(f, format=fmt, dpi=120)
 
 
+@dataclass(frozen=True)
+class _Point:
+    """One layer on a per-layer SQNR axis: ``missing`` draws it as a grey cross on the bottom
+    edge (kept float, not compared), ``db`` inf as a triangle on the top edge (exact)."""
+
+    name: str
+    scheme: str
+    db: float | None
+    hollow: bool = False  # a tied layer: its weight is another layer's
+    missing: bool = False
+
+
+def _draw_sqnr(ax: Any, points: Sequence[_Point], ylabel: str, missing: str) -> None:
+    """Each point's SQNR in order on ``ax``, coloured by scheme, with the median dashed and
+    the lowest few named; ``missing`` labels the points without a value."""
+    n = len(points)
+    scored = [(i, p.db, p) for i, p in enumerate(points)
+              if not p.missing and p.db is not None and math.isfinite(p.db)]
+    finite = [db for _, db, _ in scored]
+    lo = min(finite, default=0.0)
+    hi = max(finite, default=1.0)
+    pad = max(1.0, 0.08 * (hi - lo))
+    floor, ceiling = lo - pad, hi + pad
+    schemes = list(dict.fromkeys(p.scheme for p in points if not p.missing))
+    for k, scheme in enumerate(schemes):
+        color = _GRAN_COLORS[k % len(_GRAN_COLORS)]
+        own = [(i, db) for i, db, p in scored if p.scheme == scheme and not p.hollow]
+        tied = [(i, db) for i, db, p in scored if p.scheme == scheme and p.hollow]
+        exact = [i for i, p in enumerate(points)
+                 if not p.missing and p.scheme == scheme and p.db == math.inf]
+        ax.scatter([i for i, _ in own], [d for _, d in own], color=color, s=22,
+                   label=scheme or "quantized", zorder=3)
+        if tied:
+            ax.scatter([i for i, _ in tied], [d for _, d in tied], facecolors="none",
+                       edgecolors=color, s=22, zorder=3)
+        if exact:
+            ax.scatter(exact, [ceiling] * len(exact), marker="^", color=color, s=28, zorder=3,
+                       clip_on=False)
+    kept = [i for i, p in enumerate(points) if p.missing]
+    if kept:
+        ax.scatter(kept, [floor] * len(kept), marker="x", color="tab:gray", s=22, zorder=3,
+                   clip_on=False, label=f"{missing} ({len(kept)})")
+    if finite:
+        median = sorted(finite)[len(finite) // 2]
+        ax.axhline(median, color="black", linestyle="--", linewidth=0.8, alpha=0.6,
+                   label=f"median {median:.1f} dB")
+        worst = sorted((db, i, p.name) for i, db, p in scored)[:_WORST_NAMED]
+        for db, i, name in worst:  # right of the point, or left of it in the right half
+            left = i > n / 2
+            ax.annotate(name, (i, db), textcoords="offset points", xytext=(-5 if left else 5, -3),
+                        ha="right" if left else "left", fontsize=7)
+    ax.set_ylim(floor, ceiling)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if schemes or kept:
+        ax.legend(fontsize=8, loc="best")
+
+
+def _layer_ticks(ax: Any, names: Sequence[str]) -> None:
+    if len(names) <= _LABELLED_LAYERS:
+        ax.set_xticks(list(range(len(names))), list(names), rotation=90, fontsize=7)
+    else:
+        ax.set_xlabel("layer (module order)")
+
+
 def _layers_figure(report: ModelReport, title: str) -> Any:
     """The matplotlib Figure of :func:`plot_layers` (axes: SQNR on top, bytes below)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -247,48 +315,9 @@ def _layers_figure(report: ModelReport, title: str) -> Any:
     fig = Figure(figsize=(min(20.0, max(8.0, 0.22 * n + 3)), 7.5), layout="constrained")
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
-    # (index, dB, row) of every quantized layer with a finite SQNR: the points on the axes
-    scored = [(i, r.sqnr_db, r) for i, r in enumerate(layers) if r.quantized
-              and r.sqnr_db is not None and math.isfinite(r.sqnr_db)]
-    finite = [db for _, db, _ in scored]
-    lo = min(finite, default=0.0)
-    hi = max(finite, default=1.0)
-    pad = max(1.0, 0.08 * (hi - lo))
-    floor, ceiling = lo - pad, hi + pad
-    schemes = list(dict.fromkeys(r.scheme or "" for r in layers if r.quantized))
-    for k, scheme in enumerate(schemes):
-        color = _GRAN_COLORS[k % len(_GRAN_COLORS)]
-        mine = [(i, db, r.tied_to is not None) for i, db, r in scored if (r.scheme or "") == scheme]
-        own = [(i, db) for i, db, tied_row in mine if not tied_row]
-        tied = [(i, db) for i, db, tied_row in mine if tied_row]
-        exact = [i for i, r in enumerate(layers) if r.quantized and (r.scheme or "") == scheme
-                 and r.sqnr_db == math.inf]
-        top.scatter([i for i, _ in own], [d for _, d in own], color=color, s=22,
-                    label=scheme or "quantized", zorder=3)
-        if tied:
-            top.scatter([i for i, _ in tied], [d for _, d in tied], facecolors="none",
-                        edgecolors=color, s=22, zorder=3)
-        if exact:
-            top.scatter(exact, [ceiling] * len(exact), marker="^", color=color, s=28, zorder=3,
-                        clip_on=False)
-    kept = [i for i, r in enumerate(layers) if not r.quantized]
-    if kept:
-        top.scatter(kept, [floor] * len(kept), marker="x", color="tab:gray", s=22, zorder=3,
-                    clip_on=False, label=f"kept float ({len(kept)})")
-    if finite:
-        median = sorted(finite)[len(finite) // 2]
-        top.axhline(median, color="black", linestyle="--", linewidth=0.8, alpha=0.6,
-                    label=f"median {median:.1f} dB")
-        worst = sorted((db, i, r.name) for i, db, r in scored)[:_WORST_NAMED]
-        for db, i, name in worst:  # right of the point, or left of it in the right half
-            left = i > n / 2
-            top.annotate(name, (i, db), textcoords="offset points", xytext=(-5 if left else 5, -3),
-                         ha="right" if left else "left", fontsize=7)
-    top.set_ylim(floor, ceiling)
-    top.set_ylabel("weight SQNR (dB)")
-    top.grid(True, alpha=0.3)
-    if schemes or kept:
-        top.legend(fontsize=8, loc="best")
+    _draw_sqnr(top, [_Point(r.name, r.scheme or "", r.sqnr_db, r.tied_to is not None,
+                            not r.quantized) for r in layers],
+               "weight SQNR (dB)", "kept float")
     top.set_title(title or f"per-layer report: {len(report.quantized)} of {n} layers "
                   f"quantized, {report.ratio:.2f}x smaller")
     xs = list(range(n))
@@ -300,8 +329,28 @@ def _layers_figure(report: ModelReport, title: str) -> Any:
     bottom.set_ylabel("bytes")
     bottom.grid(True, axis="y", alpha=0.3)
     bottom.legend(fontsize=8, loc="best")
-    if n <= _LABELLED_LAYERS:
-        bottom.set_xticks(xs, [r.name for r in layers], rotation=90, fontsize=7)
-    else:
-        bottom.set_xlabel("layer (module order)")
+    _layer_ticks(bottom, [r.name for r in layers])
     return fig
+
+
+def plot_layer_errors(errors: LayerErrors, path: str | os.PathLike[str], title: str = "") -> None:
+    """Plot :func:`linquant.compare_layers`' rows: each layer's output SQNR (dB) in module
+    order, coloured by scheme, with the median dashed and the lowest few named; a layer not
+    compared is a grey cross on the bottom edge, an exact one a triangle on the top edge. The
+    image format follows the suffix of ``path``; the file is written to a temp file and renamed
+    into place."""
+    dest = Path(path)
+    fmt = plot_format(dest)  # checks matplotlib is there first
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = errors.rows
+    fig = Figure(figsize=(min(20.0, max(8.0, 0.22 * len(rows) + 3)), 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    _draw_sqnr(ax, [_Point(r.name, r.scheme, r.sqnr_db, missing=r.sqnr_db is None) for r in rows],
+               "output SQNR on the float layer's input (dB)", "not compared")
+    _layer_ticks(ax, [r.name for r in rows])
+    ax.set_title(title or f"per-layer output error: {len(rows)} quantized layers")
+    with atomic_write(dest, "wb") as f:
+        fig.savefig(f, format=fmt, dpi=120)

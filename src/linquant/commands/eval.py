@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-layer", action="store_true",
                    help="also measure each quantized layer on the input its float layer gets "
                         "(output SQNR and max error per layer; the lowest named last)")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="draw the per-layer output SQNR (implies --per-layer; needs "
+                        "matplotlib: pip install 'linquant[plot]')")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -162,7 +166,7 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
              text: Path | None = None, per_layer: bool = False) -> dict[str, Any]:
     """The comparison as a dict (``kind`` says which metric applies); with ``per_layer``,
     ``layers`` holds :func:`~linquant.layer_errors.compare_layers`' rows over the same inputs
-    (and ``per_layer`` the table as text)."""
+    (:meth:`~linquant.layer_errors.LayerError.to_dict`)."""
     from linquant import demo
     from linquant.layer_errors import LayerErrors, compare_layers
     from linquant.ops.metrics import sqnr
@@ -205,20 +209,31 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
         out.update(tokenized_with=how,
                    sqnr_db=math.inf if den == 0 else 10 * math.log10(num / den))
     if errors is not None:
-        out.update(layers=errors.to_dicts(), per_layer=str(errors))
+        out["layers"] = errors.to_dicts()
     return out
 
 
 def run(args: argparse.Namespace) -> int:
+    from linquant.layer_errors import LayerError, LayerErrors
     from linquant.report import json_text
 
-    res = evaluate(args.reference, args.quantized, args.sentences, args.text, args.per_layer)
-    table = res.pop("per_layer", None)
+    if args.plot is not None:
+        from linquant.report import plot_format
+
+        plot_format(args.plot)  # matplotlib and the suffix, before the long part
+    res = evaluate(args.reference, args.quantized, args.sentences, args.text,
+                   args.per_layer or args.plot is not None)
+    errors = None if "layers" not in res else LayerErrors(
+        [LayerError(**row) for row in res["layers"]])
+    if args.plot is not None and errors is not None:
+        errors.plot(args.plot, f"{args.quantized.name} against {args.reference.name}: output "
+                               f"SQNR of each quantized layer on the float layer's input")
+        print(f"plot: {args.plot}", file=sys.stderr)
     if args.json:
         print(json_text(res), end="")
         return 0
-    if table is not None:
-        print(table)
+    if errors is not None:
+        print(errors)
     if res["kind"] == "sentence-embedding":
         print(f"sentence embeddings of {res['inputs']} inputs: cosine similarity mean "
               f"{res['cosine_mean']:.4f}, min {res['cosine_min']:.4f}; SQNR "
