@@ -32,6 +32,7 @@ def test_minmax_over_batches_sets_every_static_layer() -> None:
     lo = min(float(b.min()) for b in batches)
     hi = max(float(b.max()) for b in batches)
     assert obs["0"].batches == 3 and obs["0"].range() == pytest.approx((lo, hi))
+    assert obs["0"].rows == 4 + 4 + 10  # tokens: input vectors of 16
     expected = W8A8Linear.from_float(nn.Linear(16, 32), activation="static", act_symmetric=False)
     expected.set_activation_range(lo, hi)
     assert torch.equal(model[0].input_scale, expected.input_scale)

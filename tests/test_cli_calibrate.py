@@ -82,6 +82,8 @@ def test_percentile_narrows_the_ranges(tmp_path: Path, static_folder: Path) -> N
     assert all(c["scale"] <= f["scale"] for f, c in zip(full.layers, clipped.layers, strict=True))
     assert any(c["scale"] < f["scale"] for f, c in zip(full.layers, clipped.layers, strict=True))
     assert full.inputs == 32 and all(r["batches"] == 32 for r in full.layers)
+    # every layer sees every token (one per UTF-8 byte: the folder has no tokenizer)
+    assert len({r["tokens"] for r in full.layers}) == 1 and full.layers[0]["tokens"] > 32 * 8
 
 
 def test_refusals_write_nothing(tmp_path: Path, static_folder: Path,

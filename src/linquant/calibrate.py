@@ -61,6 +61,7 @@ class RangeObserver:
         self.sample_size = sample_size
         self.batches = 0
         self.values = 0
+        self.rows = 0  # input vectors (tokens): values over the last dimension
         self._lo: torch.Tensor | None = None  # running min, or weighted sum of batch estimates
         self._hi: torch.Tensor | None = None
         self._gen: torch.Generator | None = None
@@ -100,6 +101,7 @@ class RangeObserver:
         self._lo, self._hi = lo, hi
         self.batches += 1
         self.values += flat.numel()
+        self.rows += flat.numel() // (int(x.shape[-1]) if x.dim() else 1)
 
     def range(self) -> tuple[float, float]:
         """The combined ``(lo, hi)``; needs at least one batch."""

@@ -8,7 +8,9 @@ the calibrated model to ``DST`` (atomically; the input folder is never changed).
 tokenized as ``linquant eval`` tokenizes them: a sentence-transformers folder through its own
 tokenizer, in batches; any other transformers folder with its tokenizer (UTF-8 bytes where it
 has none), one sample at a time, cut to the model's length. Layers already calibrated are
-calibrated again on these inputs.
+calibrated again on these inputs. The table's ``tokens`` column counts the input vectors each
+layer saw (padding included; for a MoE experts projection, each token once per expert it was
+routed to).
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def calibrate_folder(
         layer: Any = model.get_submodule(name)
         zp = layer._buffers.get("input_zero_point")
         lo, hi = obs.range()
-        result.layers.append({"layer": name, "batches": obs.batches, "lo": lo, "hi": hi,
+        result.layers.append({"layer": name, "batches": obs.batches, "tokens": obs.rows,
+                              "lo": lo, "hi": hi,
                               "scale": float(layer.input_scale),
                               "zero_point": None if zp is None else int(zp)})
     result.files = save(model, dst_p, max_shard_size=max_shard_size, overwrite=overwrite)
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     res = calibrate_folder(args.src, args.output, args.text or args.sentences,
                            percentile=args.percentile, max_shard_size=args.max_shard_size,
                            overwrite=args.overwrite)
-    cols: list[Column] = [("layer", "layer", ""), ("batches", "calls", ""),
+    cols: list[Column] = [("layer", "layer", ""), ("tokens", "tokens", ""),
                           ("lo", "input min", ".4g"), ("hi", "input max", ".4g"),
                           ("scale", "scale", ".4g"), ("zero_point", "zero point", "")]
     print(format_table(res.layers, cols))
