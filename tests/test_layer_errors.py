@@ -144,3 +144,19 @@ def test_an_exact_layer_has_infinite_sqnr() -> None:
         ref(torch.randint(-3, 4, (5, 8)).float())
     assert isinstance(errors, LayerErrors) and errors["0"].sqnr_db == math.inf
     assert "inf" in str(errors)
+
+
+@pytest.mark.cuda
+def test_float_model_on_the_cpu_quantized_one_on_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ref, q = _pair("w4a16-g32")
+    with lq.compare_layers(ref, q) as on_cpu, torch.no_grad():
+        ref(IDS)
+    q.to("cuda")
+    with lq.compare_layers(ref, q) as on_gpu, torch.no_grad():
+        ref(IDS)
+    for a, b in zip(on_cpu.rows, on_gpu.rows, strict=True):
+        assert a.name == b.name and (a.sqnr_db is None) == (b.sqnr_db is None)
+        if a.sqnr_db is not None and b.sqnr_db is not None:
+            assert b.sqnr_db == pytest.approx(a.sqnr_db, abs=1.0), a.name  # other kernels

@@ -13,11 +13,12 @@ activations meets a badly rounded weight column). While the context is open, a f
 every layer of the float model that has a quantized counterpart (the module of the same name
 in the quantized model: a :class:`~linquant.nn.base.QuantModule`, or a whole
 :class:`~linquant.nn.experts.QuantExperts` block) runs the quantized layer on the very input the
-float layer got, cast to the quantized layer's compute dtype, and accumulates the error of its
-output against the float layer's. Each layer is so measured in isolation: errors from layers
-before it do not reach it, so the rows say which layers to keep at more bits (``quantize_model``'s
-dict of patterns, ``linquant quantize --layer-config``). ``linquant eval --per-layer`` prints
-the table for the eval inputs.
+float layer got (cast to the quantized layer's compute dtype, moved to its device: the two
+models may live on different devices), and accumulates the error of its output against the
+float layer's. Each layer is so measured in isolation: errors from layers before it do not
+reach it, so the rows say which layers to keep at more bits (``quantize_model``'s dict of
+patterns, ``linquant quantize --layer-config``). ``linquant eval --per-layer`` prints the table
+for the eval inputs.
 
 The float model runs as usual (its outputs are unchanged); the quantized model is only called
 layer by layer. Static W8A8 layers must be calibrated first, as for running the model.
@@ -164,10 +165,21 @@ def _compute_dtype(m: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _cast(x: Any, dtype: torch.dtype | None) -> Any:
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and dtype is not None:
-        return x.to(dtype)
-    return x
+def _device(m: nn.Module) -> torch.device | None:
+    t = next(iter(m.buffers()), None)
+    if t is None:
+        t = next(iter(m.parameters()), None)
+    return None if t is None else t.device
+
+
+def _cast(x: Any, dtype: torch.dtype | None, device: torch.device | None) -> Any:
+    """A tensor argument moved to the quantized layer's device, a float one also cast to its
+    compute dtype; anything else as it is."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.is_floating_point() and dtype is not None:
+        x = x.to(dtype)
+    return x if device is None else x.to(device)
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
@@ -206,7 +218,7 @@ def compare_layers(reference: nn.Module, quantized: nn.Module) -> Iterator[Layer
     handles = []
 
     def make_hook(name: str, qlayer: nn.Module, acc: _Acc) -> Any:
-        dtype = _compute_dtype(qlayer)
+        dtype, device = _compute_dtype(qlayer), _device(qlayer)
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                  output: Any) -> None:
@@ -214,14 +226,15 @@ def compare_layers(reference: nn.Module, quantized: nn.Module) -> Iterator[Layer
             if y is None:
                 return
             with torch.inference_mode():
-                yq = _first_tensor(qlayer(*(_cast(a, dtype) for a in args),
-                                          **{k: _cast(v, dtype) for k, v in kwargs.items()}))
+                yq = _first_tensor(qlayer(*(_cast(a, dtype, device) for a in args), **{
+                    k: _cast(v, dtype, device) for k, v in kwargs.items()}))
                 if yq is None or yq.shape != y.shape:
                     raise LinquantError(
                         f"compare_layers: layer {name!r}: the quantized layer returned "
                         f"{None if yq is None else tuple(yq.shape)}, the float one "
                         f"{tuple(y.shape)}")
-                a, d = y.detach().double(), y.detach().double() - yq.double()
+                a = y.detach().double()
+                d = a - yq.to(a.device).double()
                 acc.calls += 1
                 acc.signal += float((a * a).sum())
                 acc.noise += float((d * d).sum())
