@@ -146,6 +146,16 @@ def test_custom_scheme_and_csv(tmp_path: Path, src: Path) -> None:
     assert (tmp_path / "q" / "model.safetensors.index.json").exists()
 
 
+def test_strict(tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # out is 10x48: g32 would fall back to g24
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--preset", "w4a16-g32",
+                 "--strict", "--no-progress"]) == 1
+    assert "'out': group size 32 does not divide row length 48" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--preset", "w4a16-g32",
+                 "--strict", "--exclude", "out", "--no-progress"]) == 0
+
+
 def test_usage_and_errors(tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["quantize", str(src)]) == 2  # no -o
     assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--preset", "nope"]) == 2

@@ -465,6 +465,15 @@ def _select(
     return None, "not matched by any config pattern"
 
 
+def strict_refusal(refusals: list[str]) -> LinquantError:
+    """The error of strict mode for the layers that would need a group size fallback."""
+    return LinquantError(
+        f"strict=True: {len(refusals)} layer(s) need a group size fallback: "
+        + "; ".join(refusals)
+        + ". Exclude them, pick a group size that divides their rows, or pass strict=False"
+    )
+
+
 def _group_fallback(name: str, scheme: QuantScheme, n: int, what: str,
                     refusals: list[str] | None) -> tuple[QuantScheme, str]:
     """``scheme`` with a group size that divides rows of length ``n``, and the note saying so
@@ -691,11 +700,7 @@ def plan_model(
         decision = _decide(name, module, pairs, inc, exc, used, refusals, allow_meta, keep_float)
         _add_plan(plans, id(module), name, module, decision)
     if refusals:
-        raise LinquantError(
-            f"strict=True: {len(refusals)} layer(s) need a group size fallback: "
-            + "; ".join(refusals)
-            + ". Exclude them, pick a group size that divides their rows, or pass strict=False"
-        )
+        raise strict_refusal(refusals)
     tied = _resolve_ties(list(plans.values()))
     compute_dtype = compute_dtype_of(
         p.config for p in plans.values() if p.reason is None and p.config is not None)

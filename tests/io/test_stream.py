@@ -92,6 +92,29 @@ def test_matrices_quantized_by_blocks_of_rows_equal_quantize_model(
         assert res.report[name].sqnr_db == pytest.approx(report[name].sqnr_db, rel=1e-9)
 
 
+@pytest.mark.parametrize("bare", [True, False])
+def test_strict_refuses_group_size_fallbacks_and_writes_nothing(tmp_path: Path,
+                                                                bare: bool) -> None:
+    if bare:
+        save_file({k: v.contiguous() for k, v in Odd().state_dict().items()},
+                  tmp_path / "m.safetensors")
+        src, names = tmp_path / "m.safetensors", ("'emb'", "'fc'", "'head'")
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=48, n_head=4, vocab_size=64, n_positions=16,
+                                   bos_token_id=0, eos_token_id=0)).save_pretrained(
+            str(tmp_path / "src"))
+        src, names = tmp_path / "src", ("'transformer.wte'", "'transformer.h.0.attn.c_attn'")
+    with pytest.raises(LinquantError, match=r"strict=True: .* need a group size fallback") as e:
+        quantize_checkpoint(src, tmp_path / "q", "int4-sym-g32", strict=True)
+    assert all(n in str(e.value) for n in names), str(e.value)
+    assert not (tmp_path / "q").exists()
+    res = quantize_checkpoint(src, tmp_path / "q", "int4-sym-g32")
+    for name in names:
+        assert "group size 32 -> " in res.report[name.strip("'")].note, name
+
+
 def test_row_blocks_must_start_on_whole_bytes() -> None:
     """Blocks of rows are quantized one by one only where each block's codes (and packed zero
     points) fill whole bytes: five rows of 4 at 3 bits are 60 bits, a gate half of a merged

@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "config's text form; 'float' keeps them float), e.g. "
                         "'*.down_proj=w8a16'; repeatable, the first match wins; the other "
                         "layers get --preset / --config / the scheme flags")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse (write nothing) when a group size does not divide a layer's "
+                        "rows, instead of quantizing it with the largest group size below that "
+                        "does")
     p.add_argument("--include", action="append", default=None, metavar="PATTERN",
                    help="quantize only layers matching this name pattern (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         args.src, args.output, config,
         include=args.include or ("*",), exclude=args.exclude,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle, progress=not args.no_progress,
+        allow_pickle=args.allow_pickle, progress=not args.no_progress, strict=args.strict,
     )
     report = result.report
     print(report)

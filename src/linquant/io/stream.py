@@ -42,9 +42,9 @@ from linquant.convert import (
     ModelReport,
     _build,
     _float_like,
+    _group_fallback,
     _is_conv1d,
     _join,
-    _largest_divisor_below,
     _matches,
     _normalize_config,
     _patterns,
@@ -56,6 +56,7 @@ from linquant.convert import (
     experts_activation,
     plan_model,
     scheme_text,
+    strict_refusal,
 )
 from linquant.errors import FormatError, LinquantError
 from linquant.io import hf
@@ -388,14 +389,16 @@ def _merge_source(name: str, new: str, pattern: str, converters: list[Any],
 
 
 def _plan_config(model: nn.Module, names: set[str], pairs: list[tuple[str, QuantConfig | None]],
-                 include: tuple[str, ...], exclude: tuple[str, ...], used: set[str]
+                 include: tuple[str, ...], exclude: tuple[str, ...], used: set[str],
+                 strict: bool = False
                  ) -> tuple[dict[str, _Job], dict[str, str], dict[str, Any], list[LayerReport],
                             dict[str, _Tie]]:
     """Jobs by stored weight name, aliases, module entries, skipped-layer rows, and the rows of
     layers whose weight is tied to another module's stored one (by the stored weight's name;
     filled in from that layer's row once it is quantized). Adds the patterns that picked a
     layer's config to ``used``."""
-    mplan = plan_model(model, dict(pairs), include=include, exclude=exclude, allow_meta=True)
+    mplan = plan_model(model, dict(pairs), include=include, exclude=exclude, strict=strict,
+                       allow_meta=True)
     used.update(mplan.used)
     jobs: dict[str, _Job] = {}
     aliases: dict[str, str] = {}
@@ -515,13 +518,15 @@ def _entry_for(module: nn.Module, config: QuantConfig, scheme: QuantScheme) -> d
 
 
 def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | None]],
-               include: tuple[str, ...], exclude: tuple[str, ...], used: set[str]
-               ) -> tuple[dict[str, _Job], dict[str, Any], list[LayerReport]]:
+               include: tuple[str, ...], exclude: tuple[str, ...], used: set[str],
+               strict: bool = False) -> tuple[dict[str, _Job], dict[str, Any],
+                                              list[LayerReport]]:
     """:func:`_plan_config` for a file without a model: every 2-D float ``*.weight`` tensor is a
     layer named by the rest of its name, its config the first pattern's that matches it."""
     jobs: dict[str, _Job] = {}
     modules: dict[str, Any] = {}
     skipped: list[LayerReport] = []
+    refusals: list[str] | None = [] if strict else None
     for info in infos:
         if not (info.name.endswith(".weight") and info.ndim == 2
                 and info.dtype in ("F32", "F16", "BF16")):
@@ -532,18 +537,15 @@ def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | Non
             skipped.append(LayerReport(mname, "tensor", info.shape, info.nbytes, info.nbytes,
                                        reason=reason))
             continue
-        scheme, note = config.weight, ""
-        if config.is_w8a8:
+        scheme, note = _group_fallback(mname, config.weight, info.shape[-1], "row length",
+                                       refusals)
+        if config.is_w8a8 and not note:
             note = "weight-only: a bare file has no layer types (no config.json)"
-        if scheme.granularity == "group":
-            g, n = scheme.group_size or 1, info.shape[-1]
-            if n % g:
-                fallback = _largest_divisor_below(n, g)
-                scheme = scheme.with_(group_size=fallback)
-                note = f"group size {g} -> {fallback}: {g} does not divide row length {n}"
         entry = {"type": "auto", "scheme": str(scheme)}
         jobs[info.name] = _Job(mname, config, scheme, note, None, entry)
         modules[mname] = entry
+    if refusals:
+        raise strict_refusal(refusals)
     return jobs, modules, skipped
 
 
@@ -605,6 +607,7 @@ def quantize_checkpoint(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = False,
+    strict: bool = False,
 ) -> StreamResult:
     """Quantize the checkpoint ``src`` (``.safetensors`` file or model folder) into ``dst``.
 
@@ -615,7 +618,8 @@ def quantize_checkpoint(
 
     Raises :class:`LinquantError` (nothing written under ``dst``, ``src`` untouched) for a
     destination equal to or inside the source, an existing destination without ``overwrite``,
-    an unwritable destination, or a pickle source without ``allow_pickle``.
+    an unwritable destination, a pickle source without ``allow_pickle``, or with ``strict``
+    layers whose rows a group size does not divide (as ``quantize_model(strict=True)``).
     """
     src_p, dst_p = Path(src), Path(dst)
     _check_paths(src_p, dst_p, overwrite)
@@ -656,7 +660,7 @@ def quantize_checkpoint(
     ties: dict[str, _Tie] = {}
     if meta_model is not None:
         jobs, aliases, modules, skipped, ties = _plan_config(meta_model, names, pairs, inc,
-                                                             exc, used)
+                                                             exc, used, strict)
         rule = (f"model config: {type(meta_model).__name__} built from config.json on the meta "
                 "device; layers chosen as quantize_model would")
         if renames:
@@ -670,7 +674,7 @@ def quantize_checkpoint(
         kind = {"kind": "sentence-transformers" if (src_p / "modules.json").is_file()
                 else "transformers", "class": type(meta_model).__name__}
     else:
-        jobs, modules, skipped = _plan_bare(infos, pairs, inc, exc, used)
+        jobs, modules, skipped = _plan_bare(infos, pairs, inc, exc, used, strict)
         rule = "bare file: every 2-D float *.weight tensor (no config.json to learn layer types)"
         kind = {"kind": "module", "class": ""}
     compute_dtype = compute_dtype_of(job.config for job in jobs.values())
