@@ -87,6 +87,19 @@ def test_each_layer_is_measured_on_the_float_layers_input(config: str) -> None:
         r.sqnr_db for r in errors.rows if r.sqnr_db is not None and r not in worst)
 
 
+@pytest.mark.parametrize("config", ["int4-asym-g32-fp16", "w4a16-g32", "w8a8"])
+def test_weight_sqnr_is_the_quantize_reports(config: str) -> None:
+    torch.manual_seed(0)
+    ref = Net().eval()
+    q = copy.deepcopy(ref)
+    report = lq.quantize_model(q, config)
+    with lq.compare_layers(ref, q) as errors, torch.no_grad():
+        ref(IDS)
+    for row in errors.rows:
+        assert row.weight_sqnr_db == pytest.approx(report[row.name].sqnr_db, rel=1e-6), row.name
+    assert "weight SQNR dB" in str(errors)
+
+
 def test_floors_schemes_and_the_table() -> None:
     ref, q = _pair({"fc1": "int8-sym-ch0", "fc2": "w8a8", "*": "int4-sym-g16-fp16"})
     with lq.compare_layers(ref, q) as errors, torch.no_grad():

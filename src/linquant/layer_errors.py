@@ -53,6 +53,10 @@ class LayerError:
         sqnr_db: ``10 log10(sum y^2 / sum (y - y_q)^2)`` over all calls (inf when exact; None
             when not compared).
         max_abs_error: the largest ``|y - y_q|`` seen.
+        weight_sqnr_db: the SQNR of the quantized layer's weight against the float layer's
+            (the quantize report's column; an experts block's quantized projections pooled;
+            None without a float counterpart). A layer whose output SQNR sits well below it
+            meets inputs that magnify its weight error (outlier channels).
         reason: why the layer was not compared (None when it was).
     """
 
@@ -62,12 +66,14 @@ class LayerError:
     calls: int = 0
     sqnr_db: float | None = None
     max_abs_error: float | None = None
+    weight_sqnr_db: float | None = None
     reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type, "scheme": self.scheme,
                 "calls": self.calls, "sqnr_db": self.sqnr_db,
-                "max_abs_error": self.max_abs_error, "reason": self.reason}
+                "max_abs_error": self.max_abs_error, "weight_sqnr_db": self.weight_sqnr_db,
+                "reason": self.reason}
 
 
 class LayerErrors:
@@ -105,7 +111,8 @@ class LayerErrors:
 
         columns = [("name", "layer", "s"), ("type", "type", "s"), ("scheme", "scheme", "s"),
                    ("calls", "calls", "d"), ("sqnr_db", "output SQNR dB", ".1f"),
-                   ("max_abs_error", "max error", ".3g")]
+                   ("max_abs_error", "max error", ".3g"),
+                   ("weight_sqnr_db", "weight SQNR dB", ".1f")]
         if any(r.reason is not None for r in self.rows):
             columns.append(("reason", "not compared", "s"))
         lines = [format_table(self.to_dicts(), columns)]
@@ -163,6 +170,34 @@ def _compute_dtype(m: nn.Module) -> torch.dtype | None:
         if isinstance(dtype, torch.dtype):
             return dtype
     return None
+
+
+def _weight_sqnr(ref: nn.Module, q: nn.Module) -> float | None:
+    """The quantized layer's weight (dequantized to fp32, in the float layer's layout) against
+    the float layer's, as the quantize report measures it; for an experts block, its quantized
+    projections pooled. None where the weights do not line up."""
+    from linquant.nn.base import QuantModule
+    from linquant.nn.experts import QuantExperts, projection_names
+
+    pairs: list[tuple[object, QuantModule]] = []
+    if isinstance(q, QuantExperts):
+        pairs = [(getattr(ref, n, None), p) for n in projection_names(q)
+                 if isinstance(p := q._modules.get(n), QuantModule)]
+    elif isinstance(q, QuantModule):
+        pairs = [(getattr(ref, "weight", None), q)]
+    signal = noise = 0.0
+    with torch.no_grad():
+        for w, layer in pairs:
+            wq = layer.dequantized_weight(torch.float32)
+            if not isinstance(w, torch.Tensor) or w.shape != wq.shape:
+                return None
+            a = w.detach().to(device=wq.device, dtype=torch.float64)
+            signal += float((a * a).sum())
+            noise += float(((a - wq.double()) ** 2).sum())
+    if not pairs:
+        return None
+    return math.inf if noise == 0 else (
+        -math.inf if signal == 0 else 10 * math.log10(signal / noise))
 
 
 def _device(m: nn.Module) -> torch.device | None:
@@ -251,6 +286,7 @@ def compare_layers(reference: nn.Module, quantized: nn.Module) -> Iterator[Layer
             if ref is units[row.name]:
                 row.reason = "the reference model holds this very module"
                 continue
+            row.weight_sqnr_db = _weight_sqnr(ref, units[row.name])
             acc = accs[row.name] = _Acc()
             handles.append(ref.register_forward_hook(make_hook(row.name, units[row.name], acc),
                                                      with_kwargs=True))

@@ -475,7 +475,7 @@ def test_compare_layers_measures_an_experts_block_as_one_layer() -> None:
     torch.manual_seed(0)
     ref = Block().eval()
     model = copy.deepcopy(ref)
-    lq.quantize_model(model, "int4-asym-g8-fp16", exclude=["*.down_proj", "router"])
+    report = lq.quantize_model(model, "int4-asym-g8-fp16", exclude=["*.down_proj", "router"])
     seen: list[tuple[torch.Tensor, ...]] = []
     ref.experts.register_forward_pre_hook(lambda m, a: seen.append(a))
     x = torch.randn(9, 24)
@@ -487,6 +487,7 @@ def test_compare_layers_measures_an_experts_block_as_one_layer() -> None:
     with torch.no_grad():
         expected = sqnr(ref.experts(*seen[0]), model.experts(*seen[0]))
     assert row.calls == 1 and row.sqnr_db == pytest.approx(expected, rel=1e-5)
+    assert row.weight_sqnr_db == pytest.approx(report["experts.gate_up_proj"].sqnr_db, rel=1e-6)
 
 
 def test_copies_dtype_casts_and_kernel_caches() -> None:

@@ -429,7 +429,13 @@ class QuantModule(nn.Module):
         tensor on every access, for code that reads ``layer.weight`` (transformers' CLIP /
         SigLIP embeddings cast their input to ``patch_embedding.weight.dtype``). Read-only:
         assigning to it raises, and changing the tensor changes nothing."""
-        w = self.qweight.dequantize(self.weight_dtype).reshape(self._float_weight_shape())
+        return self.dequantized_weight()
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:attr:`weight` in ``dtype`` (default ``weight_dtype``): the codes dequantized
+        straight to it, in the float layer's layout."""
+        w = self.qweight.dequantize(dtype or self.weight_dtype).reshape(
+            self._float_weight_shape())
         return w.t() if self.stored_transposed else w
 
     def _float_weight_shape(self) -> tuple[int, ...]:

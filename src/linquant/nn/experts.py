@@ -251,7 +251,12 @@ class QuantExpertsProj(StaticActivations):
     def weight(self) -> torch.Tensor:
         """All experts' weights **dequantized** to ``weight_dtype``, in the float parameter's
         layout (``[E, out, in]``, or ``[E, in, out]``); a new tensor on every access."""
-        w = self.qweight.dequantize(self.weight_dtype).reshape(self._float_weight_shape())
+        return self.dequantized_weight()
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:attr:`weight` in ``dtype`` (default ``weight_dtype``)."""
+        w = self.qweight.dequantize(dtype or self.weight_dtype).reshape(
+            self._float_weight_shape())
         return w.transpose(1, 2) if self.stored_transposed else w
 
     def expert(self, e: int) -> tuple[QuantizedTensor, KernelCache]:
