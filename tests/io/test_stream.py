@@ -41,6 +41,12 @@ class Plain(nn.Module):
 IDS = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(3))
 
 
+def _bare_file(model: nn.Module, path: Path) -> Path:
+    """``model``'s state dict as one ``.safetensors`` file (no config.json): ``path``."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
 def _same_state(a: nn.Module, b: nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -51,7 +57,7 @@ def _same_state(a: nn.Module, b: nn.Module) -> None:
 @pytest.mark.parametrize("preset", ["w8a32", "w4a16-g128", "w8a16"])
 def test_bare_file_equals_quantize_model(tmp_path: Path, preset: str) -> None:
     m = Plain().eval()
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "m.safetensors")
+    _bare_file(m, tmp_path / "m.safetensors")
     res = quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q", preset,
                               max_shard_size="4KB")
     assert "bare file" in res.rule and len(res.files) > 1
@@ -83,7 +89,7 @@ def test_matrices_quantized_by_blocks_of_rows_equal_quantize_model(
 
     monkeypatch.setattr(stream, "_BLOCK_ELEMS", 8 * 60)
     m = Odd()
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "m.safetensors")
+    _bare_file(m, tmp_path / "m.safetensors")
     res = quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q", scheme)
     streamed = load_into(Odd(), tmp_path / "q")
     report = quantize_model(m, scheme)
@@ -96,9 +102,7 @@ def test_matrices_quantized_by_blocks_of_rows_equal_quantize_model(
 def test_strict_refuses_group_size_fallbacks_and_writes_nothing(tmp_path: Path,
                                                                 bare: bool) -> None:
     if bare:
-        save_file({k: v.contiguous() for k, v in Odd().state_dict().items()},
-                  tmp_path / "m.safetensors")
-        src, names = tmp_path / "m.safetensors", ("'emb'", "'fc'", "'head'")
+        src, names = _bare_file(Odd(), tmp_path / "m.safetensors"), ("'emb'", "'fc'", "'head'")
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -220,7 +224,7 @@ def test_hf_folder_with_layer_configs_equals_quantize_model(tmp_path: Path) -> N
 def test_bare_file_with_layer_configs_equals_quantize_model(tmp_path: Path) -> None:
     """In a bare file the patterns match each ``*.weight`` tensor's name without ``.weight``."""
     m = Plain().eval()
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "m.safetensors")
+    _bare_file(m, tmp_path / "m.safetensors")
     rules = {"fc": "int3-asym-g16", "head": None, "emb": "int8-sym-ch0-fp16"}
     res = quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q", rules)
     assert [(r.name, r.scheme) for r in res.report.quantized] == [
@@ -248,7 +252,7 @@ def test_any_layer_configs_stream_as_quantize_model(tmp_path_factory: pytest.Tem
     the same rows (scheme or reason) and the same unmatched patterns."""
     tmp = tmp_path_factory.mktemp("rules")
     m = Plain().eval()
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / "m.safetensors")
+    _bare_file(m, tmp / "m.safetensors")
     res = quantize_checkpoint(tmp / "m.safetensors", tmp / "q", dict(rules))
     report = quantize_model(m, dict(rules))
     for row in report.layers:
@@ -263,9 +267,7 @@ def test_any_layer_configs_stream_as_quantize_model(tmp_path_factory: pytest.Tem
 def test_layer_configs_that_ask_for_two_compute_dtypes_are_refused(tmp_path: Path,
                                                                    bare: bool) -> None:
     if bare:
-        save_file({k: v.contiguous() for k, v in Plain().state_dict().items()},
-                  tmp_path / "m.safetensors")
-        src = tmp_path / "m.safetensors"
+        src = _bare_file(Plain(), tmp_path / "m.safetensors")
     else:
         _gpt2_folder(tmp_path / "src")
         src = tmp_path / "src"
@@ -281,7 +283,7 @@ def test_refusals(tmp_path: Path) -> None:
     m = Plain()
     src = tmp_path / "src"
     src.mkdir()
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, src / "m.safetensors")
+    _bare_file(m, src / "m.safetensors")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in src.iterdir())
     (tmp_path / "link").symlink_to(src)
     for dst, match in [(src, "the source"), (src / "out", "inside"),
@@ -407,8 +409,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
                                      exc: BaseException) -> None:
     import safetensors.torch
 
-    save_file({k: v.contiguous() for k, v in Plain().state_dict().items()},
-              tmp_path / "m.safetensors")
+    _bare_file(Plain(), tmp_path / "m.safetensors")
 
     def full(*args: object, **kwargs: object) -> None:
         raise exc
@@ -538,7 +539,7 @@ def test_a_folder_whose_config_transformers_cannot_read_says_what_to_do(tmp_path
     src = tmp_path / "custom"
     src.mkdir()
     m = Plain()
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, src / "model.safetensors")
+    _bare_file(m, src / "model.safetensors")
     (src / "config.json").write_text('{"model_type": "not_a_known_type", "architectures": '
                                      '["Mine"], "auto_map": {"AutoModel": "my.Mine"}}')
     with pytest.raises(FormatError, match=r"pass the \.safetensors file itself"):
