@@ -132,7 +132,7 @@ def test_layer_errors_plot_names_the_worst_and_the_uncompared(tmp_path: Path) ->
     from linquant.layer_errors import LayerError, LayerErrors
 
     errors = LayerErrors([
-        LayerError("emb", "QuantEmbedding", "int4-asym-g32-fp16", 2, 19.5, 0.06),
+        LayerError("emb", "QuantEmbedding", "int4-asym-g32-fp16", 2, 19.5, 0.06, 21.0),
         LayerError("fc1", "QuantLinear", "int4-asym-g32-fp16", 2, 25.0, 0.5),
         LayerError("fc2", "W8A8Linear", "int8-sym-ch0-fp32, act int8 dynamic", 2, 31.0, 0.1),
         LayerError("exact", "QuantLinear", "int8-sym-ch0-fp32", 2, math.inf, 0.0),
@@ -142,6 +142,7 @@ def test_layer_errors_plot_names_the_worst_and_the_uncompared(tmp_path: Path) ->
         errors.plot(tmp_path / "e.svg")
     svg = (tmp_path / "e.svg").read_text()
     for text in ("not compared (1)", "median 25.0 dB", "int8-sym-ch0-fp32, act int8 dynamic",
+                 "weight SQNR",
                  "output SQNR on the float layer", "per-layer output error: 5 quantized layers"):
         assert text in svg, text
     assert svg.count(">emb<") == 2 and svg.count(">fc2<") == 2  # tick and annotation

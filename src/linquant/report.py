@@ -252,15 +252,18 @@ class _Point:
     missing: bool = False
 
 
-def _draw_sqnr(ax: Any, points: Sequence[_Point], ylabel: str, missing: str) -> None:
+def _draw_sqnr(ax: Any, points: Sequence[_Point], ylabel: str, missing: str,
+               context: Sequence[float | None] = (), context_label: str = "") -> None:
     """Each point's SQNR in order on ``ax``, coloured by scheme, with the median dashed and
-    the lowest few named; ``missing`` labels the points without a value."""
+    the lowest few named; ``missing`` labels the points without a value. ``context``: one more
+    value per point (None: none), drawn as grey dashes labelled ``context_label``."""
     n = len(points)
     scored = [(i, p.db, p) for i, p in enumerate(points)
               if not p.missing and p.db is not None and math.isfinite(p.db)]
     finite = [db for _, db, _ in scored]
-    lo = min(finite, default=0.0)
-    hi = max(finite, default=1.0)
+    extra = [(i, v) for i, v in enumerate(context) if v is not None and math.isfinite(v)]
+    lo = min(finite + [v for _, v in extra], default=0.0)
+    hi = max(finite + [v for _, v in extra], default=1.0)
     pad = max(1.0, 0.08 * (hi - lo))
     floor, ceiling = lo - pad, hi + pad
     schemes = list(dict.fromkeys(p.scheme for p in points if not p.missing))
@@ -278,6 +281,9 @@ def _draw_sqnr(ax: Any, points: Sequence[_Point], ylabel: str, missing: str) -> 
         if exact:
             ax.scatter(exact, [ceiling] * len(exact), marker="^", color=color, s=28, zorder=3,
                        clip_on=False)
+    if extra:
+        ax.scatter([i for i, _ in extra], [v for _, v in extra], marker="_", color="tab:gray",
+                   s=60, zorder=2, label=context_label)
     kept = [i for i, p in enumerate(points) if p.missing]
     if kept:
         ax.scatter(kept, [floor] * len(kept), marker="x", color="tab:gray", s=22, zorder=3,
@@ -294,7 +300,7 @@ def _draw_sqnr(ax: Any, points: Sequence[_Point], ylabel: str, missing: str) -> 
     ax.set_ylim(floor, ceiling)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if schemes or kept:
+    if schemes or kept or extra:
         ax.legend(fontsize=8, loc="best")
 
 
@@ -335,8 +341,9 @@ def _layers_figure(report: ModelReport, title: str) -> Any:
 
 def plot_layer_errors(errors: LayerErrors, path: str | os.PathLike[str], title: str = "") -> None:
     """Plot :func:`linquant.compare_layers`' rows: each layer's output SQNR (dB) in module
-    order, coloured by scheme, with the median dashed and the lowest few named; a layer not
-    compared is a grey cross on the bottom edge, an exact one a triangle on the top edge. The
+    order, coloured by scheme, with the median dashed and the lowest few named, and its weight
+    SQNR as a grey dash; a layer not compared is a grey cross on the bottom edge, an exact one
+    a triangle on the top edge. The
     image format follows the suffix of ``path``; the file is written to a temp file and renamed
     into place."""
     dest = Path(path)
@@ -349,7 +356,8 @@ def plot_layer_errors(errors: LayerErrors, path: str | os.PathLike[str], title: 
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     _draw_sqnr(ax, [_Point(r.name, r.scheme, r.sqnr_db, missing=r.sqnr_db is None) for r in rows],
-               "output SQNR on the float layer's input (dB)", "not compared")
+               "output SQNR on the float layer's input (dB)", "not compared",
+               [r.weight_sqnr_db for r in rows], "weight SQNR")
     _layer_ticks(ax, [r.name for r in rows])
     ax.set_title(title or f"per-layer output error: {len(rows)} quantized layers")
     with atomic_write(dest, "wb") as f:
