@@ -259,6 +259,10 @@ def test_minilm_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["eval", src, str(tmp_path / "q"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["kind"] == "sentence-embedding" and res["cosine_min"] > 0.99
+    assert main(["eval", src, str(tmp_path / "q"), "--per-layer", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert len(rows) == 40 and all(r["name"].startswith("0.") for r in rows)
+    assert all(r["calls"] == 1 and r["sqnr_db"] > 25 and r["weight_sqnr_db"] > 25 for r in rows)
 
 
 def test_progress_bar_on_stderr(tmp_path: Path, src: Path,

@@ -469,9 +469,10 @@ def _per_expert_checkpoint(tmp_path: Path, kind: str) -> tuple[Any, Path]:
     ("qwen3_moe", "w4a16-g32"),
     ("mixtral", "int8-sym-tensor"),  # one scale for all experts: stacked in float first
     ("qwen3_moe", "w8a8"),  # experts with int8 activations
+    ("mixtral", {"*.experts.down_proj": "w8a16", "*": "w4a16-g32"}),  # mixed precision
 ])
 def test_per_expert_checkpoints_are_stacked_into_fused_experts(tmp_path: Path, kind: str,
-                                                               config: str) -> None:
+                                                               config: Any) -> None:
     model, src = _per_expert_checkpoint(tmp_path, kind)
     res = quantize_checkpoint(src, tmp_path / "q", config, exclude=["*.0.*.down_proj"])
     assert "stacked into 4 fused experts projection(s)" in res.rule
@@ -489,6 +490,9 @@ def test_per_expert_checkpoints_are_stacked_into_fused_experts(tmp_path: Path, k
             want.scheme, want.bits_per_weight, want.bytes_after)
         assert row.sqnr_db == pytest.approx(want.sqnr_db, rel=1e-9)
         assert row.scheme.endswith("act int8-sym-token dynamic") == (config == "w8a8")
+    if isinstance(config, dict):
+        assert res.report["model.layers.1.mlp.experts.down_proj"].scheme == \
+            "int8-sym-ch0-fp32, compute bf16"
     _streamed_equals_saved(tmp_path, model, vocab=64)
 
 
