@@ -141,7 +141,8 @@ def test_layers_without_a_float_counterpart_and_bad_arguments() -> None:
         pass
     with lq.compare_layers(q, q) as same, torch.no_grad():  # quantized in place: no float model
         q(IDS)
-    assert {r.reason for r in same.rows} == {"the reference model holds this same quantized module (compare with a float copy)"}
+    assert {r.reason for r in same.rows} == {
+        "the reference model holds this same quantized module (compare with a float copy)"}
     with pytest.raises(LinquantError, match=r"reference must be an nn\.Module"), \
             lq.compare_layers("model", q):  # type: ignore[arg-type]
         pass

@@ -284,7 +284,8 @@ def compare_layers(reference: nn.Module, quantized: nn.Module) -> Iterator[Layer
                 row.reason = "no module of this name in the reference model"
                 continue
             if ref is units[row.name]:
-                row.reason = "the reference model holds this same quantized module (compare with a float copy)"
+                row.reason = ("the reference model holds this same quantized module "
+                              "(compare with a float copy)")
                 continue
             row.weight_sqnr_db = _weight_sqnr(ref, units[row.name])
             acc = accs[row.name] = _Acc()
