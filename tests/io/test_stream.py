@@ -263,6 +263,17 @@ def test_any_layer_configs_stream_as_quantize_model(tmp_path_factory: pytest.Tem
     _same_state(m, load_into(Plain(), tmp / "q"))
 
 
+def test_a_lone_modules_weight_is_listed_kept_float(tmp_path: Path) -> None:
+    """A bare file holding one module's state dict (``weight``, ``bias``): the weight has no
+    layer name to load it into, so it stays float, and the report says so."""
+    res = quantize_checkpoint(_bare_file(nn.Linear(64, 32), tmp_path / "m.safetensors"),
+                              tmp_path / "q", "w4a16-g32")
+    assert not res.report.quantized
+    assert [(r.name, r.reason) for r in res.report.layers] == [
+        ("weight", "the root module cannot be replaced in place (save it inside a parent "
+                   "module)")]
+
+
 @pytest.mark.parametrize("bare", [True, False])
 def test_layer_configs_that_ask_for_two_compute_dtypes_are_refused(tmp_path: Path,
                                                                    bare: bool) -> None:

@@ -528,8 +528,15 @@ def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | Non
     skipped: list[LayerReport] = []
     refusals: list[str] | None = [] if strict else None
     for info in infos:
-        if not (info.name.endswith(".weight") and info.ndim == 2
+        if not (info.name.endswith("weight") and info.ndim == 2
                 and info.dtype in ("F32", "F16", "BF16")):
+            continue
+        if info.name == "weight":  # a lone module's state dict: no layer name to load it into
+            skipped.append(LayerReport(info.name, "tensor", info.shape, info.nbytes, info.nbytes,
+                                       reason="the root module cannot be replaced in place "
+                                              "(save it inside a parent module)"))
+            continue
+        if not info.name.endswith(".weight"):
             continue
         mname = info.name.removesuffix(".weight")
         config, reason = _select(mname, pairs, include, exclude, used, ())
