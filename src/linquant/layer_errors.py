@@ -26,7 +26,6 @@ layer by layer. Static W8A8 layers must be calibrated first, as for running the 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from linquant.errors import LinquantError
+from linquant.ops.metrics import sqnr_from_sums
 
 __all__ = ["LayerError", "LayerErrors", "compare_layers"]
 
@@ -194,10 +194,7 @@ def _weight_sqnr(ref: nn.Module, q: nn.Module) -> float | None:
             a = w.detach().to(device=wq.device, dtype=torch.float64)
             signal += float((a * a).sum())
             noise += float(((a - wq.double()) ** 2).sum())
-    if not pairs:
-        return None
-    return math.inf if noise == 0 else (
-        -math.inf if signal == 0 else 10 * math.log10(signal / noise))
+    return sqnr_from_sums(signal, noise) if pairs else None
 
 
 def _device(m: nn.Module) -> torch.device | None:
@@ -303,5 +300,4 @@ def compare_layers(reference: nn.Module, quantized: nn.Module) -> Iterator[Layer
             row.reason = "not reached by the inputs"
             continue
         row.calls, row.max_abs_error = acc_.calls, acc_.worst
-        row.sqnr_db = math.inf if acc_.noise == 0 else (
-            -math.inf if acc_.signal == 0 else 10 * math.log10(acc_.signal / acc_.noise))
+        row.sqnr_db = sqnr_from_sums(acc_.signal, acc_.noise)

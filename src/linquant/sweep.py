@@ -49,6 +49,7 @@ from linquant import __version__
 from linquant.errors import LinquantError
 from linquant.io.checkpoint import TensorInfo, read_tensors, tensor_infos
 from linquant.nn.experts import expert_rows
+from linquant.ops.metrics import sqnr_from_sums
 from linquant.report import Column, csv_text, format_table, json_text
 from linquant.scheme import SCALE_DTYPES, QuantScheme
 from linquant.tensor import quantize
@@ -473,15 +474,6 @@ def _noise(x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def _sqnr_db(signal: float, noise: float) -> float:
-    """Same convention as :func:`linquant.sqnr`: ``inf`` when exact, ``-inf`` for zero signal."""
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
 def sweep(
     source: str | os.PathLike[str] | None = None,
     schemes: Sequence[QuantScheme] | None = None,
@@ -557,7 +549,7 @@ def sweep(
                     row.skipped[name] = reason or "not quantized"
                     row.skipped_bytes += info.nbytes
                 else:
-                    row.sqnr_db[name] = _sqnr_db(signal, _noise(x, qt.dequantize()))
+                    row.sqnr_db[name] = sqnr_from_sums(signal, _noise(x, qt.dequantize()))
                     row.numel += qt.numel
                     row.stored_bits += qt.bits_per_weight * qt.numel
                     row.quantized_bytes += qt.nbytes

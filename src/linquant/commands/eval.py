@@ -169,7 +169,7 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
     (:meth:`~linquant.layer_errors.LayerError.to_dict`)."""
     from linquant import demo
     from linquant.layer_errors import LayerErrors, compare_layers
-    from linquant.ops.metrics import sqnr
+    from linquant.ops.metrics import sqnr, sqnr_from_sums
 
     kind = _kind(reference)
     if _kind(quantized) != kind:
@@ -207,7 +207,7 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
                 num += float((ra * ra).sum())
                 den += float(((ra - rb) ** 2).sum())
         out.update(tokenized_with=how,
-                   sqnr_db=math.inf if den == 0 else 10 * math.log10(num / den))
+                   sqnr_db=sqnr_from_sums(num, den))
     if errors is not None:
         out["layers"] = errors.to_dicts()
     return out

@@ -75,6 +75,7 @@ from linquant.io.save import (
 from linquant.nn.base import QuantModule
 from linquant.nn.experts import QuantExpertsProj, expert_rows, experts_dims, experts_transposed
 from linquant.ops.grouping import scale_shape
+from linquant.ops.metrics import sqnr_from_sums
 from linquant.ops.packing import packed_nbytes
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor, quantize
@@ -224,7 +225,7 @@ class _RowQuantizer:
         p = self.parts
         qt = QuantizedTensor(p["qdata"], p["scale"], p.get("zero_point"), p.get("offset"),
                              self.scheme, self.shape, dtype)
-        return qt, (_sqnr_of(self.sums[0], self.sums[1]), self.sums[2])
+        return qt, (sqnr_from_sums(self.sums[0], self.sums[1]), self.sums[2])
 
 
 @dataclass
@@ -828,19 +829,10 @@ def _error_sums(ref: torch.Tensor, deq: torch.Tensor, chunk: int = 1 << 20
     return signal, noise, worst
 
 
-def _sqnr_of(signal: float, noise: float) -> float:
-    """SQNR dB from the sums, as :func:`linquant.sqnr` computes it."""
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10 * math.log10(signal / noise)
-
-
 def _errors(ref: torch.Tensor, deq: torch.Tensor) -> tuple[float, float]:
     """``(SQNR dB, max |error|)`` of ``deq`` against ``ref``."""
     signal, noise, worst = _error_sums(ref, deq)
-    return _sqnr_of(signal, noise), worst
+    return sqnr_from_sums(signal, noise), worst
 
 
 def _experts_by_rows(job: _Job, t: torch.Tensor) -> bool:

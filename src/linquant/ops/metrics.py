@@ -14,7 +14,7 @@ import torch
 
 from linquant.errors import LinquantError
 
-__all__ = ["cosine_similarity", "max_abs_error", "mse", "sqnr"]
+__all__ = ["cosine_similarity", "max_abs_error", "mse", "sqnr", "sqnr_from_sums"]
 
 
 def _pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,8 +36,12 @@ def mse(x: torch.Tensor, y: torch.Tensor) -> float:
 def sqnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB; ``inf`` for an exact reconstruction."""
     a, b = _pair(x, y)
-    noise = float((a - b).pow(2).sum())
-    signal = float(a.pow(2).sum())
+    return sqnr_from_sums(float(a.pow(2).sum()), float((a - b).pow(2).sum()))
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """:func:`sqnr` from ``sum(x^2)`` and ``sum((x - y)^2)`` accumulated elsewhere (over blocks,
+    calls or tensors): ``inf`` when the noise is zero, ``-inf`` when the signal is."""
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
