@@ -7,8 +7,11 @@ With a CUDA device the variable is left alone and the same tests compile for the
 it has no effect on the CPU dispatch: only CUDA inputs are routed to Triton kernels.
 """
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -29,3 +32,24 @@ def fresh_native(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: igno
     native._reset()
     yield tmp_path / "cache"
     native._reset()
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch: pytest.MonkeyPatch
+                   ) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """A context in which ``torch.empty`` fills its tensors (NaN, or 0x5A bytes): what a native
+    kernel leaves unwritten in the output its wrapper allocates then cannot pass for a correct
+    result left in reused memory by an earlier call."""
+    real = torch.empty
+
+    def empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 0x5A)
+
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:
+        with monkeypatch.context() as mp:
+            mp.setattr(torch, "empty", empty)
+            yield
+
+    return context

@@ -8,6 +8,7 @@ Tolerances (also in the linquant.kernels.cpu docstring):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -791,6 +792,35 @@ def test_native_w8a8_through_the_layer_and_clear_kernel_caches() -> None:
     assert torch.equal(y_many, ref.linear_w8a8(many, q.weight_qdata, q.weight_scale, q.bias))
     assert clear_kernel_caches(q) == 1
     assert torch.equal(q(few), y_few)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if "native" in str(p.values)])
+@pytest.mark.parametrize("act", W8A8_ACTS)
+def test_native_w8a8_over_several_token_chunks_is_bit_identical(
+        act: str, backend: str, poisoned_empty: Callable[[], Any]) -> None:
+    """The native kernels take the tokens in chunks of about 1 MiB of codes (CHUNK_BYTES in
+    w8a8.c and w8a8_avx2.c: 248 tokens at K = 4100, 120 in the AVX2 kernel's int16 form): two
+    or more whole chunks and a remainder that ends in tiles of 4 and 1 give the reference's
+    bits, and W8A16's digit rows (two per token) the bits of the same tokens run a few at a
+    time."""
+    n, k = 40, 4100  # 3 row blocks, the last one partial; K not a multiple of 4
+    w, ws = _w8(n, k)
+    a_s, a_z = _act(act)
+    x = torch.randn(2 * 248 + 13, k, generator=torch.Generator().manual_seed(1)) * 2
+    bias = torch.randn(n)
+    cache: dict[str, object] = {}
+    with poisoned_empty():  # a row the kernel skipped stays NaN
+        y = W8A8_CPU[backend](x, w, ws, bias, a_s, a_z, cache)
+    assert torch.equal(y, ref.linear_w8a8(x, w, ws, bias, a_s, a_z))
+    if act != "dynamic" or backend != "native_w8a8":
+        return
+    qt = lq.quantize(torch.randn(n, k), "int8-sym-ch0")
+    xb = x.bfloat16()
+    with poisoned_empty():
+        y16 = native.linear_w8a16(xb, qt, bias, cache)
+    parts = [native.linear_w8a16(xb[i:i + 9], qt, bias, cache) for i in range(0, len(xb), 9)]
+    assert torch.equal(y16, torch.cat(parts))
+    _close(y16, ref.linear_weight_only(xb, qt, bias), HALF_TOL)
 
 
 # ---- W8A8 on AVX2 only (linquant's AVX2 W8A8 kernel) and oneDNN's int8 GEMM without VNNI -------

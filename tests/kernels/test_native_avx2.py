@@ -12,6 +12,7 @@ from __future__ import annotations
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -298,6 +299,26 @@ def test_avx2_equals_reference_property(m: int, nblocks: int, tail: int, groups:
     qt = _qt(n, k, f"int{bits}-{mode}-g{group}", seed)
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) * 3).to(half)
     _close(native.linear_avx2(x, qt, None, None), ref.linear_weight_only(x, qt, None), HALF_TOL)
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_avx2_over_several_token_chunks_gives_the_bits_of_tile_sized_calls(
+        dtype: torch.dtype, poisoned_empty: Any) -> None:
+    """wa16_avx2.c takes the tokens in chunks of about 1 MiB of prepared activations
+    (CHUNK_BYTES: 56 tokens at K = 4096). A token's result depends on its tile only, and the
+    chunks are multiples of 8 tokens, so 125 tokens (two whole chunks, then tiles of 8, 4 and
+    1) give the bits of the same tokens run 8 at a time, with the reference's accuracy."""
+    n, k = 20, 4096  # 3 row blocks, the last one partial
+    qt = _qt(n, k, "int4-asym-g32-fp16")
+    x = (torch.randn(125, k, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    bias = torch.randn(n)
+    cache: dict[str, Any] = {}
+    with poisoned_empty():  # a row the kernel skipped stays NaN
+        y = native.linear_avx2(x, qt, bias, cache)
+    parts = [native.linear_avx2(x[i:i + 8], qt, bias, cache) for i in range(0, len(x), 8)]
+    assert torch.equal(y, torch.cat(parts))
+    _close(y, ref.linear_weight_only(x, qt, bias), HALF_TOL if dtype != torch.float32 else 1e-5)
 
 
 @needs_avx2

@@ -73,6 +73,17 @@ gets. Without a compiler, off Linux x86-64, without the CPU feature, or when the
 probe fails, :func:`available` is False, :func:`status` says why, and the dispatcher uses
 PyTorch's kernels (a failed build also warns once). OpenMP threads
 come from the ``libgomp`` that PyTorch loaded, so ``torch.set_num_threads`` applies.
+
+Threads split the weight's row blocks (16 or 8 output channels each). ``w8a8``, ``w8a8_avx2``
+and ``avx2`` take the tokens in chunks of about 1 MiB of prepared activations (``CHUNK_BYTES``
+in each source; 248 tokens at K = 4096 for the int8 codes, 56 for ``avx2``'s fp32 copy): each
+thread runs its row blocks over one chunk, which then stays in its L2, before the next, instead
+of streaming every token again for each row block. The chunks are whole tiles of 8 tokens and
+each thread keeps its row blocks, so the results are the same bits as in one pass. They
+matter only past a few hundred tokens (``benchmarks/bench_chunks.py``: the same kernels built
+with and without them, at K = 4096 1.0x up to 1024 tokens, 1.01-1.27x at 2048 and 1.22-1.32x
+at 7680; see BENCHMARKS.md). ``w4a16`` runs up to 256 tokens only (the dispatcher's
+cap) and has no chunks.
 """
 
 from __future__ import annotations

@@ -159,22 +159,45 @@ ALWAYS_INLINE void tile(const int8_t* pb, const int32_t* zsum, const float* scal
     }
 }
 
-/* The GEMM over M rows of codes a [M, Kp] (pairs: M even, rows paired as W8A16 digits). */
+/* The GEMM over M rows of codes a [M, Kp] (pairs: M even, rows paired as W8A16 digits).
+ * The rows are taken in chunks of about CHUNK_BYTES of codes (a multiple of 8 rows): each
+ * thread runs its row blocks over one chunk, then the next, so a chunk is read from memory
+ * once and then from the thread's L2 for every row block, instead of all M rows streamed
+ * again for each row block (once the codes outgrow L2: K = 4096 from about 256 tokens). The
+ * weight blocks are read once per chunk. Every thread gets the same row blocks in every
+ * chunk (static schedule), and the tiles are those of one pass, so results do not change. */
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES (1024 * 1024)
+#endif
+
 static void gemm(const int8_t* packed, const int32_t* zsum, const float* scale_n,
                  const float* bias, const uint8_t* a, const float* as, float* y, int64_t M,
                  int64_t N, int64_t Kp, const int pairs)
 {
     const int64_t nb = (N + 15) / 16;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nb; b++) {
-        const int8_t* pb = packed + b * (Kp / 4) * 64;
-        int64_t m0 = 0;
-        while (m0 < M) {
-            int64_t left = M - m0;
-            if (left >= 8) { tile(pb, zsum, scale_n, bias, a, as, y, m0, 8, N, Kp, b, pairs); m0 += 8; }
-            else if (left >= 4) { tile(pb, zsum, scale_n, bias, a, as, y, m0, 4, N, Kp, b, pairs); m0 += 4; }
-            else if (left >= 2) { tile(pb, zsum, scale_n, bias, a, as, y, m0, 2, N, Kp, b, pairs); m0 += 2; }
-            else { tile(pb, zsum, scale_n, bias, a, as, y, m0, 1, N, Kp, b, pairs); m0 += 1; }
+    int64_t mc = CHUNK_BYTES > 0 ? ((int64_t)CHUNK_BYTES / Kp) & ~(int64_t)7 : M;
+    if (mc < 8)
+        mc = 8;
+#pragma omp parallel
+    for (int64_t c0 = 0; c0 < M; c0 += mc) {
+        const int64_t c1 = M - c0 > mc ? c0 + mc : M;
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < nb; b++) {
+            const int8_t* pb = packed + b * (Kp / 4) * 64;
+            int64_t m0 = c0;
+            while (m0 < c1) {
+                const int64_t left = c1 - m0;
+                const int mt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                if (mt == 8)
+                    tile(pb, zsum, scale_n, bias, a, as, y, m0, 8, N, Kp, b, pairs);
+                else if (mt == 4)
+                    tile(pb, zsum, scale_n, bias, a, as, y, m0, 4, N, Kp, b, pairs);
+                else if (mt == 2)
+                    tile(pb, zsum, scale_n, bias, a, as, y, m0, 2, N, Kp, b, pairs);
+                else
+                    tile(pb, zsum, scale_n, bias, a, as, y, m0, 1, N, Kp, b, pairs);
+                m0 += mt;
+            }
         }
     }
 }

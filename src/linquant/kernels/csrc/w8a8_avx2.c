@@ -528,38 +528,52 @@ static void restore_token(const Acts* A, int64_t m, int64_t K, int64_t Kp)
 
 enum { SPLIT, SIGN, INT16 }; /* the forms: tile, tile_sign, tile16 */
 
+/* The tokens are taken in chunks of about CHUNK_BYTES of codes (a multiple of 8 tokens; 0: all
+ * at once), as in w8a8.c: each thread runs its row blocks over one chunk, then the next. */
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES (1024 * 1024)
+#endif
+
 static void gemm(const int8_t* packed, const int32_t* zsum, const int32_t* colsum,
                  const float* scale_n, const float* bias, const Acts* A, const float* as,
                  float* y, int64_t M, int64_t N, int64_t Kp, int form)
 {
     const int64_t nb = (N + 15) / 16;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nb; b++) {
-        const int8_t* pb = packed + b * (Kp / 4) * 64;
-        int64_t m0 = 0;
-        while (m0 < M) {
-            const int64_t left = M - m0;
-            const int mt = left >= 4 && form != INT16 ? 4 : (left >= 2 ? 2 : 1);
-            if (form == INT16) {
-                if (mt == 2)
-                    tile16(pb, zsum, colsum, scale_n, bias, A, y, m0, 2, N, Kp, b);
-                else
-                    tile16(pb, zsum, colsum, scale_n, bias, A, y, m0, 1, N, Kp, b);
-            } else if (form == SIGN) {
-                if (mt == 4)
-                    tile_sign(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 4, N, Kp, b);
-                else if (mt == 2)
-                    tile_sign(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 2, N, Kp, b);
-                else
-                    tile_sign(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 1, N, Kp, b);
-            } else if (mt == 4) {
-                tile(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 4, N, Kp, b);
-            } else if (mt == 2) {
-                tile(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 2, N, Kp, b);
-            } else {
-                tile(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 1, N, Kp, b);
+    const int64_t row_bytes = form == INT16 ? 2 * Kp : Kp;
+    int64_t mc = CHUNK_BYTES > 0 ? ((int64_t)CHUNK_BYTES / row_bytes) & ~(int64_t)7 : M;
+    if (mc < 8)
+        mc = 8;
+#pragma omp parallel
+    for (int64_t c0 = 0; c0 < M; c0 += mc) {
+        const int64_t c1 = M - c0 > mc ? c0 + mc : M;
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < nb; b++) {
+            const int8_t* pb = packed + b * (Kp / 4) * 64;
+            int64_t m0 = c0;
+            while (m0 < c1) {
+                const int64_t left = c1 - m0;
+                const int mt = left >= 4 && form != INT16 ? 4 : (left >= 2 ? 2 : 1);
+                if (form == INT16) {
+                    if (mt == 2)
+                        tile16(pb, zsum, colsum, scale_n, bias, A, y, m0, 2, N, Kp, b);
+                    else
+                        tile16(pb, zsum, colsum, scale_n, bias, A, y, m0, 1, N, Kp, b);
+                } else if (form == SIGN) {
+                    if (mt == 4)
+                        tile_sign(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 4, N, Kp, b);
+                    else if (mt == 2)
+                        tile_sign(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 2, N, Kp, b);
+                    else
+                        tile_sign(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 1, N, Kp, b);
+                } else if (mt == 4) {
+                    tile(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 4, N, Kp, b);
+                } else if (mt == 2) {
+                    tile(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 2, N, Kp, b);
+                } else {
+                    tile(pb, zsum, colsum, scale_n, bias, A, as, y, m0, 1, N, Kp, b);
+                }
+                m0 += mt;
             }
-            m0 += mt;
         }
     }
 }

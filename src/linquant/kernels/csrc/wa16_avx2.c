@@ -150,14 +150,15 @@ ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, cons
     }
 }
 
+/* Rows [m_begin, m_end) of x through row block b, in tiles of 8 (MAXT), 4, 2 and 1. */
 ALWAYS_INLINE void rows(const uint32_t* pb, const void* sb, const void* ob, const int compact,
                         const float* xp, int64_t ldx, const float* xs, const float* ts,
-                        const float* bias, float* y, int64_t M, int64_t N, int64_t K,
-                        int64_t g, int64_t b, const int bits, const int center)
+                        const float* bias, float* y, int64_t m_begin, int64_t m_end, int64_t N,
+                        int64_t K, int64_t g, int64_t b, const int bits, const int center)
 {
-    int64_t m0 = 0;
-    while (m0 < M) {
-        const int64_t left = M - m0;
+    int64_t m0 = m_begin;
+    while (m0 < m_end) {
+        const int64_t left = m_end - m0;
         const int mt = MAXT >= 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
 #define TILE(T) tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, T, N, K, g, b, bits, center)
         if (mt == 8)
@@ -173,6 +174,15 @@ ALWAYS_INLINE void rows(const uint32_t* pb, const void* sb, const void* ob, cons
     }
 }
 
+/* The tokens are taken in chunks of about CHUNK_BYTES of prepared activations (a multiple of 8
+ * rows; 0: all at once): each thread runs its row blocks over one chunk, then the next, so that
+ * a chunk is read from memory once and then from the thread's L2 for each of its row blocks.
+ * Every thread gets the same row blocks in every chunk (static schedule) and the tiles are
+ * those of one pass, so the results do not change. */
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES (1024 * 1024)
+#endif
+
 static void gemm(const uint32_t* codes, const void* sb, const void* ob, const int compact,
                  const float* xp, int64_t ldx, const float* xs, const float* ts,
                  const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t g,
@@ -180,19 +190,26 @@ static void gemm(const uint32_t* codes, const void* sb, const void* ob, const in
 {
     const int64_t nb = (N + 7) / 8, G = K / g, words = K / (32 / bits);
     const size_t pbytes = compact ? 2 : 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nb; b++) {
-        const uint32_t* pb = codes + b * words * 8;
-        const char* sbb = (const char*)sb + b * G * 8 * pbytes;
-        const char* obb = (const char*)ob + b * G * 8 * pbytes;
-#define ROWS(C, B, Z) rows(pb, sbb, obb, C, xp, ldx, xs, ts, bias, y, M, N, K, g, b, B, Z)
-        if (bits == 4)
-            compact ? (center ? ROWS(1, 4, 1) : ROWS(1, 4, 0))
-                    : (center ? ROWS(0, 4, 1) : ROWS(0, 4, 0));
-        else
-            compact ? (center ? ROWS(1, 8, 1) : ROWS(1, 8, 0))
-                    : (center ? ROWS(0, 8, 1) : ROWS(0, 8, 0));
+    int64_t mc = CHUNK_BYTES > 0 ? ((int64_t)CHUNK_BYTES / (4 * ldx)) & ~(int64_t)7 : M;
+    if (mc < 8)
+        mc = 8;
+#pragma omp parallel
+    for (int64_t c0 = 0; c0 < M; c0 += mc) {
+        const int64_t c1 = M - c0 > mc ? c0 + mc : M;
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < nb; b++) {
+            const uint32_t* pb = codes + b * words * 8;
+            const char* sbb = (const char*)sb + b * G * 8 * pbytes;
+            const char* obb = (const char*)ob + b * G * 8 * pbytes;
+#define ROWS(C, B, Z) rows(pb, sbb, obb, C, xp, ldx, xs, ts, bias, y, c0, c1, N, K, g, b, B, Z)
+            if (bits == 4)
+                compact ? (center ? ROWS(1, 4, 1) : ROWS(1, 4, 0))
+                        : (center ? ROWS(0, 4, 1) : ROWS(0, 4, 0));
+            else
+                compact ? (center ? ROWS(1, 8, 1) : ROWS(1, 8, 0))
+                        : (center ? ROWS(0, 8, 1) : ROWS(0, 8, 0));
 #undef ROWS
+        }
     }
 }
 
