@@ -12,6 +12,7 @@ from linquant.convert import LayerReport, ModelReport, quantize_model
 from linquant.errors import FormatError, LinquantError
 from linquant.io import hf as _hf
 from linquant.io.save import load, load_into, save
+from linquant.io.stream import quantize_checkpoint
 from linquant.layer_errors import compare_layers
 from linquant.ops.metrics import cosine_similarity, max_abs_error, mse, sqnr
 from linquant.restore import dequantize_model
@@ -44,6 +45,7 @@ __all__ = [
     "max_abs_error",
     "mse",
     "quantize",
+    "quantize_checkpoint",
     "quantize_model",
     "save",
     "sqnr",

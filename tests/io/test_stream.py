@@ -68,6 +68,19 @@ def test_bare_file_equals_quantize_model(tmp_path: Path, preset: str) -> None:
     assert torch.equal(m(IDS), streamed(IDS))
 
 
+def test_top_level_quantize_checkpoint_as_the_readme_calls_it(tmp_path: Path) -> None:
+    import linquant as lq
+
+    assert lq.quantize_checkpoint is quantize_checkpoint
+    _bare_file(Plain().eval(), tmp_path / "m.safetensors")
+    result = lq.quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q", "w4a16-g32",
+                                    exclude=["head"], max_shard_size="2GB")
+    assert {r.name for r in result.report.quantized} == {"emb", "fc"}
+    head = next(r for r in result.report.layers if r.name == "head")
+    assert "excluded" in head.reason and "head" in str(result.report)
+    assert [f.name for f in result.files] == ["model.safetensors"]
+
+
 class Odd(nn.Module):
     """Rows of 60 and 90: at 3 or 5 bits a row does not fill whole bytes."""
 
