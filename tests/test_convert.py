@@ -173,7 +173,21 @@ def test_a_pattern_also_matches_the_descendants_of_a_module() -> None:
 def test_patterns_that_match_nothing_are_reported() -> None:
     report = quantize_model(Tiny(), "w8a32", exclude=["decoder.*"], include=["*", "hed"])
     assert report.unmatched_patterns == ("hed", "decoder.*")
-    assert "patterns that matched no module: 'hed', 'decoder.*'" in str(report)
+    assert report.shadowed_patterns == ()
+    assert "patterns that matched no layer: 'hed', 'decoder.*'" in str(report)
+
+
+def test_patterns_that_match_layers_but_decide_none_are_reported_apart() -> None:
+    """The first matching pattern wins: a '*' first leaves 'head' nothing to decide, and an
+    excluded layer's pattern decides nothing either; they match layers, so they are no typos."""
+    report = quantize_model(Tiny(), {"*": "w8a32", "head": "w4a16-g32", "emb": "w8a16",
+                                     "nothing": "w8a32"}, exclude=["emb"], include=["*", "emb"])
+    assert report["head"].scheme == "int8-sym-ch0-fp32"
+    assert report.unmatched_patterns == ("nothing",)
+    assert report.shadowed_patterns == ("head", "emb")
+    assert ("patterns that decided no layer (an exclude, the include list or an earlier "
+            "pattern settled every layer they match): 'head', 'emb'") in str(report)
+    assert json.loads(report.to_json())["shadowed_patterns"] == ["head", "emb"]
 
 
 def test_dict_config_mixed_precision_first_match_wins() -> None:

@@ -154,7 +154,11 @@ class ModelReport:
             are the two halves; ``report["encoder.fc"]`` looks one up by name).
         bytes_before, bytes_after: whole-model bytes (parameters + buffers, each tensor once).
         compute_dtype: the dtype the model was cast to, or None.
-        unmatched_patterns: include/exclude/config patterns that matched no module (typos?).
+        unmatched_patterns: include/exclude/config patterns that match no layer (typos?).
+        shadowed_patterns: config patterns that match layers but decided none of them: each
+            layer they match was excluded, not included, or taken by an earlier pattern (in a
+            dict, the first matching pattern wins, so ``{"*": a, "*.value": b}`` never applies
+            ``b``).
     """
 
     layers: list[LayerReport] = field(default_factory=list)
@@ -162,6 +166,7 @@ class ModelReport:
     bytes_after: int = 0
     compute_dtype: torch.dtype | None = None
     unmatched_patterns: tuple[str, ...] = ()
+    shadowed_patterns: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -204,8 +209,12 @@ class ModelReport:
         if self.compute_dtype is not None:
             lines.append(f"model cast to {str(self.compute_dtype).replace('torch.', '')}")
         if self.unmatched_patterns:
-            lines.append("patterns that matched no module: " + ", ".join(
+            lines.append("patterns that matched no layer: " + ", ".join(
                 repr(p) for p in self.unmatched_patterns))
+        if self.shadowed_patterns:
+            lines.append("patterns that decided no layer (an exclude, the include list or an "
+                         "earlier pattern settled every layer they match): " + ", ".join(
+                             repr(p) for p in self.shadowed_patterns))
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -226,6 +235,7 @@ class ModelReport:
             "compute_dtype": None if self.compute_dtype is None
             else str(self.compute_dtype).replace("torch.", ""),
             "unmatched_patterns": list(self.unmatched_patterns),
+            "shadowed_patterns": list(self.shadowed_patterns),
             "layers": [r.to_dict() for r in self.layers],
         }
 
@@ -444,16 +454,15 @@ def _select(
     used: set[str],
     keep_float: Iterable[_KeepFloat],
 ) -> tuple[QuantConfig | None, str]:
-    """The config that the patterns pick for the layer ``name``, or None and why not."""
+    """The config that the patterns pick for the layer ``name``, or None and why not; the
+    config pattern that decided is added to ``used``."""
     for pat in exclude:
         if _matches(name, pat):
-            used.add(pat)
             return None, f"excluded by pattern {pat!r}"
     kept = _keeps_float(name, keep_float)
     if kept is not None:
         return None, kept
     hits = [pat for pat in include if _matches(name, pat)]
-    used.update(hits)
     if not hits:
         return None, f"not matched by include {list(include)}"
     for pat, cfg in pairs:
@@ -463,6 +472,25 @@ def _select(
                 return None, f"config None for pattern {pat!r} (kept float)"
             return cfg, ""
     return None, "not matched by any config pattern"
+
+
+def pattern_misses(names: Iterable[str], filters: Iterable[str], config_patterns: Iterable[str],
+                   used: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(unmatched, shadowed)`` for a report whose layers are ``names``: the include/exclude
+    (``filters``) and config patterns that match none of them, and the config patterns that
+    match some but were never applied (not in ``used``: :func:`_select` settled each of their
+    layers first). ``"*"`` is never listed."""
+    names = list(names)
+    config_patterns = tuple(config_patterns)
+
+    def hits(pat: str) -> bool:
+        return any(_matches(n, pat) for n in names)
+
+    unmatched = dict.fromkeys(
+        p for p in (*filters, *config_patterns) if p != "*" and not hits(p))
+    shadowed = dict.fromkeys(
+        p for p in config_patterns if p != "*" and p not in used and p not in unmatched)
+    return tuple(unmatched), tuple(shadowed)
 
 
 def strict_refusal(refusals: list[str]) -> LinquantError:
@@ -654,8 +682,9 @@ class ModelPlan:
     parents: dict[str, nn.Module]
     tied: set[int]
     compute_dtype: torch.dtype | None
-    used: set[str]
-    patterns: tuple[str, ...]
+    used: set[str]  # the config patterns that decided a layer
+    filters: tuple[str, ...]  # include and exclude patterns
+    config_patterns: tuple[str, ...]  # the config dict's patterns, in order
 
 
 def plan_model(
@@ -704,8 +733,8 @@ def plan_model(
     tied = _resolve_ties(list(plans.values()))
     compute_dtype = compute_dtype_of(
         p.config for p in plans.values() if p.reason is None and p.config is not None)
-    return ModelPlan(plans, parents, tied, compute_dtype, used,
-                     (*inc, *exc, *(pat for pat, _ in pairs)))
+    return ModelPlan(plans, parents, tied, compute_dtype, used, (*inc, *exc),
+                     tuple(pat for pat, _ in pairs))
 
 
 def _add_plan(plans: dict[object, _Plan], key: object, name: str, module: nn.Module,
@@ -830,9 +859,8 @@ def quantize_model(
     if compute_dtype is not None:
         _cast(model, compute_dtype)
     report.bytes_after = model_nbytes(model)
-    report.unmatched_patterns = tuple(
-        p for p in mplan.patterns if p not in mplan.used and p != "*"
-    )
+    report.unmatched_patterns, report.shadowed_patterns = pattern_misses(
+        (r.name for r in report.layers), mplan.filters, mplan.config_patterns, mplan.used)
     hf.mark_model(model)  # transformers' save_pretrained now refuses, naming linquant.save
     return report
 

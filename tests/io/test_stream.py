@@ -230,6 +230,7 @@ def test_hf_folder_with_layer_configs_equals_quantize_model(tmp_path: Path) -> N
     assert report["transformer.h.1.mlp.c_proj"].reason == \
         "config None for pattern '*.mlp.c_proj' (kept float)"
     assert report.unmatched_patterns == in_memory.unmatched_patterns == ("transformer.h.9.*",)
+    assert report.shadowed_patterns == in_memory.shadowed_patterns
     assert report.compute_dtype == in_memory.compute_dtype == torch.bfloat16
     _streamed_equals_saved(tmp_path, g, vocab=128)
 
@@ -262,7 +263,7 @@ _RULE_CONFIGS = st.sampled_from(["int8-sym-ch0", "int4-asym-g16-fp16", "int3-sym
 def test_any_layer_configs_stream_as_quantize_model(tmp_path_factory: pytest.TempPathFactory,
                                                     rules: list[tuple[str, Any]]) -> None:
     """Any rules over a bare file: the streamed folder loads to quantize_model's state, with
-    the same rows (scheme or reason) and the same unmatched patterns."""
+    the same rows (scheme or reason) and the same unmatched and shadowed patterns."""
     tmp = tmp_path_factory.mktemp("rules")
     m = Plain().eval()
     _bare_file(m, tmp / "m.safetensors")
@@ -272,7 +273,8 @@ def test_any_layer_configs_stream_as_quantize_model(tmp_path_factory: pytest.Tem
         if row.type != "LayerNorm":  # a bare file's layers are its *.weight matrices
             assert (res.report[row.name].scheme, res.report[row.name].reason) == (
                 row.scheme, row.reason), row.name
-    assert set(res.report.unmatched_patterns) == set(report.unmatched_patterns)
+    assert res.report.unmatched_patterns == report.unmatched_patterns
+    assert res.report.shadowed_patterns == report.shadowed_patterns
     _same_state(m, load_into(Plain(), tmp / "q"))
 
 

@@ -45,7 +45,6 @@ from linquant.convert import (
     _group_fallback,
     _is_conv1d,
     _join,
-    _matches,
     _normalize_config,
     _patterns,
     _Plan,
@@ -54,6 +53,7 @@ from linquant.convert import (
     _uses_w8a8,
     compute_dtype_of,
     experts_activation,
+    pattern_misses,
     plan_model,
     scheme_text,
     strict_refusal,
@@ -808,10 +808,8 @@ def quantize_checkpoint(
     for info in infos:
         order.setdefault(model_name(info).removesuffix(".weight"), len(order))
     report.layers = sorted(rows.values(), key=lambda r: order.get(r.name, len(order)))
-    report.unmatched_patterns = tuple(
-        p for p in (*inc, *exc) if p != "*" and not any(
-            _matches(r.name, p) for r in report.layers)) + tuple(
-        p for p, _ in pairs if p != "*" and p not in used and p not in (*inc, *exc))
+    report.unmatched_patterns, report.shadowed_patterns = pattern_misses(
+        (r.name for r in report.layers), (*inc, *exc), (p for p, _ in pairs), used)
     return result
 
 
