@@ -341,6 +341,37 @@ def test_tied_weight_is_quantized_once_and_stays_tied() -> None:
         torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["w4a16-g32", "w8a8"])
+def test_a_layer_takes_its_weights_shape_not_its_stale_attributes(preset: str,
+                                                                   tmp_path: Path) -> None:
+    """A head built for 40 outputs, then tied to an embedding of 56 rows (what transformers'
+    tying does when a config's two vocabulary sizes differ, as in Marian): its float forward
+    computes 56 outputs with the weight, and so do the quantized layers, saved and loaded."""
+    from linquant.io.save import load_into, save
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.embed = nn.Embedding(56, 32)
+        model.lm_head = nn.Linear(32, 40, bias=False)
+        model.lm_head.weight = model.embed.weight
+        model.lm_head.in_features = 30  # a stale attribute on the other side too
+        return model
+
+    model, float_model = build(), build()
+    x = torch.randn(3, 32)
+    report = quantize_model(model, preset)
+    assert report["lm_head"].quantized and report["lm_head"].shape == (56, 32)
+    with torch.no_grad():
+        y = model.lm_head(x)
+        assert y.shape == (3, 56) and model.embed(torch.tensor([55])).shape == (1, 32)
+        assert sqnr(float_model.lm_head(x), y) > 15
+    save(model, tmp_path / "q")
+    loaded = load_into(build(), tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded.lm_head(x), y)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "why"),
     [

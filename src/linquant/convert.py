@@ -59,7 +59,7 @@ from torch import nn
 from linquant.config import W8A8_WEIGHT, QuantConfig, get_config
 from linquant.errors import LinquantError
 from linquant.io import hf
-from linquant.nn.base import _memory_key
+from linquant.nn.base import _memory_key, weight_dims
 from linquant.ops.metrics import sqnr
 from linquant.report import Column, csv_text, format_table, json_text
 from linquant.scheme import QuantScheme
@@ -354,9 +354,9 @@ def _is_conv1d(module: nn.Module) -> bool:
 def _row_length(module: nn.Module) -> tuple[int, str]:
     """Length of the rows the groups run along, and what to call it in messages."""
     if isinstance(module, nn.Linear):
-        return module.in_features, "in_features"
+        return weight_dims(module, ("out_features", "in_features"))[1], "in_features"
     if isinstance(module, nn.Embedding):
-        return module.embedding_dim, "embedding_dim"
+        return weight_dims(module, ("num_embeddings", "embedding_dim"))[1], "embedding_dim"
     w = _weight(module)
     if w is None or w.dim() == 0:
         return 0, "row length"

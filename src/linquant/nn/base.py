@@ -65,10 +65,25 @@ def is_hf_conv1d(module: object) -> bool:
     return qualified_name(type(module)) == HF_CONV1D
 
 
+def weight_dims(module: nn.Module, attrs: tuple[str, str]) -> tuple[int, int]:
+    """The ``[rows, columns]`` of ``module``'s 2-D weight, which its float forward computes
+    with, or else its attributes ``attrs`` (a lazy or meta-less weight has no shape). The two
+    disagree when a weight was replaced or tied after the module was built (a transformers head
+    tied to an embedding of another vocabulary size keeps the ``out_features`` it was built
+    with)."""
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and not isinstance(w, nn.parameter.UninitializedParameter) \
+            and w.dim() == 2:
+        return int(w.shape[0]), int(w.shape[1])
+    return int(getattr(module, attrs[0])), int(getattr(module, attrs[1]))
+
+
 def linear_features(module: nn.Module, who: str) -> tuple[int, int, bool]:
-    """``(in_features, out_features, transposed)`` of an ``nn.Linear`` or HF ``Conv1D``."""
+    """``(in_features, out_features, transposed)`` of an ``nn.Linear`` or HF ``Conv1D`` (an
+    ``nn.Linear``'s from its weight: :func:`weight_dims`)."""
     if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
+        out_f, in_f = weight_dims(module, ("out_features", "in_features"))
+        return in_f, out_f, False
     if is_hf_conv1d(module):
         w = module.weight
         assert isinstance(w, torch.Tensor)

@@ -22,7 +22,7 @@ from torch import nn
 from linquant import kernels
 from linquant.errors import LinquantError
 from linquant.kernels import plans
-from linquant.nn.base import QuantModule, as_scheme
+from linquant.nn.base import QuantModule, as_scheme, weight_dims
 from linquant.nn.registry import register_qmodule
 from linquant.scheme import QuantScheme
 from linquant.tensor import quantize
@@ -83,9 +83,10 @@ class QuantEmbedding(QuantModule):
         why = cls.cannot_convert(embedding)
         if why is not None:
             raise LinquantError(f"{label}: {why}")
+        rows, dim = weight_dims(embedding, ("num_embeddings", "embedding_dim"))
         return cls(
-            embedding.num_embeddings,
-            embedding.embedding_dim,
+            rows,
+            dim,
             scheme,
             padding_idx=embedding.padding_idx,
             scale_grad_by_freq=embedding.scale_grad_by_freq,
