@@ -7,6 +7,7 @@ import gc
 import io
 import json
 import math
+import re
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -203,6 +204,25 @@ def test_dict_config_mixed_precision_first_match_wins() -> None:
     assert report["norm"].reason == "not matched by any config pattern"
     assert report.unmatched_patterns == ("nothing",)
     assert isinstance(model.block[2], nn.Linear)
+
+
+@pytest.mark.parametrize("preset", ["w4a16-g32", "w8a8"])
+def test_a_nan_weight_is_refused_before_anything_changes(preset: str) -> None:
+    """The last layer's NaN is found before the first layer is replaced: the model keeps every
+    float layer and value (a NaN met mid-walk used to leave it half quantized)."""
+    model = Tiny()
+    with torch.no_grad():
+        model.head.weight[3, 5] = float("nan")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LinquantError, match=re.escape(
+            "head.weight: input holds 1 NaN/Inf value(s), first at index (3, 5)")):
+        quantize_model(model, preset)
+    assert not [m for m in model.modules() if isinstance(m, (QuantLinear, W8A8Linear,
+                                                              QuantEmbedding, QuantConv2d))]
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(torch.nan_to_num(after[k]), torch.nan_to_num(v))
+               for k, v in state.items())
 
 
 def test_bad_arguments() -> None:

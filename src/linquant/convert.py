@@ -790,6 +790,8 @@ def quantize_model(
     mplan = plan_model(model, config, include=include, exclude=exclude, strict=strict)
     plans, parents, tied = mplan.plans, mplan.parents, mplan.tied
     compute_dtype = mplan.compute_dtype
+    _check_finite_weights(plans)  # before anything changes: a NaN found mid-walk would leave
+    # the model half quantized, its float layers already dropped
 
     # 2. Apply, layer by layer, dropping each float module as soon as it is replaced.
     report = ModelReport(bytes_before=model_nbytes(model), compute_dtype=compute_dtype)
@@ -863,6 +865,19 @@ def quantize_model(
         (r.name for r in report.layers), mplan.filters, mplan.config_patterns, mplan.used)
     hf.mark_model(model)  # transformers' save_pretrained now refuses, naming linquant.save
     return report
+
+
+def _check_finite_weights(plans: dict[object, _Plan]) -> None:
+    """Raise :class:`LinquantError` naming the first planned weight that holds NaN or Inf."""
+    from linquant.ops.qparams import check_finite
+
+    for plan in plans.values():
+        if plan.reason is not None or plan.module is None:
+            continue
+        w = plan.module._parameters[plan.part] if plan.part else _weight(plan.module)
+        if w is None or w.is_meta:
+            continue
+        check_finite(w.detach(), plan.names[0] if plan.part else f"{plan.names[0]}.weight")
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:

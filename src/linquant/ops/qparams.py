@@ -125,10 +125,20 @@ def check_finite_range(
     """
     if bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all()):
         return
+    _raise_nonfinite(x, name, shape if shape is not None else tuple(x.shape))
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise, as :func:`check_finite_range` does, if ``x`` holds NaN or Inf (one pass, no
+    ranges: :func:`linquant.quantize_model` checks every weight before it changes anything)."""
+    if not bool(torch.isfinite(x).all()):
+        _raise_nonfinite(x, name, tuple(x.shape))
+
+
+def _raise_nonfinite(x: torch.Tensor, name: str, dims: tuple[int, ...]) -> None:
     bad = ~torch.isfinite(x.reshape(-1))
     count = int(bad.sum())
     flat = int(bad.nonzero()[0, 0])
-    dims = shape if shape is not None else tuple(x.shape)
     first = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), dims)) if dims else ()
     raise LinquantError(
         f"{name}: input holds {count} NaN/Inf value(s), first at index {first}; "
