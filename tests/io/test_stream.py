@@ -81,6 +81,19 @@ def test_top_level_quantize_checkpoint_as_the_readme_calls_it(tmp_path: Path) ->
     assert [f.name for f in result.files] == ["model.safetensors"]
 
 
+def test_an_already_quantized_source_is_refused_by_name(tmp_path: Path) -> None:
+    """Its layers' weights are stored as codes (X.weight.qdata): without this check the stream
+    said a layer's weight was missing from the checkpoint."""
+    m = Plain().eval()
+    quantize_model(m, "w4a16-g32")
+    save(m, tmp_path / "q")
+    for src in (tmp_path / "q", tmp_path / "q" / "model.safetensors"):
+        with pytest.raises(LinquantError, match=r"already quantized by linquant \(it holds "
+                                                r"'emb\.weight\.qdata'\).*lq\.load"):
+            quantize_checkpoint(src, tmp_path / "again", "w8a16")
+        assert not (tmp_path / "again").exists()
+
+
 class Odd(nn.Module):
     """Rows of 60 and 90: at 3 or 5 bits a row does not fill whole bytes."""
 

@@ -625,6 +625,7 @@ def quantize_checkpoint(
     each ``*.weight`` tensor's name without ``.weight``.
 
     Raises :class:`LinquantError` (nothing written under ``dst``, ``src`` untouched) for a
+    source already quantized by linquant, a
     destination equal to or inside the source, an existing destination without ``overwrite``,
     an unwritable destination, a pickle source without ``allow_pickle``, or with ``strict``
     layers whose rows a group size does not divide (as ``quantize_model(strict=True)``).
@@ -650,6 +651,12 @@ def quantize_checkpoint(
     else:
         infos = tensor_infos(src_p)
         source = read_tensors(infos)
+    quantized = next((i.name for i in infos if i.name.endswith(".weight.qdata")), None)
+    if quantized is not None:
+        raise LinquantError(
+            f"{src_p}: already quantized by linquant (it holds {quantized!r}); quantize the "
+            "float checkpoint instead, or load this one with lq.load (lq.dequantize_model "
+            "gives back a float model)")
     folder = src_p if src_p.is_dir() else None
     meta_model = _build_meta_model(folder) if folder is not None else None
     renames, merges = _checkpoint_renames(meta_model, [i.name for i in infos], src_p) \
