@@ -104,7 +104,8 @@ def test_header_metadata() -> None:
     meta = {"tensors": {}, "modules": {}}
     raw = header_metadata(meta)
     assert read_header_metadata(raw, "f") == meta
-    with pytest.raises(FormatError, match="not a linquant file"):
+    with pytest.raises(FormatError, match=r"not a linquant file .*'pt'.*; a float checkpoint is "
+                                          r"quantized first \(linquant quantize SRC -o DST"):
         read_header_metadata({"format": "pt"}, "f")
     with pytest.raises(FormatError, match="not a linquant file"):
         read_header_metadata(None, "f")

@@ -166,7 +166,9 @@ def read_header_metadata(raw: Mapping[str, str] | None, file: str) -> dict[str, 
     """Check a safetensors header's metadata is linquant's, of a version we read; parse it."""
     if not raw or raw.get("format") != FORMAT_NAME:
         raise FormatError(f"{file}: not a linquant file (safetensors metadata 'format' is "
-                          f"{(raw or {}).get('format')!r}, expected {FORMAT_NAME!r})")
+                          f"{(raw or {}).get('format')!r}, expected {FORMAT_NAME!r}); a float "
+                          "checkpoint is quantized first (linquant quantize SRC -o DST, or "
+                          "lq.quantize_model on the model its own library loads)")
     version = raw.get("format_version")
     if version is None:
         raise FormatError(f"{file}: linquant file without a format_version")
