@@ -270,3 +270,20 @@ def test_compare_non_tensor() -> None:
     qt = lq.quantize(torch.randn(4, 8), "int4-sym-ch0")
     with pytest.raises(LinquantError, match="list"):
         lq.compare([[0.0] * 8] * 4, qt)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", [(5,), (), (7, 3), (100, 40, 3), (64, 32)])
+def test_check_finite_in_blocks_finds_the_last_element(shape: tuple[int, ...]) -> None:
+    """quantize_model's check before it changes anything reads a weight in views of ``block``
+    elements: a NaN in the last element, of a transposed (non-contiguous) weight too, is found
+    and named as the per-tensor check names it."""
+    from linquant.ops.qparams import check_finite
+
+    x = torch.randn(shape)
+    x = x.t() if x.dim() == 2 else x
+    check_finite(x, "w", block=8)  # finite: passes
+    last = tuple(d - 1 for d in x.shape)
+    x[last] = float("nan")
+    with pytest.raises(LinquantError, match=re.escape(f"w: input holds 1 NaN/Inf value(s), "
+                                                      f"first at index {last}")):
+        check_finite(x, "w", block=8)

@@ -19,6 +19,7 @@ A granule whose scale would be 0 (all zeros) gets the smallest positive value of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -128,10 +129,14 @@ def check_finite_range(
     _raise_nonfinite(x, name, shape if shape is not None else tuple(x.shape))
 
 
-def check_finite(x: torch.Tensor, name: str) -> None:
+def check_finite(x: torch.Tensor, name: str, block: int = 1 << 24) -> None:
     """Raise, as :func:`check_finite_range` does, if ``x`` holds NaN or Inf (one pass, no
-    ranges: :func:`linquant.quantize_model` checks every weight before it changes anything)."""
-    if not bool(torch.isfinite(x).all()):
+    ranges: :func:`linquant.quantize_model` checks every weight before it changes anything).
+    Views of about ``block`` elements at a time, so the check never allocates a mask the size
+    of a large embedding table."""
+    rows = max(1, block // max(1, math.prod(x.shape[1:]))) if x.dim() > 1 else max(1, x.numel())
+    parts = torch.split(x, rows) if x.dim() > 0 else (x,)
+    if not all(bool(torch.isfinite(part).all()) for part in parts):
         _raise_nonfinite(x, name, tuple(x.shape))
 
 
