@@ -266,22 +266,28 @@ def test_bare_file_with_layer_configs_equals_quantize_model(tmp_path: Path) -> N
 
 _RULE_CONFIGS = st.sampled_from(["int8-sym-ch0", "int4-asym-g16-fp16", "int3-sym-g32",
                                   "int5-asymf-g16", "int2-asym-tensor", None, "float"])
+_PATTERNS = st.sampled_from(["emb", "fc", "head", "*", "f*", "nothing"])
 
 
 @settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rules=st.lists(st.tuples(st.sampled_from(["emb", "fc", "head", "*", "f*", "nothing"]),
-                                _RULE_CONFIGS), min_size=1, max_size=5,
-                      unique_by=lambda rule: rule[0]))
+@given(rules=st.lists(st.tuples(_PATTERNS, _RULE_CONFIGS), min_size=1, max_size=5,
+                      unique_by=lambda rule: rule[0]),
+       include=st.lists(_PATTERNS, min_size=1, max_size=2, unique=True),
+       exclude=st.lists(_PATTERNS.filter(lambda p: p != "*"), max_size=2, unique=True))
 def test_any_layer_configs_stream_as_quantize_model(tmp_path_factory: pytest.TempPathFactory,
-                                                    rules: list[tuple[str, Any]]) -> None:
-    """Any rules over a bare file: the streamed folder loads to quantize_model's state, with
-    the same rows (scheme or reason) and the same unmatched and shadowed patterns."""
+                                                    rules: list[tuple[str, Any]],
+                                                    include: list[str],
+                                                    exclude: list[str]) -> None:
+    """Any rules, includes and excludes over a bare file: the streamed folder loads to
+    quantize_model's state, with the same rows (scheme or reason) and the same unmatched and
+    shadowed patterns."""
     tmp = tmp_path_factory.mktemp("rules")
     m = Plain().eval()
     _bare_file(m, tmp / "m.safetensors")
-    res = quantize_checkpoint(tmp / "m.safetensors", tmp / "q", dict(rules))
-    report = quantize_model(m, dict(rules))
+    res = quantize_checkpoint(tmp / "m.safetensors", tmp / "q", dict(rules), include=include,
+                              exclude=exclude)
+    report = quantize_model(m, dict(rules), include=include, exclude=exclude)
     for row in report.layers:
         if row.type != "LayerNorm":  # a bare file's layers are its *.weight matrices
             assert (res.report[row.name].scheme, res.report[row.name].reason) == (
