@@ -802,13 +802,8 @@ def quantize_model(
         module = plan.module
         assert module is not None
         name = plan.names[0]
-        w: torch.Tensor | None
-        if plan.part:
-            w = module._parameters[plan.part]
-            before = _experts_part_nbytes(module, plan.part)
-        else:
-            w = _weight(module)
-            before = _own_nbytes(module)
+        w = _plan_weight(plan)
+        before = _experts_part_nbytes(module, plan.part) if plan.part else _own_nbytes(module)
         shape = () if w is None else tuple(w.shape)
         row = LayerReport(name, _type_name(module), shape, before, before,
                           reason=plan.reason, note=plan.note)
@@ -867,6 +862,12 @@ def quantize_model(
     return report
 
 
+def _plan_weight(plan: _Plan) -> torch.Tensor | None:
+    """The float weight ``plan`` quantizes: its experts projection, or its module's weight."""
+    assert plan.module is not None
+    return plan.module._parameters[plan.part] if plan.part else _weight(plan.module)
+
+
 def _check_finite_weights(plans: dict[object, _Plan]) -> None:
     """Raise :class:`LinquantError` naming the first planned weight that holds NaN or Inf."""
     from linquant.ops.qparams import check_finite
@@ -874,7 +875,7 @@ def _check_finite_weights(plans: dict[object, _Plan]) -> None:
     for plan in plans.values():
         if plan.reason is not None or plan.module is None:
             continue
-        w = plan.module._parameters[plan.part] if plan.part else _weight(plan.module)
+        w = _plan_weight(plan)
         if w is None or w.is_meta:
             continue
         check_finite(w.detach(), plan.names[0] if plan.part else f"{plan.names[0]}.weight")
