@@ -84,6 +84,7 @@ class TensorInfo:
         nbytes: bytes the tensor takes in the file.
         file: the ``.safetensors`` file that holds it.
         offset: start of its data within the file's data section (storage order).
+        data_start: where the data section starts in the file (after the header).
     """
 
     name: str
@@ -92,6 +93,7 @@ class TensorInfo:
     nbytes: int
     file: Path
     offset: int = 0
+    data_start: int = 0
 
     @property
     def numel(self) -> int:
@@ -216,12 +218,12 @@ def _read_header(file: Path) -> list[TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        infos.append(_info(file, name, entry, data_size))
+        infos.append(_info(file, name, entry, data_size, 8 + n))
     infos.sort(key=lambda i: (i.offset, i.name))
     return infos
 
 
-def _info(file: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
+def _info(file: Path, name: str, entry: Any, data_size: int, data_start: int) -> TensorInfo:
     try:
         dtype = entry["dtype"]
         shape = tuple(entry["shape"])
@@ -232,7 +234,7 @@ def _info(file: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
         ok = False
     if not ok:
         raise FormatError(f"{file}: tensor {name!r} has a malformed header entry: {entry!r}")
-    return TensorInfo(name, dtype, shape, end - begin, file, begin)
+    return TensorInfo(name, dtype, shape, end - begin, file, begin, data_start)
 
 
 def tensor_infos(path: str | os.PathLike[str]) -> list[TensorInfo]:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from linquant.errors import FormatError, LinquantError
-from linquant.io import hf
+from linquant.io import hf, mapped
 from linquant.io.checkpoint import INDEX_NAME, TensorInfo, read_tensors, tensor_infos
 from linquant.io.format import (
     FORMAT_NAME,
@@ -337,8 +337,41 @@ def _file_metadata(file: Path) -> dict[str, Any]:
     return read_header_metadata(raw, str(file))
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
-    """Read and validate every tensor of a linquant checkpoint (file, folder or index)."""
+def _read_file(file: Path, infos: list[TensorInfo], entries: Mapping[str, Any], use_mmap: bool
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for the tensors ``infos`` of one file. With ``use_mmap``, the codes
+    of its quantized tensors (``X.qdata``, uint8) are views of a private mapping of the file
+    (:mod:`linquant.io.mapped`); everything else is read into memory."""
+    def mapped_part(info: TensorInfo) -> bool:
+        sp = split_part(info.name)
+        return (use_mmap and sp is not None and sp[0] in entries and sp[1] == "qdata"
+                and info.dtype == "U8" and len(info.shape) == 1 and info.nbytes > 0)
+
+    base: torch.Tensor | None = None
+    if any(mapped_part(i) for i in infos):
+        try:
+            base = mapped.map_file(file)
+        except (OSError, ValueError):  # no mmap for this file (a special file system): read it
+            base = None
+    for name, t in read_tensors([i for i in infos if base is None or not mapped_part(i)]):
+        if t.numel() and t.data_ptr() % 64:  # safetensors data may sit at any offset;
+            t = t.clone()  # fast kernels (torch._weight_int8pack_mm) crash on that
+        yield name, t
+    if base is not None:
+        for info in infos:
+            if mapped_part(info):
+                start = info.data_start + info.offset
+                if start + info.nbytes > base.numel():
+                    raise FormatError(f"{file}: tensor {info.name!r} runs past the end of the "
+                                      "file")
+                yield info.name, base[start:start + info.nbytes]
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = True) -> LoadedCheckpoint:
+    """Read and validate every tensor of a linquant checkpoint (file, folder or index).
+
+    ``mmap``: the codes of quantized tensors are views of the files, mapped privately, not
+    copies (see :mod:`linquant.io.mapped`: a running model then holds its codes once)."""
     try:
         infos = tensor_infos(path)
     except FormatError:
@@ -362,9 +395,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
                               f"that of {first[0]}")
         entries: dict[str, Any] = meta.get("tensors", {})
         parts: dict[str, dict[str, torch.Tensor]] = {q: {} for q in entries}
-        for name, t in read_tensors(file_infos):
-            if t.numel() and t.data_ptr() % 64:  # safetensors data may sit at any offset;
-                t = t.clone()  # fast kernels (torch._weight_int8pack_mm) crash on that
+        for name, t in _read_file(file, file_infos, entries, mmap):
             sp = split_part(name)
             if sp is not None and sp[0] in entries:
                 parts[sp[0]][sp[1]] = t
@@ -516,14 +547,22 @@ def _strip_prefix(model: nn.Module, ck: LoadedCheckpoint) -> None:
     ck.aliases = {fix(k): fix(v) for k, v in ck.aliases.items()}
 
 
-def load_into(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = True
+              ) -> nn.Module:
     """Fill ``model`` (float layers, possibly on the meta device) from a linquant checkpoint.
 
     Float layers named in the file's ``modules`` metadata are replaced by quantized skeletons,
     then every tensor is assigned (no copy). Raises :class:`FormatError` naming the file and
     tensor for anything that does not fit: unknown or missing tensors, shape mismatches.
+
+    ``mmap`` (default): the quantized codes are views of the checkpoint files, mapped privately
+    (copy-on-write), not copies; once a layer's kernel layout holds them, its pages are dropped
+    from memory and read back from the file only if something reads the codes again
+    (:mod:`linquant.io.mapped`). Do not write into the files in place while the model runs;
+    replacing them (``save``, ``linquant quantize``) is safe. ``mmap=False`` reads them into
+    memory.
     """
-    ck = read_checkpoint(path)
+    ck = read_checkpoint(path, mmap=mmap)
     _strip_prefix(model, ck)
     where = str(path)
 
@@ -629,6 +668,8 @@ def load_into(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, StaticActivations) and mod.activation == "static":
             mod._update_calibrated()
+    for qt in ck.quantized.values():  # validating read the codes; the first forward reads
+        mapped.release(qt.qdata, whole_file=True)  # them again, from the file
     hf.mark_model(model)
     return model
 
@@ -694,8 +735,10 @@ def _hf_class(folder: Path, config: Any, class_name: str | None) -> Any:
     return transformers.AutoModel
 
 
-def load(path: str | os.PathLike[str]) -> nn.Module:
+def load(path: str | os.PathLike[str], *, mmap: bool = True) -> nn.Module:
     """Load a folder written by :func:`save` or ``linquant quantize``.
+
+    ``mmap``: as for :func:`load_into` (default: the codes are views of the mapped files).
 
     A sentence-transformers folder (``modules.json``) comes back as a ``SentenceTransformer``; a
     folder with a ``config.json`` as the transformers model its metadata names (built from the
@@ -725,7 +768,7 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
             inner = getattr(first_module, "auto_model", None)  # HF weights of module 0
             if isinstance(inner, nn.Module):
                 target = inner
-    load_into(target, folder)
+    load_into(target, folder, mmap=mmap)
     model.eval()
     return model
 

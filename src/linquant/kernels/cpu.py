@@ -57,6 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from linquant.io import mapped
 from linquant.kernels import _cpuinfo
 from linquant.kernels.reference import _TINY, ACT_QMAX
 from linquant.kernels.reference import linear_weight_only as _reference_linear
@@ -251,7 +252,18 @@ def _cached(cache: Cache | None, name: str, key: tuple[object, ...],
     cache.pop(name, None)  # free the stale layout before building the new one
     value = build()
     cache[name] = (key, value)
+    if name in HOLD_CODES:
+        codes = key[1]
+        if isinstance(codes, tuple) and isinstance(codes[0], torch.Tensor):
+            mapped.held_by_layout(codes[0])  # codes mapped from a checkpoint: leave memory
     return value
+
+
+#: Layout names (cache entries) whose layout holds all of a weight's codes: once one is built,
+#: codes that are views of a mapped checkpoint file leave memory (:mod:`linquant.io.mapped`).
+#: Not ``int8pack``: its "layout" is the canonical int8 codes themselves.
+HOLD_CODES = frozenset({"native_int4", "native_w8a8", "native_avx2", "int4pack", "onednn",
+                        "fbgemm"})
 
 
 def int4_codes(qt: QuantizedTensor) -> torch.Tensor:
@@ -304,6 +316,7 @@ def repack_int8(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     w = qt.qdata.view(torch.int8).view(n, k)
     if w.data_ptr() % 64:  # the aten kernel crashes on int8 weights not 64-byte aligned
         w = w.clone()
+        mapped.held_by_layout(qt.qdata)  # codes mapped from a checkpoint: leave memory
     return w, qt.scale.reshape(n).to(dtype)
 
 
@@ -474,6 +487,7 @@ def _blocked(x: torch.Tensor, deq: _RowDequant, bias: torch.Tensor | None) -> to
             torch.sum(wb.mul_(x2), dim=1, out=yt[r0:r1, 0])
         else:
             torch.mm(wb, x2.t(), out=yt[r0:r1])
+    mapped.release_if_held(deq.qt.qdata)  # not resident beside a layout that holds them
     y = yt.t() if m > 1 else yt.view(1, n)
     y = _bias(y.contiguous(), bias)
     return y.reshape(*x.shape[:-1], n)
@@ -509,6 +523,7 @@ def _whole(deq: _RowDequant, dtype: torch.dtype) -> torch.Tensor:
         for r0 in range(0, n, BLOCK_ROWS):
             r1 = min(n, r0 + BLOCK_ROWS)
             deq.into(w[r0:r1], r0, r1)
+    mapped.release_if_held(deq.qt.qdata)  # not resident beside a layout that holds them
     return w
 
 
