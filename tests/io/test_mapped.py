@@ -67,8 +67,10 @@ def test_loaded_codes_are_views_of_the_file_unless_mmap_is_off(folder: Path) -> 
     assert isinstance(m.up, W8A8Linear) and isinstance(m.down, QuantLinear)
     assert all(mapped.is_mapped(t) for t in _codes(m).values())
     assert not any(mapped.is_mapped(t) for t in _codes(_loaded(folder, mmap=False)).values())
-    # scales, biases and float tensors are read into memory
-    assert not mapped.is_mapped(m.up.weight_scale) and not mapped.is_mapped(m.up.bias)
+    assert mapped.is_mapped(m.down.weight_zero_point)  # uint8, like the codes
+    # scales and offsets too, where their offset in the file suits their dtype
+    assert any(mapped.is_mapped(mod.weight_scale) for mod in (m.up, m.down, m.emb))
+    assert not mapped.is_mapped(m.up.bias) and not mapped.is_mapped(m.down.bias)  # read
 
 
 def test_mapped_and_read_models_are_bit_identical_before_and_after_release(folder: Path

@@ -337,15 +337,26 @@ def _file_metadata(file: Path) -> dict[str, Any]:
     return read_header_metadata(raw, str(file))
 
 
+# The parts of a stored quantized tensor that loading maps (see _read_file), with the dtypes a
+# valid file has for them (anything else is read, and decode_quantized says what is wrong).
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_MAPPED_PARTS = {"qdata": (torch.uint8,), "zero_point": (torch.uint8,), "scale": _FLOATS,
+                 "offset": _FLOATS}
+
+
 def _read_file(file: Path, infos: list[TensorInfo], entries: Mapping[str, Any], use_mmap: bool
                ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for the tensors ``infos`` of one file. With ``use_mmap``, the codes
-    of its quantized tensors (``X.qdata``, uint8) are views of a private mapping of the file
-    (:mod:`linquant.io.mapped`); everything else is read into memory."""
+    """``(name, tensor)`` for the tensors ``infos`` of one file. With ``use_mmap``, the parts of
+    its quantized tensors (codes, zero points, and scales and offsets whose place in the file
+    suits their dtype) are views of a private mapping of the file (:mod:`linquant.io.mapped`);
+    everything else is read into memory."""
     def mapped_part(info: TensorInfo) -> bool:
         sp = split_part(info.name)
-        return (use_mmap and sp is not None and sp[0] in entries and sp[1] == "qdata"
-                and info.dtype == "U8" and len(info.shape) == 1 and info.nbytes > 0)
+        dtype = info.torch_dtype
+        return (use_mmap and sp is not None and sp[0] in entries and info.nbytes > 0
+                and dtype in _MAPPED_PARTS.get(sp[1], ())
+                and info.nbytes == info.numel * dtype.itemsize
+                and (info.data_start + info.offset) % dtype.itemsize == 0)
 
     base: torch.Tensor | None = None
     if any(mapped_part(i) for i in infos):
@@ -364,7 +375,9 @@ def _read_file(file: Path, infos: list[TensorInfo], entries: Mapping[str, Any], 
                 if start + info.nbytes > base.numel():
                     raise FormatError(f"{file}: tensor {info.name!r} runs past the end of the "
                                       "file")
-                yield info.name, base[start:start + info.nbytes]
+                dtype = info.torch_dtype
+                assert dtype is not None
+                yield info.name, base[start:start + info.nbytes].view(dtype).view(info.shape)
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = True) -> LoadedCheckpoint:
@@ -668,8 +681,10 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
     for mod in model.modules():
         if isinstance(mod, StaticActivations) and mod.activation == "static":
             mod._update_calibrated()
-    for qt in ck.quantized.values():  # validating read the codes; the first forward reads
-        mapped.release(qt.qdata, whole_file=True)  # them again, from the file
+    files = {t.untyped_storage().data_ptr(): t for qt in ck.quantized.values()
+             for t in qt.tensors().values() if mapped.is_mapped(t)}
+    for t in files.values():  # validating read them; the first forward reads them again, from
+        mapped.release(t, whole_file=True)  # the file
     hf.mark_model(model)
     return model
 

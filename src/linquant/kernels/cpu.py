@@ -252,18 +252,20 @@ def _cached(cache: Cache | None, name: str, key: tuple[object, ...],
     cache.pop(name, None)  # free the stale layout before building the new one
     value = build()
     cache[name] = (key, value)
-    if name in HOLD_CODES:
-        codes = key[1]
-        if isinstance(codes, tuple) and isinstance(codes[0], torch.Tensor):
-            mapped.held_by_layout(codes[0])  # codes mapped from a checkpoint: leave memory
+    held = HOLDS.get(name, 0)
+    for part in key[1:1 + held]:  # the weight's tensors, mapped from a checkpoint: leave memory
+        if isinstance(part, tuple) and isinstance(part[0], torch.Tensor):
+            mapped.held_by_layout(part[0])
     return value
 
 
-#: Layout names (cache entries) whose layout holds all of a weight's codes: once one is built,
-#: codes that are views of a mapped checkpoint file leave memory (:mod:`linquant.io.mapped`).
-#: Not ``int8pack``: its "layout" is the canonical int8 codes themselves.
-HOLD_CODES = frozenset({"native_int4", "native_w8a8", "native_avx2", "int4pack", "onednn",
-                        "fbgemm"})
+#: Layout names (cache entries) whose layout holds the weight's codes (1: the first tensor of
+#: the key), or everything (4: codes, scales, zero points and offsets): once one is built, those
+#: tensors, where they are views of a mapped checkpoint file, leave memory
+#: (:mod:`linquant.io.mapped`). Not ``int8pack``: its "layout" is the canonical int8 codes
+#: themselves; the int8 layouts take the scales separately on each call.
+HOLDS = {"native_int4": 4, "native_avx2": 4, "int4pack": 4, "native_w8a8": 1, "onednn": 1,
+         "fbgemm": 1}
 
 
 def int4_codes(qt: QuantizedTensor) -> torch.Tensor:
@@ -317,7 +319,10 @@ def repack_int8(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     if w.data_ptr() % 64:  # the aten kernel crashes on int8 weights not 64-byte aligned
         w = w.clone()
         mapped.held_by_layout(qt.qdata)  # codes mapped from a checkpoint: leave memory
-    return w, qt.scale.reshape(n).to(dtype)
+    scale = qt.scale.reshape(n).to(dtype)
+    if scale.data_ptr() % 64:  # scales mapped from a checkpoint sit at any (aligned) offset
+        scale = scale.clone()
+    return w, scale
 
 
 def _bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -487,7 +492,8 @@ def _blocked(x: torch.Tensor, deq: _RowDequant, bias: torch.Tensor | None) -> to
             torch.sum(wb.mul_(x2), dim=1, out=yt[r0:r1, 0])
         else:
             torch.mm(wb, x2.t(), out=yt[r0:r1])
-    mapped.release_if_held(deq.qt.qdata)  # not resident beside a layout that holds them
+    for t in deq.qt.tensors().values():  # not resident beside a layout that holds them
+        mapped.release_if_held(t)
     y = yt.t() if m > 1 else yt.view(1, n)
     y = _bias(y.contiguous(), bias)
     return y.reshape(*x.shape[:-1], n)
@@ -523,7 +529,8 @@ def _whole(deq: _RowDequant, dtype: torch.dtype) -> torch.Tensor:
         for r0 in range(0, n, BLOCK_ROWS):
             r1 = min(n, r0 + BLOCK_ROWS)
             deq.into(w[r0:r1], r0, r1)
-    mapped.release_if_held(deq.qt.qdata)  # not resident beside a layout that holds them
+    for t in deq.qt.tensors().values():  # not resident beside a layout that holds them
+        mapped.release_if_held(t)
     return w
 
 
