@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -136,6 +137,11 @@ def test_only_codes_a_layout_holds_are_dropped_again_after_a_whole_weight_read(
     b.sum()  # a whole-weight read brings the pages back...
     assert mapped.release_if_held(b) == 8 * PAGE  # ...and they go again
     assert mapped.held_by_layout(torch.zeros(PAGE, dtype=torch.uint8)) == 0  # not mapped
+    start = base.data_ptr()
+    assert start in mapped._held
+    del base, a, b
+    gc.collect()
+    assert start not in mapped._held  # the record goes with the mapping
 
 
 @linux_only

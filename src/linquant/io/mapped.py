@@ -6,14 +6,15 @@ Loaded into ordinary memory, the canonical codes would then sit beside the layou
 the model lives: the codes held twice.
 
 ``linquant.load`` and ``linquant.load_into`` instead map each checkpoint file privately
-(:func:`map_file`: ``mmap``, copy-on-write) and make the codes tensors views of it. Such pages
-are clean copies of the file: the OS may drop them whenever it needs memory and read them back
-on the next access. Loading drops them once it has validated the codes; once a layer's kernel
-layout holds its codes, :func:`held_by_layout` (called by the kernels' layout cache) drops them
-again (``madvise(MADV_DONTNEED)``), so the process's resident memory holds the codes once, in
-the layout. Anything that reads the codes later (saving, ``dequantize``, a path that works from
-the canonical codes) reads them back from the file, transparently; a path that dequantizes the
-whole weight drops them again afterwards where a layout holds them (:func:`release_if_held`).
+(:func:`map_file`: ``mmap``, copy-on-write) and make the codes (with their zero points and
+scales) views of it. Such pages are clean copies of the file: the OS may drop them whenever it
+needs memory and read them back on the next access. Loading drops them once it has validated
+them; once a layer's kernel layout holds its codes, :func:`held_by_layout` (called by the
+kernels' layout cache) drops them again (``madvise(MADV_DONTNEED)``), so the process's resident
+memory holds the codes once, in the layout. Anything that reads the codes later (saving,
+``dequantize``, a path that works from the canonical codes) reads them back from the file,
+transparently; a path that dequantizes the whole weight drops them again afterwards where a
+layout holds them (:func:`release_if_held`).
 
 Codes changed in place (``load_state_dict`` into the layer, any in-place op) are private
 copies, which dropping would lose: a mapping whose tensors were written to is never released
@@ -57,9 +58,18 @@ def map_file(path: str | os.PathLike[str]) -> torch.Tensor:
     # a normal tensor even under inference_mode, so its views keep a version counter
     with torch.inference_mode(False):
         base = torch.frombuffer(mm, dtype=torch.uint8)  # its storage keeps ``mm`` alive
+    start = base.data_ptr()
     with _lock:
-        _maps[base.data_ptr()] = mm
+        _maps[start] = mm
+    weakref.finalize(mm, _forget, start, mm_id=id(mm))
     return base
+
+
+def _forget(start: int, mm_id: int) -> None:
+    with _lock:
+        held = _held.get(start)
+        if held is not None and held[0] == mm_id:
+            del _held[start]
 
 
 def _mapping_of(t: torch.Tensor) -> tuple[mmap.mmap, int] | None:
@@ -112,8 +122,9 @@ def release(t: torch.Tensor, *, whole_file: bool = False) -> int:
     return hi - lo
 
 
-# (address, bytes) of codes a kernel layout holds (see held_by_layout)
-_held: set[tuple[int, int]] = set()
+# per mapping (by start address): id of its mmap, and the (address, bytes) of the tensors a
+# kernel layout holds (see held_by_layout); an entry goes with its mapping
+_held: dict[int, tuple[int, set[tuple[int, int]]]] = {}
 
 
 def held_by_layout(t: torch.Tensor) -> int:
@@ -121,10 +132,15 @@ def held_by_layout(t: torch.Tensor) -> int:
     remember it, so that :func:`release_if_held` drops them again after a path that reads the
     canonical codes once more (dequantizing the whole weight at many tokens). Returns the bytes
     released."""
-    if _mapping_of(t) is None:
+    found = _mapping_of(t)
+    if found is None:
         return 0
+    start = t.untyped_storage().data_ptr()
     with _lock:
-        _held.add((t.data_ptr(), t.numel() * t.element_size()))
+        entry = _held.get(start)
+        if entry is None or entry[0] != id(found[0]):
+            entry = _held[start] = (id(found[0]), set())
+        entry[1].add((t.data_ptr(), t.numel() * t.element_size()))
     return release(t)
 
 
@@ -133,8 +149,13 @@ def release_if_held(t: torch.Tensor) -> int:
     just read back from the file, would otherwise sit beside the layout. Codes that only such
     paths read stay (they are the one copy in use; dropping them would only cost reading them
     back on every call)."""
+    found = _mapping_of(t)
+    if found is None:
+        return 0
     with _lock:
-        held = (t.data_ptr(), t.numel() * t.element_size()) in _held
+        entry = _held.get(t.untyped_storage().data_ptr())
+        held = (entry is not None and entry[0] == id(found[0])
+                and (t.data_ptr(), t.numel() * t.element_size()) in entry[1])
     return release(t) if held else 0
 
 
