@@ -84,21 +84,14 @@ def test_mapped_and_read_models_are_bit_identical_before_and_after_release(folde
         assert na == nb and torch.equal(ta, tb), na
 
 
-@linux_only
-def test_release_drops_the_pages_and_the_file_gives_the_same_codes_back(tmp_path: Path) -> None:
-    data = torch.randint(0, 256, (64 * PAGE,), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(0))
-    (tmp_path / "f").write_bytes(data.numpy().tobytes())
-    base = mapped.map_file(tmp_path / "f")
-    t = base[100:100 + 40 * PAGE]  # not page aligned: only the whole pages inside are dropped
-    assert torch.equal(t, data[100:100 + 40 * PAGE])  # reading makes them resident
-    before = mapped.mapped_rss()
-    assert before is not None and before >= 40 * PAGE
-    assert mapped.release(t) == 39 * PAGE
-    after = mapped.mapped_rss()
-    assert after is not None and before - after >= 39 * PAGE
-    assert torch.equal(t, data[100:100 + 40 * PAGE])
-    assert mapped.release(data) == 0  # not a mapped tensor
+def _map(path: Path, offset: int, nbytes: int) -> torch.Tensor:
+    with open(path, "rb") as f:
+        return mapped.map_tensor(f.fileno(), offset, nbytes)
+
+
+def _pages(offset: int, nbytes: int) -> int:
+    """Bytes of the whole pages from the one holding ``offset`` to the one holding the end."""
+    return -(-(offset % PAGE + nbytes) // PAGE) * PAGE
 
 
 @pytest.fixture(scope="module")
@@ -111,47 +104,74 @@ def blob(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
 
 
 @linux_only
-@settings(max_examples=40, deadline=None)
-@given(st.integers(0, 24 * PAGE - 1), st.integers(1, 24 * PAGE), st.booleans())
-def test_release_drops_exactly_the_whole_pages_inside(blob: tuple[Path, torch.Tensor],
-                                                      start: int, size: int, whole: bool
-                                                      ) -> None:
+def test_release_drops_the_pages_and_the_file_gives_the_same_bytes_back(
+        blob: tuple[Path, torch.Tensor]) -> None:
     path, data = blob
-    stop = min(start + size, 24 * PAGE)
-    t = mapped.map_file(path)[start:stop]
-    assert torch.equal(t, data[start:stop])
-    first, last = -(-start // PAGE), stop // PAGE
-    expect = 24 * PAGE if whole else max(0, last - first) * PAGE
-    assert mapped.release(t, whole_file=whole) == expect
-    assert torch.equal(t, data[start:stop])  # read back from the file
+    t = _map(path, 100, 20 * PAGE)  # not page aligned: its mapping starts at the file's page 0
+    assert torch.equal(t, data[100:100 + 20 * PAGE])  # reading makes the pages resident
+    before = mapped.mapped_rss([t])
+    assert before is not None and before >= 20 * PAGE
+    assert mapped.release(t) == 21 * PAGE
+    assert mapped.mapped_rss([t]) == 0
+    assert torch.equal(t, data[100:100 + 20 * PAGE])
+    assert mapped.release(data) == 0  # not a mapped tensor
 
 
 @linux_only
-def test_only_codes_a_layout_holds_are_dropped_again_after_a_whole_weight_read(
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 24 * PAGE - 1), st.integers(1, 24 * PAGE))
+def test_a_mapped_tensor_has_its_bytes_and_a_storage_of_its_own(
+        blob: tuple[Path, torch.Tensor], start: int, size: int) -> None:
+    path, data = blob
+    size = min(size, 24 * PAGE - start)
+    t = _map(path, start, size)
+    assert torch.equal(t, data[start:start + size])
+    assert t.untyped_storage().nbytes() == size and t.untyped_storage().data_ptr() == t.data_ptr()
+    assert mapped.release(t) == _pages(start, size)
+    assert torch.equal(t, data[start:start + size])  # read back from the file
+
+
+@linux_only
+def test_a_tensor_written_in_place_is_never_released(blob: tuple[Path, torch.Tensor]) -> None:
+    a, b = _map(blob[0], 0, 8 * PAGE), _map(blob[0], 8 * PAGE, 8 * PAGE)
+    a.view(torch.int8)[5] = 7  # a private copy of that page now: dropping it would lose the write
+    assert mapped.release(a) == 0 and int(a[5]) == 7
+    assert mapped.release(b) == 8 * PAGE  # another tensor of the same file: its own mapping
+
+
+@linux_only
+def test_only_tensors_a_layout_holds_are_dropped_again_after_a_whole_weight_read(
         blob: tuple[Path, torch.Tensor]) -> None:
-    base = mapped.map_file(blob[0])
-    a, b = base[:8 * PAGE], base[8 * PAGE:16 * PAGE]
+    a, b = _map(blob[0], 0, 8 * PAGE), _map(blob[0], 8 * PAGE, 8 * PAGE)
     a.sum(), b.sum()
     assert mapped.release_if_held(a) == 0  # the one copy in use: stays
     assert mapped.held_by_layout(b) == 8 * PAGE
     b.sum()  # a whole-weight read brings the pages back...
     assert mapped.release_if_held(b) == 8 * PAGE  # ...and they go again
     assert mapped.held_by_layout(torch.zeros(PAGE, dtype=torch.uint8)) == 0  # not mapped
-    start = base.data_ptr()
-    assert start in mapped._held
-    del base, a, b
+    start = b.data_ptr()
+    assert start in mapped._maps
+    del a, b
     gc.collect()
-    assert start not in mapped._held  # the record goes with the mapping
+    assert start not in mapped._maps  # unmapped with the last view
 
 
-@linux_only
-def test_codes_written_in_place_are_never_released(tmp_path: Path) -> None:
-    (tmp_path / "f").write_bytes(bytes(16 * PAGE))
-    base = mapped.map_file(tmp_path / "f")
-    a, b = base[:8 * PAGE], base[8 * PAGE:]
-    a[5] = 7  # a private copy of that page now: dropping it would lose the write
-    assert mapped.release(a) == 0 and mapped.release(b) == 0  # one counter per mapping
-    assert int(a[5]) == 7
+def test_torch_save_of_a_loaded_model(folder: Path, tmp_path: Path) -> None:
+    """Codes (uint8, and int8 views in W8A8 layers) and scales have storages of their own, so
+    ``torch.save`` takes the state dict and the model (it refuses storages viewed as two
+    dtypes) and writes only their bytes."""
+    m = _loaded(folder)
+    with torch.inference_mode():
+        y = m(IDS)
+    torch.save(m.state_dict(), tmp_path / "sd.pt")
+    torch.save(m, tmp_path / "model.pt")
+    sd = torch.load(tmp_path / "sd.pt")
+    for k, v in m.state_dict().items():
+        assert torch.equal(sd[k], v), k
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.inference_mode():
+        assert torch.equal(again(IDS), y)
+    assert (tmp_path / "sd.pt").stat().st_size < 1.5 * (folder / "model.safetensors").stat().st_size
 
 
 @linux_only
@@ -160,9 +180,11 @@ def test_loading_leaves_the_codes_in_the_file(tmp_path: Path) -> None:
     m = Net()
     quantize_model(m, "w4a16-sym-g32")  # symmetric: loading reads every code to check its range
     save(m, tmp_path / "q")
-    codes = _codes(_loaded(tmp_path / "q"))
-    rss = mapped.mapped_rss(codes.values())
-    assert rss is not None and rss <= 2 * PAGE * len(codes)  # at most the pages at each end
+    loaded = _loaded(tmp_path / "q")
+    parts = [t for mod in loaded.modules() if isinstance(mod, QuantModule)
+             for t in mod.qweight.tensors().values()]
+    assert all(mapped.is_mapped(t) for t in parts)
+    assert mapped.mapped_rss(parts) == 0
 
 
 @linux_only

@@ -358,26 +358,24 @@ def _read_file(file: Path, infos: list[TensorInfo], entries: Mapping[str, Any], 
                 and info.nbytes == info.numel * dtype.itemsize
                 and (info.data_start + info.offset) % dtype.itemsize == 0)
 
-    base: torch.Tensor | None = None
-    if any(mapped_part(i) for i in infos):
+    maps: dict[str, torch.Tensor] = {}
+    wanted = [i for i in infos if mapped_part(i)]
+    if wanted:
         try:
-            base = mapped.map_file(file)
-        except (OSError, ValueError):  # no mmap for this file (a special file system): read it
-            base = None
-    for name, t in read_tensors([i for i in infos if base is None or not mapped_part(i)]):
+            with open(file, "rb") as f:
+                for info in wanted:
+                    dtype = info.torch_dtype
+                    assert dtype is not None
+                    t = mapped.map_tensor(f.fileno(), info.data_start + info.offset,
+                                          info.nbytes)
+                    maps[info.name] = t.view(dtype).view(info.shape)
+        except (OSError, ValueError):  # no mmap here (another OS, a special file system)
+            maps = {}
+    for name, t in read_tensors([i for i in infos if i.name not in maps]):
         if t.numel() and t.data_ptr() % 64:  # safetensors data may sit at any offset;
             t = t.clone()  # fast kernels (torch._weight_int8pack_mm) crash on that
         yield name, t
-    if base is not None:
-        for info in infos:
-            if mapped_part(info):
-                start = info.data_start + info.offset
-                if start + info.nbytes > base.numel():
-                    raise FormatError(f"{file}: tensor {info.name!r} runs past the end of the "
-                                      "file")
-                dtype = info.torch_dtype
-                assert dtype is not None
-                yield info.name, base[start:start + info.nbytes].view(dtype).view(info.shape)
+    yield from maps.items()
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = True) -> LoadedCheckpoint:
@@ -681,10 +679,9 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
     for mod in model.modules():
         if isinstance(mod, StaticActivations) and mod.activation == "static":
             mod._update_calibrated()
-    files = {t.untyped_storage().data_ptr(): t for qt in ck.quantized.values()
-             for t in qt.tensors().values() if mapped.is_mapped(t)}
-    for t in files.values():  # validating read them; the first forward reads them again, from
-        mapped.release(t, whole_file=True)  # the file
+    for qt in ck.quantized.values():  # validating read them; the first forward reads them
+        for t in qt.tensors().values():  # again, from the file
+            mapped.release(t)
     hf.mark_model(model)
     return model
 
