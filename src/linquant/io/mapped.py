@@ -103,7 +103,7 @@ def map_tensor(fd: int, offset: int, nbytes: int) -> torch.Tensor:
 
 def _mapping_of(t: torch.Tensor) -> tuple[int, int, int] | None:
     """``(storage address, mapping address, mapping length)`` of a mapped tensor, else None."""
-    if t.device.type != "cpu" or not t.numel():
+    if not _maps or t.device.type != "cpu" or not t.numel():  # nothing mapped: no cost
         return None
     try:
         start = t.untyped_storage().data_ptr()

@@ -381,8 +381,9 @@ def _read_file(file: Path, infos: list[TensorInfo], entries: Mapping[str, Any], 
 def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = True) -> LoadedCheckpoint:
     """Read and validate every tensor of a linquant checkpoint (file, folder or index).
 
-    ``mmap``: the codes of quantized tensors are views of the files, mapped privately, not
-    copies (see :mod:`linquant.io.mapped`: a running model then holds its codes once)."""
+    ``mmap``: the codes, zero points and scales of quantized tensors are views of the files,
+    mapped privately, not copies (see :mod:`linquant.io.mapped`: a running model then holds its
+    codes once)."""
     try:
         infos = tensor_infos(path)
     except FormatError:
@@ -566,12 +567,12 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
     then every tensor is assigned (no copy). Raises :class:`FormatError` naming the file and
     tensor for anything that does not fit: unknown or missing tensors, shape mismatches.
 
-    ``mmap`` (default): the quantized codes are views of the checkpoint files, mapped privately
-    (copy-on-write), not copies; once a layer's kernel layout holds them, its pages are dropped
-    from memory and read back from the file only if something reads the codes again
-    (:mod:`linquant.io.mapped`). Do not write into the files in place while the model runs;
-    replacing them (``save``, ``linquant quantize``) is safe. ``mmap=False`` reads them into
-    memory.
+    ``mmap`` (default): the quantized codes, zero points and scales are views of the checkpoint
+    files, mapped privately (copy-on-write), not copies; once a layer's kernel layout holds them,
+    their pages are dropped from memory and read back from the file only if something reads
+    them again (:mod:`linquant.io.mapped`). Do not write into the files in place while the model
+    runs; replacing them (``save``, ``linquant quantize``) is safe. ``mmap=False`` reads them
+    into memory.
     """
     ck = read_checkpoint(path, mmap=mmap)
     _strip_prefix(model, ck)

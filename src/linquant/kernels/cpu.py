@@ -320,7 +320,7 @@ def repack_int8(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
         w = w.clone()
         mapped.held_by_layout(qt.qdata)  # codes mapped from a checkpoint: leave memory
     scale = qt.scale.reshape(n).to(dtype)
-    if scale.data_ptr() % 64:  # scales mapped from a checkpoint sit at any (aligned) offset
+    if scale.data_ptr() % 64:  # mapped from a checkpoint: at any offset its dtype allows
         scale = scale.clone()
     return w, scale
 
