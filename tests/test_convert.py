@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -223,6 +223,52 @@ def test_a_nan_weight_is_refused_before_anything_changes(preset: str) -> None:
     assert after.keys() == state.keys()
     assert all(torch.equal(torch.nan_to_num(after[k]), torch.nan_to_num(v))
                for k, v in state.items())
+
+
+def test_fp16_scales_that_would_overflow_are_refused_before_anything_changes() -> None:
+    """int4 with fp16 scales cannot hold a scale of 1e6 / 7: the last layer's weight is refused
+    before the first layer is replaced (it used to fail mid-walk, the model half quantized)."""
+    model = Tiny()
+    with torch.no_grad():
+        model.head.weight[3, 5] = 1e6
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LinquantError, match=r"head.*scale.*overflow float16 storage"):
+        quantize_model(model, "w4a16-sym-g32")
+    assert not [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding,
+                                                              QuantConv2d))]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_wide_range_whose_groups_fit_fp16_scales_is_quantized() -> None:
+    """The tensor's range says a scale could overflow, its groups' ranges say none does: the
+    pre-check quantizes that weight to find out and lets it through."""
+    model = Tiny()
+    with torch.no_grad():
+        model.head.weight[0, :32] = 6e5  # one group of 32 at +6e5 ...
+        model.head.weight[1, :32] = -6e5  # ... another at -6e5: (6e5 + 6e5) / 15 > 65504
+    report = quantize_model(model, "w4a16-g32")
+    assert report["head"].scheme == "int4-asym-g32-fp16, compute bf16"
+    assert isinstance(model.head, QuantLinear)
+
+
+_MAGNITUDES = st.builds(lambda e, sign: sign * 10.0**e, st.floats(0.0, 6.5),
+                       st.sampled_from([-1.0, 1.0]))
+
+
+@settings(max_examples=300, deadline=None)
+@example(-6e5, 6e5, "int4-asym-g32-fp16")  # each side fits, the range does not: 1.2e6 / 15
+@example(-5e5, 0.0, "int4-sym-g32-fp16")  # 5e5 / 7
+@given(_MAGNITUDES, _MAGNITUDES,
+       st.sampled_from(["int4-sym-g32-fp16", "int4-asym-g32-fp16", "int8-sym-ch0-fp16",
+                        "int2-asym-g32-fp16", "int3-asymf-g32-fp16", "int8-asym-ch0-fp16"]))
+def test_may_overflow_never_calls_an_overflowing_range_safe(a: float, b: float, text: str
+                                                           ) -> None:
+    """The pre-check's bound: a range it calls safe quantizes (the bound is never too low)."""
+    from linquant.ops.qparams import may_overflow, qparams_from_range
+
+    lo, hi, scheme = min(a, b), max(a, b), QuantScheme.parse(text)
+    if not may_overflow(lo, hi, scheme):
+        qparams_from_range(torch.tensor([lo]), torch.tensor([hi]), scheme)
 
 
 def test_bad_arguments() -> None:

@@ -869,8 +869,11 @@ def _plan_weight(plan: _Plan) -> torch.Tensor | None:
 
 
 def _check_finite_weights(plans: dict[object, _Plan]) -> None:
-    """Raise :class:`LinquantError` naming the first planned weight that holds NaN or Inf."""
-    from linquant.ops.qparams import check_finite
+    """Raise :class:`LinquantError` naming the first planned weight that holds NaN or Inf, or
+    whose scales would overflow their storage dtype (fp16 scales of values in the hundreds of
+    thousands): a weight whose range could (:func:`~linquant.ops.qparams.may_overflow`) is
+    quantized once here to find out."""
+    from linquant.ops.qparams import check_finite, may_overflow
 
     for plan in plans.values():
         if plan.reason is not None or plan.module is None:
@@ -878,7 +881,12 @@ def _check_finite_weights(plans: dict[object, _Plan]) -> None:
         w = _plan_weight(plan)
         if w is None or w.is_meta:
             continue
-        check_finite(w.detach(), plan.names[0] if plan.part else f"{plan.names[0]}.weight")
+        name = plan.names[0]
+        lo, hi = check_finite(w.detach(), name if plan.part else f"{name}.weight")
+        assert plan.config is not None and plan.scheme is not None
+        scheme = W8A8_WEIGHT if _uses_w8a8(plan.module, plan.config) else plan.scheme
+        if not plan.part and may_overflow(lo, hi, scheme):
+            _build(name, plan.module, plan.config, plan.scheme)  # raises if it does overflow
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:

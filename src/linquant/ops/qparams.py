@@ -129,15 +129,35 @@ def check_finite_range(
     _raise_nonfinite(x, name, shape if shape is not None else tuple(x.shape))
 
 
-def check_finite(x: torch.Tensor, name: str, block: int = 1 << 24) -> None:
+def check_finite(x: torch.Tensor, name: str, block: int = 1 << 24) -> tuple[float, float]:
     """Raise, as :func:`check_finite_range` does, if ``x`` holds NaN or Inf (one pass, no
-    ranges: :func:`linquant.quantize_model` checks every weight before it changes anything).
-    Views of about ``block`` elements at a time, so the check never allocates a mask the size
-    of a large embedding table."""
+    ranges: :func:`linquant.quantize_model` checks every weight before it changes anything);
+    else return ``x``'s ``(min, max)``. Views of about ``block`` elements at a time, so the
+    check never allocates a mask the size of a large embedding table."""
+    if not x.numel():
+        return 0.0, 0.0
     rows = max(1, block // max(1, math.prod(x.shape[1:]))) if x.dim() > 1 else max(1, x.numel())
     parts = torch.split(x, rows) if x.dim() > 0 else (x,)
-    if not all(bool(torch.isfinite(part).all()) for part in parts):
-        _raise_nonfinite(x, name, tuple(x.shape))
+    lo, hi = math.inf, -math.inf
+    for part in parts:
+        a, b = torch.aminmax(part)  # NaN if any is NaN
+        lo, hi = min(lo, float(a)), max(hi, float(b))
+        if not (math.isfinite(float(a)) and math.isfinite(float(b))):
+            _raise_nonfinite(x, name, tuple(x.shape))
+    return lo, hi
+
+
+def may_overflow(lo: float, hi: float, scheme: QuantScheme) -> bool:
+    """Whether some granule of a tensor whose values lie in ``[lo, hi]`` could get a scale (or a
+    float offset) past its storage dtype's range under ``scheme``: False means none can (each
+    granule's range lies inside the tensor's; clipping only shrinks scales)."""
+    top = float(torch.finfo(scheme.scale_dtype).max)
+    if scheme.symmetric:
+        return max(-lo, hi) / scheme.qmax > top
+    levels = float(scheme.qmax - scheme.qmin)
+    if scheme.zero_point == "float":
+        return (hi - lo) / levels > top or -lo > top or hi > top
+    return (max(hi, 0.0) - min(lo, 0.0)) / levels > top
 
 
 def _raise_nonfinite(x: torch.Tensor, name: str, dims: tuple[int, ...]) -> None:
