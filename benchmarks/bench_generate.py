@@ -93,7 +93,8 @@ def resident_nbytes(model: nn.Module) -> int:
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     views = [t for t in tensors if mapped.is_mapped(t)]
     in_memory = sum(t.numel() * t.element_size() for t in tensors if not mapped.is_mapped(t))
-    return in_memory + (mapped.mapped_rss(views) or 0 if views else 0) + kernel_cache_nbytes(model)
+    resident_views = (mapped.mapped_rss(views) or 0) if views else 0
+    return in_memory + resident_views + kernel_cache_nbytes(model)
 
 
 def run(model: nn.Module, ids: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:

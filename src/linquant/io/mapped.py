@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["held_by_layout", "is_mapped", "map_tensor", "mapped_rss", "release",
+__all__ = ["active", "held_by_layout", "is_mapped", "map_tensor", "mapped_rss", "release",
            "release_if_held"]
 
 _PAGE = mmap.PAGESIZE
@@ -99,6 +99,11 @@ def map_tensor(fd: int, offset: int, nbytes: int) -> torch.Tensor:
     # the storage holds ``buf`` (the buffer it exports) until the last view of it goes
     weakref.finalize(buf, _unmap, start, addr, length)
     return t
+
+
+def active() -> bool:
+    """Whether any tensor is mapped now."""
+    return bool(_maps)
 
 
 def _mapping_of(t: torch.Tensor) -> tuple[int, int, int] | None:

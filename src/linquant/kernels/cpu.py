@@ -492,8 +492,7 @@ def _blocked(x: torch.Tensor, deq: _RowDequant, bias: torch.Tensor | None) -> to
             torch.sum(wb.mul_(x2), dim=1, out=yt[r0:r1, 0])
         else:
             torch.mm(wb, x2.t(), out=yt[r0:r1])
-    for t in deq.qt.tensors().values():  # not resident beside a layout that holds them
-        mapped.release_if_held(t)
+    _release_held(deq.qt)
     y = yt.t() if m > 1 else yt.view(1, n)
     y = _bias(y.contiguous(), bias)
     return y.reshape(*x.shape[:-1], n)
@@ -519,6 +518,14 @@ def scratch_runner(qt: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.
     return lambda x: F.linear(x, _whole(deq, x.dtype), b)
 
 
+def _release_held(qt: QuantizedTensor) -> None:
+    """After a whole-weight read of ``qt``: its tensors mapped from a checkpoint, which a layout
+    holds too, leave memory again (nothing to do, at no cost, when nothing is mapped)."""
+    if mapped.active():
+        for t in qt.tensors().values():
+            mapped.release_if_held(t)
+
+
 def _whole(deq: _RowDequant, dtype: torch.dtype) -> torch.Tensor:
     """The whole weight dequantized into this thread's scratch buffer, ``[N, K]`` ``dtype``."""
     n, k = deq.n, deq.k
@@ -529,8 +536,7 @@ def _whole(deq: _RowDequant, dtype: torch.dtype) -> torch.Tensor:
         for r0 in range(0, n, BLOCK_ROWS):
             r1 = min(n, r0 + BLOCK_ROWS)
             deq.into(w[r0:r1], r0, r1)
-    for t in deq.qt.tensors().values():  # not resident beside a layout that holds them
-        mapped.release_if_held(t)
+    _release_held(deq.qt)
     return w
 
 

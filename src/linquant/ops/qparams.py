@@ -140,10 +140,10 @@ def check_finite(x: torch.Tensor, name: str, block: int = 1 << 24) -> tuple[floa
     parts = torch.split(x, rows) if x.dim() > 0 else (x,)
     lo, hi = math.inf, -math.inf
     for part in parts:
-        a, b = torch.aminmax(part)  # NaN if any is NaN
-        lo, hi = min(lo, float(a)), max(hi, float(b))
-        if not (math.isfinite(float(a)) and math.isfinite(float(b))):
+        a, b = (float(v) for v in torch.aminmax(part))  # NaN if any is NaN
+        if not (math.isfinite(a) and math.isfinite(b)):
             _raise_nonfinite(x, name, tuple(x.shape))
+        lo, hi = min(lo, a), max(hi, b)
     return lo, hi
 
 
