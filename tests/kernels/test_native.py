@@ -128,11 +128,16 @@ def test_native_is_exact_when_every_sum_is() -> None:
 @pytest.mark.parametrize("scheme",
                          ["int4-sym-g32-fp16", "int4-asym-g64-fp16", "int4-asym-ch0-fp16"])
 def test_compact_scales_give_the_same_bits_as_fp32_scales(scheme: str) -> None:
-    qt = _qt(100, 256, scheme)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 256, generator=g)
+    w[0::3], w[1::3] = w[0::3].abs(), -w[1::3].abs()  # groups of one sign: zero points at the ends
+    qt = lq.quantize(w, scheme)
+    if qt.zero_point is not None:
+        assert int(qt.zero_point.min()) == 0 and int(qt.zero_point.max()) == 2**qt.scheme.bits - 1
     compact, full = native.repack(qt), native.repack(qt, compact=False)
     assert compact[3] and not full[3]
-    assert compact[1].dtype == torch.float16 and compact[2].dtype == torch.int16
-    assert compact[1].nbytes + compact[2].nbytes == (full[1].nbytes + full[2].nbytes) // 2
+    assert compact[1].dtype == torch.float16 and compact[2].dtype == torch.uint8
+    assert 8 * (compact[1].nbytes + compact[2].nbytes) == 3 * (full[1].nbytes + full[2].nbytes)
     lib = native._load()
     assert lib is not None
     x = torch.randn(11, 256).bfloat16()

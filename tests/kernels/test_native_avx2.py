@@ -97,7 +97,7 @@ def test_compact_layout_only_where_exact() -> None:
     assert not native.repack_avx2(_qt(32, 64, "int4-asymf-g32-fp16"))[3]  # float offsets
     assert not native.repack_avx2(_qt(32, 64, "int8-sym-g32-fp32"))[3]  # fp32 scales
     c = native.repack_avx2(_qt(32, 64, "int8-asym-g32-bf16"))  # bf16 scales: exact in fp16
-    assert c[3] and c[1].dtype == torch.float16 and c[2].dtype == torch.int16
+    assert c[3] and c[1].dtype == torch.float16 and c[2].dtype == torch.uint8
     with pytest.raises(lq.LinquantError, match="compact layout"):
         native.repack_avx2(_qt(32, 64, "int4-sym-g32-fp32"), compact=True)
 
@@ -244,10 +244,15 @@ def test_tokens_scaled_by_powers_of_two_give_exactly_scaled_outputs(dtype: torch
 @needs_avx2
 @pytest.mark.parametrize("scheme", ["int4-sym-g32-fp16", "int8-asym-g64-fp16", "int4-sym-ch0-fp16"])
 def test_compact_scales_give_the_same_bits_as_fp32_scales(scheme: str) -> None:
-    qt = _qt(100, 256, scheme)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 256, generator=g)
+    w[0::3], w[1::3] = w[0::3].abs(), -w[1::3].abs()  # groups of one sign: zero points at the ends
+    qt = lq.quantize(w, scheme)
+    if qt.zero_point is not None:
+        assert int(qt.zero_point.min()) == 0 and int(qt.zero_point.max()) == 2**qt.scheme.bits - 1
     compact, full = native.repack_avx2(qt), native.repack_avx2(qt, compact=False)
     assert compact[3] and not full[3]
-    assert compact[1].nbytes + compact[2].nbytes == (full[1].nbytes + full[2].nbytes) // 2
+    assert 8 * (compact[1].nbytes + compact[2].nbytes) == 3 * (full[1].nbytes + full[2].nbytes)
     x = torch.randn(11, 256).bfloat16()
     bias = torch.randn(100)
     a = native._run_avx2(_lib(), x, qt, compact, bias)

@@ -443,9 +443,9 @@ def repack(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
     """``(codes, scales, offsets, compact)`` in the kernel's layout (see the C source): codes
     uint8 ``[ceil(N / 16), K / 4, 32]``; per group and row, as ``[ceil(N / 16), K / g, 16]``:
     fp32 scales ``s`` and fp32 offsets ``b - 128 s`` (with ``w = s q + b``), or, ``compact``,
-    when the scales are exact in fp16 and there is no float offset: fp16 scales and int16
-    ``128 + z`` (zero point ``z``; 8 for symmetric codes), half the bytes. Rows past ``N`` are
-    zero. ``compact=None`` picks it where possible; False forces the fp32 format."""
+    when the scales are exact in fp16 and there is no float offset: fp16 scales and uint8
+    ``128 + z`` (zero point ``z``; 8 for symmetric codes), 3 bytes instead of 8. Rows past ``N``
+    are zero. ``compact=None`` picks it where possible; False forces the fp32 format."""
     n, k = (int(d) for d in qt.shape)
     g = int(qt.scheme.group_size or k)
     nb = -(-n // BLOCK_N)
@@ -462,7 +462,7 @@ def repack(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
         z = qt.zero_point
         c = (torch.full_like(scale, 136.0) if z is None
              else 128.0 + z.float().reshape(n, k // g))
-        scale, offset = half, c.to(torch.int16)
+        scale, offset = half, c.to(torch.uint8)
     else:
         offset = zero - 136.0 * scale  # b - 128 s, with b = zero - 8 s
     if pad:
@@ -753,7 +753,7 @@ def repack_avx2(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
     scales ``s`` and fp32 centered offsets ``o_c`` with ``w = s (u - 2**(bits - 1)) + o_c`` for
     the unsigned codes ``u`` (symmetric codes ``c`` become ``u = c + 2**(bits - 1)``, and their
     ``o_c`` is 0), or, ``compact`` (scales exact in fp16, no float offset), fp16 scales and
-    int16 zero points ``z`` (``w = s (u - z)``), half the bytes. ``g'`` is the group, or for
+    uint8 zero points ``z`` (``w = s (u - z)``), 3 bytes instead of 8. ``g'`` is the group, or for
     groups longer than ``AVX2_MAX_GROUP`` codes (per channel, per tensor) the largest divisor of
     it up to that many, each part with the group's parameters. Rows past ``N`` are zero.
     ``compact=None`` picks it where possible; False forces the fp32 format. The codes need no
@@ -780,7 +780,7 @@ def repack_avx2(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
     zf = per_row(z) if z is not None else torch.full_like(
         scale, 0.0 if qt.offset is not None else float(1 << (bits - 1)))
     if compact:
-        scale, offset = half, zf.to(torch.int16)
+        scale, offset = half, zf.to(torch.uint8)
     else:  # centered: o + 2^(bits - 1) s, from fp64 (exactly 0 for symmetric codes)
         o = per_row(qt.offset).double() if qt.offset is not None else -(scale.double() * zf)
         offset = (o + float(1 << (bits - 1)) * scale.double()).float()

@@ -47,7 +47,7 @@
 /* The per-group scale and offset of 8 rows, with w = s u + o (center: w = s (u - 2^(bits - 1))
  * + o, the offset for centered codes). Full format: fp32 s and the centered offset o_c (stored
  * so, computed exactly or rounded once from fp64: 0 for symmetric codes; uncentered,
- * o = o_c - 2^(bits - 1) s); compact format: fp16 s and int16 z, o = -(s z) and
+ * o = o_c - 2^(bits - 1) s); compact format: fp16 s and uint8 z, o = -(s z) and
  * o_c = s (2^(bits - 1) - z), both exact in fp32. */
 ALWAYS_INLINE void group_params(const void* sb, const void* ob, int64_t i, const int compact,
                                 const int center, const int bits, __m256* s, __m256* o)
@@ -55,8 +55,8 @@ ALWAYS_INLINE void group_params(const void* sb, const void* ob, int64_t i, const
     const __m256 half = _mm256_set1_ps((float)(1 << (bits - 1)));
     if (compact) {
         *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)sb + i)));
-        __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(
-            _mm_loadu_si128((const __m128i*)((const int16_t*)ob + i))));
+        __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+            _mm_loadl_epi64((const __m128i*)((const uint8_t*)ob + i))));
         if (center)
             *o = _mm256_mul_ps(*s, _mm256_sub_ps(half, z));
         else
@@ -189,7 +189,7 @@ static void gemm(const uint32_t* codes, const void* sb, const void* ob, const in
                  const int bits, const int center)
 {
     const int64_t nb = (N + 7) / 8, G = K / g, words = K / (32 / bits);
-    const size_t pbytes = compact ? 2 : 4;
+    const size_t sbytes = compact ? 2 : 4, obytes = compact ? 1 : 4;
     int64_t mc = CHUNK_BYTES > 0 ? ((int64_t)CHUNK_BYTES / (4 * ldx)) & ~(int64_t)7 : M;
     if (mc < 8)
         mc = 8;
@@ -199,8 +199,8 @@ static void gemm(const uint32_t* codes, const void* sb, const void* ob, const in
 #pragma omp for schedule(static) nowait
         for (int64_t b = 0; b < nb; b++) {
             const uint32_t* pb = codes + b * words * 8;
-            const char* sbb = (const char*)sb + b * G * 8 * pbytes;
-            const char* obb = (const char*)ob + b * G * 8 * pbytes;
+            const char* sbb = (const char*)sb + b * G * 8 * sbytes;
+            const char* obb = (const char*)ob + b * G * 8 * obytes;
 #define ROWS(C, B, Z) rows(pb, sbb, obb, C, xp, ldx, xs, ts, bias, y, c0, c1, N, K, g, b, B, Z)
             if (bits == 4)
                 compact ? (center ? ROWS(1, 4, 1) : ROWS(1, 4, 0))
@@ -309,7 +309,7 @@ static int prepare_token(const void* xt, int dtype, int64_t K, int64_t g, int bi
 
 /* x [M, K] (dtype 0: bf16, 1: fp16, 2: fp32); xp [M, ldx] with ldx >= K, xs [M, K / g],
  * ts [M], y [M, N] fp32 (written here); bias fp32 [N] or NULL; codes / sb / ob: the layout
- * above, ceil(N / 8) blocks, compact != 0 for fp16 scales and int16 zero points. Returns the
+ * above, ceil(N / 8) blocks, compact != 0 for fp16 scales and uint8 zero points. Returns the
  * number of tokens holding Inf or NaN (y is not computed when there are any), or -1 for
  * ldx < K (nothing written). */
 int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int64_t compact,
