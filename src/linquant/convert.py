@@ -51,7 +51,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -64,6 +64,9 @@ from linquant.ops.metrics import sqnr
 from linquant.report import Column, csv_text, format_table, json_text
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor
+
+if TYPE_CHECKING:
+    from linquant.nn.experts import QuantExpertsProj
 
 __all__ = [
     "LayerReport", "ModelPlan", "ModelReport", "model_nbytes", "plan_model", "quantize_model",
@@ -884,8 +887,12 @@ def _check_finite_weights(plans: dict[object, _Plan]) -> None:
         name = plan.names[0]
         lo, hi = check_finite(w.detach(), name if plan.part else f"{name}.weight")
         assert plan.config is not None and plan.scheme is not None
+        if plan.part:  # an experts projection: quantized with its plan's scheme
+            if may_overflow(lo, hi, plan.scheme):
+                _experts_projection(plan, w)  # raises if it does overflow
+            continue
         scheme = W8A8_WEIGHT if _uses_w8a8(plan.module, plan.config) else plan.scheme
-        if not plan.part and may_overflow(lo, hi, scheme):
+        if may_overflow(lo, hi, scheme):
             _build(name, plan.module, plan.config, plan.scheme)  # raises if it does overflow
 
 
@@ -920,21 +927,29 @@ def _experts_part_nbytes(module: nn.Module, part: str) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _experts_projection(plan: _Plan, w: torch.Tensor) -> QuantExpertsProj:
+    """The :class:`~linquant.nn.experts.QuantExpertsProj` of ``plan``'s projection ``w``."""
+    from linquant.nn.experts import QuantExpertsProj, experts_transposed
+
+    assert plan.module is not None and plan.config is not None and plan.scheme is not None
+    activation, act_symmetric = experts_activation(plan.config)
+    return QuantExpertsProj.from_float(w, plan.scheme, transposed=experts_transposed(plan.module),
+                                       activation=activation, act_symmetric=act_symmetric,
+                                       name=plan.names[0])
+
+
 def _quantize_experts_part(model: nn.Module, parents: Mapping[str, nn.Module], plan: _Plan,
                            row: LayerReport, wrappers: dict[int, nn.Module]) -> None:
     """Quantize one projection of an experts module: the module is replaced by its
     :class:`~linquant.nn.experts.QuantExperts` (once), which then takes the projection."""
-    from linquant.nn.experts import QuantExperts, QuantExpertsProj, expert_rows, experts_transposed
+    from linquant.nn.experts import QuantExperts, expert_rows, experts_transposed
 
     module, part = plan.module, plan.part
     assert module is not None and plan.config is not None and plan.scheme is not None
     w = module._parameters[part]
     assert w is not None
     transposed = experts_transposed(module)
-    activation, act_symmetric = experts_activation(plan.config)
-    new = QuantExpertsProj.from_float(w, plan.scheme, transposed=transposed,
-                                      activation=activation, act_symmetric=act_symmetric,
-                                      name=plan.names[0])
+    new = _experts_projection(plan, w)
     qw = new.qweight
     row.bits_per_weight = qw.bits_per_weight
     row.sqnr_db = sqnr(expert_rows(w.detach(), transposed), qw.dequantize(torch.float32))

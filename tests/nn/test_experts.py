@@ -283,6 +283,30 @@ def test_quantize_model_reports_each_projection(transposed: bool) -> None:
         lq.quantize_model(Block(), "w4a16-g32", strict=True)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_experts_scales_that_would_overflow_are_refused_before_anything_changes(
+        transposed: bool) -> None:
+    """fp16 scales cannot hold 1e6 / 7: the down projection is refused before the first
+    projection (or the router) is replaced. It used to fail mid-walk, the experts module already
+    wrapped and its first projection quantized."""
+    model = Block(transposed=transposed)
+    with torch.no_grad():
+        model.experts.down_proj[2, 5, 3] = 1e6
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LinquantError, match=r"experts\.down_proj.*overflow float16 storage"):
+        lq.quantize_model(model, "int4-sym-g8-fp16")
+    assert type(model.experts) is ToyExperts and type(model.router) is nn.Linear
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    # a range that only looks dangerous: each group of 8 fits (+-6e5 / 7 < 65504 apiece)
+    model = Block(transposed=transposed)
+    with torch.no_grad():
+        model.experts.down_proj[0] = 6e5
+        model.experts.down_proj[1] = -6e5
+    report = lq.quantize_model(model, "int4-asym-g8-fp16")
+    assert report["experts.down_proj"].quantized and isinstance(model.experts, QuantExperts)
+
+
 def test_excluded_projection_stays_float_and_the_rest_runs() -> None:
     model = Block()
     ref = copy.deepcopy(model)
