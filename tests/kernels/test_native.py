@@ -191,7 +191,7 @@ def test_native_nonfinite_token_follows_the_reference(bad: float,
 @needs_native
 @settings(max_examples=40, deadline=None)
 @given(m=st.integers(1, 20), nblocks=st.integers(1, 5), tail=st.integers(0, 15),
-       groups=st.integers(1, 4), group=st.sampled_from([4, 8, 32, 64]),
+       groups=st.integers(1, 4), group=st.sampled_from([4, 8, 12, 20, 32, 64]),
        mode=st.sampled_from(["sym", "asym", "asymf"]), seed=st.integers(0, 2**16))
 def test_native_equals_reference_property(m: int, nblocks: int, tail: int, groups: int,
                                           group: int, mode: str, seed: int) -> None:
