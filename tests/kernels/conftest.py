@@ -53,3 +53,22 @@ def poisoned_empty(monkeypatch: pytest.MonkeyPatch
             yield
 
     return context
+
+
+@pytest.fixture
+def one_signed_qt() -> Callable[[str], Any]:
+    """``make(scheme)``: a 100 x 256 weight quantized under ``scheme`` whose rows are of one
+    sign by thirds (positive, negative, mixed), so that an asymmetric scheme's zero points reach
+    both ends of their range (asserted): what a compact layout's zero point bytes must hold."""
+    import linquant as lq
+
+    def make(scheme: str) -> Any:
+        w = torch.randn(100, 256, generator=torch.Generator().manual_seed(0))
+        w[0::3], w[1::3] = w[0::3].abs(), -w[1::3].abs()
+        qt = lq.quantize(w, scheme)
+        if qt.zero_point is not None:
+            z = qt.zero_point
+            assert int(z.min()) == 0 and int(z.max()) == 2**qt.scheme.bits - 1
+        return qt
+
+    return make
