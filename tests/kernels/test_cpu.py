@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -350,6 +350,23 @@ def _w8(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     return w, torch.rand(n, 1, generator=g) * 0.02 + 1e-3
+
+
+@pytest.mark.parametrize("kernel", [pytest.param("w8a8", marks=needs_native_w8a8),
+                                    pytest.param("w8a8_avx2", marks=needs_native_w8a8_avx2)])
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(2, 70), seed=st.integers(0, 2**16))
+def test_w8a8_layout_from_the_library_equals_the_torch_one(kernel: str, n: int, k: int,
+                                                           seed: int) -> None:
+    """lq_w8a8_repack (w8a8_layout.c, in both W8A8 libraries) writes the kernels' layout and
+    row sums exactly as the PyTorch version: ragged blocks of 16 rows, K not a multiple of 4
+    (zero padded), extreme codes."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    w[0, 0], w[-1, -1] = -128, 127
+    got, want = native.repack_w8a8(w, native._load(kernel)), native.repack_w8a8_torch(w)
+    assert got[2] == want[2] and got[0].shape == want[0].shape
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 W8A8_ACTS = ["dynamic", "static-sym", "static-asym"]

@@ -142,6 +142,32 @@ def test_compact_scales_give_the_same_bits_as_fp32_scales(
     assert a is not None and b is not None and torch.equal(a, b)
 
 
+@needs_native
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 70), k4=st.integers(1, 40), mode=st.sampled_from(["sym", "asym", "asymf"]),
+       seed=st.integers(0, 2**16))
+def test_native_repack_equals_the_torch_repack(n: int, k4: int, mode: str, seed: int) -> None:
+    """The library's code rearrangement (lq_w4a16_repack) writes the bytes of the PyTorch one,
+    ragged last block of 16 rows included (its rows zero)."""
+    k = 4 * k4
+    qt = _qt(n, k, f"int4-{mode}-g4", seed)
+    lib = native._load()
+    assert lib is not None
+    codes = native.repack(qt, lib=lib)[0]
+    assert torch.equal(codes, native.repack_codes_torch(qt))
+    if n % 16:
+        assert not codes.view(-1, k // 4, 16, 2)[-1, :, n % 16:].any()
+
+
+@needs_native
+def test_native_repack_takes_every_code_value() -> None:
+    """Every pair of 4-bit codes in every position of a chunk, symmetric and asymmetric."""
+    for scheme in ("int4-sym-ch0", "int4-asym-ch0"):
+        qt = _qt(16, 256, scheme)
+        qt.qdata.copy_(torch.arange(256, dtype=torch.uint8).repeat(8))  # all 256 byte values
+        assert torch.equal(native.repack(qt)[0], native.repack_codes_torch(qt))
+
+
 def test_compact_layout_only_where_exact() -> None:
     assert not native.repack(_qt(32, 64, "int4-asymf-g32-fp16"))[3]  # float offsets
     assert not native.repack(_qt(32, 64, "int4-sym-g32-fp32"))[3]  # fp32 scales
@@ -305,6 +331,14 @@ def test_build_goes_to_the_cache_folder_and_is_reused(fresh_native: Path) -> Non
         assert len(names) == 2 and names[0].startswith("linquant_w4a16_bf16_")
         assert names[1].startswith("linquant_w8a8_")
         assert native.status("w8a8") == f"available: {fresh_native / names[1]}"
+        if native.available("w8a8_avx2"):  # its name begins with w8a8's: rebuilding w8a8
+            names = sorted(p.name for p in fresh_native.iterdir())  # must leave it alone
+            assert len(names) == 3
+            w8 = [n for n in names if n.startswith("linquant_w8a8_") and "avx2" not in n]
+            (fresh_native / w8[0]).unlink()
+            native._reset()
+            assert native.available("w8a8")  # rebuilt under the same name
+            assert sorted(p.name for p in fresh_native.iterdir()) == names
 
 
 def test_each_kernel_checks_its_own_cpu_feature(monkeypatch: pytest.MonkeyPatch,

@@ -63,9 +63,13 @@ Building: the first call that needs a kernel compiles its C source with ``$CC`` 
 ``cc``) and ``-O3 -ffp-contract=off -fopenmp`` plus ``-mavx512f -mavx512bw -mavx512vl`` and
 ``-mavx512bf16`` / ``-mavx512vnni``, or ``-mavx2 -mfma -mf16c`` / ``-mavx2``, into
 ``$LINQUANT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/linquant`` or ``~/.cache/linquant``), under
-a name hashed from the source, flags and compiler, written to a temporary file and renamed into
-place (older builds of the same kernel there are removed); later processes load it (each builds
-in well under a second).
+a name hashed from the sources, flags and compiler, written to a temporary file and renamed
+into place (older builds of the same kernel there are removed); later processes load it. Builds
+take 0.5-1.5 s each with gcc 12 on the 2-core test VM, except ``avx2``'s (about 11 s: its
+many specialised loops), once per installed version. The two W8A8 libraries also compile
+``csrc/w8a8_layout.c``, their shared weight layout builder (``lq_w8a8_repack``); the W4A16
+library builds its layout itself (``lq_w4a16_repack``). Both run once per layer, on its first
+call, 5-10x faster than the same rearrangement with PyTorch ops.
 The library then runs a probe against plain PyTorch (the W8A8 probe demands bit-identity).
 ``LINQUANT_NATIVE=0`` turns all four off; ``LINQUANT_MAX_CPU_ISA=avx2`` turns off the two that
 need AVX-512 (and makes :func:`fast_half_matmul` say no), to see what a CPU without AVX-512
@@ -94,13 +98,14 @@ import dataclasses
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -129,7 +134,9 @@ __all__ = [
     "linear_w8a16",
     "repack",
     "repack_avx2",
+    "repack_codes_torch",
     "repack_w8a8",
+    "repack_w8a8_torch",
     "status",
     "supported",
     "w8a8_avx2_supported",
@@ -199,14 +206,17 @@ def _cpu_has_avx2_fma() -> bool:
     return _cpuinfo.has("avx2") and "fma" in flags and "f16c" in flags
 
 
-def _compile(compiler: str, flags: tuple[str, ...], src: Path, out: Path) -> None:
-    """Compile ``src`` into ``out`` atomically: a temporary file in the same folder, flushed to
-    disk, then renamed (a crash never leaves a half-written library under the final name)."""
+def _compile(compiler: str, flags: tuple[str, ...], src: Path | Sequence[Path],
+             out: Path) -> None:
+    """Compile ``src`` (one source or several) into ``out`` atomically: a temporary file in the
+    same folder, flushed to disk, then renamed (a crash never leaves a half-written library
+    under the final name)."""
+    srcs = [str(src)] if isinstance(src, Path) else [str(p) for p in src]
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *flags, "-o", tmp, str(src)], capture_output=True,
+        proc = subprocess.run([compiler, *flags, "-o", tmp, *srcs], capture_output=True,
                               text=True, timeout=300, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({proc.returncode}): "
@@ -223,8 +233,8 @@ def _prune(out: Path) -> None:
     """Remove builds of the same kernel from other sources, flags or compilers next to ``out``
     (a process still using one keeps its mapping; another linquant version rebuilds its own)."""
     stem = out.name.rsplit("_", 1)[0]
-    for old in out.parent.glob(f"{stem}_*.so"):
-        if old != out:
+    for old in out.parent.glob(f"{stem}_*.so"):  # the hash only: w8a8's stem begins w8a8_avx2's
+        if old != out and re.fullmatch(rf"{re.escape(stem)}_[0-9a-f]{{16}}\.so", old.name):
             with contextlib.suppress(OSError):
                 old.unlink()
 
@@ -251,17 +261,21 @@ def _probe_weight_only(lib: ctypes.CDLL, run: Callable[..., torch.Tensor | None]
 
 
 def _probe_w8a8(lib: ctypes.CDLL) -> str | None:
-    """Extreme and random codes through the kernel; bit-identical to the reference or not."""
+    """Extreme and random codes through the kernel, bit-identical to the reference or not, on
+    the library's layout (checked against PyTorch's: a ragged block of rows, K % 4 != 0)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-128, 128, (40, 70), generator=g, dtype=torch.int8)
     w[0], w[1] = 127, -128
+    layout, want = repack_w8a8(w, lib), repack_w8a8_torch(w)
+    if not all(torch.equal(a, b) for a, b in zip(layout[:2], want[:2], strict=True)):
+        return "probe: the layout differs from PyTorch's"
     ws = torch.rand(40, 1, generator=g) + 0.5
     x = torch.randn(9, 70, generator=g) * 3
     x[0] = 5.0
     x[1] = -5.0
     # Gaussian codes, then codes spread evenly (w8a8_avx2.c's two forms)
     for xi in (x, torch.rand(9, 70, generator=g) * 6 - 3):
-        got = _run_w8a8(lib, xi, w, ws, None, None, None, repack_w8a8(w))
+        got = _run_w8a8(lib, xi, w, ws, None, None, None, layout)
         if got is None or not torch.equal(got, reference.linear_w8a8(xi, w, ws)):
             return "probe: result differs from the reference"
     return None
@@ -299,7 +313,8 @@ def _probe_avx2(lib: ctypes.CDLL) -> str | None:
 
 
 _PROBES: dict[str, Callable[[ctypes.CDLL], str | None]] = {
-    W4A16: lambda lib: _probe_weight_only(lib, _run, repack, ("int4-asym-g32-fp16",)),
+    W4A16: lambda lib: _probe_weight_only(lib, _run, lambda qt: repack(qt, lib=lib),
+                                          ("int4-asym-g32-fp16", "int4-sym-g32-fp16")),
     W8A8: _probe_w8a8,
     AVX2: _probe_avx2,
     W8A8_AVX2: _probe_w8a8,
@@ -313,17 +328,21 @@ class _Spec:
     cpu_ok: Any  # () -> bool
     cpu_need: str
     symbols: dict[str, tuple[Any, ...]]  # function name -> argtypes (all return int64)
+    extra: tuple[str, ...] = ()  # more sources compiled into the library (shared code)
 
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_REPACK_W8A8 = (_P, _P, _P, _I, _I, _I)
 _SPECS = {
     W4A16: _Spec("w4a16_bf16.c", (*BASE_FLAGS, "-mavx512bf16"), lambda: _cpu_has_avx512_bf16(),
                  "AVX512-BF16",
-                 {"lq_w4a16_bf16": (_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I)}),
+                 {"lq_w4a16_bf16": (_P, _P, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I),
+                  "lq_w4a16_repack": (_P, _P, _I, _I, _I)}),
     W8A8: _Spec("w8a8.c", (*BASE_FLAGS, "-mavx512vnni"), lambda: _cpu_has_avx512_vnni(),
                 "AVX512-VNNI",
                 {"lq_w8a8": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _I),
-                 "lq_w8a16": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I)}),
+                 "lq_w8a16": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I),
+                 "lq_w8a8_repack": _REPACK_W8A8}, ("w8a8_layout.c",)),
     AVX2: _Spec("wa16_avx2.c",
                 (*(f for f in BASE_FLAGS if not f.startswith("-mavx512")),
                  "-mavx2", "-mfma", "-mf16c"),
@@ -340,7 +359,8 @@ _SPECS = {
                      lambda: _cpuinfo.has("avx2"), "AVX2",
                      {"lq_w8a8": (_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F, _I),
                       "lq_w8a8_prepare": (_P, _P, _P, _I, _I, _I, _F, _I),
-                      "lq_w8a8_form": (_I, _I, _I, _I)}),
+                      "lq_w8a8_form": (_I, _I, _I, _I),
+                      "lq_w8a8_repack": _REPACK_W8A8}, ("w8a8_layout.c",)),
 }
 
 
@@ -362,15 +382,17 @@ def _load(kernel: str = W4A16) -> ctypes.CDLL | None:
         compiler = shutil.which(os.environ.get("CC") or "cc")
         assert compiler is not None
         try:
-            src = resources.files("linquant.kernels") / "csrc" / spec.source
-            text = src.read_bytes()
+            csrc = resources.files("linquant.kernels") / "csrc"
+            srcs = [csrc / name for name in (spec.source, *spec.extra)]
+            text = b"".join(s.read_bytes() for s in srcs)
             version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                                      timeout=60, check=False).stdout.splitlines()[:1]
             tag = hashlib.sha256(text + repr((spec.flags, version, compiler)).encode())
             out = cache_dir() / f"linquant_{spec.source[:-2]}_{tag.hexdigest()[:16]}.so"
             if not out.exists():
-                with resources.as_file(src) as path:
-                    _compile(compiler, spec.flags, Path(path), out)
+                with contextlib.ExitStack() as stack:
+                    paths = [Path(stack.enter_context(resources.as_file(s))) for s in srcs]
+                    _compile(compiler, spec.flags, paths, out)
                 _prune(out)
             lib = ctypes.CDLL(str(out))
             for symbol, argtypes in spec.symbols.items():
@@ -439,18 +461,27 @@ def supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
 Layout = tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
 
 
-def repack(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
+def repack(qt: QuantizedTensor, compact: bool | None = None,
+           lib: ctypes.CDLL | None = None) -> Layout:
     """``(codes, scales, offsets, compact)`` in the kernel's layout (see the C source): codes
     uint8 ``[ceil(N / 16), K / 4, 32]``; per group and row, as ``[ceil(N / 16), K / g, 16]``:
     fp32 scales ``s`` and fp32 offsets ``b - 128 s`` (with ``w = s q + b``), or, ``compact``,
     when the scales are exact in fp16 and there is no float offset: fp16 scales and uint8
     ``128 + z`` (zero point ``z``; 8 for symmetric codes), 3 bytes instead of 8. Rows past ``N``
-    are zero. ``compact=None`` picks it where possible; False forces the fp32 format."""
+    are zero. ``compact=None`` picks it where possible; False forces the fp32 format. The codes
+    are rearranged by the library's ``lq_w4a16_repack`` (``lib``, else the loaded library), or
+    by :func:`repack_codes_torch` where there is none: the same bytes."""
     n, k = (int(d) for d in qt.shape)
     g = int(qt.scheme.group_size or k)
     nb = -(-n // BLOCK_N)
     pad = nb * BLOCK_N - n
-    q = cpu.int4_codes(qt)
+    lib = lib or _load(W4A16)
+    if lib is None:
+        codes = repack_codes_torch(qt)
+    else:
+        src = qt.qdata.contiguous()
+        codes = torch.empty(nb, k // 4, 2 * BLOCK_N, dtype=torch.uint8)
+        lib.lq_w4a16_repack(src.data_ptr(), codes.data_ptr(), n, k, int(qt.scheme.symmetric))
     scale, zero = cpu.int4_scale_zero(qt)
     half = scale.half()
     possible = qt.offset is None and bool(torch.equal(half.float(), scale))
@@ -466,18 +497,26 @@ def repack(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
     else:
         offset = zero - 136.0 * scale  # b - 128 s, with b = zero - 8 s
     if pad:
-        q = torch.cat([q, q.new_zeros(pad, k)])
         scale = torch.cat([scale, scale.new_zeros(pad, k // g)])
         offset = torch.cat([offset, offset.new_zeros(pad, k // g)])
-    blocks = q.view(nb, BLOCK_N, k // 4, 4)
-    lo = blocks[..., 0:2].permute(0, 2, 1, 3).reshape(nb, k // 4, 2 * BLOCK_N)
-    hi = blocks[..., 2:4].permute(0, 2, 1, 3).reshape(nb, k // 4, 2 * BLOCK_N)
-    codes = lo.bitwise_or(hi.bitwise_left_shift(4)).contiguous()
 
     def per_block(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(nb, BLOCK_N, k // g).permute(0, 2, 1).contiguous()
 
     return codes, per_block(scale), per_block(offset), compact
+
+
+def repack_codes_torch(qt: QuantizedTensor) -> torch.Tensor:
+    """:func:`repack`'s codes with PyTorch ops (several times slower than the library's)."""
+    n, k = (int(d) for d in qt.shape)
+    nb = -(-n // BLOCK_N)
+    q = cpu.int4_codes(qt)
+    if nb * BLOCK_N > n:
+        q = torch.cat([q, q.new_zeros(nb * BLOCK_N - n, k)])
+    blocks = q.view(nb, BLOCK_N, k // 4, 4)
+    lo = blocks[..., 0:2].permute(0, 2, 1, 3).reshape(nb, k // 4, 2 * BLOCK_N)
+    hi = blocks[..., 2:4].permute(0, 2, 1, 3).reshape(nb, k // 4, 2 * BLOCK_N)
+    return lo.bitwise_or(hi.bitwise_left_shift(4)).contiguous()
 
 
 def _bias_int4(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -561,10 +600,25 @@ def w8a8_avx2_supported(x: torch.Tensor, w_int8: torch.Tensor) -> bool:
             and available(W8A8_AVX2))
 
 
-def repack_w8a8(w_int8: torch.Tensor) -> LayoutW8:
+def repack_w8a8(w_int8: torch.Tensor, lib: ctypes.CDLL | None = None) -> LayoutW8:
     """``(codes, column sums, padded K)``: int8 ``[ceil(N / 16), Kp / 4, 16, 4]`` with ``K``
     padded by zeros to ``Kp``, a multiple of 4 (see the C source), and int32 ``sum_k w[n, k]``
-    over ``ceil(N / 16) * 16`` rows (zero past ``N``)."""
+    over ``ceil(N / 16) * 16`` rows (zero past ``N``). Built by ``lq_w8a8_repack``
+    (``w8a8_layout.c``) of ``lib``, a W8A8 library, or with PyTorch ops without one: the same
+    bytes."""
+    n, k = (int(d) for d in w_int8.shape)
+    nb, kp = -(-n // BLOCK_N), -(-k // 4) * 4
+    if lib is not None:
+        src = w_int8.contiguous()
+        codes = torch.empty(nb, kp // 4, BLOCK_N, 4, dtype=torch.int8)
+        colsum = torch.empty(nb * BLOCK_N, dtype=torch.int32)
+        lib.lq_w8a8_repack(src.data_ptr(), codes.data_ptr(), colsum.data_ptr(), n, k, kp)
+        return codes, colsum, kp
+    return repack_w8a8_torch(w_int8)
+
+
+def repack_w8a8_torch(w_int8: torch.Tensor) -> LayoutW8:
+    """:func:`repack_w8a8` with PyTorch ops (several times slower than the library's)."""
     n, k = (int(d) for d in w_int8.shape)
     nb, kp = -(-n // BLOCK_N), -(-k // 4) * 4
     padded = torch.zeros(nb * BLOCK_N, kp, dtype=torch.int8)
@@ -653,7 +707,7 @@ def w8a8_runner(w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor 
     lib = _load(kernel)
     assert lib is not None, f"linear_w8a8 needs available({kernel!r})"
     layout = cpu._cached(cache, "native_w8a8", cpu._w8a8_key(w_int8),
-                         lambda: repack_w8a8(w_int8))
+                         lambda: repack_w8a8(w_int8, lib))
     params = _w8a8_params(w_int8, w_scale, bias, act_scale, act_zero_point)
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -701,7 +755,7 @@ def w8a16_runner(qt: QuantizedTensor, bias: torch.Tensor | None,
     n, k = (int(d) for d in qt.shape)
     w = qt.qdata.view(torch.int8).view(n, k)
     codes, colsum, kp = cpu._cached(cache, "native_w8a8", cpu._key(qt, torch.int8),
-                                    lambda: repack_w8a8(w))
+                                    lambda: repack_w8a8(w, lib))
     scale_n = qt.scale.float().reshape(-1).expand(n).contiguous()
     b = None if bias is None else bias.detach().float().contiguous()
 

@@ -191,3 +191,33 @@ int64_t lq_w4a16_bf16(const uint8_t* packed, const void* sb, const void* ob, int
     }
     return 0;
 }
+
+/* The layout's codes from linquant's stored ones (see native.repack): src [N, K / 2] bytes,
+ * code 2j of a row in the low nibble of byte j and 2j + 1 in the high (symmetric codes in two's
+ * complement, made unsigned, c + 8, by flipping each code's top bit); dst [ceil(N / 16), K / 4,
+ * 32] as described at the top, rows past N zero. Bytes 2c and 2c + 1 of a row (codes 4c to
+ * 4c + 3) give its two bytes of chunk c: (u0 | u2 << 4) and (u1 | u3 << 4). K % 4 == 0. */
+int64_t lq_w4a16_repack(const uint8_t* src, uint8_t* dst, int64_t N, int64_t K, int64_t sym)
+{
+    const int64_t nb = (N + 15) / 16, C = K / 4;
+    const uint8_t flip = sym ? 0x88 : 0x00;
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 20))
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t* out = dst + b * C * 32;
+        for (int i = 0; i < 16; i++) {
+            const int64_t row = b * 16 + i;
+            if (row >= N) {
+                for (int64_t c = 0; c < C; c++)
+                    out[c * 32 + 2 * i] = out[c * 32 + 2 * i + 1] = 0;
+                continue;
+            }
+            const uint8_t* r = src + row * (K / 2);
+            for (int64_t c = 0; c < C; c++) {
+                const uint8_t b0 = r[2 * c] ^ flip, b1 = r[2 * c + 1] ^ flip;
+                out[c * 32 + 2 * i] = (uint8_t)((b0 & 0x0F) | (b1 << 4));
+                out[c * 32 + 2 * i + 1] = (uint8_t)((b0 >> 4) | (b1 & 0xF0));
+            }
+        }
+    }
+    return 0;
+}
