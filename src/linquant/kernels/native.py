@@ -480,6 +480,7 @@ def repack(qt: QuantizedTensor, compact: bool | None = None,
         codes = repack_codes_torch(qt)
     else:
         src = qt.qdata.contiguous()
+        assert src.dtype == torch.uint8 and src.numel() * 2 >= n * k  # the rows it reads
         codes = torch.empty(nb, k // 4, 2 * BLOCK_N, dtype=torch.uint8)
         lib.lq_w4a16_repack(src.data_ptr(), codes.data_ptr(), n, k, int(qt.scheme.symmetric))
     scale, zero = cpu.int4_scale_zero(qt)
@@ -610,6 +611,7 @@ def repack_w8a8(w_int8: torch.Tensor, lib: ctypes.CDLL | None = None) -> LayoutW
     nb, kp = -(-n // BLOCK_N), -(-k // 4) * 4
     if lib is not None:
         src = w_int8.contiguous()
+        assert src.dtype == torch.int8
         codes = torch.empty(nb, kp // 4, BLOCK_N, 4, dtype=torch.int8)
         colsum = torch.empty(nb * BLOCK_N, dtype=torch.int32)
         lib.lq_w8a8_repack(src.data_ptr(), codes.data_ptr(), colsum.data_ptr(), n, k, kp)
