@@ -206,6 +206,17 @@ def test_eval_causal_lm_perplexity(tmp_path: Path, capsys: pytest.CaptureFixture
     assert abs(res["perplexity_delta"]) < 0.05 * res["perplexity_reference"]
     assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q")]) == 0
     assert "perplexity" in capsys.readouterr().out
+    one = tmp_path / "one.txt"  # one sentence is enough to compare (the demo needs a pair)
+    one.write_text("# a comment\nThe quick brown fox jumps over the lazy dog.\n",
+                   encoding="utf-8")
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--sentences", str(one),
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["inputs"] == 1 and math.isfinite(res["perplexity_quantized"])
+    one.write_text("# nothing but a comment\n", encoding="utf-8")
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--sentences",
+                 str(one)]) == 1
+    assert "need at least 1 sentence, found 0" in capsys.readouterr().err
 
 
 def test_eval_per_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

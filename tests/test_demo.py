@@ -59,6 +59,7 @@ def test_sentences_file_skips_comments_and_blanks(tmp_path: Path) -> None:
     f.write_text("only one\n", encoding="utf-8")
     with pytest.raises(LinquantError, match="at least 2 sentences"):
         load_sentences(f)
+    assert load_sentences(f, minimum=1) == ["only one"]
     with pytest.raises(LinquantError, match="cannot read"):
         load_sentences(tmp_path / "missing.txt")
 

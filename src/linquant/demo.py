@@ -64,11 +64,12 @@ MODEL_NAME = "all-MiniLM-L6-v2"
 
 
 # ---- inputs ---------------------------------------------------------------------------------
-def load_sentences(path: str | os.PathLike[str] | None = None) -> list[str]:
+def load_sentences(path: str | os.PathLike[str] | None = None, minimum: int = 2) -> list[str]:
     """Sentences, one per line (blank lines and lines starting with ``#`` skipped).
 
     Without ``path``: the bundled ``linquant/data/sentences.txt`` (32 sentences, with
-    near-paraphrase pairs so the most similar pairs are clear-cut).
+    near-paraphrase pairs so the most similar pairs are clear-cut). Fewer than ``minimum``
+    sentences is an error (the demo ranks pairs, so it needs 2; ``linquant eval`` needs 1).
     """
     if path is None:
         text = (importlib.resources.files("linquant") / "data" / "sentences.txt").read_text(
@@ -82,8 +83,9 @@ def load_sentences(path: str | os.PathLike[str] | None = None) -> list[str]:
         where = str(path)
     sentences = [s.strip() for s in text.splitlines()]
     sentences = [s for s in sentences if s and not s.startswith("#")]
-    if len(sentences) < 2:
-        raise LinquantError(f"{where}: need at least 2 sentences, found {len(sentences)}")
+    if len(sentences) < minimum:
+        raise LinquantError(f"{where}: need at least {minimum} sentence"
+                            f"{'s' if minimum > 1 else ''}, found {len(sentences)}")
     return sentences
 
 

@@ -175,7 +175,7 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
     if _kind(quantized) != kind:
         raise LinquantError(f"{reference} is a {kind} model but {quantized} is a "
                             f"{_kind(quantized)} model")
-    texts = demo.load_sentences(text or sentences)
+    texts = demo.load_sentences(text or sentences, minimum=1)
     ref, qm = _load(reference, kind), _load(quantized, kind)
     out: dict[str, Any] = {"kind": kind, "inputs": len(texts)}
     layers: AbstractContextManager[LayerErrors | None] = \
