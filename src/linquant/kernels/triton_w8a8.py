@@ -49,6 +49,7 @@ import torch
 
 from linquant.errors import LinquantError
 from linquant.kernels import _triton_env
+from linquant.kernels.cpu import _version
 from linquant.kernels.reference import INT32_MAX_K
 
 __all__ = [
@@ -248,13 +249,6 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
-
-
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return int(t._version)
-    except RuntimeError:  # inference-mode tensors keep no version counter
-        return None
 
 
 def _rowsum(w_int8: torch.Tensor, cache: Cache | None) -> torch.Tensor:
