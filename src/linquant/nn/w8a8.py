@@ -292,12 +292,12 @@ class W8A8Linear(StaticActivations):
                 # (Dynamo's disable wrapper once Dynamo is imported) and the checks
                 b = self._buffers
                 static = self.activation != "dynamic"
-                p = plans.find(x, (b["weight_qdata"], b["weight_scale"],
-                                   b.get("input_scale") if static else None,
-                                   b.get("input_zero_point") if static else None),
-                               self._parameters.get("bias"), cache, "w8a8_plans")
-                if p is not None:
-                    return p.run(x)
+                y = plans.replay(x, (b["weight_qdata"], b["weight_scale"],
+                                     b.get("input_scale") if static else None,
+                                     b.get("input_zero_point") if static else None),
+                                 self._parameters.get("bias"), cache, "w8a8_plans")
+                if y is not None:
+                    return y
         return self._eager_forward(x)
 
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
