@@ -190,6 +190,11 @@ def test_input_that_needs_grad_runs_the_fast_path_and_the_references_backward(
         # grad_y @ W: the same product as F.linear's backward, which BLAS may sum otherwise
         torch.testing.assert_close(xg.grad, xr.grad)
     assert all(p.bias is None for p in _plans(q).values() if p.bias is not q.bias)
+    y = q(x.clone().requires_grad_(True))
+    with torch.no_grad():
+        q.weight_scale.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("kind", ["int4", "w8a8", "scratch"])

@@ -392,14 +392,16 @@ def _bias_needs_grad(bias: torch.Tensor | None) -> bool:
 class _KernelLinear(torch.autograd.Function):
     """``linear_weight_only(x, qweight, bias, cache)`` for an ``x`` that needs its gradient: the
     forward runs the dispatcher's fast path (grad is off inside ``forward``), the backward the
-    reference's ``grad_x = grad_y @ qweight.dequantize(x.dtype)``. ``bias`` must not need a
-    gradient (the caller adds such a bias after)."""
+    reference's ``grad_x = grad_y @ qweight.dequantize(x.dtype)`` (the weight dequantized then,
+    not kept from the forward: an in-place change in between raises, as autograd's saved
+    tensors do). ``bias`` must not need a gradient (the caller adds such a bias after)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, qweight: QuantizedTensor,  # type: ignore[override]
                 bias: torch.Tensor | None, cache: dict[str, Any] | None) -> torch.Tensor:
         ctx.qweight = qweight
         ctx.x_dtype = x.dtype
+        ctx.versions = [cpu._version(t) for t in plans.weight_tensors(qweight) if t is not None]
         return linear_weight_only(x, qweight, bias, cache)
 
     @staticmethod
@@ -408,6 +410,10 @@ class _KernelLinear(torch.autograd.Function):
                  ) -> tuple[torch.Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
+        now = [cpu._version(t) for t in plans.weight_tensors(ctx.qweight) if t is not None]
+        if now != ctx.versions:  # as autograd does for the tensors it saves
+            raise RuntimeError("linquant: a quantized weight needed for gradient computation "
+                               "was modified in place between the forward and the backward")
         w = ctx.qweight.dequantize(ctx.x_dtype)
         return grad_y.to(ctx.x_dtype) @ w, None, None, None
 
