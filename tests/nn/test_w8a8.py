@@ -184,3 +184,46 @@ def test_conv1d() -> None:
     assert torch.equal(q.weight_scale, ref_qt.scale)
     x = torch.randn(2, 3, 64)
     assert lq.sqnr(c(x), q(x)) > 35
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", list(SQNR_FLOORS))
+def test_input_gradient_is_straight_through(kind: str, dtype: torch.dtype) -> None:
+    # The int8 codes of the activations carry no gradient: autograd through the reference's
+    # ops reached x only through the per-token scales (one element per row got a gradient,
+    # at cosine ~0 with the float layer's). The layer's gradient is the straight-through one.
+    torch.manual_seed(0)
+    q = _layer(kind, nn.Linear(256, 128)).to(dtype)
+    if kind != "dynamic":
+        q.set_activation_range(-2.0, 1.5)  # some inputs fall outside: their codes clamp
+    x = (torch.randn(4, 5, 256) * 1.2).to(dtype)
+    with torch.no_grad():
+        want_y = q(x)
+    gy = torch.randn(4, 5, 128).to(dtype)
+    for _ in range(2):  # the second call runs the forward's plan
+        xg = x.clone().requires_grad_(True)
+        q.bias.grad = None
+        y = q(xg)
+        assert y.requires_grad and y.dtype == dtype
+        # the bias (which needs its gradient) is added after the product
+        assert float((y.detach() - want_y).abs().max()) <= float(want_y.abs().max()) * 2**-7
+        y.backward(gy)
+        assert xg.grad is not None and xg.grad.dtype == dtype and q.bias.grad is not None
+        w = q.weight_qdata.float() * q.weight_scale.float().reshape(-1, 1)
+        want = gy.float() @ w
+        if kind != "dynamic":
+            t = torch.round(x.float() / q.input_scale.float())
+            if kind == "static-sym":
+                inside = t.abs() <= 127
+            else:
+                t = t + q.input_zero_point.float()
+                inside = (t >= 0) & (t <= 255)
+            assert 0 < int((~inside).sum()) < inside.numel() // 4  # the test's premise
+            want = want * inside
+        assert torch.equal(xg.grad, want.to(dtype))
+        assert torch.equal(q.bias.grad, gy.float().sum((0, 1)).to(dtype))
+    y = q(x.clone().requires_grad_(True))
+    with torch.no_grad():
+        q.weight_scale.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()

@@ -123,8 +123,9 @@ Weight-only linear on CUDA, first match wins:
 4. Otherwise ``reference``.
 
 W8A8 (:func:`linear_w8a8`, chosen by :func:`select_w8a8_path`) on CPU, first match wins (the
-int8 paths need a CPU with VNNI and ``K <= cpu.ONEDNN_MAX_K``; inputs that need grad take the
-reference):
+int8 paths need a CPU with VNNI and ``K <= cpu.ONEDNN_MAX_K``; an input that needs its gradient
+takes the same path inside an autograd function whose backward is straight-through,
+:class:`_KernelW8A8`):
 
 0. ``cpu_native_w8a8``, every ``M``, where :func:`linquant.kernels.native.w8a8_supported`
    (Linux x86-64 with AVX512-VNNI and a C compiler: linquant's own kernel, compiled on first
@@ -501,6 +502,52 @@ def linear_weight_only(
     return reference.linear_weight_only(x, qweight, bias)
 
 
+class _KernelW8A8(torch.autograd.Function):
+    """``linear_w8a8`` for an ``x`` that needs its gradient: the forward is the dispatcher's
+    (grad is off inside ``forward``; the int8 codes of the activations carry no gradient, so
+    autograd through the reference's ops reached ``x`` only through the per-token scales: one
+    element per row got a gradient). The backward is the straight-through estimator:
+    ``grad_x = grad_y @ (w_int8 * w_scale)`` in fp32, the activations' rounding taken as the
+    identity, and for static scales zero where ``x`` fell outside the calibrated range (its
+    code clamped), as ``torch.fake_quantize_per_tensor_affine`` does. ``bias`` must not need a
+    gradient (the caller adds such a bias after)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w_int8: torch.Tensor,  # type: ignore[override]
+                w_scale: torch.Tensor, bias: torch.Tensor | None,
+                act_scale: torch.Tensor | None, act_zero_point: torch.Tensor | None,
+                cache: dict[str, Any] | None) -> torch.Tensor:
+        ctx.weight = (w_int8, w_scale)
+        ctx.versions = [cpu._version(w_int8), cpu._version(w_scale)]
+        ctx.x_dtype = x.dtype
+        ctx.inside = None
+        if act_scale is not None:  # static: the codes that were not clamped
+            t = torch.round(x.float() / act_scale.float()).nan_to_num_(0.0)
+            if act_zero_point is None:
+                ctx.inside = t.abs_() <= reference.ACT_QMAX
+            else:
+                t.add_(act_zero_point.float())
+                ctx.inside = (t >= 0) & (t <= 255)
+        return linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None, None
+        w_int8, w_scale = ctx.weight
+        if [cpu._version(w_int8), cpu._version(w_scale)] != ctx.versions:
+            raise RuntimeError("linquant: a quantized weight needed for gradient computation "
+                               "was modified in place between the forward and the backward")
+        n = int(w_int8.shape[0])
+        w = w_int8.float() * w_scale.float().reshape(n, 1)
+        gx = grad_y.float() @ w
+        if ctx.inside is not None:
+            gx = gx * ctx.inside
+        return gx.to(ctx.x_dtype), None, None, None, None, None, None
+
+
 def linear_w8a8(
     x: torch.Tensor,
     w_int8: torch.Tensor,
@@ -519,6 +566,13 @@ def linear_w8a8(
                          "w8a8_plans")
         if y is not None:
             return y
+    if (device is not None and x.requires_grad and torch.is_grad_enabled()
+            and x.dtype in reference.COMPUTE_DTYPES and x.numel() > 0
+            and not torch.compiler.is_compiling()):
+        after = _bias_needs_grad(bias)
+        out: torch.Tensor = _KernelW8A8.apply(  # type: ignore[no-untyped-call]
+            x, w_int8, w_scale, None if after else bias, act_scale, act_zero_point, cache)
+        return out + bias.to(x.dtype) if after and bias is not None else out
     path = select_w8a8_path(x, w_int8, act_scale) if device is not None else "reference"
     if (cache is not None and (device == "cpu" or path == "cuda_triton_w8a8")
             and not _bias_needs_grad(bias)
