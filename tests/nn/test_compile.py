@@ -270,6 +270,39 @@ def test_torch_export_keeps_the_operators() -> None:
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_jit_trace_records_the_linear_operators(grad: bool, tmp_path: Path) -> None:
+    """``torch.jit.trace`` (deprecated in PyTorch, still used) records ``QuantLinear`` and
+    ``W8A8Linear`` as their operators: the traced module computes on new inputs, and saved and
+    loaded back too. It once recorded the kernels' outputs as constants or failed inside
+    TorchScript; layers it cannot record refuse with a clear error."""
+    import warnings
+
+    from linquant.errors import LinquantError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(QuantLinear.from_float(nn.Linear(64, 256), "int8-sym-ch0"), nn.GELU(),
+                        QuantLinear.from_float(nn.Linear(256, 64), "int4-asym-g32"),
+                        W8A8Linear.from_float(nn.Linear(64, 32)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation warnings
+        with torch.set_grad_enabled(grad):
+            traced = torch.jit.trace(net, torch.randn(2, 64), check_trace=False)
+        traced.save(str(tmp_path / "net.pt"))
+        loaded = torch.jit.load(str(tmp_path / "net.pt"))
+        kinds = {n.kind() for m in ("0", "2", "3") for n in getattr(traced, m).graph.nodes()}
+        assert {"linquant::linear_weight_only", "linquant::linear_w8a8"} <= kinds, kinds
+        x = torch.randn(5, 64)  # another shape than the traced one
+        with torch.no_grad():
+            want = net(x)
+            assert torch.equal(traced(x), want) and torch.equal(loaded(x), want)
+        other = Net()
+        for layer, example in ((other.emb, torch.randint(0, 50, (2, 3))),
+                               (other.conv, torch.randn(1, 1, 4, 4))):
+            with pytest.raises(LinquantError, match=r"torch\.jit\.trace cannot record"):
+                torch.jit.trace(layer, example)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("scheme", ["int4-sym-g128", "int4-asym-g32", "int8-sym-ch0"])

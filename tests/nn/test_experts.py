@@ -239,6 +239,24 @@ def test_projection_errors_name_the_layer() -> None:
         QuantExpertsProj.from_float(torch.randn(8, 16), "int8-sym-ch0", transposed=False)
 
 
+def test_jit_trace_refuses_quantized_experts() -> None:
+    # the routing is data-dependent, and the eager kernels' outputs would be recorded as
+    # constants: a clear error instead of a trace that ignores its input
+    import warnings
+
+    toy = ToyExperts()
+    wrapped = QuantExperts.wrap(toy)
+    idx, w = _routing(7)
+    proj = QuantExpertsProj.from_float(torch.randn(2, 8, 16), "int8-sym-ch0", transposed=False,
+                                       name="blk.experts.down_proj")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(LinquantError, match=r"torch\.jit\.trace cannot record"):
+            torch.jit.trace(wrapped, (torch.randn(7, 24), idx, w))
+        with pytest.raises(LinquantError, match=r"'blk\.experts\.down_proj'.*jit\.trace"):
+            torch.jit.trace(lambda x: proj(x, 1), torch.randn(1, 16))
+
+
 # ---- quantized experts: accuracy ---------------------------------------------------------------
 # Output SQNR (dB) of QuantExperts vs the float ToyExperts (7 tokens, 2 of 4 experts each), over
 # 20 seeds x the four variants (min / mean): int8-sym-ch0 36.4/41.4, int4-asym-g8-fp16 15.5/20.2

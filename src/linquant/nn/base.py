@@ -170,6 +170,12 @@ def as_scheme(scheme: QuantScheme | str, who: str) -> QuantScheme:
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
+def jit_tracing() -> bool:
+    """Whether ``torch.jit.trace`` is recording (``torch.jit.is_tracing`` outside scripting)."""
+    # torch.jit.is_tracing, not torch._C._is_tracing: Dynamo folds the former to False
+    return bool(torch.jit.is_tracing())  # type: ignore[attr-defined, no-untyped-call]
+
+
 def eager_only(fn: _Fn) -> _Fn:
     """Run the decorated forward eagerly under ``torch.compile``, outside the traced graph:
     for layers whose kernels (native via ctypes, Triton) and kernel caches need real tensors
@@ -361,6 +367,16 @@ class QuantModule(nn.Module):
         return cache
 
     # ---- errors ------------------------------------------------------------------------------
+    def _refuse_jit_trace(self) -> None:
+        """Raise under ``torch.jit.trace`` (deprecated in PyTorch): it would record the eager
+        kernels' outputs as constants, and the reference's ops view tensors as other dtypes,
+        which TorchScript rejects. ``QuantLinear`` and ``W8A8Linear`` record their custom
+        operators instead and are traced."""
+        if jit_tracing():
+            raise LinquantError(
+                f"{self._label()}: torch.jit.trace cannot record a {type(self).__name__}; use "
+                f"torch.compile or torch.export (only QuantLinear and W8A8Linear layers trace)")
+
     def _label(self) -> str:
         name = getattr(self, "name", "")
         return f"{type(self).__name__} {name!r}" if name else type(self).__name__

@@ -122,6 +122,7 @@ class _QuantConv(QuantModule):
         return self.weight_shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._refuse_jit_trace()
         x = self._check_float_input(x)
         rank = len(self.weight_shape) - 2
         if x.dim() not in (rank + 1, rank + 2) or x.shape[-rank - 1] != self.in_channels:

@@ -123,6 +123,7 @@ class QuantEmbedding(QuantModule):
         # the range check reads the indices on the host: not under torch.compile, where it
         # would split the graph (out-of-range indices then fail in the gather, as for
         # nn.Embedding)
+        self._refuse_jit_trace()
         if torch.compiler.is_compiling():
             return kernels.embedding_weight_only(ids, self.qweight, self.weight_dtype)
         if ids.numel():

@@ -51,7 +51,14 @@ from torch.nn import functional as F
 from linquant import kernels
 from linquant.config import W8A8_WEIGHT
 from linquant.errors import LinquantError
-from linquant.nn.base import KernelCache, QuantModule, as_scheme, eager_only, qualified_name
+from linquant.nn.base import (
+    KernelCache,
+    QuantModule,
+    as_scheme,
+    eager_only,
+    jit_tracing,
+    qualified_name,
+)
 from linquant.nn.w8a8 import StaticActivations
 from linquant.ops.grouping import granules, scale_shape
 from linquant.ops.packing import packed_nbytes
@@ -296,6 +303,7 @@ class QuantExpertsProj(StaticActivations):
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """``x [..., in] @ W_expert^T`` in ``x``'s dtype."""
+        self._refuse_jit_trace()
         x = self._check_last_dim(x, self.in_features)
         if not 0 <= expert < self.num_experts:
             raise LinquantError(f"{self._label()}: expert {expert} out of range "
@@ -433,6 +441,10 @@ class QuantExperts(nn.Module):
     @eager_only
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
                 top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if jit_tracing():  # the routing is data-dependent; the kernels' outputs would
+            raise LinquantError(  # be recorded as constants
+                f"QuantExperts ({self.float_class.__name__}): torch.jit.trace cannot record "
+                f"quantized experts; use torch.compile or torch.export")
         if self.dense_dispatch:
             return self._dense_forward(hidden_states)
         if top_k_index is None or top_k_weights is None:

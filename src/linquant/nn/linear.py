@@ -28,6 +28,7 @@ from linquant.nn.base import (
     HF_PLAIN_LINEARS,
     QuantModule,
     as_scheme,
+    jit_tracing,
     linear_features,
     quantize_linear_weight,
 )
@@ -107,6 +108,9 @@ class QuantLinear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
+        if jit_tracing():  # record the custom operator (a traced module is for
+            with torch.no_grad():  # inference), not the kernels' outputs as constants
+                return self._traced_forward(x)
         cache = self.__dict__.get("_kernel_cache")
         if cache and type(x) is torch.Tensor:
             # an eager repeat call: the plan kept by the first call for this input signature,
@@ -128,7 +132,9 @@ class QuantLinear(QuantModule):
         return kernels.linear_weight_only(x, self.qweight, self.bias, self.kernel_cache())
 
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward as ``torch.compile`` / ``torch.export`` trace it: one opaque
+        """The forward as ``torch.compile`` / ``torch.export`` (and, without autograd,
+        ``torch.jit.trace``, which would otherwise record the kernels' outputs as constants)
+        trace it: one opaque
         ``linquant::linear_weight_only`` node (:mod:`linquant.kernels.compiled`), whose
         implementation is the eager dispatcher, so no kernel code is traced. Where autograd
         needs the input's gradient, the reference's PyTorch ops are traced instead; a bias that

@@ -29,6 +29,7 @@ from linquant.nn.base import (
     HF_PLAIN_LINEARS,
     QuantModule,
     eager_only,
+    jit_tracing,
     linear_features,
     quantize_linear_weight,
 )
@@ -283,6 +284,11 @@ class W8A8Linear(StaticActivations):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             if not self.observing:
+                return self._traced_forward(x)
+        elif jit_tracing() and not self.observing:
+            # torch.jit.trace records the custom operator (the kernels' ctypes calls would be
+            # recorded as their outputs: constants); a traced module is for inference
+            with torch.no_grad():
                 return self._traced_forward(x)
         else:
             cache = self.__dict__.get("_kernel_cache")
