@@ -130,8 +130,9 @@ def test_sentence_transformer_save_raises_and_loading_names_linquant(tmp_path: P
 @pytest.mark.slow
 def test_import_order(tmp_path: Path) -> None:
     """``import linquant`` registers when transformers' models are loaded already; otherwise
-    the first linquant call that touches a transformers model does, and before that transformers
-    only warns about the unknown method."""
+    an import hook does as soon as transformers loads its quantizer tables (before it, an
+    ``import linquant`` placed first, as sorted imports place it, left ``from_pretrained``
+    warning about an unknown method and loading freshly initialised layers)."""
     code = (
         "import transformers.modeling_utils, linquant\n"
         "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as m\n"
@@ -143,5 +144,30 @@ def test_import_order(tmp_path: Path) -> None:
     code = (
         "import linquant, sys\n"
         "assert 'transformers' not in sys.modules  # import linquant does not load it\n"
+        "from linquant.io import hf\n"
+        "assert sum(isinstance(f, hf._RegisterOnImport) for f in sys.meta_path) == 1\n"
+        "import linquant.io.hf  # importing again adds no second hook\n"
+        "hf.register_if_loaded()\n"
+        "assert sum(isinstance(f, hf._RegisterOnImport) for f in sys.meta_path) == 1\n"
+        "import transformers\n"
+        "from transformers import GPT2LMHeadModel  # loads transformers.modeling_utils\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as m\n"
+        "assert m['linquant'] is hf._quantizer_class(), m.get('linquant')\n"
+        "assert not any(isinstance(f, hf._RegisterOnImport) for f in sys.meta_path)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    saved = tmp_path / "q"
+    g = _gpt2()
+    quantize_model(g, "w8a32")
+    save(g, saved)
+    code = (  # the usual order: linquant first, then transformers
+        "import linquant\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "try:\n"
+        f"    AutoModelForCausalLM.from_pretrained({str(saved)!r})\n"
+        "except linquant.LinquantError as e:\n"
+        "    assert 'linquant.load(folder)' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('from_pretrained loaded a linquant folder')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -15,10 +15,11 @@ returns the quantized layers freshly initialised. Here both raise instead:
 * :func:`mark_config_file` (``save`` and ``linquant quantize``) writes
   ``"quantization_config": {"quant_method": "linquant", ...}`` into the folder's
   ``config.json`` when the folder holds quantized tensors. With linquant's quantizer registered
-  (:func:`register`: done by the calls above and by ``import linquant`` when transformers'
-  models are already loaded), ``from_pretrained`` of such a folder raises a
-  :class:`LinquantError` naming :func:`linquant.load`. Where it is not registered, transformers
-  warns ``Unknown quantization type, got linquant`` before loading.
+  (:func:`register`: done by the calls above, and by ``import linquant``, at once when
+  transformers' quantizers are loaded, else by an import hook when they are),
+  ``from_pretrained`` of such a folder raises a :class:`LinquantError` naming
+  :func:`linquant.load`. Where linquant was never imported, transformers warns ``Unknown
+  quantization type, got linquant`` and loads freshly initialised layers.
 
 Everything here is a no-op where transformers is not installed or lacks the quantizer API
 (``transformers.quantizers``, 4.36 and later).
@@ -27,6 +28,7 @@ Everything here is a no-op where transformers is not installed or lacks the quan
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
 import json
 import os
 import sys
@@ -83,12 +85,14 @@ def mark_config_file(folder: str | os.PathLike[str]) -> bool:
     return True
 
 
-def _quantizer_class() -> Any:
-    """linquant's ``HfQuantizer`` (registered with transformers), or None without the API."""
+def _quantizer_class(hf_auto: Any = None) -> Any:
+    """linquant's ``HfQuantizer`` (registered with transformers), or None without the API.
+    ``hf_auto``: ``transformers.quantizers.auto`` when the caller has it (the import hook)."""
     if _registered:
         return _registered[0]
     try:
-        from transformers.quantizers import auto as hf_auto
+        if hf_auto is None:
+            from transformers.quantizers import auto as hf_auto
 
         from linquant.io._hf_quantizer import LinquantHfConfig, LinquantHfQuantizer
     except ImportError:
@@ -111,11 +115,54 @@ def register() -> bool:
     return _quantizer_class() is not None
 
 
+_HOOKED = "transformers.quantizers.auto"  # the module holding transformers' quantizer tables
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Registers linquant's quantizer right after ``transformers.quantizers.auto`` (which
+    ``transformers.modeling_utils`` imports) has run, so that ``from_pretrained`` of a linquant
+    folder raises naming :func:`linquant.load` however the imports were ordered (``import
+    linquant`` first, then transformers, is the usual order). Finds nothing itself: it wraps
+    the module's loader as another finder made it. Removes itself once it fired."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != _HOOKED:
+            return None
+        spec = None
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                break
+        loader = getattr(spec, "loader", None)
+        run = getattr(loader, "exec_module", None)
+        if spec is None or run is None:
+            return spec
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            _unhook()
+            with contextlib.suppress(Exception):  # never break transformers' own import
+                _quantizer_class(module)
+
+        loader.exec_module = exec_module  # type: ignore[union-attr]
+        return spec
+
+
+def _unhook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterOnImport)]
+
+
 def register_if_loaded() -> None:
-    """:func:`register` when transformers' models are already imported (costs nothing then):
-    what ``import linquant`` does."""
-    if "transformers.modeling_utils" in sys.modules:
+    """What ``import linquant`` does: :func:`register` when transformers' quantizer tables are
+    already imported (costs nothing then), else a hook that registers when they are
+    (:class:`_RegisterOnImport`; transformers is not imported for it)."""
+    if _HOOKED in sys.modules or "transformers.modeling_utils" in sys.modules:
         register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
 
 
 def _is_pretrained_model(module: nn.Module) -> bool:
