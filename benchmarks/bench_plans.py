@@ -5,8 +5,9 @@ with the float model in the preset's dtype alternating with both, in one process
 ``--inference-mode`` quantizes the models under ``torch.inference_mode`` (their tensors are
 then inference tensors, which keep no version counter), as a script that wraps everything in it
 would. ``--grad`` runs the forwards with autograd on (outside ``torch.no_grad``, as a script
-that forgets it does): the layers' biases then need their gradients, so plans hold only the
-native kernels' calls, without the bias (added after, where autograd sees it).
+that forgets it does): every layer's bias then needs its gradient and, after the first layer,
+so does its input; the layers run their kernels inside autograd functions
+(``kernels._KernelLinear`` / ``_KernelW8A8``), the bias added after the product.
 
     python benchmarks/bench_plans.py [--repeats 21] [--batches 1,32] [--inference-mode]
         [--grad]
