@@ -390,6 +390,19 @@ def _bias_needs_grad(bias: torch.Tensor | None) -> bool:
     return bias is not None and bias.requires_grad and torch.is_grad_enabled()
 
 
+def _versions(tensors: tuple[torch.Tensor | None, ...]) -> list[int | None]:
+    return [cpu._version(t) for t in tensors if t is not None]
+
+
+def _check_unmodified(tensors: tuple[torch.Tensor | None, ...], versions: list[int | None]
+                      ) -> None:
+    """Raise where a weight tensor a backward reads changed in place since its forward, as
+    autograd does for the tensors it saves."""
+    if _versions(tensors) != versions:
+        raise RuntimeError("linquant: a quantized weight needed for gradient computation was "
+                           "modified in place between the forward and the backward")
+
+
 class _KernelLinear(torch.autograd.Function):
     """``linear_weight_only(x, qweight, bias, cache)`` for an ``x`` that needs its gradient: the
     forward runs the dispatcher's fast path (grad is off inside ``forward``), the backward the
@@ -402,7 +415,7 @@ class _KernelLinear(torch.autograd.Function):
                 bias: torch.Tensor | None, cache: dict[str, Any] | None) -> torch.Tensor:
         ctx.qweight = qweight
         ctx.x_dtype = x.dtype
-        ctx.versions = [cpu._version(t) for t in plans.weight_tensors(qweight) if t is not None]
+        ctx.versions = _versions(plans.weight_tensors(qweight))
         return linear_weight_only(x, qweight, bias, cache)
 
     @staticmethod
@@ -411,10 +424,7 @@ class _KernelLinear(torch.autograd.Function):
                  ) -> tuple[torch.Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        now = [cpu._version(t) for t in plans.weight_tensors(ctx.qweight) if t is not None]
-        if now != ctx.versions:  # as autograd does for the tensors it saves
-            raise RuntimeError("linquant: a quantized weight needed for gradient computation "
-                               "was modified in place between the forward and the backward")
+        _check_unmodified(plans.weight_tensors(ctx.qweight), ctx.versions)
         w = ctx.qweight.dequantize(ctx.x_dtype)
         return grad_y.to(ctx.x_dtype) @ w, None, None, None
 
@@ -518,7 +528,7 @@ class _KernelW8A8(torch.autograd.Function):
                 act_scale: torch.Tensor | None, act_zero_point: torch.Tensor | None,
                 cache: dict[str, Any] | None) -> torch.Tensor:
         ctx.weight = (w_int8, w_scale)
-        ctx.versions = [cpu._version(w_int8), cpu._version(w_scale)]
+        ctx.versions = _versions(ctx.weight)
         ctx.x_dtype = x.dtype
         ctx.inside = None
         if act_scale is not None:  # static: the codes that were not clamped
@@ -537,9 +547,7 @@ class _KernelW8A8(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None
         w_int8, w_scale = ctx.weight
-        if [cpu._version(w_int8), cpu._version(w_scale)] != ctx.versions:
-            raise RuntimeError("linquant: a quantized weight needed for gradient computation "
-                               "was modified in place between the forward and the backward")
+        _check_unmodified(ctx.weight, ctx.versions)
         n = int(w_int8.shape[0])
         w = w_int8.float() * w_scale.float().reshape(n, 1)
         gx = grad_y.float() @ w
