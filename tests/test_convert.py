@@ -756,3 +756,40 @@ def test_a_row_counts_only_the_tensors_its_module_holds_itself() -> None:
     assert report["attn"].bytes_before == report["attn"].bytes_after == 16
     assert report["attn.q_proj"].bytes_before == 64 * 64 * 4
     assert report.bytes_before == 16 + 64 * 64 * 4
+
+
+@pytest.mark.parametrize("preset", ["w8a32", "w8a8", "w8a8-static", "w4a16-g32"])
+def test_gradients_flow_through_a_quantized_transformer(preset: str) -> None:
+    """A step of training through a quantized GPT-2 (what LoRA-style fine-tuning and gradient
+    attribution do): the input embeddings' gradient follows the float model's, the float
+    parameters left (norms, biases) get gradients, the quantized weights none. W8A8's gradient
+    is the straight-through one (its int8 activation codes carry none: autograd through them
+    once reached one element per token)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=64,
+                                  n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0)
+    ref = transformers.GPT2LMHeadModel(cfg).eval()
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    quantize_model(model, preset)
+    emb = torch.randn(3, 9, 128) * 0.5
+    if preset == "w8a8-static":
+        with calibrate(model), torch.no_grad():
+            model(inputs_embeds=emb)
+
+    def grad(m: nn.Module) -> torch.Tensor:
+        dtype = next(p.dtype for p in m.parameters() if p.is_floating_point())  # bf16: *a16
+        x = emb.to(dtype).clone().requires_grad_(True)
+        m(inputs_embeds=x).logits.float().pow(2).mean().backward()
+        assert x.grad is not None
+        return x.grad.float()
+
+    g_ref, g = grad(ref), grad(model)
+    cos = nn.functional.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0)
+    assert cos > 0.95, float(cos)
+    assert all(int((r != 0).sum()) > 0.9 * r.numel() for r in g.reshape(-1, 128))
+    h0 = model.transformer.h[0]
+    assert h0.ln_1.weight.grad is not None and h0.mlp.c_fc.bias.grad is not None
+    assert all(not b.requires_grad for b in h0.mlp.c_fc.buffers())
