@@ -227,3 +227,34 @@ def test_input_gradient_is_straight_through(kind: str, dtype: torch.dtype) -> No
         q.weight_scale.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         y.sum().backward()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", list(SQNR_FLOORS))
+def test_input_gradient_is_straight_through_on_cuda(kind: str) -> None:
+    # the same autograd function around the CUDA forward (Triton's W8A8 kernel where it runs)
+    torch.manual_seed(0)
+    q = _layer(kind, nn.Linear(256, 128)).to("cuda", torch.bfloat16)
+    if kind != "dynamic":
+        q.set_activation_range(-2.0, 1.5)
+    x = (torch.randn(4, 40, 256, device="cuda") * 1.2).to(torch.bfloat16)
+    with torch.no_grad():
+        want_y = q(x)
+    xg = x.clone().requires_grad_(True)
+    y = q(xg)
+    assert float((y.detach() - want_y).abs().max()) <= float(want_y.abs().max()) * 2**-7
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    w = q.weight_qdata.float() * q.weight_scale.float().reshape(-1, 1)
+    want = gy.float() @ w
+    if kind != "dynamic":
+        t = torch.round(x.float() / q.input_scale.float())
+        if kind == "static-sym":
+            inside = t.abs() <= 127
+        else:
+            t = t + q.input_zero_point.float()
+            inside = (t >= 0) & (t <= 255)
+        want = want * inside
+    assert xg.grad is not None
+    torch.testing.assert_close(xg.grad.float(), want.to(torch.bfloat16).float())
