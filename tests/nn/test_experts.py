@@ -239,6 +239,31 @@ def test_projection_errors_name_the_layer() -> None:
         QuantExpertsProj.from_float(torch.randn(8, 16), "int8-sym-ch0", transposed=False)
 
 
+@pytest.mark.parametrize("preset", ["w8a8", "w4a16-g8"])
+def test_expert_views_made_under_inference_mode_keep_version_counters(preset: str) -> None:
+    # the per-expert views (and W8A8's int8 codes) are made on the first call, usually under
+    # inference_mode, where a dtype view is an inference tensor: without a version counter a
+    # loaded model's mapped codes could never be released once a kernel layout held them
+    wrapped = QuantExperts.wrap(ToyExperts())
+    for part in projection_names(wrapped):
+        wrapped.set_projection(part, QuantExpertsProj.from_float(
+            wrapped._parameters[part], "int8-sym-ch0-fp32" if preset == "w8a8"
+            else "int4-asym-g8-fp16", transposed=wrapped.is_transposed,
+            activation="dynamic" if preset == "w8a8" else None))
+    idx, w = _routing(5)
+    projs = [m for m in wrapped.modules() if isinstance(m, QuantExpertsProj)]
+    assert len(projs) == 2
+    for proj in projs:
+        proj.kernel_cache().clear()  # as loaded: no views yet
+    with torch.inference_mode():
+        wrapped(torch.randn(5, 24), idx, w)
+    for proj in projs:
+        cache = proj.kernel_cache()
+        views = [t for qt in cache["expert_views"][1] for t in qt.tensors().values()]
+        views += [c["w8a8_codes"] for c in cache["expert_caches"] if "w8a8_codes" in c]
+        assert views and not any(t.is_inference() for t in views)
+
+
 def test_jit_trace_refuses_quantized_experts() -> None:
     # the routing is data-dependent, and the eager kernels' outputs would be recorded as
     # constants: a clear error instead of a trace that ignores its input

@@ -368,7 +368,9 @@ def _read_file(file: Path, infos: list[TensorInfo], entries: Mapping[str, Any], 
                     assert dtype is not None
                     t = mapped.map_tensor(f.fileno(), info.data_start + info.offset,
                                           info.nbytes)
-                    maps[info.name] = t.view(dtype).view(info.shape)
+                    with torch.inference_mode(False):  # a dtype view made under inference
+                        # mode would be an inference tensor, without a version counter
+                        maps[info.name] = t.view(dtype).view(info.shape)
         except (OSError, ValueError):  # no mmap here (another OS, a special file system)
             maps = {}
     for name, t in read_tensors([i for i in infos if i.name not in maps]):

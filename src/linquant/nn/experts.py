@@ -313,8 +313,9 @@ class QuantExpertsProj(StaticActivations):
             return kernels.linear_weight_only(x, qt, None, cache)
         codes = cache.get("w8a8_codes")  # one view object, so the W8A8 plans find it again
         if codes is None:
-            codes = cache["w8a8_codes"] = qt.qdata.view(torch.int8).view(
-                self.out_features, self.in_features)
+            with torch.inference_mode(False):  # not an inference tensor: see W8A8Linear
+                codes = cache["w8a8_codes"] = qt.qdata.view(torch.int8).view(
+                    self.out_features, self.in_features)
         if self.activation == "dynamic":
             return kernels.linear_w8a8(x, codes, qt.scale, None, cache=cache)
         self._need_range()

@@ -247,8 +247,11 @@ class W8A8Linear(StaticActivations):
                 f"{self._label()}: quantized weight {tuple(qt.shape)} {qt.scheme} does not match "
                 f"the layer's {self.qweight_shape} {W8A8_WEIGHT}"
             )
-        # 8-bit symmetric codes: the packed bytes are exactly the int8 codes, row-major.
-        self.weight_qdata = qt.qdata.view(torch.int8).view(self.qweight_shape)
+        # 8-bit symmetric codes: the packed bytes are exactly the int8 codes, row-major. (A
+        # dtype view made under inference_mode is an inference tensor, without the version
+        # counter that lets a loaded model release the mapped codes: io.mapped.release.)
+        with torch.inference_mode(False):
+            self.weight_qdata = qt.qdata.view(torch.int8).view(self.qweight_shape)
         self.weight_scale = qt.scale
         self.weight_dtype = qt.dtype
 
