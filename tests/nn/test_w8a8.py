@@ -186,6 +186,21 @@ def test_conv1d() -> None:
     assert lq.sqnr(c(x), q(x)) > 35
 
 
+def _straight_through(q: W8A8Linear, x: torch.Tensor, gy: torch.Tensor
+                      ) -> tuple[torch.Tensor, int]:
+    """The straight-through ``grad_x`` (fp32) and how many inputs a static range clamped."""
+    want = gy.float() @ (q.weight_qdata.float() * q.weight_scale.float().reshape(-1, 1))
+    if q.activation == "dynamic":
+        return want, 0
+    t = torch.round(x.float() / q.input_scale.float())
+    if q.act_symmetric:
+        inside = t.abs() <= 127
+    else:
+        t = t + q.input_zero_point.float()
+        inside = (t >= 0) & (t <= 255)
+    return want * inside, int((~inside).sum())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", list(SQNR_FLOORS))
 def test_input_gradient_is_straight_through(kind: str, dtype: torch.dtype) -> None:
@@ -209,17 +224,8 @@ def test_input_gradient_is_straight_through(kind: str, dtype: torch.dtype) -> No
         assert float((y.detach() - want_y).abs().max()) <= float(want_y.abs().max()) * 2**-7
         y.backward(gy)
         assert xg.grad is not None and xg.grad.dtype == dtype and q.bias.grad is not None
-        w = q.weight_qdata.float() * q.weight_scale.float().reshape(-1, 1)
-        want = gy.float() @ w
-        if kind != "dynamic":
-            t = torch.round(x.float() / q.input_scale.float())
-            if kind == "static-sym":
-                inside = t.abs() <= 127
-            else:
-                t = t + q.input_zero_point.float()
-                inside = (t >= 0) & (t <= 255)
-            assert 0 < int((~inside).sum()) < inside.numel() // 4  # the test's premise
-            want = want * inside
+        want, clamped = _straight_through(q, x, gy)
+        assert kind == "dynamic" or 0 < clamped < x.numel() // 4  # the test's premise
         assert torch.equal(xg.grad, want.to(dtype))
         assert torch.equal(q.bias.grad, gy.float().sum((0, 1)).to(dtype))
     y = q(x.clone().requires_grad_(True))
@@ -246,15 +252,6 @@ def test_input_gradient_is_straight_through_on_cuda(kind: str) -> None:
     assert float((y.detach() - want_y).abs().max()) <= float(want_y.abs().max()) * 2**-7
     gy = torch.randn_like(y)
     y.backward(gy)
-    w = q.weight_qdata.float() * q.weight_scale.float().reshape(-1, 1)
-    want = gy.float() @ w
-    if kind != "dynamic":
-        t = torch.round(x.float() / q.input_scale.float())
-        if kind == "static-sym":
-            inside = t.abs() <= 127
-        else:
-            t = t + q.input_zero_point.float()
-            inside = (t >= 0) & (t <= 255)
-        want = want * inside
+    want, _ = _straight_through(q, x, gy)
     assert xg.grad is not None
     torch.testing.assert_close(xg.grad.float(), want.to(torch.bfloat16).float())
