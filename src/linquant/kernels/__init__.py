@@ -390,6 +390,13 @@ def _bias_needs_grad(bias: torch.Tensor | None) -> bool:
     return bias is not None and bias.requires_grad and torch.is_grad_enabled()
 
 
+def _through_autograd_function(x: torch.Tensor) -> bool:
+    """Whether ``x`` needs its gradient and goes through :class:`_KernelLinear` /
+    :class:`_KernelW8A8` (eager, a float input with elements)."""
+    return (x.requires_grad and torch.is_grad_enabled() and x.dtype in reference.COMPUTE_DTYPES
+            and x.numel() > 0 and not torch.compiler.is_compiling())
+
+
 def _versions(tensors: tuple[torch.Tensor | None, ...]) -> list[int | None]:
     return [cpu._version(t) for t in tensors if t is not None]
 
@@ -451,9 +458,7 @@ def linear_weight_only(
         y = plans.replay(x, plans.weight_tensors(qweight), bias, cache, "cpu_plans")
         if y is not None:
             return y
-    if (device == "cpu" and x.requires_grad and torch.is_grad_enabled()
-            and x.dtype in reference.COMPUTE_DTYPES and x.numel() > 0
-            and not torch.compiler.is_compiling()):
+    if device == "cpu" and _through_autograd_function(x):
         after = _bias_needs_grad(bias)
         out: torch.Tensor = _KernelLinear.apply(  # type: ignore[no-untyped-call]
             x, qweight, None if after else bias, cache)
@@ -574,9 +579,7 @@ def linear_w8a8(
                          "w8a8_plans")
         if y is not None:
             return y
-    if (device is not None and x.requires_grad and torch.is_grad_enabled()
-            and x.dtype in reference.COMPUTE_DTYPES and x.numel() > 0
-            and not torch.compiler.is_compiling()):
+    if device is not None and _through_autograd_function(x):
         after = _bias_needs_grad(bias)
         out: torch.Tensor = _KernelW8A8.apply(  # type: ignore[no-untyped-call]
             x, w_int8, w_scale, None if after else bias, act_scale, act_zero_point, cache)
