@@ -736,6 +736,58 @@ def test_compute_dtype_keeps_buffers_the_model_does_not_persist() -> None:
     assert m.fc.bias.dtype == torch.bfloat16
 
 
+def _tiny_hf(arch: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    if arch == "m2m_100":
+        return transformers.M2M100ForConditionalGeneration(transformers.M2M100Config(
+            vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+            decoder_ffn_dim=128, max_position_embeddings=64, pad_token_id=1,
+            decoder_start_token_id=2)).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128)).eval()
+
+
+@pytest.mark.parametrize("arch", ["m2m_100", "llama"])
+def test_unpersisted_buffers_get_the_dtype_from_pretrained_gives_them(
+        tmp_path: Path, arch: str) -> None:
+    """M2M100 builds its sinusoidal position tables in the default dtype, so
+    ``from_pretrained(..., dtype=bf16)`` has them in bf16; Llama makes its rotary ``inv_freq``
+    in fp32 on purpose. quantize_model's cast to bf16, and linquant.load of the saved model
+    (built in fp32, filled with bf16 tensors), give both what from_pretrained gives. Before, an
+    M2M100 kept fp32 tables either way: they turned its activations back to fp32, and its
+    first layer norm (bf16) raised."""
+    import transformers
+
+    from linquant.io.save import load, save
+
+    def dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+        return {f"{prefix}.{n}": b.dtype for prefix, m in model.named_modules()
+                for n, b in m._buffers.items()
+                if n in m._non_persistent_buffers_set and b is not None and b.is_floating_point()}
+
+    model = _tiny_hf(arch)
+    model.save_pretrained(tmp_path / "float")
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    reference = type(model).from_pretrained(tmp_path / "float", **{key: torch.bfloat16})
+    expected = dtypes(reference)
+    assert set(expected.values()) == ({torch.bfloat16} if arch == "m2m_100"
+                                      else {torch.float32})
+    quantize_model(model, "w4a16-g32")
+    assert dtypes(model) == expected
+    ids = torch.randint(3, 100, (1, 9))
+    kwargs = {"decoder_input_ids": ids[:, :4]} if arch == "m2m_100" else {}
+    with torch.no_grad():
+        y = model(ids, **kwargs).logits
+        assert sqnr(reference(ids, **kwargs).logits.float(), y.float()) > 10
+    save(model, tmp_path / "q")
+    back = load(tmp_path / "q")
+    assert dtypes(back) == expected
+    with torch.no_grad():
+        assert torch.equal(back(ids, **kwargs).logits, y)
+
+
 def test_a_row_counts_only_the_tensors_its_module_holds_itself() -> None:
     """GPT-OSS's attention owns its ``sinks`` besides its projections: its row (kept float)
     counts the sinks, not the projections, which have rows of their own."""

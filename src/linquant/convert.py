@@ -38,10 +38,12 @@ Rules (each one shows up in the report, nothing is skipped silently):
 * **compute_dtype** (``w8a16``): after swapping, the model is cast with
   ``model.to(compute_dtype)``; quantized layers keep their codes and scales and compute in that
   dtype. Feed it inputs of that dtype (token ids need nothing). Float buffers that the model
-  does not persist (a rotary embedding's ``inv_freq``, computed at construction) keep their
-  dtype, as they have in a model loaded in that dtype by transformers or by ``linquant.load``
-  (where they are built anew): cast to bf16 they would lose precision and the quantized model
-  would compute differently in memory than after a save and load.
+  does not persist (computed at construction) get the dtype they have in the model loaded in
+  that dtype by transformers' ``from_pretrained`` or by ``linquant.load``: a rotary
+  embedding's ``inv_freq`` stays fp32 (cast to bf16 it would lose precision), a table that
+  transformers builds in the default dtype (M2M100's sinusoidal positions) is cast, or the
+  float32 table would turn the activations back to fp32 and meet bf16 layer norms. Outside
+  transformers models such buffers keep their dtype.
 """
 
 from __future__ import annotations
@@ -897,12 +899,12 @@ def _check_finite_weights(plans: dict[object, _Plan]) -> None:
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:
-    """``model.to(dtype)``, keeping the dtype of float buffers the model does not persist."""
-    kept = [(m, n, b) for m in model.modules() for n, b in m._buffers.items()
-            if n in m._non_persistent_buffers_set and b is not None and b.is_floating_point()]
+    """``model.to(dtype)``, except for the float buffers the model does not persist: those of
+    transformers models get the dtype ``from_pretrained`` in ``dtype`` gives them
+    (:func:`linquant.io.hf.loaded_buffer_dtypes`), the others keep theirs."""
+    kept = hf.unpersisted_float_buffers(model)
     model.to(dtype)
-    for m, n, b in kept:
-        m._buffers[n] = b
+    hf.follow_loaded_dtypes(model, dtype, kept)
 
 
 def _type_name(module: nn.Module) -> str:

@@ -23,11 +23,16 @@ returns the quantized layers freshly initialised. Here both raise instead:
 
 Everything here is a no-op where transformers is not installed or lacks the quantizer API
 (``transformers.quantizers``, 4.36 and later).
+
+:func:`loaded_buffer_dtypes` says which dtype transformers gives a model's non-persistent float
+buffers when it loads the model in a given dtype, for ``quantize_model``'s cast to the compute
+dtype and for ``load`` / ``load_into``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.abc
 import json
 import os
@@ -35,6 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from linquant.errors import LinquantError
@@ -42,12 +48,15 @@ from linquant.io.format import FORMAT_VERSION
 
 __all__ = [
     "QUANT_METHOD",
+    "follow_loaded_dtypes",
     "is_linquant_config",
+    "loaded_buffer_dtypes",
     "mark_config_file",
     "mark_model",
     "quantization_config",
     "register",
     "unmark_model",
+    "unpersisted_float_buffers",
 ]
 
 QUANT_METHOD = "linquant"
@@ -208,3 +217,66 @@ def unmark_model(model: nn.Module) -> None:
                                                              None)):
             with contextlib.suppress(AttributeError):
                 delattr(config, "quantization_config")
+
+
+def _built_on_meta(model: nn.Module, dtype: torch.dtype) -> nn.Module | None:
+    """``model``'s class built again from its config on the meta device, with ``dtype`` as the
+    default dtype (as transformers builds a model it loads in ``dtype``); None where the class
+    cannot be built that way."""
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            return type(model)(copy.deepcopy(model.config))  # type: ignore[no-any-return]
+    except Exception:  # any failure of a model's own __init__: keep the buffers' dtypes
+        return None
+    finally:
+        torch.set_default_dtype(old)
+
+
+def loaded_buffer_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``{qualified name: dtype}`` of the float buffers that the transformers models in
+    ``model`` (``PreTrainedModel`` submodules, itself included) do not persist, as
+    ``from_pretrained(..., dtype=dtype)`` makes them: transformers builds a model under
+    ``dtype`` as the default dtype, so a table made in the default dtype (M2M100's and XGLM's
+    sinusoidal positions, Gemma's embedding scale) comes out in ``dtype``, one made in fp32 on
+    purpose (a rotary embedding's ``inv_freq``) in fp32. Found by building each model's class
+    again from its config on the meta device (nothing is allocated); buffers outside
+    transformers models, or of a class that cannot be built so, are not in the result.
+    Empty where transformers is not imported."""
+    if "transformers" not in sys.modules or not dtype.is_floating_point:
+        return {}
+    wanted: dict[str, torch.dtype] = {}
+    done: list[str] = []
+    for name, sub in model.named_modules():
+        if any(p == "" or name.startswith(p + ".") for p in done) or \
+                not _is_pretrained_model(sub) or getattr(sub, "config", None) is None:
+            continue
+        done.append(name)
+        built = _built_on_meta(sub, dtype)
+        if built is None:
+            continue
+        for mod_name, mod in built.named_modules():
+            for buf_name, buf in mod._buffers.items():
+                if (buf is not None and buf.is_floating_point()
+                        and buf_name in mod._non_persistent_buffers_set):
+                    wanted[".".join(x for x in (name, mod_name, buf_name) if x)] = buf.dtype
+    return wanted
+
+
+def unpersisted_float_buffers(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """``{qualified name: (module, name, tensor)}`` of ``model``'s float buffers that its
+    ``state_dict`` leaves out (non-persistent: computed at construction)."""
+    return {f"{prefix}{'.' if prefix else ''}{n}": (m, n, b)
+            for prefix, m in model.named_modules() for n, b in m._buffers.items()
+            if n in m._non_persistent_buffers_set and b is not None and b.is_floating_point()}
+
+
+def follow_loaded_dtypes(model: nn.Module, dtype: torch.dtype,
+                         buffers: dict[str, tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Put each of ``buffers`` (:func:`unpersisted_float_buffers`, possibly taken before a
+    cast) back into its module in the dtype :func:`loaded_buffer_dtypes` gives it for
+    ``dtype``, or as it is where that gives none."""
+    wanted = loaded_buffer_dtypes(model, dtype) if buffers else {}
+    for name, (mod, attr, buf) in buffers.items():
+        mod._buffers[attr] = buf.to(wanted[name]) if name in wanted else buf

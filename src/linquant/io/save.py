@@ -677,6 +677,7 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
     for n, p in model.named_parameters():
         if p.is_meta:
             raise FormatError(f"{where}: tensor {n!r} is missing from the file")
+    _follow_parameter_dtype(model)
     from linquant.nn.w8a8 import StaticActivations
 
     for mod in model.modules():
@@ -687,6 +688,20 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
             mapped.release(t)
     hf.mark_model(model)
     return model
+
+
+def _follow_parameter_dtype(model: nn.Module) -> None:
+    """Where the model's float parameters are all of one dtype (a checkpoint saved after a cast
+    to bf16, loaded into a model built in fp32), its transformers models' non-persistent float
+    buffers of another dtype take the one ``from_pretrained`` in that dtype gives them
+    (:func:`linquant.io.hf.follow_loaded_dtypes`): an fp32 sinusoidal position table would
+    turn bf16 activations back to fp32."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    dtype = dtypes.pop()
+    hf.follow_loaded_dtypes(model, dtype, {
+        k: v for k, v in hf.unpersisted_float_buffers(model).items() if v[2].dtype != dtype})
 
 
 def _module_at(model: nn.Module, name: str) -> nn.Module | None:
