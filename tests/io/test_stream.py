@@ -541,6 +541,51 @@ def test_per_expert_checkpoints_are_stacked_into_fused_experts(tmp_path: Path, k
     _streamed_equals_saved(tmp_path, model, vocab=64)
 
 
+@pytest.mark.parametrize(("model_type", "config", "fused"), [
+    ("nomic_bert", "w4a16-g32", "encoder.layers.0.attn.Wqkv.weight"),  # Chunk: q, k, v
+    ("gte", "w8a8", "encoder.layer.0.attention.qkv_proj.weight"),  # and its bias, up_gate_proj
+    ("sarvam_moe", "w4a16-g32", "layers.0.attention.query_key_value.weight"),  # Split: GQA
+])
+def test_fused_checkpoint_tensors_are_cut_as_transformers_loads_them(
+        tmp_path: Path, model_type: str, config: str, fused: str) -> None:
+    """Nomic BERT and GTE are published with one fused ``Wqkv`` / ``qkv_proj`` per layer,
+    which transformers 5 cuts into ``q_proj``, ``k_proj`` and ``v_proj`` while loading (a
+    ``Chunk`` rule; Sarvam-MoE's ``query_key_value`` a ``Split`` by the targets' sizes, k and v
+    smaller than q). The stream cuts each as it is read and quantizes the pieces as
+    quantize_model quantizes the model's layers: the same files, the same outputs. Before,
+    such checkpoints were refused."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers.conversion_mapping")  # transformers 5: conversion rules
+    from safetensors import safe_open
+
+    config_obj = transformers.AutoConfig.for_model(model_type)
+    small = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, vocab_size=96, num_experts=4,
+                 num_experts_per_tok=2, moe_intermediate_size=64, max_position_embeddings=64,
+                 first_k_dense_replace=1)
+    for key, value in small.items():
+        if hasattr(config_obj, key):
+            setattr(config_obj, key, value)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config_obj).eval()
+    model.save_pretrained(str(tmp_path / "src"))
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
+        assert fused in set(f.keys())  # the published, fused form
+    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", config)
+    assert "along their rows as transformers does while loading" in res.rule
+    in_memory = quantize_model(model, config)
+    rows = [(r.name, r.scheme, r.bits_per_weight) for r in res.report.layers]
+    assert rows == [(r.name, r.scheme, r.bits_per_weight) for r in in_memory.layers]
+    assert {n.rsplit(".", 1)[-1] for n, scheme, _ in rows if scheme} >= {
+        "q_proj", "k_proj", "v_proj"}
+    save(model, tmp_path / "saved")
+    streamed = load(tmp_path / "q")
+    _same_state(streamed, load(tmp_path / "saved"))
+    ids = torch.randint(1, 96, (1, 7))
+    with torch.inference_mode():
+        assert torch.equal(streamed(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
 def test_per_expert_checkpoints_that_cannot_be_stacked_are_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, src = _per_expert_checkpoint(tmp_path, "mixtral")

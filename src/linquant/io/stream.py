@@ -302,16 +302,18 @@ def _merge_rule(converter: Any) -> int | None:
     return None
 
 
-def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path
-                        ) -> tuple[dict[str, str], dict[str, _Merge]]:
+def _checkpoint_renames(model: nn.Module, shapes: dict[str, tuple[int, ...]], src: Path
+                        ) -> tuple[dict[str, str], dict[str, _Merge], dict[str, list[_Piece]]]:
     """Stored tensor name -> the model's name for it, for the names transformers (5 and later)
     renames while loading: its conversion rules for the architecture (GPT-NeoX's
     ``embed_out`` is the model's ``lm_head``), legacy names (``gamma`` / ``beta``) and the base
-    model prefix; and the merges: per-expert MoE tensors that transformers stacks into a fused
+    model prefix; the merges: per-expert MoE tensors that transformers stacks into a fused
     experts projection (Mixtral's ``experts.{e}.w1/w3.weight`` into ``experts.gate_up_proj``),
-    by the model's name. A checkpoint tensor that any other rule combines or splits cannot be
-    streamed: :class:`LinquantError`. Empty with transformers 4, which loads checkpoints under
-    the model's own names."""
+    by the model's name; and the splits: stored tensors that transformers cuts along their rows
+    into several of the model's (a fused ``Wqkv`` into ``q_proj``, ``k_proj``, ``v_proj``:
+    Nomic BERT, GTE, Jina v3), by the stored name. A checkpoint tensor that any other rule
+    combines or splits cannot be streamed: :class:`LinquantError`. Empty with transformers 4,
+    which loads checkpoints under the model's own names."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
@@ -320,9 +322,10 @@ def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path
             rename_source_key,
         )
     except ImportError:
-        return {}, {}
+        return {}, {}, {}
     renames: dict[str, str] = {}
     merges: dict[str, _Merge] = {}
+    splits: dict[str, list[_Piece]] = {}
     refused: list[str] = []
     try:  # private API of transformers: where it changes, names stay as stored
         transforms = get_model_conversion_mapping(cast(Any, model))
@@ -330,6 +333,7 @@ def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         prefix = getattr(model, "base_model_prefix", None) or None
         meta = model.state_dict()  # on the meta device: names and shapes only
+        stored = list(shapes)
         for name in stored:
             new, pattern = rename_source_key(name, renamings, converters, prefix, meta)
             if pattern is None:
@@ -337,10 +341,14 @@ def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path
                     renames[name] = new
                 continue
             where = _merge_source(name, new, pattern, converters, renamings, meta, merges)
-            if where is None:
+            pieces = None if where is not None else _split_source(
+                new, pattern, converters, meta, shapes[name])
+            if pieces is not None:
+                splits[name] = pieces
+            elif where is None:
                 refused.append(f"{name} -> {new}")
     except (TypeError, AttributeError, ValueError, KeyError):
-        return {}, {}
+        return {}, {}, {}
     if refused:
         raise LinquantError(
             f"{src}: {len(refused)} tensor(s) are combined by transformers while loading "
@@ -357,7 +365,7 @@ def _checkpoint_renames(model: nn.Module, stored: list[str], src: Path
                                 f"tensors per pattern for {experts} experts")
     if len(set(renames.values()) | (set(stored) - set(renames))) < len(stored):
         raise LinquantError(f"{src}: transformers' renaming rules map two tensors to one name")
-    return renames, merges
+    return renames, merges, splits
 
 
 def _merge_source(name: str, new: str, pattern: str, converters: list[Any],
@@ -387,6 +395,50 @@ def _merge_source(name: str, new: str, pattern: str, converters: list[Any],
     merge = merges.setdefault(new, _Merge(new, n_patterns, shape))
     merge.sources[name] = where
     return where
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows ``start .. start + rows`` of a stored tensor, which transformers loads as the
+    model's tensor ``name`` (:func:`_split_source`)."""
+
+    name: str
+    start: int
+    rows: int
+
+
+def _split_source(new: str, pattern: str, converters: list[Any], meta: dict[str, torch.Tensor],
+                  shape: tuple[int, ...]) -> list[_Piece] | None:
+    """The pieces transformers cuts a stored tensor of ``shape`` into along its rows
+    (``Chunk(dim=0)``: equal pieces; ``Split(dim=0)``: each sized like its target), named as
+    transformers names them (``new``, the first piece's name, with the converter's first target
+    pattern replaced by each target's); None where the conversion is not such a split or the
+    model's shapes do not fit it."""
+    converter = next((c for c in converters if pattern in list(c.source_patterns)), None)
+    if converter is None or len(list(converter.source_patterns)) != 1 or \
+            len(converter.operations) != 1:
+        return None
+    op = converter.operations[0]
+    kind = type(op).__name__
+    if kind not in ("Chunk", "Split") or getattr(op, "dim", None) != 0 or \
+            getattr(op, "num_shards_attribute", None) is not None or not shape:
+        return None
+    targets = list(converter.target_patterns)
+    if targets[0] not in new:
+        return None
+    names = [new.replace(targets[0], t) for t in targets]
+    found = [meta.get(n) for n in names]
+    if any(t is None or tuple(t.shape[1:]) != tuple(shape[1:]) for t in found):
+        return None
+    rows = [int(t.shape[0]) for t in found if t is not None]
+    if kind == "Chunk":  # torch.chunk's sizes
+        size = -(-shape[0] // len(rows))
+        if rows != [min(size, shape[0] - i * size) for i in range(len(rows))]:
+            return None
+    if sum(rows) != shape[0]:
+        return None
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    return [_Piece(n, a, r) for n, a, r in zip(names, starts, rows, strict=True)]
 
 
 def _plan_config(model: nn.Module, names: set[str], pairs: list[tuple[str, QuantConfig | None]],
@@ -659,17 +711,22 @@ def quantize_checkpoint(
             "gives back a float model)")
     folder = src_p if src_p.is_dir() else None
     meta_model = _build_meta_model(folder) if folder is not None else None
-    renames, merges = _checkpoint_renames(meta_model, [i.name for i in infos], src_p) \
-        if meta_model is not None else ({}, {})
+    renames, merges, splits = _checkpoint_renames(
+        meta_model, {i.name: tuple(i.shape) for i in infos}, src_p) \
+        if meta_model is not None else ({}, {}, {})
     merge_of = {n: m for m in merges.values() for n in m.sources}
     if renames:
         source = ((renames.get(n, n), t) for n, t in source)
 
-    def model_name(info: TensorInfo) -> str:
+    def model_names(info: TensorInfo) -> list[tuple[str, int]]:
+        """The model's names for a stored tensor, each with its share of the bytes."""
+        if info.name in splits:
+            total = sum(p.rows for p in splits[info.name])
+            return [(p.name, info.nbytes * p.rows // total) for p in splits[info.name]]
         m = merge_of.get(info.name)
-        return m.target if m is not None else renames.get(info.name, info.name)
+        return [(m.target if m is not None else renames.get(info.name, info.name), info.nbytes)]
 
-    names = {model_name(i) for i in infos}
+    names = {n for i in infos for n, _ in model_names(i)}
 
     aliases: dict[str, str] = {}
     ties: dict[str, _Tie] = {}
@@ -686,6 +743,12 @@ def quantize_checkpoint(
             rule += (f"; {len(merge_of)} per-expert tensor(s) stacked into {len(merges)} fused "
                      "experts projection(s) as transformers does while loading (one layer's "
                      "experts held at a time)")
+        if splits:
+            first_split = next(iter(splits.items()))
+            rule += (f"; {len(splits)} tensor(s) cut into "
+                     f"{sum(len(p) for p in splits.values())} along their rows as transformers "
+                     f"does while loading (e.g. {first_split[0]} -> "
+                     f"{', '.join(p.name for p in first_split[1])})")
         kind = {"kind": "sentence-transformers" if (src_p / "modules.json").is_file()
                 else "transformers", "class": type(meta_model).__name__}
     else:
@@ -699,7 +762,8 @@ def quantize_checkpoint(
     rows: dict[str, LayerReport] = {r.name: r for r in skipped}
     sizes: dict[str, int] = {}
     for info in infos:
-        sizes[model_name(info)] = sizes.get(model_name(info), 0) + info.nbytes
+        for n, nbytes in model_names(info):
+            sizes[n] = sizes.get(n, 0) + nbytes
     meta = {"modules": modules, "aliases": aliases, "model": kind}
     stored_sizes = {i.name: i.nbytes for i in infos}
     bar = _progress(sum(sizes.values()), len(infos), progress)
@@ -779,7 +843,10 @@ def quantize_checkpoint(
                 m.quantize_by_rows(job.scheme)
         for i, (name, t) in enumerate(source):
             merge = merge_of.get(name)
-            if merge is None:
+            if name in splits:
+                for piece in splits[name]:
+                    emit(piece.name, t[piece.start:piece.start + piece.rows])
+            elif merge is None:
                 emit(name, t)
             else:
                 fused = merge.add(name, t)
@@ -813,7 +880,8 @@ def quantize_checkpoint(
         order.setdefault(key.rpartition(".")[0], len(order))  # a layer, then its parameters
         order.setdefault(key, len(order))  # (an experts projection is a parameter)
     for info in infos:
-        order.setdefault(model_name(info).removesuffix(".weight"), len(order))
+        for n, _ in model_names(info):
+            order.setdefault(n.removesuffix(".weight"), len(order))
     report.layers = sorted(rows.values(), key=lambda r: order.get(r.name, len(order)))
     report.unmatched_patterns, report.shadowed_patterns = pattern_misses(
         (r.name for r in report.layers), (*inc, *exc), (p for p, _ in pairs), used)
