@@ -715,6 +715,22 @@ def test_a_layer_its_quantized_class_cannot_take_is_planned_float() -> None:
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
 
 
+def test_rows_hold_the_sizes_after_the_cast_to_the_compute_dtype() -> None:
+    """Under a bf16 preset the rows say what the layers hold after the cast, as the total does:
+    a kept-float layer norm half its fp32 bytes, a quantized layer's bias in bf16 (before, the
+    rows kept the sizes measured before the cast and did not add up to the total)."""
+    model = Tiny()
+    report = quantize_model(model, "w4a16-g32")
+    assert report.compute_dtype == torch.bfloat16
+    norm = report["norm"]
+    assert norm.reason is not None and norm.bytes_after == norm.bytes_before // 2
+    assert norm.bytes_after == _tensor_bytes(model.norm)
+    fc = report["block.0"]
+    assert fc.bytes_after == _tensor_bytes(model.block[0])
+    assert model.block[0].bias.dtype == torch.bfloat16
+    assert sum(r.bytes_after for r in report.layers) == report.bytes_after
+
+
 def test_compute_dtype_keeps_buffers_the_model_does_not_persist() -> None:
     """A rotary table computed at construction stays fp32, as in a model loaded in bf16 (by
     transformers or linquant.load, which build it anew); persistent float buffers are cast."""

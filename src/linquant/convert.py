@@ -277,6 +277,15 @@ def _tensors(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
     return out
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The module named ``name`` in ``model``; None for a name that is not a module's (an
+    experts projection, a parameter)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _own_nbytes(module: nn.Module) -> int:
     """Bytes of the tensors ``module`` holds itself (not its submodules'): a layer's row in the
     report (an attention module that owns a parameter besides its projections counts only it)."""
@@ -860,6 +869,10 @@ def quantize_model(
     wrappers.clear()
     if compute_dtype is not None:
         _cast(model, compute_dtype)
+        for row in report.layers:  # measured before the cast: a float layer norm now holds
+            mod = _submodule(model, row.name)  # half, a quantized layer's bias too
+            if mod is not None:
+                row.bytes_after = _own_nbytes(mod)
     report.bytes_after = model_nbytes(model)
     report.unmatched_patterns, report.shadowed_patterns = pattern_misses(
         (r.name for r in report.layers), mplan.filters, mplan.config_patterns, mplan.used)
