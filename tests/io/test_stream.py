@@ -586,6 +586,57 @@ def test_fused_checkpoint_tensors_are_cut_as_transformers_loads_them(
         assert torch.equal(streamed(ids).last_hidden_state, model(ids).last_hidden_state)
 
 
+def test_experts_that_transformers_transposes_while_loading_are_transposed(
+        tmp_path: Path) -> None:
+    """Qwen3-VL-MoE is published with its fused experts ``[E, in, out]``; transformers 5
+    transposes each to the model's ``[E, out, in]`` while loading (a ``Transpose`` rule, applied
+    where the shapes differ). The stream does the same as it reads them, then quantizes the
+    projections as quantize_model does. Before, such checkpoints were refused."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers.conversion_mapping")
+    from safetensors.torch import load_file
+
+    try:
+        config = transformers.AutoConfig.for_model("qwen3_vl_moe")
+    except ValueError:
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen3-VL-MoE")
+    for key, value in dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=96, vocab_size=96,
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                           head_dim=16).items():
+        setattr(config.text_config, key, value)
+    for key, value in dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=64, deepstack_visual_indexes=[]).items():
+        if hasattr(config.vision_config, key):
+            setattr(config.vision_config, key, value)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+    src = tmp_path / "src"
+    model.save_pretrained(str(src))
+    tensors = load_file(str(src / "model.safetensors"))  # as published: [E, in, out]
+    for k in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[k] = tensors[k].transpose(1, 2).contiguous()
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    ids = torch.randint(1, 96, (1, 7))
+    with torch.inference_mode():
+        want = model(input_ids=ids).last_hidden_state
+        assert torch.equal(type(model).from_pretrained(str(src))(input_ids=ids)
+                           .last_hidden_state, want)  # transformers reads that layout back
+    res = quantize_checkpoint(src, tmp_path / "q", "w4a16-g32")
+    assert "2 tensor(s) transposed as transformers does while loading" in res.rule
+    down = next(r for r in res.report.layers if r.name.endswith("experts.down_proj"))
+    assert down.shape == (4, 64, 48) and down.quantized
+    in_memory = quantize_model(model, "w4a16-g32")
+    assert [(r.name, r.scheme, r.bits_per_weight) for r in res.report.layers] == \
+        [(r.name, r.scheme, r.bits_per_weight) for r in in_memory.layers]
+    save(model, tmp_path / "saved")
+    streamed = load(tmp_path / "q")
+    _same_state(streamed, load(tmp_path / "saved"))
+    with torch.inference_mode():
+        assert torch.equal(streamed(input_ids=ids).last_hidden_state,
+                           model(input_ids=ids).last_hidden_state)
+
+
 def test_per_expert_checkpoints_that_cannot_be_stacked_are_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, src = _per_expert_checkpoint(tmp_path, "mixtral")

@@ -311,7 +311,8 @@ def _checkpoint_renames(model: nn.Module, shapes: dict[str, tuple[int, ...]], sr
     experts projection (Mixtral's ``experts.{e}.w1/w3.weight`` into ``experts.gate_up_proj``),
     by the model's name; and the splits: stored tensors that transformers cuts along their rows
     into several of the model's (a fused ``Wqkv`` into ``q_proj``, ``k_proj``, ``v_proj``:
-    Nomic BERT, GTE, Jina v3), by the stored name. A checkpoint tensor that any other rule
+    Nomic BERT, GTE, Jina v3), or transposes (Qwen3-VL-MoE's experts), by the stored name: the
+    model's tensors they become (:class:`_Piece`). A checkpoint tensor that any other rule
     combines or splits cannot be streamed: :class:`LinquantError`. Empty with transformers 4,
     which loads checkpoints under the model's own names."""
     try:
@@ -341,8 +342,9 @@ def _checkpoint_renames(model: nn.Module, shapes: dict[str, tuple[int, ...]], sr
                     renames[name] = new
                 continue
             where = _merge_source(name, new, pattern, converters, renamings, meta, merges)
-            pieces = None if where is not None else _split_source(
-                new, pattern, converters, meta, shapes[name])
+            pieces = None if where is not None else (
+                _split_source(new, pattern, converters, meta, shapes[name])
+                or _transpose_source(new, pattern, converters, meta, shapes[name]))
             if pieces is not None:
                 splits[name] = pieces
             elif where is None:
@@ -400,11 +402,13 @@ def _merge_source(name: str, new: str, pattern: str, converters: list[Any],
 @dataclass(frozen=True)
 class _Piece:
     """Rows ``start .. start + rows`` of a stored tensor, which transformers loads as the
-    model's tensor ``name`` (:func:`_split_source`)."""
+    model's tensor ``name`` (:func:`_split_source`), with dimensions ``transpose`` swapped
+    where set (:func:`_transpose_source`)."""
 
     name: str
     start: int
     rows: int
+    transpose: tuple[int, int] | None = None
 
 
 def _split_source(new: str, pattern: str, converters: list[Any], meta: dict[str, torch.Tensor],
@@ -439,6 +443,32 @@ def _split_source(new: str, pattern: str, converters: list[Any], meta: dict[str,
         return None
     starts = [sum(rows[:i]) for i in range(len(rows))]
     return [_Piece(n, a, r) for n, a, r in zip(names, starts, rows, strict=True)]
+
+
+def _transpose_source(new: str, pattern: str, converters: list[Any],
+                      meta: dict[str, torch.Tensor], shape: tuple[int, ...]
+                      ) -> list[_Piece] | None:
+    """The stored tensor of ``shape`` as the model's ``new`` where transformers transposes it
+    while loading (``Transpose``: Qwen3-VL-MoE's fused experts, published ``[E, in, out]``;
+    with ``check_dims`` only where the shapes differ): one piece, transposed or not; None
+    where the conversion is not such a transpose or the model's shape does not fit it."""
+    converter = next((c for c in converters if pattern in list(c.source_patterns)), None)
+    if converter is None or len(list(converter.source_patterns)) != 1 or \
+            len(list(converter.target_patterns)) != 1 or len(converter.operations) != 1:
+        return None
+    op = converter.operations[0]
+    target = meta.get(new)
+    if type(op).__name__ != "Transpose" or target is None or not shape:
+        return None
+    dims = (int(op.dim0) % len(shape), int(op.dim1) % len(shape))
+    swapped = list(shape)
+    swapped[dims[0]], swapped[dims[1]] = shape[dims[1]], shape[dims[0]]
+    want = tuple(target.shape)
+    if getattr(op, "check_dims", False) and tuple(shape) == want:
+        return [_Piece(new, 0, shape[0])]
+    if tuple(swapped) != want:
+        return None
+    return [_Piece(new, 0, shape[0], dims)]
 
 
 def _plan_config(model: nn.Module, names: set[str], pairs: list[tuple[str, QuantConfig | None]],
@@ -743,12 +773,16 @@ def quantize_checkpoint(
             rule += (f"; {len(merge_of)} per-expert tensor(s) stacked into {len(merges)} fused "
                      "experts projection(s) as transformers does while loading (one layer's "
                      "experts held at a time)")
-        if splits:
-            first_split = next(iter(splits.items()))
-            rule += (f"; {len(splits)} tensor(s) cut into "
-                     f"{sum(len(p) for p in splits.values())} along their rows as transformers "
-                     f"does while loading (e.g. {first_split[0]} -> "
-                     f"{', '.join(p.name for p in first_split[1])})")
+        cut = {n: p for n, p in splits.items() if len(p) > 1}
+        if cut:
+            first_cut = next(iter(cut.items()))
+            rule += (f"; {len(cut)} tensor(s) cut into {sum(len(p) for p in cut.values())} "
+                     "along their rows as transformers does while loading (e.g. "
+                     f"{first_cut[0]} -> {', '.join(p.name for p in first_cut[1])})")
+        turned = [n for n, p in splits.items() if len(p) == 1 and p[0].transpose]
+        if turned:
+            rule += (f"; {len(turned)} tensor(s) transposed as transformers does while loading "
+                     f"(e.g. {turned[0]})")
         kind = {"kind": "sentence-transformers" if (src_p / "modules.json").is_file()
                 else "transformers", "class": type(meta_model).__name__}
     else:
@@ -845,7 +879,10 @@ def quantize_checkpoint(
             merge = merge_of.get(name)
             if name in splits:
                 for piece in splits[name]:
-                    emit(piece.name, t[piece.start:piece.start + piece.rows])
+                    part = t[piece.start:piece.start + piece.rows]
+                    emit(piece.name, part if piece.transpose is None
+                         else part.transpose(*piece.transpose).contiguous())
+                    del part
             elif merge is None:
                 emit(name, t)
             else:
