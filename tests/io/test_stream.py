@@ -203,6 +203,9 @@ def test_hf_folder_equals_quantize_model_and_save(tmp_path: Path, preset: str) -
         other = res.report[row.name]
         assert (other.scheme, other.tied_to, other.reason) == (row.scheme, row.tied_to,
                                                                row.reason), row.name
+        # every tensor the layer holds itself: a bias, a norm's bias, after the cast
+        assert (other.bytes_before, other.bytes_after) == (row.bytes_before,
+                                                           row.bytes_after), row.name
         if row.sqnr_db is not None:
             assert other.sqnr_db == pytest.approx(row.sqnr_db, rel=1e-6), row.name
     assert res.report["lm_head"].tied_to == "transformer.wte"
@@ -233,6 +236,9 @@ def test_hf_folder_with_layer_configs_equals_quantize_model(tmp_path: Path) -> N
         other = res.report[row.name]
         assert (other.scheme, other.tied_to, other.reason) == (row.scheme, row.tied_to,
                                                                row.reason), row.name
+        # every tensor the layer holds itself: a bias, a norm's bias, after the cast
+        assert (other.bytes_before, other.bytes_after) == (row.bytes_before,
+                                                           row.bytes_after), row.name
     report = res.report
     assert report["transformer.h.0.attn.c_attn"].scheme == "int8-sym-ch0-fp32, compute bf16"
     assert report["transformer.h.1.attn.c_attn"].scheme == "int4-asym-g32-fp16, compute bf16"
@@ -574,9 +580,11 @@ def test_fused_checkpoint_tensors_are_cut_as_transformers_loads_them(
     res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", config)
     assert "along their rows as transformers does while loading" in res.rule
     in_memory = quantize_model(model, config)
-    rows = [(r.name, r.scheme, r.bits_per_weight) for r in res.report.layers]
-    assert rows == [(r.name, r.scheme, r.bits_per_weight) for r in in_memory.layers]
-    assert {n.rsplit(".", 1)[-1] for n, scheme, _ in rows if scheme} >= {
+    rows = [(r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
+            for r in res.report.layers]
+    assert rows == [(r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
+                    for r in in_memory.layers]
+    assert {n.rsplit(".", 1)[-1] for n, scheme, *_ in rows if scheme} >= {
         "q_proj", "k_proj", "v_proj"}
     save(model, tmp_path / "saved")
     streamed = load(tmp_path / "q")
@@ -627,14 +635,62 @@ def test_experts_that_transformers_transposes_while_loading_are_transposed(
     down = next(r for r in res.report.layers if r.name.endswith("experts.down_proj"))
     assert down.shape == (4, 64, 48) and down.quantized
     in_memory = quantize_model(model, "w4a16-g32")
-    assert [(r.name, r.scheme, r.bits_per_weight) for r in res.report.layers] == \
-        [(r.name, r.scheme, r.bits_per_weight) for r in in_memory.layers]
+    assert [(r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
+            for r in res.report.layers] == [
+        (r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
+        for r in in_memory.layers]
     save(model, tmp_path / "saved")
     streamed = load(tmp_path / "q")
     _same_state(streamed, load(tmp_path / "saved"))
     with torch.inference_mode():
         assert torch.equal(streamed(input_ids=ids).last_hidden_state,
                            model(input_ids=ids).last_hidden_state)
+
+
+def test_checkpoint_tensors_that_transformers_concatenates_are_concatenated(
+        tmp_path: Path) -> None:
+    """Kimi-Linear is published with ``q_conv1d``, ``k_conv1d`` and ``v_conv1d`` per linear
+    attention layer, which transformers 5 concatenates along their rows into the model's
+    ``conv1d`` while loading (a ``Concatenate(dim=0)`` rule). The stream holds the parts until
+    all are read, then writes (or quantizes) the whole as quantize_model sees it. Before, such
+    checkpoints were refused."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers.conversion_mapping")
+    from safetensors import safe_open
+
+    try:
+        config = transformers.AutoConfig.for_model("kimi_linear")
+    except ValueError:
+        pytest.skip(f"transformers {transformers.__version__} has no Kimi-Linear")
+    for key, value in dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128, vocab_size=96,
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                           layer_types=["linear_attention"], mlp_layer_types=["dense"],
+                           pad_token_id=0).items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+    model.save_pretrained(str(tmp_path / "src"))
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
+        assert any(k.endswith("q_conv1d.weight") for k in f.keys())  # noqa: SIM118
+    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w8a8")
+    assert "3 tensor(s) concatenated into 1 as transformers does while loading" in res.rule
+    # a module holding parameters of its own but no weight is listed, as quantize_model lists it
+    gate = res.report["layers.0.self_attn.forget_gate"]
+    assert gate.reason == "unsupported type KimiLinearForgetGate" and gate.bytes_after > 0
+    in_memory = quantize_model(model, "w8a8")
+    assert [(r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
+            for r in res.report.layers] == [
+        (r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
+        for r in in_memory.layers]
+    save(model, tmp_path / "saved")
+    streamed = load(tmp_path / "q")
+    _same_state(streamed, load(tmp_path / "saved"))
+    ids = torch.randint(1, 96, (1, 7))
+    with torch.inference_mode():
+        assert torch.equal(streamed(input_ids=ids, use_cache=False).last_hidden_state,
+                           model(input_ids=ids, use_cache=False).last_hidden_state)
 
 
 def test_per_expert_checkpoints_that_cannot_be_stacked_are_refused(

@@ -289,6 +289,57 @@ class _Merge:
         return 0 < len(self.seen) < len(self.sources)
 
 
+@dataclass
+class _Concat:
+    """Checkpoint tensors that transformers concatenates along their rows into one of the
+    model's (``Concatenate(dim=0)``: Kimi-Linear's ``q_conv1d``, ``k_conv1d``, ``v_conv1d``
+    into ``conv1d``, Molmo2's two embedding tables): source pattern ``j`` is the ``j``-th
+    block of rows. Held as they arrive, concatenated once all are in."""
+
+    target: str
+    patterns: int
+    shape: tuple[int, ...]  # the model's
+    sources: dict[str, int] = field(default_factory=dict)  # stored name -> pattern
+    parts: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
+        """Take ``t`` in; once every source is in, the concatenated tensor."""
+        self.parts[self.sources[name]] = t
+        if len(self.parts) < len(self.sources):
+            return None
+        parts, self.parts = self.parts, {}
+        out = torch.cat([parts[j] for j in range(self.patterns)], dim=0)
+        if tuple(out.shape) != self.shape:
+            raise LinquantError(f"{self.target}: the checkpoint's {self.patterns} parts make "
+                                f"{list(out.shape)}, the model holds {list(self.shape)}")
+        return out
+
+    @property
+    def incomplete(self) -> bool:
+        return 0 < len(self.parts) < len(self.sources)
+
+
+def _concat_source(name: str, new: str, pattern: str, converters: list[Any],
+                   meta: dict[str, torch.Tensor], concats: dict[str, _Concat]) -> bool:
+    """Record the stored ``name`` as its pattern's block of rows of the concatenation into
+    ``new``; False where the conversion is not such a concatenation."""
+    converter = next((c for c in converters if pattern in list(c.source_patterns)), None)
+    if converter is None or len(list(converter.target_patterns)) != 1 or \
+            len(converter.operations) != 1:
+        return False
+    op = converter.operations[0]
+    target = meta.get(new)
+    if type(op).__name__ != "Concatenate" or getattr(op, "dim", None) != 0 or \
+            getattr(op, "num_shards_attribute", None) is not None or target is None:
+        return False
+    patterns = list(converter.source_patterns)
+    concat = concats.setdefault(new, _Concat(new, len(patterns), tuple(target.shape)))
+    if pattern in [patterns[j] for j in concat.sources.values()]:
+        return False  # two stored tensors for one part
+    concat.sources[name] = patterns.index(pattern)
+    return True
+
+
 def _merge_rule(converter: Any) -> int | None:
     """How many source patterns a transformers ``WeightConverter`` stacks per expert, when its
     operations are the ones :class:`_Merge` repeats (``MergeModulelist(dim=0)``, then
@@ -303,7 +354,8 @@ def _merge_rule(converter: Any) -> int | None:
 
 
 def _checkpoint_renames(model: nn.Module, shapes: dict[str, tuple[int, ...]], src: Path
-                        ) -> tuple[dict[str, str], dict[str, _Merge], dict[str, list[_Piece]]]:
+                        ) -> tuple[dict[str, str], dict[str, _Merge], dict[str, list[_Piece]],
+                                   dict[str, _Concat]]:
     """Stored tensor name -> the model's name for it, for the names transformers (5 and later)
     renames while loading: its conversion rules for the architecture (GPT-NeoX's
     ``embed_out`` is the model's ``lm_head``), legacy names (``gamma`` / ``beta``) and the base
@@ -312,7 +364,8 @@ def _checkpoint_renames(model: nn.Module, shapes: dict[str, tuple[int, ...]], sr
     by the model's name; and the splits: stored tensors that transformers cuts along their rows
     into several of the model's (a fused ``Wqkv`` into ``q_proj``, ``k_proj``, ``v_proj``:
     Nomic BERT, GTE, Jina v3), or transposes (Qwen3-VL-MoE's experts), by the stored name: the
-    model's tensors they become (:class:`_Piece`). A checkpoint tensor that any other rule
+    model's tensors they become (:class:`_Piece`); and the concatenations (:class:`_Concat`),
+    by the model's name. A checkpoint tensor that any other rule
     combines or splits cannot be streamed: :class:`LinquantError`. Empty with transformers 4,
     which loads checkpoints under the model's own names."""
     try:
@@ -323,10 +376,11 @@ def _checkpoint_renames(model: nn.Module, shapes: dict[str, tuple[int, ...]], sr
             rename_source_key,
         )
     except ImportError:
-        return {}, {}, {}
+        return {}, {}, {}, {}
     renames: dict[str, str] = {}
     merges: dict[str, _Merge] = {}
     splits: dict[str, list[_Piece]] = {}
+    concats: dict[str, _Concat] = {}
     refused: list[str] = []
     try:  # private API of transformers: where it changes, names stay as stored
         transforms = get_model_conversion_mapping(cast(Any, model))
@@ -347,10 +401,11 @@ def _checkpoint_renames(model: nn.Module, shapes: dict[str, tuple[int, ...]], sr
                 or _transpose_source(new, pattern, converters, meta, shapes[name]))
             if pieces is not None:
                 splits[name] = pieces
-            elif where is None:
+            elif where is None and not _concat_source(name, new, pattern, converters, meta,
+                                                      concats):
                 refused.append(f"{name} -> {new}")
     except (TypeError, AttributeError, ValueError, KeyError):
-        return {}, {}, {}
+        return {}, {}, {}, {}
     if refused:
         raise LinquantError(
             f"{src}: {len(refused)} tensor(s) are combined by transformers while loading "
@@ -367,7 +422,11 @@ def _checkpoint_renames(model: nn.Module, shapes: dict[str, tuple[int, ...]], sr
                                 f"tensors per pattern for {experts} experts")
     if len(set(renames.values()) | (set(stored) - set(renames))) < len(stored):
         raise LinquantError(f"{src}: transformers' renaming rules map two tensors to one name")
-    return renames, merges, splits
+    for c in concats.values():
+        if len(c.sources) != c.patterns:
+            raise LinquantError(f"{src}: {c.target}: the checkpoint holds {len(c.sources)} of "
+                                f"the {c.patterns} tensors transformers concatenates into it")
+    return renames, merges, splits, concats
 
 
 def _merge_source(name: str, new: str, pattern: str, converters: list[Any],
@@ -499,7 +558,9 @@ def _plan_config(model: nn.Module, names: set[str], pairs: list[tuple[str, Quant
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
         first = plan.names[0]
         if plan.reason is not None or plan.config is None or plan.scheme is None:
-            if f"{first}.weight" in names:
+            own = [*mod._parameters, *(b for b in mod._buffers
+                                       if b not in mod._non_persistent_buffers_set)]
+            if any(f"{first}.{t}" in names for t in own):  # its bytes counted as written
                 skipped.append(LayerReport(first, type(mod).__name__, shape, 0, 0,
                                            reason=plan.reason, note=plan.note))
             continue
@@ -615,7 +676,7 @@ def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | Non
                 and info.dtype in ("F32", "F16", "BF16")):
             continue
         if info.name == "weight":  # a lone module's state dict: no layer name to load it into
-            skipped.append(LayerReport(info.name, "tensor", info.shape, info.nbytes, info.nbytes,
+            skipped.append(LayerReport(info.name, "tensor", info.shape, 0, 0,
                                        reason="the root module cannot be replaced in place "
                                               "(save it inside a parent module)"))
             continue
@@ -624,8 +685,7 @@ def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | Non
         mname = info.name.removesuffix(".weight")
         config, reason = _select(mname, pairs, include, exclude, used, ())
         if config is None:
-            skipped.append(LayerReport(mname, "tensor", info.shape, info.nbytes, info.nbytes,
-                                       reason=reason))
+            skipped.append(LayerReport(mname, "tensor", info.shape, 0, 0, reason=reason))
             continue
         scheme, note = _group_fallback(mname, config.weight, info.shape[-1], "row length",
                                        refusals)
@@ -741,10 +801,11 @@ def quantize_checkpoint(
             "gives back a float model)")
     folder = src_p if src_p.is_dir() else None
     meta_model = _build_meta_model(folder) if folder is not None else None
-    renames, merges, splits = _checkpoint_renames(
+    renames, merges, splits, concats = _checkpoint_renames(
         meta_model, {i.name: tuple(i.shape) for i in infos}, src_p) \
-        if meta_model is not None else ({}, {}, {})
-    merge_of = {n: m for m in merges.values() for n in m.sources}
+        if meta_model is not None else ({}, {}, {}, {})
+    merge_of: dict[str, _Merge | _Concat] = {n: m for m in merges.values() for n in m.sources}
+    merge_of.update({n: c for c in concats.values() for n in c.sources})
     if renames:
         source = ((renames.get(n, n), t) for n, t in source)
 
@@ -770,7 +831,8 @@ def quantize_checkpoint(
             rule += (f"; {len(renames)} tensor name(s) mapped to the model's as transformers "
                      f"maps them while loading (e.g. {first[0]} -> {first[1]})")
         if merges:
-            rule += (f"; {len(merge_of)} per-expert tensor(s) stacked into {len(merges)} fused "
+            stacked = sum(len(m.sources) for m in merges.values())
+            rule += (f"; {stacked} per-expert tensor(s) stacked into {len(merges)} fused "
                      "experts projection(s) as transformers does while loading (one layer's "
                      "experts held at a time)")
         cut = {n: p for n, p in splits.items() if len(p) > 1}
@@ -779,6 +841,11 @@ def quantize_checkpoint(
             rule += (f"; {len(cut)} tensor(s) cut into {sum(len(p) for p in cut.values())} "
                      "along their rows as transformers does while loading (e.g. "
                      f"{first_cut[0]} -> {', '.join(p.name for p in first_cut[1])})")
+        if concats:
+            first_concat = next(iter(concats.values()))
+            rule += (f"; {sum(len(c.sources) for c in concats.values())} tensor(s) "
+                     f"concatenated into {len(concats)} as transformers does while loading "
+                     f"(e.g. {', '.join(first_concat.sources)} -> {first_concat.target})")
         turned = [n for n, p in splits.items() if len(p) == 1 and p[0].transpose]
         if turned:
             rule += (f"; {len(turned)} tensor(s) transposed as transformers does while loading "
@@ -809,6 +876,10 @@ def quantize_checkpoint(
             rows[row.name] = row
             report.bytes_before += row.bytes_before
         writer = ShardWriter(tmp, limit, meta)
+        # bytes read and written of the tensors written as they are (and of a quantized
+        # layer's input scales), by name: added to their layer's row at the end, so a row
+        # counts every tensor its layer holds itself, as quantize_model's rows do
+        plain: dict[str, list[int]] = {}
 
         def emit(name: str, t: torch.Tensor) -> None:
             job = jobs.get(name)
@@ -816,9 +887,7 @@ def quantize_checkpoint(
                 if compute_dtype is not None and t.is_floating_point():
                     t = t.to(compute_dtype)
                 writer.add({name: t}, {})
-                if name.removesuffix(".weight") in rows:
-                    r = rows[name.removesuffix(".weight")]
-                    r.bytes_before = r.bytes_after = sizes[name]
+                plain[name] = [sizes[name], t.numel() * t.element_size()]
             elif job.part and _experts_by_rows(job, t):
                 # a fused experts projection: expert by expert, as _Merge does
                 assert job.module is not None
@@ -862,6 +931,8 @@ def quantize_checkpoint(
                 extra = {**_uncalibrated_inputs(job.entry), **extra}
             for k, v in extra.items():
                 writer.add({f"{job.module_name}.{k}": v}, {})
+                if not job.part:
+                    plain[f"{job.module_name}.{k}"] = [0, v.numel() * v.element_size()]
             # W8A8Linear, and experts with int8 activations ("activation": dynamic / static)
             text = scheme_text(job.config, job.scheme, bool(job.entry.get("activation")))
             rows[job.module_name] = LayerReport(
@@ -888,6 +959,7 @@ def quantize_checkpoint(
             else:
                 fused = merge.add(name, t)
                 if isinstance(fused, tuple):
+                    assert isinstance(merge, _Merge)
                     qt, errors = fused
                     write_quantized(merge.target, jobs[merge.target], qt, merge.shape, errors, {})
                 elif fused is not None:
@@ -895,7 +967,7 @@ def quantize_checkpoint(
                 del fused
             del t
             bar.update(stored_sizes.get(name, sizes.get(name, 0)), i + 1)
-        left = [m.target for m in merges.values() if m.incomplete]
+        left = [m.target for m in merge_of.values() if m.incomplete]
         if left:
             raise LinquantError(f"{src_p}: the per-expert tensors of {left[0]} ended incomplete")
         for _, extra in ties.values():  # a tied static W8A8 head's own input scale
@@ -904,6 +976,11 @@ def quantize_checkpoint(
         result.files = [dst_p / f.name for f in writer.finish()]
         report.bytes_after = writer.total_size + sum(r.bytes_after for r in copied)
     bar.close()
+    for name, (read, written) in plain.items():
+        owner = rows.get(name) or rows.get(name.rpartition(".")[0])  # an experts part, a layer
+        if owner is not None:
+            owner.bytes_before += read
+            owner.bytes_after += written
     for row, _ in ties.values():  # as quantize_model reports a tied layer: the weight's numbers
         assert row.tied_to is not None
         target = rows[row.tied_to]
