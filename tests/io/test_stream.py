@@ -693,6 +693,39 @@ def test_checkpoint_tensors_that_transformers_concatenates_are_concatenated(
                            model(input_ids=ids, use_cache=False).last_hidden_state)
 
 
+@pytest.mark.parametrize("model_type", ["bart", "gemma", "clip_vision_model"])
+def test_streamed_report_rows_equal_quantize_models_bytes_included(
+        tmp_path: Path, model_type: str) -> None:
+    """Row for row, bytes included, the stream's report is quantize_model's: BART's
+    ``encoder.embed_tokens`` (kept float, its weight stored once under ``shared``) is listed
+    with the tied weight's bytes; Gemma's embedding counts the scale it builds itself (not in the
+    checkpoint), in the dtype the cast leaves it; CLIP's embeddings its position ids. Before,
+    the stream left tied float layers out and counted only the tensors a checkpoint holds."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.for_model(model_type)
+    for key, value in dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128, vocab_size=96,
+                           d_model=64, encoder_layers=1, decoder_layers=1, head_dim=16,
+                           encoder_attention_heads=4, decoder_attention_heads=4,
+                           encoder_ffn_dim=128, decoder_ffn_dim=128, image_size=32,
+                           patch_size=8, max_position_embeddings=64).items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config).eval()
+    model.save_pretrained(str(tmp_path / "src"))
+    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w4a16-g32")
+    in_memory = quantize_model(model, "w4a16-g32")
+
+    def rows(report: Any) -> list[tuple[Any, ...]]:
+        return [(r.name, r.scheme, r.reason, r.bytes_before, r.bytes_after)
+                for r in report.layers]
+
+    assert rows(res.report) == rows(in_memory)
+    if model_type == "bart":
+        assert res.report["encoder.embed_tokens"].bytes_after == 96 * 64 * 2  # bf16
+
+
 def test_per_expert_checkpoints_that_cannot_be_stacked_are_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, src = _per_expert_checkpoint(tmp_path, "mixtral")

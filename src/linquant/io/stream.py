@@ -534,11 +534,13 @@ def _plan_config(model: nn.Module, names: set[str], pairs: list[tuple[str, Quant
                  include: tuple[str, ...], exclude: tuple[str, ...], used: set[str],
                  strict: bool = False
                  ) -> tuple[dict[str, _Job], dict[str, str], dict[str, Any], list[LayerReport],
-                            dict[str, _Tie]]:
-    """Jobs by stored weight name, aliases, module entries, skipped-layer rows, and the rows of
+                            dict[str, _Tie], dict[str, list[str]]]:
+    """Jobs by stored weight name, aliases, module entries, skipped-layer rows, the rows of
     layers whose weight is tied to another module's stored one (by the stored weight's name;
-    filled in from that layer's row once it is quantized). Adds the patterns that picked a
-    layer's config to ``used``."""
+    filled in from that layer's row once it is quantized), and the skipped layers with
+    parameters stored under another layer's names (layer -> those names: BART's
+    ``encoder.embed_tokens``, tied to ``shared``). Adds the patterns that picked a layer's
+    config to ``used``."""
     mplan = plan_model(model, dict(pairs), include=include, exclude=exclude, strict=strict,
                        allow_meta=True)
     used.update(mplan.used)
@@ -548,6 +550,9 @@ def _plan_config(model: nn.Module, names: set[str], pairs: list[tuple[str, Quant
     skipped: list[LayerReport] = []
     stored_by_param: dict[int, str] = {}
     tied: list[tuple[int, _Tie]] = []
+    stored_ids = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)
+                  if n in names}
+    float_ties: dict[str, list[str]] = {}
     for plan in mplan.plans.values():
         mod = plan.module
         assert mod is not None
@@ -560,7 +565,13 @@ def _plan_config(model: nn.Module, names: set[str], pairs: list[tuple[str, Quant
         if plan.reason is not None or plan.config is None or plan.scheme is None:
             own = [*mod._parameters, *(b for b in mod._buffers
                                        if b not in mod._non_persistent_buffers_set)]
-            if any(f"{first}.{t}" in names for t in own):  # its bytes counted as written
+            listed = any(f"{first}.{t}" in names for t in own)  # bytes counted as written
+            elsewhere = [stored_ids[id(p)] for n, p in mod._parameters.items()
+                         if f"{first}.{n}" not in names and id(p) in stored_ids]
+            if elsewhere:  # tied parameters, stored under another layer's names
+                float_ties[first] = elsewhere
+            if listed or elsewhere or not own:  # (or it holds only buffers it builds
+                # itself, counted by _count_unpersisted)
                 skipped.append(LayerReport(first, type(mod).__name__, shape, 0, 0,
                                            reason=plan.reason, note=plan.note))
             continue
@@ -597,7 +608,7 @@ def _plan_config(model: nn.Module, names: set[str], pairs: list[tuple[str, Quant
     ties = {tie[0].name: tie for pid, tie in tied if pid in stored_by_param}
     for pid, (row, _) in tied:
         row.tied_to = stored_by_param[pid].removesuffix(".weight")
-    return jobs, resolved, modules, skipped, ties
+    return jobs, resolved, modules, skipped, ties, float_ties
 
 
 _Tie = tuple[LayerReport, dict[str, torch.Tensor]]
@@ -821,9 +832,10 @@ def quantize_checkpoint(
 
     aliases: dict[str, str] = {}
     ties: dict[str, _Tie] = {}
+    float_ties: dict[str, list[str]] = {}
     if meta_model is not None:
-        jobs, aliases, modules, skipped, ties = _plan_config(meta_model, names, pairs, inc,
-                                                             exc, used, strict)
+        jobs, aliases, modules, skipped, ties, float_ties = _plan_config(
+            meta_model, names, pairs, inc, exc, used, strict)
         rule = (f"model config: {type(meta_model).__name__} built from config.json on the meta "
                 "device; layers chosen as quantize_model would")
         if renames:
@@ -981,6 +993,13 @@ def quantize_checkpoint(
         if owner is not None:
             owner.bytes_before += read
             owner.bytes_after += written
+    for layer, stored_names in float_ties.items():  # a float layer holds its tied ones too
+        for stored_name in stored_names:
+            read, written = plain.get(stored_name, (0, 0))
+            rows[layer].bytes_before += read
+            rows[layer].bytes_after += written
+    if meta_model is not None:  # what kept-float layers build themselves and do not save
+        _count_unpersisted(meta_model, rows, compute_dtype)
     for row, _ in ties.values():  # as quantize_model reports a tied layer: the weight's numbers
         assert row.tied_to is not None
         target = rows[row.tied_to]
@@ -1000,6 +1019,24 @@ def quantize_checkpoint(
     report.unmatched_patterns, report.shadowed_patterns = pattern_misses(
         (r.name for r in report.layers), (*inc, *exc), (p for p, _ in pairs), used)
     return result
+
+
+def _count_unpersisted(model: nn.Module, rows: dict[str, LayerReport],
+                       compute_dtype: torch.dtype | None) -> None:
+    """Add to each kept-float layer's row the buffers it builds itself and a checkpoint does
+    not hold (position ids, an embedding's scale), in the dtype quantize_model's cast leaves
+    them (:func:`linquant.io.hf.loaded_buffer_dtypes`), as quantize_model's rows count them."""
+    wanted = hf.loaded_buffer_dtypes(model, compute_dtype) if compute_dtype is not None else {}
+    for name, mod in model.named_modules():
+        row = rows.get(name)
+        if row is None or row.scheme is not None:
+            continue
+        for bname, b in mod._buffers.items():
+            if b is None or bname not in mod._non_persistent_buffers_set:
+                continue
+            dtype = wanted.get(f"{name}.{bname}", b.dtype)  # other buffers keep theirs
+            row.bytes_before += b.numel() * b.element_size()
+            row.bytes_after += b.numel() * dtype.itemsize
 
 
 def _error_sums(ref: torch.Tensor, deq: torch.Tensor, chunk: int = 1 << 20
