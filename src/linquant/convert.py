@@ -801,6 +801,8 @@ def quantize_model(
     """
     if not isinstance(model, nn.Module):
         raise LinquantError(f"quantize_model needs an nn.Module, got {type(model).__name__}")
+    from linquant.nn.experts import QuantExperts, is_hf_experts
+
     mplan = plan_model(model, config, include=include, exclude=exclude, strict=strict)
     plans, parents, tied = mplan.plans, mplan.parents, mplan.tied
     compute_dtype = mplan.compute_dtype
@@ -869,10 +871,15 @@ def quantize_model(
     wrappers.clear()
     if compute_dtype is not None:
         _cast(model, compute_dtype)
-        for row in report.layers:  # measured before the cast: a float layer norm now holds
-            mod = _submodule(model, row.name)  # half, a quantized layer's bias too
-            if mod is not None:
-                row.bytes_after = _own_nbytes(mod)
+    for row in report.layers:  # measured before the cast (a float layer norm now holds half,
+        # a quantized layer's bias too), experts projections without their bias
+        parent_name, _, part = row.name.rpartition(".")
+        parent = _submodule(model, parent_name)
+        if parent is not None and (isinstance(parent, QuantExperts) or is_hf_experts(parent)) \
+                and (part in parent._modules or part in parent._parameters):
+            row.bytes_after = _experts_part_nbytes(parent, part)
+        elif (mod := _submodule(model, row.name)) is not None:
+            row.bytes_after = _own_nbytes(mod)
     report.bytes_after = model_nbytes(model)
     report.unmatched_patterns, report.shadowed_patterns = pattern_misses(
         (r.name for r in report.layers), mplan.filters, mplan.config_patterns, mplan.used)

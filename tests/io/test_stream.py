@@ -693,14 +693,15 @@ def test_checkpoint_tensors_that_transformers_concatenates_are_concatenated(
                            model(input_ids=ids, use_cache=False).last_hidden_state)
 
 
-@pytest.mark.parametrize("model_type", ["bart", "gemma", "clip_vision_model"])
+@pytest.mark.parametrize("model_type", ["bart", "gemma", "clip_vision_model", "gpt_oss"])
 def test_streamed_report_rows_equal_quantize_models_bytes_included(
         tmp_path: Path, model_type: str) -> None:
     """Row for row, bytes included, the stream's report is quantize_model's: BART's
     ``encoder.embed_tokens`` (kept float, its weight stored once under ``shared``) is listed
     with the tied weight's bytes; Gemma's embedding counts the scale it builds itself (not in the
-    checkpoint), in the dtype the cast leaves it; CLIP's embeddings its position ids. Before,
-    the stream left tied float layers out and counted only the tensors a checkpoint holds."""
+    checkpoint), in the dtype the cast leaves it; CLIP's embeddings its position ids; GPT-OSS's
+    experts projections their biases. Before, the stream left tied float layers out and counted
+    only the tensors a checkpoint holds, and quantize_model's experts rows lost their bias."""
     transformers = pytest.importorskip("transformers")
     config = transformers.AutoConfig.for_model(model_type)
     for key, value in dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -708,7 +709,8 @@ def test_streamed_report_rows_equal_quantize_models_bytes_included(
                            d_model=64, encoder_layers=1, decoder_layers=1, head_dim=16,
                            encoder_attention_heads=4, decoder_attention_heads=4,
                            encoder_ffn_dim=128, decoder_ffn_dim=128, image_size=32,
-                           patch_size=8, max_position_embeddings=64).items():
+                           patch_size=8, max_position_embeddings=64, num_local_experts=4,
+                           layer_types=["full_attention"]).items():
         if hasattr(config, key):
             setattr(config, key, value)
     torch.manual_seed(0)
