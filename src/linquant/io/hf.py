@@ -224,10 +224,15 @@ def _built_on_meta(model: nn.Module, dtype: torch.dtype) -> nn.Module | None:
     default dtype (as transformers builds a model it loads in ``dtype``); None where the class
     cannot be built that way."""
     old = torch.get_default_dtype()
+    config = copy.deepcopy(model.config)
+    for c in [config, *(getattr(config, k, None) for k in getattr(config, "sub_configs", {}))]:
+        for key in ("dtype", "torch_dtype"):  # as from_pretrained(dtype=...) sets them: a
+            if c is not None and getattr(c, key, None) is not None:  # composite model builds
+                setattr(c, key, dtype)  # its parts in its sub-configs' dtype
     try:
         torch.set_default_dtype(dtype)
         with torch.device("meta"):
-            return type(model)(copy.deepcopy(model.config))  # type: ignore[no-any-return]
+            return type(model)(config)  # type: ignore[no-any-return]
     except Exception:  # any failure of a model's own __init__: keep the buffers' dtypes
         return None
     finally:

@@ -565,9 +565,10 @@ def _plan_config(model: nn.Module, names: set[str], pairs: list[tuple[str, Quant
         if plan.reason is not None or plan.config is None or plan.scheme is None:
             own = [*mod._parameters, *(b for b in mod._buffers
                                        if b not in mod._non_persistent_buffers_set)]
-            listed = any(f"{first}.{t}" in names for t in own)  # bytes counted as written
+            prefix = f"{first}." if first else ""  # the root module's tensors: bare names
+            listed = any(f"{prefix}{t}" in names for t in own)  # bytes counted as written
             elsewhere = [stored_ids[id(p)] for n, p in mod._parameters.items()
-                         if f"{first}.{n}" not in names and id(p) in stored_ids]
+                         if f"{prefix}{n}" not in names and id(p) in stored_ids]
             if elsewhere:  # tied parameters, stored under another layer's names
                 float_ties[first] = elsewhere
             if listed or elsewhere or not own:  # (or it holds only buffers it builds
@@ -1035,7 +1036,7 @@ def _count_unpersisted(model: nn.Module, rows: dict[str, LayerReport],
         for bname, b in mod._buffers.items():
             if b is None or bname not in mod._non_persistent_buffers_set:
                 continue
-            dtype = wanted.get(f"{name}.{bname}", b.dtype)  # other buffers keep theirs
+            dtype = wanted.get(f"{name}.{bname}" if name else bname, b.dtype)  # others: theirs
             row.bytes_before += b.numel() * b.element_size()
             row.bytes_after += b.numel() * dtype.itemsize
 
