@@ -760,12 +760,20 @@ def _tiny_hf(arch: str) -> nn.Module:
             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
             decoder_ffn_dim=128, max_position_embeddings=64, pad_token_id=1,
             decoder_start_token_id=2)).eval()
+    if arch == "gemma3":  # composite: its text model is built in its sub-config's dtype
+        return transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+            text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             vocab_size=128, layer_types=["full_attention"]),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, image_size=32, patch_size=8),
+            mm_tokens_per_image=4)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128)).eval()
 
 
-@pytest.mark.parametrize("arch", ["m2m_100", "llama"])
+@pytest.mark.parametrize("arch", ["m2m_100", "llama", "gemma3"])
 def test_unpersisted_buffers_get_the_dtype_from_pretrained_gives_them(
         tmp_path: Path, arch: str) -> None:
     """M2M100 builds its sinusoidal position tables in the default dtype, so
@@ -788,8 +796,8 @@ def test_unpersisted_buffers_get_the_dtype_from_pretrained_gives_them(
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     reference = type(model).from_pretrained(tmp_path / "float", **{key: torch.bfloat16})
     expected = dtypes(reference)
-    assert set(expected.values()) == ({torch.bfloat16} if arch == "m2m_100"
-                                      else {torch.float32})
+    assert set(expected.values()) == {"m2m_100": {torch.bfloat16}, "llama": {torch.float32},
+                                      "gemma3": {torch.bfloat16, torch.float32}}[arch]
     quantize_model(model, "w4a16-g32")
     assert dtypes(model) == expected
     ids = torch.randint(3, 100, (1, 9))
