@@ -693,14 +693,16 @@ def test_checkpoint_tensors_that_transformers_concatenates_are_concatenated(
                            model(input_ids=ids, use_cache=False).last_hidden_state)
 
 
-@pytest.mark.parametrize("model_type", ["bart", "gemma", "clip_vision_model", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["bart", "gemma", "clip_vision_model", "gpt_oss",
+                                        "gpt_neox_japanese"])
 def test_streamed_report_rows_equal_quantize_models_bytes_included(
         tmp_path: Path, model_type: str) -> None:
     """Row for row, bytes included, the stream's report is quantize_model's: BART's
     ``encoder.embed_tokens`` (kept float, its weight stored once under ``shared``) is listed
     with the tied weight's bytes; Gemma's embedding counts the scale it builds itself (not in the
     checkpoint), in the dtype the cast leaves it; CLIP's embeddings its position ids; GPT-OSS's
-    experts projections their biases. Before, the stream left tied float layers out and counted
+    experts projections their biases (and GPT-NeoX-Japanese's attention its ``dense_bias``, not
+    its ``dense`` layer's). Before, the stream left tied float layers out and counted
     only the tensors a checkpoint holds, and quantize_model's experts rows lost their bias."""
     transformers = pytest.importorskip("transformers")
     config = transformers.AutoConfig.for_model(model_type)

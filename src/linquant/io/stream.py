@@ -990,8 +990,9 @@ def quantize_checkpoint(
         report.bytes_after = writer.total_size + sum(r.bytes_after for r in copied)
     bar.close()
     for name, (read, written) in plain.items():
-        owner = rows.get(name) or rows.get(name.removesuffix("_bias")) or rows.get(
-            name.rpartition(".")[0])  # an experts projection, its bias, or a layer's tensor
+        proj = name.removesuffix("_bias")  # an experts projection's bias: a tensor beside it
+        owner = rows.get(name) or (rows.get(proj) if proj != name and proj in names else None) \
+            or rows.get(name.rpartition(".")[0])  # an experts projection, or a layer's tensor
         if owner is not None:
             owner.bytes_before += read
             owner.bytes_after += written
