@@ -547,6 +547,65 @@ def test_per_expert_checkpoints_are_stacked_into_fused_experts(tmp_path: Path, k
     _streamed_equals_saved(tmp_path, model, vocab=64)
 
 
+SMALL: dict[str, Any] = dict(
+    hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, vocab_size=96, num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=64, max_position_embeddings=64, head_dim=16, d_model=64,
+    encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=128, decoder_ffn_dim=128, image_size=32, patch_size=8, num_local_experts=4)
+
+
+def _tiny_hf_model(model_type: str, conversions: bool = True, **sizes: Any) -> Any:
+    """A tiny random transformers model of ``model_type`` (AutoModel): the :data:`SMALL`
+    sizes (and ``sizes``, which win; a dict for a sub-config: ``text_config={...}``) set where
+    its config has them. ``conversions``: skip without transformers 5's conversion rules."""
+    transformers = pytest.importorskip("transformers")
+    if conversions:
+        pytest.importorskip("transformers.conversion_mapping")
+    try:
+        config = transformers.AutoConfig.for_model(model_type)
+    except ValueError:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    for key, value in {**SMALL, **sizes}.items():
+        target = getattr(config, key, None)
+        if isinstance(value, dict) and target is not None:
+            for k, v in value.items():
+                if hasattr(target, k):
+                    setattr(target, k, v)
+        elif hasattr(config, key) and not isinstance(value, dict):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(config).eval()
+
+
+def _rows(report: Any) -> list[tuple[Any, ...]]:
+    return [(r.name, r.scheme, r.reason, r.bits_per_weight, r.bytes_before, r.bytes_after)
+            for r in report.layers]
+
+
+def _stream_equals_in_memory(tmp_path: Path, model: nn.Module, res: Any, config: str,
+                             **inputs: Any) -> None:
+    """``res`` (the stream of ``model``'s checkpoint into ``tmp_path / "q"`` under ``config``)
+    reports what quantize_model reports, row for row, bytes included, and loads to the state
+    of ``model`` quantized in memory and saved, computing the same outputs on token ids."""
+    in_memory = quantize_model(model, config)
+    assert _rows(res.report) == _rows(in_memory)
+    save(model, tmp_path / "saved")
+    streamed = load(tmp_path / "q")
+    _same_state(streamed, load(tmp_path / "saved"))
+    ids = torch.randint(1, 96, (1, 7))
+    with torch.inference_mode():
+        assert torch.equal(streamed(input_ids=ids, **inputs).last_hidden_state,
+                           model(input_ids=ids, **inputs).last_hidden_state)
+
+
+def _stored_names(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
 @pytest.mark.parametrize(("model_type", "config", "fused"), [
     ("nomic_bert", "w4a16-g32", "encoder.layers.0.attn.Wqkv.weight"),  # Chunk: q, k, v
     ("gte", "w8a8", "encoder.layer.0.attention.qkv_proj.weight"),  # and its bias, up_gate_proj
@@ -560,38 +619,14 @@ def test_fused_checkpoint_tensors_are_cut_as_transformers_loads_them(
     smaller than q). The stream cuts each as it is read and quantizes the pieces as
     quantize_model quantizes the model's layers: the same files, the same outputs. Before,
     such checkpoints were refused."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("transformers.conversion_mapping")  # transformers 5: conversion rules
-    from safetensors import safe_open
-
-    config_obj = transformers.AutoConfig.for_model(model_type)
-    small = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=128, vocab_size=96, num_experts=4,
-                 num_experts_per_tok=2, moe_intermediate_size=64, max_position_embeddings=64,
-                 first_k_dense_replace=1)
-    for key, value in small.items():
-        if hasattr(config_obj, key):
-            setattr(config_obj, key, value)
-    torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(config_obj).eval()
+    model = _tiny_hf_model(model_type, first_k_dense_replace=1)
     model.save_pretrained(str(tmp_path / "src"))
-    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
-        assert fused in set(f.keys())  # the published, fused form
+    assert fused in _stored_names(tmp_path / "src")  # the published, fused form
     res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", config)
     assert "along their rows as transformers does while loading" in res.rule
-    in_memory = quantize_model(model, config)
-    rows = [(r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
-            for r in res.report.layers]
-    assert rows == [(r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
-                    for r in in_memory.layers]
-    assert {n.rsplit(".", 1)[-1] for n, scheme, *_ in rows if scheme} >= {
+    assert {r.name.rsplit(".", 1)[-1] for r in res.report.layers if r.quantized} >= {
         "q_proj", "k_proj", "v_proj"}
-    save(model, tmp_path / "saved")
-    streamed = load(tmp_path / "q")
-    _same_state(streamed, load(tmp_path / "saved"))
-    ids = torch.randint(1, 96, (1, 7))
-    with torch.inference_mode():
-        assert torch.equal(streamed(ids).last_hidden_state, model(ids).last_hidden_state)
+    _stream_equals_in_memory(tmp_path, model, res, config)
 
 
 def test_experts_that_transformers_transposes_while_loading_are_transposed(
@@ -600,25 +635,12 @@ def test_experts_that_transformers_transposes_while_loading_are_transposed(
     transposes each to the model's ``[E, out, in]`` while loading (a ``Transpose`` rule, applied
     where the shapes differ). The stream does the same as it reads them, then quantizes the
     projections as quantize_model does. Before, such checkpoints were refused."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("transformers.conversion_mapping")
     from safetensors.torch import load_file
 
-    try:
-        config = transformers.AutoConfig.for_model("qwen3_vl_moe")
-    except ValueError:
-        pytest.skip(f"transformers {transformers.__version__} has no Qwen3-VL-MoE")
-    for key, value in dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=96, vocab_size=96,
-                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                           head_dim=16).items():
-        setattr(config.text_config, key, value)
-    for key, value in dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=64, deepstack_visual_indexes=[]).items():
-        if hasattr(config.vision_config, key):
-            setattr(config.vision_config, key, value)
-    torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(config).eval()
+    model = _tiny_hf_model("qwen3_vl_moe", text_config={
+        **SMALL, "intermediate_size": 96, "moe_intermediate_size": 48}, vision_config=dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        deepstack_visual_indexes=[]))
     src = tmp_path / "src"
     model.save_pretrained(str(src))
     tensors = load_file(str(src / "model.safetensors"))  # as published: [E, in, out]
@@ -626,25 +648,14 @@ def test_experts_that_transformers_transposes_while_loading_are_transposed(
         tensors[k] = tensors[k].transpose(1, 2).contiguous()
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
     ids = torch.randint(1, 96, (1, 7))
-    with torch.inference_mode():
-        want = model(input_ids=ids).last_hidden_state
-        assert torch.equal(type(model).from_pretrained(str(src))(input_ids=ids)
-                           .last_hidden_state, want)  # transformers reads that layout back
+    with torch.inference_mode():  # transformers reads that layout back
+        assert torch.equal(type(model).from_pretrained(str(src))(input_ids=ids).last_hidden_state,
+                           model(input_ids=ids).last_hidden_state)
     res = quantize_checkpoint(src, tmp_path / "q", "w4a16-g32")
     assert "2 tensor(s) transposed as transformers does while loading" in res.rule
     down = next(r for r in res.report.layers if r.name.endswith("experts.down_proj"))
     assert down.shape == (4, 64, 48) and down.quantized
-    in_memory = quantize_model(model, "w4a16-g32")
-    assert [(r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
-            for r in res.report.layers] == [
-        (r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
-        for r in in_memory.layers]
-    save(model, tmp_path / "saved")
-    streamed = load(tmp_path / "q")
-    _same_state(streamed, load(tmp_path / "saved"))
-    with torch.inference_mode():
-        assert torch.equal(streamed(input_ids=ids).last_hidden_state,
-                           model(input_ids=ids).last_hidden_state)
+    _stream_equals_in_memory(tmp_path, model, res, "w4a16-g32")
 
 
 def test_checkpoint_tensors_that_transformers_concatenates_are_concatenated(
@@ -654,43 +665,16 @@ def test_checkpoint_tensors_that_transformers_concatenates_are_concatenated(
     ``conv1d`` while loading (a ``Concatenate(dim=0)`` rule). The stream holds the parts until
     all are read, then writes (or quantizes) the whole as quantize_model sees it. Before, such
     checkpoints were refused."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("transformers.conversion_mapping")
-    from safetensors import safe_open
-
-    try:
-        config = transformers.AutoConfig.for_model("kimi_linear")
-    except ValueError:
-        pytest.skip(f"transformers {transformers.__version__} has no Kimi-Linear")
-    for key, value in dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=128, vocab_size=96,
-                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                           layer_types=["linear_attention"], mlp_layer_types=["dense"],
-                           pad_token_id=0).items():
-        if hasattr(config, key):
-            setattr(config, key, value)
-    torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(config).eval()
+    model = _tiny_hf_model("kimi_linear", layer_types=["linear_attention"],
+                           mlp_layer_types=["dense"], pad_token_id=0)
     model.save_pretrained(str(tmp_path / "src"))
-    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as f:
-        assert any(k.endswith("q_conv1d.weight") for k in f.keys())  # noqa: SIM118
+    assert any(k.endswith("q_conv1d.weight") for k in _stored_names(tmp_path / "src"))
     res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w8a8")
     assert "3 tensor(s) concatenated into 1 as transformers does while loading" in res.rule
     # a module holding parameters of its own but no weight is listed, as quantize_model lists it
     gate = res.report["layers.0.self_attn.forget_gate"]
     assert gate.reason == "unsupported type KimiLinearForgetGate" and gate.bytes_after > 0
-    in_memory = quantize_model(model, "w8a8")
-    assert [(r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
-            for r in res.report.layers] == [
-        (r.name, r.scheme, r.bits_per_weight, r.bytes_before, r.bytes_after)
-        for r in in_memory.layers]
-    save(model, tmp_path / "saved")
-    streamed = load(tmp_path / "q")
-    _same_state(streamed, load(tmp_path / "saved"))
-    ids = torch.randint(1, 96, (1, 7))
-    with torch.inference_mode():
-        assert torch.equal(streamed(input_ids=ids, use_cache=False).last_hidden_state,
-                           model(input_ids=ids, use_cache=False).last_hidden_state)
+    _stream_equals_in_memory(tmp_path, model, res, "w8a8", use_cache=False)
 
 
 @pytest.mark.parametrize("model_type", ["bart", "gemma", "clip_vision_model", "gpt_oss",
@@ -704,28 +688,10 @@ def test_streamed_report_rows_equal_quantize_models_bytes_included(
     experts projections their biases (and GPT-NeoX-Japanese's attention its ``dense_bias``, not
     its ``dense`` layer's). Before, the stream left tied float layers out and counted
     only the tensors a checkpoint holds, and quantize_model's experts rows lost their bias."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.AutoConfig.for_model(model_type)
-    for key, value in dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=128, vocab_size=96,
-                           d_model=64, encoder_layers=1, decoder_layers=1, head_dim=16,
-                           encoder_attention_heads=4, decoder_attention_heads=4,
-                           encoder_ffn_dim=128, decoder_ffn_dim=128, image_size=32,
-                           patch_size=8, max_position_embeddings=64, num_local_experts=4,
-                           layer_types=["full_attention"]).items():
-        if hasattr(config, key):
-            setattr(config, key, value)
-    torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(config).eval()
+    model = _tiny_hf_model(model_type, conversions=False, layer_types=["full_attention"])
     model.save_pretrained(str(tmp_path / "src"))
     res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w4a16-g32")
-    in_memory = quantize_model(model, "w4a16-g32")
-
-    def rows(report: Any) -> list[tuple[Any, ...]]:
-        return [(r.name, r.scheme, r.reason, r.bytes_before, r.bytes_after)
-                for r in report.layers]
-
-    assert rows(res.report) == rows(in_memory)
+    assert _rows(res.report) == _rows(quantize_model(model, "w4a16-g32"))
     if model_type == "bart":
         assert res.report["encoder.embed_tokens"].bytes_after == 96 * 64 * 2  # bf16
 
