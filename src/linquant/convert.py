@@ -871,8 +871,9 @@ def quantize_model(
     wrappers.clear()
     if compute_dtype is not None:
         _cast(model, compute_dtype)
-    for row in report.layers:  # measured before the cast (a float layer norm now holds half,
-        # a quantized layer's bias too), experts projections without their bias
+    # each row's bytes again, as the model now holds them: a kept-float norm and a quantized
+    # layer's bias after the cast, an experts projection with the bias its wrapper took
+    for row in report.layers:
         parent_name, _, part = row.name.rpartition(".")
         parent = _submodule(model, parent_name)
         if parent is not None and (isinstance(parent, QuantExperts) or is_hf_experts(parent)) \

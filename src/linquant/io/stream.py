@@ -323,7 +323,7 @@ def _concat_source(name: str, new: str, pattern: str, converters: list[Any],
                    meta: dict[str, torch.Tensor], concats: dict[str, _Concat]) -> bool:
     """Record the stored ``name`` as its pattern's block of rows of the concatenation into
     ``new``; False where the conversion is not such a concatenation."""
-    converter = next((c for c in converters if pattern in list(c.source_patterns)), None)
+    converter = _converter_of(pattern, converters)
     if converter is None or len(list(converter.target_patterns)) != 1 or \
             len(converter.operations) != 1:
         return False
@@ -338,6 +338,11 @@ def _concat_source(name: str, new: str, pattern: str, converters: list[Any],
         return False  # two stored tensors for one part
     concat.sources[name] = patterns.index(pattern)
     return True
+
+
+def _converter_of(pattern: str, converters: list[Any]) -> Any:
+    """The transformers ``WeightConverter`` whose source patterns hold ``pattern``, or None."""
+    return next((c for c in converters if pattern in list(c.source_patterns)), None)
 
 
 def _merge_rule(converter: Any) -> int | None:
@@ -365,9 +370,9 @@ def _checkpoint_renames(model: nn.Module, shapes: dict[str, tuple[int, ...]], sr
     into several of the model's (a fused ``Wqkv`` into ``q_proj``, ``k_proj``, ``v_proj``:
     Nomic BERT, GTE, Jina v3), or transposes (Qwen3-VL-MoE's experts), by the stored name: the
     model's tensors they become (:class:`_Piece`); and the concatenations (:class:`_Concat`),
-    by the model's name. A checkpoint tensor that any other rule
-    combines or splits cannot be streamed: :class:`LinquantError`. Empty with transformers 4,
-    which loads checkpoints under the model's own names."""
+    by the model's name. A checkpoint tensor that any other rule combines or splits cannot be
+    streamed: :class:`LinquantError`. Empty with transformers 4, which loads checkpoints under
+    the model's own names."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
@@ -438,7 +443,7 @@ def _merge_source(name: str, new: str, pattern: str, converters: list[Any],
 
     from transformers.core_model_loading import rename_source_key
 
-    converter = next((c for c in converters if pattern in list(c.source_patterns)), None)
+    converter = _converter_of(pattern, converters)
     if converter is None:
         return None
     n_patterns = _merge_rule(converter)
@@ -477,7 +482,7 @@ def _split_source(new: str, pattern: str, converters: list[Any], meta: dict[str,
     transformers names them (``new``, the first piece's name, with the converter's first target
     pattern replaced by each target's); None where the conversion is not such a split or the
     model's shapes do not fit it."""
-    converter = next((c for c in converters if pattern in list(c.source_patterns)), None)
+    converter = _converter_of(pattern, converters)
     if converter is None or len(list(converter.source_patterns)) != 1 or \
             len(converter.operations) != 1:
         return None
@@ -511,7 +516,7 @@ def _transpose_source(new: str, pattern: str, converters: list[Any],
     while loading (``Transpose``: Qwen3-VL-MoE's fused experts, published ``[E, in, out]``;
     with ``check_dims`` only where the shapes differ): one piece, transposed or not; None
     where the conversion is not such a transpose or the model's shape does not fit it."""
-    converter = next((c for c in converters if pattern in list(c.source_patterns)), None)
+    converter = _converter_of(pattern, converters)
     if converter is None or len(list(converter.source_patterns)) != 1 or \
             len(list(converter.target_patterns)) != 1 or len(converter.operations) != 1:
         return None
