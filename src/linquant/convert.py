@@ -61,7 +61,7 @@ from torch import nn
 from linquant.config import W8A8_WEIGHT, QuantConfig, get_config
 from linquant.errors import LinquantError
 from linquant.io import hf
-from linquant.nn.base import _memory_key, weight_dims
+from linquant.nn.base import _memory_key, find_module, weight_dims
 from linquant.ops.metrics import sqnr
 from linquant.report import Column, csv_text, format_table, json_text
 from linquant.scheme import QuantScheme
@@ -275,15 +275,6 @@ def _tensors(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
             seen.add(key)
             out.append(t)
     return out
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    """The module named ``name`` in ``model``; None for a name that is not a module's (an
-    experts projection, a parameter)."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _own_nbytes(module: nn.Module) -> int:
@@ -875,11 +866,11 @@ def quantize_model(
     # layer's bias after the cast, an experts projection with the bias its wrapper took
     for row in report.layers:
         parent_name, _, part = row.name.rpartition(".")
-        parent = _submodule(model, parent_name)
+        parent = find_module(model, parent_name)
         if parent is not None and (isinstance(parent, QuantExperts) or is_hf_experts(parent)) \
                 and (part in parent._modules or part in parent._parameters):
             row.bytes_after = _experts_part_nbytes(parent, part)
-        elif (mod := _submodule(model, row.name)) is not None:
+        elif (mod := find_module(model, row.name)) is not None:
             row.bytes_after = _own_nbytes(mod)
     report.bytes_after = model_nbytes(model)
     report.unmatched_patterns, report.shadowed_patterns = pattern_misses(

@@ -48,7 +48,7 @@ from linquant.io.format import (
     read_header_metadata,
     split_part,
 )
-from linquant.nn.base import QuantModule, _memory_key, qualified_name
+from linquant.nn.base import QuantModule, _memory_key, find_module, qualified_name
 from linquant.tensor import QuantizedTensor
 
 __all__ = ["ShardWriter", "load", "load_into", "parse_size", "save", "staged_folder"]
@@ -609,7 +609,7 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
                         if t in ck.quantized)]:
         mod_name = qname.removesuffix(".weight")
         file = ck.where.get(qname, where)
-        mod = _module_at(model, mod_name)
+        mod = find_module(model, mod_name)
         if not qname.endswith(".weight") or not isinstance(mod, QuantModule):
             raise FormatError(f"{file}: tensor {qname!r} is quantized but {mod_name!r} is not a "
                               "quantized module of the model")
@@ -702,13 +702,6 @@ def _follow_parameter_dtype(model: nn.Module) -> None:
     dtype = dtypes.pop()
     hf.follow_loaded_dtypes(model, dtype, {
         k: v for k, v in hf.unpersisted_float_buffers(model).items() if v[2].dtype != dtype})
-
-
-def _module_at(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 # ---- load a whole model ------------------------------------------------------------------------

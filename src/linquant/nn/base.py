@@ -60,6 +60,15 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def find_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The module named ``name`` in ``model`` (``""``: ``model``); None for a name that is not
+    a module's (a parameter such as an experts projection, or a missing one)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def is_hf_conv1d(module: object) -> bool:
     """True for ``transformers.pytorch_utils.Conv1D`` itself (checked without importing it)."""
     return qualified_name(type(module)) == HF_CONV1D
