@@ -812,6 +812,31 @@ def test_unpersisted_buffers_get_the_dtype_from_pretrained_gives_them(
         assert torch.equal(back(ids, **kwargs).logits, y)
 
 
+def test_the_buffer_dtypes_lookup_prints_no_transformers_deprecation(tmp_path: Path) -> None:
+    """Finding the buffers' dtypes rebuilds the model from its config with the config's dtype
+    set. transformers 5's ``config.torch_dtype`` is a property that logs "`torch_dtype` is
+    deprecated!"; reading it there printed that line on every ``linquant quantize``."""
+    import logging
+
+    from linquant.io.save import load, save
+
+    model = _tiny_hf("llama")
+    model.config.dtype = torch.float32  # as a loaded model's config has it
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    hf_logger = logging.getLogger("transformers")  # does not propagate to the root logger
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]  # transformers' own
+    hf_logger.addHandler(handler)
+    try:
+        quantize_model(model, "w4a16-g32")
+        save(model, tmp_path / "q")
+        load(tmp_path / "q")
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [r for r in records if "torch_dtype" in r.getMessage()]
+
+
 def test_a_row_counts_only_the_tensors_its_module_holds_itself() -> None:
     """GPT-OSS's attention owns its ``sinks`` besides its projections: its row (kept float)
     counts the sinks, not the projections, which have rows of their own."""

@@ -227,8 +227,10 @@ def _built_on_meta(model: nn.Module, dtype: torch.dtype) -> nn.Module | None:
     config = copy.deepcopy(model.config)
     for c in [config, *(getattr(config, k, None) for k in getattr(config, "sub_configs", {}))]:
         for key in ("dtype", "torch_dtype"):  # as from_pretrained(dtype=...) sets them: a
-            if c is not None and getattr(c, key, None) is not None:  # composite model builds
-                setattr(c, key, dtype)  # its parts in its sub-configs' dtype
+            # composite model builds its parts in its sub-configs' dtype. Read from the
+            # instance's own fields: transformers 5's `torch_dtype` is a property that warns
+            if c is not None and vars(c).get(key) is not None:
+                setattr(c, key, dtype)
     try:
         torch.set_default_dtype(dtype)
         with torch.device("meta"):
