@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +284,31 @@ def test_progress_bar_on_stderr(tmp_path: Path, src: Path,
     assert main(["quantize", str(src), "-o", str(tmp_path / "q")]) == 0
     err = capsys.readouterr().err
     assert "quantize" in err and "5/5 tensors" in err and "100%" in err
+
+
+def _run_into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m linquant.cli ARGS | head -0``: stdout is a pipe whose reader is gone, so
+    the first write the command makes fails (EPIPE; Python ignores SIGPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "linquant.cli", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=600, check=False)
+    finally:
+        os.close(write_end)
+
+
+def test_a_closed_stdout_ends_quietly_after_the_files_are_written(
+        tmp_path: Path, src: Path) -> None:
+    """``linquant quantize ... --report r.json | head`` wrote the folder, then printed the
+    report table into the closed pipe and died there with "error: [Errno 32] Broken pipe",
+    never writing r.json. Now the files come first and a closed stdout ends the command
+    quietly with the shell's SIGPIPE status, 141."""
+    proc = _run_into_a_closed_pipe(
+        "quantize", str(src), "-o", str(tmp_path / "q"), "--preset", "w8a8", "--no-progress",
+        "--report", str(tmp_path / "r.json"))
+    assert (proc.returncode, proc.stderr) == (141, f"report: {tmp_path / 'r.json'}\n")
+    assert json.loads((tmp_path / "r.json").read_text())["layers"]
+    assert load_into(Small(), tmp_path / "q").fc.__class__.__name__ == "QuantLinear"
+    proc = _run_into_a_closed_pipe("inspect", str(tmp_path / "q"))
+    assert (proc.returncode, proc.stderr) == (141, "")

@@ -2,13 +2,16 @@
 
 ``main(argv) -> int`` is what the console script calls and what the tests call in-process.
 Exit codes: 0 success, 2 usage error, 1 anything else (one clear line on stderr; ``--debug``
-shows the traceback).
+shows the traceback), 130 interrupted, 141 stdout closed early (``| head``; quietly, with every
+file the command writes already written).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -71,10 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if isinstance(e.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     try:
-        return int(_load(args.command).run(args))
+        code = int(_load(args.command).run(args))
+        sys.stdout.flush()  # here, where a closed stdout is caught, not at the interpreter's exit
+        return code
     except KeyboardInterrupt:
         print("linquant: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`linquant inspect DIR | head`): stop
+        return _stdout_closed()  # quietly, as `yes | head` does; files are written first
     except (LinquantError, OSError) as e:
         if debug:
             traceback.print_exc()
@@ -86,6 +93,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"linquant {args.command}: internal error: {type(e).__name__}: {e} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _stdout_closed() -> int:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is still
+    buffered does not fail again ("Exception ignored ... BrokenPipeError"); the status is the
+    shell's for a process ended by SIGPIPE."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 128 + 13
 
 
 if __name__ == "__main__":  # pragma: no cover

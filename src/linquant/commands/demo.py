@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         args.presets, sentences, k=args.k, repeats=args.repeats,
         progress=lambda msg: print(f"linquant demo: {msg}", file=sys.stderr, flush=True),
     )
+    if args.json:  # the file first: a closed stdout (`| head`) must not cost it
+        write_json(args.json, result.to_dict())
+        print(f"wrote {args.json}", file=sys.stderr)
     print(f"{result.model}: {result.n_sentences} sentences, {result.threads} CPU thread(s); "
           f"sent/s: median of {args.repeats} forward passes over the tokenized batch, timed\n"
           "alternately with the float model (speed = ratio to it)")
@@ -74,9 +77,6 @@ def run(args: argparse.Namespace) -> int:
           "The float model's pairs:")
     for line in result.top_pairs_text():
         print(f"  {line}")
-    if args.json:
-        write_json(args.json, result.to_dict())
-        print(f"wrote {args.json}")
     return 0
 
 

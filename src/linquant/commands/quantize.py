@@ -133,14 +133,7 @@ def run(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle, progress=not args.no_progress, strict=args.strict,
     )
     report = result.report
-    print(report)
-    print(f"rule: {result.rule}")
-    print(f"wrote {len(result.files)} shard(s) to {args.output}")
-    if any((r.scheme or "").endswith(" static") for r in report.quantized):
-        print("static W8A8: the input scales are not calibrated yet (a file cannot be run "
-              f"here): `linquant calibrate {args.output} -o DST2 --text SAMPLES.txt`, or in "
-              "Python model = linquant.load(DST), then `with linquant.calibrate(model): "
-              "model(sample_batch)`, then linquant.save(model, ...)")
+    # the files first: a closed stdout (`| head`) must not cost them
     if args.report is not None:
         text = report.to_csv() if args.report.suffix.lower() == ".csv" else report.to_json()
         write_text_atomic(args.report, text)
@@ -151,4 +144,12 @@ def run(args: argparse.Namespace) -> int:
                     f"{len(report.quantized)} of {len(report.layers)} layers quantized, "
                     f"{report.ratio:.2f}x smaller")
         print(f"plot: {args.plot}", file=sys.stderr)
+    print(report)
+    print(f"rule: {result.rule}")
+    print(f"wrote {len(result.files)} shard(s) to {args.output}")
+    if any((r.scheme or "").endswith(" static") for r in report.quantized):
+        print("static W8A8: the input scales are not calibrated yet (a file cannot be run "
+              f"here): `linquant calibrate {args.output} -o DST2 --text SAMPLES.txt`, or in "
+              "Python model = linquant.load(DST), then `with linquant.calibrate(model): "
+              "model(sample_batch)`, then linquant.save(model, ...)")
     return 0

@@ -122,8 +122,7 @@ def run(args: argparse.Namespace) -> int:
     schemes = default_grid(modes=args.mode, granularities=args.granularity, bits=args.bits,
                            clips=CLIPS[args.clip], scale_dtype=args.scale_dtype)
     result = sweep(args.model, schemes, progress=args.progress)
-    print(result.format(), flush=True)
-    if args.json is not None:
+    if args.json is not None:  # the files first: a closed stdout (`| head`) must not cost them
         from linquant.io.atomic import write_text_atomic
 
         write_text_atomic(args.json, result.to_json())
@@ -134,4 +133,5 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot_sweep(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+    print(result.format(), flush=True)
     return 0
