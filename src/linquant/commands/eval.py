@@ -84,16 +84,19 @@ def _load(folder: Path, kind: str) -> nn.Module:
         from linquant.io.save import load
 
         return load(folder)
-    if kind == "sentence-embedding":
-        from sentence_transformers import SentenceTransformer
+    from linquant.io.hf import no_progress_bars
 
-        model: nn.Module = SentenceTransformer(str(folder), device="cpu")
-    else:
-        import transformers
+    with no_progress_bars():
+        if kind == "sentence-embedding":
+            from sentence_transformers import SentenceTransformer
 
-        cls: Any = transformers.AutoModelForCausalLM if kind == "causal-lm" \
-            else transformers.AutoModel
-        model = cls.from_pretrained(str(folder))
+            model: nn.Module = SentenceTransformer(str(folder), device="cpu")
+        else:
+            import transformers
+
+            cls: Any = transformers.AutoModelForCausalLM if kind == "causal-lm" \
+                else transformers.AutoModel
+            model = cls.from_pretrained(str(folder))
     return model.eval()
 
 

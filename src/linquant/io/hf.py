@@ -37,6 +37,7 @@ import importlib.abc
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ __all__ = [
     "loaded_buffer_dtypes",
     "mark_config_file",
     "mark_model",
+    "no_progress_bars",
     "quantization_config",
     "register",
     "unmark_model",
@@ -61,6 +63,26 @@ __all__ = [
 
 QUANT_METHOD = "linquant"
 _registered: list[Any] = []  # [LinquantHfQuantizer class] once registered
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars off while a command loads a float model ("Loading
+    weights: 100%|...", transformers 5), so they do not cut into linquant's output; restored
+    after. Nothing happens without transformers."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    if not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def quantization_config() -> dict[str, Any]:
