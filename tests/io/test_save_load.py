@@ -283,6 +283,7 @@ def _set_lq(meta: dict[str, str], key: str, value: Any) -> None:
     ("shape", "does not fit|bytes"),
     ("nan-scale", "finite and positive"),
     ("bad-alias", "alias"),
+    ("buffer-dtype", "'fc.table'.*'buffer_dtypes' names 'int8', not a float dtype"),
 ])
 def test_file_level_validation(tmp_path: Path, case: str, match: str) -> None:
     m = Small()
@@ -302,6 +303,10 @@ def test_file_level_validation(tmp_path: Path, case: str, match: str) -> None:
             _set_lq(meta, "shape", [8, 16])
         elif case == "nan-scale":
             tensors["fc.weight.scale"][0, 0] = float("nan")
+        elif case == "buffer-dtype":
+            lq = json.loads(meta["linquant"])
+            lq["model"]["buffer_dtypes"] = {"fc.table": "int8"}
+            meta["linquant"] = json.dumps(lq)
         else:
             lq = json.loads(meta["linquant"])
             lq["aliases"] = {"x.weight": "nowhere"}

@@ -305,7 +305,10 @@ def follow_loaded_dtypes(model: nn.Module, dtype: torch.dtype,
                          buffers: dict[str, tuple[nn.Module, str, torch.Tensor]]) -> None:
     """Put each of ``buffers`` (:func:`unpersisted_float_buffers`, possibly taken before a
     cast) back into its module in the dtype :func:`loaded_buffer_dtypes` gives it for
-    ``dtype``, or as it is where that gives none."""
+    ``dtype``, or as it is where that gives none or a wider one: a buffer already rounded to
+    16 bits (a model cast with ``.to(torch.bfloat16)`` before quantizing) gains nothing from
+    fp32, and kept as it is, it is what ``linquant.load`` builds again from its saved dtype."""
     wanted = loaded_buffer_dtypes(model, dtype) if buffers else {}
     for name, (mod, attr, buf) in buffers.items():
-        mod._buffers[attr] = buf.to(wanted[name]) if name in wanted else buf
+        keep = name not in wanted or wanted[name].itemsize > buf.dtype.itemsize
+        mod._buffers[attr] = buf if keep else buf.to(wanted[name])

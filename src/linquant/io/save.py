@@ -13,8 +13,9 @@ A quantized weight ``N`` (``encoder.layer.0.attention.self.query.weight``) is st
 the ``state_dict`` as itself. Each shard's ``linquant`` metadata has ``tensors`` (the quantized
 tensors *it* holds), and, repeated in every shard, ``modules`` (quantized module name -> type and
 settings), ``aliases`` (a tied tensor's second name -> the name it is stored under) and
-``model`` (what kind of model it was). The whole output is written in a temp folder next to
-the destination and renamed into place last.
+``model`` (what kind of model it was, and ``buffer_dtypes``: the dtype of each float buffer
+the model computes at construction and does not store). The whole output is written in a temp
+folder next to the destination and renamed into place last.
 
 >>> lq.save(model, "out/")                        # doctest: +SKIP
 >>> model = lq.load("out/")                       # HF model / SentenceTransformer  # doctest: +SKIP
@@ -43,6 +44,7 @@ from linquant.io.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     decode_quantized,
+    dtype_name,
     encode_quantized,
     header_metadata,
     read_header_metadata,
@@ -292,6 +294,10 @@ def save(
         seen[id(t)] = key_name
         groups.append(({key_name: t.detach()}, {}))
 
+    buffer_dtypes = {n: dtype_name(b.dtype)
+                     for n, (_, _, b) in hf.unpersisted_float_buffers(model).items()}
+    if buffer_dtypes:  # computed at construction, not stored: load builds them, in these dtypes
+        kind["buffer_dtypes"] = buffer_dtypes
     meta = {"modules": modules, "aliases": aliases, "model": kind}
     with staged_folder(path, overwrite=overwrite) as tmp:
         _write_side_files(model, kind["kind"], tmp)
@@ -559,6 +565,9 @@ def _strip_prefix(model: nn.Module, ck: LoadedCheckpoint) -> None:
     ck.where = {fix(k): v for k, v in ck.where.items()}
     ck.modules = {fix(k): v for k, v in ck.modules.items()}
     ck.aliases = {fix(k): fix(v) for k, v in ck.aliases.items()}
+    if isinstance(ck.model.get("buffer_dtypes"), dict):
+        ck.model = {**ck.model, "buffer_dtypes": {fix(k): v for k, v in
+                                                  ck.model["buffer_dtypes"].items()}}
 
 
 def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = True
@@ -677,7 +686,7 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
     for n, p in model.named_parameters():
         if p.is_meta:
             raise FormatError(f"{where}: tensor {n!r} is missing from the file")
-    _follow_parameter_dtype(model)
+    _follow_parameter_dtype(model, ck.model.get("buffer_dtypes"), where)
     from linquant.nn.w8a8 import StaticActivations
 
     for mod in model.modules():
@@ -690,18 +699,36 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
     return model
 
 
-def _follow_parameter_dtype(model: nn.Module) -> None:
-    """Where the model's float parameters are all of one dtype (a checkpoint saved after a cast
-    to bf16, loaded into a model built in fp32), its transformers models' non-persistent float
-    buffers of another dtype take the one ``from_pretrained`` in that dtype gives them
-    (:func:`linquant.io.hf.follow_loaded_dtypes`): an fp32 sinusoidal position table would
-    turn bf16 activations back to fp32."""
+def _follow_parameter_dtype(model: nn.Module, saved: object, where: str) -> None:
+    """Give the model's non-persistent float buffers (computed at construction, not stored) the
+    dtypes they had in the saved model (``saved``: the metadata's ``buffer_dtypes``), so a
+    model loaded back computes what the saved one did: a model cast with ``.to(torch.bfloat16)``
+    keeps its rotary ``inv_freq`` in bf16 too. Buffers the metadata does not name (files written
+    before it did, or by ``linquant quantize``): where the model's float parameters are all of
+    one dtype (a checkpoint saved after a cast to bf16, loaded into a model built in fp32), its
+    transformers models' buffers of another dtype take the one ``from_pretrained`` in that
+    dtype gives them (:func:`linquant.io.hf.follow_loaded_dtypes`): an fp32 sinusoidal position
+    table would turn bf16 activations back to fp32."""
+    if saved is not None and not isinstance(saved, dict):
+        raise FormatError(f"{where}: linquant metadata 'buffer_dtypes' must be an object")
+    recorded: dict[str, torch.dtype] = {}
+    for name, text in (saved or {}).items():
+        dtype = getattr(torch, text, None) if isinstance(text, str) else None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise FormatError(f"{where}: buffer {name!r}: linquant metadata 'buffer_dtypes' "
+                              f"names {text!r}, not a float dtype")
+        recorded[name] = dtype
+    rest = {}
+    for name, (mod, attr, buf) in hf.unpersisted_float_buffers(model).items():
+        if name in recorded:
+            mod._buffers[attr] = buf.to(recorded[name])
+        else:
+            rest[name] = (mod, attr, buf)
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    if len(dtypes) != 1:
+    if len(dtypes) != 1 or not rest:
         return
     dtype = dtypes.pop()
-    hf.follow_loaded_dtypes(model, dtype, {
-        k: v for k, v in hf.unpersisted_float_buffers(model).items() if v[2].dtype != dtype})
+    hf.follow_loaded_dtypes(model, dtype, {k: v for k, v in rest.items() if v[2].dtype != dtype})
 
 
 # ---- load a whole model ------------------------------------------------------------------------
