@@ -911,12 +911,30 @@ def _check_finite_weights(plans: dict[object, _Plan]) -> None:
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:
-    """``model.to(dtype)``, except for the float buffers the model does not persist: those of
-    transformers models get the dtype ``from_pretrained`` in ``dtype`` gives them
-    (:func:`linquant.io.hf.loaded_buffer_dtypes`), the others keep theirs."""
+    """``model.to(dtype)``, except where ``from_pretrained(..., dtype=dtype)`` gives a
+    transformers model's float tensors another dtype (:func:`linquant.io.hf.loaded_dtypes`):
+    the tensors it loads in fp32 (``_keep_in_fp32_modules(_strict)``: a MoE router's weight,
+    which the model's forward multiplies in fp32) or that the model makes in fp32 on purpose
+    get that dtype; the buffers it does not persist get it too, unless that would only widen a
+    16-bit buffer (:func:`linquant.io.hf.follow_loaded_dtypes`). Other buffers outside
+    transformers models keep their dtype."""
+    wanted = hf.loaded_dtypes(model, dtype)
     kept = hf.unpersisted_float_buffers(model)
+    stored: list[tuple[nn.Module, str, torch.Tensor, torch.dtype]] = []
+    for prefix, m in model.named_modules():
+        for n, t in [*m._parameters.items(), *m._buffers.items()]:
+            want = wanted.get(f"{prefix}.{n}" if prefix else n)
+            if t is not None and t.is_floating_point() and want not in (None, dtype) and \
+                    n not in m._non_persistent_buffers_set:
+                stored.append((m, n, t.detach(), want))
     model.to(dtype)
-    hf.follow_loaded_dtypes(model, dtype, kept)
+    for m, n, before, want in stored:
+        param = m._parameters.get(n)
+        if param is not None:
+            param.data = before.to(want)  # the same Parameter: ties and optimizers keep it
+        else:
+            m._buffers[n] = before.to(want)
+    hf.follow_loaded_dtypes(model, dtype, kept, wanted)
 
 
 def _type_name(module: nn.Module) -> str:

@@ -840,3 +840,43 @@ def test_static_w8a8_experts_streamed_then_calibrated_equal_quantize_model(
     x = torch.randint(0, 64, (1, 9))
     with torch.inference_mode():
         assert torch.equal(model(x).logits, streamed(x).logits)
+
+
+@pytest.mark.parametrize(("model_type", "config", "dtype", "sizes"), [
+    ("inkling2_text", "w4a16-g32", torch.bfloat16, dict(
+        num_hidden_layers=2, layer_types=["hybrid_sliding", "hybrid"], n_routed_experts=4,
+        swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16, d_rel=16)),
+    ("t5", "int4-asym-g32-fp16, compute fp16", torch.float16, dict(
+        num_layers=1, num_decoder_layers=1, num_heads=4, d_kv=16, d_ff=128)),
+    ("gpt_oss", "int4-asym-g32-fp16, compute fp16", torch.float16, dict(
+        layer_types=["full_attention"])),
+])
+def test_what_from_pretrained_loads_in_fp32_stays_fp32_under_a_compute_dtype(
+        tmp_path: Path, model_type: str, config: str, dtype: torch.dtype,
+        sizes: dict[str, Any]) -> None:
+    """``from_pretrained(..., dtype=bf16 / fp16)`` loads what a model lists in
+    ``_keep_in_fp32_modules_strict`` (and, for fp16, ``_keep_in_fp32_modules``) in fp32:
+    Inkling 2's router and short convolutions, which its forward multiplies in fp32; T5's
+    ``wo`` (fp16 overflows there); GPT-OSS's norms. quantize_model's cast and the stream cast
+    them to the compute dtype like every other float tensor, and Inkling 2 raised ("expected m1
+    and m2 to have the same dtype"). Now both leave them in fp32, as from_pretrained does."""
+    model = _tiny_hf_model(model_type, conversions=False, **sizes)
+    model.save_pretrained(str(tmp_path / "src"))
+    reference = type(model).from_pretrained(str(tmp_path / "src"), dtype=dtype)
+    fp32 = {n for n, t in reference.state_dict().items() if t.dtype == torch.float32}
+    inputs = {"decoder_input_ids": torch.tensor([[0, 5, 7]])} if model_type == "t5" else {}
+    if model_type != "inkling2_text":
+        res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", config)
+        _stream_equals_in_memory(tmp_path, model, res, config, **inputs)  # runs both models
+    else:  # its stored experts are fused by an op of its own, which the stream refuses
+        quantize_model(model, config)
+        save(model, tmp_path / "saved")
+        ids = torch.randint(1, 96, (1, 7))
+        with torch.inference_mode():
+            assert torch.equal(load(tmp_path / "saved")(input_ids=ids).last_hidden_state,
+                               model(input_ids=ids).last_hidden_state)
+    state = model.state_dict()
+    kept = {n for n in fp32 if n in state}  # the rest are quantized weights (codes + scales)
+    assert kept and {state[n].dtype for n in kept} == {torch.float32}
+    assert {t.dtype for n, t in state.items() if n not in fp32 and t.is_floating_point()
+            and not n.endswith(("weight_scale", "weight_offset"))} == {dtype}

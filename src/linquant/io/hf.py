@@ -36,6 +36,7 @@ import copy
 import importlib.abc
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,7 @@ __all__ = [
     "follow_loaded_dtypes",
     "is_linquant_config",
     "loaded_buffer_dtypes",
+    "loaded_dtypes",
     "mark_config_file",
     "mark_model",
     "no_progress_bars",
@@ -263,16 +265,42 @@ def _built_on_meta(model: nn.Module, dtype: torch.dtype) -> nn.Module | None:
         torch.set_default_dtype(old)
 
 
-def loaded_buffer_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """``{qualified name: dtype}`` of the float buffers that the transformers models in
-    ``model`` (``PreTrainedModel`` submodules, itself included) do not persist, as
+def _fp32_plan(model: nn.Module, dtype: torch.dtype) -> re.Pattern[str] | None:
+    """What ``from_pretrained(..., dtype=dtype)`` loads in fp32 whatever ``dtype`` says: the
+    names listed in ``_keep_in_fp32_modules_strict`` (for fp16 and bf16) and
+    ``_keep_in_fp32_modules`` (for fp16 only) by any module of ``model``, as one pattern that a
+    stored tensor's name is searched with, as transformers matches them: anywhere in the name
+    (``*`` for any text) in transformers 5, as whole dotted parts in transformers 4."""
+    attrs = ["_keep_in_fp32_modules_strict"] if dtype in (torch.float16, torch.bfloat16) else []
+    if dtype == torch.float16:
+        attrs.append("_keep_in_fp32_modules")
+    names: set[str] = set()
+    for m in model.modules():
+        for attr in attrs:
+            entries = getattr(m, attr, None)
+            if isinstance(entries, (list, tuple, set, frozenset)):
+                names.update(e for e in entries if isinstance(e, str) and e)
+    if not names:
+        return None
+    major = int(str(getattr(sys.modules.get("transformers"), "__version__", "5")).split(".")[0])
+    patterns = (n.replace("*", ".*") if major >= 5 else rf"(?:^|\.){n}(?:$|\.)"
+                for n in sorted(names))
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+def loaded_dtypes(model: nn.Module, dtype: torch.dtype, *, unpersisted_only: bool = False
+                  ) -> dict[str, torch.dtype]:
+    """``{qualified name: dtype}`` of the float parameters and buffers of the transformers
+    models in ``model`` (``PreTrainedModel`` submodules, itself included), as
     ``from_pretrained(..., dtype=dtype)`` makes them: transformers builds a model under
-    ``dtype`` as the default dtype, so a table made in the default dtype (M2M100's and XGLM's
-    sinusoidal positions, Gemma's embedding scale) comes out in ``dtype``, one made in fp32 on
-    purpose (a rotary embedding's ``inv_freq``) in fp32. Found by building each model's class
-    again from its config on the meta device (nothing is allocated); buffers outside
-    transformers models, or of a class that cannot be built so, are not in the result.
-    Empty where transformers is not imported."""
+    ``dtype`` as the default dtype, so a tensor made in the default dtype (the weights, M2M100's
+    and XGLM's sinusoidal positions, Gemma's embedding scale) comes out in ``dtype``, one made
+    in fp32 on purpose (a rotary embedding's ``inv_freq``) in fp32; and it loads the stored
+    tensors its ``_keep_in_fp32_modules(_strict)`` names in fp32 (a MoE router's weight, T5's
+    ``wo`` under fp16). Found by building each model's class again from its config on the meta
+    device (nothing is allocated); tensors outside transformers models, or of a class that
+    cannot be built so, are not in the result. ``unpersisted_only``: only the buffers the
+    ``state_dict`` leaves out. Empty where transformers is not imported."""
     if "transformers" not in sys.modules or not dtype.is_floating_point:
         return {}
     wanted: dict[str, torch.dtype] = {}
@@ -285,12 +313,27 @@ def loaded_buffer_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torc
         built = _built_on_meta(sub, dtype)
         if built is None:
             continue
+        plan = None if unpersisted_only else _fp32_plan(built, dtype)
         for mod_name, mod in built.named_modules():
-            for buf_name, buf in mod._buffers.items():
-                if (buf is not None and buf.is_floating_point()
-                        and buf_name in mod._non_persistent_buffers_set):
-                    wanted[".".join(x for x in (name, mod_name, buf_name) if x)] = buf.dtype
+            tensors = [(n, t, n in mod._non_persistent_buffers_set)
+                       for n, t in mod._buffers.items()]
+            if not unpersisted_only:
+                tensors += [(n, t, False) for n, t in mod._parameters.items()]
+            for t_name, t, unpersisted in tensors:
+                if t is None or not t.is_floating_point() or (unpersisted_only and
+                                                              not unpersisted):
+                    continue
+                local = f"{mod_name}.{t_name}" if mod_name else t_name
+                stored_fp32 = plan is not None and not unpersisted and plan.search(local)
+                wanted[f"{name}.{local}" if name else local] = \
+                    torch.float32 if stored_fp32 else t.dtype
     return wanted
+
+
+def loaded_buffer_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """:func:`loaded_dtypes` of the float buffers that the transformers models in ``model`` do
+    not persist (computed at construction, never loaded)."""
+    return loaded_dtypes(model, dtype, unpersisted_only=True)
 
 
 def unpersisted_float_buffers(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
@@ -302,13 +345,16 @@ def unpersisted_float_buffers(model: nn.Module) -> dict[str, tuple[nn.Module, st
 
 
 def follow_loaded_dtypes(model: nn.Module, dtype: torch.dtype,
-                         buffers: dict[str, tuple[nn.Module, str, torch.Tensor]]) -> None:
+                         buffers: dict[str, tuple[nn.Module, str, torch.Tensor]],
+                         wanted: dict[str, torch.dtype] | None = None) -> None:
     """Put each of ``buffers`` (:func:`unpersisted_float_buffers`, possibly taken before a
     cast) back into its module in the dtype :func:`loaded_buffer_dtypes` gives it for
     ``dtype``, or as it is where that gives none or a wider one: a buffer already rounded to
     16 bits (a model cast with ``.to(torch.bfloat16)`` before quantizing) gains nothing from
-    fp32, and kept as it is, it is what ``linquant.load`` builds again from its saved dtype."""
-    wanted = loaded_buffer_dtypes(model, dtype) if buffers else {}
+    fp32, and kept as it is, it is what ``linquant.load`` builds again from its saved dtype.
+    ``wanted``: :func:`loaded_dtypes` where the caller has it already."""
+    if wanted is None:
+        wanted = loaded_buffer_dtypes(model, dtype) if buffers else {}
     for name, (mod, attr, buf) in buffers.items():
         keep = name not in wanted or wanted[name].itemsize > buf.dtype.itemsize
         mod._buffers[attr] = buf if keep else buf.to(wanted[name])

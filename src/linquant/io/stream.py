@@ -876,6 +876,10 @@ def quantize_checkpoint(
         kind = {"kind": "module", "class": ""}
     compute_dtype = compute_dtype_of(job.config for job in jobs.values())
 
+    # the stored tensors from_pretrained(dtype=compute_dtype) loads in another dtype (a MoE
+    # router's weight in fp32: _keep_in_fp32_modules_strict), as quantize_model's cast does
+    stored_dtypes = {} if meta_model is None or compute_dtype is None else {
+        n: d for n, d in hf.loaded_dtypes(meta_model, compute_dtype).items() if d != compute_dtype}
     report = ModelReport(bytes_before=sum(i.nbytes for i in infos), compute_dtype=compute_dtype)
     result = StreamResult(report, rule)
     rows: dict[str, LayerReport] = {r.name: r for r in skipped}
@@ -903,7 +907,7 @@ def quantize_checkpoint(
             job = jobs.get(name)
             if job is None:
                 if compute_dtype is not None and t.is_floating_point():
-                    t = t.to(compute_dtype)
+                    t = t.to(stored_dtypes.get(name, compute_dtype))
                 writer.add({name: t}, {})
                 plain[name] = [sizes[name], t.numel() * t.element_size()]
             elif job.part and _experts_by_rows(job, t):
