@@ -922,3 +922,49 @@ def test_gradients_flow_through_a_quantized_transformer(preset: str) -> None:
     h0 = model.transformer.h[0]
     assert h0.ln_1.weight.grad is not None and h0.mlp.c_fc.bias.grad is not None
     assert all(not b.requires_grad for b in h0.mlp.c_fc.buffers())
+
+
+class _ListBlock(nn.Module):
+    """Runs its layers from a plain list that it also registers, as Mask2Former's
+    ``PredictionBlock`` does; a dict and a tuple hold some of them too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = [nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)]
+        self.by_role = {"head": self.layers[2]}
+        self.first = (self.layers[0], "input")
+        for i, layer in enumerate(self.layers):
+            self.add_module(str(i), layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_layers_also_held_in_plain_lists_are_replaced_there_too(tmp_path: Path) -> None:
+    """Mask2Former keeps ``self.layers = [nn.Linear(...), activation]`` beside registering
+    them. quantize_model replaced the registered child only: the report said quantized, the
+    forward ran the old float layer (and after lq.load, a float layer left on the meta device).
+    Now quantize_model, load_into and dequantize_model follow the replacement into plain lists,
+    dicts and tuples."""
+    from linquant.io.save import load_into, save
+    from linquant.restore import dequantize_model
+
+    torch.manual_seed(0)
+    model = _ListBlock()
+    x = torch.randn(3, 32)
+    reference = model(x).detach()
+    report = quantize_model(model, "w8a8")
+    assert {r.name for r in report.quantized} == {"0", "2"}
+    save(model, tmp_path / "q")
+    for m in (model, load_into(_ListBlock(), tmp_path / "q")):
+        assert m.layers[0] is m._modules["0"] and m.layers[2] is m._modules["2"]
+        assert m.by_role["head"] is m._modules["2"] and m.first[0] is m._modules["0"]
+        assert type(m.layers[0]).__name__ == "W8A8Linear"
+        with torch.no_grad():
+            y = m(x)
+        assert 30 < sqnr(reference, y) < 60  # the int8 layers ran, not the float ones
+    dequantize_model(model)
+    assert type(model.layers[0]) is nn.Linear and model.layers[0] is model._modules["0"]
+    assert model.by_role["head"] is model._modules["2"]

@@ -61,7 +61,14 @@ from torch import nn
 from linquant.config import W8A8_WEIGHT, QuantConfig, get_config
 from linquant.errors import LinquantError
 from linquant.io import hf
-from linquant.nn.base import _memory_key, find_module, weight_dims
+from linquant.nn.base import (
+    PlainRefs,
+    _memory_key,
+    find_module,
+    plain_references,
+    replace_plain_references,
+    weight_dims,
+)
 from linquant.ops.metrics import sqnr
 from linquant.report import Column, csv_text, format_table, json_text
 from linquant.scheme import QuantScheme
@@ -797,6 +804,7 @@ def quantize_model(
     mplan = plan_model(model, config, include=include, exclude=exclude, strict=strict)
     plans, parents, tied = mplan.plans, mplan.parents, mplan.tied
     compute_dtype = mplan.compute_dtype
+    refs = plain_references(model)
     _check_finite_weights(plans)  # before anything changes: a NaN found mid-walk would leave
     # the model half quantized, its float layers already dropped
 
@@ -823,7 +831,7 @@ def quantize_model(
         assert plan.config is not None and plan.scheme is not None and w is not None
         try:
             if plan.part:
-                _quantize_experts_part(model, parents, plan, row, wrappers)
+                _quantize_experts_part(model, parents, plan, row, wrappers, refs)
                 plan.module = None
                 done.append(name)
                 continue
@@ -853,7 +861,7 @@ def quantize_model(
         row.scheme = scheme_text(plan.config, plan.scheme, _uses_w8a8(module, plan.config))
         row.bytes_after = _own_nbytes(new)
         for n in plan.names:
-            _set_submodule(model, parents, n, new)
+            _set_submodule(model, parents, n, new, refs)
         plan.module = None
         done.append(name)
         del module, w, new
@@ -971,7 +979,8 @@ def _experts_projection(plan: _Plan, w: torch.Tensor) -> QuantExpertsProj:
 
 
 def _quantize_experts_part(model: nn.Module, parents: Mapping[str, nn.Module], plan: _Plan,
-                           row: LayerReport, wrappers: dict[int, nn.Module]) -> None:
+                           row: LayerReport, wrappers: dict[int, nn.Module],
+                           refs: PlainRefs) -> None:
     """Quantize one projection of an experts module: the module is replaced by its
     :class:`~linquant.nn.experts.QuantExperts` (once), which then takes the projection."""
     from linquant.nn.experts import QuantExperts, expert_rows, experts_transposed
@@ -991,7 +1000,7 @@ def _quantize_experts_part(model: nn.Module, parents: Mapping[str, nn.Module], p
         wrapper = module if isinstance(module, QuantExperts) else QuantExperts.wrap(module)
         wrappers[id(module)] = wrapper
         for n in plan.names:
-            _set_submodule(model, parents, n.rsplit(".", 1)[0], wrapper)
+            _set_submodule(model, parents, n.rsplit(".", 1)[0], wrapper, refs)
     assert isinstance(wrapper, QuantExperts)
     wrapper.set_projection(part, new)
     row.bytes_after = _experts_part_nbytes(wrapper, part)
@@ -1002,9 +1011,15 @@ def _join(a: str, b: str) -> str:
 
 
 def _set_submodule(model: nn.Module, parents: Mapping[str, nn.Module], name: str,
-                   new: nn.Module) -> None:
+                   new: nn.Module, refs: PlainRefs) -> None:
+    """``new`` in place of the child ``name``, also in the plain lists / tuples / dicts that
+    hold the old one (``refs``: :func:`linquant.nn.base.plain_references`)."""
     parent = parents[name]
-    setattr(parent, name.rsplit(".", 1)[-1], new)
+    attr = name.rsplit(".", 1)[-1]
+    old = parent._modules.get(attr)
+    setattr(parent, attr, new)
+    if old is not None:
+        replace_plain_references(refs, old, new)
 
 
 def _resolve_ties(plans: list[_Plan]) -> set[int]:

@@ -18,8 +18,14 @@ import torch
 from torch import nn
 
 from linquant.errors import LinquantError
-from linquant.nn.base import QuantModule, _memory_key
-from linquant.nn.experts import _MODULE_STATE, QuantExperts, QuantExpertsProj, projection_names
+from linquant.nn.base import (
+    _MODULE_STATE,
+    QuantModule,
+    _memory_key,
+    plain_references,
+    replace_plain_references,
+)
+from linquant.nn.experts import QuantExperts, QuantExpertsProj, projection_names
 
 __all__ = ["dequantize_model"]
 
@@ -158,6 +164,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
             if isinstance(child, QuantExperts) or (isinstance(child, QuantModule)
                                                    and not isinstance(child, QuantExpertsProj)):
                 spots.append((parent, attr, child))
+    refs = plain_references(model)  # layers also held in plain lists (Mask2Former)
     for parent, attr, child in spots:
         new = done.get(id(child))
         if new is None:
@@ -165,6 +172,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
                    else _float_layer(child, want, shared))
             done[id(child)] = new
         parent._modules[attr] = new
+        replace_plain_references(refs, child, new)
     if done:
         from linquant.io import hf
 

@@ -50,7 +50,15 @@ from linquant.io.format import (
     read_header_metadata,
     split_part,
 )
-from linquant.nn.base import QuantModule, _memory_key, find_module, qualified_name
+from linquant.nn.base import (
+    PlainRefs,
+    QuantModule,
+    _memory_key,
+    find_module,
+    plain_references,
+    qualified_name,
+    replace_plain_references,
+)
 from linquant.tensor import QuantizedTensor
 
 __all__ = ["ShardWriter", "load", "load_into", "parse_size", "save", "staged_folder"]
@@ -478,7 +486,7 @@ def _skeleton(float_mod: nn.Module, entry: Any, name: str, where: str) -> QuantM
 
 
 def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str, entry: Any,
-                      where: str, wrapped: dict[int, nn.Module]) -> None:
+                      where: str, wrapped: dict[int, nn.Module], refs: PlainRefs) -> None:
     """Make the projection ``part`` of the experts module ``experts`` (float, or already
     wrapped) an empty :class:`~linquant.nn.experts.QuantExpertsProj` for the file's entry."""
     from linquant.nn.experts import (
@@ -500,6 +508,7 @@ def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str
         spot = _owner(model, owner)
         assert spot is not None
         setattr(spot[0], spot[1], wrapper)
+        replace_plain_references(refs, experts, wrapper)
         experts = wrapper
     assert isinstance(experts, QuantExperts)
     activation = entry.get("activation")
@@ -592,13 +601,14 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
     # 1. Swap float layers for quantized skeletons (one object per float module object).
     built: dict[int, QuantModule] = {}
     wrapped: dict[int, nn.Module] = {}  # id(float experts module) -> its QuantExperts
+    refs = plain_references(model)  # float layers also held in plain lists (Mask2Former)
     for name, entry in ck.modules.items():
         found = _owner(model, name)
         if found is None or not name:
             raise FormatError(f"{where}: module {name!r} of the file is not in the model")
         parent, attr = found
         if isinstance(entry, dict) and entry.get("type") == "QuantExpertsProj":
-            _experts_skeleton(model, parent, attr, name, entry, where, wrapped)
+            _experts_skeleton(model, parent, attr, name, entry, where, wrapped, refs)
             continue
         float_mod = parent._modules.get(attr)
         if float_mod is None:
@@ -610,6 +620,7 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
                 _skeleton(float_mod, entry, name, where)
             built[id(float_mod)] = q
         setattr(parent, attr, q)
+        replace_plain_references(refs, float_mod, q)
 
     # 2. Quantized weights.
     filled: set[str] = set()

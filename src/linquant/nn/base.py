@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import torch
@@ -45,8 +45,10 @@ __all__ = [
     "as_scheme",
     "is_hf_conv1d",
     "linear_features",
+    "plain_references",
     "qualified_name",
     "quantize_linear_weight",
+    "replace_plain_references",
 ]
 
 HF_CONV1D = "transformers.pytorch_utils.Conv1D"
@@ -67,6 +69,64 @@ def find_module(model: nn.Module, name: str) -> nn.Module | None:
         return model.get_submodule(name)
     except AttributeError:
         return None
+
+
+# what nn.Module.__init__ puts in an instance's __dict__ (hooks, ...): never a model's own
+_MODULE_STATE = frozenset(vars(nn.Module()))
+PlainRefs = dict[int, list[tuple[nn.Module, str]]]
+
+
+def _items(value: object, depth: int = 3) -> Iterator[object]:
+    """The items of a plain list / tuple / dict (values), nested ones included."""
+    if depth and isinstance(value, (list, tuple, dict)):
+        for item in (value.values() if isinstance(value, dict) else value):
+            yield item
+            yield from _items(item, depth - 1)
+
+
+def plain_references(model: nn.Module) -> PlainRefs:
+    """``{id(module): [(holder, attribute)]}`` for the modules of ``model`` that a module also
+    holds in a plain list, tuple or dict attribute, beside registering them: Mask2Former's
+    ``PredictionBlock`` keeps ``self.layers = [nn.Linear(...), activation]``, registers each
+    with ``add_module`` and runs the list. Replacing the registered child alone would leave the
+    forward running the old layer; :func:`replace_plain_references` follows the replacement."""
+    refs: PlainRefs = {}
+    for holder in model.modules():
+        for attr, value in vars(holder).items():
+            if attr in _MODULE_STATE or not isinstance(value, (list, tuple, dict)):
+                continue
+            for item in _items(value):
+                if isinstance(item, nn.Module) and (holder, attr) not in refs.get(id(item), []):
+                    refs.setdefault(id(item), []).append((holder, attr))
+    return refs
+
+
+def _swapped(value: Any, old: nn.Module, new: nn.Module, depth: int = 3) -> Any:
+    """``value`` with ``old`` replaced by ``new`` (lists and dicts changed in place)."""
+    if not depth:
+        return value
+    if isinstance(value, list):
+        value[:] = [new if v is old else _swapped(v, old, new, depth - 1) for v in value]
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            value[k] = new if v is old else _swapped(v, old, new, depth - 1)
+    elif isinstance(value, tuple):
+        items = [new if v is old else _swapped(v, old, new, depth - 1) for v in value]
+        make: Any = type(value)  # a named tuple takes its fields one by one
+        return make(*items) if hasattr(value, "_fields") else make(items)
+    return value
+
+
+def replace_plain_references(refs: PlainRefs, old: nn.Module, new: nn.Module) -> None:
+    """Point the plain containers :func:`plain_references` found holding ``old`` at ``new``
+    (call it while ``old`` is alive: the keys are object ids)."""
+    for holder, attr in refs.get(id(old), ()):
+        value = holder.__dict__[attr]
+        swapped = _swapped(value, old, new)
+        if swapped is not value:
+            holder.__dict__[attr] = swapped
+    if id(old) in refs:
+        refs[id(new)] = refs.pop(id(old))
 
 
 def is_hf_conv1d(module: object) -> bool:

@@ -52,6 +52,7 @@ from linquant import kernels
 from linquant.config import W8A8_WEIGHT
 from linquant.errors import LinquantError
 from linquant.nn.base import (
+    _MODULE_STATE,
     KernelCache,
     QuantModule,
     as_scheme,
@@ -79,10 +80,6 @@ __all__ = [
 #: experts modules (by ``module.QualName``) whose experts each run on every token, the block
 #: having laid the tokens out ``[E * T, H]``, with weights ``[E, in, out]`` and the default gate
 DENSE_EXPERTS = ("transformers.models.llama4.modeling_llama4.Llama4TextExperts",)
-
-# what nn.Module.__init__ puts in an instance's __dict__: never copied from the float module
-_MODULE_STATE = frozenset(vars(nn.Module()))
-
 
 def projection_names(module: nn.Module) -> tuple[str, str]:
     """The experts' two projections: ``("gate_up_proj", "down_proj")``, or ``("up_proj",
