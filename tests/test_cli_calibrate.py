@@ -126,11 +126,13 @@ def test_minilm_quantize_static_calibrate_eval(tmp_path: Path,
 
 def test_a_model_that_needs_other_inputs_says_so(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    """T5 needs decoder inputs too: the command says to calibrate in Python, writes nothing."""
-    cfg = transformers.T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                num_heads=4, decoder_start_token_id=0)
-    transformers.T5ForConditionalGeneration(cfg).save_pretrained(str(tmp_path / "t5"))
-    assert main(["quantize", str(tmp_path / "t5"), "-o", str(tmp_path / "s"), "--preset",
+    """A vision model takes pixels, not token ids: the command says to calibrate in Python,
+    writes nothing. (T5, which needs decoder inputs, is fed them since they are token ids too:
+    tests/test_cli_quantize.py::test_calibrate_and_eval_an_encoder_decoder.)"""
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=64, image_size=32, patch_size=8)
+    transformers.ViTModel(cfg).save_pretrained(str(tmp_path / "vit"))
+    assert main(["quantize", str(tmp_path / "vit"), "-o", str(tmp_path / "s"), "--preset",
                  "w8a8-static", "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["calibrate", str(tmp_path / "s"), "-o", str(tmp_path / "c")]) == 1

@@ -7,7 +7,8 @@ through it inside :func:`linquant.calibrate.calibrate` (min/max, or ``--percenti
 the calibrated model to ``DST`` (atomically; the input folder is never changed). Inputs are
 tokenized as ``linquant eval`` tokenizes them: a sentence-transformers folder through its own
 tokenizer, in batches; any other transformers folder with its tokenizer (UTF-8 bytes where it
-has none), one sample at a time, cut to the model's length. Layers already calibrated are
+has none), one sample at a time, cut to the model's length (an encoder-decoder model gets the
+same ids, shifted right, as its decoder input). Layers already calibrated are
 calibrated again on these inputs. The table's ``tokens`` column counts the input vectors each
 layer saw (padding included; for a MoE experts projection, each token once per expert it was
 routed to).
@@ -64,7 +65,7 @@ class CalibrationResult:
 def _feed(model: nn.Module, folder: Path, kind: str, texts: list[str]) -> str:
     """Run ``texts`` through ``model``; returns how they were tokenized."""
     from linquant import demo
-    from linquant.commands.eval import _token_ids
+    from linquant.commands.eval import _token_ids, model_inputs
 
     if kind == "sentence-embedding":
         for i in range(0, len(texts), BATCH):
@@ -73,7 +74,7 @@ def _feed(model: nn.Module, folder: Path, kind: str, texts: list[str]) -> str:
     ids, how = _token_ids(folder, model, texts)
     with torch.inference_mode():
         for x in ids:
-            model(input_ids=x)
+            model(**model_inputs(model, x))
     return how
 
 
@@ -116,7 +117,7 @@ def calibrate_folder(
         except Exception as e:  # a model that needs other inputs than token ids (T5, ...)
             raise LinquantError(
                 f"{src_p}: running the model on the samples failed ({type(e).__name__}: {e}); "
-                "this command feeds input_ids only: calibrate in Python with inputs the "
+                "this command feeds token ids only: calibrate in Python with inputs the "
                 "model takes (lq.load, lq.calibrate, lq.save)") from e
     for name, obs in observers.items():
         layer: Any = model.get_submodule(name)

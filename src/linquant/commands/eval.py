@@ -3,7 +3,9 @@
 * sentence-embedding models (a sentence-transformers folder): cosine similarity of embeddings;
 * causal language models (``*ForCausalLM`` / ``*LMHeadModel``): perplexity of both and the
   difference;
-* any other transformers model: SQNR of the last hidden state.
+* any other transformers model: SQNR of its first output (``last_hidden_state``, or
+  ``logits`` for a model with a head), both models built as the quantized folder's class; an
+  encoder-decoder model (T5, BART) gets the same text, shifted right, as its decoder input.
 
 Inputs default to the bundled sentences (``linquant/data/sentences.txt``). With
 ``--per-layer`` each quantized layer is also measured on the input its float counterpart gets
@@ -77,7 +79,11 @@ def _kind(folder: Path) -> str:
     raise LinquantError(f"{folder}: no modules.json or config.json; eval needs a model folder")
 
 
-def _load(folder: Path, kind: str) -> nn.Module:
+def _load(folder: Path, kind: str, like: nn.Module | None = None) -> nn.Module:
+    """The model of ``folder``: a linquant folder through :func:`linquant.load`, a float one
+    as ``like`` (the quantized model) is built where that is a transformers model, so both
+    sides are the same class (a ``BartForConditionalGeneration`` folder quantized and loaded
+    back is compared with the float ``BartForConditionalGeneration``, not a ``BartModel``)."""
     if not folder.is_dir():
         raise LinquantError(f"{folder}: not a folder")
     if _is_linquant(folder):
@@ -96,8 +102,28 @@ def _load(folder: Path, kind: str) -> nn.Module:
 
             cls: Any = transformers.AutoModelForCausalLM if kind == "causal-lm" \
                 else transformers.AutoModel
+            if isinstance(like, transformers.PreTrainedModel):
+                cls = type(like)
             model = cls.from_pretrained(str(folder))
     return model.eval()
+
+
+def model_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The keyword arguments that run ``model`` on the token ids ``ids``: ``input_ids``, and
+    for an encoder-decoder model (T5, BART, ...) the same text as ``decoder_input_ids``,
+    shifted right as for training (``labels=ids`` would give them), since T5 does not make
+    them itself."""
+    kwargs = {"input_ids": ids}
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return kwargs
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    shift = getattr(model, "_shift_right", None)  # T5's base model has only this
+    try:
+        kwargs["decoder_input_ids"] = prepare(labels=ids) if callable(prepare) else \
+            shift(ids) if callable(shift) else ids
+    except Exception:  # a model's own shift that needs more (a start token it lacks)
+        kwargs["decoder_input_ids"] = ids
+    return kwargs
 
 
 def _token_ids(folder: Path, model: nn.Module, texts: list[str]) -> tuple[list[torch.Tensor],
@@ -165,6 +191,13 @@ def _perplexity(model: nn.Module, ids: list[torch.Tensor]) -> float:
     return math.exp(nll / n)
 
 
+def _first_output(out: Any) -> tuple[str, torch.Tensor]:
+    """A model output's first tensor, in fp32, and its name (``last_hidden_state``,
+    ``logits``; ``output`` for a plain tuple)."""
+    keys = list(out.keys()) if hasattr(out, "keys") else []
+    return (str(keys[0]) if keys else "output"), out[0].float()
+
+
 def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
              text: Path | None = None, per_layer: bool = False) -> dict[str, Any]:
     """The comparison as a dict (``kind`` says which metric applies); with ``per_layer``,
@@ -179,7 +212,8 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
         raise LinquantError(f"{reference} is a {kind} model but {quantized} is a "
                             f"{_kind(quantized)} model")
     texts = demo.load_sentences(text or sentences, minimum=1)
-    ref, qm = _load(reference, kind), _load(quantized, kind)
+    qm = _load(quantized, kind)
+    ref = _load(reference, kind, like=qm)
     out: dict[str, Any] = {"kind": kind, "inputs": len(texts)}
     layers: AbstractContextManager[LayerErrors | None] = \
         compare_layers(ref, qm) if per_layer else nullcontext()
@@ -202,14 +236,13 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
         ids, how = _token_ids(reference, ref, texts)
         with torch.inference_mode():
             with layers as errors:
-                refs = [ref(input_ids=x)[0].float() for x in ids]
+                refs = [_first_output(ref(**model_inputs(ref, x))) for x in ids]
             num = den = 0.0
-            for x, ra in zip(ids, refs, strict=True):
-                yb: Any = qm(input_ids=x)
-                rb = yb[0].float()
+            for x, (_, ra) in zip(ids, refs, strict=True):
+                _, rb = _first_output(qm(**model_inputs(qm, x)))
                 num += float((ra * ra).sum())
                 den += float(((ra - rb) ** 2).sum())
-        out.update(tokenized_with=how,
+        out.update(tokenized_with=how, output=refs[0][0] if refs else "output",
                    sqnr_db=sqnr_from_sums(num, den))
     if errors is not None:
         out["layers"] = errors.to_dicts()
@@ -246,6 +279,6 @@ def run(args: argparse.Namespace) -> int:
               f"{res['perplexity_reference']:.3f}, quantized {res['perplexity_quantized']:.3f}, "
               f"difference {res['perplexity_delta']:+.3f}")
     else:
-        print(f"last hidden state over {res['inputs']} inputs ({res['tokenized_with']}): SQNR "
+        print(f"{res['output']} over {res['inputs']} inputs ({res['tokenized_with']}): SQNR "
               f"{res['sqnr_db']:.1f} dB")
     return 0
