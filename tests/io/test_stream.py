@@ -880,3 +880,16 @@ def test_what_from_pretrained_loads_in_fp32_stays_fp32_under_a_compute_dtype(
     assert kept and {state[n].dtype for n in kept} == {torch.float32}
     assert {t.dtype for n, t in state.items() if n not in fp32 and t.is_floating_point()
             and not n.endswith(("weight_scale", "weight_offset"))} == {dtype}
+
+
+def test_a_stored_tensor_the_class_makes_in_fp32_is_cast_like_the_others(
+        tmp_path: Path) -> None:
+    """DeBERTa makes its attention's ``q_bias`` / ``v_bias`` in fp32 whatever the default dtype,
+    and from_pretrained(dtype=bf16) keeps them so (its own forward then fails in bf16). Only
+    what the keep-in-fp32 lists name stays fp32: these are cast to the compute dtype, in memory
+    and by the stream, and the quantized model runs."""
+    model = _tiny_hf_model("deberta", conversions=False)
+    model.save_pretrained(str(tmp_path / "src"))
+    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w4a16-g32")
+    _stream_equals_in_memory(tmp_path, model, res, "w4a16-g32")  # runs both models
+    assert model.encoder.layer[0].attention.self.q_bias.dtype == torch.bfloat16

@@ -292,15 +292,22 @@ def loaded_dtypes(model: nn.Module, dtype: torch.dtype, *, unpersisted_only: boo
                   ) -> dict[str, torch.dtype]:
     """``{qualified name: dtype}`` of the float parameters and buffers of the transformers
     models in ``model`` (``PreTrainedModel`` submodules, itself included), as
-    ``from_pretrained(..., dtype=dtype)`` makes them: transformers builds a model under
-    ``dtype`` as the default dtype, so a tensor made in the default dtype (the weights, M2M100's
-    and XGLM's sinusoidal positions, Gemma's embedding scale) comes out in ``dtype``, one made
-    in fp32 on purpose (a rotary embedding's ``inv_freq``) in fp32; and it loads the stored
-    tensors its ``_keep_in_fp32_modules(_strict)`` names in fp32 (a MoE router's weight, T5's
-    ``wo`` under fp16). Found by building each model's class again from its config on the meta
-    device (nothing is allocated); tensors outside transformers models, or of a class that
-    cannot be built so, are not in the result. ``unpersisted_only``: only the buffers the
-    ``state_dict`` leaves out. Empty where transformers is not imported."""
+    ``from_pretrained(..., dtype=dtype)`` makes them:
+
+    * the buffers a model computes at construction and does not store: transformers builds a
+      model under ``dtype`` as the default dtype, so a table made in the default dtype
+      (M2M100's and XGLM's sinusoidal positions, Gemma's embedding scale) comes out in
+      ``dtype``, one made in fp32 on purpose (a rotary embedding's ``inv_freq``) in fp32;
+    * the stored tensors: fp32 for those its ``_keep_in_fp32_modules(_strict)`` names (a MoE
+      router's weight, T5's ``wo`` under fp16), ``dtype`` for the others. (from_pretrained
+      also keeps a stored tensor that the class makes in fp32 regardless, DeBERTa's
+      ``q_bias``, XLNet's attention weights, and then their own forward fails in bf16;
+      ``model.to(dtype)`` casts those, and so does linquant.)
+
+    Found by building each model's class again from its config on the meta device (nothing is
+    allocated); tensors outside transformers models, or of a class that cannot be built so,
+    are not in the result. ``unpersisted_only``: only the buffers the ``state_dict`` leaves
+    out. Empty where transformers is not imported."""
     if "transformers" not in sys.modules or not dtype.is_floating_point:
         return {}
     wanted: dict[str, torch.dtype] = {}
@@ -324,9 +331,11 @@ def loaded_dtypes(model: nn.Module, dtype: torch.dtype, *, unpersisted_only: boo
                                                               not unpersisted):
                     continue
                 local = f"{mod_name}.{t_name}" if mod_name else t_name
-                stored_fp32 = plan is not None and not unpersisted and plan.search(local)
-                wanted[f"{name}.{local}" if name else local] = \
-                    torch.float32 if stored_fp32 else t.dtype
+                if not unpersisted:  # stored: the keep lists decide, not the class
+                    t_dtype = torch.float32 if plan is not None and plan.search(local) else dtype
+                else:
+                    t_dtype = t.dtype
+                wanted[f"{name}.{local}" if name else local] = t_dtype
     return wanted
 
 
