@@ -223,12 +223,18 @@ class SweepRow:
 
     @property
     def mean_sqnr_db(self) -> float | None:
+        """Mean over the matrices, leaving out those reconstructed exactly (SQNR inf: an
+        all-zero matrix, such as BART's ``final_logits_bias``, which would make every scheme's
+        mean inf); inf only where every matrix is exact."""
         vals = list(self.sqnr_db.values())
         if not vals:
             return None
-        if any(math.isinf(v) for v in vals):  # fsum of +inf and -inf raises
-            return sum(vals) / len(vals)
-        return math.fsum(vals) / len(vals)
+        finite = [v for v in vals if v != math.inf]
+        if not finite:
+            return math.inf
+        if any(math.isinf(v) for v in finite):  # -inf: fsum of it is fine, kept as -inf
+            return sum(finite) / len(finite)
+        return math.fsum(finite) / len(finite)
 
     @property
     def worst_layer(self) -> str | None:
@@ -356,6 +362,13 @@ class SweepResult:
         if self.layer_types:
             layout.append(f"layer types unknown ({self.layer_types}): every matrix was swept "
                           "as stored")
+        exact = sorted({n for r in self.rows for n, v in r.sqnr_db.items() if v == math.inf})
+        if exact:
+            shown = ", ".join(exact[:3]) + (", ..." if len(exact) > 3 else "")
+            one = len(exact) == 1
+            layout.append(f"{len(exact)} {'matrix' if one else 'matrices'} reconstructed "
+                          f"exactly under some scheme (SQNR inf, e.g. all zeros: {shown}) "
+                          f"{'is' if one else 'are'} left out of the means")
         return [*layout,
             "bits/weight: codes + scales + zero points/offsets, over the matrices quantized "
             "under that scheme, weighted by their size",
