@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -11,9 +13,13 @@ from linquant.calibrate import RangeObserver, calibrate
 from linquant.nn import W8A8Linear
 
 
-def _model(act_symmetric: bool = True) -> nn.Sequential:
+def _float() -> nn.Sequential:
     torch.manual_seed(0)
-    fl = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def _model(act_symmetric: bool = True) -> nn.Sequential:
+    fl = _float()
     return nn.Sequential(
         W8A8Linear.from_float(fl[0], activation="static", act_symmetric=act_symmetric,
                               name="fc1"),
@@ -93,6 +99,37 @@ def test_layer_that_saw_no_batch_raises_and_nothing_changes() -> None:
         model[0](torch.randn(2, 16))  # fc2 never runs
     assert not model[0].calibrated and not model[0].observing
     assert not model[0]._forward_pre_hooks
+
+
+@pytest.mark.parametrize("act_symmetric", [True, False])
+def test_unreached_dynamic_gives_unreached_layers_dynamic_activations(
+        tmp_path: Path, act_symmetric: bool) -> None:
+    """``unreached="dynamic"``: the layers no batch reached compute with dynamic per-token
+    activations (their input scale, and zero point, dropped), the others are calibrated; the
+    model runs as a W8A8 model with fc2 dynamic, and saves and loads so."""
+    from linquant.io.save import load_into, save
+
+    model = _model(act_symmetric)
+    x = torch.randn(4, 16)
+    with calibrate(model, unreached="dynamic") as obs:
+        model[0](x)  # fc2 never runs
+    assert obs["2"].batches == 0 and obs["0"].batches == 1
+    assert model[0].activation == "static" and model[0].calibrated
+    assert model[2].activation == "dynamic" and model[2].act_symmetric
+    assert not {"input_scale", "input_zero_point"} & set(model[2]._buffers)
+    dynamic = W8A8Linear.from_float(_float()[2], activation="dynamic", name="fc2")
+    with torch.no_grad():
+        h = model[1](model[0](x))
+        assert torch.equal(model[2](h), dynamic(h))
+        y = model(x)
+    save(model, tmp_path / "q")
+    back = load_into(_float(), tmp_path / "q")
+    assert back[2].activation == "dynamic" and back[0].calibrated
+    with torch.no_grad():
+        assert torch.equal(back(x), y)
+    with pytest.raises(lq.LinquantError, match=r"unreached must be 'raise' or 'dynamic'"), \
+            calibrate(_model(), unreached="skip"):
+        pass
 
 
 def test_exception_in_body_removes_hooks_and_propagates() -> None:

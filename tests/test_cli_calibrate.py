@@ -139,3 +139,32 @@ def test_a_model_that_needs_other_inputs_says_so(tmp_path: Path,
     err = capsys.readouterr().err
     assert "running the model on the samples failed" in err and "calibrate in Python" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_unreached_layers_error_or_go_dynamic(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A GPT-2 with cross-attention run on text alone never reaches its cross-attention. By
+    default the command names those layers and writes nothing; with ``--unreached dynamic``
+    they get dynamic per-token activations, the rest are calibrated, and the folder runs."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=256, n_positions=64,
+                                  add_cross_attention=True, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(str(tmp_path / "float"))
+    assert main(["quantize", str(tmp_path / "float"), "-o", str(tmp_path / "s"), "--preset",
+                 "w8a8-static", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", str(tmp_path / "s"), "-o", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "3 static layer(s) saw no batch: transformer.h.0.crossattention.c_attn" in err
+    assert "--unreached dynamic" in err and not (tmp_path / "c").exists()
+    assert main(["calibrate", str(tmp_path / "s"), "-o", str(tmp_path / "c"),
+                 "--unreached", "dynamic"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("dynamic (no sample reached it)") == 3
+    assert "calibrated 5 static layer(s)" in out and "3 that no sample reached" in out
+    assert main(["inspect", str(tmp_path / "c"), "--json"]) == 0
+    w8a8 = json.loads(capsys.readouterr().out)["w8a8_layers"]
+    assert w8a8["dynamic"] == 3 and w8a8["static_calibrated"] == 5
+    assert main(["eval", str(tmp_path / "float"), str(tmp_path / "c"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert abs(res["perplexity_delta"]) < 0.05 * res["perplexity_reference"]

@@ -17,8 +17,9 @@ records the layer's input, and the layers compute with float activations (their 
 dequantized), so each layer sees the inputs the float-activation model would give it, whether or
 not it had a range before. On a normal exit each layer gets
 :meth:`~linquant.nn.W8A8Linear.set_activation_range`; if any static layer saw no batch, a
-:class:`~linquant.errors.LinquantError` names them and no layer is changed. If the body raises,
-the hooks are removed and nothing is changed.
+:class:`~linquant.errors.LinquantError` names them and no layer is changed, unless
+``unreached="dynamic"``: then those layers switch to dynamic per-token activations and the
+others are calibrated. If the body raises, the hooks are removed and nothing is changed.
 
 How batches are combined:
 
@@ -127,6 +128,7 @@ def calibrate(
     percentile: float | None = None,
     *,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
+    unreached: str = "raise",
 ) -> Iterator[dict[str, RangeObserver]]:
     """Context manager that sets the activation range of every static W8A8 layer in ``model``
     (``W8A8Linear``, W8A8 experts projections).
@@ -136,6 +138,12 @@ def calibrate(
             static experts projections).
         percentile: None for min/max, else ``0 < p <= 100`` (e.g. 99.99).
         sample_size: values per batch and layer the percentile is estimated on.
+        unreached: what happens to a static layer that no batch reached (a vision tower fed
+            text only, cross-attention run without encoder states): ``"raise"`` (a
+            :class:`~linquant.errors.LinquantError` naming them; no layer is changed) or
+            ``"dynamic"`` (those layers compute with dynamic per-token activations instead,
+            :meth:`~linquant.nn.w8a8.StaticActivations.use_dynamic_activations`; their
+            observers have ``batches == 0``).
 
     Yields:
         The observers by layer name (inspect ``.range()`` after the block).
@@ -148,6 +156,9 @@ def calibrate(
         raise LinquantError(f"calibrate: percentile must be in (0, 100], got {percentile!r}")
     if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
         raise LinquantError(f"calibrate: sample_size must be a positive int, got {sample_size!r}")
+    if unreached not in ("raise", "dynamic"):
+        raise LinquantError(f"calibrate: unreached must be 'raise' or 'dynamic', got "
+                            f"{unreached!r}")
     layers = _static_layers(model)
     if not layers:
         raise LinquantError(
@@ -180,11 +191,15 @@ def calibrate(
         for name, layer in layers.items():
             layer.observing = was_observing[name]
     unseen = [name for name, obs in observers.items() if obs.batches == 0]
-    if unseen:
+    if unseen and unreached == "raise":
         raise LinquantError(
             f"calibrate: {len(unseen)} static layer(s) saw no batch: {', '.join(unseen)}; run "
-            "batches that reach them, or quantize them with dynamic activations"
+            "batches that reach them, or give them dynamic activations (calibrate(..., "
+            "unreached='dynamic'); linquant calibrate --unreached dynamic)"
         )
     for name, layer in layers.items():
+        if observers[name].batches == 0:
+            layer.use_dynamic_activations()
+            continue
         lo, hi = observers[name].range()
         layer.set_activation_range(lo, hi)

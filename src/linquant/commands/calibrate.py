@@ -46,6 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentile", type=float, default=None, metavar="P",
                    help="each layer's range from the P-th percentile of its inputs (e.g. "
                         "99.99; default: min/max)")
+    p.add_argument("--unreached", choices=("error", "dynamic"), default="error",
+                   help="a static layer no sample reaches (a vision tower fed text, "
+                        "cross-attention without encoder states): error (default: write "
+                        "nothing, name them) or dynamic (give those layers dynamic per-token "
+                        "activations, calibrate the rest)")
     p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                    help="largest output shard, e.g. 500MB, 2GB (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
@@ -86,13 +91,15 @@ def calibrate_folder(
     percentile: float | None = None,
     max_shard_size: int | str = "2GB",
     overwrite: bool = False,
+    unreached: str = "raise",
 ) -> CalibrationResult:
     """Load the linquant folder ``src``, calibrate its static W8A8 layers on ``sentences`` (a
     file, one sample per line; default: the bundled sentences) and save the model to ``dst``.
 
     Raises :class:`LinquantError` (nothing written) when ``dst`` is ``src`` or inside it, exists
     without ``overwrite``, when ``src`` is not a linquant folder or has no static W8A8 layer,
-    and when a static layer saw no input.
+    and when a static layer saw no input, unless ``unreached="dynamic"`` (those layers then
+    get dynamic per-token activations).
     """
     from linquant import demo
     from linquant.calibrate import calibrate
@@ -109,7 +116,7 @@ def calibrate_folder(
     texts = demo.load_sentences(sentences)
     model = _load(src_p, kind)
     result = CalibrationResult(inputs=len(texts))
-    with calibrate(model, percentile) as observers:
+    with calibrate(model, percentile, unreached=unreached) as observers:
         try:
             result.tokenized_with = _feed(model, src_p, kind, texts)
         except LinquantError:
@@ -121,12 +128,18 @@ def calibrate_folder(
                 "model takes (lq.load, lq.calibrate, lq.save)") from e
     for name, obs in observers.items():
         layer: Any = model.get_submodule(name)
+        if not obs.batches:  # unreached="dynamic": it computes its own scale per token
+            result.layers.append({"layer": name, "batches": 0, "tokens": 0, "lo": None,
+                                  "hi": None, "scale": None, "zero_point": None,
+                                  "activation": "dynamic (no sample reached it)"})
+            continue
         zp = layer._buffers.get("input_zero_point")
         lo, hi = obs.range()
         result.layers.append({"layer": name, "batches": obs.batches, "tokens": obs.rows,
                               "lo": lo, "hi": hi,
                               "scale": float(layer.input_scale),
-                              "zero_point": None if zp is None else int(zp)})
+                              "zero_point": None if zp is None else int(zp),
+                              "activation": "static"})
     result.files = save(model, dst_p, max_shard_size=max_shard_size, overwrite=overwrite)
     return result
 
@@ -136,13 +149,19 @@ def run(args: argparse.Namespace) -> int:
 
     res = calibrate_folder(args.src, args.output, args.text or args.sentences,
                            percentile=args.percentile, max_shard_size=args.max_shard_size,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite,
+                           unreached="dynamic" if args.unreached == "dynamic" else "raise")
     cols: list[Column] = [("layer", "layer", ""), ("tokens", "tokens", ""),
                           ("lo", "input min", ".4g"), ("hi", "input max", ".4g"),
                           ("scale", "scale", ".4g"), ("zero_point", "zero point", "")]
+    dynamic = [r for r in res.layers if r["activation"] != "static"]
+    if dynamic:
+        cols.append(("activation", "activation", ""))
     print(format_table(res.layers, cols))
     how = "min/max" if args.percentile is None else f"percentile {args.percentile:g}"
-    print(f"calibrated {len(res.layers)} static layer(s) ({how}) on {res.inputs} inputs "
-          f"({res.tokenized_with})")
+    print(f"calibrated {len(res.layers) - len(dynamic)} static layer(s) ({how}) on "
+          f"{res.inputs} inputs ({res.tokenized_with})"
+          + (f"; {len(dynamic)} that no sample reached now use dynamic activations"
+             if dynamic else ""))
     print(f"wrote {len(res.files)} shard(s) to {args.output}")
     return 0

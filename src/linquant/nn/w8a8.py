@@ -124,6 +124,21 @@ class StaticActivations(QuantModule):
             zp.copy_(qp.zero_point.reshape(()))
         self._calibrated = True
 
+    def use_dynamic_activations(self) -> None:
+        """Turn a static layer into one with dynamic per-token (symmetric) activations: its
+        input scale (and zero point) are dropped, each forward computes its own. For a layer
+        calibration cannot reach (:func:`linquant.calibrate.calibrate`'s
+        ``unreached="dynamic"``)."""
+        if self.activation != "static":
+            raise LinquantError(f"{self._label()}: use_dynamic_activations needs a static layer, "
+                                f"this one's activation is {self.activation!r}")
+        for name in ("input_scale", "input_zero_point"):
+            self._buffers.pop(name, None)
+        self.activation = "dynamic"
+        self.act_symmetric = True
+        self._calibrated = False
+        self.__dict__.get("_kernel_cache", {}).clear()  # plans bound to the static buffers
+
     def _need_range(self) -> None:
         if not self._calibrated:
             raise LinquantError(
