@@ -316,3 +316,26 @@ def test_file_level_validation(tmp_path: Path, case: str, match: str) -> None:
     with pytest.raises(FormatError, match=match) as e:
         load_into(Small(), tmp_path / "o")
     assert "model.safetensors" in str(e.value) or "/o" in str(e.value)
+
+
+def test_a_config_transformers_refuses_to_write_is_a_linquant_error(tmp_path: Path) -> None:
+    """transformers 5 validates a config when it writes it; a model whose config fails (here
+    ``layer_types`` longer than ``num_hidden_layers``) raised huggingface_hub's
+    StrictDataclassClassValidationError from inside lq.save. Now a LinquantError names the
+    model and the reason, and nothing is written."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128))
+    quantize_model(model, "w8a8")
+    model.config.layer_types = ["full_attention"] * 3
+    try:
+        model.config.save_pretrained(str(tmp_path / "probe"))
+    except Exception:
+        pass
+    else:
+        pytest.skip(f"transformers {transformers.__version__} writes this config")
+    with pytest.raises(LinquantError, match=r"(?s)LlamaForCausalLM's config cannot be written by "
+                                            r"transformers .*layer_types"):
+        save(model, tmp_path / "q")
+    assert not (tmp_path / "q").exists()

@@ -237,7 +237,15 @@ def _write_side_files(model: nn.Module, kind: str, folder: Path) -> None:
                     shutil.copy2(f, folder / rel)
     elif kind == "transformers":
         config: Any = getattr(model, "config")  # noqa: B009
-        config.save_pretrained(str(folder))
+        try:
+            config.save_pretrained(str(folder))
+        except OSError:
+            raise
+        except Exception as e:  # transformers' own validation of the config's fields
+            raise LinquantError(
+                f"save: {type(model).__name__}'s config cannot be written by transformers "
+                f"({type(e).__name__}: {e}); fix the config (model.config), nothing was "
+                "written") from e
         gen = getattr(model, "generation_config", None)
         if gen is not None and hasattr(gen, "save_pretrained"):
             with contextlib.suppress(Exception):
