@@ -350,3 +350,21 @@ def test_calibrate_and_eval_an_encoder_decoder(tmp_path: Path, arch: str,
     res = json.loads(capsys.readouterr().out)
     assert res["kind"] == "transformers" and res["output"] == "logits"
     assert res["sqnr_db"] > 25
+
+
+def test_eval_of_a_model_that_takes_pixels_says_so(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """eval feeds token ids; a ViT takes pixels. It failed as an "internal error:
+    AttributeError"; now a LinquantError names the folder, the class and what to do."""
+    import transformers
+
+    transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        image_size=32, patch_size=8)).save_pretrained(str(tmp_path / "vit"))
+    assert main(["quantize", str(tmp_path / "vit"), "-o", str(tmp_path / "q"), "--preset",
+                 "w8a8", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "vit"), str(tmp_path / "q")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'vit'}: running ViTModel on token ids failed" in err
+    assert "internal error" not in err and "lq.compare_layers" in err

@@ -236,7 +236,14 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
         ids, how = _token_ids(reference, ref, texts)
         with torch.inference_mode():
             with layers as errors:
-                refs = [_first_output(ref(**model_inputs(ref, x))) for x in ids]
+                try:
+                    refs = [_first_output(ref(**model_inputs(ref, x))) for x in ids]
+                except Exception as e:  # a model that takes other inputs (pixels, audio)
+                    raise LinquantError(
+                        f"{reference}: running {type(ref).__name__} on token ids failed "
+                        f"({type(e).__name__}: {e}); eval feeds text only: compare a model "
+                        "that takes other inputs in Python (lq.load, then your inputs through "
+                        "both models; lq.compare_layers for each layer)") from e
             num = den = 0.0
             for x, (_, ra) in zip(ids, refs, strict=True):
                 _, rb = _first_output(qm(**model_inputs(qm, x)))
