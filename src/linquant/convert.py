@@ -921,11 +921,11 @@ def _check_finite_weights(plans: dict[object, _Plan]) -> None:
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:
     """``model.to(dtype)``, except where ``from_pretrained(..., dtype=dtype)`` gives a
     transformers model's float tensors another dtype (:func:`linquant.io.hf.loaded_dtypes`):
-    the tensors it loads in fp32 (``_keep_in_fp32_modules(_strict)``: a MoE router's weight,
-    which the model's forward multiplies in fp32) or that the model makes in fp32 on purpose
-    get that dtype; the buffers it does not persist get it too, unless that would only widen a
-    16-bit buffer (:func:`linquant.io.hf.follow_loaded_dtypes`). Other buffers outside
-    transformers models keep their dtype."""
+    the stored tensors it loads in fp32 (``_keep_in_fp32_modules(_strict)``: a MoE router's
+    weight, which the model's forward multiplies in fp32) stay fp32; the buffers it does not
+    persist get the dtype it builds them in (a rotary ``inv_freq`` fp32), unless that would
+    only widen a 16-bit buffer (:func:`linquant.io.hf.follow_loaded_dtypes`). Other buffers
+    outside transformers models keep their dtype."""
     wanted = hf.loaded_dtypes(model, dtype)
     kept = hf.unpersisted_float_buffers(model)
     stored: list[tuple[nn.Module, str, torch.Tensor, torch.dtype]] = []

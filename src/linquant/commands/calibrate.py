@@ -121,7 +121,7 @@ def calibrate_folder(
             result.tokenized_with = _feed(model, src_p, kind, texts)
         except LinquantError:
             raise
-        except Exception as e:  # a model that needs other inputs than token ids (T5, ...)
+        except Exception as e:  # a model that needs other inputs than token ids (pixels, ...)
             raise LinquantError(
                 f"{src_p}: running the model on the samples failed ({type(e).__name__}: {e}); "
                 "this command feeds token ids only: calibrate in Python with inputs the "

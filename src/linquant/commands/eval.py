@@ -27,7 +27,7 @@ from torch import nn
 
 from linquant.errors import LinquantError
 
-__all__ = ["add_arguments", "evaluate", "run"]
+__all__ = ["add_arguments", "evaluate", "model_inputs", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
