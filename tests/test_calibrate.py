@@ -125,8 +125,11 @@ def test_unreached_dynamic_gives_unreached_layers_dynamic_activations(
     save(model, tmp_path / "q")
     back = load_into(_float(), tmp_path / "q")
     assert back[2].activation == "dynamic" and back[0].calibrated
+    # into a model quantized static again, as before calibrating: fc2 switches as the file has it
+    again = load_into(_model(act_symmetric), tmp_path / "q")
+    assert again[2].activation == "dynamic" and again[0].calibrated
     with torch.no_grad():
-        assert torch.equal(back(x), y)
+        assert torch.equal(back(x), y) and torch.equal(again(x), y)
     with pytest.raises(lq.LinquantError, match=r"unreached must be 'raise' or 'dynamic'"), \
             calibrate(_model(), unreached="skip"):
         pass

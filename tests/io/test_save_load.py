@@ -339,3 +339,21 @@ def test_a_config_transformers_refuses_to_write_is_a_linquant_error(tmp_path: Pa
                                             r"transformers .*layer_types"):
         save(model, tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+def test_loading_into_a_layer_quantized_otherwise_names_both_settings(tmp_path: Path) -> None:
+    """load_into a model whose layer is already quantized with other settings than the
+    file's fails before any tensor is read, naming the layer and both settings (it used to fail
+    on the first tensor that did not fit; a static layer the file has dynamic now switches:
+    tests/test_calibrate.py). Agreeing settings load into the layer as it is."""
+    m = Small()
+    quantize_model(m, "w4a16-g32")
+    save(m, tmp_path / "o")
+    other = Small()
+    quantize_model(other, "w4a16-sym-g32")
+    with pytest.raises(FormatError, match=r"module 'fc' is quantized in the model as .*int4-sym"
+                                          r".* but the file has .*int4-asym.*; load into the "):
+        load_into(other, tmp_path / "o")
+    same = Small()
+    quantize_model(same, "w4a16-g32")
+    assert load_into(same, tmp_path / "o").fc.qweight.scheme.group_size == 32

@@ -493,6 +493,26 @@ def _skeleton(float_mod: nn.Module, entry: Any, name: str, where: str) -> QuantM
                           f"{type(float_mod).__name__}: {e}") from None
 
 
+def _as_in_file(q: QuantModule, entry: Any, name: str, where: str) -> QuantModule:
+    """A layer the model already holds quantized, used for the file's entry: as it is where
+    the settings agree; a static W8A8 layer that the file has with dynamic activations
+    (calibrated with ``unreached="dynamic"``) switches to them; any other difference is a
+    :class:`FormatError` (the tensors would not fit)."""
+    from linquant.nn.w8a8 import StaticActivations
+
+    have = module_entry(q)
+    if not isinstance(entry, dict) or all(have.get(k) == v for k, v in entry.items()):
+        return q  # (what an older file does not say is taken as it is)
+    if isinstance(q, StaticActivations) and q.activation == "static" and \
+            entry.get("activation") == "dynamic" and all(
+                have.get(k) == v for k, v in entry.items()
+                if k not in ("activation", "act_symmetric")):
+        q.use_dynamic_activations()
+        return q
+    raise FormatError(f"{where}: module {name!r} is quantized in the model as {have} but the "
+                      f"file has {entry}; load into the float model")
+
+
 def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str, entry: Any,
                       where: str, wrapped: dict[int, nn.Module], refs: PlainRefs) -> None:
     """Make the projection ``part`` of the experts module ``experts`` (float, or already
@@ -623,8 +643,8 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
             raise FormatError(f"{where}: module {name!r} of the file is not in the model")
         q = built.get(id(float_mod))
         if q is None:
-            q = float_mod if isinstance(float_mod, QuantModule) and \
-                type(float_mod).__name__ == entry.get("type") else \
+            q = _as_in_file(float_mod, entry, name, where) if isinstance(
+                float_mod, QuantModule) and type(float_mod).__name__ == entry.get("type") else \
                 _skeleton(float_mod, entry, name, where)
             built[id(float_mod)] = q
         setattr(parent, attr, q)
