@@ -501,12 +501,14 @@ def _as_in_file(q: QuantModule, entry: Any, name: str, where: str) -> QuantModul
     from linquant.nn.w8a8 import StaticActivations
 
     have = module_entry(q)
-    if not isinstance(entry, dict) or all(have.get(k) == v for k, v in entry.items()):
-        return q  # (what an older file does not say is taken as it is)
+
+    def agrees(*but: str) -> bool:  # what an older file does not say is taken as it is
+        return all(have.get(k) == v for k, v in entry.items() if k not in but)
+
+    if not isinstance(entry, dict) or agrees():
+        return q
     if isinstance(q, StaticActivations) and q.activation == "static" and \
-            entry.get("activation") == "dynamic" and all(
-                have.get(k) == v for k, v in entry.items()
-                if k not in ("activation", "act_symmetric")):
+            entry.get("activation") == "dynamic" and agrees("activation", "act_symmetric"):
         q.use_dynamic_activations()
         return q
     raise FormatError(f"{where}: module {name!r} is quantized in the model as {have} but the "

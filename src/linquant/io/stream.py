@@ -878,8 +878,9 @@ def quantize_checkpoint(
 
     # the stored tensors from_pretrained(dtype=compute_dtype) loads in another dtype (a MoE
     # router's weight in fp32: _keep_in_fp32_modules_strict), as quantize_model's cast does
-    stored_dtypes = {} if meta_model is None or compute_dtype is None else {
-        n: d for n, d in hf.loaded_dtypes(meta_model, compute_dtype).items() if d != compute_dtype}
+    loaded = {} if meta_model is None or compute_dtype is None else \
+        hf.loaded_dtypes(meta_model, compute_dtype)
+    stored_dtypes = {n: d for n, d in loaded.items() if d != compute_dtype}
     report = ModelReport(bytes_before=sum(i.nbytes for i in infos), compute_dtype=compute_dtype)
     result = StreamResult(report, rule)
     rows: dict[str, LayerReport] = {r.name: r for r in skipped}
@@ -1011,7 +1012,7 @@ def quantize_checkpoint(
             rows[layer].bytes_before += read
             rows[layer].bytes_after += written
     if meta_model is not None:  # what kept-float layers build themselves and do not save
-        _count_unpersisted(meta_model, rows, compute_dtype)
+        _count_unpersisted(meta_model, rows, loaded)
     for row, _ in ties.values():  # as quantize_model reports a tied layer: the weight's numbers
         assert row.tied_to is not None
         target = rows[row.tied_to]
@@ -1034,11 +1035,11 @@ def quantize_checkpoint(
 
 
 def _count_unpersisted(model: nn.Module, rows: dict[str, LayerReport],
-                       compute_dtype: torch.dtype | None) -> None:
+                       wanted: dict[str, torch.dtype]) -> None:
     """Add to each kept-float layer's row the buffers it builds itself and a checkpoint does
     not hold (position ids, an embedding's scale), in the dtype quantize_model's cast leaves
-    them (:func:`linquant.io.hf.loaded_buffer_dtypes`), as quantize_model's rows count them."""
-    wanted = hf.loaded_buffer_dtypes(model, compute_dtype) if compute_dtype is not None else {}
+    them (``wanted``: :func:`linquant.io.hf.loaded_dtypes` for the compute dtype; empty
+    without one), as quantize_model's rows count them."""
     for name, mod in model.named_modules():
         row = rows.get(name)
         if row is None or row.scheme is not None:
