@@ -88,9 +88,13 @@ def test_unparseable_or_invalid_scheme_text(scheme: str) -> None:
     assert "group_size" in message or "cannot parse scheme" in message
 
 
-@pytest.mark.parametrize("scheme", [4, None, {"bits": 4}], ids=["int", "none", "dict"])
+@pytest.mark.parametrize("scheme", [4, {"bits": 4}, torch.float16], ids=["int", "dict", "dtype"])
 def test_scheme_of_wrong_type(scheme: object) -> None:
     raises(torch.randn(4, 8), scheme, "QuantScheme or str")
+
+
+def test_no_scheme_means_the_defaults() -> None:
+    assert str(lq.quantize(torch.randn(4, 8)).scheme) == "int8-sym-ch0-fp32"
 
 
 # ---- non-finite values ---------------------------------------------------------------------

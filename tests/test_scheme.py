@@ -44,7 +44,7 @@ BAD_SCHEMES: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
     "scale-dtype-fp64": ({"scale_dtype": torch.float64}, ("scale_dtype", "torch.float64",
                                                           "float16", "bfloat16")),
     "scale-dtype-int8": ({"scale_dtype": torch.int8}, ("scale_dtype", "torch.int8")),
-    "scale-dtype-str": ({"scale_dtype": "fp16"}, ("scale_dtype", "'fp16'")),
+    "scale-dtype-str": ({"scale_dtype": "fp8"}, ("scale_dtype", "'fp8'", "'fp16'")),
     "zero-point-unknown": ({"symmetric": False, "zero_point": "fixed"},
                            ("zero_point", "'fixed'", "'int'", "'float'")),
     "float-zero-point-symmetric": ({"symmetric": True, "zero_point": "float"},
@@ -69,6 +69,54 @@ def test_invalid_scheme_raises_with_message(
 def test_linquant_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         QuantScheme(bits=12)
+
+
+def test_scale_dtype_may_be_named() -> None:
+    for name, dtype in [("fp16", torch.float16), ("bf16", torch.bfloat16),
+                        ("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
+        assert QuantScheme(scale_dtype=name).scale_dtype == dtype  # type: ignore[arg-type]
+
+
+# (base scheme, fields) -> the scheme's text
+RESOLVED = [
+    (None, {}, "int8-sym-ch0-fp32"),
+    (None, {"bits": 4}, "int4-sym-ch0-fp32"),
+    (None, {"bits": 4, "group_size": 32, "scale_dtype": "fp16"}, "int4-sym-g32-fp16"),
+    (None, {"bits": 3, "symmetric": False, "granularity": "tensor"}, "int3-asym-tensor-fp32"),
+    (None, {"bits": 4, "symmetric": False, "zero_point": "float", "group_size": 64},
+     "int4-asymf-g64-fp32"),
+    (None, {"axis": 1, "clip": "mse"}, "int8-sym-ch1-fp32-mse"),
+    ("int4-sym-g32-fp16", {}, "int4-sym-g32-fp16"),
+    ("int4-sym-g32-fp16", {"symmetric": False}, "int4-asym-g32-fp16"),
+    ("int4-sym-g32-fp16", {"group_size": 128}, "int4-sym-g128-fp16"),
+    ("int4-sym-g32-fp16", {"granularity": "channel"}, "int4-sym-ch0-fp16"),
+    ("int4-sym-g32-fp16", {"granularity": "tensor", "bits": 8}, "int8-sym-tensor-fp16"),
+    (QuantScheme(bits=2), {"group_size": 16}, "int2-sym-g16-fp32"),
+]
+
+
+@pytest.mark.parametrize(("base", "fields", "text"), RESOLVED)
+def test_resolve_changes_the_named_fields(base: object, fields: dict[str, object],
+                                          text: str) -> None:
+    scheme = QuantScheme.resolve(base, **fields)  # type: ignore[arg-type]
+    assert str(scheme) == text
+    assert scheme == QuantScheme.parse(text)
+    qt = lq.quantize(torch.randn(8, 128), base, **fields)  # type: ignore[arg-type]
+    assert qt.scheme == scheme
+
+
+def test_resolve_refuses_unknown_fields_and_invalid_values() -> None:
+    with pytest.raises(LinquantError, match=r"unknown scheme field\(s\) bitz, mode: expected "
+                                            r"some of bits, symmetric"):
+        QuantScheme.resolve(bitz=4, mode="asym")
+    with pytest.raises(LinquantError, match=r"^w: unknown scheme field\(s\) group"):
+        lq.quantize(torch.randn(4, 8), bits=4, group=32, name="w")
+    with pytest.raises(LinquantError, match=r"^w: bits must be in 2..8, got 9"):
+        lq.quantize(torch.randn(4, 8), "int4-sym-g4", bits=9, name="w")
+    with pytest.raises(LinquantError, match="needs symmetric=False"):
+        QuantScheme.resolve("int4-sym-g32", zero_point="float")
+    with pytest.raises(LinquantError, match="QuantScheme, its text or None, got 4"):
+        QuantScheme.resolve(4)  # type: ignore[arg-type]
 
 
 def test_with_revalidates() -> None:

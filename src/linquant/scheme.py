@@ -38,6 +38,10 @@ SCALE_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 _DTYPE_NAMES = {v: k for k, v in SCALE_DTYPES.items()}
+_DTYPE_ALIASES = {**SCALE_DTYPES, "float32": torch.float32, "float16": torch.float16,
+                  "bfloat16": torch.bfloat16}
+_FIELDS = ("bits", "symmetric", "granularity", "axis", "group_size", "scale_dtype",
+           "zero_point", "clip")
 
 _TEXT = re.compile(
     r"^int(?P<bits>\d+)-(?P<mode>sym|asymf|asym)-(?P<gran>tensor|ch-?\d+|g\d+)"
@@ -76,6 +80,8 @@ class QuantScheme:
     clip: ClipMethod = "minmax"
 
     def __post_init__(self) -> None:
+        if isinstance(self.scale_dtype, str) and self.scale_dtype in _DTYPE_ALIASES:
+            object.__setattr__(self, "scale_dtype", _DTYPE_ALIASES[self.scale_dtype])
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise LinquantError(f"bits must be an int in 2..8, got {self.bits!r}")
         if not 2 <= self.bits <= 8:
@@ -101,7 +107,8 @@ class QuantScheme:
             )
         if self.scale_dtype not in _DTYPE_NAMES:
             raise LinquantError(
-                "scale_dtype must be torch.float32, torch.float16 or torch.bfloat16, "
+                "scale_dtype must be torch.float32, torch.float16 or torch.bfloat16 (or "
+                "'fp32', 'fp16', 'bf16'), "
                 f"got {self.scale_dtype!r}"
             )
         if self.zero_point not in ("int", "float"):
@@ -145,6 +152,36 @@ class QuantScheme:
     def with_(self, **changes: object) -> QuantScheme:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def resolve(cls, scheme: QuantScheme | str | None = None, **fields: object) -> QuantScheme:
+        """``scheme`` (a scheme, its text form, or None for the defaults: int8 symmetric per
+        output channel) with ``fields`` changed, validated: what :func:`linquant.quantize`
+        takes. A ``group_size`` without a ``granularity`` means ``granularity="group"``; a
+        non-group ``granularity`` drops the base scheme's group size; ``scale_dtype`` may be
+        named (``"fp16"``)::
+
+            >>> str(QuantScheme.resolve(bits=4, group_size=32, scale_dtype="fp16"))
+            'int4-sym-g32-fp16'
+            >>> str(QuantScheme.resolve("int4-sym-g32", symmetric=False))
+            'int4-asym-g32-fp32'
+        """
+        unknown = sorted(set(fields) - set(_FIELDS))
+        if unknown:
+            raise LinquantError(f"unknown scheme field(s) {', '.join(unknown)}: expected some "
+                                f"of {', '.join(_FIELDS)}")
+        if isinstance(scheme, str):
+            scheme = cls.parse(scheme)
+        elif scheme is None:
+            scheme = cls()
+        elif not isinstance(scheme, cls):
+            raise LinquantError(f"scheme must be a QuantScheme, its text or None, got {scheme!r}")
+        changes = dict(fields)
+        if changes.get("group_size") is not None:
+            changes.setdefault("granularity", "group")
+        elif changes.get("granularity", "group") != "group":
+            changes.setdefault("group_size", None)
+        return scheme.with_(**changes) if changes else scheme
 
     # ---- text form -------------------------------------------------------------------------
     def __str__(self) -> str:

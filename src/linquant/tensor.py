@@ -153,25 +153,34 @@ def _check_input(x: Any, name: str) -> torch.Tensor:
 
 
 def quantize(
-    x: torch.Tensor, scheme: QuantScheme | str, *, name: str = "tensor"
+    x: torch.Tensor, scheme: QuantScheme | str | None = None, *, name: str = "tensor",
+    **fields: Any,
 ) -> QuantizedTensor:
     """Quantize a float tensor of any rank.
 
     Args:
         x: fp32/fp16/bf16 tensor, contiguous or not; never modified.
-        scheme: a :class:`QuantScheme` or its text form (``"int4-sym-g32-fp16"``).
+        scheme: a :class:`QuantScheme` or its text form (``"int4-sym-g32-fp16"``); None: the
+            defaults (int8 symmetric, one scale per output channel).
         name: used in error messages (e.g. the parameter name).
+        **fields: :class:`QuantScheme` fields that change ``scheme``
+            (:meth:`QuantScheme.resolve`: ``bits=4, group_size=32`` means group-wise).
 
     Example::
 
         >>> qt = quantize(torch.randn(64, 128), "int4-sym-g32-fp16")
         >>> qt.bits_per_weight
         4.5
+        >>> str(quantize(torch.randn(64, 128), bits=4, group_size=32, scale_dtype="fp16").scheme)
+        'int4-sym-g32-fp16'
     """
-    if isinstance(scheme, str):
-        scheme = QuantScheme.parse(scheme)
-    if not isinstance(scheme, QuantScheme):
+    if not isinstance(scheme, (QuantScheme, str)) and scheme is not None:
         raise LinquantError(f"{name}: scheme must be a QuantScheme or str, got {scheme!r}")
+    if fields or not isinstance(scheme, QuantScheme):
+        try:
+            scheme = QuantScheme.resolve(scheme, **fields)
+        except LinquantError as e:
+            raise LinquantError(f"{name}: {e}") from None
     x = _check_input(x, name)
     shape = tuple(x.shape)
     g = granules(shape, scheme, name)
