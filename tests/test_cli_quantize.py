@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from linquant.cli import main
+from linquant.demo import load_sentences
 from linquant.io.save import load_into
 
 
@@ -207,8 +209,29 @@ def test_eval_causal_lm_perplexity(tmp_path: Path, capsys: pytest.CaptureFixture
     res: Any = _eval_gpt2(tmp_path, capsys, "w8a8")
     assert res["kind"] == "causal-lm" and res["inputs"] == 32
     assert abs(res["perplexity_delta"]) < 0.05 * res["perplexity_reference"]
+    # every token but each input's first is scored (UTF-8 bytes, no tokenizer in the folder)
+    assert res["scored_tokens"] == sum(len(t.encode()) - 1 for t in load_sentences())
+    assert 0 < res["kl_divergence_mean"] < res["kl_divergence_max"] < 0.05
+    assert 0.9 < res["top1_agreement"] <= 1
     assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q")]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "perplexity over 32 inputs" in out and re.search(
+        r"next-token distributions over \d+ tokens: KL divergence mean [\d.]+, max [\d.]+ nats; "
+        r"same top-1 token [\d.]+%", out), out
+    # the float model against itself: nothing moved
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "gpt2"), "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert (same["perplexity_delta"], same["kl_divergence_mean"], same["kl_divergence_max"],
+            same["top1_agreement"]) == (0, 0, 0, 1)
+    # fewer bits move the distributions further
+    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "q2"), "--bits", "2",
+                 "--mode", "asym", "--granularity", "group", "--group-size", "32",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q2"), "--json"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["kl_divergence_mean"] > 10 * res["kl_divergence_mean"]
+    assert two["top1_agreement"] < res["top1_agreement"]
     one = tmp_path / "one.txt"  # one sentence is enough to compare (the demo needs a pair)
     one.write_text("# a comment\nThe quick brown fox jumps over the lazy dog.\n",
                    encoding="utf-8")
@@ -348,8 +371,12 @@ def test_calibrate_and_eval_an_encoder_decoder(tmp_path: Path, arch: str,
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "float"), str(tmp_path / "qc"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["kind"] == "transformers" and res["output"] == "logits"
-    assert res["sqnr_db"] > 25
+    assert res["kind"] == "seq2seq-lm" and res["inputs"] == 32
+    # no tokenizer in the folder: UTF-8 bytes, each one scored; BART has 64 positions
+    limit = 64 if arch == "bart" else 1 << 30
+    assert res["scored_tokens"] == sum(min(len(t.encode()), limit) for t in load_sentences())
+    assert abs(res["perplexity_delta"]) < 0.01 * res["perplexity_reference"]
+    assert res["kl_divergence_mean"] < 1e-3 and res["top1_agreement"] > 0.95
 
 
 def test_eval_of_a_model_that_takes_pixels_says_so(tmp_path: Path,

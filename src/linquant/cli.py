@@ -35,7 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("linquant.commands.inspect",
                 "show what a linquant checkpoint holds and validate it (exit 1 if damaged)"),
     "eval": ("linquant.commands.eval",
-             "compare a quantized model with its reference (cosine, perplexity or SQNR)"),
+             "compare a quantized model with its reference (cosine; perplexity and KL "
+             "divergence; or SQNR)"),
     "calibrate": ("linquant.commands.calibrate",
                   "set the input scales of a static W8A8 folder from sample text; save it"),
 }

@@ -1,8 +1,12 @@
 """``linquant eval REFERENCE QUANTIZED``: run both models on the same inputs, compare outputs.
 
 * sentence-embedding models (a sentence-transformers folder): cosine similarity of embeddings;
-* causal language models (``*ForCausalLM`` / ``*LMHeadModel``): perplexity of both and the
-  difference;
+* causal language models (``*ForCausalLM`` / ``*LMHeadModel``) and encoder-decoder language
+  models (``*ForConditionalGeneration`` with ``is_encoder_decoder``: T5, BART; the text is both
+  the encoder's input and the decoder's target): perplexity of both and the difference, and
+  how far the quantized model's next-token distributions moved from the reference's: the KL
+  divergence ``KL(reference || quantized)`` per scored token (mean and max) and how often both
+  rank the same token first;
 * any other transformers model: SQNR of its first output (``last_hidden_state``, or
   ``logits`` for a model with a head), both models built as the quantized folder's class; an
   encoder-decoder model (T5, BART) gets the same text, shifted right, as its decoder input.
@@ -75,6 +79,9 @@ def _kind(folder: Path) -> str:
             raise LinquantError(f"{cfg}: cannot read: {e}") from e
         if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
             return "causal-lm"
+        if any(str(a).endswith("ForConditionalGeneration") for a in archs) and \
+                json.loads(cfg.read_text(encoding="utf-8")).get("is_encoder_decoder"):
+            return "seq2seq-lm"
         return "transformers"
     raise LinquantError(f"{folder}: no modules.json or config.json; eval needs a model folder")
 
@@ -100,8 +107,9 @@ def _load(folder: Path, kind: str, like: nn.Module | None = None) -> nn.Module:
         else:
             import transformers
 
-            cls: Any = transformers.AutoModelForCausalLM if kind == "causal-lm" \
-                else transformers.AutoModel
+            cls: Any = {"causal-lm": transformers.AutoModelForCausalLM,
+                        "seq2seq-lm": transformers.AutoModelForSeq2SeqLM}.get(
+                kind, transformers.AutoModel)
             if isinstance(like, transformers.PreTrainedModel):
                 cls = type(like)
             model = cls.from_pretrained(str(folder))
@@ -176,19 +184,53 @@ def _fit(ids: list[torch.Tensor], model: nn.Module, tokenizer_limit: object,
             f"{how}; {cut} of {len(ids)} inputs cut to the model's {limit} tokens")
 
 
-def _perplexity(model: nn.Module, ids: list[torch.Tensor]) -> float:
-    nll, n = 0.0, 0
+def _run(model: nn.Module, folder: Path, kwargs: dict[str, torch.Tensor]) -> Any:
+    """``model(**kwargs)``; a model that takes other inputs than token ids is a LinquantError
+    naming ``folder``."""
+    try:
+        return model(**kwargs)
+    except Exception as e:  # a model that takes other inputs (pixels, audio)
+        raise LinquantError(
+            f"{folder}: running {type(model).__name__} on token ids failed "
+            f"({type(e).__name__}: {e}); eval feeds text only: compare a model "
+            "that takes other inputs in Python (lq.load, then your inputs through "
+            "both models; lq.compare_layers for each layer)") from e
+
+
+def _language_model(ref: nn.Module, qm: nn.Module, ids: list[torch.Tensor],
+                    reference: Path, quantized: Path) -> dict[str, float]:
+    """Perplexity of both models on ``ids`` (each input its own target: the next token of a
+    causal model, the decoder's target of an encoder-decoder one) and, over the same scored
+    tokens, the reference's next-token distribution against the quantized model's: KL
+    divergence (nats, mean and max over tokens) and the share of tokens where both put the
+    same token first."""
+    nll_ref = nll_q = kl_sum = kl_max = 0.0
+    n = same = 0
+    seq2seq = bool(getattr(getattr(ref, "config", None), "is_encoder_decoder", False))
     with torch.inference_mode():
         for x in ids:
-            if x.shape[1] < 2:
+            k = x.shape[1] - (0 if seq2seq else 1)  # the tokens the loss scores
+            if k < 1:
                 continue
-            out: Any = model(input_ids=x, labels=x)
-            k = x.shape[1] - 1
-            nll += float(out.loss) * k
+            out_r = _run(ref, reference, {**model_inputs(ref, x), "labels": x})
+            out_q = _run(qm, quantized, {**model_inputs(qm, x), "labels": x})
+            nll_ref += float(out_r.loss) * k
+            nll_q += float(out_q.loss) * k
+            lr = torch.log_softmax(out_r.logits[0, :k].float(), dim=-1)
+            lq = torch.log_softmax(out_q.logits[0, :k].float(), dim=-1)
+            kl = (lr.exp() * (lr - lq)).sum(-1).clamp_min(0)
+            kl_sum += float(kl.sum())
+            kl_max = max(kl_max, float(kl.max()))
+            same += int((lr.argmax(-1) == lq.argmax(-1)).sum())
             n += k
     if n == 0:
-        raise LinquantError("no input has two or more tokens; cannot compute perplexity")
-    return math.exp(nll / n)
+        raise LinquantError(f"no input has {'a token' if seq2seq else 'two or more tokens'}; "
+                            "cannot compute perplexity")
+    return {"perplexity_reference": math.exp(nll_ref / n),
+            "perplexity_quantized": math.exp(nll_q / n),
+            "perplexity_delta": math.exp(nll_q / n) - math.exp(nll_ref / n),
+            "scored_tokens": n, "kl_divergence_mean": kl_sum / n,
+            "kl_divergence_max": kl_max, "top1_agreement": same / n}
 
 
 def _first_output(out: Any) -> tuple[str, torch.Tensor]:
@@ -225,28 +267,19 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
         out.update(cosine_mean=float(cos.mean()), cosine_min=float(cos.min()),
                    sqnr_db=sqnr(a, b))
-    elif kind == "causal-lm":
+    elif kind in ("causal-lm", "seq2seq-lm"):
         ids, how = _token_ids(reference, ref, texts)
         with layers as errors:
-            p_ref = _perplexity(ref, ids)
-        p_q = _perplexity(qm, ids)
-        out.update(tokenized_with=how, perplexity_reference=p_ref, perplexity_quantized=p_q,
-                   perplexity_delta=p_q - p_ref)
+            out.update(tokenized_with=how, **_language_model(ref, qm, ids, reference,
+                                                             quantized))
     else:
         ids, how = _token_ids(reference, ref, texts)
         with torch.inference_mode():
             with layers as errors:
-                try:
-                    refs = [_first_output(ref(**model_inputs(ref, x))) for x in ids]
-                except Exception as e:  # a model that takes other inputs (pixels, audio)
-                    raise LinquantError(
-                        f"{reference}: running {type(ref).__name__} on token ids failed "
-                        f"({type(e).__name__}: {e}); eval feeds text only: compare a model "
-                        "that takes other inputs in Python (lq.load, then your inputs through "
-                        "both models; lq.compare_layers for each layer)") from e
+                refs = [_first_output(_run(ref, reference, model_inputs(ref, x))) for x in ids]
             num = den = 0.0
             for x, (_, ra) in zip(ids, refs, strict=True):
-                _, rb = _first_output(qm(**model_inputs(qm, x)))
+                _, rb = _first_output(_run(qm, quantized, model_inputs(qm, x)))
                 num += float((ra * ra).sum())
                 den += float(((ra - rb) ** 2).sum())
         out.update(tokenized_with=how, output=refs[0][0] if refs else "output",
@@ -281,10 +314,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"sentence embeddings of {res['inputs']} inputs: cosine similarity mean "
               f"{res['cosine_mean']:.4f}, min {res['cosine_min']:.4f}; SQNR "
               f"{res['sqnr_db']:.1f} dB")
-    elif res["kind"] == "causal-lm":
+    elif res["kind"] in ("causal-lm", "seq2seq-lm"):
         print(f"perplexity over {res['inputs']} inputs ({res['tokenized_with']}): reference "
               f"{res['perplexity_reference']:.3f}, quantized {res['perplexity_quantized']:.3f}, "
-              f"difference {res['perplexity_delta']:+.3f}")
+              f"difference {res['perplexity_delta']:+.3f}\n"
+              f"next-token distributions over {res['scored_tokens']} tokens: KL divergence "
+              f"mean {res['kl_divergence_mean']:.5f}, max {res['kl_divergence_max']:.5f} "
+              f"nats; same top-1 token {100 * res['top1_agreement']:.1f}%")
     else:
         print(f"{res['output']} over {res['inputs']} inputs ({res['tokenized_with']}): SQNR "
               f"{res['sqnr_db']:.1f} dB")
