@@ -245,6 +245,20 @@ def test_eval_causal_lm_perplexity(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "need at least 1 sentence, found 0" in capsys.readouterr().err
 
 
+def test_eval_compares_distributions_block_by_block(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from linquant.commands import eval as eval_command
+
+    res: Any = _eval_gpt2(tmp_path, capsys, "w4a16-g32")
+    monkeypatch.setattr(eval_command, "_KL_BLOCK", 5)  # inputs of 20-80 tokens: many blocks
+    blocks = eval_command.evaluate(tmp_path / "gpt2", tmp_path / "q")
+    assert blocks["scored_tokens"] == res["scored_tokens"]
+    assert blocks["top1_agreement"] == res["top1_agreement"]
+    assert blocks["kl_divergence_max"] == res["kl_divergence_max"]
+    assert blocks["kl_divergence_mean"] == pytest.approx(res["kl_divergence_mean"], rel=1e-6)
+
+
 def test_eval_per_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _eval_gpt2(tmp_path, capsys, "w4a16-g32")
     assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--per-layer"]) == 0

@@ -197,6 +197,9 @@ def _run(model: nn.Module, folder: Path, kwargs: dict[str, torch.Tensor]) -> Any
             "both models; lq.compare_layers for each layer)") from e
 
 
+_KL_BLOCK = 256  # tokens whose next-token distributions are compared at once
+
+
 def _language_model(ref: nn.Module, qm: nn.Module, ids: list[torch.Tensor],
                     reference: Path, quantized: Path) -> dict[str, float]:
     """Perplexity of both models on ``ids`` (each input its own target: the next token of a
@@ -216,12 +219,14 @@ def _language_model(ref: nn.Module, qm: nn.Module, ids: list[torch.Tensor],
             out_q = _run(qm, quantized, {**model_inputs(qm, x), "labels": x})
             nll_ref += float(out_r.loss) * k
             nll_q += float(out_q.loss) * k
-            lr = torch.log_softmax(out_r.logits[0, :k].float(), dim=-1)
-            lq = torch.log_softmax(out_q.logits[0, :k].float(), dim=-1)
-            kl = (lr.exp() * (lr - lq)).sum(-1).clamp_min(0)
-            kl_sum += float(kl.sum())
-            kl_max = max(kl_max, float(kl.max()))
-            same += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+            for i in range(0, k, _KL_BLOCK):  # fp32 copies of a few hundred rows at a time
+                j = min(k, i + _KL_BLOCK)
+                lr = torch.log_softmax(out_r.logits[0, i:j].float(), dim=-1)
+                lq = torch.log_softmax(out_q.logits[0, i:j].float(), dim=-1)
+                kl = (lr.exp() * (lr - lq)).sum(-1).clamp_min(0)
+                kl_sum += float(kl.sum())
+                kl_max = max(kl_max, float(kl.max()))
+                same += int((lr.argmax(-1) == lq.argmax(-1)).sum())
             n += k
     if n == 0:
         raise LinquantError(f"no input has {'a token' if seq2seq else 'two or more tokens'}; "
