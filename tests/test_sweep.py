@@ -528,3 +528,79 @@ def test_fused_moe_experts_are_swept_as_quantize_model_stores_them(
     report = lq.quantize_model(g, lq.QuantConfig(weight=grid[0]))
     for name in (up, down):
         assert res.rows[0].sqnr_db[name] == pytest.approx(report[name].sqnr_db, rel=1e-6)
+
+
+# ---- --eval: the whole model under each scheme --------------------------------------------------
+
+
+def _tiny_gpt2(folder: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=128,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(str(folder))
+    return folder
+
+
+def test_cli_eval_compares_the_model_under_each_scheme(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from linquant.commands.eval import evaluate
+
+    gpt2 = _tiny_gpt2(tmp_path / "gpt2")
+    assert main(["sweep", "--model", str(gpt2), "--bits", "8,2", "--granularity", "g32",
+                 "--mode", "asym", "--eval", "--no-progress", "--json", str(tmp_path / "s.json"),
+                 "--csv", str(tmp_path / "s.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "KL mean" in out and "top-1" in out and "ppl delta" in out
+    assert "--eval: the whole model" in out and "next-token KL divergence" in out
+    res = json.loads((tmp_path / "s.json").read_text())
+    rows = {r["scheme"]: r for r in res["rows"]}
+    eight, two = rows["int8-asym-g32-fp16"], rows["int2-asym-g32-fp16"]
+    assert 0 < eight["kl_divergence_mean"] < 1e-3 < two["kl_divergence_mean"]
+    assert eight["top1_agreement"] > two["top1_agreement"]
+    # each row's numbers are linquant eval's on that scheme's model, saved and loaded back
+    assert main(["quantize", str(gpt2), "-o", str(tmp_path / "q2"), "--config",
+                 "int2-asym-g32-fp16", "--no-progress"]) == 0
+    capsys.readouterr()
+    direct = evaluate(gpt2, tmp_path / "q2")
+    for key in ("kl_divergence_mean", "top1_agreement", "perplexity_quantized",
+                "scored_tokens"):
+        assert two["outputs"][key] == pytest.approx(direct[key], rel=1e-6), key
+    table = list(csv.DictReader(io.StringIO((tmp_path / "s.csv").read_text())))
+    assert [float(r["kl_divergence_mean"]) for r in table] == pytest.approx(
+        [rows[r["scheme"]]["kl_divergence_mean"] for r in table])
+
+
+def test_cli_eval_of_an_encoder_model_reports_the_output_sqnr(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=128, vocab_size=300)).save_pretrained(
+        str(tmp_path / "bert"))
+    assert main(["sweep", "--model", str(tmp_path / "bert" / "model.safetensors"), "--bits",
+                 "8,4", "--granularity", "channel", "--mode", "sym", "--eval",
+                 "--no-progress", "--json", str(tmp_path / "s.json")]) == 0
+    header = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("scheme"))
+    assert "output SQNR dB" in header and "KL mean" not in header
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["scheme"] for r in rows] == ["int8-sym-ch0-fp16", "int4-sym-ch0-fp16"]
+    assert rows[0]["outputs"]["output"] == "last_hidden_state"
+    assert rows[0]["sqnr_db"] > rows[1]["sqnr_db"] + 10  # 8 bits against 4
+
+
+def test_cli_eval_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gpt2 = _tiny_gpt2(tmp_path / "gpt2")
+    assert main(["sweep", "--model", str(gpt2), "--sentences", str(tmp_path / "s.txt")]) == 1
+    assert "--sentences / --text are the inputs of --eval; add --eval" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((gpt2 / "model.safetensors").read_bytes())
+    assert main(["sweep", "--model", str(bare / "model.safetensors"), "--eval"]) == 1
+    assert f"{bare}: no modules.json or config.json" in capsys.readouterr().err
+    assert main(["quantize", str(gpt2), "-o", str(tmp_path / "q"), "--preset", "w8a16",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "--model", str(tmp_path / "q"), "--eval", "--bits", "8"]) == 1
+    assert "already quantized); sweep --eval needs the float model" in capsys.readouterr().err

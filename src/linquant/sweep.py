@@ -61,6 +61,7 @@ __all__ = [
     "DEFAULT_MODES",
     "DEFAULT_SCALE_DTYPE",
     "MODES",
+    "OUTPUT_COLUMNS",
     "SweepResult",
     "SweepRow",
     "default_grid",
@@ -208,6 +209,9 @@ class SweepRow:
     sqnr_db: dict[str, float] = field(default_factory=dict)  # per quantized matrix
     skipped: dict[str, str] = field(default_factory=dict)  # matrix -> why not under this scheme
     skipped_bytes: int = 0  # float size of the skipped matrices
+    # the whole model quantized under this scheme, its outputs against the float model's
+    # (``linquant sweep --eval``: linquant.commands.eval.compare_outputs' numbers)
+    outputs: dict[str, Any] | None = None
 
     @property
     def mode(self) -> str:
@@ -274,7 +278,12 @@ class SweepRow:
             "quantized": len(self.sqnr_db),
             "skipped": len(self.skipped),
         }
+        for key, _, _ in OUTPUT_COLUMNS:
+            if self.outputs is not None and key in self.outputs:
+                d[key] = self.outputs[key]
         if per_tensor:
+            if self.outputs is not None:
+                d["outputs"] = dict(self.outputs)
             d["scheme_fields"] = self.scheme.to_dict()
             d["sqnr_db_per_tensor"] = dict(self.sqnr_db)
             d["skipped_tensors"] = dict(self.skipped)
@@ -295,6 +304,15 @@ TABLE_COLUMNS: list[Column] = [
     ("size_mb", "size MB", ".2f"),
     ("ratio", "ratio", ".3f"),
     ("skipped", "skipped", "d"),
+]
+# the model's outputs under a scheme (``--eval``), the columns that apply to its kind
+OUTPUT_COLUMNS: list[Column] = [
+    ("cosine_mean", "cosine mean", ".4f"),
+    ("cosine_min", "cosine min", ".4f"),
+    ("kl_divergence_mean", "KL mean", ".5f"),
+    ("top1_agreement", "top-1", ".3f"),
+    ("perplexity_delta", "ppl delta", "+.3f"),
+    ("sqnr_db", "output SQNR dB", ".2f"),
 ]
 CSV_FIELDS: list[str] = [
     "scheme", "mode", "granularity", "bits", "clip", "scale_dtype", "bits_per_weight",
@@ -320,9 +338,20 @@ class SweepResult:
     transposed: list[str] = field(default_factory=list)  # Conv1D weights swept as [out, in]
     layer_types: str = ""  # why the layer types are unknown, where a folder's config failed
     experts: list[str] = field(default_factory=list)  # fused MoE projections, as [E*out, in]
+    # ``--eval``: how each row's ``outputs`` were measured ("" where they were not)
+    evaluated: str = ""
 
     def table_rows(self) -> list[dict[str, Any]]:
         return [r.to_dict(per_tensor=False) for r in self.rows]
+
+    def output_columns(self) -> list[Column]:
+        """The :data:`OUTPUT_COLUMNS` some row has a value for."""
+        return [c for c in OUTPUT_COLUMNS
+                if any(r.outputs is not None and c[0] in r.outputs for r in self.rows)]
+
+    def csv_fields(self) -> list[str]:
+        """:data:`CSV_FIELDS`, then the output columns where the model was evaluated."""
+        return CSV_FIELDS + [c[0] for c in self.output_columns()]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -337,6 +366,7 @@ class SweepResult:
             "skipped": {"count": len(self.skipped), "tensors": dict(self.skipped)},
             "transposed": list(self.transposed),
             "experts": list(self.experts),
+            "evaluated": self.evaluated,
             "notes": self.notes(),
             "rows": [r.to_dict() for r in self.rows],
         }
@@ -347,7 +377,7 @@ class SweepResult:
 
     def to_csv(self) -> str:
         """One line per scheme (:data:`CSV_FIELDS`)."""
-        return csv_text(self.table_rows(), CSV_FIELDS)
+        return csv_text(self.table_rows(), self.csv_fields())
 
     def notes(self) -> list[str]:
         kept_mb = self.kept_bytes / _MB
@@ -377,6 +407,7 @@ class SweepResult:
             f"{len(self.skipped)} non-matrix tensors at their stored size ({kept_mb:.2f} MB) + "
             "any matrix skipped under that scheme at its float size",
             f"ratio: size / the checkpoint's size as stored ({self.float_bytes / _MB:.2f} MB)",
+            *([self.evaluated] if self.evaluated else []),
         ]
 
     def format(self) -> str:
@@ -390,7 +421,8 @@ class SweepResult:
             f"skipped {len(self.skipped)} tensors (not quantized, counted at stored size):",
         ]
         out += [f"  {line}" for line in _group_reasons(self.skipped)] or ["  none"]
-        out += ["", format_table(self.table_rows(), TABLE_COLUMNS), ""]
+        columns = TABLE_COLUMNS[:-1] + self.output_columns() + TABLE_COLUMNS[-1:]
+        out += ["", format_table(self.table_rows(), columns), ""]
         partial = [r for r in self.rows if r.skipped]
         if partial:
             out.append("matrices skipped under some schemes (at float size in those rows):")

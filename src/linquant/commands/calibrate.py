@@ -103,7 +103,7 @@ def calibrate_folder(
     """
     from linquant import demo
     from linquant.calibrate import calibrate
-    from linquant.commands.eval import _is_linquant, _kind, _load
+    from linquant.commands.eval import _is_linquant, load_model, model_kind
     from linquant.io.save import save
     from linquant.io.stream import _check_paths
 
@@ -112,9 +112,9 @@ def calibrate_folder(
     if not src_p.is_dir() or not _is_linquant(src_p):
         raise LinquantError(f"{src_p}: not a linquant folder; quantize the model first "
                             "(linquant quantize SRC -o DST --preset w8a8-static)")
-    kind = _kind(src_p)
+    kind = model_kind(src_p)
     texts = demo.load_sentences(sentences)
-    model = _load(src_p, kind)
+    model = load_model(src_p, kind)
     result = CalibrationResult(inputs=len(texts))
     with calibrate(model, percentile, unreached=unreached) as observers:
         try:

