@@ -409,3 +409,26 @@ def test_eval_of_a_model_that_takes_pixels_says_so(tmp_path: Path,
     err = capsys.readouterr().err
     assert f"error: {tmp_path / 'vit'}: running ViTModel on token ids failed" in err
     assert "internal error" not in err and "lq.compare_layers" in err
+
+
+@pytest.mark.parametrize("option", ["--report", "--plot"])
+def test_quantize_checks_its_report_files_before_writing_the_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str) -> None:
+    """A --report / --plot in a missing folder was found only after the output folder was
+    written: the command failed, and the rerun with the path fixed met "already exists"."""
+    _eval_gpt2(tmp_path, capsys, "w8a16")
+    name = "r.json" if option == "--report" else "p.png"
+    bad = tmp_path / "missing" / name
+    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"), "--preset",
+                 "w8a16", "--no-progress", option, str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {option} {bad}: folder {bad.parent} does not exist" in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / name).mkdir()
+    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"), "--preset",
+                 "w8a16", "--no-progress", option, str(tmp_path / name)]) == 1
+    assert f"{option} {tmp_path / name}: is a folder; give a file name" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--plot", str(bad)]) == 1
+    assert f"error: --plot {bad}: folder {bad.parent} does not exist" in capsys.readouterr().err

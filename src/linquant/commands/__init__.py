@@ -2,3 +2,23 @@
 
 Commands only parse and print; the work is done by library functions.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from linquant.errors import LinquantError
+
+__all__ = ["check_output_file"]
+
+
+def check_output_file(path: Path | None, option: str) -> None:
+    """Fail before a command's long part, not after it, when the file ``option`` names
+    cannot be written: its folder is missing, or it is a folder."""
+    if path is None:
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        raise LinquantError(f"{option} {path}: folder {folder} does not exist")
+    if path.is_dir():
+        raise LinquantError(f"{option} {path}: is a folder; give a file name")

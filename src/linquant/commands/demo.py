@@ -49,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
     sentences = load_sentences(args.sentences) if args.sentences else None
     if args.json:
-        _check_writable(args.json)
+        from pathlib import Path
+
+        from linquant.commands import check_output_file
+
+        check_output_file(Path(args.json), "--json")
     if args.threads is not None:
         if args.threads < 1:
             raise LinquantError(f"--threads must be >= 1, got {args.threads}")
@@ -78,11 +82,3 @@ def run(args: argparse.Namespace) -> int:
     for line in result.top_pairs_text():
         print(f"  {line}")
     return 0
-
-
-def _check_writable(path: str) -> None:
-    from pathlib import Path
-
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise LinquantError(f"{path}: folder {folder} does not exist")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from linquant.commands import check_output_file
 from linquant.errors import LinquantError
 
 __all__ = ["add_arguments", "compare_outputs", "evaluate", "load_model", "model_inputs",
@@ -312,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
     from linquant.layer_errors import LayerError, LayerErrors
     from linquant.report import json_text
 
+    check_output_file(args.plot, "--plot")
     if args.plot is not None:
         from linquant.report import plot_format
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from linquant.commands import check_output_file
 from linquant.config import QuantConfig, get_config, preset_names
 from linquant.errors import LinquantError
 from linquant.io.atomic import write_text_atomic
@@ -122,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         config = layer_configs(args.layer_config, base)
     if args.report is not None and args.report.suffix.lower() not in (".json", ".csv"):
         raise LinquantError(f"--report {args.report}: the file must end in .json or .csv")
+    check_output_file(args.report, "--report")
+    check_output_file(args.plot, "--plot")
     if args.plot is not None:
         from linquant.report import plot_format
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from linquant.commands import check_output_file
 from linquant.errors import LinquantError
 from linquant.sweep import (
     DEFAULT_BITS,
@@ -118,17 +119,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="progress bar on stderr (default: when stderr is a terminal)")
 
 
-def _check_output(path: Path | None) -> None:
-    """Fail before the sweep, not after it, when an output cannot be written."""
-    if path is None:
-        return
-    folder = path.parent
-    if not folder.is_dir():
-        raise LinquantError(f"{path}: folder {folder} does not exist")
-    if path.is_dir():
-        raise LinquantError(f"{path}: is a folder; give a file name")
-
-
 def _model_folder(model: Path | None) -> Path:
     """The folder ``--eval`` loads the model from: the bundled model's, ``model`` itself, or
     the folder of a ``.safetensors`` file given as ``model``."""
@@ -187,8 +177,8 @@ def evaluate_rows(result: SweepResult, folder: Path, texts_file: Path | None = N
 def run(args: argparse.Namespace) -> int:
     from linquant.report import plot_format, plot_sweep, write_csv
 
-    for out in (args.json, args.csv, args.plot):
-        _check_output(out)
+    for out, option in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
+        check_output_file(out, option)
     if args.plot is not None:
         plot_format(args.plot)
     schemes = default_grid(modes=args.mode, granularities=args.granularity, bits=args.bits,
