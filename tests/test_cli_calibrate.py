@@ -106,6 +106,18 @@ def test_refusals_write_nothing(tmp_path: Path, static_folder: Path,
     assert main(["calibrate", str(static_folder), "-o", str(tmp_path / "c"), "--percentile",
                  "0"]) == 1
     assert not (tmp_path / "c").exists()
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
+    assert main(["calibrate", str(static_folder), "-o", str(tmp_path / "c"), "--text",
+                 str(tmp_path / "bad.txt")]) == 1
+    assert "bad.txt: not UTF-8 text" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_one_sample_is_enough(tmp_path: Path, static_folder: Path) -> None:
+    """calibrate asked for 2 sentences (the demo's minimum: it ranks pairs)."""
+    (tmp_path / "one.txt").write_text("one sample of text\n", encoding="utf-8")
+    result = calibrate_folder(static_folder, tmp_path / "c", tmp_path / "one.txt")
+    assert result.inputs == 1 and all(r["batches"] == 1 for r in result.layers)
 
 
 @pytest.mark.model

@@ -62,6 +62,11 @@ def test_sentences_file_skips_comments_and_blanks(tmp_path: Path) -> None:
     assert load_sentences(f, minimum=1) == ["only one"]
     with pytest.raises(LinquantError, match="cannot read"):
         load_sentences(tmp_path / "missing.txt")
+    # not UTF-8 (it was an internal error: UnicodeDecodeError)
+    f.write_bytes(b"first line\nsecond \xff\xfe line\n")
+    with pytest.raises(LinquantError, match=r"s.txt: not UTF-8 text \(byte 18, line 2: "
+                                            r"invalid start byte\); save it as UTF-8"):
+        load_sentences(f)
 
 
 def test_top_pairs_orders_by_cosine() -> None:
@@ -84,6 +89,10 @@ def test_cli_rejects_a_bad_sentences_file_before_loading_the_model(
 ) -> None:
     assert main(["demo", "--sentences", str(tmp_path / "missing.txt")]) == 1
     assert "cannot read sentences" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\nna\xefve\n".encode("latin-1"))
+    assert main(["demo", "--sentences", str(tmp_path / "latin1.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "latin1.txt: not UTF-8 text (byte 3, line 1" in err and "internal" not in err
     assert main(["demo", "--json", str(tmp_path / "no" / "out.json")]) == 1
     assert "does not exist" in capsys.readouterr().err
 

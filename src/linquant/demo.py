@@ -80,6 +80,10 @@ def load_sentences(path: str | os.PathLike[str] | None = None, minimum: int = 2)
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise LinquantError(f"{path}: cannot read sentences: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            line = text_line(Path(path).read_bytes(), e.start)
+            raise LinquantError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: "
+                                f"{e.reason}); save it as UTF-8") from None
         where = str(path)
     sentences = [s.strip() for s in text.splitlines()]
     sentences = [s for s in sentences if s and not s.startswith("#")]
@@ -87,6 +91,11 @@ def load_sentences(path: str | os.PathLike[str] | None = None, minimum: int = 2)
         raise LinquantError(f"{where}: need at least {minimum} sentence"
                             f"{'s' if minimum > 1 else ''}, found {len(sentences)}")
     return sentences
+
+
+def text_line(data: bytes, offset: int) -> int:
+    """The 1-based line of ``data`` that byte ``offset`` is on."""
+    return data.count(b"\n", 0, offset) + 1
 
 
 def load_model() -> Any:

@@ -113,7 +113,7 @@ def calibrate_folder(
         raise LinquantError(f"{src_p}: not a linquant folder; quantize the model first "
                             "(linquant quantize SRC -o DST --preset w8a8-static)")
     kind = model_kind(src_p)
-    texts = demo.load_sentences(sentences)
+    texts = demo.load_sentences(sentences, minimum=1)
     model = load_model(src_p, kind)
     result = CalibrationResult(inputs=len(texts))
     with calibrate(model, percentile, unreached=unreached) as observers:
