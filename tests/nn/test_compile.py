@@ -324,3 +324,60 @@ def test_cuda_graphs_capture_quantlinear(scheme: str) -> None:
             for _ in range(4):  # warm-up, record, then replays
                 got = compiled(x).clone()
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_export_with_autograd_on_and_probes_not_yet_run(dtype: torch.dtype) -> None:
+    """Exporting a W8A8 model failed unless it had run eagerly first or under no_grad: the
+    first call's one-time probe (``cpu_int_mm_exact``, ``torch.equal``) ran on export's fake
+    tensors ("DataDependentOutputException: aten.equal.default"), and with autograd on
+    (parameters that need grads, as every module has) the layer took the eager kernels, which
+    fake tensors cannot run ("quantized nyi in meta tensors"). Now the probes run outside any
+    tracing mode and the bias is added after the operator node. The layers after the first get
+    inputs that need a gradient (the first bias needs one): export traces the reference's
+    PyTorch ops there, as for QuantLinear."""
+    from linquant.kernels import cpu, reference
+
+    torch.manual_seed(4)
+    model = nn.Sequential(W8A8Linear.from_float(nn.Linear(1024, 1024)), nn.ReLU(),
+                          W8A8Linear.from_float(nn.Linear(1024, 256)),
+                          QuantLinear.from_float(nn.Linear(256, 64), "int4-asym-g32")).to(dtype)
+    x = torch.randn(8, 1024, dtype=dtype)
+    for probe in (reference.cpu_int_mm_exact, cpu.onednn_available, cpu._fbgemm_exact):
+        probe.cache_clear()  # type: ignore[attr-defined]
+    assert torch.is_grad_enabled() and model[0].bias.requires_grad
+    program = torch.export.export(model, (x,))
+    names = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("linquant.")]
+    assert names == ["linquant.linear_w8a8.default"]
+    got = program.module()(x)
+    with torch.no_grad():
+        want = model(x)
+    assert got.dtype == dtype
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(got, want, **tol)
+    # the first layer alone: its operator node, the eager kernels' bits
+    one = torch.export.export(model[0], (x,))
+    assert torch.equal(one.module()(x), model[0](x))
+
+
+def test_w8a8_full_graph_with_autograd_on() -> None:
+    """fullgraph=True with parameters that need grads (the default outside no_grad) raised
+    "Skip inlining torch.compiler.disable()": the layer ran eagerly between graphs whenever
+    its bias needed a gradient. The bias is added after the node now; the gradients equal
+    eager mode's. An input that needs a gradient still runs eagerly between graphs."""
+    torch.manual_seed(5)
+    layer = W8A8Linear.from_float(nn.Linear(64, 96))
+    x = torch.randn(5, 64)
+
+    def run(f: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        assert layer.bias is not None
+        layer.bias.grad = None
+        y = f(x)
+        y.square().sum().backward()
+        assert layer.bias.grad is not None
+        return y.detach(), layer.bias.grad.clone()
+
+    want = run(layer)
+    torch._dynamo.reset()
+    got = run(torch.compile(layer, backend="eager", fullgraph=True))  # type: ignore[arg-type]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

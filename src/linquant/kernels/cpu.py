@@ -47,7 +47,6 @@ the dequantized weight to bf16 first (tests assert an elementwise bound and exac
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 import warnings
@@ -59,7 +58,7 @@ import torch.nn.functional as F
 
 from linquant.io import mapped
 from linquant.kernels import _cpuinfo
-from linquant.kernels.reference import _TINY, ACT_QMAX
+from linquant.kernels.reference import _TINY, ACT_QMAX, eager_probe
 from linquant.kernels.reference import linear_weight_only as _reference_linear
 from linquant.ops.affine import sign_extend
 from linquant.ops.packing import unpack
@@ -163,7 +162,7 @@ def find_int4_format(convert: Callable[[torch.Tensor, int], torch.Tensor],
     return None, errors
 
 
-@functools.cache
+@eager_probe
 def shared_int4pack_format() -> str | None:
     """The code format in which PyTorch 2.4 / 2.5's shared int4 op works on the CPU
     (:func:`find_int4_format`; PyTorch 2.4.1: ``"int32"``, 2.5.1: ``"hi"``), or None: no
@@ -549,7 +548,7 @@ def _whole(deq: _RowDequant, dtype: torch.dtype) -> torch.Tensor:
 ONEDNN_MAX_K = (2**31 - 1) // (255 * 127)
 
 
-@functools.cache
+@eager_probe
 def onednn_available() -> bool:
     """oneDNN's int8 linear (``torch.ops.onednn.qlinear_pointwise``) is present and exact here.
 
@@ -731,7 +730,7 @@ def _fbgemm_matmul(codes: torch.Tensor, zp: int, packed: Any) -> torch.Tensor:
     return out
 
 
-@functools.cache
+@eager_probe
 def _fbgemm_exact() -> bool:
     """fbgemm's int8 linear is present and gives exact int32 products here (checked once on
     the extreme codes: without VNNI, fbgemm's u8 x s8 pair sums saturate int16, as oneDNN's

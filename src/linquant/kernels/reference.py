@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ from linquant.ops.affine import sign_extend
 from linquant.ops.packing import unpack
 from linquant.tensor import QuantizedTensor
 
+_T = TypeVar("_T")
+
 __all__ = [
     "COMPUTE_DTYPES",
     "INT32_MAX_K",
@@ -51,6 +53,7 @@ __all__ = [
     "conv_weight_only",
     "cpu_int_mm_exact",
     "dequantize_rows",
+    "eager_probe",
     "embedding_weight_only",
     "int8_matmul",
     "int_mm_supported",
@@ -241,7 +244,24 @@ def int_mm_supported(a: torch.Tensor, w: torch.Tensor) -> bool:
     return rule is not None and rule(a.shape[0], a.shape[1], w.shape[0])
 
 
-@functools.cache
+def eager_probe(fn: Callable[[], _T]) -> Callable[[], _T]:
+    """``functools.cache`` for a probe that runs a few ops on real tensors once, run outside
+    any tracing dispatch mode: under ``torch.export`` (fake tensors) or ``make_fx`` (proxies)
+    the first call of a quantized layer would otherwise trace the probe's own ops, and its
+    ``torch.equal`` on fake tensors failed the export (a data-dependent output)."""
+
+    @functools.cache
+    @functools.wraps(fn)
+    def probe() -> _T:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            return fn()
+
+    return probe
+
+
+@eager_probe
 def cpu_int_mm_exact() -> bool:
     """Whether ``torch._int_mm`` on the CPU returns exact int32 sums here. It runs oneDNN's
     ``gemm_s8s8s32``, which on CPUs without VNNI (AVX2 only, or AVX-512 before Cascade Lake)

@@ -50,7 +50,7 @@ import torch
 from linquant.errors import LinquantError
 from linquant.kernels import _triton_env
 from linquant.kernels.cpu import _version
-from linquant.kernels.reference import INT32_MAX_K
+from linquant.kernels.reference import INT32_MAX_K, eager_probe
 
 __all__ = [
     "CONFIGS",
@@ -145,7 +145,7 @@ def divides_by_reciprocal(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-@functools.cache
+@eager_probe
 def _recip127() -> float:
     # torch on CUDA divides by a Python number as a * (1 / b) with 1 / b rounded to fp32
     return float(torch.ones((), dtype=torch.float32) / 127)

@@ -23,7 +23,7 @@ from torch import nn
 
 from linquant import kernels
 from linquant.errors import LinquantError
-from linquant.kernels import compiled, plans
+from linquant.kernels import compiled, plans, reference
 from linquant.nn.base import (
     HF_CONV1D,
     HF_PLAIN_LINEARS,
@@ -327,22 +327,29 @@ class W8A8Linear(StaticActivations):
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The forward as ``torch.compile`` / ``torch.export`` trace it: one opaque
         ``linquant::linear_w8a8`` node (:mod:`linquant.kernels.compiled`), whose implementation
-        is the eager dispatcher. Where autograd is involved, and while observing for
-        calibration, the eager forward runs between graphs instead."""
+        is the eager dispatcher; a bias that needs a gradient is added after the node, where
+        autograd sees it (as the eager kernels add it). Where autograd needs the input's
+        gradient, and while observing for calibration, the eager forward runs between graphs
+        instead; ``torch.export``, which has no "between graphs", traces the reference's
+        PyTorch ops there (the same outputs; their rounding passes no gradient)."""
         x = self._check_last_dim(x, self.in_features)
         bias = self.bias
-        if torch.is_grad_enabled() and (
-                x.requires_grad or (bias is not None and bias.requires_grad)):
+        grad = torch.is_grad_enabled()
+        static = self.activation != "dynamic"
+        if static:
+            self._need_range()
+        act_scale = self._buffers["input_scale"] if static else None
+        act_zero_point = self._buffers.get("input_zero_point") if static else None
+        if grad and x.requires_grad:
+            if torch.compiler.is_exporting():
+                return reference.linear_w8a8(x, self.weight_qdata, self.weight_scale, bias,
+                                             act_scale, act_zero_point)
             return self._eager_forward(x)
-        if self.activation == "dynamic":
-            y: torch.Tensor = compiled.linear_w8a8(x, self.weight_qdata, self.weight_scale,
-                                                   bias, None, None)
-            return y
-        self._need_range()
-        y = compiled.linear_w8a8(x, self.weight_qdata, self.weight_scale, bias,
-                                 self._buffers["input_scale"],
-                                 self._buffers.get("input_zero_point"))
-        return y
+        bias_after = bias is not None and grad and bias.requires_grad
+        y: torch.Tensor = compiled.linear_w8a8(x, self.weight_qdata, self.weight_scale,
+                                               None if bias_after else bias, act_scale,
+                                               act_zero_point)
+        return y + bias if bias_after and bias is not None else y
 
     @eager_only  # between torch.compile's graphs (see eager_only)
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
