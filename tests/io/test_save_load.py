@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,76 @@ def test_file_level_validation(tmp_path: Path, case: str, match: str) -> None:
     with pytest.raises(FormatError, match=match) as e:
         load_into(Small(), tmp_path / "o")
     assert "model.safetensors" in str(e.value) or "/o" in str(e.value)
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 8)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("index-omits", r"model-0000\d-of-00002.safetensors: holds 'a.bias', which the index does "
+                    r"not list"),
+    ("bogus-type", r"module 'a': unknown quantized module type 'Bogus' \(expected one of "
+                   r"QuantLinear, W8A8Linear"),
+    ("module-deleted", r"tensor 'b.weight' is quantized but the metadata names no module 'b' "
+                       r"for it"),
+    ("tensor-entry-deleted", r"module 'a' \(W8A8Linear\) has no quantized tensor a.weight in "
+                             r"the file"),
+    ("static-without-scale", r"module 'a': static activations but no tensor a.input_scale"),
+    ("w8a8-without-activation", r"module 'b' \(W8A8Linear\): bad activation settings None / "
+                                r"True"),
+])
+def test_inspect_refuses_what_load_refuses(tmp_path: Path, case: str, match: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`linquant inspect` said "all tensors valid" (exit 0) on folders that lq.load refuses:
+    a shard holding a tensor its index omits (load then said the tensor was missing), module
+    metadata of an unknown type, a module entry or a tensor's entry deleted, a static W8A8
+    layer without its input scale, another layer's entry turned into W8A8Linear (it loaded as
+    a dynamic W8A8 layer and computed something else). These need no model: reading the
+    checkpoint checks them, so inspect and load refuse with the same message."""
+    from linquant.cli import main
+
+    m = Two()
+    quantize_model(m, {"a": "w8a8", "b": "w8a32"})
+    save(m, tmp_path / "o", max_shard_size=1500)
+    files = sorted((tmp_path / "o").glob("model-*.safetensors"))
+    assert len(files) == 2
+
+    def edit_lq(change: Any) -> Any:
+        def edit(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+            lq = json.loads(meta["linquant"])
+            change(lq)
+            meta["linquant"] = json.dumps(lq)
+        return edit
+
+    if case == "index-omits":
+        index = tmp_path / "o" / "model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        del data["weight_map"]["a.bias"]
+        index.write_text(json.dumps(data))
+    else:
+        def change(lq: dict[str, Any]) -> None:
+            if case == "bogus-type":
+                lq["modules"]["a"]["type"] = "Bogus"
+            elif case == "module-deleted":
+                del lq["modules"]["b"]
+            elif case == "tensor-entry-deleted":
+                lq["tensors"].pop("a.weight", None)
+            elif case == "static-without-scale":
+                lq["modules"]["a"]["activation"] = "static"
+            else:
+                lq["modules"]["b"]["type"] = "W8A8Linear"
+        for f in files:  # every shard carries the same modules / aliases / model metadata
+            _rewrite(f, edit_lq(change))
+    with pytest.raises(FormatError, match=match):
+        load_into(Two(), tmp_path / "o")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "all tensors valid" not in err, err
 
 
 def test_a_config_transformers_refuses_to_write_is_a_linquant_error(tmp_path: Path) -> None:

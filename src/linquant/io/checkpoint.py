@@ -237,8 +237,13 @@ def _info(file: Path, name: str, entry: Any, data_size: int, data_start: int) ->
     return TensorInfo(name, dtype, shape, end - begin, file, begin, data_start)
 
 
-def tensor_infos(path: str | os.PathLike[str]) -> list[TensorInfo]:
-    """Header facts for every tensor of a checkpoint source, in reading order; reads no data."""
+def tensor_infos(path: str | os.PathLike[str], *, strict_index: bool = False
+                 ) -> list[TensorInfo]:
+    """Header facts for every tensor of a checkpoint source, in reading order; reads no data.
+
+    A shard's tensors that its index does not list are not read (as transformers does), or
+    with ``strict_index`` (linquant's own files, whose index lists everything) a
+    :class:`FormatError`."""
     files, weight_map = _resolve(path)
     out: list[TensorInfo] = []
     seen: dict[str, Path] = {}
@@ -252,6 +257,13 @@ def tensor_infos(path: str | os.PathLike[str]) -> list[TensorInfo]:
                     f"{file}: the index says this shard holds {missing[0]!r}"
                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                     + ", but it does not"
+                )
+            unlisted = [i.name for i in infos if i.name not in weight_map]
+            if strict_index and unlisted:
+                raise FormatError(
+                    f"{file}: holds {unlisted[0]!r}"
+                    + (f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else "")
+                    + ", which the index does not list"
                 )
             infos = [i for i in infos if weight_map.get(i.name) == file]
         for info in infos:

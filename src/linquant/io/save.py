@@ -409,7 +409,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = True) -> Loade
     mapped privately, not copies (see :mod:`linquant.io.mapped`: a running model then holds its
     codes once)."""
     try:
-        infos = tensor_infos(path)
+        infos = tensor_infos(path, strict_index=True)
     except FormatError:
         raise
     except LinquantError as e:
@@ -449,7 +449,45 @@ def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = True) -> Loade
         if not isinstance(target, str) or (target not in ck.plain and target not in ck.quantized):
             raise FormatError(f"{path}: tensor {alias!r} is an alias of {target!r}, which is "
                               "not stored")
+    _check_modules(ck, str(path))
     return ck
+
+
+# What the ``modules`` metadata may name (``auto``: `linquant quantize` of a bare file, the
+# model's own layer type)
+_MODULE_TYPES = ("QuantLinear", "W8A8Linear", "QuantEmbedding", "QuantConv1d", "QuantConv2d",
+                 "QuantExpertsProj", "auto")
+
+
+def _check_modules(ck: LoadedCheckpoint, where: str) -> None:
+    """The ``modules`` metadata agrees with the tensors, without a model: every entry has a
+    known type, its quantized weight ``NAME.weight`` (stored or an alias) and, for a static
+    W8A8 layer, its ``NAME.input_scale``; W8A8 entries state their activations; every
+    quantized tensor belongs to an entry. (Loading checks the rest against the model.)"""
+    quantized = set(ck.quantized) | {a for a, t in ck.aliases.items() if t in ck.quantized}
+    plain = set(ck.plain) | {a for a, t in ck.aliases.items() if t in ck.plain}
+    for name, entry in ck.modules.items():
+        if not isinstance(entry, dict) or entry.get("type") not in _MODULE_TYPES:
+            kind = entry.get("type") if isinstance(entry, dict) else entry
+            raise FormatError(f"{where}: module {name!r}: unknown quantized module type "
+                              f"{kind!r} (expected one of {', '.join(_MODULE_TYPES)})")
+        if f"{name}.weight" not in quantized:
+            raise FormatError(f"{where}: module {name!r} ({entry['type']}) has no quantized "
+                              f"tensor {name}.weight in the file")
+        act, sym = entry.get("activation"), entry.get("act_symmetric", True)
+        if (entry["type"] == "W8A8Linear" or act is not None) and (
+                act not in ("dynamic", "static") or not isinstance(sym, bool)):
+            raise FormatError(f"{where}: module {name!r} ({entry['type']}): bad activation "
+                              f"settings {act!r} / {sym!r}: expected 'activation' 'dynamic' or "
+                              "'static' and 'act_symmetric' a bool")
+        if entry["type"] == "W8A8Linear" and act == "static" and \
+                f"{name}.input_scale" not in plain:
+            raise FormatError(f"{where}: module {name!r}: static activations but no tensor "
+                              f"{name}.input_scale in the file")
+    for qname in sorted(quantized):
+        if not qname.endswith(".weight") or qname.removesuffix(".weight") not in ck.modules:
+            raise FormatError(f"{where}: tensor {qname!r} is quantized but the metadata names "
+                              f"no module {qname.removesuffix('.weight')!r} for it")
 
 
 # ---- loading into a model ------------------------------------------------------------------------
