@@ -12,9 +12,10 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 
 from linquant import __version__
@@ -75,12 +76,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if isinstance(e.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     try:
-        code = int(_load(args.command).run(args))
+        with _sigterm_unwinds():
+            code = int(_load(args.command).run(args))
         sys.stdout.flush()  # here, where a closed stdout is caught, not at the interpreter's exit
         return code
     except KeyboardInterrupt:
         print("linquant: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("linquant: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # stdout closed early (`linquant inspect DIR | head`): stop
         return _stdout_closed()  # quietly, as `yes | head` does; files are written first
     except (LinquantError, OSError) as e:
@@ -94,6 +99,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"linquant {args.command}: internal error: {type(e).__name__}: {e} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``) raised in the main thread, so that what is being written
+    is cleaned up as on Ctrl-C (a temp folder removed) before the process ends."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stdout_closed() -> int:

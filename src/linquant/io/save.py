@@ -39,6 +39,7 @@ from torch import nn
 
 from linquant.errors import FormatError, LinquantError
 from linquant.io import hf, mapped
+from linquant.io.atomic import staged_folder
 from linquant.io.checkpoint import INDEX_NAME, TensorInfo, read_tensors, tensor_infos
 from linquant.io.format import (
     FORMAT_NAME,
@@ -86,52 +87,6 @@ def parse_size(size: int | str) -> int:
     if n <= 0:
         raise LinquantError(f"size must be positive, got {size!r}")
     return n
-
-
-# ---- staging ----------------------------------------------------------------------------------
-def _fsync_path(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def staged_folder(dest: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """A temp folder next to ``dest``; on success it is fsynced and renamed onto ``dest``.
-
-    On error (or Ctrl-C) the temp folder is removed and ``dest`` is untouched; a hard kill leaves
-    at most a hidden ``.{name}.tmp-*`` folder, never a partial ``dest``.
-    """
-    dst = Path(dest)
-    parent = dst.parent if str(dst.parent) else Path(".")
-    if dst.exists() and not overwrite:
-        raise LinquantError(f"{dst} already exists (pass overwrite=True / --overwrite to replace)")
-    if not parent.is_dir():
-        raise LinquantError(f"{dst}: folder {parent} does not exist")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise LinquantError(f"{dst}: cannot write in {parent}: {e.strerror}") from e
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_path(f)
-        _fsync_path(tmp)
-        if dst.exists() or dst.is_symlink():
-            trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=parent))
-            os.rename(dst, trash / "old")
-            os.rename(tmp, dst)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-        _fsync_path(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---- writing shards ----------------------------------------------------------------------------

@@ -109,17 +109,31 @@ class _Job:
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a destination that would lose data when replaced: the source,
+    a folder inside it or one that holds it (``--overwrite`` would delete the source), the
+    current folder or one above it, a file; and one that exists, without ``overwrite``."""
     if not src.exists():
         raise LinquantError(f"{src}: no such file or folder")
     s = src.resolve()
-    d = dst.resolve() if dst.exists() or dst.is_symlink() else dst.parent.resolve() / dst.name
+    exists = dst.exists() or dst.is_symlink()
+    d = dst.resolve() if exists else dst.parent.resolve() / dst.name
     if d == s or s in d.parents:
         raise LinquantError(f"destination {dst} is {'inside ' if d != s else ''}the source "
                             f"{src}; choose a folder outside it")
     if src.is_file() and d == s.parent:
         raise LinquantError(f"destination {dst} is the folder holding the source {src}")
-    if dst.exists() and not overwrite:
+    if d in s.parents:
+        raise LinquantError(f"destination {dst} holds the source {src}; replacing it would "
+                            "delete the source: choose a folder outside it")
+    cwd = Path.cwd().resolve()
+    if exists and (d == cwd or d in cwd.parents):
+        raise LinquantError(f"destination {dst} is the current folder or holds it; choose "
+                            "another folder")
+    if exists and not overwrite:
         raise LinquantError(f"{dst} already exists (pass --overwrite to replace it)")
+    if exists and not dst.is_dir() and not dst.is_symlink():
+        raise LinquantError(f"{dst} is a file, not a folder; --overwrite replaces a folder "
+                            "only")
     parent = d.parent
     if not parent.is_dir():
         raise LinquantError(f"{dst}: folder {parent} does not exist")
