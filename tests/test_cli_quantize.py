@@ -432,3 +432,40 @@ def test_quantize_checks_its_report_files_before_writing_the_model(
     assert not (tmp_path / "out").exists()
     assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q"), "--plot", str(bad)]) == 1
     assert f"error: --plot {bad}: folder {bad.parent} does not exist" in capsys.readouterr().err
+
+
+def test_eval_refuses_folders_of_different_models(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A GPT-2 folder given as the reference of a quantized Llama was built as a Llama from
+    LlamaConfig's defaults (hidden 4096, 32 layers: 24 GB, killed); a reference with another
+    vocabulary failed with an internal error. Both are refused, naming what differs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _eval_gpt2(tmp_path, capsys, "w8a16")
+    for name, vocab in (("llama", 256), ("llama_big_vocab", 512)):
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, vocab_size=vocab)).save_pretrained(
+            str(tmp_path / name))
+    assert main(["quantize", str(tmp_path / "llama"), "-o", str(tmp_path / "ql"), "--preset",
+                 "w8a16", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "ql")]) == 1
+    err = capsys.readouterr().err
+    assert "are not the same model (config.json: model_type 'gpt2' / 'llama'" in err
+    assert main(["eval", str(tmp_path / "llama_big_vocab"), str(tmp_path / "ql")]) == 1
+    err = capsys.readouterr().err
+    assert "vocab_size 512 / 256" in err and "internal error" not in err
+
+
+def test_eval_of_a_damaged_quantized_folder_names_the_damage(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A linquant folder with a shard cut short was taken for a plain Hugging Face folder:
+    "from_pretrained cannot load a linquant checkpoint". Now lq.load's FormatError says what
+    is wrong."""
+    _eval_gpt2(tmp_path, capsys, "w8a16")
+    shard = tmp_path / "q" / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q")]) == 1
+    err = capsys.readouterr().err
+    assert f"{shard}" in err and "from_pretrained" not in err, err

@@ -152,10 +152,21 @@ def test_not_a_safetensors_file(tmp_path: Path, content: bytes) -> None:
 
 
 def test_malformed_header_entry(tmp_path: Path) -> None:
-    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 999]}})
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [16, 8]}})
     path = tmp_path / "bad.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(16))
     with pytest.raises(FormatError, match="tensor 'w' has a malformed header entry"):
+        tensor_infos(path)
+
+
+def test_a_file_cut_short_says_so(tmp_path: Path) -> None:
+    """Its last tensor ends past the end of the data: that was "a malformed header entry"."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 999]}})
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(16))
+    with pytest.raises(FormatError, match=r"bad.safetensors: the file is cut short "
+                                          r"\(truncated\?\): tensor 'w' ends at data byte 999, "
+                                          r"the file holds 16 bytes of data"):
         tensor_infos(path)
 
 

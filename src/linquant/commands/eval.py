@@ -57,17 +57,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _is_linquant(folder: Path) -> bool:
-    from linquant.io.checkpoint import tensor_infos
+    """Whether ``folder`` holds a linquant checkpoint: a ``.safetensors`` file in it says so
+    in its header (one damaged file, or a missing shard, still leaves the folder linquant's,
+    for :func:`linquant.load` to name what is wrong)."""
     from linquant.io.save import _file_metadata
 
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]:
+        try:
+            _file_metadata(file)
+        except LinquantError:
+            if _header_says_linquant(file):  # a file cut short: safetensors will not open it
+                return True
+            continue
+        return True
+    return False
+
+
+def _header_says_linquant(file: Path) -> bool:
+    """The raw safetensors header of ``file`` names the linquant format (read without
+    safetensors, which refuses a file whose data is cut short)."""
+    import struct
+
     try:
-        infos = tensor_infos(folder)
-        if not infos:
-            return False
-        _file_metadata(infos[0].file)
-    except LinquantError:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= n <= 100 << 20:
+                return False
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
         return False
-    return True
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and meta.get("format") == "linquant"
+
+
+# config.json sizes that two folders of the same model share; eval refuses to compare folders
+# that differ in one (building the reference as the other's class once took 24 GB: a GPT-2
+# folder read as LlamaConfig's defaults)
+_SIZE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+              "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "n_embd", "n_layer", "n_head", "n_inner", "d_model", "d_ff", "d_kv", "num_layers",
+              "num_decoder_layers", "encoder_layers", "decoder_layers", "n_positions",
+              "max_position_embeddings", "type_vocab_size")
+
+
+def _check_same_model(reference: Path, quantized: Path) -> None:
+    """Refuse folders whose ``config.json`` name different model types or sizes."""
+    configs = []
+    for folder in (reference, quantized):
+        try:
+            configs.append(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return  # no config to compare (a bare folder): loading says what is wrong
+    a, b = configs
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return
+    differ = [f"{k} {a[k]!r} / {b[k]!r}" for k in _SIZE_KEYS
+              if k in a and k in b and a[k] != b[k]]
+    if differ:
+        raise LinquantError(f"{reference} and {quantized} are not the same model (config.json: "
+                            f"{', '.join(differ[:4])}); compare a quantized folder with the "
+                            "float model it was made from")
 
 
 def model_kind(folder: Path) -> str:
@@ -257,6 +306,7 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
     from linquant import demo
 
     kind = model_kind(reference)
+    _check_same_model(reference, quantized)
     if model_kind(quantized) != kind:
         raise LinquantError(f"{reference} is a {kind} model but {quantized} is a "
                             f"{model_kind(quantized)} model")

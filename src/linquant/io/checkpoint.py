@@ -233,6 +233,13 @@ def _info(file: Path, name: str, entry: Any, data_size: int, data_start: int) ->
     except (TypeError, KeyError, ValueError):
         ok = False
     if not ok:
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]
+                and offsets[1] > data_size):
+            raise FormatError(f"{file}: the file is cut short (truncated?): tensor {name!r} "
+                              f"ends at data byte {offsets[1]:,}, the file holds "
+                              f"{max(data_size, 0):,} bytes of data")
         raise FormatError(f"{file}: tensor {name!r} has a malformed header entry: {entry!r}")
     return TensorInfo(name, dtype, shape, end - begin, file, begin, data_start)
 
