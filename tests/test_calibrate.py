@@ -130,8 +130,13 @@ def test_unreached_dynamic_gives_unreached_layers_dynamic_activations(
     assert again[2].activation == "dynamic" and again[0].calibrated
     with torch.no_grad():
         assert torch.equal(back(x), y) and torch.equal(again(x), y)
-    with pytest.raises(lq.LinquantError, match=r"unreached must be 'raise' or 'dynamic'"), \
+    with pytest.raises(lq.LinquantError, match=r"unreached must be 'raise' \(or 'error'\) or "
+                                               r"'dynamic'"), \
             calibrate(_model(), unreached="skip"):
+        pass
+    # the CLI's word for the default is taken too
+    with pytest.raises(lq.LinquantError, match="saw no batch"), \
+            calibrate(_model(), unreached="error"):
         pass
 
 

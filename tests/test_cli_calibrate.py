@@ -113,6 +113,18 @@ def test_refusals_write_nothing(tmp_path: Path, static_folder: Path,
     assert not (tmp_path / "c").exists()
 
 
+def test_a_bad_shard_size_is_refused_before_calibrating(
+        tmp_path: Path, static_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from linquant.commands import eval as eval_command
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(eval_command, "load_model", no_load)
+    with pytest.raises(lq.LinquantError, match="bad size 'abc'"):
+        calibrate_folder(static_folder, tmp_path / "c", max_shard_size="abc")
+
+
 def test_one_sample_is_enough(tmp_path: Path, static_folder: Path) -> None:
     """calibrate asked for 2 sentences (the demo's minimum: it ranks pairs)."""
     (tmp_path / "one.txt").write_text("one sample of text\n", encoding="utf-8")

@@ -324,7 +324,7 @@ def test_minilm_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_progress_bar_on_stderr(tmp_path: Path, src: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["quantize", str(src), "-o", str(tmp_path / "q")]) == 0
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--progress"]) == 0
     err = capsys.readouterr().err
     assert "quantize" in err and "5/5 tensors" in err and "100%" in err
 
@@ -469,3 +469,45 @@ def test_eval_of_a_damaged_quantized_folder_names_the_damage(
     assert main(["eval", str(tmp_path / "gpt2"), str(tmp_path / "q")]) == 1
     err = capsys.readouterr().err
     assert f"{shard}" in err and "from_pretrained" not in err, err
+
+
+def test_scheme_flags_are_not_silently_dropped(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--group-size 0 gave int8-sym-ch0 and --group-size 32 --granularity channel ignored
+    the group size, both without a word."""
+    _gpt2(tmp_path / "gpt2")
+    run = ["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "q"), "--no-progress"]
+    assert main([*run, "--bits", "4", "--group-size", "0"]) == 1
+    assert "needs a positive int group_size, got 0" in capsys.readouterr().err
+    assert main([*run, "--bits", "4", "--group-size", "32", "--granularity", "channel"]) == 1
+    assert "group_size=32 is only meaningful with granularity='group'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_pickle_without_tensors_is_refused(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A .bin holding {'model': state_dict} was "quantized 0 of 0 layers" into an empty
+    checkpoint."""
+    m = nn.Linear(8, 4)
+    torch.save({"model": m.state_dict(), "epoch": 3}, tmp_path / "ck.bin")
+    assert main(["quantize", str(tmp_path / "ck.bin"), "-o", str(tmp_path / "q"),
+                 "--allow-pickle", "--no-progress"]) == 1
+    assert "ck.bin: a dict without tensors (keys 'model', 'epoch'); expected a state dict" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path: Path) -> None:
+    """quantize drew its bar into a log file (stderr redirected), as sweep does not."""
+    _gpt2(tmp_path / "gpt2")
+    proc = subprocess.run([sys.executable, "-m", "linquant.cli", "quantize",
+                           str(tmp_path / "gpt2"), "-o", str(tmp_path / "q"), "--preset",
+                           "w8a16"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "quantize:" not in proc.stderr and "%|" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "linquant.cli", "quantize",
+                           str(tmp_path / "gpt2"), "-o", str(tmp_path / "q2"), "--preset",
+                           "w8a16", "--progress"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "%|" in proc.stderr, proc.stderr

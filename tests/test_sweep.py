@@ -603,4 +603,14 @@ def test_cli_eval_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
                  "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["sweep", "--model", str(tmp_path / "q"), "--eval", "--bits", "8"]) == 1
-    assert "already quantized); sweep --eval needs the float model" in capsys.readouterr().err
+    assert "already quantized by linquant" in capsys.readouterr().err
+
+
+def test_a_quantized_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A linquant folder was swept: its codes skipped (uint8) and its scales swept as weights."""
+    gpt2 = _tiny_gpt2(tmp_path / "gpt2")
+    assert main(["quantize", str(gpt2), "-o", str(tmp_path / "q"), "--preset", "w8a16",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "--model", str(tmp_path / "q"), "--bits", "8"]) == 1
+    assert "already quantized by linquant (it holds '" in capsys.readouterr().err

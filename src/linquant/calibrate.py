@@ -156,9 +156,11 @@ def calibrate(
         raise LinquantError(f"calibrate: percentile must be in (0, 100], got {percentile!r}")
     if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
         raise LinquantError(f"calibrate: sample_size must be a positive int, got {sample_size!r}")
+    if unreached == "error":  # the CLI's word (--unreached error)
+        unreached = "raise"
     if unreached not in ("raise", "dynamic"):
-        raise LinquantError(f"calibrate: unreached must be 'raise' or 'dynamic', got "
-                            f"{unreached!r}")
+        raise LinquantError(f"calibrate: unreached must be 'raise' (or 'error') or 'dynamic', "
+                            f"got {unreached!r}")
     layers = _static_layers(model)
     if not layers:
         raise LinquantError(

@@ -548,6 +548,11 @@ def sweep(
     grid.sort(key=_row_key)
 
     infos = tensor_infos(path)
+    quantized = next((i.name for i in infos if i.name.endswith(".weight.qdata")), None)
+    if quantized is not None:  # its scales would be swept as weights
+        raise LinquantError(
+            f"{path}: already quantized by linquant (it holds {quantized!r}); sweep the float "
+            "checkpoint it was made from")
     conv1d, experts, layer_types = _stored_layouts(path)
     skipped = {i.name: why for i in infos if (why := _why_not_a_matrix(i, experts)) is not None}
     matrices = [i for i in infos if i.name not in skipped]

@@ -185,3 +185,23 @@ def test_save_into_a_folder_a_file_holds(tmp_path: Path) -> None:
     with pytest.raises(LinquantError, match="is a file, not a folder"):
         save(m, tmp_path / "f", overwrite=True)
     assert (tmp_path / "f").read_text() == "keep\n"
+
+
+def test_a_full_disk_is_an_error_naming_the_shard(tmp_path: Path, gpt2: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """safetensors reports a full disk as a SafetensorError: that was an "internal error"."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert main(["quantize", str(gpt2), "-o", str(tmp_path / "q"), "--preset", "w8a16",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write shard: I/O error: No space left on device (os error 28)" in err
+    assert "internal error" not in err and not (tmp_path / "q").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]

@@ -104,11 +104,12 @@ def calibrate_folder(
     from linquant import demo
     from linquant.calibrate import calibrate
     from linquant.commands.eval import _is_linquant, load_model, model_kind
-    from linquant.io.save import save
+    from linquant.io.save import parse_size, save
     from linquant.io.stream import _check_paths
 
     src_p, dst_p = Path(src), Path(dst)
     _check_paths(src_p, dst_p, overwrite)
+    parse_size(max_shard_size)  # before the long part
     if not src_p.is_dir() or not _is_linquant(src_p):
         raise LinquantError(f"{src_p}: not a linquant folder; quantize the model first "
                             "(linquant quantize SRC -o DST --preset w8a8-static)")

@@ -64,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read .bin/.pt checkpoints with torch.load(weights_only=True)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -82,12 +83,13 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         return get_config(args.config)
     if all(v is None for v in custom):
         return get_config(args.preset or DEFAULT_PRESET)
-    granularity: Granularity = args.granularity or ("group" if args.group_size else "channel")
-    scheme = QuantScheme(
-        bits=args.bits or 8,
+    granularity: Granularity = args.granularity or (
+        "group" if args.group_size is not None else "channel")
+    scheme = QuantScheme(  # a --group-size 0, or one with another granularity, is refused here
+        bits=8 if args.bits is None else args.bits,
         symmetric=(args.mode or "sym") == "sym",
         granularity=granularity,
-        group_size=args.group_size if granularity == "group" else None,
+        group_size=args.group_size,
         scale_dtype=_SCALE_DTYPES[args.scale_dtype or "fp32"],
         clip=args.clip or "minmax",
     )
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         args.src, args.output, config,
         include=args.include or ("*",), exclude=args.exclude,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle, progress=not args.no_progress, strict=args.strict,
+        allow_pickle=args.allow_pickle, strict=args.strict,
+        progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )
     report = result.report
     # the files first: a closed stdout (`| head`) must not cost them

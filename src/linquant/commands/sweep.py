@@ -138,14 +138,11 @@ def evaluate_rows(result: SweepResult, folder: Path, texts_file: Path | None = N
     from tqdm.auto import tqdm
 
     from linquant import demo
-    from linquant.commands.eval import _is_linquant, compare_outputs, load_model, model_kind
+    from linquant.commands.eval import compare_outputs, load_model, model_kind
     from linquant.config import QuantConfig
     from linquant.convert import quantize_model
 
     kind = model_kind(folder)
-    if _is_linquant(folder):
-        raise LinquantError(f"{folder}: a linquant folder (already quantized); sweep --eval "
-                            "needs the float model")
     texts = demo.load_sentences(texts_file, minimum=1)
     ref = load_model(folder, kind)
     bar = tqdm(result.rows, desc="eval", unit="scheme", file=sys.stderr, leave=False,

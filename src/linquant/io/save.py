@@ -124,10 +124,14 @@ class ShardWriter:
             return
         path = self.folder / f".shard-{len(self._shards):05d}.tmp"
         meta = dict(self.meta, tensors=self._entries)
+        from safetensors import SafetensorError
+
         try:
             save_file(self._tensors, str(path), metadata=header_metadata(meta))
-        except OSError as e:
-            raise LinquantError(f"{path}: cannot write shard: {e.strerror or e}") from e
+        except (OSError, SafetensorError) as e:  # a full disk is a SafetensorError
+            reason = getattr(e, "strerror", None) or str(e).removeprefix(
+                "Error while serializing: ")
+            raise LinquantError(f"{path}: cannot write shard: {reason}") from e
         self._shards.append((path, list(self._tensors)))
         self._tensors, self._entries, self._size = {}, {}, 0
 

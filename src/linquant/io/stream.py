@@ -162,6 +162,11 @@ def _pickle_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise LinquantError(f"{f}: expected a dict of tensors, got {type(state).__name__}")
+        if state and not any(isinstance(v, torch.Tensor) for v in state.values()):
+            keys = ", ".join(repr(k) for k in list(state)[:3])
+            raise LinquantError(f"{f}: a dict without tensors (keys {keys}"
+                                f"{', ...' if len(state) > 3 else ''}); expected a state dict "
+                                "(name -> tensor), or one under the key 'state_dict'")
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
                 yield str(k), v
