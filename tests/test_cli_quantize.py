@@ -223,6 +223,11 @@ def test_eval_causal_lm_perplexity(tmp_path: Path, capsys: pytest.CaptureFixture
     same = json.loads(capsys.readouterr().out)
     assert (same["perplexity_delta"], same["kl_divergence_mean"], same["kl_divergence_max"],
             same["top1_agreement"]) == (0, 0, 0, 1)
+    assert same["note"] == f"{tmp_path / 'gpt2'} is not quantized by linquant: two float " \
+                           "models compared"
+    # the folders the other way round
+    assert main(["eval", str(tmp_path / "q"), str(tmp_path / "gpt2")]) == 1
+    assert "is quantized and" in capsys.readouterr().err
     # fewer bits move the distributions further
     assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "q2"), "--bits", "2",
                  "--mode", "asym", "--granularity", "group", "--group-size", "32",
@@ -511,3 +516,22 @@ def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path: Path) -> None:
                            "w8a16", "--progress"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0 and "%|" in proc.stderr, proc.stderr
+
+
+def test_report_files_that_cannot_be_written_are_refused_first(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A --report name too long for the file system (or a read-only folder) failed after the
+    model was written."""
+    _eval_gpt2(tmp_path, capsys, "w8a16")
+    long = tmp_path / ("r" * 240 + ".json")
+    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"), "--preset",
+                 "w8a16", "--no-progress", "--report", str(long)]) == 1
+    assert "file name too long for" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "out"),
+                     "--preset", "w8a16", "--no-progress", "--plot", str(ro / "p.png")]) == 1
+        assert f"folder {ro} is not writable" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()

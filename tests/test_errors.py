@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +292,30 @@ def test_check_finite_in_blocks_finds_the_last_element(shape: tuple[int, ...]) -
     with pytest.raises(LinquantError, match=re.escape(f"w: input holds 1 NaN/Inf value(s), "
                                                       f"first at index {last}")):
         check_finite(x, "w", block=8)
+
+
+def test_messages_a_user_met_say_what_is_wrong(tmp_path: Path) -> None:
+    """Each once said something beside the point (README walk-through)."""
+    from torch import nn
+
+    from linquant.kernels import native
+
+    with pytest.raises(LinquantError, match=r"nope: no such folder"):
+        lq.load(tmp_path / "nope")
+    with pytest.raises(LinquantError, match=r"a preset name, not a config's text form; "
+                                            r"get_config\('w8a8'\) takes both"):
+        lq.QuantConfig.parse("w8a8")
+    with pytest.raises(LinquantError, match=r"native.status: unknown kernel 'foo'; one of "):
+        native.status("foo")  # was a KeyError
+    with pytest.raises(LinquantError, match=r"^QuantLinear.from_float: "):  # was "QuantLinear ''"
+        lq.nn.QuantLinear.from_float(nn.Conv1d(4, 4, 1), "int8-sym-ch0")  # type: ignore[arg-type]
+    with pytest.raises(LinquantError, match=r"^QuantLinear 'fc'.from_float: "):
+        lq.nn.QuantLinear.from_float(nn.Conv1d(4, 4, 1), "int8-sym-ch0",  # type: ignore[arg-type]
+                                     name="fc")
+    (tmp_path / "out").mkdir()
+    src = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"fc.weight": torch.randn(4, 8)}, str(src))
+    with pytest.raises(LinquantError, match=r"pass overwrite=True / --overwrite"):
+        lq.quantize_checkpoint(src, tmp_path / "out", "w8a16")

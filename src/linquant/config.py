@@ -165,6 +165,9 @@ class QuantConfig:
         if not isinstance(text, str):
             raise LinquantError(f"QuantConfig.parse needs a str, got {type(text).__name__}")
         parts = [p.strip() for p in text.split(",")]
+        if text.strip() in PRESETS:
+            raise LinquantError(f"QuantConfig.parse({text!r}): a preset name, not a config's "
+                                f"text form; get_config({text!r}) takes both")
         weight = QuantScheme.parse(parts[0])
         activation: QuantScheme | None = None
         mode: ActivationMode = "dynamic"

@@ -5,6 +5,7 @@ Commands only parse and print; the work is done by library functions.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from linquant.errors import LinquantError
@@ -22,3 +23,13 @@ def check_output_file(path: Path | None, option: str) -> None:
         raise LinquantError(f"{option} {path}: folder {folder} does not exist")
     if path.is_dir():
         raise LinquantError(f"{option} {path}: is a folder; give a file name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LinquantError(f"{option} {path}: folder {folder} is not writable")
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such query here (Windows)
+        limit = 255
+    # the file is written as a temp file named after it (".NAME.tmp-xxxxxxxx") first
+    if len(os.fsencode(path.name)) + 14 > limit:
+        raise LinquantError(f"{option} {path}: file name too long for {folder} (at most "
+                            f"{limit - 14} bytes here)")

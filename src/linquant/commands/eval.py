@@ -311,9 +311,16 @@ def evaluate(reference: Path, quantized: Path, sentences: Path | None = None,
         raise LinquantError(f"{reference} is a {kind} model but {quantized} is a "
                             f"{model_kind(quantized)} model")
     texts = demo.load_sentences(text or sentences, minimum=1)
+    ref_q, q_q = _is_linquant(reference), _is_linquant(quantized)
+    if ref_q and not q_q:
+        raise LinquantError(f"{reference} is quantized and {quantized} is not: give the float "
+                            "model first (linquant eval REFERENCE QUANTIZED)")
     qm = load_model(quantized, kind)
     ref = load_model(reference, kind, like=qm)
-    return compare_outputs(ref, qm, kind, texts, reference, quantized, per_layer)
+    out = compare_outputs(ref, qm, kind, texts, reference, quantized, per_layer)
+    if not q_q:
+        out["note"] = f"{quantized} is not quantized by linquant: two float models compared"
+    return out
 
 
 def compare_outputs(ref: nn.Module, qm: nn.Module, kind: str, texts: list[str],
@@ -381,6 +388,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if errors is not None:
         print(errors)
+    if "note" in res:
+        print(f"note: {res['note']}")
     if res["kind"] == "sentence-embedding":
         print(f"sentence embeddings of {res['inputs']} inputs: cosine similarity mean "
               f"{res['cosine_mean']:.4f}, min {res['cosine_min']:.4f}; SQNR "

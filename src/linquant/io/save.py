@@ -834,6 +834,8 @@ def load(path: str | os.PathLike[str], *, mmap: bool = True) -> nn.Module:
     :func:`load_into` with a model the caller builds.
     """
     folder = Path(path)
+    if not folder.exists():
+        raise LinquantError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise LinquantError(f"{folder}: load needs a folder written by linquant.save; use "
                             "load_into(model, file) for a single file")

@@ -130,7 +130,8 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise LinquantError(f"destination {dst} is the current folder or holds it; choose "
                             "another folder")
     if exists and not overwrite:
-        raise LinquantError(f"{dst} already exists (pass --overwrite to replace it)")
+        raise LinquantError(f"{dst} already exists (pass overwrite=True / --overwrite to "
+                            "replace it)")
     if exists and not dst.is_dir() and not dst.is_symlink():
         raise LinquantError(f"{dst} is a file, not a folder; --overwrite replaces a folder "
                             "only")
@@ -818,7 +819,8 @@ def quantize_checkpoint(
     pickles = _is_pickle_source(src_p)
     if pickles is not None and not allow_pickle:
         raise LinquantError(f"{src_p}: pickle checkpoint ({', '.join(p.name for p in pickles)}); "
-                            "pass --allow-pickle to read it with torch.load(weights_only=True)")
+                            "pass allow_pickle=True / --allow-pickle to read it with "
+                            "torch.load(weights_only=True)")
     if pickles is not None:
         tensors_by_name = dict(_pickle_tensors(pickles))
         infos = [TensorInfo(n, {torch.float32: "F32", torch.float16: "F16",

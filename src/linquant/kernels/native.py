@@ -433,6 +433,9 @@ def available(kernel: str = W4A16) -> bool:
 
 def status(kernel: str = W4A16) -> str:
     """``"available: <path>"`` or ``"unavailable: <reason>"`` (builds on first call)."""
+    if kernel not in _SPECS:
+        raise LinquantError(f"native.status: unknown kernel {kernel!r}; one of "
+                            f"{', '.join(sorted(_SPECS))}")
     if _load(kernel) is not None:
         return f"available: {_state[kernel]['path']}"
     return f"unavailable: {_state[kernel]['reason']}"

@@ -43,6 +43,7 @@ __all__ = [
     "KernelCache",
     "QuantModule",
     "as_scheme",
+    "from_float_label",
     "is_hf_conv1d",
     "linear_features",
     "plain_references",
@@ -145,6 +146,11 @@ def weight_dims(module: nn.Module, attrs: tuple[str, str]) -> tuple[int, int]:
             and w.dim() == 2:
         return int(w.shape[0]), int(w.shape[1])
     return int(getattr(module, attrs[0])), int(getattr(module, attrs[1]))
+
+
+def from_float_label(cls: type, name: str) -> str:
+    """``QuantLinear 'fc'.from_float`` (the name left out when there is none) for messages."""
+    return f"{cls.__name__}{f' {name!r}' if name else ''}.from_float"
 
 
 def linear_features(module: nn.Module, who: str) -> tuple[int, int, bool]:

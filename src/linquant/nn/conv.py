@@ -25,7 +25,7 @@ from torch import nn
 
 from linquant import kernels
 from linquant.errors import LinquantError
-from linquant.nn.base import QuantModule, as_scheme
+from linquant.nn.base import QuantModule, as_scheme, from_float_label
 from linquant.nn.registry import register_qmodule
 from linquant.scheme import QuantScheme
 from linquant.tensor import quantize
@@ -95,7 +95,7 @@ class _QuantConv(QuantModule):
         """An empty layer shaped for ``conv``."""
         if not isinstance(conv, cls._float_type):
             raise LinquantError(
-                f"{cls.__name__} {name!r}.from_float: cannot convert a {type(conv).__name__}; "
+                f"{from_float_label(cls, name)}: cannot convert a {type(conv).__name__}; "
                 f"expected nn.{cls._float_type.__name__}"
             )
         c: Any = conv

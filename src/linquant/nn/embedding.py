@@ -22,7 +22,7 @@ from torch import nn
 from linquant import kernels
 from linquant.errors import LinquantError
 from linquant.kernels import plans
-from linquant.nn.base import QuantModule, as_scheme, weight_dims
+from linquant.nn.base import QuantModule, as_scheme, from_float_label, weight_dims
 from linquant.nn.registry import register_qmodule
 from linquant.scheme import QuantScheme
 from linquant.tensor import quantize
@@ -75,7 +75,7 @@ class QuantEmbedding(QuantModule):
         device: torch.device | str | None = None,
     ) -> QuantEmbedding:
         """An empty QuantEmbedding shaped for ``embedding``."""
-        label = f"{cls.__name__} {name!r}.from_float"
+        label = from_float_label(cls, name)
         if not isinstance(embedding, nn.Embedding):
             raise LinquantError(
                 f"{label}: cannot convert a {type(embedding).__name__}; expected nn.Embedding"

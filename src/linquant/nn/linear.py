@@ -28,6 +28,7 @@ from linquant.nn.base import (
     HF_PLAIN_LINEARS,
     QuantModule,
     as_scheme,
+    from_float_label,
     jit_tracing,
     linear_features,
     quantize_linear_weight,
@@ -81,7 +82,7 @@ class QuantLinear(QuantModule):
         device: torch.device | str | None = None,
     ) -> QuantLinear:
         """An empty QuantLinear shaped for ``linear`` (``nn.Linear`` or HF ``Conv1D``)."""
-        in_f, out_f, transposed = linear_features(linear, f"{cls.__name__} {name!r}.from_float")
+        in_f, out_f, transposed = linear_features(linear, from_float_label(cls, name))
         w = linear.weight
         assert isinstance(w, torch.Tensor)
         q = cls(in_f, out_f, scheme, bias=linear.bias is not None, dtype=w.dtype,

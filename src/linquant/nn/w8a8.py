@@ -29,6 +29,7 @@ from linquant.nn.base import (
     HF_PLAIN_LINEARS,
     QuantModule,
     eager_only,
+    from_float_label,
     jit_tracing,
     linear_features,
     quantize_linear_weight,
@@ -224,7 +225,7 @@ class W8A8Linear(StaticActivations):
         device: torch.device | str | None = None,
     ) -> W8A8Linear:
         """An empty W8A8Linear shaped for ``linear`` (``nn.Linear`` or HF ``Conv1D``)."""
-        in_f, out_f, transposed = linear_features(linear, f"{cls.__name__} {name!r}.from_float")
+        in_f, out_f, transposed = linear_features(linear, from_float_label(cls, name))
         w = linear.weight
         assert isinstance(w, torch.Tensor)
         q = cls(in_f, out_f, bias=linear.bias is not None, activation=activation,
