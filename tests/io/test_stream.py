@@ -893,3 +893,57 @@ def test_a_stored_tensor_the_class_makes_in_fp32_is_cast_like_the_others(
     res = quantize_checkpoint(tmp_path / "src", tmp_path / "q", "w4a16-g32")
     _stream_equals_in_memory(tmp_path, model, res, "w4a16-g32")  # runs both models
     assert model.encoder.layer[0].attention.self.q_bias.dtype == torch.bfloat16
+
+
+def _llama_folder(folder: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, vocab_size=128)).save_pretrained(
+        str(folder))
+
+
+def _edit_state(folder: Path, edit: Any) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path: Path) -> None:
+    """A checkpoint missing a tensor its config's model needs (transformers would initialise it
+    at random), or holding one the model has no place for, was quantized (exit 0) into a
+    folder lq.load refuses ("missing from the file" / "not in the model")."""
+    _llama_folder(tmp_path / "missing")
+    _edit_state(tmp_path / "missing", lambda s: s.pop("model.norm.weight"))
+    with pytest.raises(LinquantError, match=r"missing: the checkpoint has no 'model.norm.weight', "
+                                            r"which LlamaForCausalLM \(config.json\) needs"):
+        quantize_checkpoint(tmp_path / "missing", tmp_path / "q1", "w8a16")
+    _llama_folder(tmp_path / "extra")
+    _edit_state(tmp_path / "extra", lambda s: s.update({"extra.weight": torch.ones(4, 4)}))
+    with pytest.raises(LinquantError, match=r"holds 'extra.weight', which LlamaForCausalLM "
+                                            r"\(config.json\) has no place for"):
+        quantize_checkpoint(tmp_path / "extra", tmp_path / "q2", "w8a16")
+    assert not (tmp_path / "q1").exists() and not (tmp_path / "q2").exists()
+
+
+def test_tensors_transformers_ignores_are_left_out(tmp_path: Path) -> None:
+    """Old GPT-2 checkpoints hold each block's causal mask (``attn.bias``), which GPT-2 no
+    longer has and from_pretrained ignores (``_keys_to_ignore_on_load_unexpected``): left out
+    of the output, which loads and computes as quantize_model's model does."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                       n_positions=16)).eval()
+    model.save_pretrained(str(tmp_path / "g"))
+    _edit_state(tmp_path / "g", lambda s: s.update(
+        {"transformer.h.0.attn.bias": torch.ones(1, 1, 16, 16)}))
+    quantize_checkpoint(tmp_path / "g", tmp_path / "q", "w8a16")
+    back = load(tmp_path / "q")
+    quantize_model(model, "w8a16")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -171,6 +172,43 @@ def _pickle_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
                 yield str(k), v
+
+
+def _check_against_model(model: nn.Module, names: set[str], src: Path) -> set[str]:
+    """The stored tensors (``names``, the model's names for them) against what ``model``
+    (built from config.json) holds, as ``lq.load`` will check the output: a tensor the model
+    needs that is missing (transformers would initialise it at random), or one the model has
+    no place for, is a :class:`LinquantError` before anything is written. Returns the tensors
+    to leave out: those the class's ``_keys_to_ignore_on_load_unexpected`` names (GPT-2's
+    ``attn.bias`` of old checkpoints), which from_pretrained ignores too."""
+    expected = set(model.state_dict())
+    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    tied: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(n)
+    covered = {n for group in tied.values() if any(g in names for g in group) for n in group}
+
+    def ignored(name: str, attr: str) -> bool:
+        patterns = getattr(model, attr, None) or ()
+        return any(re.search(p, name) for p in patterns if isinstance(p, str))
+
+    missing = sorted(n for n in expected - names - covered
+                     if not ignored(n, "_keys_to_ignore_on_load_missing"))
+    extra = sorted(n for n in names - expected - buffers)
+    dropped = {n for n in extra if ignored(n, "_keys_to_ignore_on_load_unexpected")}
+    extra = [n for n in extra if n not in dropped]
+    cls = type(model).__name__
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LinquantError(f"{src}: the checkpoint has no {missing[0]!r}{more}, which {cls} "
+                            "(config.json) needs; transformers would initialise it at random. "
+                            "Quantize a complete checkpoint")
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise LinquantError(f"{src}: the checkpoint holds {extra[0]!r}{more}, which {cls} "
+                            "(config.json) has no place for: the checkpoint and its config.json "
+                            "do not match")
+    return dropped
 
 
 def _build_meta_model(folder: Path) -> nn.Module | None:
@@ -860,7 +898,10 @@ def quantize_checkpoint(
     aliases: dict[str, str] = {}
     ties: dict[str, _Tie] = {}
     float_ties: dict[str, list[str]] = {}
+    dropped: set[str] = set()
     if meta_model is not None:
+        dropped = _check_against_model(meta_model, names, src_p)
+        names -= dropped
         jobs, aliases, modules, skipped, ties, float_ties = _plan_config(
             meta_model, names, pairs, inc, exc, used, strict)
         rule = (f"model config: {type(meta_model).__name__} built from config.json on the meta "
@@ -991,6 +1032,9 @@ def quantize_checkpoint(
                     not experts_transposed(job.module):
                 m.quantize_by_rows(job.scheme)
         for i, (name, t) in enumerate(source):
+            if name in dropped:  # a tensor the model does not have, which transformers ignores
+                bar.update(stored_sizes.get(name, 0), i + 1)
+                continue
             merge = merge_of.get(name)
             if name in splits:
                 for piece in splits[name]:
