@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -297,12 +298,52 @@ def model_nbytes(module: nn.Module) -> int:
 
 
 # ---- planning ---------------------------------------------------------------------------------
+class _Pattern(str):
+    """A name pattern (the text the user gave) that also matches as its ``alts``: the same
+    layer spelled with or without a ``SentenceTransformer``'s prefix (:func:`with_alts`)."""
+
+    alts: tuple[str, ...] = ()
+
+
+def with_alts(pattern: str, *alts: str) -> str:
+    """``pattern``, also matching as each of ``alts`` (where they differ from it)."""
+    extra = tuple(a for a in alts if a != pattern)
+    if not extra:
+        return pattern
+    out = _Pattern(pattern)
+    out.alts = extra
+    return out
+
+
+_ST_INNER = re.compile(r"^\d+\.(?:auto_model|model)\.")  # "0.model." / "0.auto_model."
+
+
+def st_prefix(model: nn.Module) -> str:
+    """``"0.model."``: where a ``SentenceTransformer`` keeps its transformer's layers (the
+    names a sentence-transformers folder's checkpoint and ``linquant quantize`` use lack it);
+    ``""`` for any other model."""
+    from linquant.nn.base import qualified_name
+
+    if not qualified_name(type(model)).startswith("sentence_transformers."):
+        return ""
+    for name, child in model.named_children():
+        inner = getattr(child, "auto_model", None)
+        for attr, grandchild in child.named_children():
+            if inner is not None and grandchild is inner:
+                return f"{name}.{attr}."
+        return ""
+    return ""
+
+
 def _matches(name: str, pattern: str) -> bool:
-    """``pattern`` matches ``name`` or one of its dotted ancestors."""
-    if fnmatchcase(name, pattern):
-        return True
+    """``pattern`` (or one of its :func:`with_alts` spellings) matches ``name`` or one of its
+    dotted ancestors."""
     parts = name.split(".")
-    return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts)))
+    for p in (pattern, *getattr(pattern, "alts", ())):
+        if fnmatchcase(name, p) or any(
+                fnmatchcase(".".join(parts[:i]), p) for i in range(1, len(parts))):
+            return True
+    return False
 
 
 def _patterns(value: str | Iterable[str], what: str) -> tuple[str, ...]:
@@ -716,6 +757,13 @@ def plan_model(
     pairs = _normalize_config(config)
     inc = _patterns(include, "include")
     exc = _patterns(exclude, "exclude")
+    prefix = st_prefix(model)
+    if prefix:  # a SentenceTransformer: its layers also answer to the checkpoint's names
+        def alias(p: str) -> str:  # ("encoder.layer.0.*", as linquant quantize takes them)
+            return p if p == "*" or p.startswith(prefix) else with_alts(p, prefix + p)
+
+        pairs = [(alias(p), c) for p, c in pairs]
+        inc, exc = tuple(alias(p) for p in inc), tuple(alias(p) for p in exc)
     used: set[str] = set()
 
     plans: dict[object, _Plan] = {}

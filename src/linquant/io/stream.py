@@ -38,6 +38,7 @@ from torch import nn
 
 from linquant.config import QuantConfig
 from linquant.convert import (
+    _ST_INNER,
     LayerReport,
     ModelConfig,
     ModelReport,
@@ -58,6 +59,7 @@ from linquant.convert import (
     plan_model,
     scheme_text,
     strict_refusal,
+    with_alts,
 )
 from linquant.errors import FormatError, LinquantError
 from linquant.io import hf
@@ -853,6 +855,12 @@ def quantize_checkpoint(
     used: set[str] = set()
     limit = parse_size(max_shard_size)
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    if (src_p / "modules.json").is_file():  # names as the loaded SentenceTransformer has them
+        def alias(p: str) -> str:  # ("0.model.encoder.layer.0.*": eval --per-layer's) work too
+            return with_alts(p, _ST_INNER.sub("", p))
+
+        pairs = [(alias(p), c) for p, c in pairs]
+        inc, exc = tuple(alias(p) for p in inc), tuple(alias(p) for p in exc)
 
     pickles = _is_pickle_source(src_p)
     if pickles is not None and not allow_pickle:
