@@ -535,3 +535,18 @@ def test_report_files_that_cannot_be_written_are_refused_first(
                      "--preset", "w8a16", "--no-progress", "--plot", str(ro / "p.png")]) == 1
         assert f"folder {ro} is not writable" in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+def test_config_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown model_type printed transformers' several paragraphs; inspect passed a folder
+    whose config.json lq.load cannot read."""
+    _eval_gpt2(tmp_path, capsys, "w8a16")
+    cfg = tmp_path / "gpt2" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"gpt2"', '"nosuchmodel"'))
+    assert main(["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "x"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model type `nosuchmodel`" in err, err
+    (tmp_path / "q" / "config.json").write_text("{not json")
+    assert main(["inspect", str(tmp_path / "q")]) == 1
+    assert "config.json: not valid JSON" in capsys.readouterr().err

