@@ -155,6 +155,12 @@ class StaticActivations(QuantModule):
             self._calibrated = is_calibrated_scale(scale)
 
 
+def _exporting() -> bool:
+    """``torch.compiler.is_exporting()`` (PyTorch 2.5+; before, only Dynamo traced: False)."""
+    probe = getattr(torch.compiler, "is_exporting", None)
+    return bool(probe()) if callable(probe) else False
+
+
 @register_qmodule(nn.Linear, HF_CONV1D, *HF_PLAIN_LINEARS, mode="w8a8")
 class W8A8Linear(StaticActivations):
     """Linear layer computing int8 x int8 -> int32.
@@ -342,7 +348,7 @@ class W8A8Linear(StaticActivations):
         act_scale = self._buffers["input_scale"] if static else None
         act_zero_point = self._buffers.get("input_zero_point") if static else None
         if grad and x.requires_grad:
-            if torch.compiler.is_exporting():
+            if _exporting():
                 return reference.linear_w8a8(x, self.weight_qdata, self.weight_scale, bias,
                                              act_scale, act_zero_point)
             return self._eager_forward(x)
