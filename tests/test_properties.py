@@ -363,3 +363,18 @@ def test_mse_clip_never_worse_than_minmax(case: Case) -> None:
     e_mse = granule_sse((mse.dequantize().double() - x.double()) ** 2, case.scheme)
     # fp32 accumulation inside the search may break exact ties differently from fp64
     assert bool((e_mse <= e_minmax * (1 + 1e-5) + 1e-30).all()), (e_mse, e_minmax)
+
+
+@given(base=schemes_for((4, 96)), target=schemes_for((4, 96)))
+def test_resolve_reaches_any_scheme_from_any_other(base: QuantScheme,
+                                                   target: QuantScheme) -> None:
+    """Keyword fields (lq.quantize(w, base, **fields)) turn any scheme into any other, the
+    text form parses back through resolve, and quantizing either way gives the same bytes."""
+    fields = target.to_dict()
+    fields["scale_dtype"] = str(target.scale_dtype).removeprefix("torch.")  # named, as text
+    assert QuantScheme.resolve(base, **fields) == target
+    assert QuantScheme.resolve(str(target)) == target
+    assert QuantScheme.resolve(None, **fields) == target
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
+    a, b = lq.quantize(x, base, **fields), lq.quantize(x, target)
+    assert a.scheme == b.scheme and torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
