@@ -5,12 +5,13 @@ Commands only parse and print; the work is done by library functions.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 from linquant.errors import LinquantError
 
-__all__ = ["check_output_file"]
+__all__ = ["add_text_arguments", "check_output_file"]
 
 
 def check_output_file(path: Path | None, option: str) -> None:
@@ -33,3 +34,14 @@ def check_output_file(path: Path | None, option: str) -> None:
     if len(os.fsencode(path.name)) + 14 > limit:
         raise LinquantError(f"{option} {path}: file name too long for {folder} (at most "
                             f"{limit - 14} bytes here)")
+
+
+def add_text_arguments(p: argparse.ArgumentParser, when: str = "") -> None:
+    """``--sentences FILE`` / ``--text FILE`` (one of them): the texts a command runs a model
+    on; ``when`` prefixes their help (``"with --eval: "``)."""
+    texts = p.add_mutually_exclusive_group()
+    texts.add_argument("--sentences", type=Path, metavar="FILE",
+                       help=f"{when}sentences, one per line (default: the bundled ones)")
+    texts.add_argument("--text", type=Path, metavar="FILE",
+                       help=f"{when}text for perplexity, one sample per line (default: the "
+                            "bundled sentences)")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from linquant.commands import check_output_file
+from linquant.commands import add_text_arguments, check_output_file
 from linquant.errors import LinquantError
 
 __all__ = ["add_arguments", "compare_outputs", "evaluate", "load_model", "model_inputs",
@@ -41,12 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the float model folder (Hugging Face / sentence-transformers)")
     p.add_argument("quantized", type=Path, metavar="QUANTIZED",
                    help="the quantized folder (linquant quantize / lq.save)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--sentences", type=Path, metavar="FILE",
-                     help="sentences, one per line (default: the bundled ones)")
-    src.add_argument("--text", type=Path, metavar="FILE",
-                     help="text for perplexity, one sample per line (default: the bundled "
-                          "sentences)")
+    add_text_arguments(p)
     p.add_argument("--per-layer", action="store_true",
                    help="also measure each quantized layer on the input its float layer gets "
                         "(output SQNR and max error per layer; the lowest named last)")

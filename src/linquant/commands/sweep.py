@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from linquant.commands import check_output_file
+from linquant.commands import add_text_arguments, check_output_file
 from linquant.errors import LinquantError
 from linquant.sweep import (
     DEFAULT_BITS,
@@ -103,12 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "linquant eval does: cosine for sentence embeddings, KL divergence, "
                         "top-1 agreement and perplexity for language models, output SQNR "
                         "otherwise (needs a model folder; slower: one model per scheme)")
-    texts = p.add_mutually_exclusive_group()
-    texts.add_argument("--sentences", type=Path, metavar="FILE",
-                       help="with --eval: sentences, one per line (default: the bundled ones)")
-    texts.add_argument("--text", type=Path, metavar="FILE",
-                       help="with --eval: text for perplexity, one sample per line (default: "
-                            "the bundled sentences)")
+    add_text_arguments(p, "with --eval: ")
     p.add_argument("--json", metavar="FILE", type=Path,
                    help="also write the full result (per-tensor SQNR included) as JSON")
     p.add_argument("--csv", metavar="FILE", type=Path, help="also write the table as CSV")
