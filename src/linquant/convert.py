@@ -759,8 +759,9 @@ def plan_model(
     exc = _patterns(exclude, "exclude")
     prefix = st_prefix(model)
     if prefix:  # a SentenceTransformer: its layers also answer to the checkpoint's names
-        def alias(p: str) -> str:  # ("encoder.layer.0.*", as linquant quantize takes them)
-            return p if p == "*" or p.startswith(prefix) else with_alts(p, prefix + p)
+        def alias(p: str) -> str:  # ("encoder.layer.0.*", as linquant quantize takes them;
+            bare = _ST_INNER.sub("", p)  # "0.auto_model." of older sentence-transformers too)
+            return p if p == "*" else with_alts(p, prefix + bare)
 
         pairs = [(alias(p), c) for p, c in pairs]
         inc, exc = tuple(alias(p) for p in inc), tuple(alias(p) for p in exc)

