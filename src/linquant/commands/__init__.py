@@ -16,7 +16,8 @@ __all__ = ["add_text_arguments", "check_output_file"]
 
 def check_output_file(path: Path | None, option: str) -> None:
     """Fail before a command's long part, not after it, when the file ``option`` names
-    cannot be written: its folder is missing, or it is a folder."""
+    cannot be written: its folder is missing or read-only, it is a folder, or its name is too
+    long for the file system."""
     if path is None:
         return
     folder = path.parent

@@ -143,13 +143,13 @@ def evaluate_rows(result: SweepResult, folder: Path, texts_file: Path | None = N
     bar = tqdm(result.rows, desc="eval", unit="scheme", file=sys.stderr, leave=False,
                disable=(not sys.stderr.isatty()) if progress is None else not progress)
     for row in bar:
-        qm = copy.deepcopy(ref)
+        qm = copy.deepcopy(ref)  # one quantized copy held at a time
         try:
             quantize_model(qm, QuantConfig(row.scheme))
         except LinquantError as e:
             row.outputs = {"not_evaluated": str(e)}
-            continue
-        row.outputs = compare_outputs(ref, qm, kind, texts, folder, folder)
+        else:
+            row.outputs = compare_outputs(ref, qm, kind, texts, folder, folder)
         del qm
     bar.close()
     metric = {"sentence-embedding": "cosine similarity of the sentence embeddings",

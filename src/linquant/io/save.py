@@ -465,12 +465,8 @@ def _skeleton(float_mod: nn.Module, entry: Any, name: str, where: str) -> QuantM
                               f"{type(float_mod).__name__}")
         kind = found.__name__
     try:
-        if kind == "W8A8Linear":
-            act = entry.get("activation", "dynamic")
-            sym = entry.get("act_symmetric", True)
-            if act not in ("dynamic", "static") or not isinstance(sym, bool):
-                raise FormatError(f"{where}: module {name!r}: bad activation settings "
-                                  f"{act!r}/{sym!r}")
+        if kind == "W8A8Linear":  # its settings were checked with the file (_check_modules)
+            act, sym = entry["activation"], entry.get("act_symmetric", True)
             return W8A8Linear.skeleton(float_mod, activation=act, act_symmetric=sym, name=name,
                                        device="meta")
         table: dict[str, Any] = {"QuantLinear": QuantLinear, "QuantEmbedding": QuantEmbedding,
