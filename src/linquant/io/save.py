@@ -576,19 +576,28 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
 
 
 def _strip_prefix(model: nn.Module, ck: LoadedCheckpoint) -> None:
-    """Match names of a bare HF base-model checkpoint to a model with a head (or vice versa)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    if not prefix:
-        return
+    """Match names of a bare HF base-model checkpoint to a model with a head (or vice versa),
+    and those of a ``SentenceTransformer`` saved by :func:`save` (``0.model.encoder...``) to
+    the transformers model it wraps."""
+    from linquant.convert import _ST_INNER
+
     state = set(model.state_dict())
     names = set(ck.plain) | {f"{q}.qdata" for q in ck.quantized}
     if any(n in state for n in ck.plain):
         return
-    if not hasattr(model, prefix):
-        return
+    inner = {m.group(0) for n in (*ck.plain, *ck.quantized) if (m := _ST_INNER.match(n))}
+    if len(inner) == 1 and all(_ST_INNER.match(n) for n in (*ck.plain, *ck.quantized)):
+        st = inner.pop()
 
-    def fix(n: str) -> str:
-        return f"{prefix}.{n}"
+        def fix(n: str) -> str:
+            return n.removeprefix(st)
+    else:
+        prefix = getattr(model, "base_model_prefix", "")
+        if not prefix or not hasattr(model, prefix):
+            return
+
+        def fix(n: str) -> str:
+            return f"{prefix}.{n}"
 
     if not any(fix(n) in state for n in names):
         return
