@@ -299,7 +299,9 @@ def test_root_module_already_quantized_and_unmaterialized_layers() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8, device="meta"))
     quantize_model(model, "w8a32", exclude="1")
     again = quantize_model(model, "w8a32")
-    assert again["0"].reason == "already quantized (QuantLinear)"
+    # the layer as it is: its type, weight shape and scheme (it said "Linear", no shape)
+    assert again["0"].reason == "already quantized (QuantLinear, int8-sym-ch0-fp32)"
+    assert (again["0"].type, again["0"].shape) == ("QuantLinear", (8, 8))
     assert again["1"].reason == "weight not materialized (lazy or meta)"
 
 

@@ -590,7 +590,8 @@ def _decide(
     ``keep_float``: what the model keeps float (:func:`_kept_float`).
     """
     if _is_quantized_module(module):
-        return None, None, f"already quantized ({type(module).__name__})", ""
+        return None, None, (f"already quantized ({type(module).__name__}, "
+                            f"{getattr(module, 'scheme', '?')})"), ""
     config, why = _select(name, pairs, include, exclude, used, keep_float)
     if config is None:
         return None, None, why, ""
@@ -868,9 +869,12 @@ def quantize_model(
         name = plan.names[0]
         w = _plan_weight(plan)
         before = _experts_part_nbytes(module, plan.part) if plan.part else _own_nbytes(module)
-        shape = () if w is None else tuple(w.shape)
-        row = LayerReport(name, _type_name(module), shape, before, before,
-                          reason=plan.reason, note=plan.note)
+        qweight = _qweight(module) if _is_quantized_module(module) else None
+        shape = tuple(qweight.shape) if qweight is not None else (
+            () if w is None else tuple(w.shape))
+        row = LayerReport(name, type(module).__name__ if qweight is not None else
+                          _type_name(module), shape, before, before, reason=plan.reason,
+                          note=plan.note)
         if len(plan.names) > 1:
             row.note = _join(row.note, "also at " + ", ".join(plan.names[1:]))
         report.layers.append(row)
