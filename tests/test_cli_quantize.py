@@ -550,3 +550,34 @@ def test_config_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     (tmp_path / "q" / "config.json").write_text("{not json")
     assert main(["inspect", str(tmp_path / "q")]) == 1
     assert "config.json: not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_eval_perplexity_is_the_models_own_loss(tmp_path: Path, arch: str) -> None:
+    """eval scores the tokens from the logits it compares (no second loss pass through
+    transformers, which also logged "loss_type=None ... unrecognized"): the same perplexity
+    as the models' own loss on labels=ids."""
+    import transformers
+
+    from linquant.commands.eval import _language_model, model_inputs
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model: Any = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).eval()
+    else:
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1,
+            num_heads=2, d_kv=16, decoder_start_token_id=0)).eval()
+    ids = [torch.randint(1, 64, (1, n), generator=torch.Generator().manual_seed(n))
+           for n in (5, 9, 17)]
+    res = _language_model(model, model, ids, tmp_path, tmp_path)
+    nll = n = 0.0
+    with torch.no_grad():
+        for x in ids:
+            k = x.shape[1] - (1 if arch == "gpt2" else 0)
+            nll += float(model(**model_inputs(model, x), labels=x).loss) * k
+            n += k
+    assert res["scored_tokens"] == n
+    assert res["perplexity_reference"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert (res["kl_divergence_max"], res["top1_agreement"]) == (0, 1)

@@ -251,10 +251,10 @@ _KL_BLOCK = 256  # tokens whose next-token distributions are compared at once
 def _language_model(ref: nn.Module, qm: nn.Module, ids: list[torch.Tensor],
                     reference: Path, quantized: Path) -> dict[str, float]:
     """Perplexity of both models on ``ids`` (each input its own target: the next token of a
-    causal model, the decoder's target of an encoder-decoder one) and, over the same scored
-    tokens, the reference's next-token distribution against the quantized model's: KL
-    divergence (nats, mean and max over tokens) and the share of tokens where both put the
-    same token first."""
+    causal model, the decoder's target of an encoder-decoder one; from the logits, as the
+    models' own loss computes it) and, over the same scored tokens, the reference's
+    next-token distribution against the quantized model's: KL divergence (nats, mean and max
+    over tokens) and the share of tokens where both put the same token first."""
     nll_ref = nll_q = kl_sum = kl_max = 0.0
     n = same = 0
     seq2seq = bool(getattr(getattr(ref, "config", None), "is_encoder_decoder", False))
@@ -263,14 +263,17 @@ def _language_model(ref: nn.Module, qm: nn.Module, ids: list[torch.Tensor],
             k = x.shape[1] - (0 if seq2seq else 1)  # the tokens the loss scores
             if k < 1:
                 continue
-            out_r = _run(ref, reference, {**model_inputs(ref, x), "labels": x})
-            out_q = _run(qm, quantized, {**model_inputs(qm, x), "labels": x})
-            nll_ref += float(out_r.loss) * k
-            nll_q += float(out_q.loss) * k
+            out_r = _run(ref, reference, model_inputs(ref, x))
+            out_q = _run(qm, quantized, model_inputs(qm, x))
+            # position i predicts token i + 1 (causal) or token i (the decoder's target)
+            targets = x[0, (0 if seq2seq else 1):]
             for i in range(0, k, _KL_BLOCK):  # fp32 copies of a few hundred rows at a time
                 j = min(k, i + _KL_BLOCK)
                 lr = torch.log_softmax(out_r.logits[0, i:j].float(), dim=-1)
                 lq = torch.log_softmax(out_q.logits[0, i:j].float(), dim=-1)
+                t = targets[i:j, None]
+                nll_ref -= float(lr.gather(-1, t).sum())
+                nll_q -= float(lq.gather(-1, t).sum())
                 kl = (lr.exp() * (lr - lq)).sum(-1).clamp_min(0)
                 kl_sum += float(kl.sum())
                 kl_max = max(kl_max, float(kl.max()))
