@@ -52,37 +52,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _is_linquant(folder: Path) -> bool:
-    """Whether ``folder`` holds a linquant checkpoint: a ``.safetensors`` file in it says so
-    in its header (one damaged file, or a missing shard, still leaves the folder linquant's,
-    for :func:`linquant.load` to name what is wrong)."""
-    from linquant.io.save import _file_metadata
+    """Whether ``folder`` holds a linquant checkpoint: a ``.safetensors`` file in it says so in
+    its header (a damaged file, or a missing shard, still leaves the folder linquant's, for
+    :func:`linquant.load` to name what is wrong)."""
+    from linquant.io.checkpoint import raw_header
+    from linquant.io.format import FORMAT_NAME
 
     for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]:
         try:
-            _file_metadata(file)
+            meta = raw_header(file)[0].get("__metadata__")
         except LinquantError:
-            if _header_says_linquant(file):  # a file cut short: safetensors will not open it
-                return True
             continue
-        return True
+        if isinstance(meta, dict) and meta.get("format") == FORMAT_NAME:
+            return True
     return False
-
-
-def _header_says_linquant(file: Path) -> bool:
-    """The raw safetensors header of ``file`` names the linquant format (read without
-    safetensors, which refuses a file whose data is cut short)."""
-    import struct
-
-    try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 2 <= n <= 100 << 20:
-                return False
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
-        return False
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(meta, dict) and meta.get("format") == "linquant"
 
 
 # config.json sizes that two folders of the same model share; eval refuses to compare folders
@@ -122,13 +105,14 @@ def model_kind(folder: Path) -> str:
     cfg = folder / "config.json"
     if cfg.is_file():
         try:
-            archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
-        except (OSError, ValueError) as e:
+            config = json.loads(cfg.read_text(encoding="utf-8"))
+            archs = config.get("architectures") or []
+        except (OSError, ValueError, AttributeError) as e:
             raise LinquantError(f"{cfg}: cannot read: {e}") from e
         if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
             return "causal-lm"
         if any(str(a).endswith("ForConditionalGeneration") for a in archs) and \
-                json.loads(cfg.read_text(encoding="utf-8")).get("is_encoder_decoder"):
+                config.get("is_encoder_decoder"):
             return "seq2seq-lm"
         return "transformers"
     raise LinquantError(f"{folder}: no modules.json or config.json; eval needs a model folder")

@@ -161,7 +161,7 @@ def staged_folder(dest: str | os.PathLike[str], *, overwrite: bool = False) -> I
     """
     dst = Path(dest)
     parent = dst.parent if str(dst.parent) else Path(".")
-    exists = dst.exists() or dst.is_symlink()
+    exists = os.path.lexists(dst)
     if exists and not overwrite:
         raise LinquantError(f"{dst} already exists (pass overwrite=True / --overwrite to replace)")
     if exists and not dst.is_dir() and not dst.is_symlink():
@@ -185,21 +185,22 @@ def staged_folder(dest: str | os.PathLike[str], *, overwrite: bool = False) -> I
                 placed = _renameat2(tmp, dst, _RENAME_NOREPLACE)
             except FileExistsError:
                 placed = False
-            if not placed and (dst.exists() or dst.is_symlink()):
-                raise LinquantError(f"{dst} appeared while this run wrote it (another run?); "
-                                    "not replaced: pass overwrite=True / --overwrite to replace")
             if not placed:
+                if os.path.lexists(dst):
+                    raise LinquantError(f"{dst} appeared while this run wrote it (another "
+                                        "run?); not replaced: pass overwrite=True / "
+                                        "--overwrite to replace")
                 os.rename(tmp, dst)
-        elif (dst.exists() or dst.is_symlink()) and dst.is_dir() and not dst.is_symlink() \
-                and _renameat2(tmp, dst, _RENAME_EXCHANGE):
+        elif not os.path.lexists(dst):
+            os.rename(tmp, dst)
+        elif dst.is_dir() and not dst.is_symlink() and \
+                _renameat2(tmp, dst, _RENAME_EXCHANGE):
             shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
-        elif dst.exists() or dst.is_symlink():
+        else:
             trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-{_temp_tag()}-", dir=parent))
             os.rename(dst, trash / "old")
             os.rename(tmp, dst)
             shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
         _fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -187,7 +187,21 @@ def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
 
 
 def _read_header(file: Path) -> list[TensorInfo]:
-    """The tensors a ``.safetensors`` file holds, in storage order, from its JSON header.
+    """The tensors a ``.safetensors`` file holds, in storage order, from its JSON header."""
+    header, size, n = raw_header(file)
+    data_size = size - 8 - n
+    infos = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        infos.append(_info(file, name, entry, data_size, 8 + n))
+    infos.sort(key=lambda i: (i.offset, i.name))
+    return infos
+
+
+def raw_header(file: Path) -> tuple[dict[str, Any], int, int]:
+    """``(header, file size, header length)`` of a ``.safetensors`` file, the entries not
+    checked (a file whose data is cut short still has its header).
 
     Layout: an 8-byte little-endian header length ``n``, ``n`` bytes of JSON
     ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, then the
@@ -213,14 +227,7 @@ def _read_header(file: Path) -> list[TensorInfo]:
         raise FormatError(f"{file}: not a safetensors file (header is not JSON: {e})") from e
     if not isinstance(header, dict):
         raise FormatError(f"{file}: not a safetensors file (header is not a JSON object)")
-    data_size = size - 8 - n
-    infos = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        infos.append(_info(file, name, entry, data_size, 8 + n))
-    infos.sort(key=lambda i: (i.offset, i.name))
-    return infos
+    return header, size, n
 
 
 def _info(file: Path, name: str, entry: Any, data_size: int, data_start: int) -> TensorInfo:
