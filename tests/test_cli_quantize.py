@@ -362,6 +362,35 @@ def test_a_closed_stdout_ends_quietly_after_the_files_are_written(
     assert (proc.returncode, proc.stderr) == (141, "")
 
 
+def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback() -> None:
+    """Ctrl-C in the console script's first second, while ``import linquant`` imports torch,
+    printed a KeyboardInterrupt traceback: the script imported ``linquant.cli`` before any
+    linquant code ran. Its entry point is now ``_linquant_cli:main``, outside the package.
+    The SIGINT here arrives deterministically, as the import of torch starts."""
+    from importlib.metadata import entry_points
+
+    script = next(e for e in entry_points(group="console_scripts") if e.name == "linquant")
+    assert script.value == "_linquant_cli:main"
+    child = (
+        "import importlib.abc, os, signal, sys\n"
+        "class Interrupt(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from _linquant_cli import main\n"
+        "sys.argv = ['linquant', '--version']\n"
+        "sys.exit(main())\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "linquant: interrupted\n")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from _linquant_cli import main; "
+                           "sys.argv = ['linquant', '--version']; sys.exit(main())"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert (proc.returncode, proc.stdout.split()[0]) == (0, "linquant")
+
+
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 def test_calibrate_and_eval_an_encoder_decoder(tmp_path: Path, arch: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
