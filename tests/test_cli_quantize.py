@@ -391,6 +391,17 @@ def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback() -> None:
     assert (proc.returncode, proc.stdout.split()[0]) == (0, "linquant")
 
 
+def test_python_dash_m_linquant_runs_the_command(tmp_path: Path, src: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "linquant", "quantize", str(src), "-o",
+                           str(tmp_path / "q"), "--preset", "w8a16", "--no-progress"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert load_into(Small(), tmp_path / "q").fc.__class__.__name__ == "QuantLinear"
+    proc = subprocess.run([sys.executable, "-m", "linquant", "nonsense"], capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 def test_calibrate_and_eval_an_encoder_decoder(tmp_path: Path, arch: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
