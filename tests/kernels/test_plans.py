@@ -139,6 +139,49 @@ def test_layers_made_in_inference_mode_replay_plans_without_exceptions(
     assert all(_plans(q) for q in layers)
 
 
+def test_layers_made_in_inference_mode_hold_normal_tensors_and_see_in_place_changes() -> None:
+    """Under torch.inference_mode a layer's tensors were inference tensors, which keep no
+    version counter: a plan or layout made from them never saw them change in place. Scaling
+    the weight's scales gave the old output; recalibrating a static W8A8 layer
+    (set_activation_range, what lq.calibrate does on exit) kept running with the old input
+    scale. Now a layer's tensors are normal tensors, also when built or converted there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 64), nn.Linear(64, 96), nn.Linear(96, 64))
+    with torch.inference_mode():
+        q = QuantLinear.from_float(nn.Linear(256, 384), "int4-asym-g32-fp16").to(BF)
+        w8 = W8A8Linear.from_float(nn.Linear(256, 384), activation="static")
+        w8.set_activation_range(-3.0, 3.0)
+        lq.quantize_model(model, {"0": "int8-sym-ch0", "1": "w4a16-g32", "2": "w8a8"})
+        model.to(BF)
+        tensors = [*q.parameters(), *q.buffers(), *w8.parameters(), *w8.buffers(),
+                   *model.parameters(), *model.buffers()]
+        assert tensors and not any(t.is_inference() for t in tensors)
+        x = torch.randn(5, 256)
+        y0 = q(x.to(BF))
+        q.weight_scale.mul_(2)  # every output doubles (exactly: a power of two)
+        assert torch.equal(q(x.to(BF)), kernels.linear_weight_only(x.to(BF), q.qweight, q.bias))
+        assert not torch.equal(q(x.to(BF)), y0)
+        w8(x)
+        w8.set_activation_range(-0.5, 0.5)
+        assert torch.equal(w8(x), ref.linear_w8a8(x, w8.weight_qdata, w8.weight_scale, w8.bias,
+                                                  w8.input_scale))
+
+
+def test_a_model_quantized_in_inference_mode_runs_after_a_cast_outside_it() -> None:
+    """Parameters made under inference_mode and cast by ``.to()`` outside it say they are not
+    inference tensors, yet reading their version counter raises: every call failed with
+    "Inference tensors do not track version counter"."""
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64))
+        lq.quantize_model(model, "w8a8")
+        float_layer = nn.Linear(8, 8)
+    model.to(BF)
+    with torch.no_grad():
+        assert model(torch.randn(2, 64).to(BF)).shape == (2, 64)
+    float_layer.to(BF)  # a caller's tensor of that kind: no version to read, no exception
+    assert not float_layer.weight.is_inference() and cpu._version(float_layer.weight) is None
+
+
 @torch.no_grad()
 def test_plan_is_dropped_when_weight_or_bias_change() -> None:
     q = _layer("int4-asym-g32-fp16", BF)

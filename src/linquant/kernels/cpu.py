@@ -211,11 +211,16 @@ def int8pack_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
 
 def _version(t: torch.Tensor) -> int | None:
     """``t``'s version counter, or None for an inference-mode tensor, which keeps none (asked
-    first: reading ``_version`` of one raises, and the exception cost about 10 us, four times
-    per eager call of a layer created under ``torch.inference_mode``)."""
+    first: reading ``_version`` of one raises, and the exception cost about 10 us). linquant's
+    layers hold no inference tensors (``nn.base._normal``); a caller's input or bias may be
+    one. So may a parameter created under ``inference_mode`` whose data ``.to()`` replaced
+    outside it: it no longer says it is one, yet keeps no version counter."""
     if t.is_inference():
         return None
-    return int(t._version)
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
 
 
 def _key(qt: QuantizedTensor, dtype: torch.dtype) -> tuple[object, ...]:

@@ -401,6 +401,22 @@ def _memoizable(fn: object) -> bool:
     return True
 
 
+def _normal(value: Any) -> Any:
+    """``value``, or where it is an inference tensor (made under ``torch.inference_mode``), a
+    normal copy of it. An inference tensor keeps no version counter, so a kernel layout or plan
+    made from it could not see it changed in place later (a recalibrated input scale ran with the
+    old one), and a parameter made from one raises when asked for its version once ``.to()``
+    has replaced its data. A layer's tensors are therefore always normal tensors: one copy, made
+    only when the layer is built (or converted) under ``inference_mode``."""
+    if not isinstance(value, torch.Tensor) or not value.is_inference():
+        return value
+    with torch.inference_mode(False), torch.no_grad():
+        copy = value.detach().clone()
+        if isinstance(value, nn.Parameter):
+            return nn.Parameter(copy, requires_grad=value.requires_grad)
+        return copy
+
+
 class QuantModule(nn.Module):
     """Base of the quantized modules: labels for errors, dtype-safe ``_apply``, weight buffers.
 
@@ -552,7 +568,14 @@ class QuantModule(nn.Module):
             raise LinquantError(
                 f"{self._label()}: weight is read-only (it dequantizes the stored codes); a "
                 "quantized layer's weight changes only through its buffers or load_state_dict")
-        super().__setattr__(name, value)
+        super().__setattr__(name, _normal(value))
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None,
+                        persistent: bool = True) -> None:
+        super().register_buffer(name, _normal(tensor), persistent)
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        super().register_parameter(name, _normal(param))
 
     @property
     def qweight(self) -> QuantizedTensor:
@@ -575,6 +598,12 @@ class QuantModule(nn.Module):
 
     # ---- .to(), .half(), .cuda() ---------------------------------------------------------------
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        # converted tensors are normal tensors, also under inference_mode (see _normal)
+        with torch.inference_mode(False):
+            return self._apply_outside_inference_mode(fn, recurse)
+
+    def _apply_outside_inference_mode(self, fn: Callable[[torch.Tensor], torch.Tensor],
+                                      recurse: bool) -> Any:
         saved = {n: b for n in self._quant_buffers if (b := self._buffers.get(n)) is not None}
         # Quantized weights tied between layers (an embedding and its output head) are one
         # buffer, or views of one: PyTorch converts each module's buffers separately, which
