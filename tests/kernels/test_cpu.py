@@ -1237,3 +1237,47 @@ def test_kernel_cache_nbytes_sees_a_real_layout_and_clear_frees_it() -> None:
         assert held >= 256 * 512 // 2  # at least another copy of the int4 codes
     clear_kernel_caches(q)
     assert kernel_cache_nbytes(q) == 0
+
+
+def test_one_layer_called_from_two_python_threads() -> None:
+    """A layer's plan binds one dequantizer, which every Python thread calling the layer
+    shares. Where the native dequantizer does not write the output itself (fp64, or no AVX2
+    library), it staged codes in one buffer of its own: two threads overwrote each other's
+    (7 of 150 calls wrong per thread with fp64 here). It now stages them in a buffer of the
+    calling thread's."""
+    import threading
+
+    deq = cpu._RowDequant(lq.quantize(torch.randn(16, 64), "int4-asym-g32"), native=False)
+    seen: list[int] = []
+    both = threading.Barrier(2)
+
+    def grab() -> None:
+        ptr = deq._buf(1024).data_ptr()
+        both.wait()  # both threads alive, each buffer held: two addresses, or one shared
+        seen.append(ptr)
+
+    runs = [threading.Thread(target=grab) for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert len(set(seen)) == 2
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(512, 1024), "int4-asym-g32").double()
+    xs = [torch.randn(4, 512, dtype=torch.float64) * (i + 1) for i in range(2)]
+    assert kernels.select_path(xs[0], q.qweight) == "cpu_blocked"
+    with torch.no_grad():
+        want = [q(x) for x in xs]
+    wrong = [0, 0]
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(100):
+                wrong[i] += not torch.equal(q(xs[i]), want[i])
+
+    runs = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert wrong == [0, 0]

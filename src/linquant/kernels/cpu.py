@@ -403,7 +403,6 @@ class _RowDequant:
         self.scale = scale.reshape(shape)
         self.zp = None if zpf is None else zpf.reshape(shape)
         self.off = None if off is None else off.reshape(shape)
-        self.codes = torch.empty(0, dtype=torch.float32)
         self.prepared = True
 
     def _rows(self, p: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor | None:
@@ -438,26 +437,26 @@ class _RowDequant:
             out.copy_(t)
 
     def _buf(self, nel: int) -> torch.Tensor:
-        if self.codes.numel() < nel:
-            self.codes = torch.empty(nel, dtype=torch.float32)
-        return self.codes[:nel]
+        # this thread's: one dequantizer is shared by every thread that calls its layer (plans)
+        return _scratch(nel, torch.float32, "codes")
 
 
 _local = threading.local()
 
 
-def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread, reused float buffer of at least ``numel`` elements."""
-    bufs: dict[torch.dtype, torch.Tensor] = getattr(_local, "bufs", None) or {}
+def _scratch(numel: int, dtype: torch.dtype, role: str = "weight") -> torch.Tensor:
+    """A per-thread, reused float buffer of at least ``numel`` elements, one per ``role`` and
+    dtype."""
+    bufs: dict[tuple[str, torch.dtype], torch.Tensor] = getattr(_local, "bufs", None) or {}
     _local.bufs = bufs
-    b = bufs.get(dtype)
+    b = bufs.get((role, dtype))
     if b is None or b.numel() < numel:
-        bufs.pop(dtype, None)
+        bufs.pop((role, dtype), None)
         # A normal tensor even under inference_mode: an inference tensor could not be written
         # in place later, outside inference_mode.
         with torch.inference_mode(False):
             b = torch.empty(numel, dtype=dtype)
-        bufs[dtype] = b
+        bufs[(role, dtype)] = b
     return b[:numel]
 
 
@@ -632,7 +631,7 @@ def _float_codes(x2: torch.Tensor, scale: torch.Tensor | None,
     ``0.50000006 + 128`` ties to 128.)"""
     m, k = x2.shape
     xf = x2.float()
-    buf = _scratch(m * k, torch.float32).view(m, k)
+    buf = _scratch(m * k, torch.float32, "activations").view(m, k)
     if scale is None:
         tok = torch.abs(xf, out=buf).amax(dim=-1, keepdim=True).div_(ACT_QMAX).clamp_min_(_TINY)
         torch.div(xf, tok, out=buf)
@@ -655,7 +654,7 @@ def _u8_codes(codes: torch.Tensor, asymmetric: bool) -> torch.Tensor:
     if asymmetric:
         codes = codes.sub_(128)
     m, k = codes.shape
-    out = _scratch(m * k, torch.int8).view(m, k).copy_(codes)
+    out = _scratch(m * k, torch.int8, "activations").view(m, k).copy_(codes)
     return out.view(torch.uint8).bitwise_xor_(128)
 
 
