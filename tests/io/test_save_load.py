@@ -127,6 +127,37 @@ def test_hf_gpt2_load(tmp_path: Path) -> None:
         assert torch.equal(g(x).logits, g2(x).logits)
 
 
+def test_load_reads_the_generation_config(tmp_path: Path) -> None:
+    """lq.load built the model from config.json alone: the folder's generation_config.json
+    (which save writes) was ignored, and the loaded model generated past its stop tokens, with
+    other lengths and sampling settings than the model saved. linquant quantize's folder too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from linquant.cli import main
+
+    torch.manual_seed(0)
+    g = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                   n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    g.generation_config.eos_token_id = [5, 7]
+    g.generation_config.max_new_tokens = 3
+    g.generation_config.repetition_penalty = 1.3
+    g.save_pretrained(tmp_path / "float")
+    quantize_model(g, "w8a32")
+    save(g, tmp_path / "g")
+    assert main(["quantize", str(tmp_path / "float"), "-o", str(tmp_path / "cli"), "--preset",
+                 "w8a32", "--no-progress"]) == 0
+    x = torch.randint(8, 64, (1, 4))
+    want = g.generate(x, do_sample=False)
+    for folder in ("g", "cli"):
+        g2 = load(tmp_path / folder)
+        gen = g2.generation_config
+        assert (gen.eos_token_id, gen.max_new_tokens, gen.repetition_penalty) == ([5, 7], 3, 1.3)
+        assert torch.equal(g2.generate(x, do_sample=False), want)
+    (tmp_path / "g" / "generation_config.json").write_text("{not json")
+    with pytest.raises(FormatError, match=r"generation_config\.json: cannot read"):
+        load(tmp_path / "g")
+
+
 # ---- damaged files ---------------------------------------------------------------------------
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:

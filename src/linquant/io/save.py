@@ -854,6 +854,7 @@ def load(path: str | os.PathLike[str], *, mmap: bool = True) -> nn.Module:
         config = read_hf_config(folder)
         cls = _hf_class(folder, config, kind.get("class"))
         model = _from_config(cls, config)
+        _read_generation_config(model, folder)
     else:
         raise LinquantError(f"{folder}: no config.json or modules.json; build the model and "
                             "call linquant.load_into(model, path)")
@@ -868,6 +869,23 @@ def load(path: str | os.PathLike[str], *, mmap: bool = True) -> nn.Module:
     load_into(target, folder, mmap=mmap)
     model.eval()
     return model
+
+
+def _read_generation_config(model: nn.Module, folder: Path) -> None:
+    """The folder's ``generation_config.json`` (which :func:`save` writes), as
+    ``from_pretrained`` reads it: built from config.json alone, a model would generate with the
+    config's defaults, losing its stop tokens, length and sampling settings."""
+    file = folder / "generation_config.json"
+    can_generate = getattr(model, "can_generate", None)
+    if not file.is_file() or not callable(can_generate) or not can_generate():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        text = " ".join(str(e).split())
+        raise FormatError(f"{file}: cannot read the generation config: {text}") from e
 
 
 def _first_metadata(folder: Path) -> dict[str, Any]:
