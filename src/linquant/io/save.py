@@ -882,7 +882,7 @@ def _read_generation_config(model: nn.Module, folder: Path) -> None:
     from transformers import GenerationConfig
 
     try:
-        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        setattr(model, "generation_config", GenerationConfig.from_pretrained(str(folder)))  # noqa: B010
     except (OSError, ValueError) as e:
         text = " ".join(str(e).split())
         raise FormatError(f"{file}: cannot read the generation config: {text}") from e
