@@ -24,7 +24,7 @@ others are calibrated. If the body raises, the hooks are removed and nothing is 
 How batches are combined:
 
 * ``percentile=None``: the running minimum and maximum over all batches (the exact range).
-* ``percentile=p`` (``0 < p <= 100``): each batch gives a percentile estimate, computed on at
+* ``percentile=p`` (``50 < p <= 100``): each batch gives a percentile estimate, computed on at
   most ``sample_size`` of its values drawn uniformly at random (with replacement, seeded, so
   runs repeat) -- ``p``-th percentile of ``|x|`` for symmetric layers (range ``[-a, a]``), the
   ``(100-p)``-th and ``p``-th percentiles of ``x`` for asymmetric ones. The layer's range is the
@@ -136,7 +136,7 @@ def calibrate(
     Args:
         model: the model holding static :class:`~linquant.nn.W8A8Linear` layers (or
             static experts projections).
-        percentile: None for min/max, else ``0 < p <= 100`` (e.g. 99.99).
+        percentile: None for min/max, else ``50 < p <= 100`` (e.g. 99.99).
         sample_size: values per batch and layer the percentile is estimated on.
         unreached: what happens to a static layer that no batch reached (a vision tower fed
             text only, cross-attention run without encoder states): ``"raise"`` (a
@@ -151,9 +151,13 @@ def calibrate(
     if not isinstance(model, nn.Module):
         raise LinquantError(f"calibrate: expected an nn.Module, got {type(model).__name__}")
     if percentile is not None and not (
-        isinstance(percentile, (int, float)) and 0.0 < float(percentile) <= 100.0
+        isinstance(percentile, (int, float)) and not isinstance(percentile, bool)
+        and 50.0 < float(percentile) <= 100.0
     ):
-        raise LinquantError(f"calibrate: percentile must be in (0, 100], got {percentile!r}")
+        # below 50 the "upper" percentile of an asymmetric range falls under its lower one,
+        # and a symmetric range clips most inputs
+        raise LinquantError(f"calibrate: percentile must be in (50, 100] (the share of inputs "
+                            f"the range covers, e.g. 99.99), got {percentile!r}")
     if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
         raise LinquantError(f"calibrate: sample_size must be a positive int, got {sample_size!r}")
     if unreached == "error":  # the CLI's word (--unreached error)

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="sample text, one sample per line (the same as --sentences)")
     p.add_argument("--percentile", type=float, default=None, metavar="P",
                    help="each layer's range from the P-th percentile of its inputs (e.g. "
-                        "99.99; default: min/max)")
+                        "99.99; 50 < P <= 100; default: min/max)")
     p.add_argument("--unreached", choices=("error", "dynamic"), default="error",
                    help="a static layer no sample reaches (a vision tower fed text, "
                         "cross-attention without encoder states): error (default: write "
