@@ -17,7 +17,9 @@ tuning change may reorder sums but must not change results beyond rounding.
 
 The layout comes from this tree's ``native.repack`` / ``native.repack_avx2``. A source whose
 compact zero points are int16 (``(const int16_t*)ob`` in it: sources before uint8 zero points)
-gets them converted.
+gets them converted; an AVX2 source without center codes (no ``OREC`` in it: sources before
+them, whose fp32 sums centered every code at ``2^(bits - 1)``) gets plain fp32 offsets,
+centered there.
 
     python benchmarks/bench_native_ab.py --old-rev 6fae271 [--schemes int4-sym-g128-fp16,...]
         [--shapes 4096x4096,2048x2048] [--ms 1,2,4,16] [--repeats 15]
@@ -34,6 +36,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import alternate, machine, rotate, shapes_arg
@@ -46,6 +49,21 @@ KERNELS = {  # --kernel -> (spec key, source, entry point)
     "avx2": (native.AVX2, "wa16_avx2.c", "lq_wa16_avx2"),
     "dequant": (native.AVX2, "wa16_avx2.c", "lq_dequant_rows"),
 }
+
+
+def _centerless_layout(layout: native.Avx2Layout, bits: int) -> tuple[Any, ...]:
+    """``layout`` as AVX2 sources before center codes read it: a compact flag, and for fp32
+    scales plain fp32 offsets centered at ``2^(bits - 1)`` (``o_c + (h - c) s``)."""
+    codes, scales, params, fmt = layout
+    if fmt == native.AVX2_FMT_COMPACT:
+        return codes, scales, params, True
+    if fmt == native.AVX2_FMT_OFFSET:
+        offsets = params[..., :32].contiguous().view(torch.float32).double()
+        centers = params[..., 32:].double()
+    else:
+        offsets, centers = torch.zeros(params.shape, dtype=torch.float64), params.double()
+    h = float(1 << (bits - 1))
+    return codes, scales, (offsets + (h - centers) * scales.double()).float(), False
 
 
 def _build_old(args: argparse.Namespace, where: Path) -> tuple[ctypes.CDLL, bool]:
@@ -72,7 +90,9 @@ def _build_old(args: argparse.Namespace, where: Path) -> tuple[ctypes.CDLL, bool
         fn.argtypes, fn.restype = argtypes, ctypes.c_int64
     print(f"baseline: {args.old_source or args.old_rev or 'this tree'}'s {name}, flags "
           f"{' '.join(flags)}")
-    return lib, "(const int16_t*)ob" in text
+    # whether the source reads an older layout: int16 zero points (w4a16), or no center codes
+    legacy = "OREC" not in text if args.kernel == "avx2" else "(const int16_t*)ob" in text
+    return lib, legacy
 
 
 def main() -> None:
@@ -101,25 +121,29 @@ def main() -> None:
         return
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
-        old, int16 = _build_old(args, Path(tmp))
+        old, legacy = _build_old(args, Path(tmp))
         torch.manual_seed(0)
         for scheme in args.schemes.split(","):
             for n, k in shapes_arg(args.shapes, ((4096, 4096), (2048, 2048))):
                 if args.kernel == "dequant":
                     _dequant_shape(scheme, n, k, new, old, args)
                 else:
-                    _shape(scheme, n, k, new, old, int16, args)
+                    _shape(scheme, n, k, new, old, legacy, args)
 
 
-def _shape(scheme: str, n: int, k: int, new: ctypes.CDLL, old: ctypes.CDLL, int16: bool,
+def _shape(scheme: str, n: int, k: int, new: ctypes.CDLL, old: ctypes.CDLL, legacy: bool,
            args: argparse.Namespace) -> None:
     bits = lq.QuantScheme.parse(scheme).bits
     count = max(2, math.ceil(256 * 2**20 / (n * k * bits // 8)))
     qts = [lq.quantize(torch.randn(n, k), scheme) for _ in range(count)]
     avx2 = args.kernel == "avx2"
     layouts = [native.repack_avx2(qt) if avx2 else native.repack(qt) for qt in qts]
-    olds = [(c, s, o.to(torch.int16) if int16 and comp else o, comp)
-            for c, s, o, comp in layouts]
+    olds: list[Any]
+    if avx2:
+        olds = [_centerless_layout(lay, bits) if legacy else lay for lay in layouts]
+    else:
+        olds = [(c, s, o.to(torch.int16) if legacy and comp else o, comp)
+                for c, s, o, comp in layouts]
     nbytes = sum(t.nbytes for t in layouts[0][:3])
     print(f"\n{scheme} {n}x{k}: {count} copies of {nbytes / 2**20:.2f} MiB (codes, scales, "
           f"zero points); ms per call, median of {args.repeats} alternating rounds")
@@ -179,7 +203,7 @@ Call = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _call(run: Callable[..., torch.Tensor | None], lib: ctypes.CDLL, qt: lq.QuantizedTensor,
-          layout: native.Layout) -> Call:
+          layout: Any) -> Call:
     return lambda x: _checked(run(lib, x, qt, layout, None))
 
 

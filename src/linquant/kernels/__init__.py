@@ -27,28 +27,28 @@ Weight-only linear (:func:`linear_weight_only`) on CPU, first match wins:
    quantized path. From a few hundred tokens on MiniLM's small weights ``cpu_scratch`` wins
    (the model at 480 and 1920 tokens per layer ran 1.5-1.9x fp32 on it, 1.26-1.28x on the
    native kernel).
-3. ``cpu_native_avx2``: 4- or 8-bit, any mode, group-wise with a group of whole 32-bit words
-   (a multiple of 8 / 4 codes), per output channel or per tensor, ``K`` a multiple of 8 / 4,
-   where :func:`linquant.kernels.native.available` ``("avx2")`` (x86-64 with AVX2, FMA and F16C
-   and a C compiler): bf16 / fp16 activations at every ``M`` where the CPU has no hardware
-   matmul for ``x.dtype`` (:func:`linquant.kernels.native.fast_half_matmul`: AVX512-BF16 or
-   AMX for bf16, AMX-FP16 for fp16), else at ``M <= NATIVE_AVX2_MAX_M`` (32); **fp32**
-   activations at ``M <= NATIVE_AVX2_MAX_M_FP32`` (64), with fp32 math (exact products of the
-   centered codes, fp32 sums: within 1.5e-6 of the reference's max here, the blocked path's
-   tolerance is 1e-5). linquant's AVX2 kernel: it decodes each code with one AND and one
-   conversion per 8 weights and multiplies in fp32, reading the weight once per call. It takes
-   what rows 1 and 2 leave: every 4- and 8-bit layer on CPUs without AVX-512 (there it beat
-   the previous paths at every ``M`` measured, 1-1024: on 4096 x 4096 4-bit 0.38 ms at one
-   token against 1.14 for ``cpu_int4pack``, 3.2 ms against 5.0 at 16 tokens, 55 ms against 184
-   for ``cpu_scratch`` at 256), and on every CPU fp16 activations (``cpu_int4pack`` runs fp16
-   at a thirtieth of its bf16 speed: 15.6 ms at one token on 4096 x 4096, the AVX2 kernel 0.5),
-   8-bit asymmetric or group-wise weights (0.49 ms at one token instead of 5.5 for
+3. ``cpu_native_avx2``: 4- or 8-bit, any mode, group-wise with a group of whole 32-bit words (a
+   multiple of 8 / 4 codes), per output channel or per tensor, ``K`` a multiple of 8 / 4, where
+   :func:`linquant.kernels.native.available` ``("avx2")`` (x86-64 with AVX2, FMA and F16C and a
+   C compiler): bf16 / fp16 activations at every ``M`` where the CPU has no hardware matmul for
+   ``x.dtype`` (:func:`linquant.kernels.native.fast_half_matmul`: AVX512-BF16 or AMX for bf16,
+   AMX-FP16 for fp16), else at ``M <= NATIVE_AVX2_MAX_M`` (32); **fp32** activations at ``M <=
+   NATIVE_AVX2_MAX_M_FP32`` (64), with fp32 math (exact products of the codes centered at each
+   row's zero, fp32 sums: within 1.5e-6 of the reference's max here, also with outlier weights;
+   the blocked path's tolerance is 1e-5). linquant's AVX2 kernel: it decodes each code with one
+   AND and one conversion per 8 weights and multiplies in fp32, reading the weight once per
+   call. It takes what rows 1 and 2 leave: every 4- and 8-bit layer on CPUs without AVX-512
+   (there it beat the previous paths at every ``M`` measured, 1-1024: on 4096 x 4096 4-bit 0.38
+   ms at one token against 1.14 for ``cpu_int4pack``, 3.2 ms against 5.0 at 16 tokens, 55 ms
+   against 184 for ``cpu_scratch`` at 256), and on every CPU fp16 activations (``cpu_int4pack``
+   runs fp16 at a thirtieth of its bf16 speed: 15.6 ms at one token on 4096 x 4096, the AVX2
+   kernel 0.5), 8-bit asymmetric or group-wise weights (0.49 ms at one token instead of 5.5 for
    ``cpu_blocked``) and fp32 activations (W8A32 on 4096 x 4096: 0.56 ms at one token, 6x fp32
-   ``nn.Linear``, where ``cpu_blocked`` takes 2.3; level with it at 64 tokens, behind from
-   128). Where bf16 matmuls run in hardware, ``cpu_blocked`` / ``cpu_scratch`` overtake it
-   between 16 and 64 tokens (``benchmarks/bench_avx2_crossover.py``, which also shows how to
-   cap every library at AVX2). One token on weights under ``SMALL_WEIGHT_NUMEL`` that
-   ``cpu_int8pack`` takes stays there (a tie or up to 15% faster on MiniLM's shapes).
+   ``nn.Linear``, where ``cpu_blocked`` takes 2.3; level with it at 64 tokens, behind from 128).
+   Where bf16 matmuls run in hardware, ``cpu_blocked`` / ``cpu_scratch`` overtake it between 16
+   and 64 tokens (``benchmarks/bench_avx2_crossover.py``, which also shows how to cap every
+   library at AVX2). One token on weights under ``SMALL_WEIGHT_NUMEL`` that ``cpu_int8pack``
+   takes stays there (a tie or up to 15% faster on MiniLM's shapes).
 4. ``cpu_int4pack``: 4-bit group-wise (group 32/64/128/256, ``N % 16 == 0``), bf16 / fp16
    activations, ``M < INT4PACK_MAX_M`` (64).
 5. ``cpu_int8split``: 8-bit symmetric per-output-channel or per-tensor, bf16 / fp16

@@ -240,23 +240,25 @@ def _prune(out: Path) -> None:
 
 
 def _probe_weight_only(lib: ctypes.CDLL, run: Callable[..., torch.Tensor | None],
-                       build: Callable[[QuantizedTensor], Layout],
-                       schemes: tuple[str, ...]) -> str | None:
+                       build: Callable[[QuantizedTensor], Any], schemes: tuple[str, ...],
+                       dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> str | None:
     """Small products through a weight-only kernel (``run(lib, x, qt, build(qt), None)``)
-    against plain PyTorch; the problem, or None."""
+    against plain PyTorch, with activations of each of ``dtypes``; the problem, or None."""
     from linquant.tensor import quantize
 
     g = torch.Generator().manual_seed(0)
     for scheme in schemes:
         qt = quantize(torch.randn(40, 64, generator=g), scheme)
-        x = torch.randn(9, 64, generator=g).bfloat16()
-        want = x.double() @ qt.dequantize(torch.float64).T
-        got = run(lib, x, qt, build(qt), None)
-        if got is None:
-            return "probe: the kernel reported non-finite sums on finite input"
-        err = float((got.double() - want).abs().max())
-        if not err <= 2e-2 * float(want.abs().max()):
-            return f"probe ({scheme}): max error {err:.3g} against plain PyTorch"
+        for dtype in dtypes:
+            x = torch.randn(9, 64, generator=g).to(dtype)
+            want = x.double() @ qt.dequantize(torch.float64).T
+            got = run(lib, x, qt, build(qt), None)
+            if got is None:
+                return "probe: the kernel reported non-finite sums on finite input"
+            err = float((got.double() - want).abs().max())
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            if not err <= tol * float(want.abs().max()):
+                return f"probe ({scheme}, {dtype}): max error {err:.3g} against plain PyTorch"
     return None
 
 
@@ -308,7 +310,9 @@ def _probe_dequant(lib: ctypes.CDLL) -> str | None:
 
 
 def _probe_avx2(lib: ctypes.CDLL) -> str | None:
-    return (_probe_weight_only(lib, _run_avx2, repack_avx2, ("int4-asym-g32-fp16", "int8-sym-ch0"))
+    return (_probe_weight_only(lib, _run_avx2, repack_avx2,
+                               ("int4-asym-g32-fp16", "int8-sym-ch0", "int8-asymf-g32"),
+                               (torch.bfloat16, torch.float32))
             or _probe_dequant(lib))
 
 
@@ -805,24 +809,37 @@ def avx2_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
     return k % per == 0 and g % per == 0 and k % g == 0 and available(AVX2)
 
 
-def repack_avx2(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
-    """``(codes, scales, offsets, compact)`` in the AVX2 kernel's layout (see its C source):
-    codes int32 ``[ceil(N / 8), K * bits / 32, 8]``, the codes of each row and 32-bit word
-    packed from the low bits up; per group and row, as ``[ceil(N / 8), K / g', 8]``: fp32
-    scales ``s`` and fp32 centered offsets ``o_c`` with ``w = s (u - 2**(bits - 1)) + o_c`` for
-    the unsigned codes ``u`` (symmetric codes ``c`` become ``u = c + 2**(bits - 1)``, and their
-    ``o_c`` is 0), or, ``compact`` (scales exact in fp16, no float offset), fp16 scales and
-    uint8 zero points ``z`` (``w = s (u - z)``), 3 bytes instead of 8. ``g'`` is the group, or for
-    groups longer than ``AVX2_MAX_GROUP`` codes (per channel, per tensor) the largest divisor of
-    it up to that many, each part with the group's parameters. Rows past ``N`` are zero.
-    ``compact=None`` picks it where possible; False forces the fp32 format. The codes need no
-    unpacking: see the comment below."""
+# the AVX2 layout's formats of the per-group parameters (see its C source)
+AVX2_FMT_OFFSET, AVX2_FMT_COMPACT, AVX2_FMT_CENTER = 0, 1, 2
+Avx2Layout = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+
+def repack_avx2(qt: QuantizedTensor, compact: bool | None = None) -> Avx2Layout:
+    """``(codes, scales, params, fmt)`` in the AVX2 kernel's layout (see its C source): codes
+    int32 ``[ceil(N / 8), K * bits / 32, 8]``, the codes of each row and 32-bit word packed from
+    the low bits up; per group and row, with ``w = s (u - c) + o_c`` for the unsigned codes
+    ``u`` (symmetric codes ``q`` become ``u = q + 2**(bits - 1)``) and ``c`` the code nearest to
+    ``w = 0`` (an integer zero point; ``2**(bits - 1)`` for symmetric codes), in one of three
+    formats ``fmt``:
+
+    * ``AVX2_FMT_COMPACT`` (scales exact in fp16, no float offset): fp16 scales ``[ceil(N / 8),
+      K / g', 8]`` and uint8 centers (the zero points) of the same shape; ``o_c = 0``: 3 bytes;
+    * ``AVX2_FMT_CENTER`` (other scales, no float offset): fp32 scales and uint8 centers;
+      ``o_c = 0``: 5 bytes;
+    * ``AVX2_FMT_OFFSET`` (float offsets ``m``, ``w = s u + m``): fp32 scales, and uint8
+      ``[ceil(N / 8), K / g', 40]``: records of 8 rows' fp32 ``o_c = m + c s`` (from fp64,
+      ``|o_c| <= s / 2``), then their 8 uint8 centers: 9 bytes.
+
+    ``g'`` is the group, or for groups longer than ``AVX2_MAX_GROUP`` codes (per channel, per
+    tensor) the largest divisor of it up to that many, each part with the group's parameters.
+    Rows past ``N`` are zero. ``compact=None`` picks the compact format where possible; False
+    forces fp32 scales. The codes need no unpacking: see the comment below."""
     n, k = (int(d) for d in qt.shape)
     bits = qt.scheme.bits
     per, g = 32 // bits, int(qt.scheme.group_size or k)
     groups = k // g
     # Groups of more than AVX2_MAX_GROUP codes (per channel, per tensor) are split, each part
-    # with the group's parameters: shorter fp32 sums, which cancel their offset term per part.
+    # with the group's parameters: shorter fp32 sums.
     sub = max(d for d in range(per, min(g, AVX2_MAX_GROUP) + 1, per) if g % d == 0)
 
     def per_row(t: torch.Tensor) -> torch.Tensor:  # per tensor / channel / group -> [N, K / sub]
@@ -835,14 +852,18 @@ def repack_avx2(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
         raise LinquantError(f"native.repack_avx2: the compact layout needs scales exact in fp16 "
                             f"and no float offset; this weight ({qt.scheme}) has neither or one")
     compact = possible if compact is None else compact
-    z = qt.zero_point
-    zf = per_row(z) if z is not None else torch.full_like(
-        scale, 0.0 if qt.offset is not None else float(1 << (bits - 1)))
-    if compact:
-        scale, offset = half, zf.to(torch.uint8)
-    else:  # centered: o + 2^(bits - 1) s, from fp64 (exactly 0 for symmetric codes)
-        o = per_row(qt.offset).double() if qt.offset is not None else -(scale.double() * zf)
-        offset = (o + float(1 << (bits - 1)) * scale.double()).float()
+    if qt.offset is not None:  # w = s u + m: the code nearest to w = 0 (0 for a zero scale)
+        m = per_row(qt.offset).double()
+        sd = scale.double()
+        c = torch.where(sd > 0, (-m / sd.clamp_min(torch.finfo(torch.float64).tiny)).round(),
+                        torch.zeros_like(sd)).clamp_(0, (1 << bits) - 1)
+        fmt = AVX2_FMT_OFFSET
+    else:
+        z = qt.zero_point
+        c = per_row(z).double() if z is not None else torch.full_like(
+            scale, float(1 << (bits - 1)), dtype=torch.float64)
+        fmt = AVX2_FMT_COMPACT if compact else AVX2_FMT_CENTER
+    center = c.to(torch.uint8)
     # The stored codes are a little-endian bit stream (linquant.ops.packing), so with K a
     # multiple of P each row is whole 32-bit words already in the kernel's order; symmetric
     # (two's complement) codes c become c + 2^(bits - 1) by flipping each code's top bit.
@@ -861,15 +882,19 @@ def repack_avx2(qt: QuantizedTensor, compact: bool | None = None) -> Layout:
             t = torch.cat([t, t.new_zeros(pad, int(t.shape[1]))])
         return t.reshape(nb, BLOCK_N_AVX2, -1).permute(0, 2, 1).contiguous()
 
-    return blocked(words), blocked(scale.contiguous()), blocked(offset.contiguous()), compact
+    params = blocked(center.contiguous())
+    if fmt == AVX2_FMT_OFFSET:  # one record per group of 8 rows: 8 fp32 offsets, 8 centers
+        offset = (m + c * scale.double()).float()
+        params = torch.cat([blocked(offset.contiguous()).view(torch.uint8), params], dim=-1)
+    return blocked(words), blocked((half if compact else scale).contiguous()), params, fmt
 
 
-def _run_avx2(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: Layout,
+def _run_avx2(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: Avx2Layout,
               bias: torch.Tensor | None, b: torch.Tensor | None = None) -> torch.Tensor | None:
     """The AVX2 kernel on ``x [..., K]``; None when some token holds Inf or NaN. ``b``: the
     bias already prepared (rounded to ``x.dtype``, in fp32), else prepared from ``bias``."""
     n, k = (int(d) for d in qt.shape)
-    codes, scales, offsets, compact = layout
+    codes, scales, params, fmt = layout
     g = k // int(scales.shape[1])  # the layout's (possibly split) group
     x2 = x.reshape(-1, k).contiguous()
     m = int(x2.shape[0])
@@ -882,8 +907,8 @@ def _run_avx2(lib: ctypes.CDLL, x: torch.Tensor, qt: QuantizedTensor, layout: La
     y = torch.empty(m, n, dtype=torch.float32)
     if b is None and bias is not None:
         b = bias.detach().to(x.dtype).float().contiguous()
-    bad = lib.lq_wa16_avx2(codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(),
-                           int(compact), x2.data_ptr(), _DTYPE_CODES[x2.dtype], xp.data_ptr(),
+    bad = lib.lq_wa16_avx2(codes.data_ptr(), scales.data_ptr(), params.data_ptr(), fmt,
+                           x2.data_ptr(), _DTYPE_CODES[x2.dtype], xp.data_ptr(),
                            ldx, xs.data_ptr(), ts.data_ptr(),
                            None if b is None else b.data_ptr(), y.data_ptr(), m, n, k, g,
                            qt.scheme.bits)

@@ -4,7 +4,7 @@
  *
  * y[m, n] = sum_k x[m, k] * w[n, k] with w[n, k] = s[n, g] * u[n, k] + o[n, g], where u is the
  * unsigned code (0 .. 2^bits - 1), g = k / group and (s, o) are fp32 per (row, group) (stored
- * as s and the centered offset o + 2^(bits - 1) s: see group_params).
+ * as s, a center code c and the centered offset o + c s: see group_params).
  *
  * Weight layout (built by linquant.kernels.native.repack_avx2): row blocks of 8 output channels;
  * within a block, one 32-bit word per row and per P = 32 / bits consecutive k, the 8 words of a
@@ -18,7 +18,11 @@
  * underflows; exact). Per 8 weights one AND and one conversion, shared by the tokens of a tile,
  * then one FMA per token; the products x u are exact in fp32 (8 + 8 bits at most) and summed in
  * fp32 per group, then y = 2^p (sum_g s dot_g + o xs_g) + bias with xs_g the group sums of the
- * scaled activations.
+ * scaled activations. fp32 activations take centered codes u - c instead (c: the code of the
+ * row and group nearest to w = 0, exact in fp32), so that sums of x (u - c) follow sums of
+ * x w: with u's sums, a weight whose zero sits far from mid-range (an outlier on one side)
+ * summed a large multiple of sum x that the offset term then cancelled, losing fp32 digits
+ * (5.6e-5 of the largest output against the reference at K = 1024, now ~1e-6).
  *
  * Rows of x are processed in tiles of 8, 4, 2 or 1 (MAXT: the largest), each token's group sum
  * split over 1, 2, 4 or 8 registers: 8 independent FMA chains hide the FMA latency, and with
@@ -44,50 +48,65 @@
 #define PREFETCH_BYTES 2048
 #endif
 
-/* The per-group scale and offset of 8 rows, with w = s u + o (center: w = s (u - 2^(bits - 1))
- * + o, the offset for centered codes). Full format: fp32 s and the centered offset o_c (stored
- * so, computed exactly or rounded once from fp64: 0 for symmetric codes; uncentered,
- * o = o_c - 2^(bits - 1) s); compact format: fp16 s and uint8 z, o = -(s z) and
- * o_c = s (2^(bits - 1) - z), both exact in fp32. */
-ALWAYS_INLINE void group_params(const void* sb, const void* ob, int64_t i, const int compact,
-                                const int center, const int bits, __m256* s, __m256* o)
+/* The per-group parameters of a block of 8 rows, by format (fmt):
+ *   FMT_OFFSET  (float offsets): sb fp32 scales; ob records of 8 fp32 centered offsets o_c,
+ *               then their 8 uint8 center codes c (one record, one memory stream);
+ *   FMT_COMPACT (scales exact in fp16, integer zero points): sb fp16 scales, ob uint8 zero
+ *               points z, which are the centers (o_c = 0);
+ *   FMT_CENTER  (fp32 scales, integer zero points or symmetric codes): sb fp32 scales, ob uint8
+ *               centers (the zero points, or 2^(bits - 1)), o_c = 0.
+ * The last two carry no offsets: 3 and 5 bytes per row and group, 9 for FMT_OFFSET. */
+#define FMT_OFFSET 0
+#define FMT_COMPACT 1
+#define FMT_CENTER 2
+#define OREC(fmt) ((fmt) == FMT_OFFSET ? 40 : 8) /* bytes of ob per group of 8 rows */
+
+/* The center codes c of 8 rows for group gi. */
+ALWAYS_INLINE __m256 centers(const void* ob, int64_t gi, const int fmt)
 {
-    const __m256 half = _mm256_set1_ps((float)(1 << (bits - 1)));
-    if (compact) {
-        *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)sb + i)));
-        __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-            _mm_loadl_epi64((const __m128i*)((const uint8_t*)ob + i))));
-        if (center)
-            *o = _mm256_mul_ps(*s, _mm256_sub_ps(half, z));
-        else
-            *o = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(*s, z));
-    } else {
-        *s = _mm256_loadu_ps((const float*)sb + i);
-        *o = _mm256_loadu_ps((const float*)ob + i);
+    const uint8_t* cb = (const uint8_t*)ob + gi * OREC(fmt) + (fmt == FMT_OFFSET ? 32 : 0);
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)cb)));
+}
+
+/* The per-group scale and offset of 8 rows, with w = s u + o (center: w = s (u - c) + o_c, the
+ * offset for centered codes): o_c as stored (FMT_OFFSET: o + c s, rounded once from fp64, at
+ * most s / 2) or 0; uncentered (16-bit activations), o = o_c - c s, rounded once (exact for
+ * FMT_COMPACT: 11 + 8 significant bits). */
+ALWAYS_INLINE void group_params(const void* sb, const void* ob, __m256 c, int64_t gi,
+                                const int fmt, const int center, __m256* s, __m256* o)
+{
+    if (fmt == FMT_COMPACT)
+        *s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)sb + gi * 8)));
+    else
+        *s = _mm256_loadu_ps((const float*)sb + gi * 8);
+    if (fmt == FMT_OFFSET) {
+        *o = _mm256_loadu_ps((const float*)((const char*)ob + gi * OREC(fmt)));
         if (!center)
-            *o = _mm256_fnmadd_ps(half, *s, *o);
+            *o = _mm256_fnmadd_ps(c, *s, *o);
+    } else {
+        *o = center ? _mm256_setzero_ps() : _mm256_sub_ps(_mm256_setzero_ps(),
+                                                          _mm256_mul_ps(*s, c));
     }
 }
 
-/* Code j of 8 words as fp32 times 2^(bits j) (the last code: times 1); center: minus
- * 2^(bits - 1) (exact: at most 24 significant bits). */
-ALWAYS_INLINE __m256 decode(__m256i w, const int bits, const int j, const int center)
+/* Code j of 8 words as fp32 times 2^(bits j) (the last code: times 1); center: minus cj, the
+ * rows' center codes c times the same power of two (exact: (u - c) 2^(bits j) has at most
+ * bits + 1 significant bits). A subtraction of a vector made once per group, not an FMA: the
+ * FMA units are the ones the tile's products keep busy (an FMA here cost 5-8% at 16-64 tokens
+ * with 8-bit codes). */
+ALWAYS_INLINE __m256 decode(__m256i w, const int bits, const int j, const int center, __m256 cj)
 {
     const int P = 32 / bits;
     __m256i u;
-    float c;
-    if (j == P - 1) {
+    if (j == P - 1)
         u = _mm256_srli_epi32(w, 32 - bits);
-        c = (float)(1 << (bits - 1));
-    } else {
+    else
         u = _mm256_and_si256(w, _mm256_set1_epi32((int)(((1u << bits) - 1u) << (bits * j))));
-        c = (float)(1 << (bits - 1)) * (float)(1u << (bits * j));
-    }
     __m256 f = _mm256_cvtepi32_ps(u);
-    return center ? _mm256_sub_ps(f, _mm256_set1_ps(c)) : f;
+    return center ? _mm256_sub_ps(f, cj) : f;
 }
 
-ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, const int compact,
+ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, const int fmt,
                         const float* xp, int64_t ldx, const float* xs, const float* ts,
                         const float* bias, float* y, int64_t m0, const int MT, int64_t N,
                         int64_t K, int64_t g, int64_t b, const int bits, const int center)
@@ -103,12 +122,17 @@ ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, cons
         for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
         const uint32_t* p = pb + gi * wpg * 8;
         const float* xg = xp + m0 * ldx + gi * g;
+        const __m256 c = centers(ob, gi, fmt);
+        __m256 cj[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < P; j++)
+            cj[j] = j == P - 1 ? c : _mm256_mul_ps(c, _mm256_set1_ps((float)(1u << (bits * j))));
         for (int64_t w = 0; w < wpg; w++) {
             _mm_prefetch((const char*)(p + w * 8) + PREFETCH_BYTES, _MM_HINT_T0);
             __m256i word = _mm256_loadu_si256((const __m256i*)(p + w * 8));
 #pragma GCC unroll 8
             for (int j = 0; j < P; j++) {
-                __m256 f = decode(word, bits, j, center);
+                __m256 f = decode(word, bits, j, center, cj[j]);
 #pragma GCC unroll 8
                 for (int m = 0; m < MT; m++)
                     acc[m * C + j % C] = _mm256_fmadd_ps(
@@ -116,7 +140,7 @@ ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, cons
             }
         }
         __m256 s, o;
-        group_params(sb, ob, gi * 8, compact, center, bits, &s, &o);
+        group_params(sb, ob, c, gi, fmt, center, &s, &o);
 #pragma GCC unroll 8
         for (int m = 0; m < MT; m++) {
             __m256* a = acc + m * C; /* a fixed tree: the same order for every call */
@@ -151,7 +175,7 @@ ALWAYS_INLINE void tile(const uint32_t* pb, const void* sb, const void* ob, cons
 }
 
 /* Rows [m_begin, m_end) of x through row block b, in tiles of 8 (MAXT), 4, 2 and 1. */
-ALWAYS_INLINE void rows(const uint32_t* pb, const void* sb, const void* ob, const int compact,
+ALWAYS_INLINE void rows(const uint32_t* pb, const void* sb, const void* ob, const int fmt,
                         const float* xp, int64_t ldx, const float* xs, const float* ts,
                         const float* bias, float* y, int64_t m_begin, int64_t m_end, int64_t N,
                         int64_t K, int64_t g, int64_t b, const int bits, const int center)
@@ -160,7 +184,8 @@ ALWAYS_INLINE void rows(const uint32_t* pb, const void* sb, const void* ob, cons
     while (m0 < m_end) {
         const int64_t left = m_end - m0;
         const int mt = MAXT >= 8 && left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-#define TILE(T) tile(pb, sb, ob, compact, xp, ldx, xs, ts, bias, y, m0, T, N, K, g, b, bits, center)
+#define TILE(T) \
+    tile(pb, sb, ob, fmt, xp, ldx, xs, ts, bias, y, m0, T, N, K, g, b, bits, center)
         if (mt == 8)
             TILE(8);
         else if (mt == 4)
@@ -183,13 +208,13 @@ ALWAYS_INLINE void rows(const uint32_t* pb, const void* sb, const void* ob, cons
 #define CHUNK_BYTES (1024 * 1024)
 #endif
 
-static void gemm(const uint32_t* codes, const void* sb, const void* ob, const int compact,
+static void gemm(const uint32_t* codes, const void* sb, const void* ob, const int fmt,
                  const float* xp, int64_t ldx, const float* xs, const float* ts,
                  const float* bias, float* y, int64_t M, int64_t N, int64_t K, int64_t g,
                  const int bits, const int center)
 {
     const int64_t nb = (N + 7) / 8, G = K / g, words = K / (32 / bits);
-    const size_t sbytes = compact ? 2 : 4, obytes = compact ? 1 : 4;
+    const size_t sbytes = fmt == FMT_COMPACT ? 2 : 4;
     int64_t mc = CHUNK_BYTES > 0 ? ((int64_t)CHUNK_BYTES / (4 * ldx)) & ~(int64_t)7 : M;
     if (mc < 8)
         mc = 8;
@@ -200,14 +225,16 @@ static void gemm(const uint32_t* codes, const void* sb, const void* ob, const in
         for (int64_t b = 0; b < nb; b++) {
             const uint32_t* pb = codes + b * words * 8;
             const char* sbb = (const char*)sb + b * G * 8 * sbytes;
-            const char* obb = (const char*)ob + b * G * 8 * obytes;
-#define ROWS(C, B, Z) rows(pb, sbb, obb, C, xp, ldx, xs, ts, bias, y, c0, c1, N, K, g, b, B, Z)
+            const char* obb = (const char*)ob + b * G * OREC(fmt);
+#define ROWS(F, B, Z) rows(pb, sbb, obb, F, xp, ldx, xs, ts, bias, y, c0, c1, N, K, g, b, B, Z)
+#define BY_FMT(B, Z) \
+    (fmt == FMT_OFFSET ? ROWS(FMT_OFFSET, B, Z) \
+                       : fmt == FMT_COMPACT ? ROWS(FMT_COMPACT, B, Z) : ROWS(FMT_CENTER, B, Z))
             if (bits == 4)
-                compact ? (center ? ROWS(1, 4, 1) : ROWS(1, 4, 0))
-                        : (center ? ROWS(0, 4, 1) : ROWS(0, 4, 0));
+                center ? BY_FMT(4, 1) : BY_FMT(4, 0);
             else
-                compact ? (center ? ROWS(1, 8, 1) : ROWS(1, 8, 0))
-                        : (center ? ROWS(0, 8, 1) : ROWS(0, 8, 0));
+                center ? BY_FMT(8, 1) : BY_FMT(8, 0);
+#undef BY_FMT
 #undef ROWS
         }
     }
@@ -309,10 +336,10 @@ static int prepare_token(const void* xt, int dtype, int64_t K, int64_t g, int bi
 
 /* x [M, K] (dtype 0: bf16, 1: fp16, 2: fp32); xp [M, ldx] with ldx >= K, xs [M, K / g],
  * ts [M], y [M, N] fp32 (written here); bias fp32 [N] or NULL; codes / sb / ob: the layout
- * above, ceil(N / 8) blocks, compact != 0 for fp16 scales and uint8 zero points. Returns the
+ * above, ceil(N / 8) blocks, in format fmt (FMT_OFFSET, FMT_COMPACT, FMT_CENTER). Returns the
  * number of tokens holding Inf or NaN (y is not computed when there are any), or -1 for
  * ldx < K (nothing written). */
-int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int64_t compact,
+int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int64_t fmt,
                      const void* x, int64_t dtype, float* xp, int64_t ldx, float* xs,
                      float* ts, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                      int64_t g, int64_t bits)
@@ -327,9 +354,9 @@ int64_t lq_wa16_avx2(const uint32_t* codes, const void* sb, const void* ob, int6
                              (int)bits, xp + m * ldx, xs + m * G, ts + m);
     if (bad)
         return bad;
-    /* fp32 activations: centered codes, so that a symmetric weight's sums carry no
-     * 2^(bits - 1) x offset (whose rounding would cost fp32 results about 4 bits). */
-    gemm(codes, sb, ob, (int)compact, xp, ldx, xs, ts, bias, y, M, N, K, g, (int)bits,
+    /* fp32 activations: centered codes, so that the sums carry no c x offset (whose rounding
+     * would cost fp32 results several bits). */
+    gemm(codes, sb, ob, (int)fmt, xp, ldx, xs, ts, bias, y, M, N, K, g, (int)bits,
          dtype == 2);
     return 0;
 }
