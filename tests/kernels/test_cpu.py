@@ -314,6 +314,35 @@ def test_int8pack_copes_with_misaligned_codes() -> None:
     assert (y - want).abs().max() <= 2e-2 * want.abs().max()
 
 
+def test_int8pack_copes_with_misaligned_activations() -> None:
+    """``torch._weight_int8pack_mm`` crashed the process (SIGSEGV) on bf16 activations 2 or 16
+    bytes off a 64-byte boundary: a contiguous view at an odd element, through QuantLinear on
+    the layer's first call. Run in a child process, so that a crash fails this test only."""
+    import subprocess
+    import sys
+
+    child = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from linquant import kernels\n"
+        "from linquant.kernels import reference as ref\n"
+        "from linquant.nn import QuantLinear\n"
+        "q = QuantLinear.from_float(nn.Linear(256, 512), 'int8-sym-ch0')\n"
+        "for off in (1, 8, 16, 32):\n"
+        "    for m in (1, 5):\n"
+        "        x = torch.randn(m * 256 + 64, dtype=torch.bfloat16)[off:off + m * 256]\n"
+        "        x = x.view(m, 256)\n"
+        "        with torch.no_grad():\n"
+        "            y = kernels.cpu.linear_int8pack(x, q.qweight, q.bias).float()\n"
+        "            want = ref.linear_weight_only(x, q.qweight, q.bias).float()\n"
+        "            assert (y - want).abs().max() <= 2e-2 * want.abs().max(), (off, m)\n"
+        "            assert torch.equal(q(x), q(x.clone()))\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert (proc.returncode, proc.stdout) == (0, "ok\n"), proc.stderr[-2000:]
+
+
 # ---- W8A8 through oneDNN and fbgemm ---------------------------------------------------------
 
 needs_onednn = pytest.mark.skipif(not cpu.onednn_available(),

@@ -352,7 +352,10 @@ def linear_int8pack(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | N
                     cache: Cache | None = None) -> torch.Tensor:
     n, k = (int(d) for d in qt.shape)
     w, sc = _cached(cache, "int8pack", _key(qt, x.dtype), lambda: repack_int8(qt, x.dtype))
-    y = torch._weight_int8pack_mm(x.reshape(-1, k).contiguous(), w, sc)
+    x2 = x.reshape(-1, k).contiguous()
+    if x2.data_ptr() % 64:  # the aten kernel also crashes on activations 2 or 16 bytes off
+        x2 = x2.clone()  # (a view at an odd element, a row of a [T, K] with K % 16 != 0)
+    y = torch._weight_int8pack_mm(x2, w, sc)
     return _bias(y, bias).reshape(*x.shape[:-1], n)
 
 
