@@ -970,3 +970,47 @@ def test_layers_also_held_in_plain_lists_are_replaced_there_too(tmp_path: Path) 
     dequantize_model(model)
     assert type(model.layers[0]) is nn.Linear and model.layers[0] is model._modules["0"]
     assert model.by_role["head"] is model._modules["2"]
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_an_empty_layer_is_kept_float_with_a_reason_before_anything_changes() -> None:
+    """A zero-size layer (a head with no labels) raised "cannot quantize an empty tensor"
+    after the layers before it were replaced: the model was left half quantized."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 0))
+    report = quantize_model(model, "w8a32")
+    assert [type(m).__name__ for m in model] == ["QuantLinear", "Linear"]
+    assert report["1"].reason == "empty weight (shape (0, 64)): nothing to quantize"
+
+
+def test_a_float64_model_quantizes_saves_and_loads() -> None:
+    """fp64 weights were refused by lq.quantize partway through quantize_model, and a model
+    cast with .double() after quantizing saved a file load refused (its dtype "float64")."""
+    import tempfile
+
+    from linquant.io.save import load_into, save
+    from linquant.tensor import quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 64, dtype=torch.float64)
+    for scheme in ("int8-sym-ch0", "int4-asym-g32-fp16", "int4-asymf-g32-bf16"):
+        qt, q32 = quantize(w, scheme), quantize(w.float(), scheme)
+        assert all(torch.equal(a, b) for a, b in zip(qt.tensors().values(),
+                                                     q32.tensors().values(), strict=True))
+        assert qt.dequantize().dtype == torch.float64
+        assert torch.equal(qt.dequantize(), q32.dequantize(torch.float64))
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).double()
+
+    x = torch.randn(3, 64, dtype=torch.float64)
+    for preset, cast_after in (("w4a16-g32", False), ("w8a32", True)):
+        model = make() if not cast_after else make().float()
+        quantize_model(model, preset)
+        if cast_after:
+            model.double()
+        with tempfile.TemporaryDirectory() as tmp:
+            save(model, Path(tmp) / "m")
+            back = load_into(make(), Path(tmp) / "m")
+        with torch.no_grad():
+            assert model(x).dtype == torch.float64
+            assert torch.equal(back(x), model(x))

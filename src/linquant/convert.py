@@ -613,6 +613,8 @@ def _decide(
         return None, None, "weight not materialized (lazy or meta)", ""
     if not w.is_floating_point():
         return None, None, f"weight dtype {w.dtype} is not float", ""
+    if w.numel() == 0:
+        return None, None, f"empty weight (shape {tuple(w.shape)}): nothing to quantize", ""
     note = ""
     if config.is_w8a8 and not _uses_w8a8(module, config):
         note = f"weight-only: no int8-activation layer for {type(module).__name__}"
@@ -653,6 +655,8 @@ def _decide_experts(
         return None, None, "weight not materialized (lazy or meta)", ""
     if not w.is_floating_point():
         return None, None, f"weight dtype {w.dtype} is not float", ""
+    if w.numel() == 0:
+        return None, None, f"empty weight (shape {tuple(w.shape)}): nothing to quantize", ""
     e, out, k = experts_dims(w.shape, experts_transposed(module))
     scheme, note = _group_fallback(name, config.weight, k, "in_features", refusals)
     refusal = QuantExpertsProj.cannot_quantize((e, out, k), scheme)

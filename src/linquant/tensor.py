@@ -143,9 +143,9 @@ class QuantizedTensor:
 def _check_input(x: Any, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise LinquantError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in (*FLOAT_DTYPES, torch.float64):
         raise LinquantError(
-            f"{name}: expected a float32, float16 or bfloat16 tensor, got {x.dtype}"
+            f"{name}: expected a float32, float16, bfloat16 or float64 tensor, got {x.dtype}"
         )
     if x.numel() == 0:
         raise LinquantError(f"{name}: cannot quantize an empty tensor (shape {tuple(x.shape)})")
@@ -159,7 +159,8 @@ def quantize(
     """Quantize a float tensor of any rank.
 
     Args:
-        x: fp32/fp16/bf16 tensor, contiguous or not; never modified.
+        x: fp32/fp16/bf16 tensor, contiguous or not; never modified. fp64 too: quantized from
+            its fp32 values, and dequantized back to fp64.
         scheme: a :class:`QuantScheme` or its text form (``"int4-sym-g32-fp16"``); None: the
             defaults (int8 symmetric, one scale per output channel).
         name: used in error messages (e.g. the parameter name).

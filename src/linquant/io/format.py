@@ -32,7 +32,7 @@ from linquant.ops.affine import sign_extend
 from linquant.ops.grouping import granules, scale_shape
 from linquant.ops.packing import packed_nbytes, unpack
 from linquant.scheme import QuantScheme
-from linquant.tensor import FLOAT_DTYPES, QuantizedTensor
+from linquant.tensor import QuantizedTensor
 
 __all__ = [
     "FORMAT_NAME",
@@ -51,6 +51,7 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "float64": torch.float64,  # a layer's dtype after .double() (its codes and scales as ever)
 }
 
 
@@ -99,9 +100,9 @@ def decode_quantized(
     if len(shape) > 8 or math.prod(shape) > 1 << 40:
         raise _fail(file, name, f"implausible shape {shape!r}")
     dtype = DTYPE_NAMES.get(str(entry.get("dtype")))
-    if dtype is None or dtype not in FLOAT_DTYPES:
+    if dtype is None:
         raise _fail(file, name, f"bad dtype {entry.get('dtype')!r} "
-                                "(expected float32, float16 or bfloat16)")
+                                "(expected float32, float16, bfloat16 or float64)")
     shape_t = tuple(shape)
     try:
         granules(shape_t, scheme, name)
