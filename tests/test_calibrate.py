@@ -173,3 +173,23 @@ def test_calibrated_model_sqnr() -> None:
             q(torch.randn(32, 64))
     x = torch.randn(16, 64)
     assert lq.sqnr(fl(x), q(x)) > 30
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("percentile", [None, 99.9])
+def test_non_finite_inputs_change_no_layer(bad: float, percentile: float | None) -> None:
+    """A batch with Inf / NaN reaching one layer: the ranges were set layer by layer, and the
+    error ("activation range must be finite") came after the layers before it had their new
+    ranges: a recalibrated model was left half old, half new. Now every range is checked
+    first, and the message says the inputs were not finite."""
+    model = _model()
+    with calibrate(model):
+        model(torch.randn(8, 16))
+    before = [(m.input_scale.clone(), m.calibrated) for m in (model[0], model[2])]
+    with pytest.raises(lq.LinquantError, match=r"1 static layer\(s\) saw NaN or Inf inputs: "
+                       r"2 \[.*no layer was changed"), calibrate(model, percentile):
+        model(torch.randn(8, 16) * 3)  # new ranges for both
+        model[2](torch.full((1, 32), bad))
+    after = [(m.input_scale, m.calibrated) for m in (model[0], model[2])]
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(before, after,
+                                                                       strict=True))

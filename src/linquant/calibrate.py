@@ -19,7 +19,9 @@ not it had a range before. On a normal exit each layer gets
 :meth:`~linquant.nn.W8A8Linear.set_activation_range`; if any static layer saw no batch, a
 :class:`~linquant.errors.LinquantError` names them and no layer is changed, unless
 ``unreached="dynamic"``: then those layers switch to dynamic per-token activations and the
-others are calibrated. If the body raises, the hooks are removed and nothing is changed.
+others are calibrated. A layer whose inputs held NaN or Inf (a range that is not finite) is an
+error naming it, and no layer is changed. If the body raises, the hooks are removed and nothing
+is changed.
 
 How batches are combined:
 
@@ -35,6 +37,7 @@ How batches are combined:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -203,9 +206,16 @@ def calibrate(
             "batches that reach them, or give them dynamic activations (calibrate(..., "
             "unreached='dynamic'); linquant calibrate --unreached dynamic)"
         )
+    ranges = {name: obs.range() for name, obs in observers.items() if obs.batches}
+    bad = [f"{name} [{lo:.4g}, {hi:.4g}]" for name, (lo, hi) in ranges.items()
+           if not (math.isfinite(lo) and math.isfinite(hi))]
+    if bad:  # checked before any layer changes: no model half recalibrated
+        raise LinquantError(
+            f"calibrate: {len(bad)} static layer(s) saw NaN or Inf inputs: {', '.join(bad)}; "
+            "no layer was changed (find where the float model's activations overflow, or "
+            "leave out the batches that do)")
     for name, layer in layers.items():
-        if observers[name].batches == 0:
+        if name not in ranges:
             layer.use_dynamic_activations()
             continue
-        lo, hi = observers[name].range()
-        layer.set_activation_range(lo, hi)
+        layer.set_activation_range(*ranges[name])
