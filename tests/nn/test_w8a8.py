@@ -160,6 +160,57 @@ def test_state_dict_round_trip_keeps_calibration(kind: str) -> None:
     assert torch.equal(fresh(x), q(x))
 
 
+class TiedLM(nn.Module):  # at module level: torch.save pickles the class by name
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(300, 256)
+        self.head = nn.Linear(256, 300, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids))
+
+
+def test_a_head_tied_to_its_embedding_saves_with_torch_save() -> None:
+    """A W8A8 head tied to a quantized embedding holds an int8 view of the embedding's uint8
+    codes: torch.save of the model and of its state_dict raised "Cannot save multiple tensors
+    or storages that view the same data as different types". The codes now leave the layer as
+    their uint8 bytes (state_dict, pickling) and come back as the int8 view, still tied."""
+    import copy
+    import io
+
+    LM = TiedLM
+    torch.manual_seed(0)
+    model = LM()
+    lq.quantize_model(model, "w8a8")
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        want = model(ids)
+    sd = model.state_dict()
+    assert sd["head.weight_qdata"].dtype == torch.uint8
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    codes, table = back.head.weight_qdata, back.emb.weight_qdata
+    assert codes.dtype == torch.int8 and codes.shape == (300, 256)
+    assert codes.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()  # tied
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = LM()
+    lq.quantize_model(fresh, "w8a8")
+    fresh.load_state_dict(torch.load(buf), strict=True)
+    assert fresh.head.weight_qdata.dtype == torch.int8
+    int8_sd = {**sd, "head.weight_qdata": model.head.weight_qdata.clone()}  # the older form
+    older = LM()
+    lq.quantize_model(older, "w8a8")
+    older.load_state_dict(int8_sd, strict=True)
+    with torch.no_grad():
+        for m in (back, fresh, older, copy.deepcopy(model)):
+            assert torch.equal(m(ids), want)
+
+
 def test_to_bfloat16_keeps_int8_and_fp32_buffers() -> None:
     lin = nn.Linear(64, 32)
     q = _layer("static-asym", lin)

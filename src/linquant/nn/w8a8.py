@@ -290,6 +290,30 @@ class W8A8Linear(StaticActivations):
             self.weight_dtype,
         )
 
+    # The int8 codes leave the layer as their uint8 bytes (the stored form, as QuantLinear's):
+    # a head tied to a quantized embedding holds an int8 view of the embedding's uint8 codes,
+    # and torch.save refuses one storage seen as two dtypes ("Cannot save multiple tensors or
+    # storages that view the same data as different types"), for the state_dict and the module.
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        codes = destination.get(prefix + "weight_qdata")
+        if isinstance(codes, torch.Tensor) and codes.dtype == torch.int8:
+            destination[prefix + "weight_qdata"] = codes.view(torch.uint8)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        codes = self._buffers.get("weight_qdata")
+        if isinstance(codes, torch.Tensor) and codes.dtype == torch.int8:
+            state["_buffers"] = {**self._buffers, "weight_qdata": codes.view(torch.uint8)}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        codes = self._buffers.get("weight_qdata")
+        if isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8:
+            self._buffers["weight_qdata"] = codes.view(torch.int8)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -300,6 +324,11 @@ class W8A8Linear(StaticActivations):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        # uint8 bytes (what state_dict gives) or int8 codes; state_dict is load_state_dict's
+        # own copy of the caller's
+        codes = state_dict.get(prefix + "weight_qdata")
+        if isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8:
+            state_dict[prefix + "weight_qdata"] = codes.view(torch.int8)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self.kernel_cache().clear()  # buffers may have changed in place
