@@ -309,7 +309,7 @@ class W8A8Linear(StaticActivations):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
         codes = self._buffers.get("weight_qdata")
         if isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8:
             self._buffers["weight_qdata"] = codes.view(torch.int8)
