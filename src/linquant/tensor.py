@@ -147,6 +147,9 @@ def _check_input(x: Any, name: str) -> torch.Tensor:
         raise LinquantError(
             f"{name}: expected a float32, float16, bfloat16 or float64 tensor, got {x.dtype}"
         )
+    if x.is_meta:
+        raise LinquantError(f"{name}: a meta tensor has no values to quantize (shape "
+                            f"{tuple(x.shape)}); load or materialize the weights first")
     if x.numel() == 0:
         raise LinquantError(f"{name}: cannot quantize an empty tensor (shape {tuple(x.shape)})")
     return x

@@ -141,6 +141,9 @@ def test_tokens_routed_to_no_expert_and_experts_without_tokens() -> None:
     torch.testing.assert_close(wrapped(x, idx, w), toy(x, idx, w), rtol=1e-5, atol=1e-6)
     empty = torch.zeros(0, 24)
     assert wrapped(empty, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)).shape == (0, 24)
+    # a negative id went to expert 0 (the clamp that counts sentinels >= num_experts)
+    with pytest.raises(LinquantError, match=r"expert ids must be >= 0, got -1"):
+        wrapped(x, torch.tensor([[1, -1], [1, 1], [1, 1]]), w)
 
 
 # ---- one projection: exact against per-expert quantization -------------------------------------

@@ -208,3 +208,27 @@ def test_group_size_must_divide_in_features() -> None:
 def test_bad_scheme_type() -> None:
     with pytest.raises(lq.LinquantError, match=r"scheme"):
         QuantLinear(4, 4, 8)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("make", [
+    lambda n: QuantLinear(n, 4, "int8-sym-ch0"),
+    lambda n: QuantLinear(4, n, "int8-sym-ch0"),
+    lambda n: lq.nn.W8A8Linear(n, 4),
+    lambda n: lq.nn.QuantEmbedding(n, 8, "int8-sym-ch0"),
+], ids=["linear-in", "linear-out", "w8a8", "embedding"])
+@pytest.mark.parametrize("size", [-1, 0, 5.5, True, "8"])
+def test_layer_sizes_must_be_positive_ints(make: object, size: object) -> None:
+    """QuantLinear(5.5, 3) became a 5-input layer; QuantLinear(-1, 5) raised torch's own
+    error."""
+    with pytest.raises(lq.LinquantError, match=r"must be a positive int, got "):
+        make(size)  # type: ignore[operator]
+
+
+def test_meta_tensors_are_named_errors_and_meta_layers_give_shapes() -> None:
+    with pytest.raises(lq.LinquantError, match=r"weight: a meta tensor has no values"):
+        QuantLinear.from_float(nn.Linear(64, 8, device="meta"), "int8-sym-ch0")
+    with pytest.raises(lq.LinquantError, match=r"tensor: a meta tensor has no values"):
+        lq.quantize(torch.empty(4, 64, device="meta"))
+    emb = lq.nn.QuantEmbedding.from_float(nn.Embedding(10, 64), "int8-sym-ch0").to("meta")
+    ids = torch.tensor([[1, 2]], device="meta")
+    assert emb(ids).shape == (1, 2, 64)  # as nn.Embedding on meta (it read the indices)

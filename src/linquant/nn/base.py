@@ -472,6 +472,16 @@ class QuantModule(nn.Module):
         name = getattr(self, "name", "")
         return f"{type(self).__name__} {name!r}" if name else type(self).__name__
 
+    def _size(self, value: object, what: str) -> int:
+        """``value`` as a layer size (``in_features``, ...): a positive int, else a
+        :class:`LinquantError` naming the layer (``5.5`` became 5, ``-1`` a torch error)."""
+        import numbers
+
+        if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                or int(value) < 1):
+            raise LinquantError(f"{self._label()}: {what} must be a positive int, got {value!r}")
+        return int(value)
+
     def _check_float_input(self, x: object) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise LinquantError(f"{self._label()}: expected a tensor input, got {type(x).__name__}")

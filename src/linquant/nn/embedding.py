@@ -50,8 +50,8 @@ class QuantEmbedding(QuantModule):
         name: str = "",
     ) -> None:
         super().__init__(name=name, dtype=dtype)
-        self.num_embeddings = int(num_embeddings)
-        self.embedding_dim = int(embedding_dim)
+        self.num_embeddings = self._size(num_embeddings, "num_embeddings")
+        self.embedding_dim = self._size(embedding_dim, "embedding_dim")
         if padding_idx is not None and padding_idx < 0:
             padding_idx += self.num_embeddings
         if padding_idx is not None and not 0 <= padding_idx < self.num_embeddings:
@@ -124,7 +124,8 @@ class QuantEmbedding(QuantModule):
         # would split the graph (out-of-range indices then fail in the gather, as for
         # nn.Embedding)
         self._refuse_jit_trace()
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or ids.is_meta or self.weight_qdata.is_meta:
+            # (meta: shapes only, as nn.Embedding on meta gives them; no values to check)
             return kernels.embedding_weight_only(ids, self.qweight, self.weight_dtype)
         if ids.numel():
             lo, hi = (int(v) for v in torch.aminmax(ids))

@@ -167,9 +167,9 @@ class QuantExpertsProj(StaticActivations):
         name: str = "",
     ) -> None:
         super().__init__(name=name, dtype=dtype)
-        self.num_experts = int(num_experts)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.num_experts = self._size(num_experts, "num_experts")
+        self.in_features = self._size(in_features, "in_features")
+        self.out_features = self._size(out_features, "out_features")
         self.stored_transposed = bool(transposed)
         scheme = as_scheme(scheme, self._label())
         if activation not in (None, "dynamic", "static"):
@@ -453,6 +453,9 @@ class QuantExperts(nn.Module):
         k = int(top_k_index.shape[-1])
         ids = top_k_index.reshape(-1)
         n_exp = int(self.num_experts)
+        if ids.numel() and int(ids.min()) < 0:  # (the float module's indexing raises too)
+            raise LinquantError(f"QuantExperts ({self.float_class.__name__}): expert ids must "
+                                f"be >= 0, got {int(ids.min())}")
         order = torch.argsort(ids, stable=True)
         counts = torch.bincount(ids.clamp(0, n_exp), minlength=n_exp + 1)[:n_exp].tolist()
         xs = x[order // k]

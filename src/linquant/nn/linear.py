@@ -61,8 +61,8 @@ class QuantLinear(QuantModule):
         name: str = "",
     ) -> None:
         super().__init__(name=name, dtype=dtype)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = self._size(in_features, "in_features")
+        self.out_features = self._size(out_features, "out_features")
         scheme = as_scheme(scheme, self._label())
         self._register_qweight((self.out_features, self.in_features), scheme, device)
         if bias:

@@ -195,8 +195,8 @@ class W8A8Linear(StaticActivations):
             raise LinquantError(
                 f"{self._label()}: act_symmetric must be a bool, got {act_symmetric!r}"
             )
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = self._size(in_features, "in_features")
+        self.out_features = self._size(out_features, "out_features")
         self.activation = activation
         self.act_symmetric = act_symmetric
         self.scheme = W8A8_WEIGHT
