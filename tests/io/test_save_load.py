@@ -481,3 +481,50 @@ def test_a_saved_sentence_transformer_loads_into_its_transformers_model(tmp_path
     with torch.no_grad():
         want = st[0].auto_model(input_ids=ids).last_hidden_state
         assert torch.equal(bert(input_ids=ids).last_hidden_state, want)
+
+
+def test_load_into_matches_a_base_model_and_a_model_with_a_head_both_ways(
+        tmp_path: Path) -> None:
+    """The README said load_into matches a base model's checkpoint to the model with a head
+    "and back"; neither worked for an LM: base -> head asked for the tied lm_head.weight,
+    head -> base refused the module lm_head. Now as from_pretrained: the prefix is added or
+    dropped, a head tied to the quantized embedding becomes a QuantLinear on its codes, and a
+    head the base model lacks is left out with a warning naming its tensors."""
+    import warnings
+
+    import transformers as T
+
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                        tie_word_embeddings=True)
+    ids = torch.randint(0, 256, (1, 9))
+    torch.manual_seed(0)
+    base = T.LlamaModel(cfg).eval()
+    quantize_model(base, "w4a16-g32")
+    save(base, tmp_path / "base")
+    head = load_into(T.LlamaForCausalLM(cfg), tmp_path / "base").eval()
+    assert isinstance(head.lm_head, QuantModule)
+    assert head.lm_head.weight_qdata is head.model.embed_tokens.weight_qdata  # stored once
+    with torch.no_grad():
+        hidden = base(ids).last_hidden_state
+        out = head(ids, output_hidden_states=True)
+        assert torch.equal(out.hidden_states[-1], hidden)
+        assert torch.equal(out.logits, head.lm_head(hidden))
+    torch.manual_seed(1)
+    lm = T.LlamaForCausalLM(cfg).eval()
+    quantize_model(lm, "w8a8")
+    save(lm, tmp_path / "lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tied head is no tensor of its own: no warning
+        bare = load_into(T.LlamaModel(cfg), tmp_path / "lm").eval()
+    bcfg = T.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, vocab_size=256)
+    mlm = T.BertForMaskedLM(bcfg).eval()
+    quantize_model(mlm, "w8a32")
+    save(mlm, tmp_path / "mlm")
+    with pytest.warns(UserWarning, match=r"5 tensor\(s\) of the file are not in BertModel .*"
+                      r"cls\.predictions\.bias.*left out"):
+        bert = load_into(T.BertModel(bcfg, add_pooling_layer=False), tmp_path / "mlm").eval()
+    with torch.no_grad():
+        assert torch.equal(bare(ids).last_hidden_state, lm.model(ids).last_hidden_state)
+        assert torch.equal(bert(ids).last_hidden_state, mlm.bert(ids).last_hidden_state)

@@ -575,10 +575,14 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
     return mod, attr
 
 
-def _strip_prefix(model: nn.Module, ck: LoadedCheckpoint) -> None:
-    """Match names of a bare HF base-model checkpoint to a model with a head (or vice versa),
-    and those of a ``SentenceTransformer`` saved by :func:`save` (``0.model.encoder...``) to
-    the transformers model it wraps."""
+def _strip_prefix(model: nn.Module, ck: LoadedCheckpoint, where: str) -> None:
+    """Match the names of a checkpoint to the model they load into, as ``from_pretrained``
+    does: a bare base model's checkpoint to a model with a head (names get the model's
+    ``base_model_prefix``), a model with a head's to its base model (the prefix is dropped, and
+    the head's tensors left out, with a warning naming them), and a ``SentenceTransformer``
+    saved by :func:`save` (``0.model.encoder...``) to the transformers model it wraps."""
+    import warnings
+
     from linquant.convert import _ST_INNER
 
     state = set(model.state_dict())
@@ -586,21 +590,45 @@ def _strip_prefix(model: nn.Module, ck: LoadedCheckpoint) -> None:
     if any(n in state for n in ck.plain):
         return
     inner = {m.group(0) for n in (*ck.plain, *ck.quantized) if (m := _ST_INNER.match(n))}
+    prefix = getattr(model, "base_model_prefix", "")
+    keep: Any = None  # which of the file's names stay (None: all)
     if len(inner) == 1 and all(_ST_INNER.match(n) for n in (*ck.plain, *ck.quantized)):
         st = inner.pop()
 
         def fix(n: str) -> str:
             return n.removeprefix(st)
-    else:
-        prefix = getattr(model, "base_model_prefix", "")
-        if not prefix or not hasattr(model, prefix):
-            return
+    elif prefix and hasattr(model, prefix):
 
         def fix(n: str) -> str:
             return f"{prefix}.{n}"
+    elif prefix and any(n.startswith(f"{prefix}.") for n in names):
+        head = f"{prefix}."
 
-    if not any(fix(n) in state for n in names):
+        def fix(n: str) -> str:
+            return n.removeprefix(head)
+
+        def keep(n: str) -> bool:
+            return n.startswith(head)
+    else:
         return
+    if not any(fix(n) in state for n in names if keep is None or keep(n)):
+        return
+    if keep is not None:
+        left = sorted({*ck.plain, *ck.quantized} - {n for n in (*ck.plain, *ck.quantized)
+                                                    if keep(n)})
+        if left:
+            more = f" (and {len(left) - 3} more)" if len(left) > 3 else ""
+            warnings.warn(f"{where}: {len(left)} tensor(s) of the file are not in "
+                          f"{type(model).__name__} (the head of the model saved): "
+                          f"{', '.join(left[:3])}{more}; left out", stacklevel=3)
+        ck.plain = {k: v for k, v in ck.plain.items() if keep(k)}
+        ck.quantized = {k: v for k, v in ck.quantized.items() if keep(k)}
+        ck.where = {k: v for k, v in ck.where.items() if keep(k)}
+        ck.modules = {k: v for k, v in ck.modules.items() if keep(k)}
+        ck.aliases = {k: v for k, v in ck.aliases.items() if keep(k) and keep(v)}
+        if isinstance(ck.model.get("buffer_dtypes"), dict):
+            ck.model = {**ck.model, "buffer_dtypes": {
+                k: v for k, v in ck.model["buffer_dtypes"].items() if keep(k)}}
     ck.plain = {fix(k): v for k, v in ck.plain.items()}
     ck.quantized = {fix(k): v for k, v in ck.quantized.items()}
     ck.where = {fix(k): v for k, v in ck.where.items()}
@@ -609,6 +637,29 @@ def _strip_prefix(model: nn.Module, ck: LoadedCheckpoint) -> None:
     if isinstance(ck.model.get("buffer_dtypes"), dict):
         ck.model = {**ck.model, "buffer_dtypes": {fix(k): v for k, v in
                                                   ck.model["buffer_dtypes"].items()}}
+
+
+def _tie_to_the_file(model: nn.Module, ck: LoadedCheckpoint) -> None:
+    """A linear layer whose weight the model ties (one parameter object) to a weight the file
+    holds quantized, while the file has nothing for the layer itself (a head tied to its
+    embedding, loaded from the checkpoint of a base model, which has no head): the layer
+    becomes a weight-only :class:`~linquant.nn.QuantLinear` on the same codes, as the tie
+    says, stored once."""
+    tied: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(pname)
+    for group in tied.values():
+        held = [n for n in group if n in ck.quantized]
+        if len(group) < 2 or len(held) != 1:
+            continue
+        for other in group:
+            layer = other.removesuffix(".weight")
+            if (other == held[0] or not other.endswith(".weight") or other in ck.aliases
+                    or other in ck.plain or layer in ck.modules
+                    or type(find_module(model, layer)) is not nn.Linear):
+                continue
+            ck.modules[layer] = {"type": "QuantLinear", "scheme": str(ck.quantized[held[0]].scheme)}
+            ck.aliases[other] = held[0]
 
 
 def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = True
@@ -627,8 +678,9 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
     into memory.
     """
     ck = read_checkpoint(path, mmap=mmap)
-    _strip_prefix(model, ck)
     where = str(path)
+    _strip_prefix(model, ck, where)
+    _tie_to_the_file(model, ck)
 
     # 1. Swap float layers for quantized skeletons (one object per float module object).
     built: dict[int, QuantModule] = {}
