@@ -378,3 +378,23 @@ def test_resolve_reaches_any_scheme_from_any_other(base: QuantScheme,
     x = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
     a, b = lq.quantize(x, base, **fields), lq.quantize(x, target)
     assert a.scheme == b.scheme and torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
+
+
+@given(k=st.integers(-100, 100), seed=st.integers(0, 2**16),
+       spec=st.sampled_from(["int4-sym-tensor-fp32-mse", "int4-asym-g16-fp32-mse",
+                             "int3-asymf-ch0-fp32-mse", "int8-sym-ch0-fp32-mse",
+                             "int4-asym-g16-fp32"]))
+def test_scaling_by_a_power_of_two_scales_the_scales_only(k: int, seed: int, spec: str) -> None:
+    """Quantizing ``x * 2^k`` gives ``x``'s codes and zero points, its scales and offsets
+    times ``2^k``: the MSE clip search compared squared errors in fp32, which overflowed at
+    |w| ~ 1e20 and underflowed at ~ 1e-25 (1.9x the MSE there)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 64, generator=g)
+    x[0, 0] = 8.0  # an outlier: clipping pays
+    a, b = lq.quantize(x, spec), lq.quantize(x * 2.0**k, spec)
+    assert torch.equal(a.qdata, b.qdata)
+    if a.zero_point is not None:
+        assert b.zero_point is not None and torch.equal(a.zero_point, b.zero_point)
+    assert torch.equal(a.scale * 2.0**k, b.scale)
+    if a.offset is not None:
+        assert b.offset is not None and torch.equal(a.offset * 2.0**k, b.offset)

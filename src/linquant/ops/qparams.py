@@ -228,12 +228,17 @@ def _mse_search(
     for c0 in range(0, count, block):
         rows = rows_all[c0 : c0 + block].float()
         blo, bhi = lo[c0 : c0 + block], hi[c0 : c0 + block]
+        # errors in units of each granule's magnitude, a power of two: exactly the same
+        # comparisons, without the squares overflowing (|w| ~ 1e20) or underflowing (~ 1e-25)
+        _, exp = torch.frexp(torch.maximum(blo.abs(), bhi.abs()).float())
+        unit = torch.ldexp(torch.ones_like(blo, dtype=torch.float32),
+                           -exp.clamp(-126, 126)).unsqueeze(1)
         best = qparams_from_range(blo, bhi, scheme, name)
-        best_err = (fake_quantize_rows(rows, best, scheme) - rows).pow_(2).sum(dim=1)
+        best_err = ((fake_quantize_rows(rows, best, scheme) - rows) * unit).pow_(2).sum(dim=1)
         for ratio in MSE_RATIOS[1:]:
             clo, chi = _shrink(blo, bhi, ratio, scheme)
             cand = qparams_from_range(clo, chi, scheme, name)
-            err = (fake_quantize_rows(rows, cand, scheme) - rows).pow_(2).sum(dim=1)
+            err = ((fake_quantize_rows(rows, cand, scheme) - rows) * unit).pow_(2).sum(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best.scale = torch.where(better, cand.scale, best.scale)
