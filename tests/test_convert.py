@@ -992,7 +992,16 @@ def test_a_float64_model_quantizes_saves_and_loads() -> None:
 
     torch.manual_seed(0)
     w = torch.randn(32, 64, dtype=torch.float64)
-    for scheme in ("int8-sym-ch0", "int4-asym-g32-fp16", "int4-asymf-g32-bf16"):
+    # half of the values just past a .5 boundary of the codes, by less than fp32 can tell: the
+    # fp64 quotient rounded once to fp32 and then to the code took the other side
+    s = float(quantize(w.float(), "int8-sym-tensor").scale)
+    near = (torch.randint(-5, 5, (32, 64)).double() + 0.5 + 2.0**-20 * torch.rand(32, 64,
+            dtype=torch.float64)) * s
+    w = torch.where(torch.arange(64) % 2 == 0, w, near)
+    with pytest.raises(LinquantError, match=r"float64 values beyond float32's range"):
+        quantize(torch.tensor([1.0, 1e300], dtype=torch.float64))
+    for scheme in ("int8-sym-tensor", "int8-sym-ch0", "int4-asym-g32-fp16",
+                   "int4-asymf-g32-bf16"):
         qt, q32 = quantize(w, scheme), quantize(w.float(), scheme)
         assert all(torch.equal(a, b) for a, b in zip(qt.tensors().values(),
                                                      q32.tensors().values(), strict=True))

@@ -1167,9 +1167,10 @@ def _share_buffers(first: nn.Module, second: nn.Module) -> bool:
             return False
     for bname, buf in mine.items():
         other = src[bname]
-        second._buffers[bname] = other if (other.dtype == buf.dtype
-                                           and other.shape == buf.shape) else (
-            other.view(buf.dtype).view(buf.shape))
+        with torch.inference_mode(False):  # a view made under inference_mode would be an
+            second._buffers[bname] = other if (other.dtype == buf.dtype  # inference tensor
+                                               and other.shape == buf.shape) else (
+                other.view(buf.dtype).view(buf.shape))
     return True
 
 

@@ -186,10 +186,18 @@ def quantize(
         except LinquantError as e:
             raise LinquantError(f"{name}: {e}") from None
     x = _check_input(x, name)
+    dtype = x.dtype
+    if dtype == torch.float64:  # quantized from its fp32 values; dequantizes to fp64
+        x64, x = x, x.float()
+        if bool(torch.isfinite(x64).all()) and not bool(torch.isfinite(x).all()):
+            raise LinquantError(
+                f"{name}: float64 values beyond float32's range (max |x| "
+                f"{float(x64.abs().max()):.4g}): a float64 tensor is quantized from its "
+                "float32 values")
     shape = tuple(x.shape)
     g = granules(shape, scheme, name)
     if x.device.type == "cuda":
-        fast = _quantize_triton(x, scheme, g)
+        fast = _quantize_triton(x, scheme, g, dtype)
         if fast is not None:
             return fast
     x3 = x.detach().contiguous().view(g.shape3)  # [outer, C, inner]
@@ -198,11 +206,11 @@ def quantize(
     sshape = scale_shape(shape, scheme)
     zp = None if qp.zero_point is None else pack(qp.zero_point, scheme.bits)
     offset = None if qp.offset is None else qp.offset.reshape(sshape)
-    return QuantizedTensor(qdata, qp.scale.reshape(sshape), zp, offset, scheme, shape, x.dtype)
+    return QuantizedTensor(qdata, qp.scale.reshape(sshape), zp, offset, scheme, shape, dtype)
 
 
 def _quantize_triton(
-    x: torch.Tensor, scheme: QuantScheme, g: Granules
+    x: torch.Tensor, scheme: QuantScheme, g: Granules, dtype: torch.dtype
 ) -> QuantizedTensor | None:
     """The one-kernel CUDA path (:mod:`linquant.kernels.triton_quant`): the same bytes as the
     torch ops below, or None where it does not apply (then they run, and raise on bad input)."""
@@ -216,7 +224,7 @@ def _quantize_triton(
     sshape = scale_shape(shape, scheme)
     return QuantizedTensor(qdata, scale.reshape(sshape), zp,
                            None if offset is None else offset.reshape(sshape),
-                           scheme, shape, x.dtype)
+                           scheme, shape, dtype)
 
 
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:

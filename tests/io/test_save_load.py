@@ -528,3 +528,47 @@ def test_load_into_matches_a_base_model_and_a_model_with_a_head_both_ways(
     with torch.no_grad():
         assert torch.equal(bare(ids).last_hidden_state, lm.model(ids).last_hidden_state)
         assert torch.equal(bert(ids).last_hidden_state, mlm.bert(ids).last_hidden_state)
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(300, 64)
+        self.head = nn.Linear(64, 300)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids))
+
+
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "read"])
+@pytest.mark.parametrize("preset", ["w4a16-g32", "w8a8-static"])
+def test_load_into_under_inference_mode_holds_normal_tensors_and_keeps_ties(
+        tmp_path: Path, preset: str, mmap: bool) -> None:
+    """Under torch.inference_mode, load_into assigned inference tensors (biases, input
+    scales: a static layer could not be recalibrated outside it, a bias changed in place
+    inside it reached a stale plan), and with mmap=False each of two tied layers copied the
+    codes it was given (stored twice). quantize_model there left a tied W8A8 head's codes an
+    inference tensor."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = _TiedLM()
+        quantize_model(model, preset)
+    if preset == "w8a8-static":
+        with calibrate(model):
+            model(torch.randint(0, 300, (2, 5)))
+    save(model, tmp_path / "m")
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.inference_mode():
+        back = load_into(_TiedLM(), tmp_path / "m", mmap=mmap)
+        want = back(ids)
+        back.head.bias.add_(1.0)  # seen by the plan made by the call above (a stale plan
+        moved = back(ids).float() - want.float()  # gives 0: bf16 rounding aside, 1 everywhere
+        assert (moved - 1.0).abs().max() <= 0.25
+    for m in (model, back):
+        held = [*m.parameters(), *m.buffers()]
+        assert not any(t.is_inference() for t in held)
+        assert (m.head.weight_qdata.untyped_storage().data_ptr()
+                == m.emb.weight_qdata.untyped_storage().data_ptr())  # tied: stored once
+    if preset == "w8a8-static":
+        back.head.set_activation_range(-4.0, 4.0)  # outside inference_mode: in place

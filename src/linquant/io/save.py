@@ -677,6 +677,13 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, mmap: bool = Tr
     runs; replacing them (``save``, ``linquant quantize``) is safe. ``mmap=False`` reads them
     into memory.
     """
+    # the layers' tensors are normal ones, also under inference_mode (see nn.base._normal):
+    # read, tied and assigned outside it, so that nothing is copied twice
+    with torch.inference_mode(False), torch.no_grad():
+        return _load_into(model, path, mmap)
+
+
+def _load_into(model: nn.Module, path: str | os.PathLike[str], mmap: bool) -> nn.Module:
     ck = read_checkpoint(path, mmap=mmap)
     where = str(path)
     _strip_prefix(model, ck, where)
