@@ -294,6 +294,14 @@ class W8A8Linear(StaticActivations):
     # a head tied to a quantized embedding holds an int8 view of the embedding's uint8 codes,
     # and torch.save refuses one storage seen as two dtypes ("Cannot save multiple tensors or
     # storages that view the same data as different types"), for the state_dict and the module.
+    def _int8_codes(self) -> torch.Tensor:
+        """The codes as int8: the buffer itself, or a view of uint8 bytes put in its place
+        (``torch.func.functional_call`` with a ``state_dict()``, ``torch.export`` on PyTorch
+        2.4, which takes the buffers from the state_dict)."""
+        codes = self._buffers["weight_qdata"]
+        assert codes is not None
+        return codes if codes.dtype == torch.int8 else codes.view(torch.int8)
+
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
                             keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -378,11 +386,11 @@ class W8A8Linear(StaticActivations):
         act_zero_point = self._buffers.get("input_zero_point") if static else None
         if grad and x.requires_grad:
             if _exporting():
-                return reference.linear_w8a8(x, self.weight_qdata, self.weight_scale, bias,
+                return reference.linear_w8a8(x, self._int8_codes(), self.weight_scale, bias,
                                              act_scale, act_zero_point)
             return self._eager_forward(x)
         bias_after = bias is not None and grad and bias.requires_grad
-        y: torch.Tensor = compiled.linear_w8a8(x, self.weight_qdata, self.weight_scale,
+        y: torch.Tensor = compiled.linear_w8a8(x, self._int8_codes(), self.weight_scale,
                                                None if bias_after else bias, act_scale,
                                                act_zero_point)
         return y + bias if bias_after and bias is not None else y
@@ -391,14 +399,14 @@ class W8A8Linear(StaticActivations):
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_last_dim(x, self.in_features)
         if self.activation == "dynamic":
-            return kernels.linear_w8a8(x, self.weight_qdata, self.weight_scale, self.bias,
+            return kernels.linear_w8a8(x, self._int8_codes(), self.weight_scale, self.bias,
                                        cache=self.kernel_cache())
         if self.observing:
             return kernels.linear_weight_only(x, self.qweight, self.bias)
         self._need_range()
         return kernels.linear_w8a8(
             x,
-            self.weight_qdata,
+            self._int8_codes(),
             self.weight_scale,
             self.bias,
             self._buffers["input_scale"],
