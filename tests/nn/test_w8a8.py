@@ -209,9 +209,19 @@ def test_a_head_tied_to_its_embedding_saves_with_torch_save() -> None:
     with torch.no_grad():
         for m in (back, fresh, older, copy.deepcopy(model)):
             assert torch.equal(m(ids), want)
-        # the state_dict's uint8 bytes in place of the buffers (torch.export on PyTorch 2.4
-        # takes them so): the layer views them as int8
-        assert torch.equal(torch.func.functional_call(model, sd, (ids,)), want)
+        # the state_dict's uint8 bytes in place of the buffers: the layer views them as int8
+        assert torch.equal(torch.func.functional_call(model, sd, (ids,), tie_weights=False),
+                           want)
+        # and the operator takes them (torch.export on PyTorch 2.4 runs its program with the
+        # state_dict's tensors), once per tensor
+        from linquant.kernels import compiled
+
+        x = torch.randn(3, 256)
+        for _ in range(2):
+            got = torch.ops.linquant.linear_w8a8(x, sd["head.weight_qdata"],
+                                                  sd["head.weight_scale"], None, None, None)
+            assert torch.equal(got, model.head(x))
+        assert compiled._cache_for(sd["head.weight_qdata"])["int8_codes"].dtype == torch.int8
 
 
 def test_to_bfloat16_keeps_int8_and_fp32_buffers() -> None:

@@ -82,8 +82,21 @@ def _impl_w8a8(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                act_zero_point: torch.Tensor | None) -> torch.Tensor:
     from linquant import kernels
 
+    cache = _cache_for(w_int8)
+    if w_int8.dtype == torch.uint8:
+        # the codes' bytes, as a state_dict holds them: torch.export on PyTorch 2.4 runs the
+        # program with the state_dict's tensors. One int8 alias of their storage per tensor,
+        # kept in its cache (an alias, not a view: a view would keep the tensor, and so the
+        # cache, alive for good), so that its layouts and plans are made once.
+        codes = cache.get("int8_codes")
+        if codes is None:
+            codes = cache["int8_codes"] = torch.empty(0, dtype=torch.int8,
+                                                      device=w_int8.device).set_(
+                w_int8.untyped_storage(), w_int8.storage_offset(), w_int8.shape,
+                w_int8.stride())
+        w_int8 = codes
     return _unaliased(kernels.linear_w8a8(x, w_int8, w_scale, bias, act_scale,
-                                          act_zero_point, _cache_for(w_int8)), x)
+                                          act_zero_point, cache), x)
 
 
 def _fake_w8a8(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
