@@ -1000,6 +1000,8 @@ def test_a_float64_model_quantizes_saves_and_loads() -> None:
     w = torch.where(torch.arange(64) % 2 == 0, w, near)
     with pytest.raises(LinquantError, match=r"float64 values beyond float32's range"):
         quantize(torch.tensor([1.0, 1e300], dtype=torch.float64))
+    with pytest.raises(LinquantError, match=r"holds 1 NaN/Inf value\(s\), first at index \(1,\)"):
+        quantize(torch.tensor([1e300, float("nan")], dtype=torch.float64))
     for scheme in ("int8-sym-tensor", "int8-sym-ch0", "int4-asym-g32-fp16",
                    "int4-asymf-g32-bf16"):
         qt, q32 = quantize(w, scheme), quantize(w.float(), scheme)

@@ -189,7 +189,11 @@ def quantize(
     dtype = x.dtype
     if dtype == torch.float64:  # quantized from its fp32 values; dequantizes to fp64
         x64, x = x, x.float()
-        if bool(torch.isfinite(x64).all()) and not bool(torch.isfinite(x).all()):
+        if not bool(torch.isfinite(x64).all()):  # named in float64 (1e300 is not one of them)
+            from linquant.ops.qparams import _raise_nonfinite
+
+            _raise_nonfinite(x64, name, tuple(x64.shape))
+        if not bool(torch.isfinite(x).all()):
             raise LinquantError(
                 f"{name}: float64 values beyond float32's range (max |x| "
                 f"{float(x64.abs().max()):.4g}): a float64 tensor is quantized from its "

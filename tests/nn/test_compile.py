@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+import linquant as lq
 from linquant.kernels import compiled
 from linquant.nn import QuantConv2d, QuantEmbedding, QuantLinear, W8A8Linear, clear_kernel_caches
 
@@ -182,10 +183,56 @@ def test_quantlinear_is_one_operator_node_in_a_full_graph(dtype: torch.dtype) ->
     assert ops == {"linear_weight_only": 3}
     assert got.dtype == dtype and torch.equal(got, want)
     # the operator ran with its own per-weight caches, which clear_kernel_caches drops
-    assert all(id(m.weight_qdata) in compiled._CACHES for m in layers)
-    held = sum(len(compiled._CACHES[id(m.weight_qdata)]) for m in layers)
+    caches = [m.weight_qdata.__dict__.get(compiled._ATTR) for m in layers]
+    assert all(isinstance(c, compiled.OpCache) and c for c in caches)
+    held = sum(len(c) for c in caches)
     assert clear_kernel_caches(net) == held
-    assert all(id(m.weight_qdata) not in compiled._CACHES for m in layers)
+    assert not any(compiled._ATTR in m.weight_qdata.__dict__ for m in layers)
+
+
+@pytest.mark.parametrize("preset", ["w4a16-g32", "w8a8"])
+def test_a_deleted_compiled_model_leaves_no_kernel_cache_behind(preset: str) -> None:
+    """The operators' caches lived in a registry keyed by id(codes), freed when the codes
+    tensor was; but the layouts and plans in them held that tensor, so a compiled model's
+    layouts (a copy of its weights) outlived the model for good. They are now kept on the
+    tensor and go with it. Calls through functional_call with the state_dict's uint8 W8A8
+    bytes made a new cache entry per call (a new view each time); now one."""
+    import copy
+    import gc
+    import io
+    import weakref
+
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 64))
+    lq.quantize_model(model, preset)
+    compiled_model = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        want = compiled_model(x)
+        compiled_model(x)
+        codes = model[0].weight_qdata
+        cache = codes.__dict__[compiled._ATTR]
+        assert cache  # a layout or plan
+        assert not copy.deepcopy(codes).__dict__.get(compiled._ATTR)  # never copied
+        buf = io.BytesIO()
+        torch.save(model, buf)  # pickles, without the cache
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        assert not back[0].weight_qdata.__dict__.get(compiled._ATTR)
+        assert torch.equal(back(x), want)
+        if preset == "w8a8":  # the state_dict's bytes: one cache, one alias, every call
+            sd = model.state_dict()
+            run = torch.compile(lambda x, m=model, sd=sd: torch.func.functional_call(m, sd, (x,)),
+                                backend="eager")
+            for _ in range(3):
+                assert torch.equal(run(x), want)
+            assert len(sd["0.weight_qdata"].__dict__[compiled._ATTR]) == 3  # alias, plan, layout
+    gone = weakref.ref(cache)
+    del model, compiled_model, codes, cache, back, buf
+    if preset == "w8a8":
+        del sd, run
+    torch._dynamo.reset()
+    gc.collect()
+    assert gone() is None
 
 
 def test_compiled_gradients_match_eager() -> None:

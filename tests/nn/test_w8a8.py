@@ -221,7 +221,7 @@ def test_a_head_tied_to_its_embedding_saves_with_torch_save() -> None:
             got = torch.ops.linquant.linear_w8a8(x, sd["head.weight_qdata"],
                                                   sd["head.weight_scale"], None, None, None)
             assert torch.equal(got, model.head(x))
-        assert compiled._cache_for(sd["head.weight_qdata"])["int8_codes"].dtype == torch.int8
+        assert compiled._cache_for(sd["head.weight_qdata"])["int8_codes"][0].dtype == torch.int8
 
 
 def test_to_bfloat16_keeps_int8_and_fp32_buffers() -> None:

@@ -12,16 +12,17 @@ Triton launches are captured with the rest, which removes the host time that lim
 one-token decoding (README, "Performance"; not yet measured on a GPU).
 
 An operator takes tensors, not a layer, so the kernel caches (repacked layouts, Triton plans)
-live in a registry keyed by the codes tensor (``id(qdata)``, ``id(w_int8)``; the entry is
-dropped when that tensor is freed, and every cached layout is still checked against the
-weight's tensors and versions before use). :func:`linquant.nn.clear_kernel_caches` clears
-these entries too.
+are kept on the codes tensor itself (``qdata``, ``w_int8``: an attribute, :class:`OpCache`), and
+every cached layout is still checked against the weight's tensors and versions before use.
+They live as long as that tensor: the layouts and plans refer to it, a cycle the garbage
+collector frees with it. (A registry keyed by ``id(tensor)``, as before, kept every compiled
+model's layouts after the model was gone, for the same reason.) ``copy.deepcopy`` and pickling
+of the tensor give an empty cache. :func:`linquant.nn.clear_kernel_caches` clears them too.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Any
 
 import torch
@@ -29,24 +30,36 @@ import torch
 from linquant.scheme import QuantScheme
 from linquant.tensor import QuantizedTensor
 
-__all__ = ["clear_cache", "linear_w8a8", "linear_weight_only"]
+__all__ = ["OpCache", "clear_cache", "linear_w8a8", "linear_weight_only"]
 
-_CACHES: dict[int, dict[str, Any]] = {}
+_ATTR = "_linquant_op_cache"
+
+
+class OpCache(dict[str, Any]):
+    """The operators' kernel cache of one codes tensor, kept on the tensor (see the module
+    docstring). Never copied: ``copy.deepcopy`` and pickling (``torch.save`` of a model) give
+    an empty one."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OpCache:
+        return OpCache()
+
+    def __reduce__(self) -> tuple[type[OpCache], tuple[()]]:
+        return OpCache, ()
 
 
 def _cache_for(qdata: torch.Tensor) -> dict[str, Any]:
-    key = id(qdata)
-    cache = _CACHES.get(key)
-    if cache is None:
-        cache = _CACHES[key] = {}
-        weakref.finalize(qdata, _CACHES.pop, key, None)
+    cache = qdata.__dict__.get(_ATTR)
+    if not isinstance(cache, OpCache):
+        cache = OpCache()
+        setattr(qdata, _ATTR, cache)
     return cache
 
 
 def clear_cache(qdata: torch.Tensor) -> int:
     """Drop the operator's kernel cache for the weight whose codes are ``qdata``; returns how
     many layouts it held."""
-    return len(_CACHES.pop(id(qdata), {}))
+    cache = qdata.__dict__.pop(_ATTR, None)
+    return len(cache) if isinstance(cache, OpCache) else 0
 
 
 def _unaliased(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -82,21 +95,29 @@ def _impl_w8a8(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                act_zero_point: torch.Tensor | None) -> torch.Tensor:
     from linquant import kernels
 
-    cache = _cache_for(w_int8)
-    if w_int8.dtype == torch.uint8:
-        # the codes' bytes, as a state_dict holds them: torch.export on PyTorch 2.4 runs the
-        # program with the state_dict's tensors. One int8 alias of their storage per tensor,
-        # kept in its cache (an alias, not a view: a view would keep the tensor, and so the
-        # cache, alive for good), so that its layouts and plans are made once.
-        codes = cache.get("int8_codes")
-        if codes is None:
-            codes = cache["int8_codes"] = torch.empty(0, dtype=torch.int8,
-                                                      device=w_int8.device).set_(
-                w_int8.untyped_storage(), w_int8.storage_offset(), w_int8.shape,
-                w_int8.stride())
-        w_int8 = codes
+    w_int8, cache = int8_alias(w_int8)
     return _unaliased(kernels.linear_w8a8(x, w_int8, w_scale, bias, act_scale,
                                           act_zero_point, cache), x)
+
+
+def int8_alias(w: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``w`` as int8 codes, with the operator's cache for ``w``: int8 codes themselves, or
+    one int8 alias of uint8 bytes' storage, kept in the cache while those bytes are unchanged
+    (an in-place change or a new storage drops the alias and everything made from it)."""
+    from linquant.kernels.cpu import _version
+
+    cache = _cache_for(w)
+    if w.dtype != torch.uint8:
+        return w, cache
+    state = (_version(w), w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape),
+             w.stride())
+    hit = cache.get("int8_codes")
+    if hit is None or hit[1] != state:
+        cache.clear()  # layouts and plans made from the old bytes
+        alias = torch.empty(0, dtype=torch.int8, device=w.device).set_(
+            w.untyped_storage(), w.storage_offset(), w.shape, w.stride())
+        hit = cache["int8_codes"] = (alias, state)
+    return hit[0], cache
 
 
 def _fake_w8a8(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,

@@ -300,7 +300,11 @@ class W8A8Linear(StaticActivations):
         2.4, which takes the buffers from the state_dict)."""
         codes = self._buffers["weight_qdata"]
         assert codes is not None
-        return codes if codes.dtype == torch.int8 else codes.view(torch.int8)
+        if codes.dtype == torch.int8:
+            return codes
+        if torch.compiler.is_compiling() or jit_tracing():
+            return codes.view(torch.int8)
+        return compiled.int8_alias(codes)[0]  # eager: one alias per tensor (plans, layouts)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
                             keep_vars: bool) -> None:
@@ -390,7 +394,9 @@ class W8A8Linear(StaticActivations):
                                              act_scale, act_zero_point)
             return self._eager_forward(x)
         bias_after = bias is not None and grad and bias.requires_grad
-        y: torch.Tensor = compiled.linear_w8a8(x, self._int8_codes(), self.weight_scale,
+        # the buffer as it is (the operator takes uint8 bytes too): a view made here would be a
+        # new tensor, and so a new operator cache, on every call
+        y: torch.Tensor = compiled.linear_w8a8(x, self._buffers["weight_qdata"], self.weight_scale,
                                                None if bias_after else bias, act_scale,
                                                act_zero_point)
         return y + bias if bias_after and bias is not None else y
