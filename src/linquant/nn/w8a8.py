@@ -165,7 +165,8 @@ def _exporting() -> bool:
 class W8A8Linear(StaticActivations):
     """Linear layer computing int8 x int8 -> int32.
 
-    Buffers: ``weight_qdata`` int8 ``[out, in]``, ``weight_scale`` fp32 ``[out, 1]``; static
+    Buffers: ``weight_qdata`` int8 ``[out, in]`` (in ``state_dict()`` and pickles as its uint8
+    bytes; ``load_state_dict`` takes either), ``weight_scale`` fp32 ``[out, 1]``; static
     layers add ``input_scale`` (fp32, 0-d; NaN until calibrated) and, when asymmetric,
     ``input_zero_point`` (uint8, 0-d). ``bias`` is a float ``nn.Parameter`` or None.
     ``observing``: see :class:`StaticActivations`.
@@ -290,10 +291,6 @@ class W8A8Linear(StaticActivations):
             self.weight_dtype,
         )
 
-    # The int8 codes leave the layer as their uint8 bytes (the stored form, as QuantLinear's):
-    # a head tied to a quantized embedding holds an int8 view of the embedding's uint8 codes,
-    # and torch.save refuses one storage seen as two dtypes ("Cannot save multiple tensors or
-    # storages that view the same data as different types"), for the state_dict and the module.
     def _int8_codes(self) -> torch.Tensor:
         """The codes as int8: the buffer itself, or a view of uint8 bytes put in its place
         (``torch.func.functional_call`` with a ``state_dict()``, ``torch.export`` on PyTorch
@@ -306,6 +303,10 @@ class W8A8Linear(StaticActivations):
             return codes.view(torch.int8)
         return compiled.int8_alias(codes)[0]  # eager: one alias per tensor (plans, layouts)
 
+    # The int8 codes leave the layer as their uint8 bytes (the stored form, as QuantLinear's):
+    # a head tied to a quantized embedding holds an int8 view of the embedding's uint8 codes,
+    # and torch.save refuses one storage seen as two dtypes ("Cannot save multiple tensors or
+    # storages that view the same data as different types"), for the state_dict and the module.
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
                             keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
