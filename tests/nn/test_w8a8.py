@@ -319,3 +319,18 @@ def test_input_gradient_is_straight_through_on_cuda(kind: str) -> None:
     want, _ = _straight_through(q, x, gy)
     assert xg.grad is not None
     torch.testing.assert_close(xg.grad.float(), want.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "static-asym"])
+def test_an_empty_batch_that_needs_a_gradient_gets_one(kind: str) -> None:
+    """A static layer on ``(0, K)`` left ``x.grad`` None: the reference it ran has no path
+    from an empty ``x`` to its output. Dynamic layers and nn.Linear give a ``(0, K)`` one."""
+    q = W8A8Linear.from_float(nn.Linear(64, 48), activation="dynamic" if kind == "dynamic"
+                              else "static", act_symmetric=kind != "static-asym")
+    if kind != "dynamic":
+        q.set_activation_range(-2.0, 2.0)
+    x = torch.randn(0, 64, requires_grad=True)
+    y = q(x)
+    assert y.shape == (0, 48)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 64)

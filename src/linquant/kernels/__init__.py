@@ -390,11 +390,12 @@ def _bias_needs_grad(bias: torch.Tensor | None) -> bool:
     return bias is not None and bias.requires_grad and torch.is_grad_enabled()
 
 
-def _through_autograd_function(x: torch.Tensor) -> bool:
+def _through_autograd_function(x: torch.Tensor, empty: bool = False) -> bool:
     """Whether ``x`` needs its gradient and goes through :class:`_KernelLinear` /
-    :class:`_KernelW8A8` (eager, a float input with elements)."""
+    :class:`_KernelW8A8` (eager, a float input with elements, or ``empty`` too: the static W8A8
+    reference has no path from an empty ``x`` to its output, so ``x.grad`` stayed None)."""
     return (x.requires_grad and torch.is_grad_enabled() and x.dtype in reference.COMPUTE_DTYPES
-            and x.numel() > 0 and not torch.compiler.is_compiling())
+            and (empty or x.numel() > 0) and not torch.compiler.is_compiling())
 
 
 def _versions(tensors: tuple[torch.Tensor | None, ...]) -> list[int | None]:
@@ -579,7 +580,7 @@ def linear_w8a8(
                          "w8a8_plans")
         if y is not None:
             return y
-    if device is not None and _through_autograd_function(x):
+    if device is not None and _through_autograd_function(x, empty=True):
         after = _bias_needs_grad(bias)
         out: torch.Tensor = _KernelW8A8.apply(  # type: ignore[no-untyped-call]
             x, w_int8, w_scale, None if after else bias, act_scale, act_zero_point, cache)
