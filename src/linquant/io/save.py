@@ -591,7 +591,10 @@ def _strip_prefix(model: nn.Module, ck: LoadedCheckpoint, where: str) -> None:
         return
     inner = {m.group(0) for n in (*ck.plain, *ck.quantized) if (m := _ST_INNER.match(n))}
     prefix = getattr(model, "base_model_prefix", "")
-    keep: Any = None  # which of the file's names stay (None: all)
+
+    def keep(n: str) -> bool:  # which of the file's names stay
+        return True
+
     if len(inner) == 1 and all(_ST_INNER.match(n) for n in (*ck.plain, *ck.quantized)):
         st = inner.pop()
 
@@ -607,36 +610,27 @@ def _strip_prefix(model: nn.Module, ck: LoadedCheckpoint, where: str) -> None:
         def fix(n: str) -> str:
             return n.removeprefix(head)
 
-        def keep(n: str) -> bool:
+        def keep(n: str) -> bool:  # the head's tensors go
             return n.startswith(head)
     else:
         return
-    if not any(fix(n) in state for n in names if keep is None or keep(n)):
+    if not any(fix(n) in state for n in names if keep(n)):
         return
-    if keep is not None:
-        left = sorted({*ck.plain, *ck.quantized} - {n for n in (*ck.plain, *ck.quantized)
-                                                    if keep(n)})
-        if left:
-            more = f" (and {len(left) - 3} more)" if len(left) > 3 else ""
-            warnings.warn(f"{where}: {len(left)} tensor(s) of the file are not in "
-                          f"{type(model).__name__} (the head of the model saved): "
-                          f"{', '.join(left[:3])}{more}; left out", stacklevel=3)
-        ck.plain = {k: v for k, v in ck.plain.items() if keep(k)}
-        ck.quantized = {k: v for k, v in ck.quantized.items() if keep(k)}
-        ck.where = {k: v for k, v in ck.where.items() if keep(k)}
-        ck.modules = {k: v for k, v in ck.modules.items() if keep(k)}
-        ck.aliases = {k: v for k, v in ck.aliases.items() if keep(k) and keep(v)}
-        if isinstance(ck.model.get("buffer_dtypes"), dict):
-            ck.model = {**ck.model, "buffer_dtypes": {
-                k: v for k, v in ck.model["buffer_dtypes"].items() if keep(k)}}
-    ck.plain = {fix(k): v for k, v in ck.plain.items()}
-    ck.quantized = {fix(k): v for k, v in ck.quantized.items()}
-    ck.where = {fix(k): v for k, v in ck.where.items()}
-    ck.modules = {fix(k): v for k, v in ck.modules.items()}
-    ck.aliases = {fix(k): fix(v) for k, v in ck.aliases.items()}
+    left = sorted(n for n in (*ck.plain, *ck.quantized) if not keep(n))
+    if left:
+        more = f" (and {len(left) - 3} more)" if len(left) > 3 else ""
+        warnings.warn(f"{where}: {len(left)} tensor(s) of the file are not in "
+                      f"{type(model).__name__} (the head of the model saved): "
+                      f"{', '.join(left[:3])}{more}; left out", stacklevel=3)
+
+    def rename(entries: dict[str, Any]) -> dict[str, Any]:
+        return {fix(k): v for k, v in entries.items() if keep(k)}
+
+    ck.plain, ck.quantized, ck.where = rename(ck.plain), rename(ck.quantized), rename(ck.where)
+    ck.modules = rename(ck.modules)
+    ck.aliases = {fix(k): fix(v) for k, v in ck.aliases.items() if keep(k) and keep(v)}
     if isinstance(ck.model.get("buffer_dtypes"), dict):
-        ck.model = {**ck.model, "buffer_dtypes": {fix(k): v for k, v in
-                                                  ck.model["buffer_dtypes"].items()}}
+        ck.model = {**ck.model, "buffer_dtypes": rename(ck.model["buffer_dtypes"])}
 
 
 def _tie_to_the_file(model: nn.Module, ck: LoadedCheckpoint) -> None:
