@@ -350,6 +350,20 @@ def test_jit_trace_records_the_linear_operators(grad: bool, tmp_path: Path) -> N
                 torch.jit.trace(layer, example)
 
 
+def test_jit_script_refuses_with_a_named_error() -> None:
+    """``torch.jit.script`` of a model with linquant layers raises a LinquantError naming the
+    first layer and the ways that work; it failed with "Unknown type annotation" before."""
+    from linquant.errors import LinquantError
+
+    import linquant as lq
+
+    model = nn.Sequential(nn.ReLU(), nn.ModuleDict({"fc": nn.Linear(8, 4)}))
+    lq.quantize_model(model, "w8a32")
+    with pytest.raises(LinquantError, match=r"QuantLinear '1\.fc'.*torch\.jit\.script cannot "
+                                            r"compile.*torch\.compile"):
+        torch.jit.script(model)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("scheme", ["int4-sym-g128", "int4-asym-g32", "int8-sym-ch0"])

@@ -468,6 +468,13 @@ class QuantModule(nn.Module):
                 f"{self._label()}: torch.jit.trace cannot record a {type(self).__name__}; use "
                 f"torch.compile or torch.export (only QuantLinear and W8A8Linear layers trace)")
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Refuse ``torch.jit.script``, which calls this on each module before compiling: it
+        cannot compile the kernels' Python dispatch and failed with "Unknown type annotation"."""
+        raise LinquantError(
+            f"{self._label()}: torch.jit.script cannot compile linquant layers; use "
+            f"torch.compile or torch.export (or torch.jit.trace for QuantLinear and W8A8Linear)")
+
     def _label(self) -> str:
         name = getattr(self, "name", "")
         return f"{type(self).__name__} {name!r}" if name else type(self).__name__
