@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from linquant.errors import LinquantError
 from linquant.io import hf
 from linquant.io.save import load, save
 from linquant.io.stream import quantize_checkpoint
+from linquant.restore import dequantize_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.quantizers")
@@ -119,12 +121,25 @@ def test_sentence_transformer_save_raises_and_loading_names_linquant(tmp_path: P
 
     st = demo.load_model()
     quantize_model(st, "w4a16-g32")
-    with pytest.raises(LinquantError, match=r"linquant\.save"):
-        st.save(str(tmp_path / "st_native"))
+    for method in ("save", "save_pretrained"):  # refused before anything is written: the
+        # folder was made, with sentence-transformers' config in it, and linquant.save then
+        # refused to write there
+        with pytest.raises(LinquantError, match=rf"SentenceTransformer\.{method} .*nothing was "
+                                                r"written.*linquant\.save\(model, folder\)"):
+            getattr(st, method)(str(tmp_path / "st"))
+        assert not (tmp_path / "st").exists()
+    with pytest.raises(LinquantError, match=r"SentenceTransformer\.save "):
+        pickle.loads(pickle.dumps(st)).save(str(tmp_path / "st"))
     save(st, tmp_path / "st")
     with pytest.raises(LinquantError, match=r"linquant\.load"):
         SentenceTransformer(str(tmp_path / "st"), device="cpu")
-    assert type(load(tmp_path / "st")).__name__ == "SentenceTransformer"
+    loaded = load(tmp_path / "st")
+    assert type(loaded).__name__ == "SentenceTransformer"
+    with pytest.raises(LinquantError, match=r"SentenceTransformer\.save "):
+        loaded.save(str(tmp_path / "again"))
+    dequantize_model(loaded)  # a float model again: sentence-transformers saves it
+    loaded.save(str(tmp_path / "again"))
+    assert (tmp_path / "again" / "config_sentence_transformers.json").exists()
 
 
 @pytest.mark.slow

@@ -353,9 +353,8 @@ def test_jit_trace_records_the_linear_operators(grad: bool, tmp_path: Path) -> N
 def test_jit_script_refuses_with_a_named_error() -> None:
     """``torch.jit.script`` of a model with linquant layers raises a LinquantError naming the
     first layer and the ways that work; it failed with "Unknown type annotation" before."""
-    from linquant.errors import LinquantError
-
     import linquant as lq
+    from linquant.errors import LinquantError
 
     model = nn.Sequential(nn.ReLU(), nn.ModuleDict({"fc": nn.Linear(8, 4)}))
     lq.quantize_model(model, "w8a32")

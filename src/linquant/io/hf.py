@@ -11,7 +11,8 @@ returns the quantized layers freshly initialised. Here both raise instead:
   attribute transformers gives the models its own quantizers load. ``save_pretrained`` asks it
   whether the model can be serialized; :class:`LinquantHfQuantizer` answers with a
   :class:`LinquantError` naming :func:`linquant.save`. (A ``SentenceTransformer``'s ``save``
-  calls its transformers model's ``save_pretrained``, so it raises too.)
+  calls its transformers model's ``save_pretrained``, so it would raise too, but only after
+  writing its own config; :class:`RefusedSave` refuses it first.)
 * :func:`mark_config_file` (``save`` and ``linquant quantize``) writes
   ``"quantization_config": {"quant_method": "linquant", ...}`` into the folder's
   ``config.json`` when the folder holds quantized tensors. With linquant's quantizer registered
@@ -203,12 +204,45 @@ def _is_pretrained_model(module: nn.Module) -> bool:
                for c in type(module).__mro__)
 
 
+class RefusedSave:
+    """Stands in, on a quantized ``SentenceTransformer`` instance, for its ``save`` (and
+    ``save_pretrained``, ``push_to_hub``, ``save_to_hub``): raises before sentence-transformers
+    writes anything. Its transformers model refuses too, but only after sentence-transformers
+    has made the folder and written ``config_sentence_transformers.json``, where
+    ``linquant.save`` then refused to write ("already exists")."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise LinquantError(
+            f"SentenceTransformer.{self.method} cannot write linquant's quantized layers "
+            "(sentence-transformers would save buffers that it cannot load); nothing was "
+            "written. Save the model with linquant.save(model, folder): the modules, their "
+            "configs, tokenizer files and the quantized weights, which linquant.load(folder) "
+            "reads back")
+
+
+_REFUSED_SAVES = ("save", "save_pretrained", "push_to_hub", "save_to_hub")
+
+
+def _is_sentence_transformer(module: nn.Module) -> bool:
+    return any(c.__module__.startswith("sentence_transformers") and
+               c.__name__ == "SentenceTransformer" for c in type(module).__mro__)
+
+
 def mark_model(model: nn.Module) -> int:
     """Give each transformers model in ``model`` (itself included) that holds quantized layers
     linquant's ``hf_quantizer``; returns how many were marked. A model that already has an
-    ``hf_quantizer`` of another library keeps it."""
+    ``hf_quantizer`` of another library keeps it. A ``SentenceTransformer`` holding quantized
+    layers gets :class:`RefusedSave` for its save methods."""
     from linquant.nn.base import QuantModule
 
+    for m in model.modules():
+        if _is_sentence_transformer(m) and any(isinstance(q, QuantModule) for q in m.modules()):
+            for method in _REFUSED_SAVES:
+                if hasattr(type(m), method):
+                    m.__dict__[method] = RefusedSave(method)
     candidates = [m for m in model.modules() if _is_pretrained_model(m)]
     if not candidates:
         return 0
@@ -232,6 +266,9 @@ def unmark_model(model: nn.Module) -> None:
     """Drop linquant's ``hf_quantizer`` and ``quantization_config`` from each transformers
     model in ``model`` (after :func:`linquant.dequantize_model`); another library's are kept."""
     for m in model.modules():
+        for method in _REFUSED_SAVES:
+            if isinstance(m.__dict__.get(method), RefusedSave):
+                del m.__dict__[method]
         if not _is_pretrained_model(m):
             continue
         if _registered and isinstance(m.__dict__.get("hf_quantizer"), _registered[0]):

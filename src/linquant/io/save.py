@@ -212,7 +212,8 @@ def _write_side_files(model: nn.Module, kind: str, folder: Path) -> None:
 
 
 def _save_st_configs(model: Any, folder: Path) -> None:
-    """Run SentenceTransformer.save with the HF weight writer stubbed out (configs only)."""
+    """Run SentenceTransformer.save with the HF weight writer stubbed out (configs only); the
+    class's method: a quantized model's own ``save`` refuses (``hf.RefusedSave``)."""
     from unittest import mock
 
     import transformers
@@ -221,7 +222,7 @@ def _save_st_configs(model: Any, folder: Path) -> None:
         self.config.save_pretrained(save_directory)
 
     with mock.patch.object(transformers.PreTrainedModel, "save_pretrained", no_weights):
-        model.save(str(folder))
+        type(model).save(model, str(folder))
 
 
 def save(
