@@ -193,3 +193,11 @@ def test_non_finite_inputs_change_no_layer(bad: float, percentile: float | None)
     after = [(m.input_scale, m.calibrated) for m in (model[0], model[2])]
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(before, after,
                                                                        strict=True))
+    if percentile is not None:  # one bad value among more than the percentile's sample: the
+        # sample missed it and the layer was calibrated from the finite rest
+        x = torch.randn(64, 32)
+        x[5, 7] = bad
+        with pytest.raises(lq.LinquantError, match=r"saw NaN or Inf inputs: 2 "), \
+                calibrate(model, percentile, sample_size=100):
+            model(torch.randn(8, 16))
+            model[2](x)

@@ -98,6 +98,8 @@ class RangeObserver:
             else:
                 lo_b = torch.quantile(s, 1.0 - q).double()
                 hi_b = torch.quantile(s, q).double()
+            if not bool(torch.isfinite(flat).all()):  # the sample may have missed them
+                lo_b = hi_b = torch.tensor(math.nan, dtype=torch.float64, device=flat.device)
             n = float(flat.numel())
             lo, hi = lo_b * n, hi_b * n
             if self._lo is not None and self._hi is not None:
