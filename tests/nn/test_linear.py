@@ -195,6 +195,16 @@ def test_integer_input_names_the_layer() -> None:
         q(torch.ones(4, 32, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sparse_input_computes_as_its_dense_values(dtype: torch.dtype) -> None:
+    """A sparse COO input (which ``nn.Linear`` takes) gives the dense input's output, on the
+    kernels' path and not the reference's."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(nn.Linear(64, 8), "int4-asym-g32").to(dtype)
+    x = (torch.randn(3, 64) * (torch.rand(3, 64) < 0.3)).to(dtype)
+    assert torch.equal(q(x.to_sparse()), q(x))
+
+
 def test_from_float_refuses_other_modules_naming_the_layer() -> None:
     with pytest.raises(lq.LinquantError, match=r"'blocks.3'.*Conv2d"):
         QuantLinear.from_float(nn.Conv2d(3, 3, 1), "int8-sym-ch0", name="blocks.3")

@@ -146,6 +146,18 @@ def test_wrong_last_dim_and_unsupported_module_name_the_layer() -> None:
 
 
 @pytest.mark.parametrize("kind", list(SQNR_FLOORS))
+def test_a_sparse_input_computes_as_its_dense_values(kind: str) -> None:
+    """A sparse COO input (which ``nn.Linear`` takes) gives the dense input's output; it
+    raised "reshape is not implemented for sparse tensors"."""
+    torch.manual_seed(0)
+    q = _layer(kind, nn.Linear(32, 8))
+    if kind != "dynamic":
+        q.set_activation_range(-3.0, 3.0)
+    x = torch.randn(5, 32) * (torch.rand(5, 32) < 0.3)
+    assert torch.equal(q(x.to_sparse()), q(x))
+
+
+@pytest.mark.parametrize("kind", list(SQNR_FLOORS))
 def test_state_dict_round_trip_keeps_calibration(kind: str) -> None:
     lin = nn.Linear(32, 16)
     q = _layer(kind, lin)

@@ -494,6 +494,8 @@ class QuantModule(nn.Module):
             raise LinquantError(f"{self._label()}: expected a tensor input, got {type(x).__name__}")
         if x.dtype not in COMPUTE_DTYPES:
             raise LinquantError(f"{self._label()}: expected a float input, got {x.dtype}")
+        if x.layout != torch.strided:  # sparse: the kernels need the values laid out
+            return x.to_dense()
         return x
 
     def _check_last_dim(self, x: object, features: int) -> torch.Tensor:
