@@ -86,6 +86,12 @@ def test_bad_inputs_name_the_layer() -> None:
         q(torch.tensor([0, 10]))
     with pytest.raises(lq.LinquantError, match=r"'wte'.*\[0, 10\)"):
         q(torch.tensor([-1]))
+    for dtype in [getattr(torch, f"uint{b}", None) for b in (16, 32, 64)]:  # PyTorch >= 2.3
+        if dtype is not None:  # torch's NotImplementedError from the range check before
+            with pytest.raises(lq.LinquantError, match=rf"'wte'.*integer index tensor .*"
+                                                       rf"got {dtype}"):
+                q(torch.tensor([1, 2]).to(dtype))
+    assert torch.equal(q(torch.tensor([1, 9], dtype=torch.uint8)), q(torch.tensor([1, 9])))
     with pytest.raises(lq.LinquantError, match=r"'wpe'.*Linear"):
         QuantEmbedding.from_float(nn.Linear(4, 4), "int8-sym-ch0", name="wpe")
     with pytest.raises(lq.LinquantError, match=r"'tok'.*max_norm"):

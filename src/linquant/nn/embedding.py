@@ -29,6 +29,8 @@ from linquant.tensor import quantize
 
 __all__ = ["QuantEmbedding"]
 
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
 
 @register_qmodule(nn.Embedding)
 class QuantEmbedding(QuantModule):
@@ -116,10 +118,10 @@ class QuantEmbedding(QuantModule):
         return q
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.is_complex() \
-                or ids.dtype == torch.bool:
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in _ID_DTYPES:
             got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise LinquantError(f"{self._label()}: expected an integer index tensor, got {got}")
+            raise LinquantError(f"{self._label()}: expected an integer index tensor (int64, "
+                                f"int32, int16, int8 or uint8), got {got}")
         # the range check reads the indices on the host: not under torch.compile, where it
         # would split the graph (out-of-range indices then fail in the gather, as for
         # nn.Embedding)
