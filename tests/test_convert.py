@@ -305,6 +305,133 @@ def test_root_module_already_quantized_and_unmaterialized_layers() -> None:
     assert again["1"].reason == "weight not materialized (lazy or meta)"
 
 
+def test_lazy_float8_and_root_layers_stay_float_with_their_reasons() -> None:
+    """An uninitialised ``LazyLinear`` made quantize_model raise torch's ValueError while
+    sizing the model, having quantized the layers before it; a float8 weight raised
+    NotImplementedError from the range check. Both are kept float with a reason and the other
+    layers are quantized. A root module of an unsupported type is reported as that, not as
+    "wrap it" (wrapping would not help)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.LazyLinear(4))
+    report = quantize_model(model, "w8a32")
+    assert isinstance(model[0], QuantLinear) and type(model[1]) is nn.LazyLinear
+    assert report["1"].reason == "unsupported type LazyLinear"
+    if hasattr(torch, "float8_e4m3fn"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        model[1].weight.data = model[1].weight.data.to(torch.float8_e4m3fn)
+        report = quantize_model(model, "w8a32")
+        assert isinstance(model[0], QuantLinear) and type(model[1]) is nn.Linear
+        assert report["1"].reason == ("weight dtype torch.float8_e4m3fn: only fp32, fp16, bf16 "
+                                      "and fp64 weights are quantized")
+
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.fc = nn.Linear(8, 8)
+
+    report = quantize_model(Root(), "w8a32")
+    assert report[""].reason == "unsupported type Root"
+
+
+def test_a_weight_held_as_a_buffer_is_a_layer() -> None:
+    """A Linear / Embedding whose frozen weight is a buffer had no report row and stayed float
+    (the walk looked only at modules with parameters); it is quantized like any other."""
+    model = nn.Sequential(nn.Linear(16, 8), nn.Embedding(10, 16))
+    for m in model:
+        w = m._parameters.pop("weight")
+        assert w is not None
+        m.register_buffer("weight", w.detach())
+    want = model[0](torch.randn(2, 16))
+    report = quantize_model(model, "w8a32")
+    assert [type(m).__name__ for m in model] == ["QuantLinear", "QuantEmbedding"]
+    assert report["0"].reason is None and report["1"].reason is None
+    x = torch.randn(2, 16)
+    assert sqnr(nn.functional.linear(x, model[0].weight, model[0].bias), model[0](x)) > 35
+    assert want.shape == (2, 8)
+
+
+def test_hooks_and_train_mode_move_to_the_quantized_layer() -> None:
+    """Forward (pre-)hooks and backward hooks on a layer were dropped by the swap (a hook that
+    changed the output silently stopped); the quantized layer runs them, their handles still
+    remove them, and dequantize_model carries them back. The layer keeps the model's
+    train / eval mode (quantized layers were left in train mode)."""
+    model = Tiny().eval()
+    seen: list[str] = []
+    handles = [
+        model.head.register_forward_pre_hook(lambda m, a: seen.append("pre")),
+        model.head.register_forward_hook(lambda m, a, out: out * 0),
+        model.emb.register_forward_hook(lambda m, a, kw, out: seen.append("emb"),
+                                        with_kwargs=True),
+        model.head.register_full_backward_hook(lambda m, gi, go: seen.append("back")),
+    ]
+    quantize_model(model, "w8a32")
+    assert isinstance(model.head, QuantLinear) and isinstance(model.emb, QuantEmbedding)
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(3, 64, requires_grad=True)
+    out = model.head(x)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    model.emb(torch.tensor([1, 2]))
+    assert seen == ["pre", "back", "emb"]
+    from linquant.restore import dequantize_model
+
+    dequantize_model(model)
+    assert type(model.head) is nn.Linear
+    seen.clear()
+    model.head(x)
+    assert seen == ["pre"]
+    for h in handles:
+        h.remove()
+    model.head(x)
+    model.emb(torch.tensor([1]))
+    assert seen == ["pre"]
+
+
+@pytest.mark.parametrize("patch", ["forward", "compile"])
+def test_a_layer_patched_on_its_instance_stays_float(patch: str) -> None:
+    """A layer whose instance replaces its forward (accelerate's hooks for device_map and
+    offloading do) or that was compiled in place (``module.compile()``) is kept float with the
+    reason: a quantized layer in its place would compute without the patch (experts modules
+    copied the patched forward and so computed with their float weights)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    if patch == "forward":
+        original = model[1].forward
+        model[1].forward = lambda x: original(x) * 2  # type: ignore[method-assign]
+    else:
+        model[1].compile(backend="eager")
+    report = quantize_model(model, "w8a32")
+    assert isinstance(model[0], QuantLinear) and type(model[1]) is nn.Linear
+    reason = report["1"].reason
+    assert reason is not None and ("replaced on the instance" if patch == "forward"
+                                   else "compiled in place") in reason
+
+
+def test_a_bias_keeps_its_parameter_and_its_tie() -> None:
+    """The quantized layer holds the float layer's bias Parameter (it held a copy): an
+    optimizer built before quantizing still trains it, and a bias tied to another module's
+    (BERT's masked-LM decoder.bias is cls.predictions.bias) no longer keeps the layer, and
+    through its tied weight the word embeddings, float."""
+
+    class Head(nn.Module):  # BertLMPredictionHead's shape: an unsupported owner of the bias
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = nn.Linear(16, 32)
+            self.bias = self.decoder.bias
+
+    model = nn.Sequential(nn.Embedding(32, 16), Head())
+    model[1].decoder.weight = model[0].weight
+    bias = model[1].bias
+    opt = torch.optim.SGD([bias], lr=1.0)
+    report = quantize_model(model, "w8a32")
+    assert isinstance(model[1].decoder, QuantLinear) and isinstance(model[0], QuantEmbedding)
+    assert report["1.decoder"].tied_to == "0"
+    assert model[1].decoder.bias is bias and model[1].bias is bias
+    model[1].decoder(torch.randn(2, 16)).sum().backward()
+    before = bias.detach().clone()
+    opt.step()
+    assert not torch.equal(bias, before)
+
+
 # ---- W8A8 and compute dtype ---------------------------------------------------------------------
 def test_w8a8_dynamic_linear_layers_and_weight_only_embeddings() -> None:
     model = Tiny()
@@ -557,15 +684,28 @@ def test_a_kept_conversion_function_never_ties_what_was_not_tied() -> None:
                                          ptrs["embed.weight_zero_point"]}) == len(ptrs) - 6
 
 
-def test_a_shared_bias_keeps_both_layers_float() -> None:
+def test_a_shared_bias_stays_shared() -> None:
+    """Layers sharing only their bias are quantized and keep sharing it (they were kept float,
+    when quantized layers copied their biases); a layer whose weight a float module holds
+    stays float."""
     a, b = nn.Linear(8, 8), nn.Linear(8, 8)
     b.bias = a.bias
     model = nn.Sequential(a, b, nn.Linear(8, 8))
     report = quantize_model(model, "w8a32")
-    assert model[0].bias is model[1].bias and isinstance(model[1], nn.Linear)
-    assert "not the weight of each" in (report["1"].reason or "")
-    assert "tied parameter shared with '1'" in (report["0"].reason or "")
-    assert report["2"].quantized
+    assert isinstance(model[0], QuantLinear) and isinstance(model[1], QuantLinear)
+    assert model[0].bias is model[1].bias is a.bias
+    assert all(r.quantized for r in report.layers)
+    norm, c = nn.LayerNorm(8), nn.Linear(8, 8)
+    c.bias = norm.weight  # the bias of one, another parameter of the other: kept too
+    model = nn.Sequential(norm, c)
+    quantize_model(model, "w8a32")
+    assert isinstance(model[1], QuantLinear) and model[1].bias is model[0].weight
+    holder, d = nn.Module(), nn.Linear(8, 8)
+    holder.p = d.weight  # a layer's weight held by a module of an unsupported type
+    model = nn.Sequential(holder, d)
+    report = quantize_model(model, "w8a32")
+    assert type(model[1]) is nn.Linear
+    assert "stays float (unsupported type Module)" in (report["1"].reason or "")
 
 
 def test_one_module_object_at_two_names_is_swapped_at_both() -> None:

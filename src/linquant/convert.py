@@ -65,7 +65,9 @@ from linquant.io import hf
 from linquant.nn.base import (
     PlainRefs,
     _memory_key,
+    carry_hooks,
     find_module,
+    keep_bias,
     plain_references,
     replace_plain_references,
     weight_dims,
@@ -274,10 +276,15 @@ class ModelReport:
 
 
 # ---- sizes ----------------------------------------------------------------------------------
+_UNINITIALIZED = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
+
+
 def _tensors(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
     seen: set[object] = set()
     out: list[torch.Tensor] = []
     for t in [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]:
+        if isinstance(t, _UNINITIALIZED):
+            continue  # a lazy module's: no size yet
         key = _memory_key(t)
         if key not in seen:
             seen.add(key)
@@ -573,6 +580,29 @@ def _group_fallback(name: str, scheme: QuantScheme, n: int, what: str,
         f"group size {g} -> {fallback}: {g} does not divide {what} {n}")
 
 
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _weight_dtype_reason(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:  # float8: no aminmax, no matmul on the CPU
+        return f"weight dtype {dtype}: only fp32, fp16, bf16 and fp64 weights are quantized"
+    return f"weight dtype {dtype} is not float"
+
+
+def _patched_instance(module: nn.Module) -> str | None:
+    """Why a layer whose instance overrides its class's behaviour stays float, or None: the
+    quantized layer that replaces it would drop the override and compute without it."""
+    own = vars(module)
+    if "forward" in own:
+        return ("its forward is replaced on the instance (an accelerate hook from device_map "
+                "or offloading, or a patch), which the quantized layer would not run: quantize "
+                "before dispatching the model, or remove the patch")
+    if own.get("_compiled_call_impl") is not None:
+        return ("compiled in place (module.compile()), which the quantized layer would not "
+                "be: quantize first, then compile")
+    return None
+
+
 def _decide(
     name: str,
     module: nn.Module,
@@ -595,15 +625,15 @@ def _decide(
     config, why = _select(name, pairs, include, exclude, used, keep_float)
     if config is None:
         return None, None, why, ""
-    if name == "":
-        return None, None, "the root module cannot be replaced in place (wrap it)", ""
     from linquant.nn import quant_module_for
 
     cls = (quant_module_for(module, "w8a8") if config.is_w8a8 else None) or quant_module_for(
         module, "weight_only")
     if cls is None:
         return None, None, f"unsupported type {type(module).__name__}", ""
-    refusal = cls.cannot_convert(module)
+    if name == "":
+        return None, None, "the root module cannot be replaced in place (wrap it)", ""
+    refusal = cls.cannot_convert(module) or _patched_instance(module)
     if refusal is not None:
         return None, None, refusal, ""
     w = _weight(module)
@@ -611,8 +641,8 @@ def _decide(
         return None, None, f"{type(module).__name__} has no weight tensor", ""
     if isinstance(w, nn.parameter.UninitializedParameter) or (w.is_meta and not allow_meta):
         return None, None, "weight not materialized (lazy or meta)", ""
-    if not w.is_floating_point():
-        return None, None, f"weight dtype {w.dtype} is not float", ""
+    if w.dtype not in _WEIGHT_DTYPES:
+        return None, None, _weight_dtype_reason(w.dtype), ""
     if w.numel() == 0:
         return None, None, f"empty weight (shape {tuple(w.shape)}): nothing to quantize", ""
     note = ""
@@ -646,15 +676,16 @@ def _decide_experts(
     config, why = _select(name, pairs, include, exclude, used, keep_float)
     if config is None:
         return None, None, why, ""
-    refusal = QuantExperts.cannot_convert(module)
+    refusal = QuantExperts.cannot_convert(module) or (
+        None if isinstance(module, QuantExperts) else _patched_instance(module))
     if refusal is not None:
         return None, None, refusal, ""
     w = module._parameters[part]
     assert w is not None
     if isinstance(w, nn.parameter.UninitializedParameter) or (w.is_meta and not allow_meta):
         return None, None, "weight not materialized (lazy or meta)", ""
-    if not w.is_floating_point():
-        return None, None, f"weight dtype {w.dtype} is not float", ""
+    if w.dtype not in _WEIGHT_DTYPES:
+        return None, None, _weight_dtype_reason(w.dtype), ""
     if w.numel() == 0:
         return None, None, f"empty weight (shape {tuple(w.shape)}): nothing to quantize", ""
     e, out, k = experts_dims(w.shape, experts_transposed(module))
@@ -711,9 +742,10 @@ def _build(name: str, module: nn.Module, config: QuantConfig, scheme: QuantSchem
             module, activation=config.activation_mode,
             act_symmetric=config.activation.symmetric, name=name,
         )
-        return new
-    weight_only: Any = quant_module_for(module, "weight_only")
-    new = weight_only.from_float(module, scheme, name=name)
+    else:
+        weight_only: Any = quant_module_for(module, "weight_only")
+        new = weight_only.from_float(module, scheme, name=name)
+    keep_bias(module, new)
     return new
 
 
@@ -790,7 +822,7 @@ def plan_model(
             continue
         if not any(True for _ in module.parameters(recurse=False)) and not (
             _is_quantized_module(module) and name
-        ):
+        ) and not isinstance(module._buffers.get("weight"), torch.Tensor):  # a frozen weight
             continue
         decision = _decide(name, module, pairs, inc, exc, used, refusals, allow_meta, keep_float)
         _add_plan(plans, id(module), name, module, decision)
@@ -875,7 +907,8 @@ def quantize_model(
         before = _experts_part_nbytes(module, plan.part) if plan.part else _own_nbytes(module)
         qweight = _qweight(module) if _is_quantized_module(module) else None
         shape = tuple(qweight.shape) if qweight is not None else (
-            () if w is None else tuple(w.shape))
+            () if w is None or isinstance(w, _UNINITIALIZED)
+            else tuple(w.shape))
         row = LayerReport(name, type(module).__name__ if qweight is not None else
                           _type_name(module), shape, before, before, reason=plan.reason,
                           note=plan.note)
@@ -1075,7 +1108,8 @@ def _set_submodule(model: nn.Module, parents: Mapping[str, nn.Module], name: str
     attr = name.rsplit(".", 1)[-1]
     old = parent._modules.get(attr)
     setattr(parent, attr, new)
-    if old is not None:
+    if old is not None and old is not new:
+        carry_hooks(old, new)
         replace_plain_references(refs, old, new)
 
 
@@ -1087,11 +1121,8 @@ def _resolve_ties(plans: list[_Plan]) -> set[int]:
     """
     by_param: dict[int, list[_Plan]] = {}
     for plan in plans:
-        assert plan.module is not None
-        params = [plan.module._parameters[plan.part]] if plan.part else \
-            plan.module.parameters(recurse=False)
-        for p in params:
-            by_param.setdefault(id(p), []).append(plan)
+        for t in _tie_keys(plan):
+            by_param.setdefault(id(t), []).append(plan)
     groups = {pid: group for pid, group in by_param.items() if len(group) > 1}
     changed = True
     while changed:
@@ -1111,6 +1142,27 @@ def _resolve_ties(plans: list[_Plan]) -> set[int]:
                     g.reason = f"tied {what} shared with {others}; {why}"
                     changed = True
     return {pid for pid, group in groups.items() if all(g.reason is None for g in group)}
+
+
+def _tie_keys(plan: _Plan) -> list[torch.Tensor]:
+    """The tensors of ``plan``'s layer that tie it to the layers sharing them: its parameters
+    and a weight held as a buffer, but not the bias of a layer linquant quantizes, which the
+    quantized layer keeps (:func:`linquant.nn.base.keep_bias`)."""
+    from linquant.nn import quant_module_for
+
+    module = plan.module
+    assert module is not None
+    if plan.part:
+        w = module._parameters[plan.part]
+        assert w is not None
+        return [w]
+    supported = quant_module_for(module, "weight_only") is not None
+    keys: list[torch.Tensor] = [p for n, p in module._parameters.items()
+                                if p is not None and not (n == "bias" and supported)]
+    weight = _weight(module)
+    if weight is not None and not any(weight is k for k in keys):
+        keys.append(weight)
+    return keys
 
 
 def _tie_conflict(pid: int, group: list[_Plan]) -> str | None:

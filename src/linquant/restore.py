@@ -22,6 +22,7 @@ from linquant.nn.base import (
     _MODULE_STATE,
     QuantModule,
     _memory_key,
+    carry_hooks,
     plain_references,
     replace_plain_references,
 )
@@ -172,6 +173,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
                    else _float_layer(child, want, shared))
             done[id(child)] = new
         parent._modules[attr] = new
+        carry_hooks(child, new)
         replace_plain_references(refs, child, new)
     if done:
         from linquant.io import hf

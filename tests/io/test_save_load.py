@@ -572,3 +572,35 @@ def test_load_into_under_inference_mode_holds_normal_tensors_and_keeps_ties(
                 == m.emb.weight_qdata.untyped_storage().data_ptr())  # tied: stored once
     if preset == "w8a8-static":
         back.head.set_activation_range(-4.0, 4.0)  # outside inference_mode: in place
+
+
+def test_a_masked_lm_head_with_a_tied_bias_is_quantized_saved_and_loaded(tmp_path: Path) -> None:
+    """BERT's masked-LM decoder shares its bias with ``cls.predictions`` (and its weight with
+    the word embeddings): the decoder and the embeddings were kept float for that tie. Now both
+    are quantized, the bias stays one Parameter through save / load, and the streamed
+    checkpoint loads to the same logits as the model quantized in memory."""
+    transformers = pytest.importorskip("transformers")
+    from linquant.io.stream import quantize_checkpoint
+    from linquant.nn import QuantEmbedding, QuantLinear
+
+    config = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, intermediate_size=128)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(config).eval()
+    model.save_pretrained(str(tmp_path / "src"))
+    report = quantize_model(model, "w4a16-g32")
+    head = model.cls.predictions
+    assert isinstance(head.decoder, QuantLinear) and head.decoder.bias is head.bias
+    assert isinstance(model.bert.embeddings.word_embeddings, QuantEmbedding)
+    assert report["cls.predictions.decoder"].tied_to == "bert.embeddings.word_embeddings"
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        want = model(ids).logits
+    save(model, tmp_path / "dst")
+    quantize_checkpoint(tmp_path / "src", tmp_path / "streamed", "w4a16-g32")
+    for folder in ("dst", "streamed"):
+        loaded = load(tmp_path / folder)
+        head = loaded.cls.predictions
+        assert isinstance(head.decoder, QuantLinear) and head.decoder.bias is head.bias
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, want), folder

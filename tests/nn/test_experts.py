@@ -353,6 +353,33 @@ def test_experts_scales_that_would_overflow_are_refused_before_anything_changes(
     assert report["experts.down_proj"].quantized and isinstance(model.experts, QuantExperts)
 
 
+@pytest.mark.parametrize("patch", ["forward", "compile"])
+def test_experts_patched_on_their_instance_stay_float(patch: str) -> None:
+    """An experts module whose instance replaces its forward (accelerate's hooks) or that was
+    compiled in place: the wrapper copied that attribute and so computed with the float
+    weights while the report said quantized. Now kept float with the reason; a forward hook
+    moves to the wrapper and runs."""
+    model = Block()
+    if patch == "forward":
+        original = model.experts.forward
+        model.experts.forward = original  # type: ignore[method-assign]
+    else:
+        model.experts.compile(backend="eager")
+    report = lq.quantize_model(model, "int8-sym-ch0")
+    assert not isinstance(model.experts, QuantExperts)
+    for part in ("gate_up_proj", "down_proj"):
+        reason = report[f"experts.{part}"].reason
+        assert reason is not None and ("replaced on the instance" if patch == "forward"
+                                       else "compiled in place") in reason
+    model = Block()
+    calls: list[int] = []
+    model.experts.register_forward_hook(lambda m, a, out: calls.append(1))
+    lq.quantize_model(model, "int8-sym-ch0")
+    assert isinstance(model.experts, QuantExperts)
+    model(torch.randn(5, 24))
+    assert calls == [1]
+
+
 def test_excluded_projection_stays_float_and_the_rest_runs() -> None:
     model = Block()
     ref = copy.deepcopy(model)

@@ -55,7 +55,9 @@ from linquant.nn.base import (
     PlainRefs,
     QuantModule,
     _memory_key,
+    carry_hooks,
     find_module,
+    keep_bias,
     plain_references,
     qualified_name,
     replace_plain_references,
@@ -532,6 +534,8 @@ def _experts_skeleton(model: nn.Module, experts: nn.Module, part: str, name: str
         spot = _owner(model, owner)
         assert spot is not None
         setattr(spot[0], spot[1], wrapper)
+        if wrapper is not experts:
+            carry_hooks(experts, wrapper)
         replace_plain_references(refs, experts, wrapper)
         experts = wrapper
     assert isinstance(experts, QuantExperts)
@@ -704,8 +708,11 @@ def _load_into(model: nn.Module, path: str | os.PathLike[str], mmap: bool) -> nn
             q = _as_in_file(float_mod, entry, name, where) if isinstance(
                 float_mod, QuantModule) and type(float_mod).__name__ == entry.get("type") else \
                 _skeleton(float_mod, entry, name, where)
+            keep_bias(float_mod, q)  # a tied bias stays tied (BERT's decoder.bias)
             built[id(float_mod)] = q
         setattr(parent, attr, q)
+        if q is not float_mod:
+            carry_hooks(float_mod, q)
         replace_plain_references(refs, float_mod, q)
 
     # 2. Quantized weights.

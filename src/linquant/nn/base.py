@@ -130,6 +130,36 @@ def replace_plain_references(refs: PlainRefs, old: nn.Module, new: nn.Module) ->
         refs[id(new)] = refs.pop(id(old))
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new`` (a quantized layer taking ``old``'s place) runs ``old``'s forward and backward
+    hooks, and is in ``old``'s train / eval mode. The hook tables themselves move, so the
+    handles ``register_*_hook`` returned still remove them. State-dict hooks stay behind: they
+    are written for the float layer's tensors."""
+    for attr in _HOOK_DICTS:
+        table = old.__dict__.get(attr)
+        if table:
+            new.__dict__[attr] = table
+    if old.__dict__.get("_is_full_backward_hook") is not None:
+        new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
+    new.train(old.training)
+
+
+def keep_bias(old: nn.Module, new: nn.Module) -> None:
+    """``new`` (a quantized layer taking ``old``'s place) holds ``old``'s bias Parameter itself,
+    not the copy it was built with, where the two match: a bias tied to another module's
+    (BERT's ``cls.predictions.decoder.bias`` is ``cls.predictions.bias``) stays tied, and an
+    optimizer built before quantizing still updates it."""
+    bias, copy = old._parameters.get("bias"), new._parameters.get("bias")
+    if isinstance(bias, nn.Parameter) and copy is not None and (
+            bias.dtype, bias.shape, bias.device) == (copy.dtype, copy.shape, copy.device):
+        new.bias = bias
+
+
 def is_hf_conv1d(module: object) -> bool:
     """True for ``transformers.pytorch_utils.Conv1D`` itself (checked without importing it)."""
     return qualified_name(type(module)) == HF_CONV1D
