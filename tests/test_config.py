@@ -174,3 +174,10 @@ def test_static_asymmetric_activations_are_allowed() -> None:
 def test_invalid_configs_say_what_is_allowed(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(LinquantError, match=match):
         QuantConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_config_text_is_case_insensitive_as_presets_are() -> None:
+    assert str(QuantConfig.parse("INT4-ASYM-G64-FP16, COMPUTE BF16")) == (
+        "int4-asym-g64-fp16, compute bf16")
+    assert str(QuantConfig.parse("Int8-Sym-Ch0-Fp32, Act Int8-Sym-Token Dynamic")) == (
+        "int8-sym-ch0-fp32, act int8-sym-token dynamic")

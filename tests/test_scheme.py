@@ -229,7 +229,6 @@ GRAMMAR_ERRORS = {
     "empty": "",
     "garbage": "int4",
     "no-int-prefix": "4-sym-g32",
-    "uppercase": "INT4-SYM-G32",
     "unknown-mode": "int4-signed-g32",
     "unknown-granularity": "int4-sym-row",
     "unknown-dtype": "int4-sym-g32-fp64",
@@ -308,3 +307,23 @@ def test_from_dict_unknown_scale_dtype_names_the_field() -> None:
     # the problem is the value of scale_dtype, not a missing key
     assert "scale_dtype" in message.split("{")[0], message
     assert "missing" not in message, message
+
+
+def test_axis_belongs_to_channel_schemes_only() -> None:
+    """``resolve("int8-sym-ch1", granularity="tensor")`` kept axis 1: a scheme that printed as
+    ``int8-sym-tensor-fp32`` compared unequal to the parsed one (and the sweep listed both)."""
+    a = QuantScheme.resolve("int8-sym-ch1", granularity="tensor")
+    assert a == QuantScheme.parse("int8-sym-tensor") and a.axis == 0
+    b = QuantScheme.resolve("int4-sym-ch-1", group_size=32)
+    assert b == QuantScheme.parse("int4-sym-g32") and QuantScheme.parse(str(b)) == b
+    assert QuantScheme.resolve("int8-sym-tensor", granularity="channel", axis=-1).axis == -1
+
+
+def test_text_forms_are_case_insensitive_and_a_preset_is_named() -> None:
+    """Presets were case-insensitive and text forms not; a preset given where a scheme is
+    expected said only "cannot parse scheme"."""
+    assert QuantScheme.parse("INT4-ASYM-G64-FP16") == QuantScheme.parse("int4-asym-g64-fp16")
+    with pytest.raises(LinquantError, match=r"'W4A16-G32' is a preset, a model config for "
+                                            r"quantize_model: its weight scheme is "
+                                            r"int4-asym-g32-fp16"):
+        QuantScheme.parse("W4A16-G32")

@@ -164,8 +164,8 @@ class QuantConfig:
         <dynamic|static>`` and ``compute <fp32|fp16|bf16>``, comma-separated."""
         if not isinstance(text, str):
             raise LinquantError(f"QuantConfig.parse needs a str, got {type(text).__name__}")
-        parts = [p.strip() for p in text.split(",")]
-        if text.strip() in PRESETS:
+        parts = [p.strip().lower() for p in text.split(",")]  # case-insensitive, as presets
+        if text.strip().lower() in PRESETS:
             raise LinquantError(f"QuantConfig.parse({text!r}): a preset name, not a config's "
                                 f"text form; get_config({text!r}) takes both")
         weight = QuantScheme.parse(parts[0])

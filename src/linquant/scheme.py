@@ -60,7 +60,8 @@ class QuantScheme:
             ``[0, 2**bits-1]``.
         granularity: ``"tensor"`` (one scale), ``"channel"`` (one scale per index of ``axis``)
             or ``"group"`` (one scale per ``group_size`` consecutive elements of the last dim).
-        axis: the kept dimension for ``"channel"`` (negative counts from the end).
+        axis: the kept dimension for ``"channel"`` (negative counts from the end); 0 for the
+            other granularities, whatever is given.
         group_size: elements per group for ``"group"``; must divide the last dimension.
         scale_dtype: storage dtype of scales (and float offsets): fp32, fp16 or bf16.
         zero_point: asymmetric only. ``"int"``: integer zero point in the code domain, the range
@@ -94,6 +95,9 @@ class QuantScheme:
             )
         if isinstance(self.axis, bool) or not isinstance(self.axis, int):
             raise LinquantError(f"axis must be an int, got {self.axis!r}")
+        if self.granularity != "channel" and self.axis != 0:
+            # only a channel scheme has an axis: schemes that print alike compare equal
+            object.__setattr__(self, "axis", 0)
         if self.granularity == "group":
             gs = self.group_size
             if isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0:
@@ -197,11 +201,20 @@ class QuantScheme:
     @classmethod
     def parse(cls, text: str) -> QuantScheme:
         """Parse the text form: ``int4-sym-g32-fp16``, ``int8-asym-ch0``, ``int3-asymf-g64-mse``."""
-        m = _TEXT.match(text.strip()) if isinstance(text, str) else None
+        m = _TEXT.match(text.strip().lower()) if isinstance(text, str) else None
         if m is None:
+            hint = ""
+            if isinstance(text, str):
+                from linquant.config import PRESETS
+
+                preset = PRESETS.get(text.strip().lower())
+                if preset is not None:
+                    hint = (f"; {text.strip()!r} is a preset, a model config for "
+                            f"quantize_model: its weight scheme is {preset.weight}")
             raise LinquantError(
                 f"cannot parse scheme {text!r}: expected int<bits>-<sym|asym|asymf>-"
                 "<tensor|ch<axis>|g<group_size>>[-fp32|-fp16|-bf16][-mse], e.g. int4-sym-g32-fp16"
+                + hint
             )
         gran = m["gran"]
         kwargs: dict[str, object] = {}
