@@ -181,3 +181,19 @@ def test_nbytes_is_the_real_byte_count(text: str, shape: tuple[int, ...]) -> Non
     if qt.scheme.has_offset:
         expected += n_scales * scale_bytes
     assert qt.nbytes == expected
+
+
+@pytest.mark.parametrize("magnitude", [1e-200, 1e-30, 1.0, 1e30, 1e200])
+def test_ratio_metrics_hold_at_any_magnitude(magnitude: float) -> None:
+    """SQNR and cosine are ratios: the same at any scale of the data. In fp64 the sums of
+    squares overflowed near 1e200 (NaN) and underflowed near 1e-200 (a 10% error read as an
+    exact match, inf dB). Complex inputs are an error (the real part was used silently)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, dtype=torch.float64, generator=g)
+    y = x + 0.1 * torch.randn(1000, dtype=torch.float64, generator=g)
+    assert lq.sqnr(x * magnitude, y * magnitude) == pytest.approx(lq.sqnr(x, y), rel=1e-12)
+    assert lq.cosine_similarity(x * magnitude, y * magnitude) == pytest.approx(
+        lq.cosine_similarity(x, y), rel=1e-12)
+    if magnitude == 1.0:
+        with pytest.raises(lq.LinquantError, match="real tensors"):
+            lq.sqnr(x.to(torch.complex128), y.to(torch.complex128))

@@ -1,4 +1,5 @@
-"""Error metrics between a reference tensor and its reconstruction (computed in fp64).
+"""Error metrics between a reference tensor and its reconstruction (computed in fp64; the ratios
+on values scaled by a power of two, so that their sums neither overflow nor underflow).
 
 * ``mse = mean((x - y)^2)``
 * ``sqnr = 10 log10(sum(x^2) / sum((x - y)^2))`` in dB (``inf`` when ``y == x``)
@@ -25,7 +26,20 @@ def _pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         raise LinquantError(f"metrics need equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.numel() == 0:
         raise LinquantError("metrics need non-empty tensors")
+    if x.is_complex() or y.is_complex():  # .double() kept the real part, with only a warning
+        raise LinquantError(f"metrics need real tensors, got {x.dtype} and {y.dtype}")
     return x.detach().reshape(-1).double(), y.detach().reshape(-1).double()
+
+
+def _scaled(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` times one power of two that brings their largest magnitude near 1, for
+    the ratios (SQNR, cosine): fp64 sums of squares overflowed for values near 1e200 (NaN) and
+    underflowed near 1e-200 (an error taken for an exact match, inf dB)."""
+    top = float(torch.maximum(a.abs().max(), b.abs().max()))
+    if not math.isfinite(top) or top == 0.0:
+        return a, b
+    unit = math.ldexp(1.0, -math.frexp(top)[1])
+    return a * unit, b * unit
 
 
 def mse(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -35,7 +49,7 @@ def mse(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def sqnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB; ``inf`` for an exact reconstruction."""
-    a, b = _pair(x, y)
+    a, b = _scaled(*_pair(x, y))
     return sqnr_from_sums(float(a.pow(2).sum()), float((a - b).pow(2).sum()))
 
 
@@ -55,7 +69,7 @@ def max_abs_error(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def cosine_similarity(x: torch.Tensor, y: torch.Tensor) -> float:
-    a, b = _pair(x, y)
+    a, b = _scaled(*_pair(x, y))
     na, nb = float(a.norm()), float(b.norm())
     if na == 0.0 or nb == 0.0:
         return 1.0 if na == nb else 0.0
