@@ -391,6 +391,36 @@ def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback() -> None:
     assert (proc.returncode, proc.stdout.split()[0]) == (0, "linquant")
 
 
+def test_ctrl_c_turned_into_another_error_still_exits_130(tmp_path: Path) -> None:
+    """A Ctrl-C landing inside transformers' lazy import (through numpy's) came out as
+    ``ModuleNotFoundError: Could not import module 'BertModel'`` and the command exited 1 with
+    an internal error. The SIGINT is now recorded as it arrives: exit 130, interrupted. Here the
+    command's run sends itself SIGINT and turns the KeyboardInterrupt into that error, as the
+    import did."""
+    child = (
+        "import os, signal, sys, time\n"
+        "import linquant.cli as cli\n"
+        "from linquant.commands import inspect\n"
+        "def run(args):\n"
+        "    try:\n"
+        "        if sys.argv[1] == 'signal':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "            time.sleep(5)\n"
+        "        raise ModuleNotFoundError('another failure')\n"
+        "    except KeyboardInterrupt:\n"
+        "        raise ModuleNotFoundError(\"Could not import module 'BertModel'\")\n"
+        "inspect.run = run\n"
+        f"sys.exit(cli.main(['inspect', {str(tmp_path)!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", child, "signal"], capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert (proc.returncode, proc.stderr) == (130, "linquant: interrupted\n")
+    proc = subprocess.run([sys.executable, "-c", child, "none"], capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert (proc.returncode, proc.stderr) == (  # without a Ctrl-C: an internal error
+        1, "linquant inspect: internal error: ModuleNotFoundError: another failure (rerun "
+           "with --debug for the traceback)\n")
+
+
 def test_python_dash_m_linquant_runs_the_command(tmp_path: Path, src: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "linquant", "quantize", str(src), "-o",
                            str(tmp_path / "q"), "--preset", "w8a16", "--no-progress"],

@@ -70,32 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    interrupted: list[bool] = []
+    with _signals_unwind(interrupted):
+        try:
+            return _main(args_list, interrupted)
+        except KeyboardInterrupt:
+            print("linquant: interrupted", file=sys.stderr)
+            return 130
+        except _Terminated:
+            print("linquant: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
+
+
+def _main(args_list: list[str], interrupted: list[bool]) -> int:
     try:
         args = build_parser().parse_args(args_list)
     except SystemExit as e:
         return int(e.code or 0) if isinstance(e.code, int) else 2
     debug = bool(getattr(args, "debug", False))
     try:
-        with _sigterm_unwinds():
-            code = int(_load(args.command).run(args))
+        code = int(_load(args.command).run(args))
         sys.stdout.flush()  # here, where a closed stdout is caught, not at the interpreter's exit
         return code
-    except KeyboardInterrupt:
-        print("linquant: interrupted", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("linquant: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
     except BrokenPipeError:  # stdout closed early (`linquant inspect DIR | head`): stop
         return _stdout_closed()  # quietly, as `yes | head` does; files are written first
-    except (LinquantError, OSError) as e:
-        if debug:
-            traceback.print_exc()
-        print(f"linquant {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except Exception as e:
+        if interrupted:  # Ctrl-C, turned into another error on its way out
+            raise KeyboardInterrupt from None
         if debug:
             traceback.print_exc()
+        if isinstance(e, (LinquantError, OSError)):
+            print(f"linquant {args.command}: error: {e}", file=sys.stderr)
+            return 1
         print(f"linquant {args.command}: internal error: {type(e).__name__}: {e} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
@@ -107,19 +113,33 @@ class _Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    def handler(signum: int, frame: object) -> None:
+def _signals_unwind(interrupted: list[bool]) -> Iterator[None]:
+    """SIGTERM raises :class:`_Terminated`; SIGINT raises KeyboardInterrupt, as Python's own
+    handler does, and is recorded in ``interrupted``: the KeyboardInterrupt can land inside a
+    library's import (transformers' lazy modules, numpy), which turns it into another error
+    ("Could not import module 'BertModel'"); the command then still exits 130 as interrupted,
+    not 1 with an internal error."""
+    def on_term(signum: int, frame: object) -> None:
         raise _Terminated
 
+    def on_int(signum: int, frame: object) -> None:
+        interrupted.append(True)
+        raise KeyboardInterrupt
+
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave SIGTERM as it is
+        previous = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, on_int)
+    except ValueError:  # not the main thread: leave the signals as they are
         yield
         return
     try:
         yield
+    except Exception:
+        if not interrupted:
+            raise
+        raise KeyboardInterrupt from None  # reported as interrupted, exit 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 def _stdout_closed() -> int:
