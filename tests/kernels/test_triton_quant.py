@@ -11,6 +11,7 @@ Interpreter run time: a few seconds on one CPU thread. Tests marked ``cuda`` nee
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -146,15 +147,18 @@ def test_reciprocal_rule(monkeypatch: pytest.MonkeyPatch) -> None:
         elif s.zero_point == "int":
             lo = lo.clamp_max(0.0)
             rng = hi.clamp_min(0.0) - lo
-        else:
-            rng = hi - lo
+        else:  # the offset rounded down, the scale spanning what is above it
+            em0 = lo.to(s.scale_dtype)
+            below = torch.nextafter(em0, torch.full_like(em0, -math.inf))
+            em0 = torch.where(em0.float() > lo, below, em0)
+            rng = hi - em0.float()
         es = (rng * inv).clamp_min(smallest_scale(s.scale_dtype)).to(s.scale_dtype)
         assert torch.equal(scale, es)
         ez = None
         if s.has_int_zero_point:
             ez = torch.round(0 - lo / es.float()).clamp(0, s.qmax).to(torch.uint8)
             assert zp is not None and torch.equal(zp, pack(ez, s.bits))
-        em = lo.to(s.scale_dtype) if s.has_offset else None
+        em = em0 if s.has_offset else None
         if em is not None:
             assert offset is not None and torch.equal(offset, em)
         assert torch.equal(qdata, quantize_packed(x3, QParams(es, ez, em), s))
@@ -178,6 +182,21 @@ def test_non_finite_falls_back_and_raises(bad: str) -> None:
     assert tq.quantize(x, scheme) is None
     with pytest.raises(LinquantError):
         lq.quantize(x, scheme)
+
+
+@pytest.mark.parametrize("text", ["int4-sym-g32-fp16", "int4-asym-g32-fp16",
+                                  "int8-asymf-ch0-bf16"])
+def test_values_at_the_fp16_maximum_take_the_torch_path(text: str) -> None:
+    """An fp16 weight holding 65504: the kernel's scale (rounded to nearest) would dequantize
+    that group to inf; the call returns None and the torch path lowers the scale
+    (``ops.qparams.fit_dtype``). Groups far from the maximum stay on the kernel, with the
+    torch path's bytes."""
+    scheme = QuantScheme.parse(text)
+    x = _weight((6, 64), torch.float16)
+    _check(x, scheme)
+    x[1, 3], x[4, 60] = 65504.0, -65504.0
+    assert tq.covers(x, scheme) and tq.quantize(x, scheme) is None
+    assert bool(torch.isfinite(lq.quantize(x, scheme).dequantize()).all())
 
 
 def test_not_covered() -> None:

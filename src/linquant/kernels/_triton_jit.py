@@ -72,6 +72,20 @@ def _from_f32(y, DT: tl.constexpr):
 
 
 @triton.jit
+def _round_down(y, DT: tl.constexpr):
+    """fp32 -> ``DT`` rounded towards -inf, as ``ops.qparams._round_down``: to nearest, then
+    one step down (on the bits) where that landed above ``y``."""
+    m = _from_f32(y, DT)
+    if tl.float32 != DT:  # (an fp32 offset is y itself; no early return: the code after it
+        # would still be compiled, bitcasting 32 bits to 16)
+        b = m.to(tl.uint16, bitcast=True).to(tl.int32)
+        down = tl.where(b == 0, 0x8001, tl.where((b & 0x8000) != 0, b + 1, b - 1))
+        r = tl.where(_to_f32(m) > y, down, b)
+        m = r.to(tl.uint16).to(DT, bitcast=True)
+    return m
+
+
+@triton.jit
 def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
@@ -342,14 +356,20 @@ def weight_quant_kernel(
             chk += tl.sum(x - x, axis=1)
     lo = tl.where(chk != chk, float("nan"), lo)
     hi = tl.where(chk != chk, float("nan"), hi)
-    s = _weight_params(lo, hi, INV, QMAX, EPS, MODE, RECIP)
+    mf = tl.zeros([ROWS], dtype=tl.float32)
+    if MODE == 2:  # the offset first, rounded down; the scale spans what is above it
+        m = _round_down(lo, m_ptr.dtype.element_ty)
+        tl.store(m_ptr + rows, m, mask=rmask)
+        mf = _to_f32(m)
+        s = _weight_params(mf, hi, INV, QMAX, EPS, MODE, RECIP)
+    else:
+        s = _weight_params(lo, hi, INV, QMAX, EPS, MODE, RECIP)
     stored = _from_f32(s, s_ptr.dtype.element_ty)
     tl.store(s_ptr + rows, stored, mask=rmask)
     sf = _to_f32(stored)
     finite = (sf - sf) == 0.0  # False for NaN and +-Inf
     zf = tl.zeros([ROWS], dtype=tl.float32)
     zi = tl.zeros([ROWS], dtype=tl.int32)
-    mf = tl.zeros([ROWS], dtype=tl.float32)
     if MODE == 1:
         # zp = clamp(round(0 - lo / s), 0, qmax), lo widened to include 0
         zq = -tl.math.div_rn(_min_nan(lo, 0.0), sf)
@@ -357,9 +377,6 @@ def weight_quant_kernel(
         zf = zi.to(tl.float32)
         tl.store(z_ptr + rows, zi.to(tl.uint8), mask=rmask)
     if MODE == 2:
-        m = _from_f32(lo, m_ptr.dtype.element_ty)
-        tl.store(m_ptr + rows, m, mask=rmask)
-        mf = _to_f32(m)
         finite = finite & ((mf - mf) == 0.0)
     nbad = tl.sum((rmask & (finite == 0)).to(tl.int32), axis=0)
     if nbad > 0:

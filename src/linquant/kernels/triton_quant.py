@@ -19,7 +19,9 @@ device: the formulas and their operation order are those of :mod:`linquant.ops.q
 division by the Python number ``q_max`` follows torch's device rule (CUDA multiplies by the fp32
 reciprocal, CPU divides; see :mod:`linquant.kernels._triton_jit`). Input holding NaN/Inf, or a
 scale / offset overflowing its dtype, sets a flag; the call then returns None and the torch path
-raises the library's error, with its message.
+raises the library's error, with its message. So does a 16-bit input whose reconstruction would
+overflow its dtype (values near its maximum): the torch path adjusts those granules
+(:func:`linquant.ops.qparams.fit_dtype`).
 
 Verified in Triton's interpreter (CPU, triton 3.9) against the torch path on CPU, and on an
 NVIDIA H200 (triton 3.6) against the torch path on that GPU: identical bytes. There the kernel
@@ -44,7 +46,7 @@ from linquant.kernels.triton_w8a8 import (
 )
 from linquant.ops.grouping import Granules, granules
 from linquant.ops.packing import pack
-from linquant.ops.qparams import smallest_scale
+from linquant.ops.qparams import QParams, overflowing, smallest_scale
 from linquant.scheme import QuantScheme
 
 __all__ = ["ENABLED", "MAX_SINGLE_L", "covers", "quantize"]
@@ -134,6 +136,9 @@ def quantize(
         jit.weight_quant_kernel[(-(-r // kw["ROWS"]),)](
             xc, qdata, scale, scale if zp is None else zp, scale if offset is None else offset,
             bad, r, length, **kw)
+    over = overflowing(QParams(scale, zp, offset), scheme, xc.dtype)
+    if over is not None:  # granules near a 16-bit maximum: the torch path adjusts them
+        bad += over.any()
     if int(bad.item()):
         return None
     zpp = None if zp is None else (zp if bits == 8 else pack(zp, bits))

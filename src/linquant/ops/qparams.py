@@ -8,8 +8,8 @@ Formulas (``b`` = bits, ranges per granule, fp32 arithmetic, then cast to ``scal
 * symmetric: ``s = max|r| / q_max``, ``q_max = 2**(b-1) - 1``; no zero point.
 * asymmetric, integer zero point: ``lo = min(r_min, 0)``, ``hi = max(r_max, 0)``,
   ``s = (hi - lo) / (2**b - 1)``, ``z = clamp(round(-lo / s_stored), 0, 2**b - 1)``.
-* asymmetric, float offset: ``s = (r_max - r_min) / (2**b - 1)``, ``m = r_min`` (stored in
-  ``scale_dtype``), ``r ≈ s q + m``.
+* asymmetric, float offset: ``m = r_min`` stored in ``scale_dtype`` rounded down (never above
+  ``r_min``), ``s = (r_max - m) / (2**b - 1)``, ``r ≈ s q + m``.
 
 Example: symmetric int8 of ``[-1.0, 0.5]`` gives ``s = 1/127``; asymmetric int4 of
 ``[-1.0, 0.5]`` gives ``s = 1.5/15 = 0.1`` and ``z = round(10.0) = 10``.
@@ -28,7 +28,8 @@ from linquant.errors import LinquantError
 from linquant.ops.grouping import Granules
 from linquant.scheme import QuantScheme
 
-__all__ = ["QParams", "choose_qparams", "granule_minmax", "qparams_from_range"]
+__all__ = ["QParams", "choose_qparams", "fit_dtype", "granule_minmax", "overflowing",
+           "qparams_from_range"]
 
 # Clipping ratios tried by clip="mse": 1.0 (no clipping) down to 0.30.
 MSE_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 4) for i in range(29))
@@ -77,18 +78,76 @@ def qparams_from_range(
     if scheme.zero_point == "int":
         lo = lo.clamp_max(0.0)
         hi = hi.clamp_min(0.0)
-    scale = ((hi - lo) / levels).clamp_min_(eps)
-    stored = _store_scale(scale, scheme, name)
     if scheme.zero_point == "float":
-        offset = lo.to(scheme.scale_dtype)
+        # the offset rounded down, and the scale taken from what is left above it: rounded to
+        # nearest, a 16-bit offset could land above r_min (by up to 2^-9 |r_min| in bf16, many
+        # steps of a narrow group far from zero), clamping the group's smallest values
+        offset = _round_down(lo, scheme.scale_dtype)
         if not bool(torch.isfinite(offset).all()):
             raise LinquantError(
                 f"{name}: offset {float(lo.min()):.4g} overflows {_dtype_text(scheme)} storage; "
                 "use scale_dtype=torch.float32"
             )
-        return QParams(stored, None, offset)
+        scale = ((hi - offset.float()) / levels).clamp_min_(eps)
+        return QParams(_store_scale(scale, scheme, name), None, offset)
+    scale = ((hi - lo) / levels).clamp_min_(eps)
+    stored = _store_scale(scale, scheme, name)
     zp = torch.round(scheme.qmin - lo / stored.float()).clamp_(scheme.qmin, scheme.qmax)
     return QParams(stored, zp.to(torch.uint8), None)
+
+
+def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (fp32) in ``dtype``, rounded towards -inf: never above ``x``."""
+    y = x.to(dtype)
+    if dtype == torch.float32:
+        return y
+    return torch.where(y.float() > x, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
+
+
+def overflowing(qp: QParams, scheme: QuantScheme, dtype: torch.dtype) -> torch.Tensor | None:
+    """Per granule, whether dequantizing to ``dtype`` can give +-inf: its reconstructions'
+    largest magnitude is past ``dtype``'s maximum. None for a ``dtype`` other than fp16 / bf16,
+    where nothing can overflow (the range check saw to it)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    top = float(torch.finfo(dtype).max)
+    s = qp.scale.float()
+    if scheme.symmetric:
+        return s * scheme.qmax > top
+    if qp.offset is not None:
+        m = qp.offset.float()
+        return (m < -top) | (m + s * (scheme.qmax - scheme.qmin) > top)
+    assert qp.zero_point is not None
+    z = qp.zero_point.float()
+    return ((scheme.qmax - z) * s > top) | ((scheme.qmin - z) * s < -top)
+
+
+def fit_dtype(qp: QParams, scheme: QuantScheme, dtype: torch.dtype) -> QParams:
+    """``qp`` with each granule's reconstruction inside ``dtype``'s finite range (the dtype of
+    the tensor quantized, which dequantizes back to it). A granule holding values near a
+    16-bit dtype's maximum could dequantize to +-inf: its scale, rounded to nearest into the
+    scale dtype, can be a little larger than exact (fp16 65504 / 7 = 9357.7 is stored as 9360,
+    and 7 * 9360 = 65520 is inf in fp16), as can an integer zero point's rounding or a float
+    offset rounded down past the negative maximum. Such a scale is taken one step lower, such a
+    zero point one code further from the overflowing end, such an offset one step higher."""
+    bad = overflowing(qp, scheme, dtype)
+    if bad is None or not bool(bad.any()):
+        return qp
+    if qp.offset is not None:  # an offset below the maximum's negative: one step up
+        m = qp.offset
+        m = torch.where(m.float() < -float(torch.finfo(dtype).max),
+                        torch.nextafter(m, torch.full_like(m, math.inf)), m)
+        qp = QParams(qp.scale, None, m)
+        bad = overflowing(qp, scheme, dtype)
+        assert bad is not None
+    if qp.zero_point is None:
+        lower = torch.nextafter(qp.scale, torch.zeros_like(qp.scale))
+        return QParams(torch.where(bad, lower, qp.scale), None, qp.offset)
+    z = qp.zero_point.float()
+    top = float(torch.finfo(dtype).max)
+    up = bad & ((scheme.qmax - z) * qp.scale.float() > top)
+    z = torch.where(up, z + 1, torch.where(bad, z - 1, z)).clamp_(scheme.qmin, scheme.qmax)
+    return QParams(qp.scale, z.to(torch.uint8), None)
 
 
 def _dtype_text(scheme: QuantScheme) -> str:
@@ -185,8 +244,10 @@ def choose_qparams(
     lo, hi = granule_minmax(x3)
     check_finite_range(x3, lo, hi, name, shape)
     if scheme.clip == "minmax":
-        return qparams_from_range(lo, hi, scheme, name)
-    return _mse_search(x3, lo, hi, scheme, name)
+        qp = qparams_from_range(lo, hi, scheme, name)
+    else:
+        qp = _mse_search(x3, lo, hi, scheme, name)
+    return fit_dtype(qp, scheme, x3.dtype)
 
 
 def fake_quantize_rows(rows: torch.Tensor, qp: QParams, scheme: QuantScheme) -> torch.Tensor:
