@@ -152,12 +152,17 @@ def test_large_values_fit_fp32_and_bf16_scales() -> None:
 
 
 def test_fp16_offset_overflow_is_an_error() -> None:
-    """A float offset m = min is stored in the scale dtype too: 7e4 overflows fp16 although the
-    scale (range / 15) is small. The result must not silently be inf."""
-    x = torch.full((2, 8), 7e4)
-    x[:, 0] = 7.0001e4
+    """A float offset m = min is stored in the scale dtype too, rounded down: -7e4 overflows
+    fp16 although the scale (range / 15) is small. The result must not silently be inf. (A
+    minimum of +7e4 is stored as fp16's largest value, 65504, below it, which is fine: the
+    scale spans the rest.)"""
+    x = torch.full((2, 8), -7e4)
+    x[:, 0] = -7.0001e4
     with pytest.raises(LinquantError, match=r"fp32|float32"):
         lq.quantize(x, "int4-asymf-g8-fp16", name=NAME)
+    qt = lq.quantize(-x, "int4-asymf-g8-fp16", name=NAME)
+    assert qt.offset is not None and float(qt.offset.max()) == 65504.0
+    assert float((qt.dequantize() + x).abs().max()) <= float(qt.scale.max()) / 2
 
 
 @pytest.mark.parametrize("scheme", ["int4-asym-tensor-fp32", "int4-asymf-tensor-fp32"])
@@ -319,3 +324,43 @@ def test_messages_a_user_met_say_what_is_wrong(tmp_path: Path) -> None:
     save_file({"fc.weight": torch.randn(4, 8)}, str(src))
     with pytest.raises(LinquantError, match=r"pass overwrite=True / --overwrite"):
         lq.quantize_checkpoint(src, tmp_path / "out", "w8a16")
+
+
+def test_dequantize_takes_quantized_tensors_and_float_dtypes() -> None:
+    """``lq.dequantize`` of a plain tensor returned it unchanged (torch's own
+    ``Tensor.dequantize``); an integer dtype truncated the values; a dtype's name failed inside
+    torch. Names of float dtypes work, others are errors naming what is expected."""
+    x = torch.randn(4, 32)
+    qt = lq.quantize(x, "int4-asym-g16-fp16")
+    with pytest.raises(LinquantError, match=r"expected a QuantizedTensor .*got Tensor"):
+        lq.dequantize(x)  # type: ignore[arg-type]
+    for bad in (torch.int8, torch.bool, "int8", "nonsense"):
+        with pytest.raises(LinquantError, match=r"dtype must be float32, float16, bfloat16 or "
+                                                r"float64, got"):
+            qt.dequantize(bad)  # type: ignore[arg-type]
+    for name, dtype in (("fp16", torch.float16), ("bfloat16", torch.bfloat16),
+                        ("torch.float64", torch.float64)):
+        assert torch.equal(qt.dequantize(name), qt.dequantize(dtype))
+    assert torch.equal(lq.dequantize(qt, "fp16"), qt.dequantize(torch.float16))
+
+
+def test_a_quantized_tensor_built_by_hand_is_checked() -> None:
+    """The constructor checks that its parts fit (sizes and dtypes): a truncated code stream
+    failed deep inside unpacking; an asymmetric scheme without its zero points dequantized
+    wrong without a word."""
+    qt = lq.quantize(torch.randn(8, 32), "int4-asym-g32-fp16")
+    parts = dict(qdata=qt.qdata, scale=qt.scale, zero_point_packed=qt.zero_point_packed,
+                 offset=None, scheme=qt.scheme, shape=(8, 32), dtype=torch.float32)
+    assert torch.equal(lq.QuantizedTensor(**parts).dequantize(), qt.dequantize())
+    cases = {
+        "qdata": (qt.qdata[:20], r"qdata holds 20 bytes, 256 codes of 4 bits need 128"),
+        "zero_point_packed": (None, r"zero_point_packed must be given"),
+        "scale": (qt.scale.float(), r"scale must hold 8 torch.float16 value\(s\), got 8 "
+                                    r"torch.float32"),
+        "offset": (qt.scale, r"offset must be None"),
+        "dtype": (torch.int32, r"dtype must be a float dtype"),
+    }
+    for key, (value, message) in cases.items():
+        with pytest.raises(LinquantError, match=r"QuantizedTensor of shape \(8, 32\), "
+                                                r"int4-asym-g32-fp16: " + message):
+            lq.QuantizedTensor(**{**parts, key: value})

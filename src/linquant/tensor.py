@@ -50,6 +50,49 @@ class QuantizedTensor:
         self.scheme = scheme
         self.shape = torch.Size(shape)
         self.dtype = dtype
+        self._check()
+
+    def _check(self) -> None:
+        """Raise if the parts do not fit together (sizes and dtypes only: no data is read).
+        Built by hand, a truncated code stream failed deep inside unpacking, and a missing
+        zero point dequantized wrong without a word."""
+        def bad(what: str) -> LinquantError:
+            return LinquantError(f"QuantizedTensor of shape {tuple(self.shape)}, {self.scheme}: "
+                                 f"{what}")
+
+        if not isinstance(self.scheme, QuantScheme):
+            raise LinquantError(f"QuantizedTensor: scheme must be a QuantScheme, got "
+                                f"{type(self.scheme).__name__}")
+        if self.dtype not in (*FLOAT_DTYPES, torch.float64):
+            raise bad(f"dtype must be a float dtype, got {self.dtype}")
+        parts = {"qdata": self.qdata, "scale": self.scale,
+                 "zero_point_packed": self.zero_point_packed, "offset": self.offset}
+        for name, t in parts.items():
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise bad(f"{name} must be a tensor, got {type(t).__name__}")
+        bits = self.scheme.bits
+        count = math.prod(scale_shape(tuple(self.shape), self.scheme))
+        if self.qdata.dtype not in (torch.uint8, torch.int8):
+            raise bad(f"qdata must be uint8 bytes, got {self.qdata.dtype}")
+        if self.qdata.numel() != -(-self.numel * bits // 8):
+            raise bad(f"qdata holds {self.qdata.numel()} bytes, {self.numel} codes of {bits} "
+                      f"bits need {-(-self.numel * bits // 8)}")
+        if self.scale.dtype != self.scheme.scale_dtype or self.scale.numel() != count:
+            raise bad(f"scale must hold {count} {self.scheme.scale_dtype} value(s), got "
+                      f"{self.scale.numel()} {self.scale.dtype}")
+        zp = self.zero_point_packed
+        if self.scheme.has_int_zero_point != (zp is not None):
+            raise bad("zero_point_packed must be " + (
+                "given" if self.scheme.has_int_zero_point else "None"))
+        if zp is not None and (zp.dtype != torch.uint8 or zp.numel() != -(-count * bits // 8)):
+            raise bad(f"zero_point_packed must hold {-(-count * bits // 8)} uint8 byte(s), got "
+                      f"{zp.numel()} {zp.dtype}")
+        if self.scheme.has_offset != (self.offset is not None):
+            raise bad("offset must be " + ("given" if self.scheme.has_offset else "None"))
+        if self.offset is not None and (self.offset.dtype != self.scheme.scale_dtype
+                                        or self.offset.numel() != count):
+            raise bad(f"offset must hold {count} {self.scheme.scale_dtype} value(s), got "
+                      f"{self.offset.numel()} {self.offset.dtype}")
 
     # ---- derived views ---------------------------------------------------------------------
     @property
@@ -85,11 +128,12 @@ class QuantizedTensor:
         """Unpacked codes in the tensor's shape: int8 (symmetric) or uint8 (asymmetric)."""
         return codes_unpacked(self.qdata, self.scheme, self.numel).reshape(self.shape)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Float tensor of the original shape and dtype (or ``dtype``)."""
+    def dequantize(self, dtype: torch.dtype | str | None = None) -> torch.Tensor:
+        """Float tensor of the original shape and dtype (or ``dtype``: a float
+        ``torch.dtype`` or its name, ``"float16"`` / ``"fp16"``, ...)."""
         g = self.granules
         out = dequantize_packed(self.qdata, self.qparams(), self.scheme, g.shape3,
-                                dtype or self.dtype)
+                                self.dtype if dtype is None else _float_dtype(dtype))
         return out.reshape(self.shape)
 
     # ---- sizes -----------------------------------------------------------------------------
@@ -231,9 +275,28 @@ def _quantize_triton(
                            scheme, shape, dtype)
 
 
-def dequantize(qt: QuantizedTensor) -> torch.Tensor:
-    """Same as ``qt.dequantize()``."""
-    return qt.dequantize()
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype | str | None = None) -> torch.Tensor:
+    """Same as ``qt.dequantize(dtype)``."""
+    if not isinstance(qt, QuantizedTensor):  # a tensor's own .dequantize() returned it as is
+        raise LinquantError(f"dequantize: expected a QuantizedTensor (from linquant.quantize), "
+                            f"got {type(qt).__name__}")
+    return qt.dequantize(dtype)
+
+
+_DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                "fp64": torch.float64, "half": torch.float16, "float": torch.float32,
+                "double": torch.float64}
+
+
+def _float_dtype(dtype: object) -> torch.dtype:
+    """A float dtype given as itself or by name, else a LinquantError (an int8 dequantize
+    truncated the values, a name failed inside torch)."""
+    d = dtype if isinstance(dtype, torch.dtype) else _DTYPE_NAMES.get(
+        str(dtype).removeprefix("torch."), getattr(torch, str(dtype).removeprefix("torch."), None))
+    if not isinstance(d, torch.dtype) or d not in (*FLOAT_DTYPES, torch.float64):
+        raise LinquantError(f"dequantize: dtype must be float32, float16, bfloat16 or float64, "
+                            f"got {dtype!r}")
+    return d
 
 
 def compare(x: torch.Tensor, qt: QuantizedTensor) -> dict[str, float]:
