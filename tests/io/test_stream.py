@@ -792,6 +792,20 @@ def test_sentence_transformer_modules_with_their_own_weights(tmp_path: Path) -> 
         back = load(tmp_path / folder)
         assert torch.equal(demo.encode(back, feats), want), folder
 
+    # a bf16 preset: the Dense was copied in fp32 by the stream (and sentence-transformers
+    # builds it in fp32 anyway), so every call of the loaded model failed on the bf16 output
+    # of the transformer ("mat1 and mat2 must have the same dtype"); it is written in bf16 and
+    # loaded in bf16, as quantize_model + save give it
+    res = quantize_checkpoint(tmp_path / "src", tmp_path / "q16", "w4a16-g32")
+    assert res.report["3"].note == "3_Dense/ copied in bfloat16, the model's compute dtype"
+    assert res.report["3"].bytes_after < res.report["3"].bytes_before
+    st = SentenceTransformer(str(tmp_path / "src"), device="cpu")
+    quantize_model(st, "w4a16-g32")
+    want = demo.encode(st, feats)
+    back = load(tmp_path / "q16")
+    assert {p.dtype for p in back[3].parameters()} == {torch.bfloat16}
+    assert torch.equal(demo.encode(back, feats), want)
+
 
 def test_static_w8a8_streamed_then_calibrated_equals_quantize_model(tmp_path: Path) -> None:
     # GPT-2's head is tied to its token table: under W8A8 it is a W8A8Linear sharing the

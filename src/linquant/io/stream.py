@@ -776,11 +776,14 @@ def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | Non
     return jobs, modules, skipped
 
 
-def _copy_side_files(src: Path, dst: Path) -> list[LayerReport]:
+def _copy_side_files(src: Path, dst: Path,
+                     compute_dtype: torch.dtype | None = None) -> list[LayerReport]:
     """Everything of a model folder but the model's weights and hidden files (configs,
     tokenizer, ...). The weight files of a sentence-transformers folder's other modules
     (``2_Dense/model.safetensors``: sentence-transformers loads them itself) are copied as
-    they are; returns a report row (kept float) for each such module."""
+    they are, or with their float tensors in ``compute_dtype`` (as ``lq.save`` writes them
+    after ``quantize_model``'s cast: a float32 Dense after a bf16 transformer failed on every
+    call); returns a report row (kept float) for each such module."""
     if not src.is_dir():
         return []
     modules = _st_module_folders(src)
@@ -795,17 +798,45 @@ def _copy_side_files(src: Path, dst: Path) -> list[LayerReport]:
             (dst / rel).mkdir(parents=True, exist_ok=True)
         elif not _WEIGHT_FILE_RE.search(f.name) or module is not None:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst / rel)
-            if module is not None and _WEIGHT_FILE_RE.search(f.name):
+            weights = module is not None and _WEIGHT_FILE_RE.search(f.name) is not None
+            cast = weights and compute_dtype is not None and _cast_module_weights(
+                f, dst / rel, compute_dtype)
+            if not cast:
+                shutil.copy2(f, dst / rel)
+            if module is not None and weights:
                 name, kind = module
                 row = rows.setdefault(name, LayerReport(
                     name, kind, (), 0, 0,
                     reason=(f"sentence-transformers module {name} ({kind}): saved in its own "
                             "folder in sentence-transformers' float format"),
-                    note=f"{rel.parts[0]}/ copied unchanged"))
+                    note=f"{rel.parts[0]}/ " + (
+                        f"copied in {str(compute_dtype).replace('torch.', '')}, the model's "
+                        "compute dtype" if cast else "copied unchanged")))
                 row.bytes_before += f.stat().st_size
-                row.bytes_after += f.stat().st_size
+                row.bytes_after += (dst / rel).stat().st_size
     return list(rows.values())
+
+
+def _cast_module_weights(src: Path, dst: Path, dtype: torch.dtype) -> bool:
+    """Write the safetensors file ``src`` to ``dst`` with its float tensors in ``dtype``;
+    False (nothing written) for another kind of file or one with no float tensor to cast."""
+    if src.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    try:
+        with safe_open(str(src), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            metadata = f.metadata()
+    except Exception as e:  # safetensors' own errors: a damaged module file
+        raise LinquantError(f"{src}: cannot read this sentence-transformers module's "
+                            f"weights ({e})") from e
+    if not any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
+        return False
+    save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
+              str(dst), metadata=metadata)
+    return True
 
 
 def _st_module_folders(src: Path) -> dict[str, tuple[str, str]]:
@@ -962,7 +993,7 @@ def quantize_checkpoint(
     stored_sizes = {i.name: i.nbytes for i in infos}
     bar = _progress(sum(sizes.values()), len(infos), progress)
     with staged_folder(dst_p, overwrite=overwrite) as tmp:
-        copied = _copy_side_files(folder, tmp) if folder is not None else []
+        copied = _copy_side_files(folder, tmp, compute_dtype) if folder is not None else []
         if jobs:
             hf.mark_config_file(tmp)  # from_pretrained refuses it, naming linquant.load
         for row in copied:  # other sentence-transformers modules' weights, as they are
