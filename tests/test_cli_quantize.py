@@ -607,6 +607,30 @@ def test_report_files_that_cannot_be_written_are_refused_first(
         assert not (tmp_path / "out").exists()
 
 
+def test_output_files_inside_an_input_are_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--report SRC/config.json`` replaced the source's config with the report (the source
+    could not be quantized again), ``sweep --csv MODEL/config.json`` the same. A file a command
+    writes may not be one of its inputs or lie inside one; nothing is written."""
+    _eval_gpt2(tmp_path, capsys, "w8a16")
+    src = tmp_path / "gpt2"
+    before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}
+    for option, name in (("--report", "config.json"), ("--report", "new.csv"),
+                         ("--plot", "p.png")):
+        assert main(["quantize", str(src), "-o", str(tmp_path / "out"), "--preset", "w8a16",
+                     "--no-progress", option, str(src / name)]) == 1
+        err = capsys.readouterr().err
+        assert f"{option} {src / name}: is inside the input {src}" in err, err
+        assert not (tmp_path / "out").exists()
+    assert main(["sweep", "--model", str(src), "--bits", "8", "--no-progress", "--csv",
+                 str(src / "config.json")]) == 1
+    assert "is inside the input" in capsys.readouterr().err
+    assert main(["eval", str(src), str(tmp_path / "q"), "--plot",
+                 str(tmp_path / "q" / "p.png")]) == 1
+    assert "is inside the input" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()} == before
+
+
 def test_config_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown model_type printed transformers' several paragraphs; inspect passed a folder
     whose config.json lq.load cannot read."""

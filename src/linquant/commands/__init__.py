@@ -14,12 +14,22 @@ from linquant.errors import LinquantError
 __all__ = ["add_text_arguments", "check_output_file"]
 
 
-def check_output_file(path: Path | None, option: str) -> None:
+def check_output_file(path: Path | None, option: str,
+                      inputs: tuple[str | os.PathLike[str] | None, ...] = ()) -> None:
     """Fail before a command's long part, not after it, when the file ``option`` names
     cannot be written: its folder is missing or read-only, it is a folder, or its name is too
-    long for the file system."""
+    long for the file system; or it is one of the command's ``inputs`` or inside one (a
+    report written over the source's config.json destroyed the source)."""
     if path is None:
         return
+    real = path.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given).resolve()
+        if real == src or (src.is_dir() and src in real.parents):
+            raise LinquantError(f"{option} {path}: is inside the input {given}; write it "
+                                "elsewhere (a command never writes into its inputs)")
     folder = path.parent
     if not folder.is_dir():
         raise LinquantError(f"{option} {path}: folder {folder} does not exist")

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
         from linquant.commands import check_output_file
 
-        check_output_file(Path(args.json), "--json")
+        check_output_file(Path(args.json), "--json", (args.sentences,))
     if args.threads is not None:
         if args.threads < 1:
             raise LinquantError(f"--threads must be >= 1, got {args.threads}")

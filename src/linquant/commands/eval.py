@@ -352,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
     from linquant.layer_errors import LayerError, LayerErrors
     from linquant.report import json_text
 
-    check_output_file(args.plot, "--plot")
+    check_output_file(args.plot, "--plot", (args.reference, args.quantized, args.sentences,
+                                           args.text))
     if args.plot is not None:
         from linquant.report import plot_format
 

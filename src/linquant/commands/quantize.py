@@ -125,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
         config = layer_configs(args.layer_config, base)
     if args.report is not None and args.report.suffix.lower() not in (".json", ".csv"):
         raise LinquantError(f"--report {args.report}: the file must end in .json or .csv")
-    check_output_file(args.report, "--report")
-    check_output_file(args.plot, "--plot")
+    check_output_file(args.report, "--report", (args.src,))
+    check_output_file(args.plot, "--plot", (args.src,))
     if args.plot is not None:
         from linquant.report import plot_format
 

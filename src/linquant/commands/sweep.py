@@ -170,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     from linquant.report import plot_format, plot_sweep, write_csv
 
     for out, option in ((args.json, "--json"), (args.csv, "--csv"), (args.plot, "--plot")):
-        check_output_file(out, option)
+        check_output_file(out, option, (args.model, getattr(args, "sentences", None),
+                                        getattr(args, "text", None)))
     if args.plot is not None:
         plot_format(args.plot)
     schemes = default_grid(modes=args.mode, granularities=args.granularity, bits=args.bits,
