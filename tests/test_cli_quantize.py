@@ -421,6 +421,22 @@ def test_ctrl_c_turned_into_another_error_still_exits_130(tmp_path: Path) -> Non
            "with --debug for the traceback)\n")
 
 
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(
+    "unable to mmap 197159792 bytes from file <m.safetensors>: Cannot allocate memory (12)")])
+def test_out_of_memory_is_named(error: Exception, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Memory running out (a limit, a full machine) printed "internal error: RuntimeError"."""
+    from linquant.commands import inspect
+
+    def run(args: Any) -> int:
+        raise error
+
+    monkeypatch.setattr(inspect, "run", run)
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("linquant inspect: error: out of memory (") and "internal" not in err
+
+
 def test_python_dash_m_linquant_runs_the_command(tmp_path: Path, src: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "linquant", "quantize", str(src), "-o",
                            str(tmp_path / "q"), "--preset", "w8a16", "--no-progress"],

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 import traceback
@@ -82,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + signal.SIGTERM
 
 
+# torch's messages when an allocation or a mapping fails for lack of memory
+_OUT_OF_MEMORY = re.compile(r"Cannot allocate memory|can't allocate memory|out of memory",
+                            re.IGNORECASE)
+
+
 def _main(args_list: list[str], interrupted: list[bool]) -> int:
     try:
         args = build_parser().parse_args(args_list)
@@ -101,6 +107,10 @@ def _main(args_list: list[str], interrupted: list[bool]) -> int:
             traceback.print_exc()
         if isinstance(e, (LinquantError, OSError)):
             print(f"linquant {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, MemoryError) or _OUT_OF_MEMORY.search(str(e)):
+            print(f"linquant {args.command}: error: out of memory ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())})", file=sys.stderr)
             return 1
         print(f"linquant {args.command}: internal error: {type(e).__name__}: {e} "
               "(rerun with --debug for the traceback)", file=sys.stderr)

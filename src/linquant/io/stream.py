@@ -22,6 +22,7 @@ The output is the format :func:`linquant.io.save.save` writes and loads with
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -776,6 +777,35 @@ def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | Non
     return jobs, modules, skipped
 
 
+_TRIM_EVERY = 128 << 20  # input bytes between two release_freed_memory() calls
+
+
+def release_freed_memory() -> None:
+    """Give the C allocator's freed memory back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). The stream frees each tensor's temporaries before the next one, but glibc
+    keeps freed blocks below its mmap threshold (which rises to 32 MiB as large blocks are
+    freed) in its heap, fragmented between the output shard's kept tensors: a 1.4 GB fp32
+    checkpoint peaked at 1.5 GB of anonymous memory for a 195 MB output (0.6 GB trimmed every
+    128 MiB of input; after every tensor cost 40% more time, a fixed mmap threshold 2x)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return getattr(libc, "malloc_trim", None)
+    except OSError:
+        return None
+
+
 def _copy_side_files(src: Path, dst: Path,
                      compute_dtype: torch.dtype | None = None) -> list[LayerReport]:
     """Everything of a model folder but the model's weights and hidden files (configs,
@@ -1070,6 +1100,7 @@ def quantize_checkpoint(
             if job is not None and job.part and job.module is not None and \
                     not experts_transposed(job.module):
                 m.quantize_by_rows(job.scheme)
+        since_trim = 0  # bytes read since the allocator last gave memory back
         for i, (name, t) in enumerate(source):
             if name in dropped:  # a tensor the model does not have, which transformers ignores
                 bar.update(stored_sizes.get(name, 0), i + 1)
@@ -1093,6 +1124,10 @@ def quantize_checkpoint(
                     emit(merge.target, fused)
                 del fused
             del t
+            since_trim += stored_sizes.get(name, 0)
+            if since_trim >= _TRIM_EVERY:
+                release_freed_memory()
+                since_trim = 0
             bar.update(stored_sizes.get(name, sizes.get(name, 0)), i + 1)
         left = [m.target for m in merge_of.values() if m.incomplete]
         if left:
