@@ -139,7 +139,7 @@ def test_what_is_swept_and_skipped(result: SweepResult) -> None:
         "norm.weight": "1-D, not a matrix",
         "position_ids": "not floating point (I64)",
         "conv.weight": "4-D, not a matrix",
-        "double.weight": "F64 (quantize takes F32, F16, BF16)",
+        "double.weight": "F64 (the sweep reads F32, F16, BF16)",
     }
     tensors = _tensors()
     assert result.float_bytes == sum(t.nbytes for t in tensors.values())

@@ -86,7 +86,7 @@ MODES: dict[str, dict[str, Any]] = {
 }
 _GRANULARITY = re.compile(r"^(?:(?P<tensor>tensor)|(?P<channel>channel)|ch(?P<axis>-?\d+)"
                           r"|g(?:roup)?(?P<group>\d+))$")
-_FLOAT_CODES = ("F32", "F16", "BF16")  # what quantize() accepts
+_FLOAT_CODES = ("F32", "F16", "BF16")  # what the sweep reads
 _MB = 1e6
 BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -460,7 +460,7 @@ def _why_not_a_matrix(info: TensorInfo, experts: dict[str, bool]) -> str | None:
     if info.numel == 0:
         return "empty"
     if info.dtype not in _FLOAT_CODES:
-        return f"{info.dtype} (quantize takes F32, F16, BF16)"
+        return f"{info.dtype} (the sweep reads F32, F16, BF16)"
     return None
 
 

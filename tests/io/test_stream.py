@@ -70,6 +70,35 @@ def test_bare_file_equals_quantize_model(tmp_path: Path, preset: str) -> None:
     assert torch.equal(m(IDS), streamed(IDS))
 
 
+def test_bare_file_fp64_empty_and_integer_weights(tmp_path: Path) -> None:
+    """In a bare file an fp64 matrix was neither quantized nor listed (then cast to bf16 as a
+    plain tensor), a 64 x 0 weight stopped the whole command, and integer matrices were left
+    out of the report. The fp64 one is quantized as quantize_model quantizes it; the others
+    are listed with their reasons."""
+    g = torch.Generator().manual_seed(0)
+    double = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    save_file({"a.weight": double, "y.weight": torch.zeros(64, 0),
+               "i.weight": torch.ones(4, 4, dtype=torch.int8)}, tmp_path / "m.safetensors")
+    res = quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q", "w8a32")
+    report = res.report
+    assert [r.name for r in report.quantized] == ["a"]
+    assert report["y"].reason == "empty weight (shape (64, 0)): nothing to quantize"
+    assert report["i"].reason == ("weight dtype I8: only F32, F16, BF16 and F64 weights are "
+                                  "quantized")
+    lin = nn.Linear(64, 64, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(double)
+    want = nn.Sequential()
+    want.add_module("a", lin)
+    quantize_model(want, "w8a32")
+    from linquant.io.checkpoint import iter_safetensors
+
+    stored = dict(iter_safetensors(tmp_path / "q" / "model.safetensors"))
+    assert torch.equal(stored["a.weight.qdata"], want.a.weight_qdata.reshape(-1))
+    assert torch.equal(stored["a.weight.scale"], want.a.weight_scale)
+    assert stored["y.weight"].shape == (64, 0) and stored["i.weight"].dtype == torch.int8
+
+
 def test_top_level_quantize_checkpoint_as_the_readme_calls_it(tmp_path: Path) -> None:
     import linquant as lq
 

@@ -750,10 +750,10 @@ def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | Non
     skipped: list[LayerReport] = []
     refusals: list[str] | None = [] if strict else None
     for info in infos:
-        if not (info.name.endswith("weight") and info.ndim == 2
-                and info.dtype in ("F32", "F16", "BF16")):
+        if not (info.name.endswith("weight") and info.ndim == 2):
             continue
-        if info.name == "weight":  # a lone module's state dict: no layer name to load it into
+        floating = info.dtype in ("F32", "F16", "BF16", "F64")
+        if info.name == "weight" and floating:  # a lone module's state dict: no layer name
             skipped.append(LayerReport(info.name, "tensor", info.shape, 0, 0,
                                        reason="the root module cannot be replaced in place "
                                               "(save it inside a parent module)"))
@@ -761,6 +761,13 @@ def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | Non
         if not info.name.endswith(".weight"):
             continue
         mname = info.name.removesuffix(".weight")
+        why = None if floating else (
+            f"weight dtype {info.dtype}: only F32, F16, BF16 and F64 weights are quantized")
+        if why is None and 0 in info.shape:  # the whole command stopped on it
+            why = f"empty weight (shape {tuple(info.shape)}): nothing to quantize"
+        if why is not None:  # (an fp64 weight was left out of the report altogether)
+            skipped.append(LayerReport(mname, "tensor", info.shape, 0, 0, reason=why))
+            continue
         config, reason = _select(mname, pairs, include, exclude, used, ())
         if config is None:
             skipped.append(LayerReport(mname, "tensor", info.shape, 0, 0, reason=reason))
