@@ -104,7 +104,8 @@ def test_refusals_write_nothing(tmp_path: Path, static_folder: Path,
     assert "no static W8A8Linear layer" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     assert main(["calibrate", str(static_folder), "-o", str(tmp_path / "c"), "--percentile",
-                 "0"]) == 1
+                 "0"]) == 2  # a usage error
+    assert "must be in (50, 100]" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
     assert main(["calibrate", str(static_folder), "-o", str(tmp_path / "c"), "--text",

@@ -99,7 +99,7 @@ def test_layer_configs(tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[
     assert rows["transformer.h.1.attn.c_attn"]["scheme"] == "int8-sym-ch0-fp32"
     assert rows["transformer.h.1.mlp.c_fc"]["scheme"] == "int4-sym-g16-fp16"
     assert rows["transformer.h.1.mlp.c_proj"]["reason"] == \
-        "config None for pattern '*.c_proj' (kept float)"
+        "kept float by pattern '*.c_proj'"
     assert main(["inspect", str(tmp_path / "q"), "--json"]) == 0
     w8a8 = json.loads(capsys.readouterr().out)["w8a8_layers"]
     assert len(w8a8["static_uncalibrated"]) == 4  # h.0: c_attn, c_proj, c_fc, mlp.c_proj
@@ -115,11 +115,11 @@ def test_layer_configs(tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[
                           ("fc=", "expected PATTERN"), ("fc=w9", "unknown preset 'w9'"),
                           ("fc=int4-sym-g16-fp8", "fc=int4-sym-g16-fp8")]:
         assert main(["quantize", str(src), "-o", str(tmp_path / "x"), "--layer-config", spec,
-                     "--no-progress"]) == 1
+                     "--no-progress"]) == 2  # a usage error
         err = capsys.readouterr().err
         assert f"--layer-config {spec!r}" in err and message in err, err
     assert main(["quantize", str(src), "-o", str(tmp_path / "x"), "--layer-config", "fc=w8a16",
-                 "--layer-config", "fc=w8a32"]) == 1
+                 "--layer-config", "fc=w8a32"]) == 2
     assert "pattern 'fc' given twice" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -135,9 +135,9 @@ def test_config_text(tmp_path: Path, src: Path) -> None:
         "int4-asym-g16-fp16, compute bf16"}
     for clash in (["--preset", "w8a8"], ["--bits", "4"]):
         assert main(["quantize", str(src), "-o", str(tmp_path / "x"), "--config", "w8a32",
-                     "--no-progress", *clash]) == 1
+                     "--no-progress", *clash]) == 2  # usage errors
     assert main(["quantize", str(src), "-o", str(tmp_path / "x"), "--config",
-                 "int4-asym-g16-fp16, compute fp8", "--no-progress"]) == 1
+                 "int4-asym-g16-fp16, compute fp8", "--no-progress"]) == 2
     assert not (tmp_path / "x").exists()
 
 
@@ -165,13 +165,21 @@ def test_usage_and_errors(tmp_path: Path, src: Path, capsys: pytest.CaptureFixtu
     assert main(["quantize", str(src)]) == 2  # no -o
     assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--preset", "nope"]) == 2
     assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--preset", "w8a32",
-                 "--bits", "4"]) == 1
+                 "--bits", "4"]) == 2  # options that do not go together: a usage error too
     (tmp_path / "q").mkdir()
     capsys.readouterr()
     assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "already exists" in err and "Traceback" not in err
-    assert main(["quantize", str(src), "-o", str(tmp_path / "r"), "--report", "x.txt"]) == 1
+    assert main(["quantize", str(src), "-o", str(tmp_path / "r"), "--report", "x.txt"]) == 2
+    for option, value in (("--max-shard-size", "20K"), ("--max-shard-size", "0")):
+        assert main(["quantize", str(src), "-o", str(tmp_path / "r"), option, value]) == 2
+    assert main(["quantize", str(src), "-o", str(tmp_path / "r"), "--granularity",
+                 "group"]) == 2
+    assert "--granularity group needs --group-size N" in capsys.readouterr().err
+    for bad in (["--threads", "0"], ["--repeats", "0"], ["-k", "0"]):  # checked before the run
+        assert main(["demo", *bad]) == 2
+        assert "must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_inspect_damaged_exits_1(tmp_path: Path, src: Path,
@@ -568,10 +576,10 @@ def test_scheme_flags_are_not_silently_dropped(tmp_path: Path,
     the group size, both without a word."""
     _gpt2(tmp_path / "gpt2")
     run = ["quantize", str(tmp_path / "gpt2"), "-o", str(tmp_path / "q"), "--no-progress"]
-    assert main([*run, "--bits", "4", "--group-size", "0"]) == 1
+    assert main([*run, "--bits", "4", "--group-size", "0"]) == 2  # usage errors
     assert "needs a positive int group_size, got 0" in capsys.readouterr().err
-    assert main([*run, "--bits", "4", "--group-size", "32", "--granularity", "channel"]) == 1
-    assert "group_size=32 is only meaningful with granularity='group'" in \
+    assert main([*run, "--bits", "4", "--group-size", "32", "--granularity", "channel"]) == 2
+    assert "--group-size goes with --granularity group, not channel" in \
         capsys.readouterr().err
     assert not (tmp_path / "q").exists()
 

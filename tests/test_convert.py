@@ -197,10 +197,10 @@ def test_dict_config_mixed_precision_first_match_wins() -> None:
     report = quantize_model(model, {"block.2": None, "block.*": W4SYM, "emb": w3,
                                     "conv": "w8a32", "head": "float", "nothing": "w8a32"})
     assert report["block.0"].scheme == "int4-sym-g32-fp16"
-    assert report["block.2"].reason == "config None for pattern 'block.2' (kept float)"
+    assert report["block.2"].reason == "kept float by pattern 'block.2'"
     assert report["emb"].scheme == "int3-sym-ch0-fp32"
     assert report["conv"].scheme == "int8-sym-ch0-fp32"
-    assert report["head"].reason == "config None for pattern 'head' (kept float)"
+    assert report["head"].reason == "kept float by pattern 'head'"
     assert report["norm"].reason == "not matched by any config pattern"
     assert report.unmatched_patterns == ("nothing",)
     assert isinstance(model.block[2], nn.Linear)

@@ -592,7 +592,7 @@ def test_cli_eval_of_an_encoder_model_reports_the_output_sqnr(
 
 def test_cli_eval_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gpt2 = _tiny_gpt2(tmp_path / "gpt2")
-    assert main(["sweep", "--model", str(gpt2), "--sentences", str(tmp_path / "s.txt")]) == 1
+    assert main(["sweep", "--model", str(gpt2), "--sentences", str(tmp_path / "s.txt")]) == 2
     assert "--sentences / --text are the inputs of --eval; add --eval" in capsys.readouterr().err
     bare = tmp_path / "bare"
     bare.mkdir()

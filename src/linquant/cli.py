@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from types import ModuleType
 
 from linquant import __version__
+from linquant.commands import UsageError
 from linquant.errors import LinquantError
 
 __all__ = ["main"]
@@ -107,7 +108,7 @@ def _main(args_list: list[str], interrupted: list[bool]) -> int:
             traceback.print_exc()
         if isinstance(e, (LinquantError, OSError)):
             print(f"linquant {args.command}: error: {e}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(e, UsageError) else 1
         if isinstance(e, MemoryError) or _OUT_OF_MEMORY.search(str(e)):
             print(f"linquant {args.command}: error: out of memory ({type(e).__name__}: "
                   f"{' '.join(str(e).split())})", file=sys.stderr)

@@ -529,7 +529,7 @@ def _select(
         if _matches(name, pat):
             used.add(pat)
             if cfg is None:
-                return None, f"config None for pattern {pat!r} (kept float)"
+                return None, f"kept float by pattern {pat!r}"
             return cfg, ""
     return None, "not matched by any config pattern"
 
@@ -558,7 +558,8 @@ def strict_refusal(refusals: list[str]) -> LinquantError:
     return LinquantError(
         f"strict=True: {len(refusals)} layer(s) need a group size fallback: "
         + "; ".join(refusals)
-        + ". Exclude them, pick a group size that divides their rows, or pass strict=False"
+        + ". Exclude them, pick a group size that divides their rows, or pass strict=False "
+          "(on the command line: leave out --strict)"
     )
 
 

@@ -278,7 +278,7 @@ def test_hf_folder_with_layer_configs_equals_quantize_model(tmp_path: Path) -> N
         assert report[f"transformer.h.{i}.attn.c_proj"].quantized
     assert report["transformer.h.0.mlp.c_proj"].quantized
     assert report["transformer.h.1.mlp.c_proj"].reason == \
-        "config None for pattern '*.mlp.c_proj' (kept float)"
+        "kept float by pattern '*.mlp.c_proj'"
     assert report.unmatched_patterns == in_memory.unmatched_patterns == ("transformer.h.9.*",)
     assert report.shadowed_patterns == in_memory.shadowed_patterns
     assert report.compute_dtype == in_memory.compute_dtype == torch.bfloat16
@@ -293,7 +293,7 @@ def test_bare_file_with_layer_configs_equals_quantize_model(tmp_path: Path) -> N
     res = quantize_checkpoint(tmp_path / "m.safetensors", tmp_path / "q", rules)
     assert [(r.name, r.scheme) for r in res.report.quantized] == [
         ("emb", "int8-sym-ch0-fp16"), ("fc", "int3-asym-g16-fp32")]
-    assert res.report["head"].reason == "config None for pattern 'head' (kept float)"
+    assert res.report["head"].reason == "kept float by pattern 'head'"
     streamed = load_into(Plain(), tmp_path / "q")
     assert type(streamed.head) is nn.Linear
     quantize_model(m, rules)

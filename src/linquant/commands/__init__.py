@@ -11,7 +11,48 @@ from pathlib import Path
 
 from linquant.errors import LinquantError
 
-__all__ = ["add_text_arguments", "check_output_file"]
+__all__ = ["UsageError", "add_text_arguments", "check_output_file", "percentile_arg",
+           "positive_int", "size_arg"]
+
+
+class UsageError(LinquantError):
+    """Options that do not go together or do not make sense: the command exits 2, as for
+    argparse's own usage errors."""
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts (``--threads``, ``--repeats``): an int >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def size_arg(text: str) -> str:
+    """argparse ``type=`` for ``--max-shard-size``: a size :func:`parse_size` reads (kept as
+    text, which the library takes)."""
+    from linquant.io.save import parse_size
+
+    try:
+        parse_size(text)
+    except LinquantError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def percentile_arg(text: str) -> float:
+    """argparse ``type=`` for ``--percentile``: a float in (50, 100]."""
+    try:
+        p = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 50 < p <= 100:
+        raise argparse.ArgumentTypeError(f"must be in (50, 100] (the share of inputs the range "
+                                         f"covers, e.g. 99.99), got {p:g}")
+    return p
 
 
 def check_output_file(path: Path | None, option: str,

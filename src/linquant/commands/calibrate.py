@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from linquant.commands import percentile_arg, size_arg
 from linquant.errors import LinquantError
 
 __all__ = ["CalibrationResult", "add_arguments", "calibrate_folder", "run"]
@@ -43,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="sample sentences, one per line (default: the bundled ones)")
     src.add_argument("--text", type=Path, metavar="FILE",
                      help="sample text, one sample per line (the same as --sentences)")
-    p.add_argument("--percentile", type=float, default=None, metavar="P",
+    p.add_argument("--percentile", type=percentile_arg, default=None, metavar="P",
                    help="each layer's range from the P-th percentile of its inputs (e.g. "
                         "99.99; 50 < P <= 100; default: min/max)")
     p.add_argument("--unreached", choices=("error", "dynamic"), default="error",
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "cross-attention without encoder states): error (default: write "
                         "nothing, name them) or dynamic (give those layers dynamic per-token "
                         "activations, calibrate the rest)")
-    p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+    p.add_argument("--max-shard-size", type=size_arg, default="2GB", metavar="SIZE",
                    help="largest output shard, e.g. 500MB, 2GB (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
 

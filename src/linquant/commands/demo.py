@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from linquant.commands import positive_int
 from linquant.config import preset_names
-from linquant.errors import LinquantError
 
 DEFAULT_K = 5
 DEFAULT_REPEATS = 5
@@ -33,12 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sentences", metavar="FILE",
                         help="sentences to encode, one per line (default: the bundled set)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("-k", type=int, default=DEFAULT_K, metavar="K",
+    parser.add_argument("-k", type=positive_int, default=DEFAULT_K, metavar="K",
                         help=f"number of most similar sentence pairs compared "
                              f"(default {DEFAULT_K})")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="N",
+    parser.add_argument("--repeats", type=positive_int, default=DEFAULT_REPEATS, metavar="N",
                         help=f"timed runs per model; the median is reported "
                              f"(default {DEFAULT_REPEATS})")
 
@@ -55,8 +55,6 @@ def run(args: argparse.Namespace) -> int:
 
         check_output_file(Path(args.json), "--json", (args.sentences,))
     if args.threads is not None:
-        if args.threads < 1:
-            raise LinquantError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from linquant.commands import check_output_file
+from linquant.commands import UsageError, check_output_file, size_arg
 from linquant.config import QuantConfig, get_config, preset_names
 from linquant.errors import LinquantError
 from linquant.io.atomic import write_text_atomic
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantize only layers matching this name pattern (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep layers matching this name pattern float (repeatable)")
-    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD, metavar="SIZE",
+    p.add_argument("--max-shard-size", type=size_arg, default=DEFAULT_MAX_SHARD, metavar="SIZE",
                    help=f"largest output shard, e.g. 500MB, 2GB (default {DEFAULT_MAX_SHARD})")
     p.add_argument("--report", type=Path, metavar="FILE", help="write the report (.json or .csv)")
     p.add_argument("--plot", type=Path, metavar="FILE.png",
@@ -77,22 +77,32 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
                                   ("scheme flags (--bits, --mode, ...)",
                                    any(v is not None for v in custom) or None)) if v is not None]
     if len(given) > 1:
-        raise LinquantError(f"give one of --preset, --config or scheme flags, not "
-                            f"{' and '.join(given)}")
+        raise UsageError(f"give one of --preset, --config or scheme flags, not "
+                         f"{' and '.join(given)}")
     if args.config is not None:
-        return get_config(args.config)
+        try:
+            return get_config(args.config)
+        except LinquantError as e:
+            raise UsageError(f"--config {args.config!r}: {e}") from None
     if all(v is None for v in custom):
         return get_config(args.preset or DEFAULT_PRESET)
     granularity: Granularity = args.granularity or (
         "group" if args.group_size is not None else "channel")
-    scheme = QuantScheme(  # a --group-size 0, or one with another granularity, is refused here
-        bits=8 if args.bits is None else args.bits,
-        symmetric=(args.mode or "sym") == "sym",
-        granularity=granularity,
-        group_size=args.group_size,
-        scale_dtype=_SCALE_DTYPES[args.scale_dtype or "fp32"],
-        clip=args.clip or "minmax",
-    )
+    if granularity == "group" and args.group_size is None:
+        raise UsageError("--granularity group needs --group-size N")
+    if granularity != "group" and args.group_size is not None:
+        raise UsageError(f"--group-size goes with --granularity group, not {granularity}")
+    try:
+        scheme = QuantScheme(  # a --group-size 0 is refused here
+            bits=8 if args.bits is None else args.bits,
+            symmetric=(args.mode or "sym") == "sym",
+            granularity=granularity,
+            group_size=args.group_size,
+            scale_dtype=_SCALE_DTYPES[args.scale_dtype or "fp32"],
+            clip=args.clip or "minmax",
+        )
+    except LinquantError as e:
+        raise UsageError(f"scheme flags: {e}") from None
     return QuantConfig(scheme)
 
 
@@ -104,14 +114,14 @@ def layer_configs(specs: list[str], rest: QuantConfig) -> dict[str, QuantConfig 
     for spec in specs:
         pattern, sep, text = (part.strip() for part in spec.partition("="))
         if not sep or not pattern or not text:
-            raise LinquantError(f"--layer-config {spec!r}: expected PATTERN=CONFIG, e.g. "
+            raise UsageError(f"--layer-config {spec!r}: expected PATTERN=CONFIG, e.g. "
                                 "'*.down_proj=w8a16' or 'lm_head=float'")
         if pattern in rules:
-            raise LinquantError(f"--layer-config {spec!r}: pattern {pattern!r} given twice")
+            raise UsageError(f"--layer-config {spec!r}: pattern {pattern!r} given twice")
         try:
             rules[pattern] = None if text == "float" else get_config(text)
         except LinquantError as e:
-            raise LinquantError(f"--layer-config {spec!r}: {e}") from None
+            raise UsageError(f"--layer-config {spec!r}: {e}") from None
     rules.setdefault("*", rest)
     return rules
 
@@ -124,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if args.layer_config:
         config = layer_configs(args.layer_config, base)
     if args.report is not None and args.report.suffix.lower() not in (".json", ".csv"):
-        raise LinquantError(f"--report {args.report}: the file must end in .json or .csv")
+        raise UsageError(f"--report {args.report}: the file must end in .json or .csv")
     check_output_file(args.report, "--report", (args.src,))
     check_output_file(args.plot, "--plot", (args.src,))
     if args.plot is not None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from linquant.commands import add_text_arguments, check_output_file
+from linquant.commands import UsageError, add_text_arguments, check_output_file
 from linquant.errors import LinquantError
 from linquant.sweep import (
     DEFAULT_BITS,
@@ -56,9 +56,9 @@ def _bits(text: str) -> int:
     try:
         b = int(text)
     except ValueError:
-        raise LinquantError(f"bits must be integers in 2..8, got {text!r}") from None
+        raise UsageError(f"bits must be integers in 2..8, got {text!r}") from None
     if not 2 <= b <= 8:
-        raise LinquantError(f"bits must be in 2..8, got {b}")
+        raise UsageError(f"bits must be in 2..8, got {b}")
     return b
 
 
@@ -69,7 +69,7 @@ def _granularity(text: str) -> str:
 
 def _mode(text: str) -> str:
     if text not in MODES:
-        raise LinquantError(f"unknown mode {text!r}: expected {', '.join(MODES)}")
+        raise UsageError(f"unknown mode {text!r}: expected {', '.join(MODES)}")
     return text
 
 
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     schemes = default_grid(modes=args.mode, granularities=args.granularity, bits=args.bits,
                            clips=CLIPS[args.clip], scale_dtype=args.scale_dtype)
     if (args.sentences or args.text) and not args.eval:
-        raise LinquantError("--sentences / --text are the inputs of --eval; add --eval")
+        raise UsageError("--sentences / --text are the inputs of --eval; add --eval")
     folder = _model_folder(args.model) if args.eval else None
     if folder is not None:
         from linquant.commands.eval import model_kind

@@ -86,7 +86,7 @@ def qparams_from_range(
         if not bool(torch.isfinite(offset).all()):
             raise LinquantError(
                 f"{name}: offset {float(lo.min()):.4g} overflows {_dtype_text(scheme)} storage; "
-                "use scale_dtype=torch.float32"
+                "use scale_dtype=torch.float32 (--scale-dtype fp32)"
             )
         scale = ((hi - offset.float()) / levels).clamp_min_(eps)
         return QParams(_store_scale(scale, scheme, name), None, offset)
@@ -166,7 +166,7 @@ def _store_scale(scale: torch.Tensor, scheme: QuantScheme, name: str) -> torch.T
         biggest = float(scale.max())
         raise LinquantError(
             f"{name}: {bad} scale(s) overflow {_dtype_text(scheme)} storage (largest scale "
-            f"{biggest:.4g}); use scale_dtype=torch.float32"
+            f"{biggest:.4g}); use scale_dtype=torch.float32 (--scale-dtype fp32)"
         )
     return stored
 
