@@ -215,6 +215,18 @@ def _gpt2_folder(path: Path) -> nn.Module:
     return g
 
 
+def test_an_index_file_stands_for_its_folder(tmp_path: Path) -> None:
+    """Given as ``SRC/model.safetensors.index.json``, a sharded folder was read as a bare
+    file: its config.json ignored (the embedding quantized as a plain matrix, no config.json
+    written, so lq.load failed). It is now the folder."""
+    _gpt2_folder(tmp_path / "src")
+    res = quantize_checkpoint(tmp_path / "src" / "model.safetensors.index.json",
+                              tmp_path / "q", "w8a32")
+    assert res.rule.startswith("model config: GPT2LMHeadModel")
+    assert (tmp_path / "q" / "config.json").exists()
+    assert type(load(tmp_path / "q")).__name__ == "GPT2LMHeadModel"
+
+
 @pytest.mark.parametrize("preset", ["w4a16-g32", "w8a8"])
 def test_hf_folder_equals_quantize_model_and_save(tmp_path: Path, preset: str) -> None:
     g = _gpt2_folder(tmp_path / "src")

@@ -904,7 +904,8 @@ def quantize_checkpoint(
     progress: bool = False,
     strict: bool = False,
 ) -> StreamResult:
-    """Quantize the checkpoint ``src`` (``.safetensors`` file or model folder) into ``dst``.
+    """Quantize the checkpoint ``src`` (``.safetensors`` file or model folder; a folder's
+    ``model.safetensors.index.json`` stands for the folder) into ``dst``.
 
     ``config`` is what :func:`linquant.quantize_model` takes: a preset name, a config or its
     text, or a dict of name patterns to configs (first match wins; None keeps a layer float),
@@ -918,6 +919,9 @@ def quantize_checkpoint(
     layers whose rows a group size does not divide (as ``quantize_model(strict=True)``).
     """
     src_p, dst_p = Path(src), Path(dst)
+    if src_p.is_file() and src_p.name.endswith(".safetensors.index.json"):
+        src_p = src_p.parent  # the model folder: its config.json, tokenizer, ... (it was read
+        # as a bare file, its config.json ignored and the embedding quantized as a matrix)
     _check_paths(src_p, dst_p, overwrite)
     pairs = _normalize_config(config)
     used: set[str] = set()
