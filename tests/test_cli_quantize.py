@@ -182,6 +182,22 @@ def test_usage_and_errors(tmp_path: Path, src: Path, capsys: pytest.CaptureFixtu
         assert "must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_inspect_of_one_shard_names_the_folder(tmp_path: Path, src: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``inspect`` of one shard said a module had no quantized tensor in the file, as for a
+    damaged file; it now says the file is one shard and to give the folder."""
+    assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--no-progress",
+                 "--max-shard-size", "2KB"]) == 0
+    shards = sorted((tmp_path / "q").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    capsys.readouterr()
+    codes = [main(["inspect", str(f)]) for f in shards]
+    err = capsys.readouterr().err
+    assert 1 in codes and f"is one shard of the checkpoint in {tmp_path / 'q'}: give the " \
+        "folder" in err, err
+    assert main(["inspect", str(tmp_path / "q")]) == 0
+
+
 def test_inspect_damaged_exits_1(tmp_path: Path, src: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--no-progress"]) == 0

@@ -434,8 +434,12 @@ def _check_modules(ck: LoadedCheckpoint, where: str) -> None:
             raise FormatError(f"{where}: module {name!r}: unknown quantized module type "
                               f"{kind!r} (expected one of {', '.join(_MODULE_TYPES)})")
         if f"{name}.weight" not in quantized:
+            shard = Path(where)
+            hint = (f"; {shard.name} is one shard of the checkpoint in {shard.parent}: give "
+                    "the folder" if shard.suffix == ".safetensors"
+                    and (shard.parent / INDEX_NAME).is_file() else "")
             raise FormatError(f"{where}: module {name!r} ({entry['type']}) has no quantized "
-                              f"tensor {name}.weight in the file")
+                              f"tensor {name}.weight in the file{hint}")
         act, sym = entry.get("activation"), entry.get("act_symmetric", True)
         if (entry["type"] == "W8A8Linear" or act is not None) and (
                 act not in ("dynamic", "static") or not isinstance(sym, bool)):
