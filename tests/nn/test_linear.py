@@ -242,3 +242,24 @@ def test_meta_tensors_are_named_errors_and_meta_layers_give_shapes() -> None:
     emb = lq.nn.QuantEmbedding.from_float(nn.Embedding(10, 64), "int8-sym-ch0").to("meta")
     ids = torch.tensor([[1, 2]], device="meta")
     assert emb(ids).shape == (1, 2, 64)  # as nn.Embedding on meta (it read the indices)
+
+
+@pytest.mark.parametrize("preset", ["w8a32", "w4a16-g32", "w8a8"])
+def test_share_memory_after_use_keeps_the_outputs(preset: str) -> None:
+    """``share_memory()`` (also done to the parent's tensors when a model is handed to a
+    ``torch.multiprocessing`` child) moves each buffer's bytes without a new version: the
+    embedding's gather and the weight-only dequantizers kept reading the old address (outputs
+    off by 1e32, or a segfault for a large table). Kept layouts and plans now check the
+    address too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 96, bias=False),
+                          nn.Linear(96, 64))
+    lq.quantize_model(model, preset)
+    model = model.float() if preset == "w8a8" else model
+    ids = torch.randint(0, 300, (3, 100))  # 300 tokens: the scratch / blocked paths too
+    with torch.no_grad():
+        want = [model(ids) for _ in range(2)][-1]
+        model.share_memory()
+        assert all(b.is_shared() for b in model.buffers())
+        for _ in range(2):  # a kept layout, then a kept plan
+            assert torch.equal(model(ids), want)

@@ -399,7 +399,10 @@ def _through_autograd_function(x: torch.Tensor, empty: bool = False) -> bool:
 
 
 def _versions(tensors: tuple[torch.Tensor | None, ...]) -> list[int | None]:
-    return [cpu._version(t) for t in tensors if t is not None]
+    """The version counters alone (a move of the bytes, ``share_memory_()``, changes no value
+    the backward reads)."""
+    return [None if v is None else v[0] for v in (cpu._version(t) for t in tensors
+                                                  if t is not None)]
 
 
 def _check_unmodified(tensors: tuple[torch.Tensor | None, ...], versions: list[int | None]

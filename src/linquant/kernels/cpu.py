@@ -209,16 +209,19 @@ def int8pack_supported(qt: QuantizedTensor, dtype: torch.dtype) -> bool:
 # ---- repacking (cached) ----------------------------------------------------------------------
 
 
-def _version(t: torch.Tensor) -> int | None:
-    """``t``'s version counter, or None for an inference-mode tensor, which keeps none (asked
-    first: reading ``_version`` of one raises, and the exception cost about 10 us). linquant's
-    layers hold no inference tensors (``nn.base._normal``); a caller's input or bias may be
-    one. So may a parameter created under ``inference_mode`` whose data ``.to()`` replaced
-    outside it: it no longer says it is one, yet keeps no version counter."""
+def _version(t: torch.Tensor) -> tuple[int, int] | None:
+    """``t``'s version counter and data address, or None for an inference-mode tensor, which
+    keeps no counter (asked first: reading ``_version`` of one raises, and the exception cost
+    about 10 us). linquant's layers hold no inference tensors (``nn.base._normal``); a caller's
+    input or bias may be one. So may a parameter created under ``inference_mode`` whose data
+    ``.to()`` replaced outside it: it no longer says it is one, yet keeps no version counter.
+    The address: ``share_memory_()`` (``model.share_memory()``, or handing the model to a
+    ``torch.multiprocessing`` child) moves a tensor's bytes without a new version, and layouts
+    and plans that read the old address in place read freed memory (garbage, or a crash)."""
     if t.is_inference():
         return None
     try:
-        return int(t._version)
+        return int(t._version), t.data_ptr()
     except RuntimeError:
         return None
 

@@ -48,9 +48,9 @@ MAX_PLANS = 64  # input signatures kept per layer (a new one beyond that clears 
 @dataclass(frozen=True)
 class Plan:
     tensors: tuple[torch.Tensor | None, ...]  # the weight's qdata, scale, zero point, offset
-    versions: tuple[int | None, ...]  # ... and their version counters
+    versions: tuple[tuple[int, int] | None, ...]  # ... their version counters and addresses
     bias: torch.Tensor | None
-    bias_version: int | None
+    bias_version: tuple[int, int] | None
     n: int
     k: int
     run: Callable[[torch.Tensor], torch.Tensor]  # see the entry's user (CUDA: x2 -> y2)
@@ -62,7 +62,7 @@ def weight_tensors(qt: QuantizedTensor) -> tuple[torch.Tensor | None, ...]:
     return (qt.qdata, qt.scale, qt.zero_point_packed, qt.offset)
 
 
-def _versions(tensors: tuple[torch.Tensor | None, ...]) -> tuple[int | None, ...]:
+def _versions(tensors: tuple[torch.Tensor | None, ...]) -> tuple[tuple[int, int] | None, ...]:
     return tuple(None if t is None else _version(t) for t in tensors)
 
 
