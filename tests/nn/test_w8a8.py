@@ -346,3 +346,18 @@ def test_an_empty_batch_that_needs_a_gradient_gets_one(kind: str) -> None:
     assert y.shape == (0, 48)
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == (0, 64)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static-sym"])
+def test_a_gradient_penalty_goes_through(kind: str) -> None:
+    """The straight-through backward was once-differentiable: a gradient penalty raised
+    ("trying to differentiate twice") and ``autograd.grad`` of a first gradient said the input
+    was not used. The second derivative is the straight-through one's."""
+    torch.manual_seed(0)
+    q = _layer(kind, nn.Linear(32, 16))
+    if kind != "dynamic":
+        q.set_activation_range(-4.0, 4.0)
+    x = torch.randn(5, 32, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.tanh(q(x)).pow(2).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), x)
+    assert bool(torch.isfinite(gg).all()) and float(gg.abs().max()) > 0

@@ -419,7 +419,9 @@ class _KernelLinear(torch.autograd.Function):
     forward runs the dispatcher's fast path (grad is off inside ``forward``), the backward the
     reference's ``grad_x = grad_y @ qweight.dequantize(x.dtype)`` (the weight dequantized then,
     not kept from the forward: an in-place change in between raises, as autograd's saved
-    tensors do). ``bias`` must not need a gradient (the caller adds such a bias after)."""
+    tensors do). ``bias`` must not need a gradient (the caller adds such a bias after). The
+    backward is plain PyTorch ops, so it is differentiable itself: Hessians, Hessian-vector
+    products and gradient penalties (``create_graph=True``) see through the layer."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, qweight: QuantizedTensor,  # type: ignore[override]
@@ -430,7 +432,6 @@ class _KernelLinear(torch.autograd.Function):
         return linear_weight_only(x, qweight, bias, cache)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
                  ) -> tuple[torch.Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
@@ -550,7 +551,6 @@ class _KernelW8A8(torch.autograd.Function):
         return linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor  # type: ignore[override]
                  ) -> tuple[torch.Tensor | None, None, None, None, None, None, None]:
         if not ctx.needs_input_grad[0]:
