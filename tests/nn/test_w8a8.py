@@ -154,7 +154,9 @@ def test_a_sparse_input_computes_as_its_dense_values(kind: str) -> None:
     if kind != "dynamic":
         q.set_activation_range(-3.0, 3.0)
     x = torch.randn(5, 32) * (torch.rand(5, 32) < 0.3)
-    assert torch.equal(q(x.to_sparse()), q(x))
+    with torch.no_grad():
+        for _ in range(3):  # a kept plan for the shape: the sparse input failed there
+            assert torch.equal(q(x.to_sparse()), q(x))
 
 
 @pytest.mark.parametrize("kind", list(SQNR_FLOORS))

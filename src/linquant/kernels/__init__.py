@@ -522,6 +522,34 @@ def linear_weight_only(
     return reference.linear_weight_only(x, qweight, bias)
 
 
+def _inside(x: torch.Tensor, act_scale: torch.Tensor | None,
+            act_zero_point: torch.Tensor | None) -> torch.Tensor | None:
+    """Static activations: where ``x``'s code was not clamped (None for dynamic ones)."""
+    if act_scale is None:
+        return None
+    t = torch.round(x.float() / act_scale.float()).nan_to_num(0.0)
+    if act_zero_point is None:
+        return t.abs() <= reference.ACT_QMAX
+    t = t + act_zero_point.float()
+    return (t >= 0) & (t <= 255)
+
+
+def linear_w8a8_functional(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                           bias: torch.Tensor | None = None,
+                           act_scale: torch.Tensor | None = None,
+                           act_zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`linear_w8a8` in PyTorch ops alone, for ``torch.func`` transforms (``vmap``,
+    ``grad``, ``jacrev``, ...), with :class:`_KernelW8A8`'s straight-through gradient: the
+    reference's product as the value, ``x @ (w_int8 * w_scale).T`` (masked where a static
+    code clamped) for the gradient, the bias added after."""
+    y = reference.linear_w8a8(x, w_int8, w_scale, None, act_scale, act_zero_point).detach()
+    w = (w_int8.float() * w_scale.float().reshape(-1, 1)).to(x.dtype)
+    inside = _inside(x, act_scale, act_zero_point)
+    lin = torch.nn.functional.linear(x if inside is None else x * inside.to(x.dtype), w)
+    y = y + (lin - lin.detach())
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 class _KernelW8A8(torch.autograd.Function):
     """``linear_w8a8`` for an ``x`` that needs its gradient: the forward is the dispatcher's
     (grad is off inside ``forward``; the int8 codes of the activations carry no gradient, so
@@ -540,14 +568,7 @@ class _KernelW8A8(torch.autograd.Function):
         ctx.weight = (w_int8, w_scale)
         ctx.versions = _versions(ctx.weight)
         ctx.x_dtype = x.dtype
-        ctx.inside = None
-        if act_scale is not None:  # static: the codes that were not clamped
-            t = torch.round(x.float() / act_scale.float()).nan_to_num_(0.0)
-            if act_zero_point is None:
-                ctx.inside = t.abs_() <= reference.ACT_QMAX
-            else:
-                t.add_(act_zero_point.float())
-                ctx.inside = (t >= 0) & (t <= 255)
+        ctx.inside = _inside(x, act_scale, act_zero_point)
         return linear_w8a8(x, w_int8, w_scale, bias, act_scale, act_zero_point, cache)
 
     @staticmethod

@@ -373,6 +373,11 @@ def _load(kernel: str = W4A16) -> ctypes.CDLL | None:
     if st is not None:
         lib: ctypes.CDLL | None = st["lib"]
         return lib
+    if torch._C._are_functorch_transforms_active():
+        # not built, nor probed, inside vmap / grad: the probe's PyTorch ops would fail there
+        # and the failure would turn the kernel off for the process (not cached: a later
+        # call outside the transform builds it)
+        return None
     with _lock:
         if kernel in _state:
             return _state[kernel]["lib"]  # type: ignore[no-any-return]
@@ -403,7 +408,9 @@ def _load(kernel: str = W4A16) -> ctypes.CDLL | None:
                 fn = getattr(lib, symbol)
                 fn.argtypes = argtypes
                 fn.restype = ctypes.c_int64
-            problem = _PROBES[kernel](lib)
+            with torch.autocast("cpu", enabled=False):  # the probe's own dtypes: under a
+                # caller's autocast its ops failed, and the kernel was off for the process
+                problem = _PROBES[kernel](lib)
         except Exception as e:  # a build problem must not break the library: fall back
             problem = f"build failed: {type(e).__name__}: {e}"
         if problem:

@@ -85,7 +85,7 @@ def find(x: torch.Tensor, tensors: tuple[torch.Tensor | None, ...], bias: torch.
     and ``bias`` (the same objects, unmodified), or None; never one where autograd needs the
     input's or the bias's gradient."""
     plans = cache.get(entry)
-    if not plans:
+    if not plans or x.layout is not torch.strided:  # (a sparse input: densified by the layer)
         return None
     if torch.is_grad_enabled() and (
             x.requires_grad or (bias is not None and bias.requires_grad)):

@@ -255,8 +255,8 @@ def eager_probe(fn: Callable[[], _T]) -> Callable[[], _T]:
     def probe() -> _T:
         from torch.utils._python_dispatch import _disable_current_modes
 
-        with _disable_current_modes():
-            return fn()
+        with _disable_current_modes(), torch.autocast("cpu", enabled=False):
+            return fn()  # (not under a caller's autocast either: the probe's own dtypes)
 
     return probe
 
@@ -318,6 +318,8 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             f"int8_matmul: K = {a.shape[1]} could overflow the int32 accumulator "
             f"(at most {INT32_MAX_K})"
         )
+    if torch._C._are_functorch_transforms_active():  # vmap has no rule for _int_mm
+        return _exact_mm_float64(a, w)
     if int_mm_supported(a, w):
         return torch._int_mm(a, w.t())
     return _EXACT_FALLBACK.get(a.device.type, _exact_mm_float64)(a, w)

@@ -275,6 +275,13 @@ def as_scheme(scheme: QuantScheme | str, who: str) -> QuantScheme:
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jacfwd``, ...) is
+    running: the layers then compute with the reference's PyTorch ops, which every transform
+    goes through (the kernels' ctypes calls, autograd functions and host-side checks do not)."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
 def jit_tracing() -> bool:
     """Whether ``torch.jit.trace`` is recording (``torch.jit.is_tracing`` outside scripting)."""
     # torch.jit.is_tracing, not torch._C._is_tracing: Dynamo folds the former to False

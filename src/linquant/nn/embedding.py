@@ -21,8 +21,14 @@ from torch import nn
 
 from linquant import kernels
 from linquant.errors import LinquantError
-from linquant.kernels import plans
-from linquant.nn.base import QuantModule, as_scheme, from_float_label, weight_dims
+from linquant.kernels import plans, reference
+from linquant.nn.base import (
+    QuantModule,
+    as_scheme,
+    from_float_label,
+    functorch_active,
+    weight_dims,
+)
 from linquant.nn.registry import register_qmodule
 from linquant.scheme import QuantScheme
 from linquant.tensor import quantize
@@ -126,6 +132,8 @@ class QuantEmbedding(QuantModule):
         # would split the graph (out-of-range indices then fail in the gather, as for
         # nn.Embedding)
         self._refuse_jit_trace()
+        if functorch_active():  # vmap ...: the reference's ops, no host-side check
+            return reference.embedding_weight_only(ids, self.qweight, self.weight_dtype)
         if torch.compiler.is_compiling() or ids.is_meta or self.weight_qdata.is_meta:
             # (meta: shapes only, as nn.Embedding on meta gives them; no values to check)
             return kernels.embedding_weight_only(ids, self.qweight, self.weight_dtype)

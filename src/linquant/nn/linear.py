@@ -29,6 +29,7 @@ from linquant.nn.base import (
     QuantModule,
     as_scheme,
     from_float_label,
+    functorch_active,
     jit_tracing,
     linear_features,
     quantize_linear_weight,
@@ -109,6 +110,9 @@ class QuantLinear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
+        if functorch_active():  # vmap / grad / jacrev ...: the reference's PyTorch ops
+            x = self._check_last_dim(x, self.in_features)
+            return reference.linear_weight_only(x, self.qweight, self.bias)
         if jit_tracing():  # record the custom operator (a traced module is for
             with torch.no_grad():  # inference), not the kernels' outputs as constants
                 return self._traced_forward(x)

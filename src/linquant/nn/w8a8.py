@@ -30,6 +30,7 @@ from linquant.nn.base import (
     QuantModule,
     eager_only,
     from_float_label,
+    functorch_active,
     jit_tracing,
     linear_features,
     quantize_linear_weight,
@@ -349,6 +350,15 @@ class W8A8Linear(StaticActivations):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if functorch_active() and not self.observing:  # vmap / grad / jacrev ...
+            x = self._check_last_dim(x, self.in_features)
+            static = self.activation != "dynamic"
+            if static:
+                self._need_range()
+            return kernels.linear_w8a8_functional(
+                x, self._int8_codes(), self.weight_scale, self.bias,
+                self._buffers["input_scale"] if static else None,
+                self._buffers.get("input_zero_point") if static else None)
         if torch.compiler.is_compiling():
             if not self.observing:
                 return self._traced_forward(x)
