@@ -351,3 +351,35 @@ def test_a_first_call_under_autocast_keeps_the_native_kernels() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=600, check=True)
     assert "build failed" not in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("preset", ["w8a32", "w4a16-g32", "w8a8"])
+def test_autocast_gives_its_dtype_on_every_path(preset: str) -> None:
+    """Under ``torch.autocast("cpu", bfloat16)`` an fp32 input gave fp32 outputs on some
+    paths (the native kernels, up to 127 tokens) and bf16 on others (scratch, 128 and more),
+    and fp32 again when it needed a gradient. Now, as ``nn.Linear``: bf16 always, the layer's
+    result on the input cast to bf16."""
+    from linquant.nn import W8A8Linear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128))
+    lq.quantize_model(model, preset)
+    q = model[0]
+    if isinstance(q, W8A8Linear):
+        q.float()
+    for m in (1, 65, 300):
+        x = torch.randn(m, 256)
+        for grad in (False, True):
+            xg = x.clone().requires_grad_(grad)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = q(xg)
+            assert y.dtype == torch.bfloat16, (m, grad)
+            with torch.no_grad():
+                want = q(x.bfloat16())
+            if grad:  # the bias added after the kernel, where autograd sees it: 1 bf16 step
+                torch.testing.assert_close(y.detach(), want, rtol=1e-2, atol=1e-2)
+            else:
+                assert torch.equal(y, want), m
+            if grad:
+                y.float().sum().backward()
+                assert xg.grad is not None and xg.grad.dtype == torch.float32

@@ -282,6 +282,21 @@ def functorch_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` would run a float ``nn.Linear`` on ``x`` in, where it is
+    on for ``x``'s device and would cast ``x`` (fp32 / fp16 / bf16 other than its dtype);
+    None otherwise. Quantized linear layers then take ``x`` in that dtype and run their
+    kernels with autocast off: their outputs followed the path taken (fp32 on some, bf16 on
+    others) and a kernel's first-use check failed under it."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    if x.dtype == dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    return dtype
+
+
 def jit_tracing() -> bool:
     """Whether ``torch.jit.trace`` is recording (``torch.jit.is_tracing`` outside scripting)."""
     # torch.jit.is_tracing, not torch._C._is_tracing: Dynamo folds the former to False

@@ -28,6 +28,7 @@ from linquant.nn.base import (
     HF_PLAIN_LINEARS,
     QuantModule,
     as_scheme,
+    autocast_dtype,
     from_float_label,
     functorch_active,
     jit_tracing,
@@ -113,6 +114,9 @@ class QuantLinear(QuantModule):
         if functorch_active():  # vmap / grad / jacrev ...: the reference's PyTorch ops
             x = self._check_last_dim(x, self.in_features)
             return reference.linear_weight_only(x, self.qweight, self.bias)
+        if isinstance(x, torch.Tensor) and (cast := autocast_dtype(x)) is not None:
+            with torch.autocast(x.device.type, enabled=False):  # as nn.Linear under autocast
+                return self.forward(x.to(cast))
         if jit_tracing():  # record the custom operator (a traced module is for
             with torch.no_grad():  # inference), not the kernels' outputs as constants
                 return self._traced_forward(x)

@@ -28,6 +28,7 @@ from linquant.nn.base import (
     HF_CONV1D,
     HF_PLAIN_LINEARS,
     QuantModule,
+    autocast_dtype,
     eager_only,
     from_float_label,
     functorch_active,
@@ -359,6 +360,10 @@ class W8A8Linear(StaticActivations):
                 x, self._int8_codes(), self.weight_scale, self.bias,
                 self._buffers["input_scale"] if static else None,
                 self._buffers.get("input_zero_point") if static else None)
+        if isinstance(x, torch.Tensor) and not torch.compiler.is_compiling() and (
+                cast := autocast_dtype(x)) is not None:
+            with torch.autocast(x.device.type, enabled=False):  # as nn.Linear under autocast
+                return self.forward(x.to(cast))
         if torch.compiler.is_compiling():
             if not self.observing:
                 return self._traced_forward(x)
