@@ -282,12 +282,17 @@ def functorch_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` would run a float ``nn.Linear`` on ``x`` in, where it is
     on for ``x``'s device and would cast ``x`` (fp32 / fp16 / bf16 other than its dtype);
     None otherwise. Quantized linear layers then take ``x`` in that dtype and run their
     kernels with autocast off: their outputs followed the path taken (fp32 on some, bf16 on
     others) and a kernel's first-use check failed under it."""
+    if not _any_autocast():  # (cheaper than asking for x's device: ~0.1 us of ~0.5)
+        return None
     device = x.device.type
     if not torch.is_autocast_enabled(device):
         return None
