@@ -215,6 +215,25 @@ def _gpt2_folder(path: Path) -> nn.Module:
     return g
 
 
+def test_weight_files_that_are_not_the_checkpoint_are_named(tmp_path: Path) -> None:
+    """A consolidated copy next to the shards, ``training_args.bin`` and ``original/`` were
+    dropped without a word (and ``original/`` was left behind empty); they are listed in the
+    result (the CLI prints them), and other side files are copied as before."""
+    _gpt2_folder(tmp_path / "src")
+    src = tmp_path / "src"
+    (src / "consolidated.safetensors").write_bytes(b"x")
+    (src / "training_args.bin").write_bytes(b"x")
+    (src / "original").mkdir()
+    (src / "original" / "model.safetensors").write_bytes(b"x")
+    (src / "notes.txt").write_text("kept")
+    res = quantize_checkpoint(src, tmp_path / "q", "w8a32")
+    assert res.left_out == ["consolidated.safetensors", "original/model.safetensors",
+                            "training_args.bin"]
+    assert (tmp_path / "q" / "notes.txt").read_text() == "kept"
+    assert not (tmp_path / "q" / "original").exists()
+    assert not (tmp_path / "q" / "training_args.bin").exists()
+
+
 def test_an_index_file_stands_for_its_folder(tmp_path: Path) -> None:
     """Given as ``SRC/model.safetensors.index.json``, a sharded folder was read as a bare
     file: its config.json ignored (the embedding quantized as a plain matrix, no config.json

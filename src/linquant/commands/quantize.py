@@ -162,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"plot: {args.plot}", file=sys.stderr)
     print(report)
     print(f"rule: {result.rule}")
+    if result.left_out:
+        print(f"left out (weight files that are not the model's checkpoint): "
+              f"{', '.join(result.left_out)}")
     print(f"wrote {len(result.files)} shard(s) to {args.output}")
     if any((r.scheme or "").endswith(" static") for r in report.quantized):
         print("static W8A8: the input scales are not calibrated yet (a file cannot be run "

@@ -97,6 +97,10 @@ class StreamResult:
     rule: str
     files: list[Path] = field(default_factory=list)
     max_error: dict[str, float] = field(default_factory=dict)
+    # the source folder's weight-like files (.safetensors, .bin, .pt, ...) that the model's
+    # checkpoint does not include and that were not copied: a consolidated.safetensors next to
+    # the shards, training_args.bin, original/...
+    left_out: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -813,14 +817,16 @@ def _malloc_trim() -> Any:
         return None
 
 
-def _copy_side_files(src: Path, dst: Path,
-                     compute_dtype: torch.dtype | None = None) -> list[LayerReport]:
+def _copy_side_files(src: Path, dst: Path, compute_dtype: torch.dtype | None = None,
+                     read: frozenset[Path] = frozenset(),
+                     left_out: list[str] | None = None) -> list[LayerReport]:
     """Everything of a model folder but the model's weights and hidden files (configs,
     tokenizer, ...). The weight files of a sentence-transformers folder's other modules
     (``2_Dense/model.safetensors``: sentence-transformers loads them itself) are copied as
     they are, or with their float tensors in ``compute_dtype`` (as ``lq.save`` writes them
     after ``quantize_model``'s cast: a float32 Dense after a bf16 transformer failed on every
-    call); returns a report row (kept float) for each such module."""
+    call); returns a report row (kept float) for each such module. Other weight-like files
+    that are not among the checkpoint's ``read`` files are named in ``left_out``."""
     if not src.is_dir():
         return []
     modules = _st_module_folders(src)
@@ -831,9 +837,12 @@ def _copy_side_files(src: Path, dst: Path,
                                                                and not f.exists()):
             continue
         module = modules.get(rel.parts[0]) if len(rel.parts) > 1 else None
-        if f.is_dir():
-            (dst / rel).mkdir(parents=True, exist_ok=True)
-        elif not _WEIGHT_FILE_RE.search(f.name) or module is not None:
+        if (left_out is not None and f.is_file() and module is None
+                and _WEIGHT_FILE_RE.search(f.name) and f.resolve() not in read):
+            left_out.append(str(rel))
+        if f.is_dir():  # made for the files copied into it (original/ held only weights)
+            continue
+        if not _WEIGHT_FILE_RE.search(f.name) or module is not None:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             weights = module is not None and _WEIGHT_FILE_RE.search(f.name) is not None
             cast = weights and compute_dtype is not None and _cast_module_weights(
@@ -1034,7 +1043,10 @@ def quantize_checkpoint(
     stored_sizes = {i.name: i.nbytes for i in infos}
     bar = _progress(sum(sizes.values()), len(infos), progress)
     with staged_folder(dst_p, overwrite=overwrite) as tmp:
-        copied = _copy_side_files(folder, tmp, compute_dtype) if folder is not None else []
+        sources = frozenset(Path(f).resolve() for f in [*(i.file for i in infos), *(
+            pickles or []), src_p / "model.safetensors.index.json"] if Path(f).is_file())
+        copied = _copy_side_files(folder, tmp, compute_dtype, sources, result.left_out) \
+            if folder is not None else []
         if jobs:
             hf.mark_config_file(tmp)  # from_pretrained refuses it, naming linquant.load
         for row in copied:  # other sentence-transformers modules' weights, as they are
