@@ -373,7 +373,7 @@ def _load(kernel: str = W4A16) -> ctypes.CDLL | None:
     if st is not None:
         lib: ctypes.CDLL | None = st["lib"]
         return lib
-    if torch._C._are_functorch_transforms_active():
+    if reference.functorch_active():
         # not built, nor probed, inside vmap / grad: the probe's PyTorch ops would fail there
         # and the failure would turn the kernel off for the process (not cached: a later
         # call outside the transform builds it)

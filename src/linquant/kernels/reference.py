@@ -299,6 +299,16 @@ _EXACT_FALLBACK: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 }
 
 
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jacfwd``, ...) is
+    running: the layers then compute with the reference's PyTorch ops, which every transform
+    goes through (the kernels' ctypes calls, autograd functions and host-side checks do not).
+    False while Dynamo traces (which cannot trace the query itself on PyTorch 2.4)."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(torch._C._are_functorch_transforms_active())
+
+
 def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ w.T`` for int8 ``a [M, K]`` and int8 ``w [N, K]``, as int32 ``[M, N]``.
 
@@ -318,7 +328,7 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             f"int8_matmul: K = {a.shape[1]} could overflow the int32 accumulator "
             f"(at most {INT32_MAX_K})"
         )
-    if torch._C._are_functorch_transforms_active():  # vmap has no rule for _int_mm
+    if functorch_active():  # vmap has no rule for _int_mm
         return _exact_mm_float64(a, w)
     if int_mm_supported(a, w):
         return torch._int_mm(a, w.t())

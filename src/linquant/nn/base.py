@@ -275,13 +275,6 @@ def as_scheme(scheme: QuantScheme | str, who: str) -> QuantScheme:
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
-def functorch_active() -> bool:
-    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jacfwd``, ...) is
-    running: the layers then compute with the reference's PyTorch ops, which every transform
-    goes through (the kernels' ctypes calls, autograd functions and host-side checks do not)."""
-    return bool(torch._C._are_functorch_transforms_active())
-
-
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from linquant import kernels
@@ -26,7 +27,6 @@ from linquant.nn.base import (
     QuantModule,
     as_scheme,
     from_float_label,
-    functorch_active,
     weight_dims,
 )
 from linquant.nn.registry import register_qmodule
@@ -132,8 +132,10 @@ class QuantEmbedding(QuantModule):
         # would split the graph (out-of-range indices then fail in the gather, as for
         # nn.Embedding)
         self._refuse_jit_trace()
-        if functorch_active():  # vmap ...: the reference's ops, no host-side check
-            return reference.embedding_weight_only(ids, self.qweight, self.weight_dtype)
+        if reference.functorch_active():  # vmap ...: PyTorch ops, no host-side check; the
+            # table dequantized whole (gathering packed rows needs a batching rule for dtype
+            # views, which PyTorch 2.4 lacks)
+            return F.embedding(ids.long(), self.qweight.dequantize(self.weight_dtype))
         if torch.compiler.is_compiling() or ids.is_meta or self.weight_qdata.is_meta:
             # (meta: shapes only, as nn.Embedding on meta gives them; no values to check)
             return kernels.embedding_weight_only(ids, self.qweight, self.weight_dtype)

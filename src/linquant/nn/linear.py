@@ -30,7 +30,6 @@ from linquant.nn.base import (
     as_scheme,
     autocast_dtype,
     from_float_label,
-    functorch_active,
     jit_tracing,
     linear_features,
     quantize_linear_weight,
@@ -111,7 +110,7 @@ class QuantLinear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
-        if functorch_active():  # vmap / grad / jacrev ...: the reference's PyTorch ops
+        if reference.functorch_active():  # vmap / grad / jacrev ...: the reference's PyTorch ops
             x = self._check_last_dim(x, self.in_features)
             return reference.linear_weight_only(x, self.qweight, self.bias)
         if isinstance(x, torch.Tensor) and (cast := autocast_dtype(x)) is not None:

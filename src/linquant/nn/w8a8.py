@@ -31,7 +31,6 @@ from linquant.nn.base import (
     autocast_dtype,
     eager_only,
     from_float_label,
-    functorch_active,
     jit_tracing,
     linear_features,
     quantize_linear_weight,
@@ -351,7 +350,7 @@ class W8A8Linear(StaticActivations):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if functorch_active() and not self.observing:  # vmap / grad / jacrev ...
+        if reference.functorch_active() and not self.observing:  # vmap / grad / jacrev ...
             x = self._check_last_dim(x, self.in_features)
             static = self.activation != "dynamic"
             if static:
