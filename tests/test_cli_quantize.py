@@ -652,12 +652,18 @@ def test_output_files_inside_an_input_are_refused(
     """``--report SRC/config.json`` replaced the source's config with the report (the source
     could not be quantized again), ``sweep --csv MODEL/config.json`` the same. A file a command
     writes may not be one of its inputs or lie inside one; nothing is written."""
+    from safetensors import safe_open
+
     _eval_gpt2(tmp_path, capsys, "w8a16")
     src = tmp_path / "gpt2"
+    with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())  # noqa: SIM118
+    index = src / "model.safetensors.index.json"  # SRC given as it stands for the folder
+    index.write_text(json.dumps({"weight_map": dict.fromkeys(names, "model.safetensors")}))
     before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}
-    for option, name in (("--report", "config.json"), ("--report", "new.csv"),
-                         ("--plot", "p.png")):
-        assert main(["quantize", str(src), "-o", str(tmp_path / "out"), "--preset", "w8a16",
+    for option, name, given in (("--report", "config.json", src), ("--report", "new.csv", src),
+                                ("--plot", "p.png", src), ("--report", "config.json", index)):
+        assert main(["quantize", str(given), "-o", str(tmp_path / "out"), "--preset", "w8a16",
                      "--no-progress", option, str(src / name)]) == 1
         err = capsys.readouterr().err
         assert f"{option} {src / name}: is inside the input {src}" in err, err

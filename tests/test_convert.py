@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -385,6 +386,35 @@ def test_hooks_and_train_mode_move_to_the_quantized_layer() -> None:
     model.head(x)
     model.emb(torch.tensor([1]))
     assert seen == ["pre"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # weight_norm's deprecation
+@pytest.mark.parametrize("reparam", ["weight_norm", "spectral_norm", "prune"])
+def test_legacy_weight_reparametrizations_are_baked_in(reparam: str) -> None:
+    """``weight_norm`` / ``spectral_norm`` / ``prune`` rebuild ``weight`` in a forward
+    pre-hook from parameters the quantized layer does not have: carried over with the other
+    hooks, they failed on every call ("no attribute 'weight_g'"). Their effect is in the
+    quantized weight; they are dropped, and the layer's other hooks still run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Conv1d(4, 4, 3))
+    for layer in model:
+        if reparam == "weight_norm":
+            nn.utils.weight_norm(layer)
+        elif reparam == "spectral_norm":
+            nn.utils.spectral_norm(layer)
+        else:
+            nn.utils.prune.l1_unstructured(layer, "weight", 0.5)
+    calls: list[int] = []
+    model[0].register_forward_hook(lambda m, a, out: calls.append(1))
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        want = F.linear(x, model[0].weight, model[0].bias)
+    quantize_model(model, "w8a32")
+    assert isinstance(model[0], QuantLinear)
+    with torch.no_grad():
+        assert sqnr(want, model[0](x)) > 35
+        model[1](torch.randn(1, 4, 8))
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("patch", ["forward", "compile"])

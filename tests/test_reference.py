@@ -405,10 +405,11 @@ def test_values_at_a_16_bit_maximum_dequantize_finite(scheme: str, dtype: torch.
     """A finite fp16 / bf16 tensor holding its dtype's largest values dequantized to inf: the
     scale rounded up into 16 bits (65504 / 7 is stored as 9360, and 7 * 9360 is inf in fp16),
     or the zero point's rounding, put the top of the range past the maximum. Those granules
-    get a scale one step lower (or the zero point one code over): finite, within one step."""
+    get a lower scale (or the zero point one code over): finite, within a step or two."""
     top = float(torch.finfo(dtype).max)
     x = (torch.randn(4, 64) * (top / 8)).to(dtype)
     x[0, 0], x[1, 5], x[2, 40] = top, -top, top
+    x[3, 0], x[3, 1] = top, -top  # one granule (per channel, tensor) spanning both maxima
     if dtype == torch.bfloat16:  # bf16's range is fp32's: max - min of both signs overflows
         x = x.abs()  # fp32 (an error, tested elsewhere); one sign here
     if "fp16" in scheme and dtype == torch.bfloat16:
@@ -417,4 +418,6 @@ def test_values_at_a_16_bit_maximum_dequantize_finite(scheme: str, dtype: torch.
     dq = qt.dequantize()
     assert dq.dtype == dtype and bool(torch.isfinite(dq).all())
     step = qt.scale.float().max()
-    assert float((dq.float() - x.float()).abs().max()) <= float(step)
+    # within one step, or two where a coarse (bf16) scale had to come down for a granule
+    # spanning both maxima (its range shrinks by codes x the scale's rounding)
+    assert float((dq.float() - x.float()).abs().max()) <= 2 * float(step)

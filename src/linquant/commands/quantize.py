@@ -127,7 +127,7 @@ def layer_configs(specs: list[str], rest: QuantConfig) -> dict[str, QuantConfig 
 
 
 def run(args: argparse.Namespace) -> int:
-    from linquant.io.stream import quantize_checkpoint
+    from linquant.io.stream import quantize_checkpoint, source_path
 
     base = config_from_args(args)
     config: QuantConfig | dict[str, QuantConfig | None] = base
@@ -135,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
         config = layer_configs(args.layer_config, base)
     if args.report is not None and args.report.suffix.lower() not in (".json", ".csv"):
         raise UsageError(f"--report {args.report}: the file must end in .json or .csv")
-    check_output_file(args.report, "--report", (args.src,))
-    check_output_file(args.plot, "--plot", (args.src,))
+    src = source_path(args.src)  # (an index file: its folder)
+    check_output_file(args.report, "--report", (src,))
+    check_output_file(args.plot, "--plot", (src,))
     if args.plot is not None:
         from linquant.report import plot_format
 

@@ -791,6 +791,14 @@ def _plan_bare(infos: list[TensorInfo], pairs: list[tuple[str, QuantConfig | Non
 _TRIM_EVERY = 128 << 20  # input bytes between two release_freed_memory() calls
 
 
+def source_path(src: str | os.PathLike[str]) -> Path:
+    """The checkpoint ``src`` names: a folder's ``model.safetensors.index.json`` stands for the
+    folder (its config.json, tokenizer, ...; it was read as a bare file, its config.json
+    ignored and the embedding quantized as a plain matrix)."""
+    p = Path(src)
+    return p.parent if p.is_file() and p.name.endswith(".safetensors.index.json") else p
+
+
 def release_freed_memory() -> None:
     """Give the C allocator's freed memory back to the system (glibc's ``malloc_trim``; nothing
     elsewhere). The stream frees each tensor's temporaries before the next one, but glibc
@@ -927,10 +935,7 @@ def quantize_checkpoint(
     an unwritable destination, a pickle source without ``allow_pickle``, or with ``strict``
     layers whose rows a group size does not divide (as ``quantize_model(strict=True)``).
     """
-    src_p, dst_p = Path(src), Path(dst)
-    if src_p.is_file() and src_p.name.endswith(".safetensors.index.json"):
-        src_p = src_p.parent  # the model folder: its config.json, tokenizer, ... (it was read
-        # as a bare file, its config.json ignored and the embedding quantized as a matrix)
+    src_p, dst_p = source_path(src), Path(dst)
     _check_paths(src_p, dst_p, overwrite)
     pairs = _normalize_config(config)
     used: set[str] = set()

@@ -135,13 +135,30 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
                "_backward_pre_hooks", "_backward_hooks")
 
 
+def _recomputes_weight(hook: object) -> bool:
+    """A pre-hook of PyTorch's legacy weight reparametrizations (``weight_norm``,
+    ``spectral_norm``, ``prune``), which rebuilds ``weight`` from parameters the quantized
+    layer does not have (``weight_g`` ...): carried over, it failed on every call."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, (WeightNorm, SpectralNorm, BasePruningMethod))
+
+
 def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """``new`` (a quantized layer taking ``old``'s place) runs ``old``'s forward and backward
     hooks, and is in ``old``'s train / eval mode. The hook tables themselves move, so the
-    handles ``register_*_hook`` returned still remove them. State-dict hooks stay behind: they
-    are written for the float layer's tensors."""
+    handles ``register_*_hook`` returned still remove them; the pre-hooks of legacy weight
+    reparametrizations (``weight_norm``, ``spectral_norm``, ``prune``) are dropped, their effect
+    being in the quantized weight. State-dict hooks stay behind: they are written for the float
+    layer's tensors."""
     for attr in _HOOK_DICTS:
         table = old.__dict__.get(attr)
+        if not table:
+            continue
+        for key in [k for k, hook in table.items() if _recomputes_weight(hook)]:
+            del table[key]  # its effect is in the quantized weight (it rebuilt ``weight``)
         if table:
             new.__dict__[attr] = table
     if old.__dict__.get("_is_full_backward_hook") is not None:
@@ -287,7 +304,10 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     if not _any_autocast():  # (cheaper than asking for x's device: ~0.1 us of ~0.5)
         return None
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    try:
+        if not torch.is_autocast_enabled(device):
+            return None
+    except RuntimeError:  # a device autocast does not know (meta)
         return None
     dtype = torch.get_autocast_dtype(device)
     if x.dtype == dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -128,26 +128,38 @@ def fit_dtype(qp: QParams, scheme: QuantScheme, dtype: torch.dtype) -> QParams:
     16-bit dtype's maximum could dequantize to +-inf: its scale, rounded to nearest into the
     scale dtype, can be a little larger than exact (fp16 65504 / 7 = 9357.7 is stored as 9360,
     and 7 * 9360 = 65520 is inf in fp16), as can an integer zero point's rounding or a float
-    offset rounded down past the negative maximum. Such a scale is taken one step lower, such a
-    zero point one code further from the overflowing end, such an offset one step higher."""
+    offset rounded down past the negative maximum. Such an offset is taken one step higher,
+    such a zero point one code further from the overflowing end; a scale that still overflows
+    (a granule spanning both maxima) is lowered to the largest that fits, rounded down."""
     bad = overflowing(qp, scheme, dtype)
     if bad is None or not bool(bad.any()):
         return qp
+    top = float(torch.finfo(dtype).max)
     if qp.offset is not None:  # an offset below the maximum's negative: one step up
         m = qp.offset
-        m = torch.where(m.float() < -float(torch.finfo(dtype).max),
-                        torch.nextafter(m, torch.full_like(m, math.inf)), m)
+        m = torch.where(m.float() < -top, torch.nextafter(m, torch.full_like(m, math.inf)), m)
         qp = QParams(qp.scale, None, m)
+    elif qp.zero_point is not None:
+        z = qp.zero_point.float()
+        up = bad & ((scheme.qmax - z) * qp.scale.float() > top)
+        z = torch.where(up, z + 1, torch.where(bad, z - 1, z)).clamp_(scheme.qmin, scheme.qmax)
+        qp = QParams(qp.scale, z.to(torch.uint8), None)
+    for _ in range(2):
         bad = overflowing(qp, scheme, dtype)
         assert bad is not None
-    if qp.zero_point is None:
-        lower = torch.nextafter(qp.scale, torch.zeros_like(qp.scale))
-        return QParams(torch.where(bad, lower, qp.scale), None, qp.offset)
-    z = qp.zero_point.float()
-    top = float(torch.finfo(dtype).max)
-    up = bad & ((scheme.qmax - z) * qp.scale.float() > top)
-    z = torch.where(up, z + 1, torch.where(bad, z - 1, z)).clamp_(scheme.qmin, scheme.qmax)
-    return QParams(qp.scale, z.to(torch.uint8), None)
+        if not bool(bad.any()):
+            return qp
+        if qp.offset is not None:
+            span = (top - qp.offset.float()) / (scheme.qmax - scheme.qmin)
+        elif qp.zero_point is not None:
+            z = qp.zero_point.float()
+            span = top / torch.maximum(scheme.qmax - z, z - scheme.qmin).clamp_min(1.0)
+        else:
+            span = torch.full_like(qp.scale, top / scheme.qmax, dtype=torch.float32)
+        fit = torch.minimum(_round_down(span, scheme.scale_dtype),
+                            torch.nextafter(qp.scale, torch.zeros_like(qp.scale)))
+        qp = QParams(torch.where(bad, fit, qp.scale), qp.zero_point, qp.offset)
+    return qp
 
 
 def _dtype_text(scheme: QuantScheme) -> str:
