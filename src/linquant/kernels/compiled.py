@@ -78,8 +78,8 @@ def _impl(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
           weight_dtype: torch.dtype) -> torch.Tensor:
     from linquant import kernels
 
-    qt = QuantizedTensor(qdata, scale, zero_point, offset, _scheme(scheme), tuple(shape),
-                         weight_dtype)
+    qt = QuantizedTensor._trusted(qdata, scale, zero_point, offset, _scheme(scheme),
+                                  tuple(shape), weight_dtype)
     return _unaliased(kernels.linear_weight_only(x, qt, bias, _cache_for(qdata)), x)
 
 

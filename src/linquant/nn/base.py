@@ -669,7 +669,7 @@ class QuantModule(nn.Module):
     @property
     def qweight(self) -> QuantizedTensor:
         """The weight as a :class:`~linquant.tensor.QuantizedTensor` (views of the buffers)."""
-        return QuantizedTensor(
+        return QuantizedTensor._trusted(
             self.weight_qdata,
             self.weight_scale,
             self._buffers.get("weight_zero_point"),

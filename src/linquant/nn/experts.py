@@ -295,8 +295,8 @@ class QuantExpertsProj(StaticActivations):
             zp_e = zp[e * zb:(e + 1) * zb]
         scale_e = per_row(scale)
         assert scale_e is not None
-        return QuantizedTensor(qdata[e * nb:(e + 1) * nb], scale_e, zp_e, per_row(offset),
-                               scheme, (out, k), self.weight_dtype)
+        return QuantizedTensor._trusted(qdata[e * nb:(e + 1) * nb], scale_e, zp_e,
+                                        per_row(offset), scheme, (out, k), self.weight_dtype)
 
     def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """``x [..., in] @ W_expert^T`` in ``x``'s dtype."""

@@ -282,7 +282,7 @@ class W8A8Linear(StaticActivations):
     @property
     def qweight(self) -> QuantizedTensor:
         """The weight as a :class:`~linquant.tensor.QuantizedTensor` (``int8-sym-ch0``, views)."""
-        return QuantizedTensor(
+        return QuantizedTensor._trusted(
             self.weight_qdata.view(torch.uint8).reshape(-1),
             self.weight_scale,
             None,
