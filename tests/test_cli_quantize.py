@@ -164,6 +164,8 @@ def test_strict(tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]) -
 def test_usage_and_errors(tmp_path: Path, src: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["quantize", str(src)]) == 2  # no -o
     assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--preset", "nope"]) == 2
+    assert main(["quantize", str(src), "-o", str(tmp_path / "p"), "--preset", "W8A32",
+                 "--no-progress"]) == 0  # case-insensitive, as get_config and text forms
     assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--preset", "w8a32",
                  "--bits", "4"]) == 2  # options that do not go together: a usage error too
     (tmp_path / "q").mkdir()
@@ -438,6 +440,13 @@ def test_ctrl_c_turned_into_another_error_still_exits_130(tmp_path: Path) -> Non
     proc = subprocess.run([sys.executable, "-c", child, "signal"], capture_output=True,
                           text=True, timeout=600, check=False)
     assert (proc.returncode, proc.stderr) == (130, "linquant: interrupted\n")
+    ignored = child.replace("import os, signal, sys, time\n",
+                            "import os, signal, sys, time\n"
+                            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n")
+    proc = subprocess.run([sys.executable, "-c", ignored, "signal"], capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 1 and "another failure" in proc.stderr  # SIGINT ignored at
+    # start (`cmd &` in a script): it stays ignored, the command is not interrupted
     proc = subprocess.run([sys.executable, "-c", child, "none"], capture_output=True,
                           text=True, timeout=600, check=False)
     assert (proc.returncode, proc.stderr) == (  # without a Ctrl-C: an internal error
@@ -657,7 +666,7 @@ def test_output_files_inside_an_input_are_refused(
     _eval_gpt2(tmp_path, capsys, "w8a16")
     src = tmp_path / "gpt2"
     with safe_open(str(src / "model.safetensors"), framework="pt") as f:
-        names = list(f.keys())  # noqa: SIM118
+        names = list(f.keys())
     index = src / "model.safetensors.index.json"  # SRC given as it stands for the folder
     index.write_text(json.dumps({"weight_map": dict.fromkeys(names, "model.safetensors")}))
     before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}

@@ -194,6 +194,9 @@ def test_ratio_metrics_hold_at_any_magnitude(magnitude: float) -> None:
     assert lq.sqnr(x * magnitude, y * magnitude) == pytest.approx(lq.sqnr(x, y), rel=1e-12)
     assert lq.cosine_similarity(x * magnitude, y * magnitude) == pytest.approx(
         lq.cosine_similarity(x, y), rel=1e-12)
+    if magnitude == 1e-200:  # subnormal data: scaled by 2^1000 at most (it overflowed)
+        tiny = torch.tensor([1e-310, 2e-310], dtype=torch.float64)
+        assert lq.sqnr(tiny, tiny * 1.1) == pytest.approx(20.0, rel=1e-6)
     if magnitude == 1.0:
         with pytest.raises(lq.LinquantError, match="real tensors"):
             lq.sqnr(x.to(torch.complex128), y.to(torch.complex128))

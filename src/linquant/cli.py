@@ -138,7 +138,10 @@ def _signals_unwind(interrupted: list[bool]) -> Iterator[None]:
         raise KeyboardInterrupt
 
     try:
-        previous = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, on_int)
+        previous = (signal.signal(signal.SIGTERM, on_term),
+                    signal.signal(signal.SIGINT, on_int)
+                    if signal.getsignal(signal.SIGINT) is signal.default_int_handler
+                    else signal.getsignal(signal.SIGINT))  # ignored (`cmd &` in a script): kept
     except ValueError:  # not the main thread: leave the signals as they are
         yield
         return

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a .safetensors file or a model folder (single file or sharded)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DST",
                    help="output folder (must not exist, unless --overwrite)")
-    p.add_argument("--preset", choices=preset_names(), default=None,
+    p.add_argument("--preset", choices=preset_names(), default=None, type=str.lower,
                    help=f"a named config (default {DEFAULT_PRESET} when no scheme flag is given)")
     p.add_argument("--config", metavar="TEXT",
                    help="a config's text form, as the report's scheme column prints it: "

@@ -932,6 +932,8 @@ def load(path: str | os.PathLike[str], *, mmap: bool = True) -> nn.Module:
             if isinstance(inner, nn.Module):
                 target = inner
     load_into(target, folder, mmap=mmap)
+    if (folder / "modules.json").is_file():
+        _modules_in_the_model_dtype(model)
     model.eval()
     return model
 
@@ -982,39 +984,21 @@ def _load_sentence_transformer(folder: Path) -> nn.Module:
             mock.patch.object(_BaseAutoModelClass, "from_pretrained", classmethod(fake)), \
             mock.patch.object(SentenceTransformer, "to", lambda self, *a, **k: self):
         model: nn.Module = SentenceTransformer(str(folder), device="cpu")
-    _follow_module_file_dtypes(model, folder)
     return model
 
 
-def _follow_module_file_dtypes(model: nn.Module, folder: Path) -> None:
-    """Give each module that sentence-transformers loaded from its own folder (a ``Dense``)
-    the float dtype its weight file stores: it builds the module in fp32 and copies the file's
-    values in, so a folder written by ``linquant quantize`` with a bf16 model held an fp32
-    Dense that failed on the transformer's bf16 output ("mat1 and mat2 must have the same
-    dtype")."""
-    from safetensors import safe_open
-
-    try:
-        entries = json.loads((folder / "modules.json").read_text())
-    except (OSError, ValueError):
-        return
+def _modules_in_the_model_dtype(model: nn.Module) -> None:
+    """A loaded SentenceTransformer's later modules (a ``Dense``) in its transformer's float
+    dtype: sentence-transformers builds them in fp32 from their own folders, so after a bf16
+    transformer every call failed ("mat1 and mat2 must have the same dtype"); a folder written
+    by ``linquant quantize`` before its Dense was stored in bf16 loads right too."""
     children = list(model.children())
-    for e in entries if isinstance(entries, list) else []:
-        idx, path = (e.get("idx"), e.get("path")) if isinstance(e, dict) else (None, None)
-        if not isinstance(idx, int) or not 0 <= idx < len(children) or not path:
-            continue
-        files = sorted((folder / path).glob("*.safetensors"))
-        dtypes: set[str] = set()
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                dtypes |= {str(f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
-        floats = {_SAFETENSORS_DTYPES.get(d) for d in dtypes} - {None}
-        if len(floats) == 1 and len(dtypes) == 1:
-            dtype = floats.pop()
-            assert dtype is not None
-            if any(p.dtype != dtype for p in children[idx].parameters()):
-                children[idx].to(dtype)
-
-
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64}
+    if not children:
+        return
+    dtypes = {p.dtype for p in children[0].parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return
+    dtype = dtypes.pop()
+    for child in children[1:]:
+        if any(p.is_floating_point() and p.dtype != dtype for p in child.parameters()):
+            child.to(dtype)

@@ -51,6 +51,7 @@ from torch.nn import functional as F
 from linquant import kernels
 from linquant.config import W8A8_WEIGHT
 from linquant.errors import LinquantError
+from linquant.kernels import reference
 from linquant.nn.base import (
     _MODULE_STATE,
     KernelCache,
@@ -306,6 +307,16 @@ class QuantExpertsProj(StaticActivations):
             raise LinquantError(f"{self._label()}: expert {expert} out of range "
                                 f"0..{self.num_experts - 1}")
         qt, cache = self.expert(expert)
+        if reference.functorch_active():  # grad / jacrev ...: the reference's PyTorch ops
+            if self.activation is None or self.observing:
+                return reference.linear_weight_only(x, qt, None)
+            static = self.activation == "static"
+            if static:
+                self._need_range()
+            return kernels.linear_w8a8_functional(
+                x, qt.qdata.view(torch.int8).view(self.out_features, self.in_features),
+                qt.scale, None, self._buffers["input_scale"] if static else None,
+                self._buffers.get("input_zero_point") if static else None)
         if self.activation is None or self.observing:  # observing: float activations
             return kernels.linear_weight_only(x, qt, None, cache)
         codes = cache.get("w8a8_codes")  # one view object, so the W8A8 plans find it again

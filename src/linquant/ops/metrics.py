@@ -38,7 +38,7 @@ def _scaled(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     top = float(torch.maximum(a.abs().max(), b.abs().max()))
     if not math.isfinite(top) or top == 0.0:
         return a, b
-    unit = math.ldexp(1.0, -math.frexp(top)[1])
+    unit = math.ldexp(1.0, min(-math.frexp(top)[1], 1000))  # (a subnormal top: 2^1000 at most)
     return a * unit, b * unit
 
 
