@@ -707,6 +707,9 @@ def test_quantized_experts_on_cuda_match_the_cpu(scheme: str) -> None:
         assert sqnr(want, got) > 35, (scheme, tokens)
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5),
+                    reason="PyTorch 2.4's grad transform cannot read the routing counts on "
+                           "the host (.tolist() of a wrapped tensor)")
 @pytest.mark.parametrize("preset", ["int8-sym-ch0", "w8a8"])
 def test_torch_func_grad_goes_through_quantized_experts(preset: str) -> None:
     """``torch.func.grad`` through quantized experts failed (the kernels' autograd functions
