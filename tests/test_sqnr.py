@@ -196,7 +196,9 @@ def test_ratio_metrics_hold_at_any_magnitude(magnitude: float) -> None:
         lq.cosine_similarity(x, y), rel=1e-12)
     if magnitude == 1e-200:  # subnormal data: scaled by 2^1000 at most (it overflowed)
         tiny = torch.tensor([1e-310, 2e-310], dtype=torch.float64)
-        assert lq.sqnr(tiny, tiny * 1.1) == pytest.approx(20.0, rel=1e-6)
+        got = lq.sqnr(tiny, tiny * 1.1)  # (no OverflowError)
+        if bool(((tiny * 1.1 - tiny) != 0).all()):  # unless denormals are flushed to zero
+            assert got == pytest.approx(20.0, rel=1e-6)
     if magnitude == 1.0:
         with pytest.raises(lq.LinquantError, match="real tensors"):
             lq.sqnr(x.to(torch.complex128), y.to(torch.complex128))
