@@ -23,12 +23,7 @@ from torch import nn
 from linquant import kernels
 from linquant.errors import LinquantError
 from linquant.kernels import plans, reference
-from linquant.nn.base import (
-    QuantModule,
-    as_scheme,
-    from_float_label,
-    weight_dims,
-)
+from linquant.nn.base import QuantModule, as_scheme, from_float_label, weight_dims
 from linquant.nn.registry import register_qmodule
 from linquant.scheme import QuantScheme
 from linquant.tensor import quantize
