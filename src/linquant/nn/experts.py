@@ -310,13 +310,9 @@ class QuantExpertsProj(StaticActivations):
         if reference.functorch_active():  # grad / jacrev ...: the reference's PyTorch ops
             if self.activation is None or self.observing:
                 return reference.linear_weight_only(x, qt, None)
-            static = self.activation == "static"
-            if static:
-                self._need_range()
             return kernels.linear_w8a8_functional(
                 x, qt.qdata.view(torch.int8).view(self.out_features, self.in_features),
-                qt.scale, None, self._buffers["input_scale"] if static else None,
-                self._buffers.get("input_zero_point") if static else None)
+                qt.scale, None, *self._static_params())
         if self.activation is None or self.observing:  # observing: float activations
             return kernels.linear_weight_only(x, qt, None, cache)
         codes = cache.get("w8a8_codes")  # one view object, so the W8A8 plans find it again

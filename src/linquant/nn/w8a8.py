@@ -149,6 +149,14 @@ class StaticActivations(QuantModule):
                 "(a saved folder: linquant calibrate FOLDER -o DST)"
             )
 
+    def _static_params(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(input_scale, input_zero_point)`` of a static layer (calibrated first: else the
+        error naming it), ``(None, None)`` for dynamic activations."""
+        if self.activation != "static":
+            return None, None
+        self._need_range()
+        return self._buffers["input_scale"], self._buffers.get("input_zero_point")
+
     def _update_calibrated(self) -> None:
         """After the buffers were loaded: calibrated when the scale is finite and positive."""
         scale = self._buffers.get("input_scale")
@@ -352,13 +360,8 @@ class W8A8Linear(StaticActivations):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if reference.functorch_active() and not self.observing:  # vmap / grad / jacrev ...
             x = self._check_last_dim(x, self.in_features)
-            static = self.activation != "dynamic"
-            if static:
-                self._need_range()
-            return kernels.linear_w8a8_functional(
-                x, self._int8_codes(), self.weight_scale, self.bias,
-                self._buffers["input_scale"] if static else None,
-                self._buffers.get("input_zero_point") if static else None)
+            return kernels.linear_w8a8_functional(x, self._int8_codes(), self.weight_scale,
+                                                  self.bias, *self._static_params())
         if isinstance(x, torch.Tensor) and not torch.compiler.is_compiling() and (
                 cast := autocast_dtype(x)) is not None:
             with torch.autocast(x.device.type, enabled=False):  # as nn.Linear under autocast
@@ -398,11 +401,7 @@ class W8A8Linear(StaticActivations):
         x = self._check_last_dim(x, self.in_features)
         bias = self.bias
         grad = torch.is_grad_enabled()
-        static = self.activation != "dynamic"
-        if static:
-            self._need_range()
-        act_scale = self._buffers["input_scale"] if static else None
-        act_zero_point = self._buffers.get("input_zero_point") if static else None
+        act_scale, act_zero_point = self._static_params()
         if grad and x.requires_grad:
             if _exporting():
                 return reference.linear_w8a8(x, self._int8_codes(), self.weight_scale, bias,
